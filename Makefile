@@ -1,0 +1,52 @@
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+PROTO_FILES := $(shell find protos -name '*.proto' | sort)
+
+.PHONY: run test lint proto proto-check bench setup system-deps clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null || { echo "python 3.11 is required"; exit 1; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+## System packages the tests need (SoftHSM2 for the key vault's HSM path).
+system-deps:
+	@if [ ! -e /usr/lib/softhsm/libsofthsm2.so ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get install -y -q softhsm2 >/dev/null || (apt-get update -q >/dev/null && apt-get install -y -q softhsm2 >/dev/null); \
+	  else sudo apt-get install -y -q softhsm2 >/dev/null; fi; fi
+
+run: $(STAMP)
+	$(BIN)/tradeguard up
+
+test: $(STAMP) system-deps
+	$(BIN)/pytest
+
+proto: $(STAMP)
+	$(BIN)/python -m grpc_tools.protoc -I protos \
+	  --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. \
+	  --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
+	  $(PROTO_FILES)
+
+## Fails when the committed generated code differs from a fresh `make proto`.
+proto-check: proto
+	@git add -N . >/dev/null 2>&1; \
+	if ! git diff --quiet -- tradeguard; then echo "generated code is stale: run make proto and commit"; git diff --stat -- tradeguard; exit 1; fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/buf lint
+
+bench: $(STAMP)
+	$(BIN)/python -m bench.trading_mtls
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,486 @@
+"""The trading core: order validation, idempotent placement, cancellation and paging.
+
+Pure: no grpc, no protobuf, no I/O of its own. Time and order ids are injected; storage is an `OrderStore`.
+Quantities and prices are `Decimal`, parsed only from plain decimal strings and kept in canonical form.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from decimal import Context, Decimal
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any
+
+from services.trading.errors import (
+    FieldViolation,
+    InvalidArgument,
+    client_order_id_reused,
+    order_not_found,
+    order_not_open,
+)
+
+if TYPE_CHECKING:
+    from services.trading.store import OrderStore
+
+
+class Side(IntEnum):
+    UNSPECIFIED = 0
+    BUY = 1
+    SELL = 2
+
+
+class OrderType(IntEnum):
+    UNSPECIFIED = 0
+    LIMIT = 1
+    MARKET = 2
+
+
+class TimeInForce(IntEnum):
+    UNSPECIFIED = 0
+    GTC = 1
+    IOC = 2
+    FOK = 3
+
+
+class OrderStatus(IntEnum):
+    UNSPECIFIED = 0
+    OPEN = 1
+    CANCELED = 2
+    FILLED = 3
+    REJECTED = 4
+
+
+@dataclass(frozen=True)
+class OrderLimits:
+    """Per-order price and size checks (SEC 15c3-5, MiFID II RTS 6 max order value and volume)."""
+
+    max_decimals: int = 8
+    max_quantity: Decimal = Decimal("1e12")
+    max_price: Decimal = Decimal("1e12")
+    max_notional: Decimal = Decimal("1e15")
+
+
+@dataclass(frozen=True)
+class NewOrder:
+    """A validated, canonical order request."""
+
+    account_id: str
+    client_order_id: str
+    symbol: str
+    side: Side
+    type: OrderType
+    time_in_force: TimeInForce
+    quantity: Decimal
+    price: Decimal | None
+
+
+@dataclass(frozen=True)
+class Order:
+    order_id: str
+    account_id: str
+    client_order_id: str
+    symbol: str
+    side: Side
+    type: OrderType
+    time_in_force: TimeInForce
+    quantity: Decimal
+    price: Decimal | None
+    status: OrderStatus
+    create_time_us: int
+    update_time_us: int
+
+    def same_request(self, new: NewOrder) -> bool:
+        """Whether `new` repeats the request that placed this order (decimals compared by value)."""
+        return (
+            self.account_id == new.account_id
+            and self.client_order_id == new.client_order_id
+            and self.symbol == new.symbol
+            and self.side == new.side
+            and self.type == new.type
+            and self.time_in_force == new.time_in_force
+            and self.quantity == new.quantity
+            and self.price == new.price
+        )
+
+
+@dataclass(frozen=True)
+class PageCursor:
+    """Position after the last order of a page: orders strictly older than this come next.
+
+    Bound to the account it was issued for, so a token never pages through another account.
+    """
+
+    account_id: str
+    create_time_us: int
+    order_id: str
+
+
+# --- validation -----------------------------------------------------------------------------------------
+
+_ACCOUNT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_CLIENT_ORDER_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_SYMBOL = re.compile(r"[A-Z0-9]{1,12}(?:[-/][A-Z0-9]{1,12})?")
+_PLAIN_DECIMAL = re.compile(r"(?:0|[1-9][0-9]*)(?:\.[0-9]+)?")
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_ORDER_ID = re.compile(r"ord_[0-9A-HJKMNP-TV-Z]{26}")
+_MAX_DECIMAL_CHARS = 64
+_EXACT = Context(prec=200)  # enough digits that products of bounded inputs are exact
+
+DEFAULT_PAGE_SIZE = 50
+_CANCEL_ATTEMPTS = 3
+MAX_PAGE_SIZE = 500
+
+
+def _check_id(value: str, pattern: re.Pattern[str], field: str, description: str) -> FieldViolation | None:
+    if not value:
+        return FieldViolation(field, "required")
+    if pattern.fullmatch(value) is None:
+        return FieldViolation(field, description)
+    return None
+
+
+def _account_violation(account_id: str) -> FieldViolation | None:
+    return _check_id(
+        account_id,
+        _ACCOUNT_ID,
+        "account_id",
+        "must be 1-64 characters of A-Z, a-z, 0-9, '_' or '-', starting with a letter or digit",
+    )
+
+
+def _order_id_violation(order_id: str) -> FieldViolation | None:
+    return _check_id(order_id, _ORDER_ID, "order_id", "is not a valid order id")
+
+
+def format_decimal(d: Decimal) -> str:
+    """The canonical plain string of a finite decimal: no exponent, no trailing fractional zeros."""
+    if not d.is_finite():
+        raise ValueError(f"not a finite decimal: {d}")
+    if d.is_zero():
+        return "0"
+    text = format(d, "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return text
+
+
+def parse_decimal(value: str) -> Decimal:
+    """Parse a plain, non-negative decimal string ("12.50") into its canonical `Decimal`.
+
+    Raises ValueError for anything else: exponents, signs, whitespace, NaN, Infinity, leading zeros.
+    """
+    if len(value) > _MAX_DECIMAL_CHARS:
+        raise ValueError(f"must be at most {_MAX_DECIMAL_CHARS} characters")
+    if _PLAIN_DECIMAL.fullmatch(value) is None:
+        raise ValueError("must be a plain decimal number such as 12.5")
+    return Decimal(format_decimal(Decimal(value)))
+
+
+def _decimal_places(d: Decimal) -> int:
+    exponent = d.as_tuple().exponent
+    assert isinstance(exponent, int)
+    return max(0, -exponent)
+
+
+def _check_amount(
+    field: str, value: str, *, max_value: Decimal, limits: OrderLimits, violations: list[FieldViolation]
+) -> Decimal | None:
+    if not value:
+        violations.append(FieldViolation(field, "required"))
+        return None
+    try:
+        amount = parse_decimal(value)
+    except ValueError as error:
+        violations.append(FieldViolation(field, str(error)))
+        return None
+    if amount <= 0:
+        violations.append(FieldViolation(field, "must be greater than zero"))
+        return None
+    ok = True
+    if _decimal_places(amount) > limits.max_decimals:
+        violations.append(FieldViolation(field, f"must have at most {limits.max_decimals} decimal places"))
+        ok = False
+    if amount > max_value:
+        violations.append(FieldViolation(field, f"must be at most {format_decimal(max_value)}"))
+        ok = False
+    return amount if ok else None
+
+
+def parse_new_order(
+    *,
+    account_id: str,
+    client_order_id: str,
+    symbol: str,
+    side: int,
+    type: int,
+    time_in_force: int,
+    quantity: str,
+    price: str,
+    limits: OrderLimits,
+) -> NewOrder:
+    """Validate a raw request; every violation is reported at once, by proto field name."""
+    violations: list[FieldViolation] = []
+    for violation in (
+        _account_violation(account_id),
+        _check_id(
+            client_order_id,
+            _CLIENT_ORDER_ID,
+            "client_order_id",
+            "must be 1-64 characters of A-Z, a-z, 0-9, '.', '_', ':' or '-'",
+        ),
+        _check_id(
+            symbol,
+            _SYMBOL,
+            "symbol",
+            "must be 1-12 upper-case letters or digits, optionally a '-' or '/' and 1-12 more",
+        ),
+    ):
+        if violation is not None:
+            violations.append(violation)
+
+    parsed_side: Side | None = None
+    if side in (Side.BUY, Side.SELL):
+        parsed_side = Side(side)
+    else:
+        violations.append(FieldViolation("side", "must be BUY or SELL"))
+
+    parsed_type: OrderType | None = None
+    if type in (OrderType.LIMIT, OrderType.MARKET):
+        parsed_type = OrderType(type)
+    else:
+        violations.append(FieldViolation("type", "must be LIMIT or MARKET"))
+
+    parsed_tif: TimeInForce | None = None
+    if time_in_force in (TimeInForce.GTC, TimeInForce.IOC, TimeInForce.FOK):
+        parsed_tif = TimeInForce(time_in_force)
+        if parsed_type is OrderType.MARKET and parsed_tif is TimeInForce.GTC:
+            violations.append(FieldViolation("time_in_force", "a market order cannot be GTC"))
+            parsed_tif = None
+    elif time_in_force == TimeInForce.UNSPECIFIED:
+        if parsed_type is OrderType.LIMIT:
+            parsed_tif = TimeInForce.GTC
+        elif parsed_type is OrderType.MARKET:
+            parsed_tif = TimeInForce.IOC
+    else:
+        violations.append(FieldViolation("time_in_force", "must be GTC, IOC or FOK"))
+
+    parsed_quantity = _check_amount(
+        "quantity", quantity, max_value=limits.max_quantity, limits=limits, violations=violations
+    )
+    parsed_price: Decimal | None = None
+    if parsed_type is OrderType.MARKET:
+        if price:
+            violations.append(FieldViolation("price", "must be empty for a market order"))
+    elif parsed_type is OrderType.LIMIT:
+        if not price:
+            violations.append(FieldViolation("price", "required for a limit order"))
+        else:
+            parsed_price = _check_amount(
+                "price", price, max_value=limits.max_price, limits=limits, violations=violations
+            )
+    elif price:
+        # Type unknown: still report a malformed price, so the caller sees every problem at once.
+        parsed_price = _check_amount(
+            "price", price, max_value=limits.max_price, limits=limits, violations=violations
+        )
+
+    if (
+        parsed_quantity is not None
+        and parsed_price is not None
+        and _EXACT.multiply(parsed_quantity, parsed_price) > limits.max_notional
+    ):
+        violations.append(
+            FieldViolation(
+                "quantity", f"quantity * price must be at most {format_decimal(limits.max_notional)}"
+            )
+        )
+
+    if violations:
+        raise InvalidArgument(violations)
+    assert parsed_side is not None and parsed_type is not None and parsed_tif is not None
+    assert parsed_quantity is not None
+    return NewOrder(
+        account_id=account_id,
+        client_order_id=client_order_id,
+        symbol=symbol,
+        side=parsed_side,
+        type=parsed_type,
+        time_in_force=parsed_tif,
+        quantity=parsed_quantity,
+        price=parsed_price,
+    )
+
+
+def validate_account_id(account_id: str) -> None:
+    violation = _account_violation(account_id)
+    if violation is not None:
+        raise InvalidArgument(violation)
+
+
+def validate_account_and_order_id(account_id: str, order_id: str) -> None:
+    violations = [v for v in (_account_violation(account_id), _order_id_violation(order_id)) if v is not None]
+    if violations:
+        raise InvalidArgument(violations)
+
+
+# --- ids and page tokens ---------------------------------------------------------------------------------
+
+
+def new_order_id(now_ms: int | None = None) -> str:
+    """ "ord_" + a ULID-style id: 48 bits of milliseconds then 80 random bits, Crockford base32 (26 chars)."""
+    ms = time.time_ns() // 1_000_000 if now_ms is None else now_ms
+    value = ((ms & (2**48 - 1)) << 80) | secrets.randbits(80)
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "ord_" + "".join(reversed(chars))
+
+
+_TOKEN_VERSION = 1
+_MAX_TOKEN_CHARS = 512
+_TOKEN_CHARS = re.compile(r"[A-Za-z0-9_-]+")
+_MAX_TIME_US = 2**63 - 1
+
+
+def encode_page_token(cursor: PageCursor) -> str:
+    payload = json.dumps(
+        [_TOKEN_VERSION, cursor.account_id, cursor.create_time_us, cursor.order_id],
+        separators=(",", ":"),
+        ensure_ascii=True,
+    ).encode("ascii")
+    return base64.urlsafe_b64encode(payload).decode("ascii").rstrip("=")
+
+
+def _bad_token() -> InvalidArgument:
+    return InvalidArgument.field("page_token", "is not a valid page token for this account")
+
+
+def decode_page_token(account_id: str, token: str) -> PageCursor:
+    """Decode an `encode_page_token` token; anything else, or another account's, is InvalidArgument."""
+    if len(token) > _MAX_TOKEN_CHARS or _TOKEN_CHARS.fullmatch(token) is None:
+        raise _bad_token()
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        data: Any = json.loads(raw.decode("ascii"))
+    except (binascii.Error, ValueError, UnicodeDecodeError, RecursionError):
+        raise _bad_token() from None
+    if not (isinstance(data, list) and len(data) == 4):
+        raise _bad_token()
+    version, token_account, create_time_us, order_id = data
+    if (
+        version != _TOKEN_VERSION
+        or type(version) is not int
+        or not isinstance(token_account, str)
+        or token_account != account_id
+        or type(create_time_us) is not int
+        or not 0 <= create_time_us <= _MAX_TIME_US
+        or not isinstance(order_id, str)
+        or _ORDER_ID.fullmatch(order_id) is None
+    ):
+        raise _bad_token()
+    cursor = PageCursor(account_id, create_time_us, order_id)
+    if encode_page_token(cursor) != token:  # exactly one spelling per cursor
+        raise _bad_token()
+    return cursor
+
+
+# --- the service ----------------------------------------------------------------------------------------
+
+
+class TradingCore:
+    def __init__(
+        self,
+        store: OrderStore,
+        *,
+        clock_us: Callable[[], int],
+        new_order_id: Callable[[], str],
+        limits: OrderLimits = OrderLimits(),
+    ) -> None:
+        self._store = store
+        self._clock_us = clock_us
+        self._new_order_id = new_order_id
+        self.limits = limits
+
+    async def place(self, new: NewOrder) -> tuple[Order, bool]:
+        """Place `new`, or return the order an identical earlier request placed (replayed=True).
+
+        Atomic under concurrency: the store's unique (account_id, client_order_id) decides the winner.
+        """
+        now = self._clock_us()
+        candidate = Order(
+            order_id=self._new_order_id(),
+            account_id=new.account_id,
+            client_order_id=new.client_order_id,
+            symbol=new.symbol,
+            side=new.side,
+            type=new.type,
+            time_in_force=new.time_in_force,
+            quantity=new.quantity,
+            price=new.price,
+            status=OrderStatus.OPEN,
+            create_time_us=now,
+            update_time_us=now,
+        )
+        stored, created = await self._store.insert_if_absent(candidate)
+        if created:
+            return stored, False
+        if stored.same_request(new):
+            return stored, True
+        raise client_order_id_reused(new.client_order_id)
+
+    async def cancel(self, account_id: str, order_id: str) -> Order:
+        validate_account_and_order_id(account_id, order_id)
+        for _ in range(_CANCEL_ATTEMPTS):
+            order = await self._store.get(account_id, order_id)
+            if order is None:
+                raise order_not_found(order_id)
+            if order.status is OrderStatus.CANCELED:
+                return order
+            if order.status is not OrderStatus.OPEN:
+                raise order_not_open(order_id, order.status.name)
+            updated = await self._store.transition(
+                account_id, order_id, OrderStatus.OPEN, OrderStatus.CANCELED, self._clock_us()
+            )
+            if updated is not None:
+                return updated
+            # The order changed between the read and the update: look again.
+        # Statuses only ever leave OPEN, so a second look always settles it; anything else is a store bug.
+        raise RuntimeError(f"order {order_id} kept changing while being cancelled")
+
+    async def get(self, account_id: str, order_id: str) -> Order:
+        validate_account_and_order_id(account_id, order_id)
+        order = await self._store.get(account_id, order_id)
+        if order is None:
+            raise order_not_found(order_id)
+        return order
+
+    async def list(self, account_id: str, page_size: int, page_token: str) -> tuple[list[Order], str]:
+        violations: list[FieldViolation] = []
+        account_violation = _account_violation(account_id)
+        if account_violation is not None:
+            violations.append(account_violation)
+        if page_size < 0 or page_size > MAX_PAGE_SIZE:
+            violations.append(FieldViolation("page_size", f"must be between 0 and {MAX_PAGE_SIZE}"))
+        before: PageCursor | None = None
+        if page_token and account_violation is None:
+            try:
+                before = decode_page_token(account_id, page_token)
+            except InvalidArgument as error:
+                violations.extend(error.violations)
+        if violations:
+            raise InvalidArgument(violations)
+        size = page_size or DEFAULT_PAGE_SIZE
+        orders = await self._store.list(account_id, size + 1, before)
+        if len(orders) <= size:
+            return orders, ""
+        page = orders[:size]
+        last = page[-1]
+        return page, encode_page_token(PageCursor(account_id, last.create_time_us, last.order_id))

@@ -1,0 +1,55 @@
+"""The trading service's errors: the shared domain errors plus the trading reasons.
+
+Everything here is a `tradeguard.rpc.errors.DomainError`; the servicer maps them with `to_rpc_status`.
+"""
+
+from __future__ import annotations
+
+from tradeguard.rpc.errors import (
+    AlreadyExists,
+    DomainError,
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+)
+
+__all__ = [
+    "CLIENT_ORDER_ID_REUSED",
+    "ORDER_NOT_FOUND",
+    "ORDER_NOT_OPEN",
+    "AlreadyExists",
+    "DomainError",
+    "FailedPrecondition",
+    "FieldViolation",
+    "InvalidArgument",
+    "NotFound",
+    "client_order_id_reused",
+    "order_not_found",
+    "order_not_open",
+]
+
+CLIENT_ORDER_ID_REUSED = "CLIENT_ORDER_ID_REUSED"
+ORDER_NOT_OPEN = "ORDER_NOT_OPEN"
+ORDER_NOT_FOUND = "ORDER_NOT_FOUND"
+
+
+def client_order_id_reused(client_order_id: str) -> AlreadyExists:
+    return AlreadyExists(
+        "client_order_id was already used for a different order",
+        reason=CLIENT_ORDER_ID_REUSED,
+        metadata={"client_order_id": client_order_id},
+    )
+
+
+def order_not_open(order_id: str, status: str) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"order is {status.lower()}, not open",
+        reason=ORDER_NOT_OPEN,
+        metadata={"order_id": order_id, "status": status},
+    )
+
+
+def order_not_found(order_id: str) -> NotFound:
+    # The same answer whether the order does not exist or belongs to another account.
+    return NotFound("order not found", reason=ORDER_NOT_FOUND, metadata={"order_id": order_id})

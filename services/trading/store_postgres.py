@@ -1,0 +1,205 @@
+"""PostgreSQL order store over a psycopg 3 async connection pool.
+
+Quantities and prices are NUMERIC. Placement is one INSERT ... ON CONFLICT DO NOTHING RETURNING (then a read
+of the winner), so the unique (account_id, client_order_id) constraint, not a check-then-insert, decides
+races.
+Every write is one transaction: the order row and its event row commit together or not at all.
+"""
+
+from __future__ import annotations
+
+import builtins
+import re
+from decimal import Decimal
+from typing import Any
+
+from psycopg import AsyncConnection, sql
+from psycopg_pool import AsyncConnectionPool
+
+from services.trading.core import Order, OrderStatus, PageCursor
+from services.trading.store import ORDER_COLUMNS, SCHEMA_VERSION, order_from_row, order_to_row
+
+__all__ = ["PostgresOrderStore"]
+
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def _statements(schema: str) -> dict[str, sql.Composed]:
+    orders = sql.Identifier(schema, "orders")
+    events = sql.Identifier(schema, "order_events")
+    cols = sql.SQL(", ").join(sql.Identifier(c) for c in ORDER_COLUMNS)
+    params = sql.SQL(", ").join(sql.Placeholder() for _ in ORDER_COLUMNS)
+    fmt = {"orders": orders, "events": events, "cols": cols, "params": params}
+    return {
+        "insert": sql.SQL(
+            "INSERT INTO {orders} ({cols}) VALUES ({params}) "
+            "ON CONFLICT (account_id, client_order_id) DO NOTHING RETURNING {cols}"
+        ).format(**fmt),
+        "select_by_client_id": sql.SQL(
+            "SELECT {cols} FROM {orders} WHERE account_id = %s AND client_order_id = %s"
+        ).format(**fmt),
+        "select": sql.SQL("SELECT {cols} FROM {orders} WHERE account_id = %s AND order_id = %s").format(
+            **fmt
+        ),
+        "transition": sql.SQL(
+            "UPDATE {orders} SET status = %s, update_time_us = %s "
+            "WHERE account_id = %s AND order_id = %s AND status = %s RETURNING {cols}"
+        ).format(**fmt),
+        "event": sql.SQL("INSERT INTO {events} (order_id, status, time_us) VALUES (%s, %s, %s)").format(
+            **fmt
+        ),
+        "list_first": sql.SQL(
+            "SELECT {cols} FROM {orders} WHERE account_id = %s "
+            "ORDER BY create_time_us DESC, order_id DESC LIMIT %s"
+        ).format(**fmt),
+        "list_after": sql.SQL(
+            "SELECT {cols} FROM {orders} WHERE account_id = %s AND (create_time_us, order_id) < (%s, %s) "
+            "ORDER BY create_time_us DESC, order_id DESC LIMIT %s"
+        ).format(**fmt),
+    }
+
+
+def _ddl(schema: str) -> list[sql.Composed]:
+    fmt = {
+        "schema": sql.Identifier(schema),
+        "version": sql.Identifier(schema, "schema_version"),
+        "orders": sql.Identifier(schema, "orders"),
+        "events": sql.Identifier(schema, "order_events"),
+    }
+    return [
+        sql.SQL("CREATE SCHEMA IF NOT EXISTS {schema}").format(**fmt),
+        sql.SQL("CREATE TABLE IF NOT EXISTS {version} (version integer NOT NULL)").format(**fmt),
+        sql.SQL(
+            """CREATE TABLE IF NOT EXISTS {orders} (
+                order_id text COLLATE "C" PRIMARY KEY,
+                account_id text NOT NULL,
+                client_order_id text NOT NULL,
+                symbol text NOT NULL,
+                side smallint NOT NULL CHECK (side IN (1, 2)),
+                type smallint NOT NULL CHECK (type IN (1, 2)),
+                time_in_force smallint NOT NULL CHECK (time_in_force IN (1, 2, 3)),
+                quantity numeric NOT NULL CHECK (quantity > 0),
+                price numeric CHECK (price > 0),
+                status smallint NOT NULL CHECK (status IN (1, 2, 3, 4)),
+                create_time_us bigint NOT NULL,
+                update_time_us bigint NOT NULL,
+                UNIQUE (account_id, client_order_id)
+            )"""
+        ).format(**fmt),
+        sql.SQL(
+            "CREATE INDEX IF NOT EXISTS orders_account_time "
+            "ON {orders} (account_id, create_time_us DESC, order_id DESC)"
+        ).format(**fmt),
+        sql.SQL(
+            """CREATE TABLE IF NOT EXISTS {events} (
+                seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+                order_id text COLLATE "C" NOT NULL REFERENCES {orders} (order_id),
+                status smallint NOT NULL,
+                time_us bigint NOT NULL
+            )"""
+        ).format(**fmt),
+        sql.SQL("CREATE INDEX IF NOT EXISTS order_events_order ON {events} (order_id, seq)").format(**fmt),
+    ]
+
+
+def _params(order: Order) -> tuple[object, ...]:
+    """ORDER_COLUMNS values with the decimals as `Decimal`, so they reach NUMERIC columns as numbers."""
+    return tuple(
+        Decimal(value) if column in ("quantity", "price") and isinstance(value, str) else value
+        for column, value in zip(ORDER_COLUMNS, order_to_row(order), strict=True)
+    )
+
+
+class PostgresOrderStore:
+    def __init__(self, pool: AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]], schema: str) -> None:
+        self._pool = pool
+        self.schema = schema
+        self._sql = _statements(schema)
+
+    @classmethod
+    async def open(
+        cls, dsn: str, *, schema: str = "tradeguard_trading", min_size: int = 1, max_size: int = 10
+    ) -> PostgresOrderStore:
+        if _SCHEMA_NAME.fullmatch(schema) is None:
+            raise ValueError(f"invalid schema name {schema!r}: use lower-case letters, digits and '_'")
+        pool: AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]] = AsyncConnectionPool(
+            dsn, min_size=min_size, max_size=max_size, open=False, kwargs={"autocommit": True}
+        )
+        await pool.open(wait=True)
+        try:
+            await cls._create_schema(pool, schema)
+        except BaseException:
+            await pool.close()
+            raise
+        return cls(pool, schema)
+
+    @staticmethod
+    async def _create_schema(
+        pool: AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]], schema: str
+    ) -> None:
+        async with pool.connection() as conn, conn.transaction():
+            # Serialise concurrent start-ups: CREATE ... IF NOT EXISTS is not safe against itself.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"tradeguard:{schema}",))
+            for statement in _ddl(schema):
+                await conn.execute(statement)
+            version_table = sql.Identifier(schema, "schema_version")
+            cur = await conn.execute(sql.SQL("SELECT max(version) FROM {}").format(version_table))
+            row = await cur.fetchone()
+            version = None if row is None else row[0]
+            if version is None:
+                await conn.execute(
+                    sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(version_table), (SCHEMA_VERSION,)
+                )
+            elif version > SCHEMA_VERSION:
+                raise RuntimeError(f"schema {schema} is at version {version}, newer than {SCHEMA_VERSION}")
+
+    async def insert_if_absent(self, order: Order) -> tuple[Order, bool]:
+        async with self._pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(self._sql["insert"], _params(order))
+            inserted = await cur.fetchone()
+            if inserted is not None:
+                await conn.execute(
+                    self._sql["event"], (order.order_id, int(order.status), order.create_time_us)
+                )
+                return order_from_row(inserted), True
+            # The conflicting row is committed (ON CONFLICT waited for it); this statement's snapshot sees it.
+            cur = await conn.execute(
+                self._sql["select_by_client_id"], (order.account_id, order.client_order_id)
+            )
+            existing = await cur.fetchone()
+            if existing is None:
+                raise RuntimeError("insert conflicted but no existing order was found")
+            return order_from_row(existing), False
+
+    async def get(self, account_id: str, order_id: str) -> Order | None:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(self._sql["select"], (account_id, order_id))
+            row = await cur.fetchone()
+        return None if row is None else order_from_row(row)
+
+    async def transition(
+        self, account_id: str, order_id: str, from_status: OrderStatus, to_status: OrderStatus, now_us: int
+    ) -> Order | None:
+        async with self._pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                self._sql["transition"], (int(to_status), now_us, account_id, order_id, int(from_status))
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            await conn.execute(self._sql["event"], (order_id, int(to_status), now_us))
+            return order_from_row(row)
+
+    async def list(self, account_id: str, limit: int, before: PageCursor | None) -> builtins.list[Order]:
+        async with self._pool.connection() as conn:
+            if before is None:
+                cur = await conn.execute(self._sql["list_first"], (account_id, limit))
+            else:
+                cur = await conn.execute(
+                    self._sql["list_after"], (account_id, before.create_time_us, before.order_id, limit)
+                )
+            rows = await cur.fetchall()
+        return [order_from_row(row) for row in rows]
+
+    async def close(self) -> None:
+        await self._pool.close()

@@ -1,0 +1,202 @@
+"""SQLite order store: WAL, synchronous=FULL, every write one BEGIN IMMEDIATE transaction.
+
+All database work runs on one dedicated worker thread, so the event loop never blocks on disk and the
+connection is only ever touched by the thread that opened it. A write cancelled by its caller still runs to
+COMMIT or ROLLBACK on that thread: nothing is ever half-written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from services.trading.core import Order, OrderStatus, PageCursor
+from services.trading.store import ORDER_COLUMNS, SCHEMA_VERSION, order_from_row, order_to_row
+
+__all__ = ["SqliteOrderStore"]
+
+T = TypeVar("T")
+
+_BUSY_TIMEOUT_MS = 5000
+_COLS = ", ".join(ORDER_COLUMNS)
+_PLACEHOLDERS = ", ".join("?" for _ in ORDER_COLUMNS)
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL) STRICT",
+    """CREATE TABLE IF NOT EXISTS orders (
+        order_id TEXT PRIMARY KEY,
+        account_id TEXT NOT NULL,
+        client_order_id TEXT NOT NULL,
+        symbol TEXT NOT NULL,
+        side INTEGER NOT NULL CHECK (side IN (1, 2)),
+        type INTEGER NOT NULL CHECK (type IN (1, 2)),
+        time_in_force INTEGER NOT NULL CHECK (time_in_force IN (1, 2, 3)),
+        quantity TEXT NOT NULL,
+        price TEXT,
+        status INTEGER NOT NULL CHECK (status IN (1, 2, 3, 4)),
+        create_time_us INTEGER NOT NULL,
+        update_time_us INTEGER NOT NULL,
+        UNIQUE (account_id, client_order_id)
+    ) STRICT""",
+    "CREATE INDEX IF NOT EXISTS orders_account_time "
+    "ON orders (account_id, create_time_us DESC, order_id DESC)",
+    """CREATE TABLE IF NOT EXISTS order_events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        order_id TEXT NOT NULL REFERENCES orders (order_id),
+        status INTEGER NOT NULL,
+        time_us INTEGER NOT NULL
+    ) STRICT""",
+    "CREATE INDEX IF NOT EXISTS order_events_order ON order_events (order_id, seq)",
+)
+
+_INSERT = (
+    f"INSERT INTO orders ({_COLS}) VALUES ({_PLACEHOLDERS}) "  # noqa: S608 - constant column names
+    f"ON CONFLICT (account_id, client_order_id) DO NOTHING RETURNING {_COLS}"
+)
+_SELECT_BY_CLIENT_ID = f"SELECT {_COLS} FROM orders WHERE account_id = ? AND client_order_id = ?"  # noqa: S608
+_SELECT = f"SELECT {_COLS} FROM orders WHERE account_id = ? AND order_id = ?"  # noqa: S608
+_TRANSITION = (
+    "UPDATE orders SET status = ?, update_time_us = ? "  # noqa: S608 - constant column names
+    f"WHERE account_id = ? AND order_id = ? AND status = ? RETURNING {_COLS}"
+)
+_EVENT = "INSERT INTO order_events (order_id, status, time_us) VALUES (?, ?, ?)"
+_LIST_FIRST = (
+    f"SELECT {_COLS} FROM orders WHERE account_id = ? "  # noqa: S608
+    "ORDER BY create_time_us DESC, order_id DESC LIMIT ?"
+)
+_LIST_AFTER = (
+    f"SELECT {_COLS} FROM orders WHERE account_id = ? "  # noqa: S608
+    "AND (create_time_us < ? OR (create_time_us = ? AND order_id < ?)) "
+    "ORDER BY create_time_us DESC, order_id DESC LIMIT ?"
+)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        if mode is None or str(mode[0]).lower() != "wal":
+            raise RuntimeError(f"could not switch {path} to WAL (got {mode!r})")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        _in_transaction(conn, _create_schema)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _create_schema(conn: sqlite3.Connection) -> None:
+    for statement in _SCHEMA:
+        conn.execute(statement)
+    row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+    version = None if row is None else row[0]
+    if version is None:
+        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+    elif version > SCHEMA_VERSION:
+        raise RuntimeError(f"database schema version {version} is newer than this code ({SCHEMA_VERSION})")
+
+
+def _in_transaction(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
+    """Run `work` in one BEGIN IMMEDIATE transaction: all of it is committed, or none of it."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = work(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
+
+
+class SqliteOrderStore:
+    def __init__(self, conn: sqlite3.Connection, executor: ThreadPoolExecutor, path: Path) -> None:
+        self._conn: sqlite3.Connection | None = conn
+        self._executor = executor
+        self.path = path
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteOrderStore:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-orders")
+        try:
+            conn = await asyncio.get_running_loop().run_in_executor(executor, _connect, path)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(conn, executor, path)
+
+    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("the order store is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work, conn)
+
+    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._run(lambda conn: _in_transaction(conn, work))
+
+    async def insert_if_absent(self, order: Order) -> tuple[Order, bool]:
+        row = order_to_row(order)
+
+        def work(conn: sqlite3.Connection) -> tuple[Order, bool]:
+            inserted = conn.execute(_INSERT, row).fetchall()
+            if inserted:
+                conn.execute(_EVENT, (order.order_id, int(order.status), order.create_time_us))
+                return order_from_row(inserted[0]), True
+            existing = conn.execute(
+                _SELECT_BY_CLIENT_ID, (order.account_id, order.client_order_id)
+            ).fetchone()
+            if existing is None:  # cannot happen inside BEGIN IMMEDIATE; never report a phantom order
+                raise RuntimeError("insert conflicted but no existing order was found")
+            return order_from_row(existing), False
+
+        return await self._write(work)
+
+    async def get(self, account_id: str, order_id: str) -> Order | None:
+        def work(conn: sqlite3.Connection) -> Order | None:
+            row = conn.execute(_SELECT, (account_id, order_id)).fetchone()
+            return None if row is None else order_from_row(row)
+
+        return await self._run(work)
+
+    async def transition(
+        self, account_id: str, order_id: str, from_status: OrderStatus, to_status: OrderStatus, now_us: int
+    ) -> Order | None:
+        def work(conn: sqlite3.Connection) -> Order | None:
+            rows = conn.execute(
+                _TRANSITION, (int(to_status), now_us, account_id, order_id, int(from_status))
+            ).fetchall()
+            if not rows:
+                return None
+            conn.execute(_EVENT, (order_id, int(to_status), now_us))
+            return order_from_row(rows[0])
+
+        return await self._write(work)
+
+    async def list(self, account_id: str, limit: int, before: PageCursor | None) -> builtins.list[Order]:
+        def work(conn: sqlite3.Connection) -> builtins.list[Order]:
+            if before is None:
+                rows = conn.execute(_LIST_FIRST, (account_id, limit)).fetchall()
+            else:
+                rows = conn.execute(
+                    _LIST_AFTER,
+                    (account_id, before.create_time_us, before.create_time_us, before.order_id, limit),
+                ).fetchall()
+            return [order_from_row(row) for row in rows]
+
+        return await self._run(work)
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
+        finally:
+            self._executor.shutdown(wait=False)

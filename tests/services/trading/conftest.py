@@ -1,0 +1,183 @@
+"""Real databases for the trading tests: SQLite in tmp_path and PostgreSQL in a fresh schema per test.
+
+PostgreSQL comes from TRADEGUARD_TEST_PG_DSN, or the local default; when the variable is unset and the default
+server is unreachable the PostgreSQL cases are skipped, when it is set they fail.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import secrets
+import sqlite3
+from collections.abc import AsyncIterator, Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from services.trading.core import NewOrder, Order, OrderStatus, OrderType, Side, TimeInForce
+from services.trading.store import OrderStore
+from services.trading.store_postgres import PostgresOrderStore
+from services.trading.store_sqlite import SqliteOrderStore
+
+DEFAULT_PG_DSN = "postgresql://127.0.0.1:5432/test?user=postgres"
+PG_DSN = os.environ.get("TRADEGUARD_TEST_PG_DSN") or DEFAULT_PG_DSN
+
+
+@functools.cache
+def _pg_unreachable() -> str:
+    """Empty when PostgreSQL answers, else why not (checked once per session)."""
+    try:
+        with psycopg.connect(PG_DSN, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as error:
+        return f"PostgreSQL at {PG_DSN} unreachable: {error}"
+    return ""
+
+
+def _require_pg() -> None:
+    reason = _pg_unreachable()
+    if reason:
+        if os.environ.get("TRADEGUARD_TEST_PG_DSN"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+class Backend:
+    """One database for one test; `open()` may be called again (a restart) and sees the same data."""
+
+    def __init__(self, kind: str, tmp_path: Path) -> None:
+        self.kind = kind
+        self.path = tmp_path / "orders.sqlite3"
+        self.schema = f"tg_test_{secrets.token_hex(6)}"
+        self._open: list[OrderStore] = []
+
+    async def open(self) -> OrderStore:
+        store: OrderStore
+        if self.kind == "sqlite":
+            store = await SqliteOrderStore.open(self.path)
+        else:
+            store = await PostgresOrderStore.open(PG_DSN, schema=self.schema, min_size=1, max_size=10)
+        self._open.append(store)
+        return store
+
+    def execute(self, statement: str) -> list[tuple[Any, ...]]:
+        """Run raw SQL outside the store (`{schema}` is replaced by the test schema for PostgreSQL)."""
+        if self.kind == "sqlite":
+            with sqlite3.connect(self.path, isolation_level=None) as conn:
+                rows = conn.execute(statement.replace("{schema}.", "")).fetchall()
+            conn.close()
+            return rows
+        with psycopg.connect(PG_DSN, autocommit=True) as pg:
+            cur = pg.execute(sql.SQL(statement).format(schema=sql.Identifier(self.schema)))  # type: ignore[arg-type]
+            return cur.fetchall() if cur.description else []
+
+    def count(self, table: str) -> int:
+        return int(self.execute(f"SELECT count(*) FROM {{schema}}.{table}")[0][0])
+
+    async def aclose(self) -> None:
+        for store in self._open:
+            await store.close()
+        if self.kind == "postgres":
+            with psycopg.connect(PG_DSN, autocommit=True) as pg:
+                pg.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(self.schema)))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    if request.param == "postgres":
+        _require_pg()
+    b = Backend(request.param, tmp_path)
+    try:
+        yield b
+    finally:
+        await b.aclose()
+
+
+@pytest.fixture
+async def store(backend: Backend) -> OrderStore:
+    return await backend.open()
+
+
+class FakeClock:
+    def __init__(self, start_us: int = 1_700_000_000_000_000) -> None:
+        self.now_us = start_us
+
+    def __call__(self) -> int:
+        return self.now_us
+
+    def advance(self, us: int = 1) -> None:
+        self.now_us += us
+
+
+def sequential_ids(prefix: str = "") -> Callable[[], str]:
+    """Deterministic, valid, increasing order ids: ord_0000...0001, ord_0000...0002, ..."""
+    counter = iter(range(1, 10**9))
+
+    def next_id() -> str:
+        return f"ord_{prefix}{next(counter):0{26 - len(prefix)}d}"
+
+    return next_id
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def ids() -> Iterator[Callable[[], str]]:
+    yield sequential_ids()
+
+
+def make_new(**overrides: Any) -> NewOrder:
+    fields: dict[str, Any] = {
+        "account_id": "acct-1",
+        "client_order_id": "c-1",
+        "symbol": "BTC-USD",
+        "side": Side.BUY,
+        "type": OrderType.LIMIT,
+        "time_in_force": TimeInForce.GTC,
+        "quantity": Decimal("1.5"),
+        "price": Decimal("100"),
+    }
+    fields.update(overrides)
+    return NewOrder(**fields)
+
+
+def make_order(**overrides: Any) -> Order:
+    fields: dict[str, Any] = {
+        "order_id": "ord_00000000000000000000000001",
+        "account_id": "acct-1",
+        "client_order_id": "c-1",
+        "symbol": "BTC-USD",
+        "side": Side.BUY,
+        "type": OrderType.LIMIT,
+        "time_in_force": TimeInForce.GTC,
+        "quantity": Decimal("1.5"),
+        "price": Decimal("100"),
+        "status": OrderStatus.OPEN,
+        "create_time_us": 1_700_000_000_000_000,
+        "update_time_us": 1_700_000_000_000_000,
+    }
+    fields.update(overrides)
+    return Order(**fields)
+
+
+@pytest.fixture(name="make_new")
+def make_new_fixture() -> Callable[..., NewOrder]:
+    return make_new
+
+
+@pytest.fixture(name="make_order")
+def make_order_fixture() -> Callable[..., Order]:
+    return make_order
+
+
+@pytest.fixture(name="sequential_ids")
+def sequential_ids_fixture() -> Callable[..., Callable[[], str]]:
+    return sequential_ids

@@ -1,0 +1,65 @@
+"""``tradeguard pki`` through its register()/func, as the main parser will call it."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from tradeguard.cli import pki_cmd
+from tradeguard.mesh import pki
+
+
+def _run(home: Path, *argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="tradeguard")
+    parser.add_argument("--home", type=Path, default=home)
+    pki_cmd.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(list(argv))
+    result: int = args.func(args)
+    return result
+
+
+def test_init_issue_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _run(tmp_path, "pki", "init", "--trust-domain", "corp.example") == 0
+    assert "created CA for trust domain corp.example" in capsys.readouterr().out
+    assert _run(tmp_path, "pki", "init") == 0  # keeps the existing trust domain
+    assert "already exists" in capsys.readouterr().out
+
+    assert _run(tmp_path, "pki", "issue", "auth") == 0
+    out = capsys.readouterr().out
+    assert "spiffe://corp.example/svc/auth" in out
+    assert _run(tmp_path, "pki", "issue", "audit", "--hours", "2") == 0
+    capsys.readouterr()
+    paths = pki.PkiPaths(tmp_path)
+    pki.issue(paths, "old", now=datetime.now(UTC) - timedelta(days=2), lifetime=timedelta(hours=1))
+    pki.issue(paths, "aging", now=datetime.now(UTC) - timedelta(hours=13))
+
+    assert _run(tmp_path, "pki", "status") == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["NAME", "SPIFFE", "ID", "NOT", "AFTER", "(UTC)", "REMAINING", "STATE"]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert set(rows) == {"root-ca", "intermediate-ca", "auth", "audit", "old", "aging"}
+    assert rows["old"][-1] == "EXPIRED"
+    assert rows["aging"][-1] == "RENEW"
+    assert rows["auth"][-1] == "ok" and rows["auth"][1] == "spiffe://corp.example/svc/auth"
+    assert rows["root-ca"][1] == "-"
+    assert [line.split()[0] for line in lines[1:3]] == ["old", "audit"]  # soonest expiry first
+
+
+def test_errors_go_to_stderr_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _run(tmp_path, "pki", "issue", "auth") == 2
+    assert "tradeguard pki init" in capsys.readouterr().err
+    assert _run(tmp_path, "pki", "status") == 2
+    assert _run(tmp_path, "pki", "init", "--trust-domain", "Bad_Domain") == 2
+    assert "invalid trust domain" in capsys.readouterr().err
+    assert _run(tmp_path, "pki", "init") == 0
+    assert _run(tmp_path, "pki", "issue", "Bad") == 2
+    assert "invalid workload name 'Bad'" in capsys.readouterr().err
+    assert _run(tmp_path, "pki", "issue", "auth", "--hours", "0") == 2
+    os.chmod(pki.PkiPaths(tmp_path).intermediate_key, 0o644)
+    capsys.readouterr()
+    assert _run(tmp_path, "pki", "issue", "auth") == 2
+    assert "refusing to load CA key" in capsys.readouterr().err

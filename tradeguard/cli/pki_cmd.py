@@ -1,0 +1,127 @@
+"""``tradeguard pki``: initialise the internal CA, issue workload certificates, show their status."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import UTC, datetime, timedelta
+
+from tradeguard.mesh import pki
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``pki init|issue|status``; each sets ``func``. ``args.home`` comes from the main parser."""
+    parser = subparsers.add_parser("pki", help="the internal CA and workload certificates")
+    commands = parser.add_subparsers(dest="pki_command", metavar="COMMAND", required=True)
+
+    init = commands.add_parser("init", help="create the root and intermediate CAs (no-op if they exist)")
+    init.add_argument(
+        "--trust-domain",
+        default=None,
+        help="SPIFFE trust domain (default: the existing one, else tradeguard.local)",
+    )
+    init.add_argument(
+        "--no-name-constraints",
+        dest="name_constraints",
+        action="store_false",
+        help="leave the intermediate's URI name constraint out",
+    )
+    init.set_defaults(func=cmd_init)
+
+    issue = commands.add_parser("issue", help="issue (or re-issue) a workload certificate")
+    issue.add_argument("name", metavar="NAME", help="workload name, e.g. auth")
+    issue.add_argument("--hours", type=float, default=24.0, help="lifetime in hours (default 24)")
+    issue.set_defaults(func=cmd_issue)
+
+    status = commands.add_parser("status", help="list the CA and workload certificates and their expiry")
+    status.set_defaults(func=cmd_status)
+
+
+def _paths(args: argparse.Namespace) -> pki.PkiPaths:
+    return pki.PkiPaths(args.home)
+
+
+def _fail(message: str) -> int:
+    print(f"tradeguard pki: error: {message}", file=sys.stderr)
+    return 2
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    paths = _paths(args)
+    try:
+        td = args.trust_domain
+        if td is None:
+            td = pki.trust_domain(paths) if paths.trust_domain_file.exists() else "tradeguard.local"
+        created = pki.init_ca(paths, td, name_constraints=getattr(args, "name_constraints", True))
+    except (OSError, ValueError) as exc:
+        return _fail(str(exc))
+    if created:
+        print(f"created CA for trust domain {td} in {paths.dir}")
+    else:
+        print(f"CA for trust domain {td} already exists in {paths.dir}")
+    print(f"trust anchor: {paths.ca_bundle}")
+    return 0
+
+
+def cmd_issue(args: argparse.Namespace) -> int:
+    paths = _paths(args)
+    try:
+        hours = float(args.hours)
+        if not hours > 0:
+            raise ValueError(f"--hours must be positive, not {args.hours}")
+        info = pki.issue(paths, args.name, lifetime=timedelta(hours=hours))
+    except (OSError, ValueError) as exc:
+        return _fail(str(exc))
+    print(f"issued {info.spiffe_id}")
+    print(f"  certificate: {info.path}")
+    print(f"  key:         {paths.key(args.name)}")
+    print(f"  not after:   {info.not_after:%Y-%m-%d %H:%M:%S}Z")
+    return 0
+
+
+def _human(delta: timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    sign = "-" if seconds < 0 else ""
+    seconds = abs(seconds)
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes = rest // 60
+    if days:
+        return f"{sign}{days}d{hours:02d}h"
+    return f"{sign}{hours}h{minutes:02d}m"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    paths = _paths(args)
+    now = datetime.now(UTC)
+    try:
+        infos = pki.status(paths)
+    except (OSError, ValueError) as exc:
+        return _fail(str(exc))
+    if not infos:
+        return _fail(f"no certificates in {paths.dir} (run: tradeguard pki init)")
+    rows = [("NAME", "SPIFFE ID", "NOT AFTER (UTC)", "REMAINING", "STATE")]
+    for info in infos:
+        if info.expired(now):
+            state = "EXPIRED"
+        elif info.past_half_life(now):
+            state = "RENEW"
+        else:
+            state = "ok"
+        rows.append(
+            (
+                info.name,
+                info.spiffe_id or "-",
+                f"{info.not_after:%Y-%m-%d %H:%M:%S}",
+                _human(info.remaining(now)),
+                state,
+            )
+        )
+    listed = {info.name for info in infos}
+    for path in sorted(paths.dir.glob("*.crt")):
+        if path.stem not in listed and path != paths.ca_bundle:
+            rows.append((path.stem, "-", "-", "-", "UNREADABLE"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+    return 0

@@ -1,0 +1,589 @@
+"""The dev/internal PKI: a root CA, an intermediate CA and short-lived workload certificates.
+
+Layout under ``$TRADEGUARD_HOME/pki`` (directory mode 0700)::
+
+    root-ca.crt / root-ca.key                  self-signed root (CA:TRUE, pathlen 1)
+    intermediate-ca.crt / intermediate-ca.key  signs workload certificates (CA:TRUE, pathlen 0,
+                                               name constraints: URIs only in the trust domain)
+    ca.crt                                     the trust anchor every client and server verifies against
+    trust-domain                               the SPIFFE trust domain, one line
+    <name>.crt / <name>.key                    workload leaf followed by the intermediate / its key
+
+Every key is ECDSA P-256, PEM PKCS#8, unencrypted (dev), created with mode 0600 from the first byte. Every
+write is atomic (temporary file in the same directory, fsync, ``os.replace``). When issuing, the key is
+written before the certificate, so a reader that catches the two mid-rotation sees a key that does not match
+the certificate (see :func:`needs_renewal`) rather than a certificate whose key is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import ipaddress
+import os
+import re
+import secrets
+import stat
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = [
+    "NAME_RE",
+    "CertInfo",
+    "PkiPaths",
+    "init_ca",
+    "issue",
+    "needs_renewal",
+    "peer_spiffe_id_from_pem",
+    "read_cert_info",
+    "renew_due",
+    "spiffe_id",
+    "status",
+    "trust_domain",
+]
+
+NAME_RE = r"^[a-z][a-z0-9-]{0,62}$"
+_NAME = re.compile(NAME_RE)
+# Lowercase DNS-like: labels of letters, digits and inner hyphens, separated by dots, 253 characters at most.
+_TRUST_DOMAIN = re.compile(
+    r"^(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$"
+)
+
+ORGANIZATION = "Tradeguard"
+CLOCK_SKEW = timedelta(minutes=5)
+ROOT_NAME = "root-ca"
+INTERMEDIATE_NAME = "intermediate-ca"
+_BUNDLE_NAME = "ca"
+# Names whose files belong to the CA itself; a workload may not take them.
+RESERVED_NAMES = frozenset({ROOT_NAME, INTERMEDIATE_NAME, _BUNDLE_NAME})
+
+_KEY_MODE = 0o600
+_CERT_MODE = 0o644
+_DIR_MODE = 0o700
+
+
+@dataclass(frozen=True)
+class PkiPaths:
+    """Where the PKI lives under ``$TRADEGUARD_HOME``."""
+
+    home: Path
+
+    @property
+    def dir(self) -> Path:
+        return self.home / "pki"
+
+    @property
+    def root_cert(self) -> Path:
+        return self.dir / f"{ROOT_NAME}.crt"
+
+    @property
+    def root_key(self) -> Path:
+        return self.dir / f"{ROOT_NAME}.key"
+
+    @property
+    def intermediate_cert(self) -> Path:
+        return self.dir / f"{INTERMEDIATE_NAME}.crt"
+
+    @property
+    def intermediate_key(self) -> Path:
+        return self.dir / f"{INTERMEDIATE_NAME}.key"
+
+    @property
+    def ca_bundle(self) -> Path:
+        return self.dir / f"{_BUNDLE_NAME}.crt"
+
+    @property
+    def trust_domain_file(self) -> Path:
+        return self.dir / "trust-domain"
+
+    def cert(self, name: str) -> Path:
+        """The workload's certificate chain: its leaf followed by the intermediate."""
+        return self.dir / f"{_check_name(name)}.crt"
+
+    def key(self, name: str) -> Path:
+        return self.dir / f"{_check_name(name)}.key"
+
+
+@dataclass(frozen=True)
+class CertInfo:
+    name: str
+    path: Path
+    subject: str
+    spiffe_id: str | None
+    not_before: datetime
+    not_after: datetime
+
+    def remaining(self, now: datetime) -> timedelta:
+        """Time left before expiry (negative once expired)."""
+        return self.not_after - _utc(now)
+
+    def expired(self, now: datetime) -> bool:
+        return _utc(now) > self.not_after
+
+    def past_half_life(self, now: datetime) -> bool:
+        return _utc(now) >= self.not_before + (self.not_after - self.not_before) / 2
+
+
+# --- names --------------------------------------------------------------------------------------------------
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError(f"invalid workload name {name!r}: must match {NAME_RE}")
+    if name in RESERVED_NAMES:
+        raise ValueError(f"invalid workload name {name!r}: reserved for the CA's own files")
+    return name
+
+
+def _check_trust_domain(td: str) -> str:
+    if not isinstance(td, str) or not _TRUST_DOMAIN.fullmatch(td):
+        raise ValueError(
+            f"invalid trust domain {td!r}: must be a lowercase DNS-like name (e.g. tradeguard.local)"
+        )
+    return td
+
+
+def spiffe_id(trust_domain: str, name: str) -> str:
+    return f"spiffe://{_check_trust_domain(trust_domain)}/svc/{_check_name(name)}"
+
+
+# --- time ---------------------------------------------------------------------------------------------------
+
+
+def _utc(now: datetime | None) -> datetime:
+    if now is None:
+        return datetime.now(UTC)
+    if now.tzinfo is None:  # naive datetimes are taken to be UTC
+        return now.replace(tzinfo=UTC)
+    return now.astimezone(UTC)
+
+
+# --- files --------------------------------------------------------------------------------------------------
+
+
+def _ensure_dir(paths: PkiPaths) -> None:
+    paths.dir.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
+    os.chmod(paths.dir, _DIR_MODE)
+
+
+def _atomic_write(path: Path, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` atomically; the file has ``mode`` (at most) from its creation."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def _locked(paths: PkiPaths) -> Iterator[None]:
+    """Serialise writers (``init_ca`` and ``issue``) across processes."""
+    _ensure_dir(paths)
+    fd = os.open(paths.dir / ".lock", os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), _KEY_MODE)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _cert_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def _load_key(path: Path, *, private_only: bool) -> ec.EllipticCurvePrivateKey:
+    """Load an EC private key; with ``private_only`` (CA keys), refuse a file group/other users may access."""
+    with open(path, "rb") as f:
+        if private_only:
+            mode = stat.S_IMODE(os.fstat(f.fileno()).st_mode)
+            if mode & 0o077:
+                raise PermissionError(
+                    f"refusing to load CA key {path}: mode {mode:#o} lets group/other users access it "
+                    f"(run: chmod 600 {path})"
+                )
+        data = f.read()
+    key = serialization.load_pem_private_key(data, password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{path}: not an ECDSA private key")
+    return key
+
+
+def _load_cert(path: Path) -> x509.Certificate:
+    """The first certificate of a PEM file."""
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def _spki(key: ec.EllipticCurvePublicKey) -> bytes:
+    return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+# --- certificate builders -----------------------------------------------------------------------------------
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _serial() -> int:
+    while True:  # 159 random bits: positive and within the 20 octets RFC 5280 allows
+        serial = secrets.randbits(159)
+        if serial:
+            return serial
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, ORGANIZATION),
+        ]
+    )
+
+
+_CA_KEY_USAGE = x509.KeyUsage(
+    digital_signature=False,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=True,
+    crl_sign=True,
+    encipher_only=False,
+    decipher_only=False,
+)
+_LEAF_KEY_USAGE = x509.KeyUsage(
+    digital_signature=True,
+    content_commitment=False,
+    key_encipherment=False,
+    data_encipherment=False,
+    key_agreement=False,
+    key_cert_sign=False,
+    crl_sign=False,
+    encipher_only=False,
+    decipher_only=False,
+)
+
+
+def _build_root(
+    key: ec.EllipticCurvePrivateKey, td: str, now: datetime, lifetime: timedelta
+) -> x509.Certificate:
+    subject = _name(f"Tradeguard Root CA ({td})")
+    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+    return (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(_serial())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + lifetime)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
+        .add_extension(_CA_KEY_USAGE, critical=True)
+        .add_extension(ski, critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def _build_intermediate(
+    *,
+    key: ec.EllipticCurvePrivateKey,
+    root_key: ec.EllipticCurvePrivateKey,
+    root: x509.Certificate,
+    td: str,
+    now: datetime,
+    lifetime: timedelta,
+    name_constraints: bool,
+) -> x509.Certificate:
+    not_after = min(now + lifetime, root.not_valid_after_utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(f"Tradeguard Intermediate CA ({td})"))
+        .issuer_name(root.subject)
+        .public_key(key.public_key())
+        .serial_number(_serial())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(_CA_KEY_USAGE, critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()), critical=False
+        )
+    )
+    if name_constraints:
+        # Every URI the intermediate signs must name the trust domain as its host (RFC 5280 URI constraints
+        # without a leading dot match the host exactly, so only spiffe://<td>/...). BoringSSL (gRPC) and
+        # OpenSSL enforce this. DNS names and IP addresses stay unconstrained: leaves carry the bare workload
+        # name as a DNS name, which no DNS subtree covers without listing every workload. cryptography's own
+        # verifier (x509.verification) does not support URI constraints and rejects such chains.
+        constraints = x509.NameConstraints(
+            permitted_subtrees=[x509.UniformResourceIdentifier(td)], excluded_subtrees=None
+        )
+        builder = builder.add_extension(constraints, critical=True)
+    return builder.sign(root_key, hashes.SHA256())
+
+
+def _build_leaf(
+    *,
+    key: ec.EllipticCurvePrivateKey,
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca: x509.Certificate,
+    td: str,
+    name: str,
+    now: datetime,
+    lifetime: timedelta,
+) -> x509.Certificate:
+    not_after = min(now + lifetime, ca.not_valid_after_utc)  # a leaf never outlives its issuer
+    san = x509.SubjectAlternativeName(
+        [
+            x509.UniformResourceIdentifier(spiffe_id(td, name)),
+            x509.DNSName(name),
+            x509.DNSName("localhost"),
+            x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")),
+            x509.IPAddress(ipaddress.IPv6Address("::1")),
+        ]
+    )
+    return (
+        x509.CertificateBuilder()
+        .subject_name(_name(name))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(_serial())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(_LEAF_KEY_USAGE, critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False,
+        )
+        .add_extension(san, critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+
+
+# --- public API ---------------------------------------------------------------------------------------------
+
+
+def trust_domain(paths: PkiPaths) -> str:
+    try:
+        td = paths.trust_domain_file.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"PKI not initialised: {paths.trust_domain_file} is missing (run: tradeguard pki init)"
+        ) from None
+    return _check_trust_domain(td)
+
+
+def init_ca(
+    paths: PkiPaths,
+    trust_domain: str = "tradeguard.local",
+    *,
+    now: datetime | None = None,
+    root_lifetime: timedelta = timedelta(days=3650),
+    intermediate_lifetime: timedelta = timedelta(days=365),
+    name_constraints: bool = True,
+) -> bool:
+    """Create the root and intermediate CAs if absent (True); do nothing if both exist (False).
+
+    An existing root is kept and only a missing intermediate is created. Raises ValueError when the PKI
+    already exists for another trust domain. ``name_constraints=False`` leaves the intermediate's URI name
+    constraint out (needed only by verifiers without URI-constraint support, such as cryptography's
+    ``x509.verification``).
+    """
+    td = _check_trust_domain(trust_domain)
+    at = _utc(now)
+    if root_lifetime <= timedelta(0) or intermediate_lifetime <= timedelta(0):
+        raise ValueError("CA lifetimes must be positive")
+    with _locked(paths):
+        root_exists = paths.root_cert.exists() and paths.root_key.exists()
+        intermediate_exists = paths.intermediate_cert.exists() and paths.intermediate_key.exists()
+        if root_exists and paths.trust_domain_file.exists():
+            existing = _check_trust_domain(paths.trust_domain_file.read_text(encoding="ascii").strip())
+            if existing != td:
+                raise ValueError(
+                    f"PKI in {paths.dir} already exists for trust domain {existing!r}, not {td!r}"
+                )
+        if root_exists and intermediate_exists and paths.ca_bundle.exists():
+            return False
+
+        if root_exists:
+            root_key = _load_key(paths.root_key, private_only=True)
+            root = _load_cert(paths.root_cert)
+        else:
+            root_key = _new_key()
+            root = _build_root(root_key, td, at, root_lifetime)
+            _atomic_write(paths.root_key, _key_pem(root_key), _KEY_MODE)
+            _atomic_write(paths.root_cert, _cert_pem(root), _CERT_MODE)
+            intermediate_exists = False  # a new root needs a new intermediate
+        _atomic_write(paths.ca_bundle, _cert_pem(root), _CERT_MODE)
+        _atomic_write(paths.trust_domain_file, f"{td}\n".encode("ascii"), _CERT_MODE)
+        if not intermediate_exists:
+            key = _new_key()
+            intermediate = _build_intermediate(
+                key=key,
+                root_key=root_key,
+                root=root,
+                td=td,
+                now=at,
+                lifetime=intermediate_lifetime,
+                name_constraints=name_constraints,
+            )
+            _atomic_write(paths.intermediate_key, _key_pem(key), _KEY_MODE)
+            _atomic_write(paths.intermediate_cert, _cert_pem(intermediate), _CERT_MODE)
+        return True
+
+
+def issue(
+    paths: PkiPaths,
+    name: str,
+    *,
+    lifetime: timedelta = timedelta(hours=24),
+    now: datetime | None = None,
+) -> CertInfo:
+    """Issue (or re-issue) the workload certificate for ``name``, signed by the intermediate.
+
+    Writes ``<name>.key`` first, then ``<name>.crt`` (the leaf followed by the intermediate).
+    """
+    _check_name(name)
+    if lifetime <= timedelta(0):
+        raise ValueError(f"certificate lifetime must be positive, not {lifetime}")
+    at = _utc(now)
+    td = trust_domain(paths)
+    with _locked(paths):
+        ca_key = _load_key(paths.intermediate_key, private_only=True)
+        ca = _load_cert(paths.intermediate_cert)
+        if ca.not_valid_after_utc <= at:
+            raise ValueError(
+                f"intermediate CA {paths.intermediate_cert} expired at "
+                f"{ca.not_valid_after_utc:%Y-%m-%d %H:%M}Z; move it aside and run: tradeguard pki init"
+            )
+        key = _new_key()
+        leaf = _build_leaf(key=key, ca_key=ca_key, ca=ca, td=td, name=name, now=at, lifetime=lifetime)
+        _atomic_write(paths.key(name), _key_pem(key), _KEY_MODE)
+        _atomic_write(paths.cert(name), _cert_pem(leaf) + _cert_pem(ca), _CERT_MODE)
+    return _info(leaf, name, paths.cert(name))
+
+
+def _spiffe_of(cert: x509.Certificate) -> str | None:
+    """The certificate's single URI SAN when it is a SPIFFE ID; None when there is none or more than one."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1 or not uris[0].startswith("spiffe://"):
+        return None
+    return uris[0]
+
+
+def _info(cert: x509.Certificate, name: str, path: Path) -> CertInfo:
+    return CertInfo(
+        name=name,
+        path=path,
+        subject=cert.subject.rfc4514_string(),
+        spiffe_id=_spiffe_of(cert),
+        not_before=cert.not_valid_before_utc,
+        not_after=cert.not_valid_after_utc,
+    )
+
+
+def read_cert_info(path: Path, name: str = "") -> CertInfo:
+    """Describe the first certificate in a PEM file (``name`` defaults to the file's stem)."""
+    return _info(_load_cert(path), name or path.stem, path)
+
+
+def status(paths: PkiPaths) -> list[CertInfo]:
+    """The root, the intermediate and every readable workload certificate, soonest expiry first."""
+    infos: list[CertInfo] = []
+    for ca_name, ca_path in ((ROOT_NAME, paths.root_cert), (INTERMEDIATE_NAME, paths.intermediate_cert)):
+        if ca_path.exists():
+            infos.append(read_cert_info(ca_path, ca_name))
+    if paths.dir.is_dir():
+        for path in sorted(paths.dir.glob("*.crt")):
+            name = path.stem
+            if name in RESERVED_NAMES or not _NAME.fullmatch(name):
+                continue
+            try:
+                infos.append(read_cert_info(path, name))
+            except (OSError, ValueError):
+                continue  # unreadable: needs_renewal() reports it as due
+    return sorted(infos, key=lambda i: (i.not_after, i.name))
+
+
+def needs_renewal(paths: PkiPaths, name: str, now: datetime | None = None) -> bool:
+    """True when the certificate or key is missing or unreadable, they do not match, the certificate was not
+    signed by the current intermediate or is not for the current trust domain, or it is past half its life."""
+    at = _utc(now)
+    try:
+        cert = _load_cert(paths.cert(name))
+        key = _load_key(paths.key(name), private_only=False)
+    except (OSError, ValueError):
+        return True
+    if _spki(key.public_key()) != cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    ):
+        return True
+    try:
+        cert.verify_directly_issued_by(_load_cert(paths.intermediate_cert))
+        if _spiffe_of(cert) != spiffe_id(trust_domain(paths), name):
+            return True
+    except (OSError, ValueError, TypeError, InvalidSignature):
+        return True
+    return _info(cert, name, paths.cert(name)).past_half_life(at)
+
+
+def renew_due(
+    paths: PkiPaths,
+    names: Iterable[str],
+    now: datetime | None = None,
+    *,
+    lifetime: timedelta = timedelta(hours=24),
+) -> list[str]:
+    """Issue a new certificate for each name that :func:`needs_renewal`; return the names renewed."""
+    renewed: list[str] = []
+    for name in names:
+        if needs_renewal(paths, name, now):
+            issue(paths, name, lifetime=lifetime, now=now)
+            renewed.append(name)
+    return renewed
+
+
+def peer_spiffe_id_from_pem(pem: bytes) -> str | None:
+    """The one URI SAN (a SPIFFE ID) of the first certificate in ``pem``; None if absent, ambiguous or bad."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        return None
+    return _spiffe_of(cert)

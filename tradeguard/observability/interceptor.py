@@ -1,0 +1,270 @@
+"""Server-side telemetry for every RPC: request id, one structured log line, Prometheus metrics.
+
+Runs on every trading call, so the per-call work is kept small: wrapped handlers are cached per registered
+handler, label children per (method, code), the logger is bound once per logging configuration, and nothing
+is compiled or copied per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Final
+
+import grpc
+import structlog
+
+from tradeguard.observability.logging import configuration_generation
+from tradeguard.observability.metrics import RpcMetrics
+
+__all__ = ["TelemetryInterceptor"]
+
+_REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_REQUEST_ID_HEADER: Final = "x-request-id"
+_SERVER_FAULT_CODES: Final = frozenset({"INTERNAL", "UNKNOWN", "DATA_LOSS"})
+_CODE_NAMES: Final = {code: code.name for code in grpc.StatusCode}
+_LOGGER_NAME: Final = "tradeguard.rpc"
+_MAX_CACHED_HANDLERS: Final = 4096
+
+_Handler = grpc.RpcMethodHandler[Any, Any]
+_Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _request_id(context: _Context) -> str:
+    metadata = context.invocation_metadata()
+    if metadata:
+        for key, value in metadata:
+            if key == _REQUEST_ID_HEADER:
+                if isinstance(value, str) and _REQUEST_ID_RE.fullmatch(value):
+                    return value
+                break
+    return uuid.uuid4().hex
+
+
+def _caller(context: _Context) -> str | None:
+    """The peer's SPIFFE ID from the TLS auth context, or None (plaintext, no URI SAN)."""
+    try:
+        auth = context.auth_context()
+    except Exception:  # pragma: no cover - defensive: grpc raises only on a broken call object
+        return None
+    ids = auth.get("peer_spiffe_id")
+    if ids:
+        for value in ids:
+            return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    for value in auth.get("x509_subject_alternative_name", ()):
+        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        if text.startswith("spiffe://"):
+            return text
+    return None
+
+
+def _code_after_return(context: _Context) -> str:
+    code = context.code()
+    if code is None:
+        return "OK"
+    return _CODE_NAMES.get(code) or str(code)
+
+
+def _code_after_exception(context: _Context, exc: BaseException) -> str:
+    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+        return "CANCELLED"
+    code = context.code()
+    if code is None or code is grpc.StatusCode.OK:
+        return "UNKNOWN"
+    return _CODE_NAMES.get(code) or str(code)
+
+
+class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """One ``rpc`` log line and one metrics observation per RPC, with a request id bound for the handler.
+
+    The request id is the caller's ``x-request-id`` metadata when it matches ``^[A-Za-z0-9._-]{1,64}$``,
+    otherwise a fresh uuid4 hex; it and the method are bound into structlog's context variables while the
+    handler runs, so the handler's own log lines carry them.
+    """
+
+    def __init__(self, service: str, metrics: RpcMetrics, logger: Any = None) -> None:
+        self._service = service
+        self._metrics = metrics
+        self._fixed_logger = logger
+        self._logger: Any = None
+        self._logger_generation = -1
+        # id(original handler) -> (original handler, method, wrapped handler)
+        self._wrapped: dict[int, tuple[_Handler, str, _Handler]] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> _Handler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        entry = self._wrapped.get(id(handler))
+        if entry is not None and entry[0] is handler and entry[1] == method:
+            return entry[2]
+        wrapped = self._wrap(handler, method)
+        if len(self._wrapped) >= _MAX_CACHED_HANDLERS:
+            self._wrapped.clear()
+        self._wrapped[id(handler)] = (handler, method, wrapped)
+        return wrapped
+
+    # -- per call -------------------------------------------------------------------------------------------
+
+    def _log(self) -> Any:
+        if self._fixed_logger is not None:
+            return self._fixed_logger
+        generation = configuration_generation()
+        if generation != self._logger_generation:
+            self._logger = structlog.get_logger(_LOGGER_NAME).bind(logger=_LOGGER_NAME)
+            self._logger_generation = generation
+        return self._logger
+
+    def _finish(
+        self,
+        context: _Context,
+        method: str,
+        request_id: str,
+        started: float,
+        exc: BaseException | None,
+    ) -> None:
+        seconds = time.perf_counter() - started
+        code = _code_after_return(context) if exc is None else _code_after_exception(context, exc)
+        self._metrics.observe(method, code, seconds)
+        log = self._log()
+        fields: dict[str, Any] = {
+            "method": method,
+            "code": code,
+            "latency_ms": round(seconds * 1000.0, 3),
+            "caller": _caller(context),
+            "peer": context.peer(),
+            "request_id": request_id,
+        }
+        if code == "OK":
+            log.info("rpc", **fields)
+        elif code in _SERVER_FAULT_CODES:
+            if exc is not None and not isinstance(exc, grpc.aio.AbortError):
+                fields["exc_info"] = exc
+            log.error("rpc", **fields)
+        else:
+            log.warning("rpc", **fields)
+
+    # -- wrapping -------------------------------------------------------------------------------------------
+
+    def _wrap(self, handler: _Handler, method: str) -> _Handler:
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary_response(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream_response(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_unary_response(handler.stream_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                self._wrap_stream_response(handler.stream_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # pragma: no cover - a handler with no behaviour is grpc's problem to report
+
+    def _wrap_unary_response(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+        finish = self._finish
+        bind = structlog.contextvars.bind_contextvars
+        reset = structlog.contextvars.reset_contextvars
+
+        if inspect.iscoroutinefunction(behavior):
+
+            async def unary_response(request: Any, context: _Context) -> Any:
+                request_id = _request_id(context)
+                tokens = bind(request_id=request_id, method=method)
+                started = time.perf_counter()
+                try:
+                    response = await behavior(request, context)
+                except BaseException as exc:
+                    reset(**tokens)
+                    finish(context, method, request_id, started, exc)
+                    raise
+                reset(**tokens)
+                finish(context, method, request_id, started, None)
+                return response
+
+            return unary_response
+
+        # A synchronous handler: grpc.aio runs it in its executor thread; keep it synchronous.
+        def sync_unary_response(request: Any, context: _Context) -> Any:
+            request_id = _request_id(context)
+            tokens = bind(request_id=request_id, method=method)
+            started = time.perf_counter()
+            try:
+                response = behavior(request, context)
+            except BaseException as exc:
+                reset(**tokens)
+                finish(context, method, request_id, started, exc)
+                raise
+            reset(**tokens)
+            finish(context, method, request_id, started, None)
+            return response
+
+        return sync_unary_response
+
+    def _wrap_stream_response(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+        finish = self._finish
+        bind = structlog.contextvars.bind_contextvars
+        reset = structlog.contextvars.reset_contextvars
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def stream_response(request: Any, context: _Context) -> AsyncIterator[Any]:
+                request_id = _request_id(context)
+                tokens = bind(request_id=request_id, method=method)
+                started = time.perf_counter()
+                error: BaseException | None = None
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                except BaseException as exc:
+                    error = exc
+                    raise
+                finally:
+                    # ValueError: the generator was closed from another context (garbage collection).
+                    with contextlib.suppress(ValueError):
+                        reset(**tokens)
+                    finish(context, method, request_id, started, error)
+
+            return stream_response
+
+        if inspect.iscoroutinefunction(behavior):
+            # Reader/writer API: the coroutine writes with context.write() and returns None.
+            return self._wrap_unary_response(behavior, method)
+
+        # A synchronous generator handler, iterated by grpc.aio in executor threads: measure and log only
+        # (context variables cannot follow the iteration across threads).
+        def sync_stream_response(request: Any, context: _Context) -> Any:
+            request_id = _request_id(context)
+            started = time.perf_counter()
+            error: BaseException | None = None
+            try:
+                yield from behavior(request, context)
+            except BaseException as exc:
+                error = exc
+                raise
+            finally:
+                finish(context, method, request_id, started, error)
+
+        return sync_stream_response

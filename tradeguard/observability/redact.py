@@ -1,0 +1,256 @@
+"""Keep secrets out of logs.
+
+Two independent nets, applied to every log event:
+
+* by key: the value of any mapping key whose normalised name (lowercase, ``-`` -> ``_``) contains a sensitive
+  word is replaced whole by :data:`REDACTED`, whatever its type;
+* by content: every string (at any depth, including rendered tracebacks) is scanned once by a single compiled
+  regular expression for JWTs, ``Bearer``/``Basic`` credentials, credential header lines, ``key=value`` pairs
+  with a sensitive key, PEM private keys, Luhn-valid payment card numbers, Tradeguard API keys and the exact
+  secrets registered with :func:`register_secret`.
+
+Long hex or base64url strings on their own (order ids, hashes) are deliberately left visible.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import MutableMapping
+from typing import Any, Final
+
+__all__ = [
+    "REDACTED",
+    "forget_secret",
+    "is_sensitive_key",
+    "redact",
+    "redact_processor",
+    "redact_text",
+    "register_secret",
+]
+
+REDACTED: Final = "[REDACTED]"
+
+#: Registered secrets shorter than this are ignored: masking every occurrence of a short string would
+#: shred unrelated text.
+MIN_REGISTERED_SECRET_LENGTH: Final = 8
+
+_MAX_DEPTH: Final = 32
+
+# Substrings of a normalised mapping key that make its value secret.
+_SENSITIVE_KEY_WORDS: Final = (
+    "password",
+    "passwd",
+    "passphrase",
+    "secret",
+    "token",
+    "api_key",
+    "apikey",
+    "authorization",
+    "auth_header",
+    "cookie",
+    "private_key",
+    "privatekey",
+    "seed",
+    "totp",
+    "otp_code",
+    "credential",
+    "signature",
+    "card_number",
+    "cardnumber",
+    "cvv",
+    "session",
+)
+# Matched only as a whole ``_``-separated part of the key: "pan" is inside "span", "company", "expand".
+_SENSITIVE_KEY_PARTS: Final = frozenset({"pan"})
+
+# Keys the structlog processor never touches.
+_PASSTHROUGH_KEYS: Final = frozenset({"timestamp", "level"})
+
+# The same words, as they appear as keys inside free text (``password=...``, ``"api-key": "..."``).
+_TEXT_KEY_WORDS: Final = (
+    r"password|passwd|passphrase|secret|token|api[_-]?key|authorization|auth[_-]?header|cookie"
+    r"|private[_-]?key|seed|totp|otp[_-]?code|credential|signature|card[_-]?number|cvv|session"
+    r"|(?<![a-z0-9])pan(?![a-z0-9])"
+)
+
+_STATIC_PATTERNS: Final = (
+    # PEM private key blocks, also when truncated (no END line): mask to the end of the text.
+    r"(?P<pem>-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----(?s:.*?-----END[A-Z0-9 ]*PRIVATE KEY-----|.*))",
+    # JWT / JWS compact serialisation (the signature may be empty for alg=none).
+    r"(?P<jwt>(?-i:eyJ)[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*)",
+    # Credential-bearing header lines: keep the name, mask the rest of the line.
+    r"(?P<hdr>(?<![a-z0-9-])(?:proxy-authorization|authorization|x-api-key|api-key|x-auth-token|set-cookie"
+    r"|cookie)\s*:[ \t]*)(?P<hdrval>[^\r\n]+)",
+    # key=value / key: value / "key": "value" with a sensitive key.
+    r"(?P<kv>(?:" + _TEXT_KEY_WORDS + r")[a-z0-9_-]{0,32}[\"']?\s*[:=]\s*)"
+    r"(?P<kvval>\"(?:[^\"\\\r\n]|\\.)*\"?|'(?:[^'\\\r\n]|\\.)*'?|(?:(?:bearer|basic|token)\s+)?[^\s&]+)",
+    # HTTP authentication schemes.
+    r"(?P<auth>\b(?:bearer|basic)\s+)(?!(?:bearer|basic)\b)(?P<authval>[A-Za-z0-9._~+/=-]+)",
+    # Tradeguard API keys.
+    r"(?P<tgkey>(?-i:tg_)[A-Za-z0-9]{20,})",
+    # Candidate payment card numbers (13-19 digits, issuer ranges 2-6); Luhn-checked in the replacement.
+    r"(?P<card>(?<![A-Za-z0-9.])[2-6](?:[ -]?[0-9]){12,18}(?![A-Za-z0-9]|\.[0-9]))",
+)
+
+_lock = threading.Lock()
+_registered: set[str] = set()
+
+
+_master: Final = re.compile("|".join(_STATIC_PATTERNS), re.IGNORECASE)
+_DIGIT_RUN: Final = re.compile(r"[0-9]+")
+# Exact registered secrets, longest first, in one alternation; a separate first pass, so that no other
+# pattern's match can swallow the start of a registered secret.
+class _Registered:
+    pattern: re.Pattern[str] | None = None
+
+
+def _compile_registered() -> None:
+    ordered = sorted(_registered, key=lambda s: (-len(s), s))
+    _Registered.pattern = re.compile("|".join(re.escape(s) for s in ordered)) if ordered else None
+
+
+def register_secret(value: str) -> None:
+    """Mask every occurrence of ``value`` in every logged string from now on.
+
+    Values shorter than 8 characters are ignored.
+    """
+    if not isinstance(value, str) or len(value) < MIN_REGISTERED_SECRET_LENGTH:
+        return
+    with _lock:
+        if value in _registered:
+            return
+        _registered.add(value)
+        _compile_registered()
+
+
+def forget_secret(value: str) -> None:
+    """Stop masking a secret registered with :func:`register_secret` (no-op when it is unknown)."""
+    with _lock:
+        if value not in _registered:
+            return
+        _registered.discard(value)
+        _compile_registered()
+
+
+def _luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    return total % 10 == 0
+
+
+def _mask_card(text: str) -> str:
+    """Mask the Luhn-valid 13-19 digit run(s) of a candidate match, keeping anything else."""
+    groups = [m.span() for m in _DIGIT_RUN.finditer(text)]
+    n = len(groups)
+    best: tuple[int, int] | None = None
+    for i in range(n):
+        digits = ""
+        for j in range(i, n):
+            digits += text[groups[j][0] : groups[j][1]]
+            if len(digits) > 19:
+                break
+            if len(digits) >= 13 and _luhn_ok(digits):
+                best = (groups[i][0], groups[j][1])
+        if best is not None:
+            break
+    if best is None:
+        return text
+    return text[: best[0]] + REDACTED + _mask_card(text[best[1] :])
+
+
+def _replace(m: re.Match[str]) -> str:
+    kind = m.lastgroup
+    if kind == "hdrval":
+        return m.group("hdr") + REDACTED
+    if kind == "kvval":
+        return m.group("kv") + REDACTED
+    if kind == "authval":
+        return m.group("auth") + REDACTED
+    if kind == "card":
+        return _mask_card(m.group(0))
+    return REDACTED
+
+
+def redact_text(text: str) -> str:
+    """Mask every secret found in ``text``."""
+    registered = _Registered.pattern
+    if registered is not None:
+        text = registered.sub(REDACTED, text)
+    return _master.sub(_replace, text)
+
+
+def is_sensitive_key(key: object) -> bool:
+    """True when a mapping key names a secret (``Password``, ``x-api-key``, ``card_pan``, ``sessionId``)."""
+    if isinstance(key, bytes):
+        key = key.decode("utf-8", "replace")
+    elif not isinstance(key, str):
+        return False
+    cached = _key_cache.get(key)
+    if cached is not None:
+        return cached
+    norm = key.lower().replace("-", "_")
+    result = any(word in norm for word in _SENSITIVE_KEY_WORDS) or not _SENSITIVE_KEY_PARTS.isdisjoint(
+        norm.split("_")
+    )
+    if len(_key_cache) < 4096:
+        _key_cache[key] = result
+    return result
+
+
+_key_cache: dict[str, bool] = {}
+
+_SAFE_SCALARS: Final = (int, float, bool, type(None))
+
+
+def _redact(value: object, depth: int) -> object:
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, _SAFE_SCALARS):
+        return value
+    if depth >= _MAX_DEPTH:
+        return redact_text(repr(value))
+    if isinstance(value, dict):
+        return {k: (REDACTED if is_sensitive_key(k) else _redact(v, depth + 1)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redact(v, depth + 1) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_redact(v, depth + 1) for v in value)
+    if isinstance(value, set | frozenset):
+        items = {_redact(v, depth + 1) for v in value}
+        return frozenset(items) if isinstance(value, frozenset) else items
+    if isinstance(value, bytes | bytearray | memoryview):
+        text = bytes(value).decode("utf-8", "backslashreplace")
+        masked = redact_text(text)
+        return value if masked == text else masked
+    if isinstance(value, BaseException):
+        return f"{type(value).__name__}: {redact_text(str(value))}"
+    # Anything else is rendered later through repr()/str(): check that text now.
+    text = repr(value)
+    masked = redact_text(text)
+    return value if masked == text else masked
+
+
+def redact(value: object) -> object:
+    """Return ``value`` with every secret masked, recursively (dicts, lists, tuples, sets, bytes...)."""
+    return _redact(value, 0)
+
+
+def redact_processor(logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> Any:
+    """structlog processor: redact every field except the timestamp and the level (in place)."""
+    for key, value in event_dict.items():
+        if key in _PASSTHROUGH_KEYS:
+            continue
+        if is_sensitive_key(key):
+            event_dict[key] = REDACTED
+        elif type(value) is str:
+            event_dict[key] = redact_text(value)
+        elif not isinstance(value, _SAFE_SCALARS):
+            event_dict[key] = _redact(value, 0)
+    return event_dict
