@@ -33,6 +33,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = [
@@ -239,7 +240,7 @@ def _load_cert(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
 
 
-def _spki(key: ec.EllipticCurvePublicKey) -> bytes:
+def _spki(key: CertificatePublicKeyTypes) -> bytes:
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
@@ -551,9 +552,7 @@ def needs_renewal(paths: PkiPaths, name: str, now: datetime | None = None) -> bo
         key = _load_key(paths.key(name), private_only=False)
     except (OSError, ValueError):
         return True
-    if _spki(key.public_key()) != cert.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    ):
+    if _spki(key.public_key()) != _spki(cert.public_key()):
         return True
     try:
         cert.verify_directly_issued_by(_load_cert(paths.intermediate_cert))
@@ -587,3 +586,17 @@ def peer_spiffe_id_from_pem(pem: bytes) -> str | None:
     except ValueError:
         return None
     return _spiffe_of(cert)
+
+
+def key_pair_matches(cert_pem: bytes, key_pem: bytes) -> bool:
+    """True when the first certificate of ``cert_pem`` certifies the public half of ``key_pem``.
+
+    A server reloading its files mid-rotation uses this to refuse a new key beside an old certificate."""
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except (ValueError, TypeError):
+        return False
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        return False
+    return _spki(key.public_key()) == _spki(cert.public_key())

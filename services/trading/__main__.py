@@ -1,0 +1,3 @@
+from services.trading.server import main
+
+main()

@@ -1,0 +1,198 @@
+"""The server bootstrap every Tradeguard service uses.
+
+One `MeshServer` = grpc.aio server on mutual TLS (client certificates required, TLS 1.3 only, hot-reloaded
+certificates, bounded connection age) + health + reflection + the interceptor chain
+(tracing → telemetry → authorisation → error mapping) + Prometheus metrics on loopback.
+`serve()` runs it until SIGTERM/SIGINT and shuts down gracefully: health goes NOT_SERVING, new calls
+are refused, in-flight calls finish (up to `grace` seconds), then the service's own resources close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from tradeguard.mesh import pki, tls
+from tradeguard.mesh.authz import AuthzInterceptor, MethodPolicy
+from tradeguard.observability import tracing
+from tradeguard.observability.interceptor import TelemetryInterceptor
+from tradeguard.observability.logging import get_logger
+from tradeguard.observability.metrics import RpcMetrics, start_metrics_server
+from tradeguard.rpc.interceptor import ErrorInterceptor
+
+_log = get_logger("tradeguard.server")
+
+DEFAULT_HOME = Path(".tradeguard")
+
+
+def home_from_env() -> Path:
+    return Path(os.environ.get("TRADEGUARD_HOME", str(DEFAULT_HOME))).resolve()
+
+
+def _env_int(name: str, default: int | None) -> int | None:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValueError(f"{name} must be an integer port, got {raw!r}") from None
+    if not 0 <= value <= 65535:
+        raise ValueError(f"{name} must be a port between 0 and 65535, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings every service shares, read once at start-up."""
+
+    name: str
+    port: int
+    home: Path = field(default_factory=home_from_env)
+    host: str = "127.0.0.1"
+    metrics_port: int | None = None
+    otlp_endpoint: str | None = None
+    max_connection_age_s: float = 1800.0
+    grace_s: float = 10.0
+    tls12_self_probe: bool = True
+
+    @classmethod
+    def from_env(cls, name: str, default_port: int) -> ServerConfig:
+        """TRADEGUARD_HOME, TRADEGUARD_HOST, TRADEGUARD_<NAME>_PORT, TRADEGUARD_<NAME>_METRICS_PORT,
+        TRADEGUARD_OTLP_ENDPOINT (tracing export is off unless it is set)."""
+        prefix = f"TRADEGUARD_{name.upper()}"
+        port = _env_int(f"{prefix}_PORT", default_port)
+        assert port is not None
+        return cls(
+            name=name,
+            port=port,
+            home=home_from_env(),
+            host=os.environ.get("TRADEGUARD_HOST", "127.0.0.1"),
+            metrics_port=_env_int(f"{prefix}_METRICS_PORT", None),
+            otlp_endpoint=os.environ.get("TRADEGUARD_OTLP_ENDPOINT") or None,
+        )
+
+    @property
+    def pki(self) -> pki.PkiPaths:
+        return pki.PkiPaths(self.home)
+
+    @property
+    def workload(self) -> tls.Workload:
+        return tls.Workload.of(self.pki, self.name)
+
+
+@dataclass(frozen=True)
+class Service:
+    """A servicer to mount: its full proto name and the generated `add_…_to_server` call."""
+
+    full_name: str
+    register: Callable[[grpc.aio.Server], None]
+
+
+def interceptors(service: str, metrics: RpcMetrics, policy: MethodPolicy | None) -> list[Any]:
+    """The kit's chain, outermost first. `policy=None` only for plaintext benchmarks' baselines."""
+    chain: list[Any] = [
+        *tracing.server_interceptors(),
+        TelemetryInterceptor(service, metrics),
+    ]
+    if policy is not None:
+        chain.append(AuthzInterceptor(policy))
+    chain.append(ErrorInterceptor())
+    return chain
+
+
+class MeshServer:
+    def __init__(self, config: ServerConfig, policy: MethodPolicy, services: Sequence[Service]) -> None:
+        self.config = config
+        self.policy = policy
+        self.services = list(services)
+        self.registry = CollectorRegistry()
+        self.metrics = RpcMetrics(config.name, registry=self.registry)
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.reloader: tls.CertificateReloader | None = None
+        self._server: grpc.aio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> int:
+        cfg = self.config
+        tracing.configure_tracing(cfg.name, cfg.otlp_endpoint)
+        age_ms = int(cfg.max_connection_age_s * 1000)
+        server = grpc.aio.server(
+            interceptors=interceptors(cfg.name, self.metrics, self.policy),
+            options=[
+                ("grpc.max_connection_age_ms", age_ms),
+                ("grpc.max_connection_age_grace_ms", int(cfg.grace_s * 1000)),
+                ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        for svc in self.services:
+            svc.register(server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        names = [svc.full_name for svc in self.services]
+        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        creds, self.reloader = tls.server_credentials(cfg.workload)
+        self.port = server.add_secure_port(f"{cfg.host}:{cfg.port}", creds)
+        await server.start()
+        self._server = server
+        if cfg.tls12_self_probe:
+            try:
+                await asyncio.to_thread(tls.assert_tls12_refused, cfg.host, self.port, cfg.workload)
+            except tls.Tls12Accepted:
+                await server.stop(0)
+                _log.error("tls12_accepted_refusing_to_serve", port=self.port)
+                raise
+        if cfg.metrics_port is not None:
+            start_metrics_server(cfg.metrics_port, registry=self.registry)
+        for name in ["", *names]:
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        _log.info(
+            "serving", service=cfg.name, address=f"{cfg.host}:{self.port}", metrics_port=cfg.metrics_port
+        )
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new calls, let in-flight calls finish, stop."""
+        if self._server is None:
+            return
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(self.config.grace_s if grace is None else grace)
+        self._server = None
+        _log.info("stopped", service=self.config.name)
+
+    async def wait(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
+
+
+async def serve(
+    server: MeshServer,
+    *,
+    on_stop: Callable[[], Awaitable[None]] | None = None,
+    stop_event: asyncio.Event | None = None,
+) -> None:
+    """Run until SIGTERM/SIGINT (or `stop_event`), then shut down gracefully and run `on_stop`."""
+    stop = stop_event or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+        await stop.wait()
+        _log.info("shutting_down", service=server.config.name)
+        await server.stop()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        if on_stop is not None:
+            await on_stop()

@@ -1,0 +1,75 @@
+"""Wrapping grpc.aio method handlers: one place that knows the four handler kinds.
+
+Server interceptors in grpc.aio see no ServicerContext, so checks that need the peer (authorisation) or
+the outcome (error mapping) wrap the handler that `continuation` returns. `wrap_handler` does that for
+unary and streaming handlers alike, with a `before` hook (may abort) and an `on_error` hook (maps or
+re-raises an exception).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, cast
+
+import grpc
+
+Context = grpc.aio.ServicerContext[Any, Any]
+Before = Callable[[Context], Awaitable[None]]
+OnError = Callable[[BaseException, Context], Awaitable[None]]
+
+
+def wrap_handler(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    *,
+    before: Before | None = None,
+    on_error: OnError | None = None,
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler of the same kind that runs `before`, then the behaviour; exceptions go to `on_error`
+    (which must raise: it aborts the call or re-raises). Only async behaviours are supported."""
+
+    async def guard(context: Context) -> None:
+        if before is not None:
+            await before(context)
+
+    async def failed(exc: BaseException, context: Context) -> None:
+        if on_error is not None:
+            await on_error(exc, context)
+        raise exc
+
+    def unary(behavior: Callable[[Any, Context], Awaitable[Any]]) -> Callable[[Any, Context], Awaitable[Any]]:
+        async def run(request: Any, context: Context) -> Any:
+            await guard(context)
+            try:
+                return await behavior(request, context)
+            except Exception as exc:
+                await failed(exc, context)
+
+        return run
+
+    def streaming(
+        behavior: Callable[[Any, Context], AsyncIterator[Any]],
+    ) -> Callable[[Any, Context], AsyncIterator[Any]]:
+        async def run(request: Any, context: Context) -> AsyncIterator[Any]:
+            await guard(context)
+            try:
+                async for item in behavior(request, context):
+                    yield item
+            except Exception as exc:
+                await failed(exc, context)
+
+        return run
+
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    # grpc's stubs type behaviours as sync callables; on a grpc.aio server they are coroutines/async generators
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(unary(cast(Any, handler.unary_unary)), **kwargs)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(unary(cast(Any, handler.stream_unary)), **kwargs)
+    if handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(streaming(cast(Any, handler.unary_stream)), **kwargs)
+    if handler.stream_stream is not None:
+        return grpc.stream_stream_rpc_method_handler(streaming(cast(Any, handler.stream_stream)), **kwargs)
+    return handler

@@ -1,0 +1,47 @@
+"""The server interceptor that turns exceptions into the rich error model (tradeguard.rpc.errors)."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from tradeguard.observability.logging import get_logger
+from tradeguard.rpc.errors import DomainError, Unauthenticated, to_rpc_status
+from tradeguard.rpc.handlers import Context, wrap_handler
+
+STATUS_DETAILS_KEY = "grpc-status-details-bin"
+_log = get_logger("tradeguard.rpc")
+
+
+async def abort_with(error: BaseException, context: Context) -> None:
+    """Abort the call with the rich status of `error` (never returns normally)."""
+    code, status, trailers = to_rpc_status(error)
+    metadata: list[tuple[str, str | bytes]] = [(STATUS_DETAILS_KEY, status.SerializeToString())]
+    metadata += trailers
+    await context.abort(code, status.message, trailing_metadata=tuple(metadata))
+
+
+async def _map_error(exc: BaseException, context: Context) -> None:
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc  # already aborted with a status of its own
+    if isinstance(exc, Unauthenticated):
+        _log.warning("unauthenticated", cause=exc.cause)
+    elif not isinstance(exc, DomainError):
+        _log.error("unhandled_exception", exc_info=exc)
+    await abort_with(exc, context)
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """DomainError → its status with ErrorInfo and details; anything else → an opaque INTERNAL."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        return wrap_handler(handler, on_error=_map_error)
