@@ -45,7 +45,7 @@ class RunningTrading:
     def channel(self, caller: str = "ops") -> MeshChannel:
         return MeshChannel(self.target, "trading", tls.Workload.of(self.paths, caller))
 
-    def stub(self, channel: MeshChannel) -> trading_pb2_grpc.TradingServiceStub:
+    def stub(self, channel: MeshChannel) -> trading_pb2_grpc.TradingServiceAsyncStub:
         return trading_pb2_grpc.TradingServiceStub(channel)
 
 

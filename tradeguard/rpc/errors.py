@@ -121,11 +121,9 @@ class ResourceExhausted(DomainError):
         DomainError.__init__(self, self.limit_description)
 
     def details(self) -> list[any_pb2.Any]:
-        seconds = max(self.retry_after_seconds, 0.0)
-        whole = int(seconds)
-        retry = error_details_pb2.RetryInfo(
-            retry_delay=duration_pb2.Duration(seconds=whole, nanos=int((seconds - whole) * 1e9))
-        )
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(round(max(self.retry_after_seconds, 0.0) * 1e9))
+        retry = error_details_pb2.RetryInfo(retry_delay=delay)
         quota = error_details_pb2.QuotaFailure(
             violations=[
                 error_details_pb2.QuotaFailure.Violation(subject=subject, description=description)

@@ -1,0 +1,104 @@
+"""The trading service end to end over mutual TLS: proto in, rich errors out."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+from tradeguard.trading.v1 import trading_pb2
+
+
+def _status(err: grpc.aio.AioRpcError) -> tuple[status_pb2.Status, dict[str, object]]:
+    raw = dict(err.trailing_metadata() or ())["grpc-status-details-bin"]
+    status = status_pb2.Status.FromString(raw)  # type: ignore[arg-type]
+    details: dict[str, object] = {}
+    for any_ in status.details:
+        for cls in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest):
+            if any_.Is(cls.DESCRIPTOR):
+                msg = cls()
+                any_.Unpack(msg)
+                details[cls.__name__] = msg
+    return status, details
+
+
+def order(coid: str = "c-1", **over: object) -> trading_pb2.PlaceOrderRequest:
+    fields: dict[str, object] = dict(
+        account_id="acct-1",
+        client_order_id=coid,
+        symbol="BTC-USD",
+        side=trading_pb2.SIDE_BUY,
+        type=trading_pb2.ORDER_TYPE_LIMIT,
+        quantity="0.500",
+        price="100.25",
+    )
+    fields.update(over)
+    return trading_pb2.PlaceOrderRequest(**fields)  # type: ignore[arg-type]
+
+
+async def test_place_get_cancel_list(trading) -> None:
+    async with trading.channel() as channel:
+        stub = trading.stub(channel)
+        placed = await stub.PlaceOrder(order(), timeout=5)
+        assert not placed.replayed
+        o = placed.order
+        assert o.order_id.startswith("ord_") and o.quantity == "0.5" and o.price == "100.25"
+        assert o.time_in_force == trading_pb2.TIME_IN_FORCE_GTC
+        assert o.create_time.seconds > 0 and o.create_time.nanos % 1000 == 0  # microsecond precision
+        got = await stub.GetOrder(trading_pb2.GetOrderRequest(account_id="acct-1", order_id=o.order_id), timeout=5)
+        assert got.order == o
+        canceled = await stub.CancelOrder(
+            trading_pb2.CancelOrderRequest(account_id="acct-1", order_id=o.order_id), timeout=5
+        )
+        assert canceled.order.status == trading_pb2.ORDER_STATUS_CANCELED
+        listed = await stub.ListOrders(trading_pb2.ListOrdersRequest(account_id="acct-1"), timeout=5)
+        assert [x.order_id for x in listed.orders] == [o.order_id]
+
+
+async def test_place_is_idempotent_by_client_order_id(trading) -> None:
+    async with trading.channel() as channel:
+        stub = trading.stub(channel)
+        replies = await asyncio.gather(*(stub.PlaceOrder(order("same"), timeout=5) for _ in range(20)))
+        assert len({r.order.order_id for r in replies}) == 1
+        assert sum(not r.replayed for r in replies) == 1
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.PlaceOrder(order("same", quantity="2"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        _, details = _status(err.value)
+        assert details["ErrorInfo"].reason == "CLIENT_ORDER_ID_REUSED"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("override", "field"),
+    [
+        ({"symbol": "btc usd"}, "symbol"),
+        ({"side": 0}, "side"),
+        ({"type": 7}, "type"),
+        ({"quantity": "-1"}, "quantity"),
+        ({"quantity": "1e3"}, "quantity"),
+        ({"price": "1.123456789"}, "price"),
+        ({"client_order_id": ""}, "client_order_id"),
+        ({"account_id": "a b"}, "account_id"),
+    ],
+)
+async def test_invalid_input_is_invalid_argument_naming_the_field(trading, override, field) -> None:
+    async with trading.channel() as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await trading.stub(channel).PlaceOrder(order(**override), timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status, details = _status(err.value)
+    assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert details["ErrorInfo"].domain == "tradeguard.dev"  # type: ignore[attr-defined]
+    fields = [v.field for v in details["BadRequest"].field_violations]  # type: ignore[attr-defined]
+    assert field in fields
+
+
+async def test_unknown_order_is_not_found(trading) -> None:
+    async with trading.channel() as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await trading.stub(channel).GetOrder(
+                trading_pb2.GetOrderRequest(account_id="acct-1", order_id="ord_01ARZ3NDEKTSV4RRFFQ69G5FAV"), timeout=5
+            )
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND

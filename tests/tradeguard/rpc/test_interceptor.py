@@ -1,0 +1,101 @@
+"""The error interceptor: domain errors keep their code and details, anything else is an opaque INTERNAL."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+
+from tradeguard.rpc.errors import InvalidArgument, ResourceExhausted, Unauthenticated
+from tradeguard.rpc.interceptor import ErrorInterceptor
+
+SECRET = "hunter2-super-secret-value"
+
+
+async def _raise(request: bytes, context: object) -> bytes:
+    kind = request.decode()
+    if kind == "internal":
+        raise RuntimeError(f"db password={SECRET} at /var/lib/x.py line 3")
+    if kind == "invalid":
+        raise InvalidArgument.field("symbol", "must look like BTC-USD")
+    if kind == "limited":
+        raise ResourceExhausted("key:abc", "10 requests per second", 1.2)
+    if kind == "unauth":
+        raise Unauthenticated(cause=f"bad signature for secret {SECRET}")
+    return b"ok"
+
+
+async def _stream(request: bytes, context: object) -> AsyncIterator[bytes]:
+    yield b"first"
+    raise RuntimeError(SECRET)
+
+
+@pytest.fixture
+async def target() -> AsyncIterator[str]:
+    handlers = {
+        "Call": grpc.unary_unary_rpc_method_handler(_raise),
+        "Stream": grpc.unary_stream_rpc_method_handler(_stream),
+    }
+    server = grpc.aio.server(interceptors=[ErrorInterceptor()])
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("t.T", handlers)])
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    yield f"127.0.0.1:{port}"
+    await server.stop(0)
+
+
+async def _call(target: str, kind: str) -> grpc.aio.AioRpcError:
+    async with grpc.aio.insecure_channel(target) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await channel.unary_unary("/t.T/Call")(kind.encode(), timeout=5)
+    return err.value
+
+
+def _status(err: grpc.aio.AioRpcError) -> status_pb2.Status:
+    return status_pb2.Status.FromString(dict(err.trailing_metadata() or ())["grpc-status-details-bin"])  # type: ignore[arg-type]
+
+
+async def test_unknown_exception_is_opaque_internal(target: str) -> None:
+    err = await _call(target, "internal")
+    assert err.code() == grpc.StatusCode.INTERNAL
+    assert err.details() == "internal error"
+    assert SECRET not in str(err) and "x.py" not in str(err)
+    info = error_details_pb2.ErrorInfo()
+    _status(err).details[0].Unpack(info)
+    assert info.reason == "INTERNAL"
+
+
+async def test_streaming_failure_is_mapped_too(target: str) -> None:
+    async with grpc.aio.insecure_channel(target) as channel:
+        call = channel.unary_stream("/t.T/Stream")(b"", timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            _ = [item async for item in call]
+    assert err.value.code() == grpc.StatusCode.INTERNAL and SECRET not in str(err.value)
+
+
+async def test_invalid_argument_has_bad_request(target: str) -> None:
+    err = await _call(target, "invalid")
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    bad = error_details_pb2.BadRequest()
+    assert _status(err).details[1].Unpack(bad)
+    assert bad.field_violations[0].field == "symbol"
+
+
+async def test_rate_limit_has_retry_info_quota_failure_and_retry_after(target: str) -> None:
+    err = await _call(target, "limited")
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert dict(err.trailing_metadata() or ())["retry-after"] == "2"
+    status = _status(err)
+    retry, quota = error_details_pb2.RetryInfo(), error_details_pb2.QuotaFailure()
+    assert status.details[1].Unpack(retry) and status.details[2].Unpack(quota)
+    assert retry.retry_delay.seconds == 1 and retry.retry_delay.nanos == 200_000_000
+    assert quota.violations[0].subject == "key:abc"
+
+
+async def test_unauthenticated_is_one_opaque_message(target: str) -> None:
+    err = await _call(target, "unauth")
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert err.details() == "authentication failed"
+    assert SECRET not in str(err)
