@@ -47,7 +47,9 @@ async def test_place_get_cancel_list(trading) -> None:
         assert o.order_id.startswith("ord_") and o.quantity == "0.5" and o.price == "100.25"
         assert o.time_in_force == trading_pb2.TIME_IN_FORCE_GTC
         assert o.create_time.seconds > 0 and o.create_time.nanos % 1000 == 0  # microsecond precision
-        got = await stub.GetOrder(trading_pb2.GetOrderRequest(account_id="acct-1", order_id=o.order_id), timeout=5)
+        got = await stub.GetOrder(
+            trading_pb2.GetOrderRequest(account_id="acct-1", order_id=o.order_id), timeout=5
+        )
         assert got.order == o
         canceled = await stub.CancelOrder(
             trading_pb2.CancelOrderRequest(account_id="acct-1", order_id=o.order_id), timeout=5
@@ -99,6 +101,7 @@ async def test_unknown_order_is_not_found(trading) -> None:
     async with trading.channel() as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await trading.stub(channel).GetOrder(
-                trading_pb2.GetOrderRequest(account_id="acct-1", order_id="ord_01ARZ3NDEKTSV4RRFFQ69G5FAV"), timeout=5
+                trading_pb2.GetOrderRequest(account_id="acct-1", order_id="ord_01ARZ3NDEKTSV4RRFFQ69G5FAV"),
+                timeout=5,
             )
     assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -29,7 +29,9 @@ def test_policy_exact_wildcard_and_default_deny() -> None:
 def test_kit_rules_health_any_workload_reflection_ops_only() -> None:
     policy = MethodPolicy(TD, {})
     assert policy.allows("/grpc.health.v1.Health/Check", f"spiffe://{TD}/svc/monitor")
-    assert policy.allows("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", f"spiffe://{TD}/svc/ops")
+    assert policy.allows(
+        "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", f"spiffe://{TD}/svc/ops"
+    )
     assert not policy.allows(
         "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", f"spiffe://{TD}/svc/monitor"
     )

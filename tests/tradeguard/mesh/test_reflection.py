@@ -13,7 +13,9 @@ from tradeguard.mesh import tls
 
 def _reflect(target: str, workload: tls.Workload) -> tuple[list[str], list[str]]:
     creds = tls.channel_credentials(workload)
-    with grpc.secure_channel(target, creds, options=[("grpc.ssl_target_name_override", "trading")]) as channel:
+    with grpc.secure_channel(
+        target, creds, options=[("grpc.ssl_target_name_override", "trading")]
+    ) as channel:
         db = ProtoReflectionDescriptorDatabase(channel)
         services = list(db.get_services())
         from google.protobuf.descriptor_pool import DescriptorPool
@@ -24,7 +26,9 @@ def _reflect(target: str, workload: tls.Workload) -> tuple[list[str], list[str]]
 
 
 async def test_reflection_lists_trading_service_and_methods(trading) -> None:
-    services, methods = await asyncio.to_thread(_reflect, trading.target, tls.Workload.of(trading.paths, "ops"))
+    services, methods = await asyncio.to_thread(
+        _reflect, trading.target, tls.Workload.of(trading.paths, "ops")
+    )
     assert "tradeguard.trading.v1.TradingService" in services
     assert "grpc.health.v1.Health" in services
     assert methods == ["PlaceOrder", "CancelOrder", "GetOrder", "ListOrders"]

@@ -95,7 +95,9 @@ async def test_tls13_client_with_valid_certificate_is_accepted(trading) -> None:
 
 async def test_self_probe_reports_refusal(trading) -> None:
     # the start-up guard itself: a TLS 1.2 client is refused, so it returns quietly
-    await asyncio.to_thread(tls.assert_tls12_refused, "127.0.0.1", trading.port, tls.Workload.of(trading.paths, "ops"))
+    await asyncio.to_thread(
+        tls.assert_tls12_refused, "127.0.0.1", trading.port, tls.Workload.of(trading.paths, "ops")
+    )
 
 
 async def test_client_without_certificate_is_refused(trading) -> None:
@@ -105,7 +107,9 @@ async def test_client_without_certificate_is_refused(trading) -> None:
 
 async def _health(target: str, workload: tls.Workload) -> int:
     creds = tls.channel_credentials(workload)
-    async with grpc.aio.secure_channel(target, creds, options=[("grpc.ssl_target_name_override", "trading")]) as ch:
+    async with grpc.aio.secure_channel(
+        target, creds, options=[("grpc.ssl_target_name_override", "trading")]
+    ) as ch:
         reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
         return int(reply.status)
 
@@ -136,7 +140,10 @@ async def test_expired_client_certificate_is_refused(trading) -> None:
 
 
 async def test_valid_client_reaches_health(trading) -> None:
-    assert await _health(trading.target, tls.Workload.of(trading.paths, "monitor")) == health_pb2.HealthCheckResponse.SERVING
+    assert (
+        await _health(trading.target, tls.Workload.of(trading.paths, "monitor"))
+        == health_pb2.HealthCheckResponse.SERVING
+    )
 
 
 def _served_certificate(port: int, paths: pki.PkiPaths) -> bytes:
@@ -167,7 +174,9 @@ async def test_rotation_new_handshakes_get_new_certificate_while_calls_succeed(t
     stop.set()
     await caller
     assert before != after
-    assert after == ssl.PEM_cert_to_DER_cert(p.cert("trading").read_text().split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n")
+    assert after == ssl.PEM_cert_to_DER_cert(
+        p.cert("trading").read_text().split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n"
+    )
     assert results and all(r == health_pb2.HealthCheckResponse.SERVING for r in results)
     assert trading.server.reloader is not None and trading.server.reloader.reloads == 1
 

@@ -1,0 +1,210 @@
+"""Real stores (SQLite in tmp_path, PostgreSQL in a fresh schema per test), a fake clock, a sealed local root,
+and a SoftHSM2 token of the test's own (in tmp_path, never the system token directory)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import secrets
+import shutil
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from services.keyvault.core import KeyVault
+from services.keyvault.policy import DEFAULT_POLICY, Policy
+from services.keyvault.root import LocalSealedRoot, RootKey
+from services.keyvault.store import VaultStore
+from services.keyvault.store_postgres import PostgresVaultStore
+from services.keyvault.store_sqlite import SqliteVaultStore
+
+DEFAULT_PG_DSN = "postgresql://127.0.0.1:5432/test?user=postgres"
+PG_DSN = os.environ.get("TRADEGUARD_TEST_PG_DSN") or DEFAULT_PG_DSN
+SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
+PASSPHRASE = "correct horse battery staple"
+SCRYPT_N = 2**10  # fast in tests; production uses 2**15
+
+
+@functools.cache
+def _pg_unreachable() -> str:
+    try:
+        with psycopg.connect(PG_DSN, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as error:
+        return f"PostgreSQL at {PG_DSN} unreachable: {error}"
+    return ""
+
+
+def require_pg() -> None:
+    reason = _pg_unreachable()
+    if reason:
+        if os.environ.get("TRADEGUARD_TEST_PG_DSN"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+class FakeClock:
+    def __init__(self, start_us: int = 1_700_000_000_000_000) -> None:
+        self.now_us = start_us
+
+    def __call__(self) -> int:
+        return self.now_us
+
+    def advance(self, us: int) -> None:
+        self.now_us += us
+
+
+class RecordingRandom:
+    """os.urandom that remembers what it handed out (to search the database for key material)."""
+
+    def __init__(self) -> None:
+        self.outputs: list[bytes] = []
+
+    def __call__(self, n: int) -> bytes:
+        value = os.urandom(n)
+        self.outputs.append(value)
+        return value
+
+
+class Backend:
+    """One database for one test; `open()` may be called again (a restart) and sees the same data."""
+
+    def __init__(self, kind: str, tmp_path: Path) -> None:
+        self.kind = kind
+        self.tmp_path = tmp_path
+        self.path = tmp_path / "keyvault.db"
+        self.schema = f"tg_kv_test_{secrets.token_hex(6)}"
+        self._open: list[VaultStore] = []
+
+    async def open(self) -> VaultStore:
+        store: VaultStore
+        if self.kind == "sqlite":
+            store = await SqliteVaultStore.open(self.path)
+        else:
+            store = await PostgresVaultStore.open(PG_DSN, schema=self.schema, min_size=1, max_size=4)
+        self._open.append(store)
+        return store
+
+    def raw_bytes(self) -> bytes:
+        """Every byte the database holds: the SQLite file with its WAL and shared memory, or a PostgreSQL dump
+        of the schema's tables as bytea hex turned back into bytes."""
+        if self.kind == "sqlite":
+            return b"".join(p.read_bytes() for p in sorted(self.tmp_path.glob("keyvault.db*")) if p.is_file())
+        out = []
+        with psycopg.connect(PG_DSN, autocommit=True) as pg:
+            for table in ("vault_meta", "keys", "key_versions", "secret_versions"):
+                cur = pg.execute(sql.SQL("SELECT * FROM {}").format(sql.Identifier(self.schema, table)))
+                for row in cur.fetchall():
+                    for value in row:
+                        out.append(
+                            bytes(value) if isinstance(value, bytes | memoryview) else str(value).encode()
+                        )
+        return b"\x00".join(out)
+
+    def execute(self, statement: str, params: tuple[object, ...] = ()) -> None:
+        if self.kind == "sqlite":
+            import sqlite3
+
+            conn = sqlite3.connect(self.path, isolation_level=None)
+            try:
+                conn.execute(statement.replace("{schema}.", "").replace("%s", "?"), params)
+            finally:
+                conn.close()
+            return
+        with psycopg.connect(PG_DSN, autocommit=True) as pg:
+            pg.execute(sql.SQL(statement).format(schema=sql.Identifier(self.schema)), params)  # type: ignore[arg-type]
+
+    async def aclose(self) -> None:
+        for store in self._open:
+            await store.close()
+        if self.kind == "postgres":
+            with psycopg.connect(PG_DSN, autocommit=True) as pg:
+                pg.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(self.schema)))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
+    if request.param == "postgres":
+        require_pg()
+    b = Backend(request.param, tmp_path)
+    try:
+        yield b
+    finally:
+        await b.aclose()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def random() -> RecordingRandom:
+    return RecordingRandom()
+
+
+class VaultFactory:
+    """Builds vaults over the test's backend; each `open()` is a fresh process's view (a restart)."""
+
+    def __init__(self, backend: Backend, clock: FakeClock, random: Callable[[int], bytes]) -> None:
+        self.backend = backend
+        self.clock = clock
+        self.random = random
+        self.root_path = backend.tmp_path / "keyvault.root"
+        self.vaults: list[KeyVault] = []
+
+    def unsealer(self, passphrase: str) -> RootKey:
+        if not self.root_path.exists():
+            return LocalSealedRoot.create(self.root_path, passphrase, self.random, scrypt_n=SCRYPT_N)
+        return LocalSealedRoot.unseal(self.root_path, passphrase, self.random)
+
+    async def open(self, *, unsealed: bool = True, policy: Policy = DEFAULT_POLICY) -> KeyVault:
+        store = await self.backend.open()
+        root = self.unsealer(PASSPHRASE) if unsealed else None
+        vault = KeyVault(
+            store, policy, clock=self.clock, random=self.random, root=root, unsealer=self.unsealer
+        )
+        await vault.start()
+        self.vaults.append(vault)
+        return vault
+
+
+@pytest.fixture
+async def vaults(backend: Backend, clock: FakeClock, random: RecordingRandom) -> AsyncIterator[VaultFactory]:
+    factory = VaultFactory(backend, clock, random)
+    yield factory
+    for vault in factory.vaults:
+        await vault.close()
+
+
+@pytest.fixture
+async def vault(vaults: VaultFactory) -> KeyVault:
+    return await vaults.open()
+
+
+@pytest.fixture
+def softhsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, str]]:
+    """A fresh SoftHSM2 token in tmp_path: {module, token, pin}. The library is re-initialised onto it."""
+    util = shutil.which("softhsm2-util")
+    if util is None or not Path(SOFTHSM_MODULE).exists():
+        pytest.skip("SoftHSM2 is not installed (make system-deps)")
+    tokens = tmp_path / "softhsm-tokens"
+    tokens.mkdir()
+    conf = tmp_path / "softhsm2.conf"
+    conf.write_text(f"directories.tokendir = {tokens}\nobjectstore.backend = file\nlog.level = ERROR\n")
+    monkeypatch.setenv("SOFTHSM2_CONF", str(conf))
+    label, pin = f"tg-{secrets.token_hex(4)}", "1234-" + secrets.token_hex(4)
+    subprocess.run(
+        [util, "--init-token", "--free", "--label", label, "--so-pin", "so-" + pin, "--pin", pin],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "SOFTHSM2_CONF": str(conf)},
+    )
+    import pkcs11
+
+    pkcs11.lib(SOFTHSM_MODULE).reinitialize()  # C_Finalize + C_Initialize: read this test's configuration
+    yield {"module": SOFTHSM_MODULE, "token": label, "pin": pin}

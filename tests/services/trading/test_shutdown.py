@@ -1,0 +1,126 @@
+"""SIGTERM under load: every order the service acknowledged is still there after a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tradeguard.mesh import pki, tls
+from tradeguard.mesh.channel import MeshChannel
+from tradeguard.trading.v1 import trading_pb2, trading_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start_trading(home: Path, port: int) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, TRADEGUARD_HOME=str(home), TRADEGUARD_TRADING_PORT=str(port))
+    with open(home / "trading.log", "ab") as log:  # a file, not a pipe: a full pipe would block the service
+        return subprocess.Popen([sys.executable, "-m", "services.trading"], env=env, stdout=log, stderr=log)
+
+
+async def wait_serving(target: str, workload: tls.Workload, proc: subprocess.Popen[bytes]) -> None:
+    for _ in range(150):
+        assert proc.poll() is None, "trading service exited during start-up"
+        try:
+            async with grpc.aio.secure_channel(
+                target,
+                tls.channel_credentials(workload),
+                options=[("grpc.ssl_target_name_override", "trading")],
+            ) as ch:
+                reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.aio.AioRpcError:
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError("trading service did not become ready")
+
+
+@pytest.mark.slow
+async def test_sigterm_during_load_loses_no_acknowledged_order(pki_paths: pki.PkiPaths) -> None:
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    ops = tls.Workload.of(pki_paths, "ops")
+    proc = start_trading(pki_paths.home, port)
+    acked: list[str] = []
+    refused: list[grpc.StatusCode] = []
+    unanswered: list[trading_pb2.PlaceOrderRequest] = []
+    try:
+        await wait_serving(target, ops, proc)
+        async with MeshChannel(target, "trading", ops) as channel:
+            stub = trading_pb2_grpc.TradingServiceStub(channel)
+            stop = asyncio.Event()
+
+            async def worker(w: int) -> None:
+                n = 0
+                while not stop.is_set():
+                    n += 1
+                    request = trading_pb2.PlaceOrderRequest(
+                        account_id="acct-load",
+                        client_order_id=f"w{w}-{n}",
+                        symbol="ETH-USD",
+                        side=trading_pb2.SIDE_SELL,
+                        type=trading_pb2.ORDER_TYPE_LIMIT,
+                        quantity="1",
+                        price="3000",
+                    )
+                    try:
+                        reply = await stub.PlaceOrder(request, timeout=5)
+                    except grpc.aio.AioRpcError as error:
+                        refused.append(error.code())
+                        unanswered.append(request)
+                        stop.set()
+                        return
+                    acked.append(reply.order.order_id)
+
+            workers = [asyncio.create_task(worker(w)) for w in range(16)]
+            await asyncio.sleep(0.8)
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(asyncio.gather(*workers), timeout=20)
+        code = await asyncio.to_thread(proc.wait, 20)
+        assert code == 0
+        assert len(acked) > 50
+        # calls caught by the stop are refused (not acknowledged): the client retries them, same client_order_id
+        assert set(refused) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    proc = start_trading(pki_paths.home, port)
+    try:
+        await wait_serving(target, ops, proc)
+        async with MeshChannel(target, "trading", ops) as channel:
+            stub = trading_pb2_grpc.TradingServiceStub(channel)
+            stored: set[str] = set()
+            token = ""
+            while True:
+                page = await stub.ListOrders(
+                    trading_pb2.ListOrdersRequest(account_id="acct-load", page_size=500, page_token=token),
+                    timeout=10,
+                )
+                stored.update(o.order_id for o in page.orders)
+                token = page.next_page_token
+                if not token:
+                    break
+            # a refused request is retried with its client_order_id: placed once, whether or not it got in
+            for request in unanswered:
+                reply = await stub.PlaceOrder(request, timeout=10)
+                assert reply.order.client_order_id == request.client_order_id
+        assert set(acked) <= stored
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(20)

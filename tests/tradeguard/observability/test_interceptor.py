@@ -1,0 +1,295 @@
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+
+from tradeguard.observability.interceptor import TelemetryInterceptor
+from tradeguard.observability.logging import configure_logging, get_logger
+from tradeguard.observability.metrics import RpcMetrics
+
+SERVICE = "test.Svc"
+handler_log = get_logger("test.handler")
+
+
+async def ok(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    handler_log.info("inside handler", size=len(request))
+    return b"pong:" + request
+
+
+async def invalid(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "quantity must be positive")
+    raise AssertionError("unreachable")
+
+
+async def boom(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    raise RuntimeError("database said password=hunter2hunter2")
+
+
+async def not_found(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    context.set_code(grpc.StatusCode.NOT_FOUND)
+    context.set_details("no such order")
+    return b""
+
+
+async def slow(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    await asyncio.sleep(30)
+    return b""
+
+
+async def stream(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[bytes]:
+    for i in range(3):
+        handler_log.info("streaming", i=i)
+        yield bytes([i])
+
+
+async def writer_stream(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+    for i in range(2):
+        await context.write(bytes([i]))
+
+
+async def client_stream(requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    total = b""
+    async for chunk in requests:
+        total += chunk
+    return total
+
+
+async def bidi(
+    requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]
+) -> AsyncIterator[bytes]:
+    async for chunk in requests:
+        yield chunk.upper()
+
+
+def _generic_handler() -> grpc.GenericRpcHandler[Any, Any]:
+    return grpc.method_handlers_generic_handler(
+        SERVICE,
+        {
+            "Ok": grpc.unary_unary_rpc_method_handler(ok),
+            "Invalid": grpc.unary_unary_rpc_method_handler(invalid),
+            "Boom": grpc.unary_unary_rpc_method_handler(boom),
+            "Slow": grpc.unary_unary_rpc_method_handler(slow),
+            "NotFound": grpc.unary_unary_rpc_method_handler(not_found),
+            "Stream": grpc.unary_stream_rpc_method_handler(stream),
+            "WriterStream": grpc.unary_stream_rpc_method_handler(writer_stream),
+            "ClientStream": grpc.stream_unary_rpc_method_handler(client_stream),
+            "Bidi": grpc.stream_stream_rpc_method_handler(bidi),
+        },
+    )
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.out = io.StringIO()
+        self.registry = CollectorRegistry()
+        self.server: grpc.aio.Server | None = None
+        self.channel: grpc.aio.Channel | None = None
+
+    async def start(self) -> None:
+        configure_logging(json=True, stream=self.out, level="debug")
+        interceptor = TelemetryInterceptor("test", RpcMetrics("test", registry=self.registry))
+        self.server = grpc.aio.server(interceptors=[interceptor])
+        self.server.add_generic_rpc_handlers((_generic_handler(),))
+        port = self.server.add_insecure_port("127.0.0.1:0")
+        await self.server.start()
+        self.channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+
+    async def stop(self) -> None:
+        assert self.channel is not None and self.server is not None
+        await self.channel.close()
+        await self.server.stop(None)
+
+    def lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.out.getvalue().splitlines() if line]
+
+    def rpc_lines(self) -> list[dict[str, Any]]:
+        return [line for line in self.lines() if line["event"] == "rpc"]
+
+    def sample(self, name: str, **labels: str) -> float:
+        value = self.registry.get_sample_value(name, {"service": "test", **labels})
+        return 0.0 if value is None else value
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Harness]:
+    h = Harness()
+    await h.start()
+    yield h
+    await h.stop()
+
+
+def _unary(h: Harness, name: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
+    assert h.channel is not None
+    return h.channel.unary_unary(f"/{SERVICE}/{name}")
+
+
+def _check_common(line: dict[str, Any], method: str) -> None:
+    assert line["method"] == f"/{SERVICE}/{method}"
+    assert isinstance(line["latency_ms"], float)
+    assert line["latency_ms"] >= 0
+    assert round(line["latency_ms"], 3) == line["latency_ms"]
+    assert line["caller"] is None  # plaintext: no SPIFFE ID
+    assert line["peer"].startswith("ipv4:127.0.0.1:")
+    assert line["logger"] == "tradeguard.rpc"
+    assert set(line) >= {"method", "code", "latency_ms", "caller", "peer", "request_id", "level", "timestamp"}
+
+
+async def test_ok_call_one_line_request_id_from_metadata(harness: Harness) -> None:
+    response = await _unary(harness, "Ok")(b"ping", metadata=(("x-request-id", "req-42.A_b"),))
+    assert response == b"pong:ping"
+    [line] = harness.rpc_lines()
+    _check_common(line, "Ok")
+    assert line["code"] == "OK"
+    assert line["level"] == "info"
+    assert line["request_id"] == "req-42.A_b"
+    # The handler's own line carries the request id and the method from the context variables ...
+    [inner] = [entry for entry in harness.lines() if entry["event"] == "inside handler"]
+    assert inner["request_id"] == "req-42.A_b"
+    assert inner["method"] == f"/{SERVICE}/Ok"
+    # ... and nothing leaks into the next call or out of the RPC.
+    await _unary(harness, "Ok")(b"ping")
+    second = harness.rpc_lines()[1]
+    assert second["request_id"] != "req-42.A_b"
+    assert harness.sample("tradeguard_rpc_requests_total", method=f"/{SERVICE}/Ok", code="OK") == 2.0
+    assert harness.sample("tradeguard_rpc_errors_total", method=f"/{SERVICE}/Ok", code="OK") == 0.0
+    assert harness.sample("tradeguard_rpc_duration_seconds_count", method=f"/{SERVICE}/Ok") == 2.0
+
+
+@pytest.mark.parametrize("bad", ["has space", "x" * 65, "semi;colon", "", "ünï"])
+async def test_invalid_request_id_is_replaced(harness: Harness, bad: str) -> None:
+    metadata = (("x-request-id", bad),) if bad.isascii() else ()
+    await _unary(harness, "Ok")(b"x", metadata=metadata)
+    [line] = harness.rpc_lines()
+    assert line["request_id"] != bad
+    assert len(line["request_id"]) == 32
+    int(line["request_id"], 16)
+
+
+async def test_aborted_call(harness: Harness) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _unary(harness, "Invalid")(b"x")
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == "quantity must be positive"
+    [line] = harness.rpc_lines()
+    _check_common(line, "Invalid")
+    assert line["code"] == "INVALID_ARGUMENT"
+    assert line["level"] == "warning"
+    assert "exception" not in line
+    method = f"/{SERVICE}/Invalid"
+    assert harness.sample("tradeguard_rpc_requests_total", method=method, code="INVALID_ARGUMENT") == 1.0
+    assert harness.sample("tradeguard_rpc_errors_total", method=method, code="INVALID_ARGUMENT") == 1.0
+
+
+async def test_set_code_without_raising(harness: Harness) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _unary(harness, "NotFound")(b"x")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    [line] = harness.rpc_lines()
+    assert line["code"] == "NOT_FOUND"
+    assert line["level"] == "warning"
+
+
+async def test_exception_in_handler(harness: Harness) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _unary(harness, "Boom")(b"x")
+    assert err.value.code() == grpc.StatusCode.UNKNOWN  # the exception went on to grpc unchanged
+    [line] = harness.rpc_lines()
+    _check_common(line, "Boom")
+    assert line["code"] == "UNKNOWN"
+    assert line["level"] == "error"
+    assert "RuntimeError" in line["exception"]
+    assert "hunter2hunter2" not in harness.out.getvalue()
+    method = f"/{SERVICE}/Boom"
+    assert harness.sample("tradeguard_rpc_errors_total", method=method, code="UNKNOWN") == 1.0
+
+
+async def test_unary_stream(harness: Harness) -> None:
+    assert harness.channel is not None
+    call = harness.channel.unary_stream(f"/{SERVICE}/Stream")(b"x", metadata=(("x-request-id", "s1"),))
+    assert [msg async for msg in call] == [b"\x00", b"\x01", b"\x02"]
+    [line] = harness.rpc_lines()
+    _check_common(line, "Stream")
+    assert line["code"] == "OK"
+    assert line["request_id"] == "s1"
+    inner = [entry for entry in harness.lines() if entry["event"] == "streaming"]
+    assert [entry["request_id"] for entry in inner] == ["s1", "s1", "s1"]
+    assert harness.sample("tradeguard_rpc_requests_total", method=f"/{SERVICE}/Stream", code="OK") == 1.0
+
+
+async def test_unary_stream_writer_api(harness: Harness) -> None:
+    assert harness.channel is not None
+    call = harness.channel.unary_stream(f"/{SERVICE}/WriterStream")(b"x")
+    assert [msg async for msg in call] == [b"\x00", b"\x01"]
+    [line] = harness.rpc_lines()
+    assert line["code"] == "OK"
+
+
+async def test_stream_unary_and_stream_stream(harness: Harness) -> None:
+    assert harness.channel is not None
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for chunk in (b"ab", b"cd"):
+            yield chunk
+
+    assert await harness.channel.stream_unary(f"/{SERVICE}/ClientStream")(chunks()) == b"abcd"
+    bidi_call = harness.channel.stream_stream(f"/{SERVICE}/Bidi")(chunks())
+    assert [msg async for msg in bidi_call] == [b"AB", b"CD"]
+    lines = harness.rpc_lines()
+    assert [(line["method"], line["code"]) for line in lines] == [
+        (f"/{SERVICE}/ClientStream", "OK"),
+        (f"/{SERVICE}/Bidi", "OK"),
+    ]
+
+
+async def test_deadline_cancels_handler_and_logs_once(harness: Harness) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _unary(harness, "Slow")(b"x", timeout=0.05)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    for _ in range(100):
+        if harness.rpc_lines():
+            break
+        await asyncio.sleep(0.01)
+    [line] = harness.rpc_lines()
+    assert line["code"] == "CANCELLED"
+    assert line["level"] == "warning"
+
+
+async def test_unknown_method_is_not_logged(harness: Harness) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _unary(harness, "Nope")(b"x")
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert harness.rpc_lines() == []
+
+
+async def test_many_concurrent_calls_keep_their_request_ids(harness: Harness) -> None:
+    ids = [f"r{i}" for i in range(50)]
+    await asyncio.gather(*(_unary(harness, "Ok")(b"x", metadata=(("x-request-id", rid),)) for rid in ids))
+    assert sorted(line["request_id"] for line in harness.rpc_lines()) == sorted(ids)
+    inner = [entry for entry in harness.lines() if entry["event"] == "inside handler"]
+    assert sorted(entry["request_id"] for entry in inner) == sorted(ids)
+
+
+async def test_explicit_logger_is_used() -> None:
+    out = io.StringIO()
+    configure_logging(json=True, stream=out)
+    interceptor = TelemetryInterceptor(
+        "test", RpcMetrics("test", registry=CollectorRegistry()), get_logger("custom")
+    )
+    server = grpc.aio.server(interceptors=[interceptor])
+    server.add_generic_rpc_handlers((_generic_handler(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            await channel.unary_unary(f"/{SERVICE}/Ok")(b"x")
+    finally:
+        await server.stop(None)
+    [line] = [json.loads(raw) for raw in out.getvalue().splitlines() if '"rpc"' in raw]
+    assert line["logger"] == "custom"
