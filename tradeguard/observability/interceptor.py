@@ -14,7 +14,7 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, TypeAlias
 
 import grpc
 import structlog
@@ -31,8 +31,9 @@ _CODE_NAMES: Final = {code: code.name for code in grpc.StatusCode}
 _LOGGER_NAME: Final = "tradeguard.rpc"
 _MAX_CACHED_HANDLERS: Final = 4096
 
-_Handler = grpc.RpcMethodHandler[Any, Any]
-_Context = grpc.aio.ServicerContext[Any, Any]
+# Generic only in the type stubs.
+_Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
+_Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
 def _request_id(context: _Context) -> str:
@@ -66,7 +67,8 @@ def _caller(context: _Context) -> str | None:
 def _code_after_return(context: _Context) -> str:
     code = context.code()
     if code is None:
-        return "OK"
+        # A handler that returns after the client went away (its request stream just ends) did not succeed.
+        return "CANCELLED" if context.cancelled() else "OK"
     return _CODE_NAMES.get(code) or str(code)
 
 

@@ -1,0 +1,118 @@
+"""PlaceOrder over mutual TLS against the same call over plain TCP, in one run, as a ratio.
+
+Each server runs in its own process (the client in this one), on the same SQLite-backed trading
+service and interceptor chain; rounds alternate between the two so that drift hits both alike.
+Aim (issue 2): mTLS costs under 5 % of throughput once connections are up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import grpc
+
+import tradeguard  # noqa: F401
+from bench.loadgen import Result, closed_loop, median_ratio
+from tradeguard.mesh import pki, tls
+from tradeguard.mesh.channel import MeshChannel
+from tradeguard.trading.v1 import trading_pb2, trading_pb2_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(mode: str, port: int, home: Path) -> subprocess.Popen[bytes]:
+    db = f"sqlite:///{home / f'{mode}.db'}"
+    cmd = [sys.executable, "-m", "bench.trading_server", "--mode", mode, "--port", str(port), "--db", db]
+    return subprocess.Popen([*cmd, "--home", str(home)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def ready(stub: trading_pb2_grpc.TradingServiceAsyncStub) -> None:
+    for _ in range(100):
+        try:
+            await stub.ListOrders(trading_pb2.ListOrdersRequest(account_id="bench"), timeout=1)
+            return
+        except grpc.aio.AioRpcError:
+            await asyncio.sleep(0.1)
+    raise RuntimeError("server not ready")
+
+
+def caller(stub: trading_pb2_grpc.TradingServiceAsyncStub, tag: str):  # type: ignore[no-untyped-def]
+    async def call(i: int) -> object:
+        return await stub.PlaceOrder(
+            trading_pb2.PlaceOrderRequest(
+                account_id="bench",
+                client_order_id=f"{tag}-{i}",
+                symbol="BTC-USD",
+                side=trading_pb2.SIDE_BUY,
+                type=trading_pb2.ORDER_TYPE_LIMIT,
+                quantity="0.01",
+                price="64000.5",
+            ),
+            timeout=10,
+        )
+
+    return call
+
+
+async def run(concurrency: int, duration: float, rounds: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        paths = pki.PkiPaths(home)
+        pki.init_ca(paths)
+        for name in ("trading", "ops"):
+            pki.issue(paths, name)
+        ports = {"mtls": free_port(), "plain": free_port()}
+        procs = [start(mode, port, home) for mode, port in ports.items()]
+        try:
+            secure = MeshChannel(f"127.0.0.1:{ports['mtls']}", "trading", tls.Workload.of(paths, "ops"))
+            plain = grpc.aio.insecure_channel(f"127.0.0.1:{ports['plain']}")
+            stubs = {
+                "mtls": trading_pb2_grpc.TradingServiceStub(secure),
+                "plain": trading_pb2_grpc.TradingServiceStub(plain),
+            }
+            for stub in stubs.values():
+                await ready(stub)
+            results: dict[str, list[Result]] = {"mtls": [], "plain": []}
+            print(
+                f"PlaceOrder, {concurrency} concurrent callers, {duration:.0f} s per round, {rounds} rounds"
+            )
+            for r in range(rounds):
+                for mode in ("plain", "mtls"):
+                    res = await closed_loop(
+                        caller(stubs[mode], f"{mode}{r}"), concurrency=concurrency, duration=duration
+                    )
+                    results[mode].append(res)
+                    print(res.line(f"round {r + 1} {mode}"))
+            ratio = median_ratio(results["mtls"], results["plain"])
+            print(
+                f"\nmTLS / plain TCP throughput (median of rounds): {ratio:.3f}  -> mTLS costs {(1 - ratio) * 100:.1f} %"
+            )
+            await secure.close()
+            await plain.close()
+        finally:
+            for proc in procs:
+                proc.terminate()
+                proc.wait(20)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    asyncio.run(run(args.concurrency, args.duration, args.rounds))
+
+
+if __name__ == "__main__":
+    main()

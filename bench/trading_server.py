@@ -1,0 +1,57 @@
+"""The trading service for benchmarks, in its own process: `--mode mtls` is the real service
+(services.trading.server.build); `--mode plain` is the same servicer, store and interceptor chain on
+plain TCP, minus caller authorisation (there is no peer identity without TLS)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+import tradeguard  # noqa: F401
+from services.trading.core import TradingCore, new_order_id
+from services.trading.server import build, clock_us, open_store
+from services.trading.servicer import TradingServicer
+from services.trading.settings import Settings
+from tradeguard.mesh.server import ServerConfig, interceptors, serve
+from tradeguard.observability.metrics import RpcMetrics
+from tradeguard.trading.v1 import trading_pb2_grpc
+
+
+async def plain(port: int, db: str) -> None:
+    store = await open_store(db)
+    servicer = TradingServicer(TradingCore(store, clock_us=clock_us, new_order_id=new_order_id))
+    server = grpc.aio.server(
+        interceptors=interceptors("trading", RpcMetrics("trading", CollectorRegistry()), None)
+    )
+    trading_pb2_grpc.add_TradingServiceServicer_to_server(servicer, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    print("ready", flush=True)
+    await server.wait_for_termination()
+
+
+async def mtls(port: int, db: str, home: Path) -> None:
+    settings = Settings(server=ServerConfig(name="trading", port=port, home=home), database_url=db)
+    server, store = await build(settings)
+    await serve(server, on_stop=store.close)
+
+
+def main() -> None:
+    from tradeguard.observability.logging import configure_logging
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=["mtls", "plain"], required=True)
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--db", required=True)
+    parser.add_argument("--home", type=Path, required=True)
+    args = parser.parse_args()
+    configure_logging(json=True)
+    asyncio.run(mtls(args.port, args.db, args.home) if args.mode == "mtls" else plain(args.port, args.db))
+
+
+if __name__ == "__main__":
+    main()
