@@ -97,8 +97,8 @@ async def run(concurrency: int, duration: float, rounds: int) -> None:
             print(
                 f"\nmTLS / plain TCP throughput (median of rounds): {ratio:.3f}  -> mTLS costs {(1 - ratio) * 100:.1f} %"
             )
-            await secure.close()
-            await plain.close()
+            await secure.close(None)
+            await plain.close(None)
         finally:
             for proc in procs:
                 proc.terminate()

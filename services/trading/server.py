@@ -16,6 +16,7 @@ from services.trading.store_sqlite import SqliteOrderStore
 from tradeguard.mesh import pki
 from tradeguard.mesh.server import MeshServer, Service, serve
 from tradeguard.observability.logging import configure_logging
+from tradeguard.observability.tracing import configure_tracing
 from tradeguard.trading.v1 import trading_pb2_grpc
 
 FULL_NAME = "tradeguard.trading.v1.TradingService"
@@ -53,4 +54,6 @@ async def run(settings: Settings) -> None:
 
 def main() -> None:
     configure_logging()
-    asyncio.run(run(Settings.from_env()))
+    settings = Settings.from_env()
+    configure_tracing(settings.server.name, settings.server.otlp_endpoint)
+    asyncio.run(run(settings))

@@ -70,7 +70,7 @@ class MeshChannel(grpc.aio.Channel):
             self.target,
             tls.channel_credentials(self.workload),
             options=_options(self.server_name),
-            interceptors=tracing.client_interceptors(),
+            interceptors=tracing.client_interceptors() if tracing.enabled() else None,
         )
 
     def current(self) -> grpc.aio.Channel:

@@ -12,7 +12,7 @@ from opentelemetry.sdk.resources import SERVICE_NAME, Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-__all__ = ["client_interceptors", "configure_tracing", "server_interceptors"]
+__all__ = ["client_interceptors", "configure_tracing", "enabled", "server_interceptors"]
 
 # The instrumentation package is untyped.
 _aio_server_interceptor = cast(Callable[..., Any], _otel_grpc.aio_server_interceptor)
@@ -34,6 +34,16 @@ def configure_tracing(service_name: str, otlp_endpoint: str | None = None) -> No
             BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint, insecure=False))
         )
     trace.set_tracer_provider(provider)
+    global _exporting  # noqa: PLW0603 - one provider per process
+    _exporting = bool(otlp_endpoint)
+
+
+_exporting = False
+
+
+def enabled() -> bool:
+    """Whether spans are exported from this process (so that making them is worth the CPU)."""
+    return _exporting
 
 
 def server_interceptors(
