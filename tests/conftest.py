@@ -5,14 +5,13 @@
 
 from __future__ import annotations
 
-import tradeguard  # noqa: F401, I001  (must precede grpc: TLS 1.3-only setting)
-
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+import tradeguard  # noqa: F401  (sets grpc's TLS 1.3-only cipher setting before grpc loads)
 from services.trading.server import build
 from services.trading.settings import Settings
 from tradeguard.mesh import pki, tls

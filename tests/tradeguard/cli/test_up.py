@@ -60,6 +60,12 @@ class Suite:
         return self.proc.wait(30)
 
 
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    """`tradeguard ARGS…`; the caller asserts on the exit code."""
+    cmd = [sys.executable, "-m", "tradeguard.cli.main", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=30, check=False)
+
+
 @pytest.mark.slow
 def test_up_serves_orders_and_stops_cleanly_then_reuses_its_pki(tmp_path: Path) -> None:
     home = tmp_path / "home"
@@ -68,30 +74,10 @@ def test_up_serves_orders_and_stops_cleanly_then_reuses_its_pki(tmp_path: Path) 
         elapsed = suite.wait_for("Tradeguard is up", 30)
         assert elapsed < 30
         assert "created a dev PKI" in suite.output()
-        placed = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "tradeguard.cli.main",
-                "orders",
-                "place",
-                "--account",
-                "acct-1",
-                "--client-order-id",
-                "demo-1",
-                "--symbol",
-                "BTC-USD",
-                "--side",
-                "buy",
-                "--quantity",
-                "0.5",
-                "--price",
-                "64000.25",
-            ],
-            env=suite.env,
-            capture_output=True,
-            text=True,
-            timeout=30,
+        placed = cli(
+            suite.env,
+            *("orders", "place", "--account", "acct-1", "--client-order-id", "demo-1", "--symbol", "BTC-USD"),
+            *("--side", "buy", "--quantity", "0.5", "--price", "64000.25"),
         )
         assert placed.returncode == 0, placed.stderr
         assert '"status": "ORDER_STATUS_OPEN"' in placed.stdout
@@ -104,13 +90,7 @@ def test_up_serves_orders_and_stops_cleanly_then_reuses_its_pki(tmp_path: Path) 
     try:
         again.wait_for("Tradeguard is up", 30)
         assert "created a dev PKI" not in again.output()
-        listed = subprocess.run(
-            [sys.executable, "-m", "tradeguard.cli.main", "orders", "list", "--account", "acct-1"],
-            env=again.env,
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        listed = cli(again.env, "orders", "list", "--account", "acct-1")
         assert "demo-1" in listed.stdout  # the data survived the restart
     finally:
         assert again.stop() == 0

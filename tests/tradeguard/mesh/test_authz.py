@@ -20,7 +20,7 @@ def test_policy_exact_wildcard_and_default_deny() -> None:
     assert policy.allows("/pkg.Admin/Anything", f"spiffe://{TD}/svc/auth")
     assert not policy.allows("/pkg.Other/Method", f"spiffe://{TD}/svc/ops")  # no rule: denied
     assert not policy.allows(PLACE, None)
-    assert not policy.allows(PLACE, f"spiffe://evil.example/svc/ops")  # another trust domain
+    assert not policy.allows(PLACE, "spiffe://evil.example/svc/ops")  # another trust domain
     assert not policy.allows(PLACE, f"spiffe://{TD}/svc/ops/extra")
     assert not policy.allows(PLACE, f"spiffe://{TD}/user/ops")
     assert not policy.allows(PLACE, "ops")
@@ -38,7 +38,7 @@ def test_kit_rules_health_any_workload_reflection_ops_only() -> None:
 
 
 def test_malformed_rule_rejected() -> None:
-    with pytest.raises(ValueError, match="not /package.Service"):
+    with pytest.raises(ValueError, match=r"not /package\.Service"):
         MethodPolicy(TD, {"PlaceOrder": {"ops"}})
 
 
