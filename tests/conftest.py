@@ -58,5 +58,5 @@ async def trading(pki_paths: pki.PkiPaths) -> AsyncIterator[RunningTrading]:
     try:
         yield RunningTrading(server, pki_paths, port)
     finally:
-        await server.stop(0)
+        await server.stop(grace=0, drain=0)
         await store.close()

@@ -63,6 +63,7 @@ class ServerConfig:
     metrics_port: int | None = None
     otlp_endpoint: str | None = None
     max_connection_age_s: float = 1800.0
+    drain_s: float = 1.0
     grace_s: float = 10.0
     tls12_self_probe: bool = True
 
@@ -165,11 +166,15 @@ class MeshServer:
         )
         return self.port
 
-    async def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, refuse new calls, let in-flight calls finish, stop."""
+    async def stop(self, grace: float | None = None, drain: float | None = None) -> None:
+        """Health NOT_SERVING and keep serving for `drain` seconds (so load balancers and health-checking
+        clients move away), then refuse new calls, let in-flight calls finish (up to `grace`), stop."""
         if self._server is None:
             return
         await self.health.enter_graceful_shutdown()
+        drain = self.config.drain_s if drain is None else drain
+        if drain > 0:
+            await asyncio.sleep(drain)
         await self._server.stop(self.config.grace_s if grace is None else grace)
         self._server = None
         _log.info("stopped", service=self.config.name)
