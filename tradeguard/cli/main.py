@@ -1,4 +1,4 @@
-"""The `tradeguard` command line: `pki`, `up`, `orders` (and later `vault`)."""
+"""The `tradeguard` command line: `pki`, `up`, `orders`, `vault`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import tradeguard  # noqa: F401  (sets the TLS 1.3-only grpc setting before grpc is imported)
-from tradeguard.cli import orders_cmd, pki_cmd, up_cmd
+from tradeguard.cli import orders_cmd, pki_cmd, up_cmd, vault_cmd
 from tradeguard.mesh.server import home_from_env
 
 
@@ -24,6 +24,7 @@ def parser() -> argparse.ArgumentParser:
     pki_cmd.register(sub)
     up_cmd.register(sub)
     orders_cmd.register(sub)
+    vault_cmd.register(sub)
     return root
 
 

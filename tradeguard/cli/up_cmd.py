@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import importlib.util
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -85,7 +86,20 @@ class Supervisor:
         env["TRADEGUARD_HOME"] = str(self.home)
         env[f"TRADEGUARD_{component.name.upper()}_PORT"] = str(port)
         env.setdefault("PYTHONUNBUFFERED", "1")
+        if component.name == "keyvault" and not env.get("TRADEGUARD_VAULT_PASSPHRASE"):
+            env["TRADEGUARD_VAULT_PASSPHRASE"] = self.dev_vault_passphrase()
         self.children[component.name] = subprocess.Popen([sys.executable, "-m", component.module], env=env)
+
+    def dev_vault_passphrase(self) -> str:
+        """The embedded default's sealing passphrase: made once, kept 0600 beside the data. In production the
+        passphrase comes from the operator (TRADEGUARD_VAULT_PASSPHRASE or `tradeguard vault unseal`)."""
+        path = self.home / "data" / "dev-vault-passphrase"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as out:
+                out.write(secrets.token_urlsafe(32))
+        return path.read_text().strip()
 
     async def wait_ready(self, name: str, port: int) -> None:
         workload = tls.Workload.of(self.paths, OPERATOR)
@@ -165,6 +179,12 @@ class Supervisor:
             "Place an order with the CLI (it uses the ops certificate):",
             "  .venv/bin/tradeguard orders place --account acct-1 --client-order-id demo-1 \\",
             "      --symbol BTC-USD --side buy --type limit --quantity 0.5 --price 64000.25",
+            "",
+            "The key vault (administration as ops, key use as a service the policy allows, e.g. auth):",
+            "  .venv/bin/tradeguard vault status",
+            "  .venv/bin/tradeguard vault create-key credentials",
+            "  .venv/bin/tradeguard pki issue auth     # a certificate to act as the auth service",
+            "  printf 's3cret' | .venv/bin/tradeguard vault --as auth encrypt credentials --context user-1",
             "",
             "Or with grpcurl:",
             f"  grpcurl -cacert {d.ca_bundle} -cert {d.cert(OPERATOR)} -key {d.key(OPERATOR)} \\",

@@ -42,7 +42,8 @@ def test_local_root_seal_unseal(tmp_path):
 
 def test_pkcs11_root_key_never_leaves_the_token(softhsm):
     import pkcs11
-    from pkcs11 import Attribute, KeyType as P11KeyType, ObjectClass
+    from pkcs11 import Attribute, ObjectClass
+    from pkcs11 import KeyType as P11KeyType
     from pkcs11.exceptions import AttributeSensitive
 
     root = Pkcs11Root.open(softhsm["module"], softhsm["token"], softhsm["pin"], "tg-root")

@@ -81,6 +81,24 @@ def test_up_serves_orders_and_stops_cleanly_then_reuses_its_pki(tmp_path: Path) 
         )
         assert placed.returncode == 0, placed.stderr
         assert '"status": "ORDER_STATUS_OPEN"' in placed.stdout
+        # the key vault came up unsealed on the dev passphrase and serves its policy
+        assert cli(suite.env, "vault", "create-key", "credentials").returncode == 0
+        assert cli(suite.env, "pki", "issue", "auth").returncode == 0
+        sealed = subprocess.run(
+            [sys.executable, "-m", "tradeguard.cli.main", "vault", "--as", "auth", "encrypt", "credentials"],
+            env=suite.env,
+            input="s3cret-value",
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        )
+        ciphertext = sealed.stdout.strip()
+        assert ciphertext.startswith("tgv1:credentials:v1:") and "s3cret" not in ciphertext
+        opened = cli(suite.env, "vault", "--as", "auth", "decrypt", "credentials", ciphertext)
+        assert opened.stdout == "s3cret-value"
+        denied = cli(suite.env, "vault", "--as", "trading", "decrypt", "credentials", ciphertext)
+        assert denied.returncode == 1 and "PERMISSION_DENIED" in denied.stderr
     finally:
         assert suite.stop() == 0
     assert "all services stopped" in suite.output()

@@ -1,0 +1,3 @@
+from services.keyvault.server import main
+
+main()

@@ -1,0 +1,650 @@
+"""The key vault's core: policy, sealing, the key ring and the secret store, over a `VaultStore`. No gRPC.
+
+Every public operation takes the caller's service name (from its verified SPIFFE ID) and checks, in this order:
+the arguments' syntax, the caller's permission (before existence: a denied caller learns nothing), that the vault
+is unsealed, then existence. Every operation is logged (operation, caller, resource, version, outcome) without
+any material: no plaintext, key, ciphertext, signature or passphrase ever reaches the log.
+
+Key material is unwrapped once per key (when first used after unseal) and kept in memory; a rotation adds the
+new version to the live key without re-reading the others. Time and randomness are injected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import TypeVar
+
+from structlog.typing import FilteringBoundLogger
+
+from services.keyvault import secrets as secret_box
+from services.keyvault.errors import (
+    DecryptionFailed,
+    DomainError,
+    FailedPrecondition,
+    InvalidArgument,
+    cas_mismatch,
+    deletion_not_allowed,
+    key_exists,
+    key_not_found,
+    permission_denied,
+    secret_not_found,
+    secret_version_destroyed,
+    unseal_failed,
+    vault_sealed,
+)
+from services.keyvault.keyring import (
+    KeyConfig,
+    KeyType,
+    LoadedKey,
+    StoredKey,
+    VersionRecord,
+    check_key_name,
+    material_ad,
+    new_material,
+    parse_token,
+)
+from services.keyvault.policy import DEFAULT_POLICY, Operation, Policy
+from services.keyvault.root import RootKey, RootUnwrapError, WrongPassphrase
+from services.keyvault.secrets import SecretVersionInfo
+from services.keyvault.store import SecretRecord, VaultStore
+from tradeguard.observability.logging import get_logger
+
+__all__ = ["DataKey", "KeyVault", "SealStatus"]
+
+T = TypeVar("T")
+
+Clock = Callable[[], int]  # microseconds since the epoch
+Random = Callable[[int], bytes]
+Unsealer = Callable[[str], RootKey]  # blocking (scrypt, PKCS#11 login): run off the event loop
+
+NONCE_LEN = 12
+DATA_KEY_LEN = 32
+MAX_PLAINTEXT_BYTES = 1024 * 1024
+MAX_BATCH = 1000
+MAX_PAGE_SIZE = 1000
+_ROOT_CHECK_META = "root_check"
+_ROOT_CHECK_AD = b"tradeguard/keyvault/root-check/v1"
+_ROOT_CHECK = b"the root key of this key ring"
+_ROTATE_ATTEMPTS = 8
+_SYSTEM = "keyvault"  # the caller name of the vault's own scheduled work (automatic rotation)
+
+
+@dataclass(frozen=True)
+class SealStatus:
+    sealed: bool
+    root_kind: str  # "local" or "pkcs11"
+
+
+@dataclass(frozen=True)
+class DataKey:
+    plaintext: bytes | None
+    wrapped: str
+
+
+def _check_size(field_name: str, value: bytes, limit: int = MAX_PLAINTEXT_BYTES) -> None:
+    if len(value) > limit:
+        raise InvalidArgument.field(field_name, f"must be at most {limit} bytes")
+
+
+class KeyVault:
+    def __init__(
+        self,
+        store: VaultStore,
+        policy: Policy = DEFAULT_POLICY,
+        *,
+        clock: Clock,
+        random: Random = os.urandom,
+        root: RootKey | None = None,
+        unsealer: Unsealer | None = None,
+        root_kind: str = "local",
+        logger: FilteringBoundLogger | None = None,
+    ) -> None:
+        self._store = store
+        self._policy = policy
+        self._clock = clock
+        self._random = random
+        self._root: RootKey | None = None
+        self._pending_root = root
+        self._unsealer = unsealer
+        self._root_kind = root.kind if root is not None else root_kind
+        self._log = logger if logger is not None else get_logger("keyvault")
+        self._keys: dict[str, LoadedKey] = {}
+        self._generation: dict[str, int] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._unseal_lock = asyncio.Lock()
+
+    # --- sealing ----------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Install the root key given at construction (if any): the vault starts unsealed."""
+        root, self._pending_root = self._pending_root, None
+        if root is not None:
+            await self._install_root(root)
+            self._log.info("keyvault.unsealed", root_kind=root.kind, caller=_SYSTEM)
+
+    @property
+    def sealed(self) -> bool:
+        return self._root is None
+
+    def seal_status(self) -> SealStatus:
+        return SealStatus(sealed=self._root is None, root_kind=self._root_kind)
+
+    async def unseal(self, caller: str | None, passphrase: str) -> SealStatus:
+        if not passphrase:
+            raise InvalidArgument.field("passphrase", "is required")
+        self._authorize(caller, Operation.UNSEAL, "vault")
+        async with self._unseal_lock:
+            if self._root is not None:
+                return self.seal_status()
+            if self._unsealer is None:
+                raise FailedPrecondition("this vault cannot be unsealed by passphrase", reason="NO_UNSEALER")
+            try:
+                root = await asyncio.to_thread(self._unsealer, passphrase)
+            except WrongPassphrase:
+                self._log.warning("keyvault.unseal", caller=caller, outcome="wrong_passphrase")
+                raise unseal_failed() from None
+            await self._install_root(root)
+        self._log.info("keyvault.unseal", caller=caller, outcome="ok", root_kind=root.kind)
+        return self.seal_status()
+
+    async def _install_root(self, root: RootKey) -> None:
+        """Check `root` against the key ring's root check (written by the first root) and use it."""
+        stored = await self._store.put_meta_if_absent(
+            _ROOT_CHECK_META, root.wrap(_ROOT_CHECK, _ROOT_CHECK_AD)
+        )
+        try:
+            matches = root.unwrap(stored, _ROOT_CHECK_AD) == _ROOT_CHECK
+        except RootUnwrapError:
+            matches = False
+        if not matches:
+            root.close()
+            raise FailedPrecondition(
+                "this root key is not the one that wrapped the key ring", reason="ROOT_KEY_MISMATCH"
+            )
+        self._keys.clear()
+        self._root = root
+        self._root_kind = root.kind
+
+    def seal(self) -> None:
+        """Forget the root key and every unwrapped key (operators' emergency stop, and tests)."""
+        root, self._root = self._root, None
+        self._keys.clear()
+        if root is not None:
+            root.close()
+        self._log.info("keyvault.sealed", caller=_SYSTEM)
+
+    async def close(self) -> None:
+        if self._root is not None:
+            self._root.close()
+            self._root = None
+        self._keys.clear()
+
+    # --- helpers ----------------------------------------------------------------------------------------------
+    def _authorize(self, caller: str | None, operation: Operation, resource: str) -> None:
+        if not self._policy.allows(caller, operation, resource):
+            self._log.warning(
+                "keyvault." + operation.value, caller=caller, resource=resource, outcome="permission_denied"
+            )
+            raise permission_denied(operation.value, resource)
+
+    def _require_root(self) -> RootKey:
+        root = self._root
+        if root is None:
+            raise vault_sealed()
+        return root
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        lock = self._locks.get(name)
+        if lock is None:
+            lock = self._locks[name] = asyncio.Lock()
+        return lock
+
+    def _remember(self, key: LoadedKey) -> LoadedKey:
+        self._generation[key.name] = self._generation.get(key.name, 0) + 1
+        self._keys[key.name] = key
+        return key
+
+    def _unwrap_versions(self, stored: StoredKey, previous: LoadedKey | None = None) -> LoadedKey:
+        root = self._require_root()
+        name = stored.config.name
+        materials = {
+            r.version: root.unwrap(r.wrapped, material_ad(name, r.version))
+            for r in stored.versions
+            if previous is None or not previous.has_version(r.version)
+        }
+        return LoadedKey(stored, materials, previous)
+
+    async def _key(self, name: str, *, reload: bool = False) -> LoadedKey:
+        self._require_root()
+        key = None if reload else self._keys.get(name)
+        if key is not None:
+            return key
+        generation = self._generation.get(name, 0)
+        stored = await self._store.get_key(name)
+        if stored is None:
+            self._keys.pop(name, None)
+            raise key_not_found(name)
+        key = self._unwrap_versions(stored, self._keys.get(name))
+        if self._generation.get(name, 0) == generation and self._root is not None:
+            self._remember(key)  # unless a local change raced with this load (then that change is newer)
+        return key
+
+    async def _use(self, name: str, operation: Callable[[LoadedKey], T]) -> T:
+        return operation(await self._key(name))
+
+    async def _logged(self, operation: str, caller: str | None, resource: str, work: Awaitable[T]) -> T:
+        try:
+            result = await work
+        except DecryptionFailed as error:
+            self._log.warning(
+                "keyvault." + operation, caller=caller, resource=resource, outcome="failed", cause=error.cause
+            )
+            raise
+        except DomainError as error:
+            self._log.info("keyvault." + operation, caller=caller, resource=resource, outcome=error.reason)
+            raise
+        self._log.info("keyvault." + operation, caller=caller, resource=resource, outcome="ok")
+        return result
+
+    # --- key administration -----------------------------------------------------------------------------------
+    async def create_key(
+        self,
+        caller: str | None,
+        name: str,
+        key_type: KeyType,
+        *,
+        auto_rotate_period_us: int = 0,
+        deletion_allowed: bool = False,
+    ) -> StoredKey:
+        check_key_name(name)
+        if auto_rotate_period_us < 0:
+            raise InvalidArgument.field("auto_rotate_period", "must not be negative")
+        self._authorize(caller, Operation.CREATE_KEY, "key/" + name)
+        return await self._logged(
+            "create_key",
+            caller,
+            name,
+            self._create_key(name, key_type, auto_rotate_period_us, deletion_allowed),
+        )
+
+    async def _create_key(
+        self, name: str, key_type: KeyType, auto_rotate_period_us: int, deletion_allowed: bool
+    ) -> StoredKey:
+        root = self._require_root()
+        now = self._clock()
+        material, public_key = new_material(key_type, self._random)
+        first = VersionRecord(1, root.wrap(material, material_ad(name, 1)), public_key, now)
+        config = KeyConfig(name, key_type, 1, auto_rotate_period_us, deletion_allowed, now, now)
+        async with self._lock(name):
+            if not await self._store.create_key(config, first):
+                raise key_exists(name)
+            stored = StoredKey(config, (first,))
+            self._remember(LoadedKey(stored, {1: material}))
+        return stored
+
+    async def get_key(self, caller: str | None, name: str) -> StoredKey:
+        check_key_name(name)
+        self._authorize(caller, Operation.READ_KEY, "key/" + name)
+        return await self._logged("get_key", caller, name, self._get_key(name))
+
+    async def _get_key(self, name: str) -> StoredKey:
+        self._require_root()
+        stored = await self._store.get_key(name)
+        if stored is None:
+            raise key_not_found(name)
+        return stored
+
+    async def list_keys(
+        self, caller: str | None, page_size: int, page_token: str
+    ) -> tuple[list[StoredKey], str]:
+        """Keys the caller may read, by name, after `page_token` (the last name of the previous page)."""
+        if page_size < 0:
+            raise InvalidArgument.field("page_size", "must not be negative")
+        if page_token:
+            check_key_name(page_token, "page_token")
+        limit = min(page_size or 100, MAX_PAGE_SIZE)
+        self._require_root()
+        page = await self._store.list_keys(page_token, limit)
+        visible = [k for k in page if self._policy.allows(caller, Operation.READ_KEY, "key/" + k.config.name)]
+        next_token = page[-1].config.name if len(page) == limit else ""
+        self._log.info(
+            "keyvault.list_keys", caller=caller, resource="key/*", count=len(visible), outcome="ok"
+        )
+        return visible, next_token
+
+    async def rotate_key(self, caller: str | None, name: str) -> StoredKey:
+        check_key_name(name)
+        self._authorize(caller, Operation.ROTATE_KEY, "key/" + name)
+        return await self._logged("rotate_key", caller, name, self._rotate(name))
+
+    async def _rotate(self, name: str) -> StoredKey:
+        root = self._require_root()
+        async with self._lock(name):
+            for _ in range(_ROTATE_ATTEMPTS):
+                current = await self._key(name, reload=True)
+                stored = current.stored
+                version = stored.latest.version + 1
+                now = self._clock()
+                material, public_key = new_material(stored.config.type, self._random)
+                record = VersionRecord(
+                    version, root.wrap(material, material_ad(name, version)), public_key, now
+                )
+                if await self._store.add_version(name, record, now):
+                    rotated = StoredKey(replace(stored.config, update_us=now), (*stored.versions, record))
+                    self._remember(LoadedKey(rotated, {version: material}, current))
+                    return rotated
+            raise FailedPrecondition(
+                "the key is being rotated concurrently; retry", reason="ROTATION_CONFLICT"
+            )
+        raise AssertionError("unreachable")  # pragma: no cover - mypy cannot see that the loop always exits
+
+    async def update_key_config(
+        self,
+        caller: str | None,
+        name: str,
+        *,
+        min_decryption_version: int | None = None,
+        auto_rotate_period_us: int | None = None,
+        deletion_allowed: bool | None = None,
+    ) -> StoredKey:
+        check_key_name(name)
+        if auto_rotate_period_us is not None and auto_rotate_period_us < 0:
+            raise InvalidArgument.field("auto_rotate_period", "must not be negative")
+        if min_decryption_version is not None and min_decryption_version < 1:
+            raise InvalidArgument.field("min_decryption_version", "must be at least 1")
+        self._authorize(caller, Operation.CONFIGURE_KEY, "key/" + name)
+        return await self._logged(
+            "update_key_config",
+            caller,
+            name,
+            self._update_config(name, min_decryption_version, auto_rotate_period_us, deletion_allowed),
+        )
+
+    async def _update_config(
+        self,
+        name: str,
+        min_decryption_version: int | None,
+        auto_rotate_period_us: int | None,
+        deletion_allowed: bool | None,
+    ) -> StoredKey:
+        async with self._lock(name):
+            current = await self._key(name, reload=True)
+            config = current.config
+            if min_decryption_version is not None:
+                if min_decryption_version > current.latest_version:
+                    raise InvalidArgument.field(
+                        "min_decryption_version",
+                        f"must not exceed the latest version ({current.latest_version})",
+                    )
+                config = replace(config, min_decryption_version=min_decryption_version)
+            if auto_rotate_period_us is not None:
+                config = replace(config, auto_rotate_period_us=auto_rotate_period_us)
+            if deletion_allowed is not None:
+                config = replace(config, deletion_allowed=deletion_allowed)
+            config = replace(config, update_us=self._clock())
+            if not await self._store.update_config(config):
+                self._keys.pop(name, None)
+                raise key_not_found(name)
+            stored = StoredKey(config, current.stored.versions)
+            self._remember(LoadedKey(stored, {}, current))
+        return stored
+
+    async def delete_key(self, caller: str | None, name: str) -> None:
+        check_key_name(name)
+        self._authorize(caller, Operation.DELETE_KEY, "key/" + name)
+        await self._logged("delete_key", caller, name, self._delete(name))
+
+    async def _delete(self, name: str) -> None:
+        self._require_root()
+        async with self._lock(name):
+            stored = await self._store.get_key(name)
+            if stored is None:
+                raise key_not_found(name)
+            if not stored.config.deletion_allowed:
+                raise deletion_not_allowed(name)
+            await self._store.delete_key(name)
+            self._generation[name] = self._generation.get(name, 0) + 1
+            self._keys.pop(name, None)
+
+    async def rotate_due(self) -> list[str]:
+        """Rotate every key whose automatic rotation period has passed since its latest version; their names."""
+        self._require_root()
+        now = self._clock()
+        rotated: list[str] = []
+        after = ""
+        while True:
+            page = await self._store.list_keys(after, MAX_PAGE_SIZE)
+            for stored in page:
+                period = stored.config.auto_rotate_period_us
+                if period > 0 and now - stored.latest.create_us >= period:
+                    await self._logged(
+                        "auto_rotate", _SYSTEM, stored.config.name, self._rotate(stored.config.name)
+                    )
+                    rotated.append(stored.config.name)
+            if len(page) < MAX_PAGE_SIZE:
+                return rotated
+            after = page[-1].config.name
+
+    # --- use of keys ------------------------------------------------------------------------------------------
+    async def encrypt(
+        self, caller: str | None, name: str, plaintext: bytes, associated_data: bytes = b""
+    ) -> str:
+        check_key_name(name)
+        _check_size("plaintext", plaintext)
+        self._authorize(caller, Operation.ENCRYPT, "key/" + name)
+        key = self._keys.get(name) if self._root is not None else None
+        if key is None:
+            key = await self._logged("encrypt", caller, name, self._key(name))
+        try:
+            ciphertext = key.encrypt(plaintext, associated_data, self._random(NONCE_LEN))
+        except DomainError as error:
+            self._log.info("keyvault.encrypt", caller=caller, resource=name, outcome=error.reason)
+            raise
+        self._log.info(
+            "keyvault.encrypt", caller=caller, resource=name, version=key.latest_version, outcome="ok"
+        )
+        return ciphertext
+
+    async def decrypt(
+        self, caller: str | None, name: str, ciphertext: str, associated_data: bytes = b""
+    ) -> bytes:
+        check_key_name(name)
+        self._authorize(caller, Operation.DECRYPT, "key/" + name)
+        return await self._logged("decrypt", caller, name, self._decrypt(name, ciphertext, associated_data))
+
+    async def _decrypt(self, name: str, ciphertext: str, associated_data: bytes) -> bytes:
+        key = await self._key(name)
+        try:
+            return key.decrypt(ciphertext, associated_data)[0]
+        except DecryptionFailed:
+            # A version newer than ours: another replica rotated. Reload once and retry.
+            token = parse_token(ciphertext)
+            if token is None or token.name != name or token.version <= key.latest_version:
+                raise
+        key = await self._key(name, reload=True)
+        return key.decrypt(ciphertext, associated_data)[0]
+
+    async def batch_encrypt(
+        self, caller: str | None, name: str, items: Sequence[tuple[bytes, bytes]]
+    ) -> list[str | DomainError]:
+        """Each (plaintext, associated data) sealed under the latest version; a failed item fails alone."""
+        check_key_name(name)
+        if len(items) > MAX_BATCH:
+            raise InvalidArgument.field("items", f"at most {MAX_BATCH} items")
+        self._authorize(caller, Operation.ENCRYPT, "key/" + name)
+        key = await self._logged("batch_encrypt", caller, name, self._key(name))
+        results: list[str | DomainError] = []
+        for plaintext, associated_data in items:
+            try:
+                _check_size("plaintext", plaintext)
+                results.append(key.encrypt(plaintext, associated_data, self._random(NONCE_LEN)))
+            except DomainError as error:
+                results.append(error)
+        return results
+
+    async def batch_decrypt(
+        self, caller: str | None, name: str, items: Sequence[tuple[str, bytes]]
+    ) -> list[bytes | DomainError]:
+        """Each (ciphertext, associated data) opened; a failed item is its own opaque `DecryptionFailed`."""
+        check_key_name(name)
+        if len(items) > MAX_BATCH:
+            raise InvalidArgument.field("items", f"at most {MAX_BATCH} items")
+        self._authorize(caller, Operation.DECRYPT, "key/" + name)
+        await self._logged("batch_decrypt", caller, name, self._key(name))
+        results: list[bytes | DomainError] = []
+        for ciphertext, associated_data in items:
+            try:
+                results.append(await self._decrypt(name, ciphertext, associated_data))
+            except DecryptionFailed as error:
+                self._log.warning(
+                    "keyvault.batch_decrypt.item", caller=caller, resource=name, cause=error.cause
+                )
+                results.append(error)
+        return results
+
+    async def rewrap(
+        self, caller: str | None, name: str, ciphertext: str, associated_data: bytes = b""
+    ) -> str:
+        """The same plaintext sealed under the latest version; the plaintext never leaves the vault."""
+        check_key_name(name)
+        self._authorize(caller, Operation.REWRAP, "key/" + name)
+        return await self._logged("rewrap", caller, name, self._rewrap(name, ciphertext, associated_data))
+
+    async def _rewrap(self, name: str, ciphertext: str, associated_data: bytes) -> str:
+        plaintext = await self._decrypt(name, ciphertext, associated_data)
+        key = await self._key(name)
+        return key.encrypt(plaintext, associated_data, self._random(NONCE_LEN))
+
+    async def generate_data_key(
+        self, caller: str | None, name: str, associated_data: bytes = b"", *, include_plaintext: bool = True
+    ) -> DataKey:
+        """A random AES-256 data key sealed under `name` (envelope encryption); the plaintext only if asked."""
+        check_key_name(name)
+        self._authorize(caller, Operation.GENERATE_DATA_KEY, "key/" + name)
+        return await self._logged(
+            "generate_data_key",
+            caller,
+            name,
+            self._generate_data_key(name, associated_data, include_plaintext),
+        )
+
+    async def _generate_data_key(self, name: str, associated_data: bytes, include_plaintext: bool) -> DataKey:
+        key = await self._key(name)
+        data_key = self._random(DATA_KEY_LEN)
+        wrapped = key.encrypt(data_key, associated_data, self._random(NONCE_LEN))
+        return DataKey(plaintext=data_key if include_plaintext else None, wrapped=wrapped)
+
+    async def sign(self, caller: str | None, name: str, message: bytes) -> str:
+        check_key_name(name)
+        _check_size("message", message)
+        self._authorize(caller, Operation.SIGN, "key/" + name)
+        return await self._logged("sign", caller, name, self._use(name, lambda key: key.sign(message)))
+
+    async def verify(self, caller: str | None, name: str, message: bytes, signature: str) -> bool:
+        check_key_name(name)
+        self._authorize(caller, Operation.VERIFY, "key/" + name)
+        return await self._logged("verify", caller, name, self._verify(name, message, signature))
+
+    async def _verify(self, name: str, message: bytes, signature: str) -> bool:
+        key = await self._key(name)
+        if key.verify(message, signature):
+            return True
+        token = parse_token(signature)
+        if token is not None and token.name == name and token.version > key.latest_version:
+            return (await self._key(name, reload=True)).verify(message, signature)
+        return False
+
+    async def hmac(self, caller: str | None, name: str, data: bytes) -> str:
+        check_key_name(name)
+        _check_size("data", data)
+        self._authorize(caller, Operation.HMAC, "key/" + name)
+        return await self._logged("hmac", caller, name, self._use(name, lambda key: key.hmac(data)))
+
+    # --- the secret store -------------------------------------------------------------------------------------
+    async def put_secret(
+        self, caller: str | None, owner: str, path: str, value: bytes, *, cas_version: int | None = None
+    ) -> SecretVersionInfo:
+        """A new version; with `cas_version`, only if the newest version is that one (0: none yet)."""
+        secret_box.check_owner(owner)
+        secret_box.check_path(path)
+        _check_size("value", value, secret_box.MAX_SECRET_BYTES)
+        if cas_version is not None and cas_version < 0:
+            raise InvalidArgument.field("cas_version", "must not be negative")
+        self._authorize(caller, Operation.PUT_SECRET, "secret/" + path)
+        return await self._logged(
+            "put_secret", caller, f"secret/{path}", self._put_secret(owner, path, value, cas_version)
+        )
+
+    async def _put_secret(
+        self, owner: str, path: str, value: bytes, cas_version: int | None
+    ) -> SecretVersionInfo:
+        root = self._require_root()
+        for _ in range(_ROTATE_ATTEMPTS):
+            latest = await self._store.get_secret_version(owner, path, None)
+            current = 0 if latest is None else latest.version
+            if cas_version is not None and cas_version != current:
+                raise cas_mismatch(owner, path, cas_version, current)
+            version = current + 1
+            wrapped, sealed = secret_box.seal_secret(
+                root, self._random, owner=owner, path=path, version=version, value=value
+            )
+            record = SecretRecord(owner, path, version, wrapped, sealed, self._clock())
+            if await self._store.insert_secret_version(record):
+                return SecretVersionInfo.of(record)
+        raise FailedPrecondition("the secret is being written concurrently; retry", reason="SECRET_CONFLICT")
+
+    async def get_secret(
+        self, caller: str | None, owner: str, path: str, version: int = 0
+    ) -> tuple[bytes, SecretVersionInfo]:
+        """The value of a version (0: the newest)."""
+        secret_box.check_owner(owner)
+        secret_box.check_path(path)
+        if version < 0:
+            raise InvalidArgument.field("version", "must not be negative")
+        self._authorize(caller, Operation.GET_SECRET, "secret/" + path)
+        return await self._logged(
+            "get_secret", caller, f"secret/{path}", self._get_secret(owner, path, version)
+        )
+
+    async def _get_secret(self, owner: str, path: str, version: int) -> tuple[bytes, SecretVersionInfo]:
+        root = self._require_root()
+        record = await self._store.get_secret_version(owner, path, version or None)
+        if record is None:
+            raise secret_not_found(owner, path)
+        if record.destroyed:
+            raise secret_version_destroyed(owner, path, record.version)
+        return secret_box.open_secret(root, record), SecretVersionInfo.of(record)
+
+    async def list_secret_versions(
+        self, caller: str | None, owner: str, path: str
+    ) -> list[SecretVersionInfo]:
+        secret_box.check_owner(owner)
+        secret_box.check_path(path)
+        self._authorize(caller, Operation.LIST_SECRET_VERSIONS, "secret/" + path)
+        return await self._logged(
+            "list_secret_versions", caller, f"secret/{path}", self._list_secret(owner, path)
+        )
+
+    async def _list_secret(self, owner: str, path: str) -> list[SecretVersionInfo]:
+        self._require_root()
+        records = await self._store.list_secret_versions(owner, path)
+        if not records:
+            raise secret_not_found(owner, path)
+        return [SecretVersionInfo.of(r) for r in records]
+
+    async def destroy_secret_version(self, caller: str | None, owner: str, path: str, version: int) -> None:
+        secret_box.check_owner(owner)
+        secret_box.check_path(path)
+        if version < 1:
+            raise InvalidArgument.field("version", "must be at least 1")
+        self._authorize(caller, Operation.DESTROY_SECRET_VERSION, "secret/" + path)
+        await self._logged(
+            "destroy_secret_version", caller, f"secret/{path}", self._destroy_secret(owner, path, version)
+        )
+
+    async def _destroy_secret(self, owner: str, path: str, version: int) -> None:
+        self._require_root()
+        if not await self._store.destroy_secret_version(owner, path, version, self._clock()):
+            raise secret_not_found(owner, path)

@@ -1,0 +1,219 @@
+"""The root of trust: what wraps the key ring's material (and the secret store's data keys) at rest.
+
+- `LocalSealedRoot`: a random 256-bit root key, sealed on disk with AES-256-GCM under a key derived from a
+  passphrase by scrypt. The wrapping key is HKDF(root, "keyring-wrap").
+- `Pkcs11Root`: an AES-256 key inside a PKCS#11 token (SoftHSM2 in the tests), created if absent with
+  CKA_SENSITIVE and not CKA_EXTRACTABLE; wrapping is CKM_AES_GCM inside the token, so the key never leaves it.
+
+Wrapped blobs are `kind (1 byte) || nonce (12) || ciphertext || tag (16)`; the caller's associated data binds a
+blob to what it wraps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Protocol
+
+from services.keyvault import primitives
+from services.keyvault.keyring import b64url_decode, b64url_encode
+
+__all__ = ["LocalSealedRoot", "Pkcs11Root", "RootKey", "RootUnwrapError", "WrongPassphrase"]
+
+_LOCAL_KIND = b"\x01"
+_PKCS11_KIND = b"\x02"
+_SEAL_AD = b"tradeguard/keyvault/sealed-root/v1"
+_WRAP_INFO = b"tradeguard/keyvault/keyring-wrap/v1"
+
+
+class RootUnwrapError(Exception):
+    """A wrapped blob did not authenticate under this root key."""
+
+
+class WrongPassphrase(Exception):
+    """The passphrase (or PIN) does not open the root key."""
+
+
+class RootKey(Protocol):
+    kind: str
+
+    def wrap(self, plaintext: bytes, associated_data: bytes) -> bytes: ...
+
+    def unwrap(self, blob: bytes, associated_data: bytes) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class LocalSealedRoot:
+    kind = "local"
+
+    def __init__(self, root: bytes, random: Callable[[int], bytes]) -> None:
+        self._aead = primitives.Aead(primitives.hkdf_sha256(root, _WRAP_INFO))
+        self._random = random
+
+    @staticmethod
+    def exists(path: Path) -> bool:
+        return path.exists()
+
+    @classmethod
+    def create(
+        cls,
+        path: Path,
+        passphrase: str,
+        random: Callable[[int], bytes] = os.urandom,
+        *,
+        scrypt_n: int = 2**15,
+    ) -> LocalSealedRoot:
+        """A new random root key sealed at `path` (which must not exist yet)."""
+        if not passphrase:
+            raise WrongPassphrase("an empty passphrase cannot seal the vault")
+        root = random(primitives.KEY_LEN)
+        salt, nonce = random(16), random(primitives.NONCE_LEN)
+        kek = primitives.scrypt_derive(passphrase.encode(), salt, n=scrypt_n)
+        sealed = primitives.aes_gcm_seal(kek, nonce, root, _SEAL_AD)
+        document = {
+            "format": "tradeguard-sealed-root/v1",
+            "kdf": {"name": "scrypt", "n": scrypt_n, "r": 8, "p": 1, "salt": b64url_encode(salt)},
+            "nonce": b64url_encode(nonce),
+            "sealed": b64url_encode(sealed),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # O_EXCL: never overwrite a sealed root (that would lose every key).
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(document, out)
+            out.flush()
+            os.fsync(out.fileno())
+        return cls(root, random)
+
+    @classmethod
+    def unseal(
+        cls, path: Path, passphrase: str, random: Callable[[int], bytes] = os.urandom
+    ) -> LocalSealedRoot:
+        document: dict[str, Any] = json.loads(path.read_text())
+        if document.get("format") != "tradeguard-sealed-root/v1":
+            raise ValueError(f"{path} is not a sealed Tradeguard root key")
+        kdf = document["kdf"]
+        salt = b64url_decode(str(kdf["salt"]))
+        nonce = b64url_decode(str(document["nonce"]))
+        sealed = b64url_decode(str(document["sealed"]))
+        if salt is None or nonce is None or sealed is None or kdf.get("name") != "scrypt":
+            raise ValueError(f"{path} is damaged")
+        kek = primitives.scrypt_derive(
+            passphrase.encode(), salt, n=int(kdf["n"]), r=int(kdf["r"]), p=int(kdf["p"])
+        )
+        try:
+            root = primitives.aes_gcm_open(kek, nonce, sealed, _SEAL_AD)
+        except primitives.IntegrityError:
+            raise WrongPassphrase("the passphrase does not unseal the root key") from None
+        return cls(root, random)
+
+    def wrap(self, plaintext: bytes, associated_data: bytes) -> bytes:
+        nonce = self._random(primitives.NONCE_LEN)
+        return _LOCAL_KIND + nonce + self._aead.seal(nonce, plaintext, associated_data)
+
+    def unwrap(self, blob: bytes, associated_data: bytes) -> bytes:
+        if blob[:1] != _LOCAL_KIND:
+            raise RootUnwrapError("not wrapped by a local root key")
+        nonce, sealed = blob[1 : 1 + primitives.NONCE_LEN], blob[1 + primitives.NONCE_LEN :]
+        try:
+            return self._aead.open(nonce, sealed, associated_data)
+        except primitives.IntegrityError:
+            raise RootUnwrapError("wrapped material does not authenticate") from None
+
+    def close(self) -> None:
+        """Nothing to release (Python cannot reliably wipe the key bytes)."""
+
+
+class Pkcs11Root:
+    """An AES-256 key held by a PKCS#11 token; every wrap and unwrap is a C_Encrypt / C_Decrypt in the token."""
+
+    kind = "pkcs11"
+
+    def __init__(self, session: Any, key: Any, random: Callable[[int], bytes]) -> None:
+        self._session = session
+        self._key = key
+        self._random = random
+        self._lock = threading.Lock()  # one PKCS#11 session: one operation at a time
+
+    @classmethod
+    def open(
+        cls,
+        module: str,
+        token_label: str,
+        pin: str,
+        key_label: str,
+        random: Callable[[int], bytes] = os.urandom,
+    ) -> Pkcs11Root:
+        """Log in to the token and find the key by label, generating it (in the token) if absent."""
+        import pkcs11
+        from pkcs11 import Attribute, KeyType, ObjectClass
+        from pkcs11.exceptions import NoSuchKey, PinIncorrect, PinLenRange
+
+        library = pkcs11.lib(module)
+        token = library.get_token(token_label=token_label)
+        try:
+            session = token.open(rw=True, user_pin=pin)
+        except (PinIncorrect, PinLenRange):
+            raise WrongPassphrase("the PIN does not open the token") from None
+        try:
+            try:
+                key = session.get_key(
+                    label=key_label, key_type=KeyType.AES, object_class=ObjectClass.SECRET_KEY
+                )
+            except NoSuchKey:
+                key = session.generate_key(
+                    KeyType.AES,
+                    256,
+                    label=key_label,
+                    store=True,
+                    template={
+                        Attribute.SENSITIVE: True,
+                        Attribute.EXTRACTABLE: False,
+                        Attribute.ENCRYPT: True,
+                        Attribute.DECRYPT: True,
+                        Attribute.WRAP: True,
+                        Attribute.UNWRAP: True,
+                    },
+                )
+            if key[Attribute.EXTRACTABLE] or not key[Attribute.SENSITIVE]:
+                raise ValueError(
+                    f"token key {key_label!r} is extractable or not sensitive; refusing to use it"
+                )
+        except BaseException:
+            session.close()
+            raise
+        return cls(session, key, random)
+
+    def _mechanism(self, nonce: bytes, associated_data: bytes) -> tuple[Any, Any]:
+        from pkcs11 import Mechanism
+        from pkcs11.mechanisms import GCMParams
+
+        return Mechanism.AES_GCM, GCMParams(nonce, associated_data or None, primitives.TAG_LEN * 8)
+
+    def wrap(self, plaintext: bytes, associated_data: bytes) -> bytes:
+        nonce = self._random(primitives.NONCE_LEN)
+        mechanism, param = self._mechanism(nonce, associated_data)
+        with self._lock:
+            sealed = self._key.encrypt(plaintext, mechanism=mechanism, mechanism_param=param)
+        return _PKCS11_KIND + nonce + bytes(sealed)
+
+    def unwrap(self, blob: bytes, associated_data: bytes) -> bytes:
+        from pkcs11.exceptions import PKCS11Error
+
+        if blob[:1] != _PKCS11_KIND or len(blob) < 1 + primitives.NONCE_LEN + primitives.TAG_LEN:
+            raise RootUnwrapError("not wrapped by a PKCS#11 root key")
+        nonce, sealed = blob[1 : 1 + primitives.NONCE_LEN], blob[1 + primitives.NONCE_LEN :]
+        mechanism, param = self._mechanism(nonce, associated_data)
+        try:
+            with self._lock:
+                return bytes(self._key.decrypt(sealed, mechanism=mechanism, mechanism_param=param))
+        except PKCS11Error:
+            raise RootUnwrapError("wrapped material does not authenticate") from None
+
+    def close(self) -> None:
+        with self._lock:
+            self._session.close()

@@ -1,0 +1,161 @@
+"""Where the vault keeps its state: the `VaultStore` protocol (SQLite and PostgreSQL implement it).
+
+Nothing but ciphertext and metadata: key material is wrapped under the root key, secret values are sealed under
+their own data keys, which are wrapped under the root key. Names, paths, versions and times are in clear.
+"""
+
+from __future__ import annotations
+
+import builtins
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from services.keyvault.keyring import KeyConfig, KeyType, StoredKey, VersionRecord
+
+__all__ = [
+    "KEY_COLUMNS",
+    "SCHEMA_VERSION",
+    "SECRET_COLUMNS",
+    "VERSION_COLUMNS",
+    "SecretRecord",
+    "VaultStore",
+    "config_from_row",
+    "config_to_row",
+    "secret_from_row",
+    "version_from_row",
+]
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SecretRecord:
+    """One version of a secret. A destroyed version keeps its metadata; its data key and value are gone."""
+
+    owner: str
+    path: str
+    version: int
+    wrapped_data_key: bytes | None = field(repr=False)
+    ciphertext: bytes | None = field(repr=False)
+    create_us: int
+    destroy_us: int = 0
+
+    @property
+    def destroyed(self) -> bool:
+        return self.ciphertext is None
+
+
+class VaultStore(Protocol):
+    async def get_meta(self, key: str) -> bytes | None: ...
+
+    async def put_meta_if_absent(self, key: str, value: bytes) -> bytes:
+        """Store `value` unless `key` has one; return the value now stored."""
+        ...
+
+    async def create_key(self, config: KeyConfig, first: VersionRecord) -> bool:
+        """Create the key with its first version; False (and no change) if the name exists."""
+        ...
+
+    async def get_key(self, name: str) -> StoredKey | None: ...
+
+    async def list_keys(self, after: str, limit: int) -> builtins.list[StoredKey]:
+        """Up to `limit` keys with names greater than `after`, by name."""
+        ...
+
+    async def add_version(self, name: str, record: VersionRecord, update_us: int) -> bool:
+        """Append a version; False if the key is gone or that version number exists (a concurrent rotation)."""
+        ...
+
+    async def update_config(self, config: KeyConfig) -> bool: ...
+
+    async def delete_key(self, name: str) -> bool: ...
+
+    async def insert_secret_version(self, record: SecretRecord) -> bool:
+        """False if (owner, path, version) exists."""
+        ...
+
+    async def get_secret_version(self, owner: str, path: str, version: int | None) -> SecretRecord | None:
+        """The given version, or the newest one when `version` is None."""
+        ...
+
+    async def list_secret_versions(self, owner: str, path: str) -> builtins.list[SecretRecord]:
+        """Every version, ascending, with data key and value left out (None)."""
+        ...
+
+    async def destroy_secret_version(self, owner: str, path: str, version: int, now_us: int) -> bool:
+        """Erase the data key and value of a version; False if there is no such version."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+KEY_COLUMNS = (
+    "name",
+    "type",
+    "min_decryption_version",
+    "auto_rotate_period_us",
+    "deletion_allowed",
+    "create_us",
+    "update_us",
+)
+VERSION_COLUMNS = ("version", "wrapped", "public_key", "create_us")
+SECRET_COLUMNS = ("owner", "path", "version", "wrapped_data_key", "ciphertext", "create_us", "destroy_us")
+
+
+def config_to_row(config: KeyConfig) -> tuple[str, str, int, int, bool, int, int]:
+    return (
+        config.name,
+        config.type.value,
+        config.min_decryption_version,
+        config.auto_rotate_period_us,
+        config.deletion_allowed,
+        config.create_us,
+        config.update_us,
+    )
+
+
+def config_from_row(row: tuple[object, ...]) -> KeyConfig:
+    name, type_, min_version, period, deletion_allowed, create_us, update_us = row
+    assert isinstance(name, str) and isinstance(type_, str)
+    assert isinstance(min_version, int) and isinstance(period, int)
+    assert isinstance(create_us, int) and isinstance(update_us, int)
+    return KeyConfig(
+        name=name,
+        type=KeyType(type_),
+        min_decryption_version=min_version,
+        auto_rotate_period_us=period,
+        deletion_allowed=bool(deletion_allowed),
+        create_us=create_us,
+        update_us=update_us,
+    )
+
+
+def version_from_row(row: tuple[object, ...]) -> VersionRecord:
+    version, wrapped, public_key, create_us = row
+    assert isinstance(version, int) and isinstance(create_us, int)
+    return VersionRecord(
+        version=version, wrapped=_bytes(wrapped), public_key=_bytes(public_key), create_us=create_us
+    )
+
+
+def secret_from_row(row: tuple[object, ...]) -> SecretRecord:
+    owner, path, version, wrapped, ciphertext, create_us, destroy_us = row
+    assert isinstance(owner, str) and isinstance(path, str) and isinstance(version, int)
+    assert isinstance(create_us, int) and isinstance(destroy_us, int)
+    return SecretRecord(
+        owner=owner,
+        path=path,
+        version=version,
+        wrapped_data_key=None if wrapped is None else _bytes(wrapped),
+        ciphertext=None if ciphertext is None else _bytes(ciphertext),
+        create_us=create_us,
+        destroy_us=destroy_us,
+    )
+
+
+def _bytes(value: object) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    raise TypeError(f"expected bytes, got {type(value).__name__}")

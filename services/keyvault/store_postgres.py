@@ -1,0 +1,280 @@
+"""PostgreSQL vault store over a psycopg 3 async connection pool; every write is one transaction.
+
+A rotation appends version n + 1 only while n is the newest (the primary key on (name, version) and a row lock
+on the key decide races between vault replicas). Secret versions are unique on (owner, path, version).
+"""
+
+from __future__ import annotations
+
+import builtins
+import re
+from typing import Any
+
+from psycopg import AsyncConnection, sql
+from psycopg_pool import AsyncConnectionPool
+
+from services.keyvault.keyring import KeyConfig, StoredKey, VersionRecord
+from services.keyvault.store import (
+    KEY_COLUMNS,
+    SCHEMA_VERSION,
+    SECRET_COLUMNS,
+    VERSION_COLUMNS,
+    SecretRecord,
+    config_from_row,
+    config_to_row,
+    secret_from_row,
+    version_from_row,
+)
+
+__all__ = ["PostgresVaultStore"]
+
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+Pool = AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]]
+
+
+def _ddl(schema: str) -> list[sql.Composed]:
+    fmt = {
+        "schema": sql.Identifier(schema),
+        "version": sql.Identifier(schema, "schema_version"),
+        "meta": sql.Identifier(schema, "vault_meta"),
+        "keys": sql.Identifier(schema, "keys"),
+        "versions": sql.Identifier(schema, "key_versions"),
+        "secrets": sql.Identifier(schema, "secret_versions"),
+    }
+    return [
+        sql.SQL("CREATE SCHEMA IF NOT EXISTS {schema}").format(**fmt),
+        sql.SQL("CREATE TABLE IF NOT EXISTS {version} (version integer NOT NULL)").format(**fmt),
+        sql.SQL("CREATE TABLE IF NOT EXISTS {meta} (key text PRIMARY KEY, value bytea NOT NULL)").format(
+            **fmt
+        ),
+        sql.SQL(
+            """CREATE TABLE IF NOT EXISTS {keys} (
+                name text COLLATE "C" PRIMARY KEY,
+                type text NOT NULL,
+                min_decryption_version integer NOT NULL,
+                auto_rotate_period_us bigint NOT NULL,
+                deletion_allowed boolean NOT NULL,
+                create_us bigint NOT NULL,
+                update_us bigint NOT NULL
+            )"""
+        ).format(**fmt),
+        sql.SQL(
+            """CREATE TABLE IF NOT EXISTS {versions} (
+                name text COLLATE "C" NOT NULL REFERENCES {keys} (name) ON DELETE CASCADE,
+                version integer NOT NULL,
+                wrapped bytea NOT NULL,
+                public_key bytea NOT NULL,
+                create_us bigint NOT NULL,
+                PRIMARY KEY (name, version)
+            )"""
+        ).format(**fmt),
+        sql.SQL(
+            """CREATE TABLE IF NOT EXISTS {secrets} (
+                owner text COLLATE "C" NOT NULL,
+                path text COLLATE "C" NOT NULL,
+                version integer NOT NULL,
+                wrapped_data_key bytea,
+                ciphertext bytea,
+                create_us bigint NOT NULL,
+                destroy_us bigint NOT NULL,
+                PRIMARY KEY (owner, path, version)
+            )"""
+        ).format(**fmt),
+    ]
+
+
+def _statements(schema: str) -> dict[str, sql.Composed]:
+    fmt = {
+        "meta": sql.Identifier(schema, "vault_meta"),
+        "keys": sql.Identifier(schema, "keys"),
+        "versions": sql.Identifier(schema, "key_versions"),
+        "secrets": sql.Identifier(schema, "secret_versions"),
+        "key_cols": sql.SQL(", ").join(sql.Identifier(c) for c in KEY_COLUMNS),
+        "key_params": sql.SQL(", ").join(sql.Placeholder() for _ in KEY_COLUMNS),
+        "version_cols": sql.SQL(", ").join(sql.Identifier(c) for c in VERSION_COLUMNS),
+        "secret_cols": sql.SQL(", ").join(sql.Identifier(c) for c in SECRET_COLUMNS),
+        "secret_params": sql.SQL(", ").join(sql.Placeholder() for _ in SECRET_COLUMNS),
+    }
+    q = {
+        "get_meta": "SELECT value FROM {meta} WHERE key = %s",
+        "put_meta": "INSERT INTO {meta} (key, value) VALUES (%s, %s) ON CONFLICT (key) DO NOTHING",
+        "create_key": "INSERT INTO {keys} ({key_cols}) VALUES ({key_params}) "
+        "ON CONFLICT (name) DO NOTHING RETURNING name",
+        "insert_version": "INSERT INTO {versions} (name, version, wrapped, public_key, create_us) "
+        "VALUES (%s, %s, %s, %s, %s)",
+        "select_key": "SELECT {key_cols} FROM {keys} WHERE name = %s",
+        "select_versions": "SELECT {version_cols} FROM {versions} WHERE name = %s ORDER BY version",
+        "list_keys": "SELECT {key_cols} FROM {keys} WHERE name > %s ORDER BY name LIMIT %s",
+        "lock_key": "UPDATE {keys} SET update_us = %s WHERE name = %s RETURNING name",
+        "max_version": "SELECT max(version) FROM {versions} WHERE name = %s",
+        "update_config": "UPDATE {keys} SET min_decryption_version = %s, auto_rotate_period_us = %s, "
+        "deletion_allowed = %s, update_us = %s WHERE name = %s",
+        "delete_key": "DELETE FROM {keys} WHERE name = %s",
+        "insert_secret": "INSERT INTO {secrets} ({secret_cols}) VALUES ({secret_params}) "
+        "ON CONFLICT DO NOTHING RETURNING version",
+        "secret_version": "SELECT {secret_cols} FROM {secrets} WHERE owner = %s AND path = %s AND version = %s",
+        "secret_latest": "SELECT {secret_cols} FROM {secrets} WHERE owner = %s AND path = %s "
+        "ORDER BY version DESC LIMIT 1",
+        "secret_list": "SELECT owner, path, version, NULL, NULL, create_us, destroy_us FROM {secrets} "
+        "WHERE owner = %s AND path = %s ORDER BY version",
+        "secret_destroy": "UPDATE {secrets} SET wrapped_data_key = NULL, ciphertext = NULL, "
+        "destroy_us = CASE WHEN destroy_us = 0 THEN %s ELSE destroy_us END "
+        "WHERE owner = %s AND path = %s AND version = %s",
+    }
+    return {name: sql.SQL(text).format(**fmt) for name, text in q.items()}
+
+
+class PostgresVaultStore:
+    def __init__(self, pool: Pool, schema: str) -> None:
+        self._pool = pool
+        self.schema = schema
+        self._sql = _statements(schema)
+
+    @classmethod
+    async def open(
+        cls, dsn: str, *, schema: str = "tradeguard_keyvault", min_size: int = 1, max_size: int = 10
+    ) -> PostgresVaultStore:
+        if _SCHEMA_NAME.fullmatch(schema) is None:
+            raise ValueError(f"invalid schema name {schema!r}: use lower-case letters, digits and '_'")
+        pool: Pool = AsyncConnectionPool(
+            dsn, min_size=min_size, max_size=max_size, open=False, kwargs={"autocommit": True}
+        )
+        await pool.open(wait=True)
+        try:
+            async with pool.connection() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"tradeguard:{schema}",))
+                for statement in _ddl(schema):
+                    await conn.execute(statement)
+                table = sql.Identifier(schema, "schema_version")
+                cur = await conn.execute(sql.SQL("SELECT max(version) FROM {}").format(table))
+                row = await cur.fetchone()
+                version = None if row is None else row[0]
+                if version is None:
+                    await conn.execute(
+                        sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(table), (SCHEMA_VERSION,)
+                    )
+                elif version > SCHEMA_VERSION:
+                    raise RuntimeError(
+                        f"schema {schema} is at version {version}, newer than {SCHEMA_VERSION}"
+                    )
+        except BaseException:
+            await pool.close()
+            raise
+        return cls(pool, schema)
+
+    async def _load_key(self, conn: AsyncConnection[tuple[Any, ...]], row: tuple[Any, ...]) -> StoredKey:
+        config = config_from_row(row)
+        cur = await conn.execute(self._sql["select_versions"], (config.name,))
+        versions = tuple(version_from_row(r) for r in await cur.fetchall())
+        return StoredKey(config=config, versions=versions)
+
+    async def get_meta(self, key: str) -> bytes | None:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(self._sql["get_meta"], (key,))
+            row = await cur.fetchone()
+        return None if row is None else bytes(row[0])
+
+    async def put_meta_if_absent(self, key: str, value: bytes) -> bytes:
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute(self._sql["put_meta"], (key, value))
+            cur = await conn.execute(self._sql["get_meta"], (key,))
+            row = await cur.fetchone()
+        assert row is not None
+        return bytes(row[0])
+
+    async def create_key(self, config: KeyConfig, first: VersionRecord) -> bool:
+        async with self._pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(self._sql["create_key"], config_to_row(config))
+            if await cur.fetchone() is None:
+                return False
+            await conn.execute(
+                self._sql["insert_version"],
+                (config.name, first.version, first.wrapped, first.public_key, first.create_us),
+            )
+        return True
+
+    async def get_key(self, name: str) -> StoredKey | None:
+        async with self._pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(self._sql["select_key"], (name,))
+            row = await cur.fetchone()
+            return None if row is None else await self._load_key(conn, row)
+
+    async def list_keys(self, after: str, limit: int) -> builtins.list[StoredKey]:
+        async with self._pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(self._sql["list_keys"], (after, limit))
+            return [await self._load_key(conn, row) for row in await cur.fetchall()]
+
+    async def add_version(self, name: str, record: VersionRecord, update_us: int) -> bool:
+        async with self._pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(
+                self._sql["lock_key"], (update_us, name)
+            )  # row lock: rotations queue here
+            if await cur.fetchone() is None:
+                return False
+            cur = await conn.execute(self._sql["max_version"], (name,))
+            row = await cur.fetchone()
+            if row is None or row[0] != record.version - 1:
+                return False
+            await conn.execute(
+                self._sql["insert_version"],
+                (name, record.version, record.wrapped, record.public_key, record.create_us),
+            )
+        return True
+
+    async def update_config(self, config: KeyConfig) -> bool:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                self._sql["update_config"],
+                (
+                    config.min_decryption_version,
+                    config.auto_rotate_period_us,
+                    config.deletion_allowed,
+                    config.update_us,
+                    config.name,
+                ),
+            )
+            return cur.rowcount == 1
+
+    async def delete_key(self, name: str) -> bool:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(self._sql["delete_key"], (name,))
+            return cur.rowcount == 1
+
+    async def insert_secret_version(self, record: SecretRecord) -> bool:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(
+                self._sql["insert_secret"],
+                (
+                    record.owner,
+                    record.path,
+                    record.version,
+                    record.wrapped_data_key,
+                    record.ciphertext,
+                    record.create_us,
+                    record.destroy_us,
+                ),
+            )
+            return await cur.fetchone() is not None
+
+    async def get_secret_version(self, owner: str, path: str, version: int | None) -> SecretRecord | None:
+        async with self._pool.connection() as conn:
+            if version is None:
+                cur = await conn.execute(self._sql["secret_latest"], (owner, path))
+            else:
+                cur = await conn.execute(self._sql["secret_version"], (owner, path, version))
+            row = await cur.fetchone()
+        return None if row is None else secret_from_row(row)
+
+    async def list_secret_versions(self, owner: str, path: str) -> builtins.list[SecretRecord]:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(self._sql["secret_list"], (owner, path))
+            return [secret_from_row(row) for row in await cur.fetchall()]
+
+    async def destroy_secret_version(self, owner: str, path: str, version: int, now_us: int) -> bool:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(self._sql["secret_destroy"], (now_us, owner, path, version))
+            return cur.rowcount == 1
+
+    async def close(self) -> None:
+        await self._pool.close()

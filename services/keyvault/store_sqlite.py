@@ -1,0 +1,304 @@
+"""SQLite vault store: WAL, synchronous=FULL, secure_delete=ON, every write one BEGIN IMMEDIATE transaction.
+
+All database work runs on one dedicated worker thread (the event loop never blocks on disk; the connection is
+only touched by the thread that opened it). `secure_delete` overwrites erased content with zeros, so a destroyed
+secret version or a deleted key leaves no wrapped bytes behind in free pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import sqlite3
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TypeVar
+
+from services.keyvault.keyring import KeyConfig, StoredKey, VersionRecord
+from services.keyvault.store import (
+    KEY_COLUMNS,
+    SCHEMA_VERSION,
+    SECRET_COLUMNS,
+    VERSION_COLUMNS,
+    SecretRecord,
+    config_from_row,
+    config_to_row,
+    secret_from_row,
+    version_from_row,
+)
+
+__all__ = ["SqliteVaultStore"]
+
+T = TypeVar("T")
+
+_BUSY_TIMEOUT_MS = 5000
+_KEY_COLS = ", ".join(KEY_COLUMNS)
+_VERSION_COLS = ", ".join(VERSION_COLUMNS)
+_SECRET_COLS = ", ".join(SECRET_COLUMNS)
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL) STRICT",
+    "CREATE TABLE IF NOT EXISTS vault_meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) STRICT",
+    """CREATE TABLE IF NOT EXISTS keys (
+        name TEXT PRIMARY KEY,
+        type TEXT NOT NULL,
+        min_decryption_version INTEGER NOT NULL,
+        auto_rotate_period_us INTEGER NOT NULL,
+        deletion_allowed INTEGER NOT NULL,
+        create_us INTEGER NOT NULL,
+        update_us INTEGER NOT NULL
+    ) STRICT""",
+    """CREATE TABLE IF NOT EXISTS key_versions (
+        name TEXT NOT NULL REFERENCES keys (name) ON DELETE CASCADE,
+        version INTEGER NOT NULL,
+        wrapped BLOB NOT NULL,
+        public_key BLOB NOT NULL,
+        create_us INTEGER NOT NULL,
+        PRIMARY KEY (name, version)
+    ) STRICT""",
+    """CREATE TABLE IF NOT EXISTS secret_versions (
+        owner TEXT NOT NULL,
+        path TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        wrapped_data_key BLOB,
+        ciphertext BLOB,
+        create_us INTEGER NOT NULL,
+        destroy_us INTEGER NOT NULL,
+        PRIMARY KEY (owner, path, version)
+    ) STRICT""",
+)
+
+_SELECT_KEY = f"SELECT {_KEY_COLS} FROM keys WHERE name = ?"  # noqa: S608 - constant column names
+_SELECT_VERSIONS = f"SELECT {_VERSION_COLS} FROM key_versions WHERE name = ? ORDER BY version"  # noqa: S608
+_LIST_KEYS = f"SELECT {_KEY_COLS} FROM keys WHERE name > ? ORDER BY name LIMIT ?"  # noqa: S608
+_SECRET_BY_VERSION = (
+    f"SELECT {_SECRET_COLS} FROM secret_versions WHERE owner = ? AND path = ? AND version = ?"  # noqa: S608
+)
+_SECRET_LATEST = (
+    f"SELECT {_SECRET_COLS} FROM secret_versions WHERE owner = ? AND path = ? "  # noqa: S608
+    "ORDER BY version DESC LIMIT 1"
+)
+_LIST_VERSIONS_OF = (
+    "SELECT owner, path, version, NULL, NULL, create_us, destroy_us FROM secret_versions "
+    "WHERE owner = ? AND path = ? ORDER BY version"
+)
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+    try:
+        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+        if mode is None or str(mode[0]).lower() != "wal":
+            raise RuntimeError(f"could not switch {path} to WAL (got {mode!r})")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("PRAGMA secure_delete = ON")
+        _in_transaction(conn, _create_schema)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _create_schema(conn: sqlite3.Connection) -> None:
+    for statement in _SCHEMA:
+        conn.execute(statement)
+    row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
+    version = None if row is None else row[0]
+    if version is None:
+        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+    elif version > SCHEMA_VERSION:
+        raise RuntimeError(f"database schema version {version} is newer than this code ({SCHEMA_VERSION})")
+
+
+def _in_transaction(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = work(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
+
+
+def _load_key(conn: sqlite3.Connection, row: tuple[object, ...]) -> StoredKey:
+    config = config_from_row(row)
+    versions = tuple(version_from_row(r) for r in conn.execute(_SELECT_VERSIONS, (config.name,)))
+    return StoredKey(config=config, versions=versions)
+
+
+class SqliteVaultStore:
+    def __init__(self, conn: sqlite3.Connection, executor: ThreadPoolExecutor, path: Path) -> None:
+        self._conn: sqlite3.Connection | None = conn
+        self._executor = executor
+        self.path = path
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteVaultStore:
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-vault")
+        try:
+            conn = await asyncio.get_running_loop().run_in_executor(executor, _connect, path)
+        except BaseException:
+            executor.shutdown(wait=False)
+            raise
+        return cls(conn, executor, path)
+
+    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("the vault store is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work, conn)
+
+    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        return await self._run(lambda conn: _in_transaction(conn, work))
+
+    async def get_meta(self, key: str) -> bytes | None:
+        def work(conn: sqlite3.Connection) -> bytes | None:
+            row = conn.execute("SELECT value FROM vault_meta WHERE key = ?", (key,)).fetchone()
+            return None if row is None else bytes(row[0])
+
+        return await self._run(work)
+
+    async def put_meta_if_absent(self, key: str, value: bytes) -> bytes:
+        def work(conn: sqlite3.Connection) -> bytes:
+            conn.execute(
+                "INSERT INTO vault_meta (key, value) VALUES (?, ?) ON CONFLICT DO NOTHING", (key, value)
+            )
+            row = conn.execute("SELECT value FROM vault_meta WHERE key = ?", (key,)).fetchone()
+            return bytes(row[0])
+
+        return await self._write(work)
+
+    async def create_key(self, config: KeyConfig, first: VersionRecord) -> bool:
+        def work(conn: sqlite3.Connection) -> bool:
+            placeholders = ", ".join("?" for _ in KEY_COLUMNS)
+            inserted = conn.execute(
+                f"INSERT INTO keys ({_KEY_COLS}) VALUES ({placeholders}) "  # noqa: S608
+                "ON CONFLICT (name) DO NOTHING RETURNING name",
+                config_to_row(config),
+            ).fetchall()
+            if not inserted:
+                return False
+            _insert_version(conn, config.name, first)
+            return True
+
+        return await self._write(work)
+
+    async def get_key(self, name: str) -> StoredKey | None:
+        def work(conn: sqlite3.Connection) -> StoredKey | None:
+            row = conn.execute(_SELECT_KEY, (name,)).fetchone()
+            return None if row is None else _load_key(conn, row)
+
+        return await self._run(work)
+
+    async def list_keys(self, after: str, limit: int) -> builtins.list[StoredKey]:
+        def work(conn: sqlite3.Connection) -> builtins.list[StoredKey]:
+            rows = conn.execute(_LIST_KEYS, (after, limit)).fetchall()
+            return [_load_key(conn, row) for row in rows]
+
+        return await self._run(work)
+
+    async def add_version(self, name: str, record: VersionRecord, update_us: int) -> bool:
+        def work(conn: sqlite3.Connection) -> bool:
+            if conn.execute("UPDATE keys SET update_us = ? WHERE name = ?", (update_us, name)).rowcount != 1:
+                return False
+            latest = conn.execute("SELECT max(version) FROM key_versions WHERE name = ?", (name,)).fetchone()
+            if latest is None or latest[0] != record.version - 1:
+                return False
+            _insert_version(conn, name, record)
+            return True
+
+        return await self._write(work)
+
+    async def update_config(self, config: KeyConfig) -> bool:
+        def work(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "UPDATE keys SET min_decryption_version = ?, auto_rotate_period_us = ?, deletion_allowed = ?, "
+                "update_us = ? WHERE name = ?",
+                (
+                    config.min_decryption_version,
+                    config.auto_rotate_period_us,
+                    config.deletion_allowed,
+                    config.update_us,
+                    config.name,
+                ),
+            )
+            return cursor.rowcount == 1
+
+        return await self._write(work)
+
+    async def delete_key(self, name: str) -> bool:
+        def work(conn: sqlite3.Connection) -> bool:
+            conn.execute("DELETE FROM key_versions WHERE name = ?", (name,))
+            return conn.execute("DELETE FROM keys WHERE name = ?", (name,)).rowcount == 1
+
+        return await self._write(work)
+
+    async def insert_secret_version(self, record: SecretRecord) -> bool:
+        def work(conn: sqlite3.Connection) -> bool:
+            placeholders = ", ".join("?" for _ in SECRET_COLUMNS)
+            rows = conn.execute(
+                f"INSERT INTO secret_versions ({_SECRET_COLS}) VALUES ({placeholders}) "  # noqa: S608
+                "ON CONFLICT DO NOTHING RETURNING version",
+                (
+                    record.owner,
+                    record.path,
+                    record.version,
+                    record.wrapped_data_key,
+                    record.ciphertext,
+                    record.create_us,
+                    record.destroy_us,
+                ),
+            ).fetchall()
+            return bool(rows)
+
+        return await self._write(work)
+
+    async def get_secret_version(self, owner: str, path: str, version: int | None) -> SecretRecord | None:
+        def work(conn: sqlite3.Connection) -> SecretRecord | None:
+            if version is None:
+                row = conn.execute(_SECRET_LATEST, (owner, path)).fetchone()
+            else:
+                row = conn.execute(_SECRET_BY_VERSION, (owner, path, version)).fetchone()
+            return None if row is None else secret_from_row(row)
+
+        return await self._run(work)
+
+    async def list_secret_versions(self, owner: str, path: str) -> builtins.list[SecretRecord]:
+        def work(conn: sqlite3.Connection) -> builtins.list[SecretRecord]:
+            return [secret_from_row(row) for row in conn.execute(_LIST_VERSIONS_OF, (owner, path))]
+
+        return await self._run(work)
+
+    async def destroy_secret_version(self, owner: str, path: str, version: int, now_us: int) -> bool:
+        def work(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
+                "UPDATE secret_versions SET wrapped_data_key = NULL, ciphertext = NULL, "
+                "destroy_us = CASE WHEN destroy_us = 0 THEN ? ELSE destroy_us END "
+                "WHERE owner = ? AND path = ? AND version = ?",
+                (now_us, owner, path, version),
+            )
+            return cursor.rowcount == 1
+
+        return await self._write(work)
+
+    async def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
+        finally:
+            self._executor.shutdown(wait=False)
+
+
+def _insert_version(conn: sqlite3.Connection, name: str, record: VersionRecord) -> None:
+    conn.execute(
+        "INSERT INTO key_versions (name, version, wrapped, public_key, create_us) VALUES (?, ?, ?, ?, ?)",
+        (name, record.version, record.wrapped, record.public_key, record.create_us),
+    )

@@ -1,0 +1,275 @@
+"""The key vault end to end over mutual TLS: real server, real certificates, rich errors."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, replace
+
+import grpc
+import pytest
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2, status_pb2
+
+from services.keyvault.server import Built, build
+from services.keyvault.settings import Settings
+from tradeguard.keyvault.v1 import keyvault_pb2 as pb
+from tradeguard.keyvault.v1 import keyvault_pb2_grpc
+from tradeguard.mesh import pki, tls
+from tradeguard.mesh.channel import MeshChannel
+from tradeguard.mesh.server import ServerConfig
+
+PASSPHRASE = "server test passphrase"
+
+
+def _error(err: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str, str]:
+    raw = dict(err.trailing_metadata() or ())["grpc-status-details-bin"]
+    status = status_pb2.Status.FromString(raw)  # type: ignore[arg-type]
+    for any_ in status.details:
+        if any_.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            any_.Unpack(info)
+            return err.code(), info.reason, status.message
+    raise AssertionError("no ErrorInfo")
+
+
+@dataclass
+class RunningVault:
+    built: Built
+    paths: pki.PkiPaths
+    port: int
+
+    def stub(self, caller: str) -> tuple[MeshChannel, keyvault_pb2_grpc.KeyVaultServiceAsyncStub]:
+        channel = MeshChannel(f"127.0.0.1:{self.port}", "keyvault", tls.Workload.of(self.paths, caller))
+        return channel, keyvault_pb2_grpc.KeyVaultServiceStub(channel)  # type: ignore[return-value]
+
+
+@pytest.fixture
+async def start_vault(pki_paths: pki.PkiPaths) -> AsyncIterator[Callable[..., object]]:
+    running: list[RunningVault] = []
+    home = pki_paths.home
+    for name in ("audit",):
+        pki.issue(pki_paths, name)
+
+    async def start(**overrides: object) -> RunningVault:
+        settings = Settings(
+            server=ServerConfig(name="keyvault", port=0, home=home, grace_s=1.0),
+            database_url=f"sqlite:///{home / 'data' / 'keyvault.db'}",
+            root_path=home / "data" / "keyvault.root",
+            passphrase=PASSPHRASE,
+            scrypt_n=2**10,
+        )
+        built = await build(replace(settings, **overrides))  # type: ignore[arg-type]
+        port = await built.server.start()
+        r = RunningVault(built, pki_paths, port)
+        running.append(r)
+        return r
+
+    yield start
+    for r in running:
+        await r.built.server.stop(0)
+        await r.built.close()
+
+
+async def test_keys_encrypt_decrypt_and_policy_over_mtls(start_vault) -> None:
+    vault = await start_vault()
+    ops_channel, ops = vault.stub("ops")
+    auth_channel, auth = vault.stub("auth")
+    trading_channel, trading = vault.stub("trading")
+    async with ops_channel, auth_channel, trading_channel:
+        created = await ops.CreateKey(
+            pb.CreateKeyRequest(
+                name="credentials",
+                type=pb.KEY_TYPE_AES256_GCM,
+                auto_rotate_period=duration_pb2.Duration(seconds=86400),
+            ),
+            timeout=5,
+        )
+        assert created.key.latest_version == 1 and created.key.auto_rotate_period.seconds == 86400
+        enc = await auth.Encrypt(
+            pb.EncryptRequest(key_name="credentials", plaintext=b"api-secret", associated_data=b"user-1"),
+            timeout=5,
+        )
+        assert enc.ciphertext.startswith("tgv1:credentials:v1:")
+        dec = await auth.Decrypt(
+            pb.DecryptRequest(key_name="credentials", ciphertext=enc.ciphertext, associated_data=b"user-1"),
+            timeout=5,
+        )
+        assert dec.plaintext == b"api-secret"
+        # The trading service may not decrypt credentials.
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await trading.Decrypt(
+                pb.DecryptRequest(key_name="credentials", ciphertext=enc.ciphertext), timeout=5
+            )
+        assert _error(denied.value)[:2] == (grpc.StatusCode.PERMISSION_DENIED, "VAULT_PERMISSION_DENIED")
+        # Only ops administers keys (the mesh's method allow-list answers first).
+        with pytest.raises(grpc.aio.AioRpcError) as admin:
+            await auth.RotateKey(pb.RotateKeyRequest(name="credentials"), timeout=5)
+        assert admin.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        # Every tampering gives the same opaque answer.
+        answers = set()
+        for bad, ad in (
+            (enc.ciphertext[:-2], b"user-1"),
+            (enc.ciphertext, b"user-2"),
+            (enc.ciphertext.replace(":v1:", ":v2:"), b"user-1"),
+            ("tgv1:credentials:v1:AAAA", b"user-1"),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as failed:
+                await auth.Decrypt(
+                    pb.DecryptRequest(key_name="credentials", ciphertext=bad, associated_data=ad)
+                )
+            answers.add(_error(failed.value))
+        assert answers == {(grpc.StatusCode.INVALID_ARGUMENT, "DECRYPTION_FAILED", "decryption failed")}
+        # Batch: one bad item fails alone.
+        batch = await auth.BatchDecrypt(
+            pb.BatchDecryptRequest(
+                key_name="credentials",
+                items=[
+                    pb.BatchDecryptItem(ciphertext=enc.ciphertext, associated_data=b"user-1"),
+                    pb.BatchDecryptItem(ciphertext=enc.ciphertext, associated_data=b"nope"),
+                ],
+            ),
+            timeout=5,
+        )
+        assert batch.results[0].plaintext == b"api-secret"
+        assert batch.results[1].error.reason == "DECRYPTION_FAILED"
+        assert batch.results[1].error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        # Rotation, rewrap, data keys.
+        rotated = await ops.RotateKey(pb.RotateKeyRequest(name="credentials"), timeout=5)
+        assert rotated.key.latest_version == 2 and [v.version for v in rotated.key.versions] == [1, 2]
+        rewrapped = await auth.Rewrap(
+            pb.RewrapRequest(key_name="credentials", ciphertext=enc.ciphertext, associated_data=b"user-1")
+        )
+        assert rewrapped.ciphertext.startswith("tgv1:credentials:v2:")
+        await ops.UpdateKeyConfig(pb.UpdateKeyConfigRequest(name="credentials", min_decryption_version=2))
+        with pytest.raises(grpc.aio.AioRpcError) as old:
+            await auth.Decrypt(
+                pb.DecryptRequest(
+                    key_name="credentials", ciphertext=enc.ciphertext, associated_data=b"user-1"
+                )
+            )
+        assert _error(old.value)[1] == "DECRYPTION_FAILED"
+        dk = await auth.GenerateDataKey(
+            pb.GenerateDataKeyRequest(key_name="credentials", format=pb.DATA_KEY_FORMAT_WRAPPED_ONLY)
+        )
+        assert dk.plaintext == b"" and dk.wrapped_key.startswith("tgv1:credentials:v2:")
+        # Deletion is refused until allowed.
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await ops.DeleteKey(pb.DeleteKeyRequest(name="credentials"))
+        assert _error(refused.value)[:2] == (grpc.StatusCode.FAILED_PRECONDITION, "DELETION_NOT_ALLOWED")
+        listed = await ops.ListKeys(pb.ListKeysRequest())
+        assert [k.name for k in listed.keys] == ["credentials"]
+
+
+async def test_signing_hmac_and_secrets_over_mtls(start_vault) -> None:
+    vault = await start_vault()
+    ops_channel, ops = vault.stub("ops")
+    auth_channel, auth = vault.stub("auth")
+    audit_channel, audit = vault.stub("audit")
+    async with ops_channel, auth_channel, audit_channel:
+        await ops.CreateKey(pb.CreateKeyRequest(name="audit/tree-heads", type=pb.KEY_TYPE_ED25519))
+        await ops.CreateKey(pb.CreateKeyRequest(name="auth/api-key-ids", type=pb.KEY_TYPE_HMAC_SHA256))
+        signed = await audit.Sign(pb.SignRequest(key_name="audit/tree-heads", message=b"root-hash"))
+        assert (
+            await auth.Verify(
+                pb.VerifyRequest(
+                    key_name="audit/tree-heads", message=b"root-hash", signature=signed.signature
+                )
+            )
+        ).valid
+        key = (await ops.GetKey(pb.GetKeyRequest(name="audit/tree-heads"))).key
+        assert len(key.versions[0].public_key) == 32  # public half only; the proto has no field for material
+        mac = await auth.Hmac(pb.HmacRequest(key_name="auth/api-key-ids", data=b"kid-1"))
+        assert mac.mac.startswith("tgv1:auth/api-key-ids:v1:")
+
+        put = await auth.PutSecret(
+            pb.PutSecretRequest(owner="alice", path="auth/totp", value=b"seed", cas_version=0)
+        )
+        assert put.version.version == 1
+        got = await auth.GetSecret(pb.GetSecretRequest(owner="alice", path="auth/totp"))
+        assert got.value == b"seed" and got.version.version == 1
+        await ops.DestroySecretVersion(
+            pb.DestroySecretVersionRequest(owner="alice", path="auth/totp", version=1)
+        )
+        versions = await ops.ListSecretVersions(pb.ListSecretVersionsRequest(owner="alice", path="auth/totp"))
+        assert versions.versions[0].HasField("destroy_time")
+        with pytest.raises(grpc.aio.AioRpcError) as gone:
+            await auth.GetSecret(pb.GetSecretRequest(owner="alice", path="auth/totp", version=1))
+        assert _error(gone.value)[1] == "SECRET_VERSION_DESTROYED"
+
+
+async def test_sealed_vault_answers_unavailable_until_unsealed(start_vault) -> None:
+    vault = await start_vault(passphrase=None)
+    ops_channel, ops = vault.stub("ops")
+    auth_channel, auth = vault.stub("auth")
+    async with ops_channel, auth_channel:
+        status = await auth.GetSealStatus(pb.GetSealStatusRequest())
+        assert status.sealed and status.root_kind == pb.ROOT_KIND_LOCAL
+        with pytest.raises(grpc.aio.AioRpcError) as sealed:
+            await auth.Encrypt(pb.EncryptRequest(key_name="credentials", plaintext=b"x"))
+        assert _error(sealed.value)[:2] == (grpc.StatusCode.UNAVAILABLE, "VAULT_SEALED")
+        with pytest.raises(grpc.aio.AioRpcError) as not_ops:
+            await auth.Unseal(pb.UnsealRequest(passphrase=PASSPHRASE))
+        assert not_ops.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert not (
+            await ops.Unseal(pb.UnsealRequest(passphrase=PASSPHRASE))
+        ).sealed  # first one creates the root
+        await ops.CreateKey(pb.CreateKeyRequest(name="credentials", type=pb.KEY_TYPE_AES256_GCM))
+        assert (await auth.Encrypt(pb.EncryptRequest(key_name="credentials", plaintext=b"x"))).ciphertext
+
+
+async def test_wrong_passphrase_and_restart(start_vault) -> None:
+    first = await start_vault()
+    ops_channel, ops = first.stub("ops")
+    async with ops_channel:
+        await ops.CreateKey(pb.CreateKeyRequest(name="credentials", type=pb.KEY_TYPE_AES256_GCM))
+    auth_channel, auth = first.stub("auth")
+    async with auth_channel:
+        ct = (await auth.Encrypt(pb.EncryptRequest(key_name="credentials", plaintext=b"kept"))).ciphertext
+    await first.built.server.stop(0)
+    await first.built.close()
+
+    second = await start_vault(passphrase=None)
+    ops_channel, ops = second.stub("ops")
+    auth_channel, auth = second.stub("auth")
+    async with ops_channel, auth_channel:
+        with pytest.raises(grpc.aio.AioRpcError) as wrong:
+            await ops.Unseal(pb.UnsealRequest(passphrase="not it"))
+        assert wrong.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        await ops.Unseal(pb.UnsealRequest(passphrase=PASSPHRASE))
+        assert (
+            await auth.Decrypt(pb.DecryptRequest(key_name="credentials", ciphertext=ct))
+        ).plaintext == b"kept"
+
+
+async def test_concurrent_encrypts_over_rpc_survive_rotation(start_vault) -> None:
+    vault = await start_vault()
+    ops_channel, ops = vault.stub("ops")
+    auth_channel, auth = vault.stub("auth")
+    async with ops_channel, auth_channel:
+        await ops.CreateKey(pb.CreateKeyRequest(name="credentials", type=pb.KEY_TYPE_AES256_GCM))
+
+        async def encrypt(i: int) -> tuple[int, str]:
+            r = await auth.Encrypt(
+                pb.EncryptRequest(key_name="credentials", plaintext=b"v%d" % i, associated_data=b"%d" % i)
+            )
+            return i, r.ciphertext
+
+        async def rotate() -> None:
+            await ops.RotateKey(pb.RotateKeyRequest(name="credentials"))
+
+        sealed: list[tuple[int, str]] = []
+        for wave in range(5):  # each wave: 60 encryptions racing one rotation; the next wave starts after it
+            results = await asyncio.gather(
+                *(encrypt(wave * 60 + i) for i in range(30)),
+                rotate(),
+                *(encrypt(wave * 60 + i) for i in range(30, 60)),
+            )
+            sealed += [r for r in results if r is not None]
+        assert len(sealed) == 300
+        assert len({ct.split(":")[2] for _, ct in sealed}) >= 5
+        for i, ct in sealed:
+            r = await auth.Decrypt(
+                pb.DecryptRequest(key_name="credentials", ciphertext=ct, associated_data=b"%d" % i)
+            )
+            assert r.plaintext == b"v%d" % i
