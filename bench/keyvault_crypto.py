@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,7 +23,7 @@ from pathlib import Path
 import grpc
 
 import tradeguard  # noqa: F401  (before grpc use: the TLS 1.3-only setting)
-from bench.loadgen import Result, closed_loop, median_ratio
+from bench.loadgen import Result, closed_loop, free_port, median_ratio
 from tradeguard.keyvault.v1 import keyvault_pb2 as pb
 from tradeguard.keyvault.v1 import keyvault_pb2_grpc
 from tradeguard.mesh import pki, tls
@@ -33,12 +32,6 @@ from tradeguard.mesh.channel import MeshChannel
 PASSPHRASE = "bench passphrase"
 KEY = "credentials"
 VALUE = bytes(range(64))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start_server(port: int, home: Path) -> subprocess.Popen[bytes]:

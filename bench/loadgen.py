@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -69,3 +70,10 @@ async def closed_loop(call: Call, *, concurrency: int, duration: float, warmup: 
 
 def median_ratio(numerators: list[Result], denominators: list[Result]) -> float:
     return statistics.median(a.rps / b.rps for a, b in zip(numerators, denominators, strict=True))
+
+
+def free_port() -> int:
+    """A loopback port free at the time of asking, for a server the benchmark starts as a process."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,16 +17,10 @@ from pathlib import Path
 import grpc
 
 import tradeguard  # noqa: F401
-from bench.loadgen import Result, closed_loop, median_ratio
+from bench.loadgen import Result, closed_loop, free_port, median_ratio
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.channel import MeshChannel
 from tradeguard.trading.v1 import trading_pb2, trading_pb2_grpc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def start(mode: str, port: int, home: Path) -> subprocess.Popen[bytes]:

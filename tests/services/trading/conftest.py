@@ -56,12 +56,15 @@ class Backend:
         self.schema = f"tg_test_{secrets.token_hex(6)}"
         self._open: list[OrderStore] = []
 
-    async def open(self) -> OrderStore:
+    async def open(self, **options: Any) -> OrderStore:
+        """A store on this test's database; `options` go to the backend's `open` (e.g. max_batch=1)."""
         store: OrderStore
         if self.kind == "sqlite":
-            store = await SqliteOrderStore.open(self.path)
+            store = await SqliteOrderStore.open(self.path, **options)
         else:
-            store = await PostgresOrderStore.open(PG_DSN, schema=self.schema, min_size=1, max_size=10)
+            store = await PostgresOrderStore.open(
+                PG_DSN, schema=self.schema, min_size=1, max_size=10, **options
+            )
         self._open.append(store)
         return store
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,16 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import free_port, openssl_handshake
 from tradeguard.cli.up_cmd import COMPONENTS
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.channel import MeshChannel
 from tradeguard.trading.v1 import trading_pb2, trading_pb2_grpc
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Suite:
@@ -74,6 +68,10 @@ def test_up_serves_orders_and_stops_cleanly_then_reuses_its_pki(tmp_path: Path) 
         elapsed = suite.wait_for("Tradeguard is up", 30)
         assert elapsed < 30
         assert "created a dev PKI" in suite.output()
+        for port in suite.ports.values():  # every port of the suite refuses TLS 1.2, accepts TLS 1.3
+            paths = pki.PkiPaths(home)
+            assert "Protocol version" not in openssl_handshake(port, paths, "ops", "tls1_2")
+            assert "Protocol version: TLSv1.3" in openssl_handshake(port, paths, "ops", "tls1_3")
         placed = cli(
             suite.env,
             *("orders", "place", "--account", "acct-1", "--client-order-id", "demo-1", "--symbol", "BTC-USD"),

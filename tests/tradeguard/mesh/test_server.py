@@ -11,6 +11,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.support import free_port
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.authz import MethodPolicy
 from tradeguard.mesh.channel import MeshChannel
@@ -29,18 +30,10 @@ def _register(server: grpc.aio.Server) -> None:
     server.add_generic_rpc_handlers([handler])
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 async def slow_server(pki_paths: pki.PkiPaths) -> AsyncIterator[MeshServer]:
     config = ServerConfig(
-        name="trading", port=0, home=pki_paths.home, drain_s=0.5, grace_s=5.0, metrics_port=_free_port()
+        name="trading", port=0, home=pki_paths.home, drain_s=0.5, grace_s=5.0, metrics_port=free_port()
     )
     server = MeshServer(
         config, MethodPolicy("tradeguard.test", {"/t.Slow/*": {"ops"}}), [Service("t.Slow", _register)]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
-import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -13,20 +12,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.support import openssl_handshake
 from tradeguard.mesh import pki, tls
 
 pytestmark = pytest.mark.asyncio
-
-
-def s_client(port: int, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-brief", *args],
-        input="",
-        capture_output=True,
-        text=True,
-        timeout=20,
-        check=False,  # a refused handshake exits non-zero: the tests read the output
-    )
 
 
 def handshake(port: int, ctx: ssl.SSLContext) -> str:
@@ -56,21 +45,8 @@ def client_ctx(paths: pki.PkiPaths, name: str | None) -> ssl.SSLContext:
 
 async def test_tls12_client_with_valid_certificate_is_refused(trading) -> None:
     p = trading.paths
-    out = await asyncio.to_thread(
-        s_client,
-        trading.port,
-        "-tls1_2",
-        "-cert",
-        str(p.cert("ops")),
-        "-cert_chain",
-        str(p.cert("ops")),
-        "-key",
-        str(p.key("ops")),
-        "-CAfile",
-        str(p.ca_bundle),
-    )
-    assert out.returncode != 0
-    assert "Protocol version: TLSv1.2" not in out.stderr + out.stdout
+    out = await asyncio.to_thread(openssl_handshake, trading.port, p, "ops", "tls1_2")
+    assert "Protocol version" not in out
     with pytest.raises((ssl.SSLError, ConnectionError)):
         ctx = client_ctx(p, "ops")
         ctx.maximum_version = ssl.TLSVersion.TLSv1_2
@@ -79,20 +55,8 @@ async def test_tls12_client_with_valid_certificate_is_refused(trading) -> None:
 
 async def test_tls13_client_with_valid_certificate_is_accepted(trading) -> None:
     p = trading.paths
-    out = await asyncio.to_thread(
-        s_client,
-        trading.port,
-        "-tls1_3",
-        "-cert",
-        str(p.cert("ops")),
-        "-cert_chain",
-        str(p.cert("ops")),
-        "-key",
-        str(p.key("ops")),
-        "-CAfile",
-        str(p.ca_bundle),
-    )
-    assert "Protocol version: TLSv1.3" in out.stderr + out.stdout
+    out = await asyncio.to_thread(openssl_handshake, trading.port, p, "ops", "tls1_3")
+    assert "Protocol version: TLSv1.3" in out
     assert await asyncio.to_thread(handshake, trading.port, client_ctx(p, "ops")) == "TLSv1.3"
 
 

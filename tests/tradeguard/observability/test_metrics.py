@@ -1,11 +1,11 @@
 from __future__ import annotations
 
-import socket
 import urllib.request
 
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.support import free_port
 from tradeguard.observability.metrics import RpcMetrics, start_metrics_server
 
 
@@ -40,17 +40,10 @@ def test_metrics_server_refuses_non_loopback(host: str) -> None:
         start_metrics_server(0, host=host, registry=CollectorRegistry())
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def test_metrics_server_serves_on_loopback() -> None:
     registry = CollectorRegistry()
     RpcMetrics("ratelimit", registry=registry).observe("/r.v1.RateLimit/Check", "OK", 0.0001)
-    port = _free_port()
+    port = free_port()
     start_metrics_server(port, registry=registry)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
         body = response.read().decode()
