@@ -19,8 +19,8 @@ def openssl_handshake(port: int, paths: pki.PkiPaths, name: str, version: str) -
     """`openssl s_client -<version>` (tls1_2 / tls1_3) presenting NAME's certificate; the combined output.
 
     A refused handshake exits non-zero; the caller reads the negotiated "Protocol version" (or its absence)."""
-    cert = str(paths.cert(name))
-    identity = ["-cert", cert, "-cert_chain", cert, "-key", str(paths.key(name)), "-CAfile", str(paths.ca_bundle)]
+    cert, key, ca = str(paths.cert(name)), str(paths.key(name)), str(paths.ca_bundle)
+    identity = ["-cert", cert, "-cert_chain", cert, "-key", key, "-CAfile", ca]
     out = subprocess.run(
         ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-brief", f"-{version}", *identity],
         input="",
