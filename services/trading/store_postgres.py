@@ -1,25 +1,34 @@
 """PostgreSQL order store over a psycopg 3 async connection pool.
 
-Quantities and prices are NUMERIC. Placement is one INSERT ... ON CONFLICT DO NOTHING RETURNING (then a read
-of the winner), so the unique (account_id, client_order_id) constraint, not a check-then-insert, decides
+Quantities and prices are NUMERIC. Placement is one INSERT ... ON CONFLICT DO NOTHING RETURNING (with the event
+row in the same statement; then a read of the winner), so the unique (account_id, client_order_id) constraint, not a check-then-insert, decides
 races.
-Every write is one transaction: the order row and its event row commit together or not at all.
+Writes are grouped (group commit, see `GroupCommit`): while one batch is being written on one pooled connection,
+the next writes queue up and then go together in one transaction, each inside its own SAVEPOINT, so a failing
+write rolls back only itself (its order row and its event row together) and the others commit; a lone write goes
+at once, in a transaction of its own. A caller is answered only after the COMMIT that includes its write returned.
 """
 
 from __future__ import annotations
 
 import builtins
 import re
+from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool
 
 from services.trading.core import Order, OrderStatus, PageCursor
+from services.trading.group_commit import DEFAULT_MAX_BATCH, GroupCommit, Outcome
 from services.trading.store import ORDER_COLUMNS, SCHEMA_VERSION, order_from_row, order_to_row
 
 __all__ = ["PostgresOrderStore"]
+
+T = TypeVar("T")
+Conn = AsyncConnection[tuple[Any, ...]]
+Work = Callable[[Conn], Awaitable[object]]
 
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
@@ -31,9 +40,13 @@ def _statements(schema: str) -> dict[str, sql.Composed]:
     params = sql.SQL(", ").join(sql.Placeholder() for _ in ORDER_COLUMNS)
     fmt = {"orders": orders, "events": events, "cols": cols, "params": params}
     return {
+        # One statement (one round trip): the order row and, only if it was inserted, its event row.
         "insert": sql.SQL(
-            "INSERT INTO {orders} ({cols}) VALUES ({params}) "
-            "ON CONFLICT (account_id, client_order_id) DO NOTHING RETURNING {cols}"
+            "WITH inserted AS (INSERT INTO {orders} ({cols}) VALUES ({params}) "
+            "ON CONFLICT (account_id, client_order_id) DO NOTHING RETURNING {cols}), "
+            "event AS (INSERT INTO {events} (order_id, status, time_us) "
+            "SELECT order_id, status, create_time_us FROM inserted) "
+            "SELECT {cols} FROM inserted"
         ).format(**fmt),
         "select_by_client_id": sql.SQL(
             "SELECT {cols} FROM {orders} WHERE account_id = %s AND client_order_id = %s"
@@ -110,16 +123,59 @@ def _params(order: Order) -> tuple[object, ...]:
     )
 
 
+async def _write_batch(conn: Conn, works: Sequence[Work]) -> list[Outcome]:
+    """All of `works` in one transaction; raises if the transaction did not commit.
+
+    Optimistic first: the writes run one after another with no savepoints (a SAVEPOINT and a RELEASE are two more
+    round trips per write). If one of them fails, that transaction is rolled back, nothing of it stored, and the
+    batch runs again with each write inside its own SAVEPOINT, so the failing write rolls back only itself and
+    is reported in its `Outcome` while the others commit. A lone write's error is raised, as for a failed COMMIT.
+    """
+    try:
+        async with conn.transaction():
+            return [Outcome(value=await work(conn)) for work in works]
+    except Exception:
+        if len(works) == 1 or conn.closed or conn.broken:
+            raise
+    outcomes: list[Outcome] = []
+    async with conn.transaction():
+        for work in works:
+            try:
+                async with conn.transaction():  # nested: SAVEPOINT ... RELEASE, or ROLLBACK TO on error
+                    value = await work(conn)
+            except Exception as error:
+                if conn.closed or conn.broken:
+                    raise
+                outcomes.append(Outcome(error=error))
+            else:
+                outcomes.append(Outcome(value=value))
+    return outcomes
+
+
 class PostgresOrderStore:
-    def __init__(self, pool: AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]], schema: str) -> None:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]],
+        schema: str,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> None:
         self._pool = pool
         self.schema = schema
         self._sql = _statements(schema)
+        self.group: GroupCommit[Work] = GroupCommit(self._write_batch, max_batch=max_batch)
 
     @classmethod
     async def open(
-        cls, dsn: str, *, schema: str = "tradeguard_trading", min_size: int = 1, max_size: int = 10
+        cls,
+        dsn: str,
+        *,
+        schema: str = "tradeguard_trading",
+        min_size: int = 1,
+        max_size: int = 10,
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> PostgresOrderStore:
+        """Open the pool and create the schema; `max_batch=1` makes every write its own transaction."""
         if _SCHEMA_NAME.fullmatch(schema) is None:
             raise ValueError(f"invalid schema name {schema!r}: use lower-case letters, digits and '_'")
         pool: AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]] = AsyncConnectionPool(
@@ -131,7 +187,24 @@ class PostgresOrderStore:
         except BaseException:
             await pool.close()
             raise
-        return cls(pool, schema)
+        return cls(pool, schema, max_batch=max_batch)
+
+    @property
+    def transactions(self) -> int:
+        """Write transactions run so far (each one COMMIT, or one ROLLBACK if it failed)."""
+        return self.group.transactions
+
+    @property
+    def writes(self) -> int:
+        """Writes handed to those transactions."""
+        return self.group.writes
+
+    async def _write_batch(self, works: Sequence[Work]) -> list[Outcome]:
+        async with self._pool.connection() as conn:
+            return await _write_batch(conn, works)
+
+    async def _write(self, work: Callable[[Conn], Awaitable[T]]) -> T:
+        return cast(T, await self.group.submit(work))
 
     @staticmethod
     async def _create_schema(
@@ -154,15 +227,15 @@ class PostgresOrderStore:
                 raise RuntimeError(f"schema {schema} is at version {version}, newer than {SCHEMA_VERSION}")
 
     async def insert_if_absent(self, order: Order) -> tuple[Order, bool]:
-        async with self._pool.connection() as conn, conn.transaction():
-            cur = await conn.execute(self._sql["insert"], _params(order))
+        params = _params(order)
+
+        async def work(conn: Conn) -> tuple[Order, bool]:
+            cur = await conn.execute(self._sql["insert"], params)
             inserted = await cur.fetchone()
-            if inserted is not None:
-                await conn.execute(
-                    self._sql["event"], (order.order_id, int(order.status), order.create_time_us)
-                )
+            if inserted is not None:  # its event row went in with it
                 return order_from_row(inserted), True
-            # The conflicting row is committed (ON CONFLICT waited for it); this statement's snapshot sees it.
+            # The conflicting row is committed (ON CONFLICT waited for it) or was written earlier in this
+            # transaction (an earlier write of the same batch); either way this statement's snapshot sees it.
             cur = await conn.execute(
                 self._sql["select_by_client_id"], (order.account_id, order.client_order_id)
             )
@@ -170,6 +243,8 @@ class PostgresOrderStore:
             if existing is None:
                 raise RuntimeError("insert conflicted but no existing order was found")
             return order_from_row(existing), False
+
+        return await self._write(work)
 
     async def get(self, account_id: str, order_id: str) -> Order | None:
         async with self._pool.connection() as conn:
@@ -180,7 +255,7 @@ class PostgresOrderStore:
     async def transition(
         self, account_id: str, order_id: str, from_status: OrderStatus, to_status: OrderStatus, now_us: int
     ) -> Order | None:
-        async with self._pool.connection() as conn, conn.transaction():
+        async def work(conn: Conn) -> Order | None:
             cur = await conn.execute(
                 self._sql["transition"], (int(to_status), now_us, account_id, order_id, int(from_status))
             )
@@ -189,6 +264,8 @@ class PostgresOrderStore:
                 return None
             await conn.execute(self._sql["event"], (order_id, int(to_status), now_us))
             return order_from_row(row)
+
+        return await self._write(work)
 
     async def list(self, account_id: str, limit: int, before: PageCursor | None) -> builtins.list[Order]:
         async with self._pool.connection() as conn:
@@ -202,4 +279,8 @@ class PostgresOrderStore:
         return [order_from_row(row) for row in rows]
 
     async def close(self) -> None:
-        await self._pool.close()
+        """Refuse new writes, let the queued ones commit, then close the pool."""
+        try:
+            await self.group.close()
+        finally:
+            await self._pool.close()

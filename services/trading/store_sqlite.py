@@ -1,8 +1,12 @@
-"""SQLite order store: WAL, synchronous=FULL, every write one BEGIN IMMEDIATE transaction.
+"""SQLite order store: WAL, synchronous=FULL, writes grouped into BEGIN IMMEDIATE transactions (group commit).
 
 All database work runs on one dedicated worker thread, so the event loop never blocks on disk and the
-connection is only ever touched by the thread that opened it. A write cancelled by its caller still runs to
-COMMIT or ROLLBACK on that thread: nothing is ever half-written.
+connection is only ever touched by the thread that opened it. Writes go through `GroupCommit`: while one
+transaction is being written, the next writes queue up and then go together in one transaction, each inside its
+own SAVEPOINT (a failing write rolls back only itself); a lone write goes at once. A caller is answered only
+after the COMMIT that includes its write returned. A write whose batch has started runs to COMMIT or ROLLBACK
+on that thread even if its caller is cancelled: nothing is ever half-written.
+Reads run on the same thread, between transactions.
 """
 
 from __future__ import annotations
@@ -10,17 +14,19 @@ from __future__ import annotations
 import asyncio
 import builtins
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from services.trading.core import Order, OrderStatus, PageCursor
+from services.trading.group_commit import DEFAULT_MAX_BATCH, GroupCommit, Outcome
 from services.trading.store import ORDER_COLUMNS, SCHEMA_VERSION, order_from_row, order_to_row
 
 __all__ = ["SqliteOrderStore"]
 
 T = TypeVar("T")
+Work = Callable[[sqlite3.Connection], object]
 
 _BUSY_TIMEOUT_MS = 5000
 _COLS = ", ".join(ORDER_COLUMNS)
@@ -116,30 +122,85 @@ def _in_transaction(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection
     return result
 
 
+def _write_batch(conn: sqlite3.Connection, works: Sequence[Work]) -> list[Outcome]:
+    """All of `works` in one BEGIN IMMEDIATE transaction, each in its own SAVEPOINT; raises if it did not commit.
+
+    A write that raises is rolled back to its savepoint and reported in its `Outcome`; the others commit. A lone
+    write needs no savepoint: its error rolls back the transaction and is raised, as for a failed COMMIT.
+    """
+    if len(works) == 1:
+        return [Outcome(value=_in_transaction(conn, works[0]))]
+
+    def run_all(conn: sqlite3.Connection) -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        for work in works:
+            conn.execute("SAVEPOINT write")
+            try:
+                value = work(conn)
+            except Exception as error:
+                if not conn.in_transaction:  # SQLite rolled the whole transaction back (I/O error, disk full)
+                    raise
+                conn.execute("ROLLBACK TO write")
+                conn.execute("RELEASE write")
+                outcomes.append(Outcome(error=error))
+            else:
+                conn.execute("RELEASE write")
+                outcomes.append(Outcome(value=value))
+        return outcomes
+
+    return _in_transaction(conn, run_all)
+
+
 class SqliteOrderStore:
-    def __init__(self, conn: sqlite3.Connection, executor: ThreadPoolExecutor, path: Path) -> None:
+    def __init__(
+        self,
+        conn: sqlite3.Connection,
+        executor: ThreadPoolExecutor,
+        path: Path,
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+    ) -> None:
         self._conn: sqlite3.Connection | None = conn
         self._executor = executor
+        self._closed = False
         self.path = path
+        self.group: GroupCommit[Work] = GroupCommit(self._write_batch, max_batch=max_batch)
 
     @classmethod
-    async def open(cls, path: Path) -> SqliteOrderStore:
+    async def open(cls, path: Path, *, max_batch: int = DEFAULT_MAX_BATCH) -> SqliteOrderStore:
+        """Open (creating if needed) the store at `path`; `max_batch=1` makes every write its own transaction."""
         executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-orders")
         try:
             conn = await asyncio.get_running_loop().run_in_executor(executor, _connect, path)
         except BaseException:
             executor.shutdown(wait=False)
             raise
-        return cls(conn, executor, path)
+        return cls(conn, executor, path, max_batch=max_batch)
+
+    @property
+    def transactions(self) -> int:
+        """Write transactions run so far (each one COMMIT, or one ROLLBACK if it failed)."""
+        return self.group.transactions
+
+    @property
+    def writes(self) -> int:
+        """Writes handed to those transactions."""
+        return self.group.writes
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
         conn = self._conn
-        if conn is None:
+        if conn is None or self._closed:
             raise RuntimeError("the order store is closed")
         return await asyncio.get_running_loop().run_in_executor(self._executor, work, conn)
 
+    async def _write_batch(self, works: Sequence[Work]) -> list[Outcome]:
+        conn = self._conn
+        if conn is None:
+            raise RuntimeError("the order store is closed")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, _write_batch, conn, works)
+
     async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        return await self._run(lambda conn: _in_transaction(conn, work))
+        return cast(T, await self.group.submit(work))
 
     async def insert_if_absent(self, order: Order) -> tuple[Order, bool]:
         row = order_to_row(order)
@@ -193,10 +254,16 @@ class SqliteOrderStore:
         return await self._run(work)
 
     async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is None:
+        """Refuse new work, let the queued writes commit, then close the connection."""
+        if self._closed:
             return
+        self._closed = True
         try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
+            await self.group.close()
         finally:
-            self._executor.shutdown(wait=False)
+            conn, self._conn = self._conn, None
+            try:
+                if conn is not None:
+                    await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
+            finally:
+                self._executor.shutdown(wait=False)
