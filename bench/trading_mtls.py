@@ -1,7 +1,8 @@
 """PlaceOrder over mutual TLS against the same call over plain TCP, in one run, as a ratio.
 
-Each server runs in its own process (the client in this one), on the same SQLite-backed trading
-service and interceptor chain; rounds alternate between the two so that drift hits both alike.
+Three servers, each in its own process (the client in this one), on the same SQLite-backed trading service
+(see bench/trading_server.py): plain TCP, mTLS with the same interceptor chain, and the real mesh service
+(mTLS + SPIFFE authorisation, called through MeshChannel). Rounds alternate so that drift hits all alike.
 Aim (issue 2): mTLS costs under 5 % of throughput once connections are up.
 """
 
@@ -64,34 +65,43 @@ async def run(concurrency: int, duration: float, rounds: int) -> None:
         pki.init_ca(paths)
         for name in ("trading", "ops"):
             pki.issue(paths, name)
-        ports = {"mtls": free_port(), "plain": free_port()}
+        modes = ("plain", "mtls", "mesh")
+        ports = {mode: free_port() for mode in modes}
         procs = [start(mode, port, home) for mode, port in ports.items()]
         try:
-            secure = MeshChannel(f"127.0.0.1:{ports['mtls']}", "trading", tls.Workload.of(paths, "ops"))
-            plain = grpc.aio.insecure_channel(f"127.0.0.1:{ports['plain']}")
-            stubs = {
-                "mtls": trading_pb2_grpc.TradingServiceStub(secure),
-                "plain": trading_pb2_grpc.TradingServiceStub(plain),
+            ops = tls.Workload.of(paths, "ops")
+            channels: dict[str, grpc.aio.Channel] = {
+                "plain": grpc.aio.insecure_channel(f"127.0.0.1:{ports['plain']}"),
+                "mtls": grpc.aio.secure_channel(
+                    f"127.0.0.1:{ports['mtls']}",
+                    tls.channel_credentials(ops),
+                    options=[("grpc.ssl_target_name_override", "trading")],
+                ),
+                "mesh": MeshChannel(f"127.0.0.1:{ports['mesh']}", "trading", ops),
             }
+            stubs = {mode: trading_pb2_grpc.TradingServiceStub(channel) for mode, channel in channels.items()}
             for stub in stubs.values():
                 await ready(stub)
-            results: dict[str, list[Result]] = {"mtls": [], "plain": []}
+            results: dict[str, list[Result]] = {mode: [] for mode in modes}
             print(
                 f"PlaceOrder, {concurrency} concurrent callers, {duration:.0f} s per round, {rounds} rounds"
             )
             for r in range(rounds):
-                for mode in ("plain", "mtls"):
+                for mode in modes[r % 3 :] + modes[: r % 3]:  # rotate the order: drift hits every mode alike
                     res = await closed_loop(
                         caller(stubs[mode], f"{mode}{r}"), concurrency=concurrency, duration=duration
                     )
                     results[mode].append(res)
                     print(res.line(f"round {r + 1} {mode}"))
-            ratio = median_ratio(results["mtls"], results["plain"])
+            transport = median_ratio(results["mtls"], results["plain"])
+            full = median_ratio(results["mesh"], results["plain"])
+            print("\nthroughput against plain TCP (median of rounds):")
             print(
-                f"\nmTLS / plain TCP throughput (median of rounds): {ratio:.3f}  -> mTLS costs {(1 - ratio) * 100:.1f} %"
+                f"  mTLS transport, same chain:       {transport:.3f}  -> mTLS costs {(1 - transport) * 100:.1f} %"
             )
-            await secure.close(None)
-            await plain.close(None)
+            print(f"  full mesh (mTLS + SPIFFE authz):  {full:.3f}  -> costs {(1 - full) * 100:.1f} %")
+            for channel in channels.values():
+                await channel.close(None)
         finally:
             for proc in procs:
                 proc.terminate()

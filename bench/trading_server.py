@@ -1,6 +1,10 @@
-"""The trading service for benchmarks, in its own process: `--mode mtls` is the real service
-(services.trading.server.build); `--mode plain` is the same servicer, store and interceptor chain on
-plain TCP, minus caller authorisation (there is no peer identity without TLS)."""
+"""The trading service for benchmarks, in its own process, in three modes:
+
+- `plain`: the servicer, store and interceptor chain (minus caller authorisation: there is no peer
+  identity without TLS) on plain TCP;
+- `mtls`: exactly the same on a mutual-TLS port (the transport's cost alone);
+- `mesh`: the real service (services.trading.server.build): mTLS plus SPIFFE authorisation.
+"""
 
 from __future__ import annotations
 
@@ -16,25 +20,28 @@ from services.trading.core import TradingCore, new_order_id
 from services.trading.server import build, clock_us, open_store
 from services.trading.servicer import TradingServicer
 from services.trading.settings import Settings
+from tradeguard.mesh import pki, tls
 from tradeguard.mesh.server import ServerConfig, interceptors, serve
 from tradeguard.observability.metrics import RpcMetrics
 from tradeguard.trading.v1 import trading_pb2_grpc
 
 
-async def plain(port: int, db: str) -> None:
+async def unguarded(port: int, db: str, home: Path, secure: bool) -> None:
     store = await open_store(db)
     servicer = TradingServicer(TradingCore(store, clock_us=clock_us, new_order_id=new_order_id))
-    server = grpc.aio.server(
-        interceptors=interceptors("trading", RpcMetrics("trading", CollectorRegistry()), None)
-    )
+    metrics = RpcMetrics("trading", CollectorRegistry())
+    server = grpc.aio.server(interceptors=interceptors("trading", metrics, None))
     trading_pb2_grpc.add_TradingServiceServicer_to_server(servicer, server)
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    if secure:
+        creds, _ = tls.server_credentials(tls.Workload.of(pki.PkiPaths(home), "trading"))
+        server.add_secure_port(f"127.0.0.1:{port}", creds)
+    else:
+        server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
-    print("ready", flush=True)
     await server.wait_for_termination()
 
 
-async def mtls(port: int, db: str, home: Path) -> None:
+async def mesh(port: int, db: str, home: Path) -> None:
     settings = Settings(server=ServerConfig(name="trading", port=port, home=home), database_url=db)
     server, store = await build(settings)
     await serve(server, on_stop=store.close)
@@ -44,13 +51,16 @@ def main() -> None:
     from tradeguard.observability.logging import configure_logging
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["mtls", "plain"], required=True)
+    parser.add_argument("--mode", choices=["plain", "mtls", "mesh"], required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--db", required=True)
     parser.add_argument("--home", type=Path, required=True)
     args = parser.parse_args()
     configure_logging(json=True)
-    asyncio.run(mtls(args.port, args.db, args.home) if args.mode == "mtls" else plain(args.port, args.db))
+    if args.mode == "mesh":
+        asyncio.run(mesh(args.port, args.db, args.home))
+    else:
+        asyncio.run(unguarded(args.port, args.db, args.home, secure=args.mode == "mtls"))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import grpc
 from tradeguard.mesh.identity import SpiffeId, peer_spiffe_id
 from tradeguard.observability.logging import get_logger
 from tradeguard.rpc.errors import PermissionDenied
-from tradeguard.rpc.handlers import Context, wrap_handler
+from tradeguard.rpc.handlers import Context, WrapperCache, wrap_handler
 from tradeguard.rpc.interceptor import abort_with
 
 ANY_WORKLOAD = "*"
@@ -42,6 +42,7 @@ class MethodPolicy:
                 )
             merged[method] = frozenset(names)
         self._rules = merged
+        self._decisions: dict[tuple[str, str], bool] = {}
 
     def allowed_names(self, method: str) -> frozenset[str]:
         exact = self._rules.get(method)
@@ -53,6 +54,16 @@ class MethodPolicy:
     def allows(self, method: str, spiffe_id: str | None) -> bool:
         if spiffe_id is None:
             return False
+        key = (method, spiffe_id)
+        decision = self._decisions.get(key)
+        if decision is None:
+            decision = self._decide(method, spiffe_id)
+            if len(self._decisions) >= 4096:  # bounded: callers and methods are few
+                self._decisions.clear()
+            self._decisions[key] = decision
+        return decision
+
+    def _decide(self, method: str, spiffe_id: str) -> bool:
         ident = SpiffeId.parse(spiffe_id)
         if ident is None or ident.trust_domain != self.trust_domain:
             return False
@@ -65,6 +76,7 @@ class AuthzInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def __init__(self, policy: MethodPolicy) -> None:
         self._policy = policy
+        self._wrappers = WrapperCache(self._guarded)
 
     async def intercept_service(
         self,
@@ -74,7 +86,11 @@ class AuthzInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method = handler_call_details.method
+        return self._wrappers.get(handler, handler_call_details.method)
+
+    def _guarded(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         policy = self._policy
 
         async def check(context: Context) -> None:

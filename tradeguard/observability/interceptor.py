@@ -21,6 +21,7 @@ import structlog
 
 from tradeguard.observability.logging import configuration_generation
 from tradeguard.observability.metrics import RpcMetrics
+from tradeguard.rpc.handlers import WrapperCache
 
 __all__ = ["TelemetryInterceptor"]
 
@@ -29,7 +30,6 @@ _REQUEST_ID_HEADER: Final = "x-request-id"
 _SERVER_FAULT_CODES: Final = frozenset({"INTERNAL", "UNKNOWN", "DATA_LOSS"})
 _CODE_NAMES: Final = {code: code.name for code in grpc.StatusCode}
 _LOGGER_NAME: Final = "tradeguard.rpc"
-_MAX_CACHED_HANDLERS: Final = 4096
 
 # Generic only in the type stubs.
 _Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
@@ -95,8 +95,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         self._fixed_logger = logger
         self._logger: Any = None
         self._logger_generation = -1
-        # id(original handler) -> (original handler, method, wrapped handler)
-        self._wrapped: dict[int, tuple[_Handler, str, _Handler]] = {}
+        self._wrappers = WrapperCache(self._wrap)
 
     async def intercept_service(
         self,
@@ -106,15 +105,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        method = handler_call_details.method
-        entry = self._wrapped.get(id(handler))
-        if entry is not None and entry[0] is handler and entry[1] == method:
-            return entry[2]
-        wrapped = self._wrap(handler, method)
-        if len(self._wrapped) >= _MAX_CACHED_HANDLERS:
-            self._wrapped.clear()
-        self._wrapped[id(handler)] = (handler, method, wrapped)
-        return wrapped
+        return self._wrappers.get(handler, handler_call_details.method)
 
     # -- per call -------------------------------------------------------------------------------------------
 

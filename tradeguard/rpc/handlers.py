@@ -73,3 +73,24 @@ def wrap_handler(
     if handler.stream_stream is not None:
         return grpc.stream_stream_rpc_method_handler(streaming(cast(Any, handler.stream_stream)), **kwargs)
     return handler
+
+
+class WrapperCache:
+    """Builds each method's wrapper once. grpc returns the same handler object for a method on every call,
+    so an interceptor need not rebuild closures and a handler tuple per call (profiled: it showed)."""
+
+    def __init__(
+        self, build: Callable[[grpc.RpcMethodHandler[Any, Any], str], grpc.RpcMethodHandler[Any, Any]]
+    ):
+        self._build = build
+        self._cache: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
+
+    def get(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
+        entry = self._cache.get(method)
+        if entry is not None and entry[0] is handler:
+            return entry[1]
+        wrapped = self._build(handler, method)
+        if len(self._cache) >= 4096:  # methods are few; a flood of unknown names must not grow memory
+            self._cache.clear()
+        self._cache[method] = (handler, wrapped)
+        return wrapped

@@ -9,7 +9,7 @@ import grpc
 
 from tradeguard.observability.logging import get_logger
 from tradeguard.rpc.errors import DomainError, Unauthenticated, to_rpc_status
-from tradeguard.rpc.handlers import Context, wrap_handler
+from tradeguard.rpc.handlers import Context, WrapperCache, wrap_handler
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 _log = get_logger("tradeguard.rpc")
@@ -36,6 +36,9 @@ async def _map_error(exc: BaseException, context: Context) -> None:
 class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """DomainError → its status with ErrorInfo and details; anything else → an opaque INTERNAL."""
 
+    def __init__(self) -> None:
+        self._wrappers = WrapperCache(lambda handler, _method: wrap_handler(handler, on_error=_map_error))
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
@@ -44,4 +47,4 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
-        return wrap_handler(handler, on_error=_map_error)
+        return self._wrappers.get(handler, handler_call_details.method)
