@@ -11,6 +11,10 @@ Aim (issue 3): 5k Encrypt/s or more at 32 concurrent callers (HashiCorp's publis
 
 from __future__ import annotations
 
+import tradeguard  # noqa: F401  (first: grpc must load with the TLS 1.3-only setting)
+
+# isort: split
+
 import argparse
 import asyncio
 import os
@@ -22,7 +26,6 @@ from pathlib import Path
 
 import grpc
 
-import tradeguard  # noqa: F401  (before grpc use: the TLS 1.3-only setting)
 from bench.loadgen import Result, closed_loop, free_port, median_ratio
 from tradeguard.keyvault.v1 import keyvault_pb2 as pb
 from tradeguard.keyvault.v1 import keyvault_pb2_grpc

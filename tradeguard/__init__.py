@@ -8,6 +8,16 @@ probe themselves with a real TLS 1.2 client at start-up and refuse to serve if i
 """
 
 import os as _os
+import sys as _sys
+import warnings as _warnings
 
 TLS12_DENY_CIPHERS = "ECDHE-PSK-CHACHA20-POLY1305"
+if "grpc" in _sys.modules and _os.environ.get("GRPC_SSL_CIPHER_SUITES") != TLS12_DENY_CIPHERS:
+    _warnings.warn(
+        "grpc was imported before tradeguard: its servers in this process would accept TLS 1.2 "
+        "(they refuse to start); import tradeguard first or set GRPC_SSL_CIPHER_SUITES="
+        f"{TLS12_DENY_CIPHERS} in the environment",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 _os.environ["GRPC_SSL_CIPHER_SUITES"] = TLS12_DENY_CIPHERS

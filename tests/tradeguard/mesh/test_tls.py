@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import ssl
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -14,8 +17,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support import openssl_handshake
 from tradeguard.mesh import pki, tls
-
-pytestmark = pytest.mark.asyncio
 
 
 def handshake(port: int, ctx: ssl.SSLContext) -> str:
@@ -158,3 +159,42 @@ async def test_reloader_keeps_old_pair_while_key_and_certificate_disagree(pki_pa
     pki.issue(pki_paths, "trading")
     assert reloader.fetch() is not None
     assert reloader.fetch() is None  # unchanged files: nothing to do
+
+
+_LATE_IMPORT = """
+import asyncio, sys, warnings
+from pathlib import Path
+import grpc  # before tradeguard: the TLS 1.3-only setting comes too late
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import tradeguard
+assert any("imported before tradeguard" in str(w.message) for w in caught)
+from tradeguard.mesh.authz import MethodPolicy
+from tradeguard.mesh.server import MeshServer, ServerConfig
+from tradeguard.mesh.tls import Tls12Accepted
+
+async def main():
+    server = MeshServer(ServerConfig(name="trading", port=0, home=Path(sys.argv[1])), MethodPolicy("tradeguard.test", {}), [])
+    try:
+        await server.start()
+    except Tls12Accepted:
+        print("refused to serve")
+        return
+    print("SERVING")
+
+asyncio.run(main())
+"""
+
+
+def test_server_refuses_to_run_when_tls12_would_be_accepted(pki_paths: pki.PkiPaths) -> None:
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_SSL_CIPHER_SUITES"}
+    out = subprocess.run(
+        [sys.executable, "-c", _LATE_IMPORT, str(pki_paths.home)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "refused to serve" in out.stdout, out.stdout + out.stderr
+    assert "SERVING" not in out.stdout
