@@ -17,12 +17,13 @@ from prometheus_client import CollectorRegistry
 
 import tradeguard  # noqa: F401
 from services.trading.core import TradingCore, new_order_id
-from services.trading.server import build, clock_us, open_store
+from services.trading.server import build, open_store
 from services.trading.servicer import TradingServicer
 from services.trading.settings import Settings
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.server import ServerConfig, interceptors, serve
 from tradeguard.observability.metrics import RpcMetrics
+from tradeguard.storage import clock_us
 from tradeguard.trading.v1 import trading_pb2_grpc
 
 

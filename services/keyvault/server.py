@@ -9,10 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from services.keyvault.core import KeyVault
 from services.keyvault.policy import DEFAULT_POLICY, METHOD_RULES, Policy
@@ -27,6 +25,7 @@ from tradeguard.mesh import pki
 from tradeguard.mesh.authz import MethodPolicy
 from tradeguard.mesh.server import MeshServer, Service, serve
 from tradeguard.observability.logging import configure_logging, get_logger
+from tradeguard.storage import clock_us, sqlite_path
 
 FULL_NAME = "tradeguard.keyvault.v1.KeyVaultService"
 
@@ -34,15 +33,10 @@ _log = get_logger("keyvault.server")
 
 
 async def open_store(url: str) -> VaultStore:
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///"))
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = sqlite_path(url)
+    if path is not None:
         return await SqliteVaultStore.open(path)
     return await PostgresVaultStore.open(url)
-
-
-def clock_us() -> int:
-    return time.time_ns() // 1000
 
 
 def unsealer(settings: Settings) -> Callable[[str], RootKey]:

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tradeguard.mesh.server import ServerConfig
+from tradeguard.storage import database_url
 
 NAME = "keyvault"
 DEFAULT_PORT = 50054
@@ -47,10 +48,7 @@ class Settings:
     def from_env(cls) -> Settings:
         server = ServerConfig.from_env(NAME, DEFAULT_PORT)
         env = os.environ
-        default_db = f"sqlite:///{server.home / 'data' / 'keyvault.db'}"
-        url = env.get("TRADEGUARD_KEYVAULT_DATABASE_URL") or default_db
-        if not url.startswith(("sqlite:///", "postgresql://", "postgres://")):
-            raise ValueError("TRADEGUARD_KEYVAULT_DATABASE_URL must start with sqlite:/// or postgresql://")
+        url = database_url("TRADEGUARD_KEYVAULT_DATABASE_URL", server.home / "data" / "keyvault.db")
         mode = env.get("TRADEGUARD_VAULT_ROOT", "local")
         if mode not in ("local", "pkcs11"):
             raise ValueError("TRADEGUARD_VAULT_ROOT must be local or pkcs11")

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from pathlib import Path
 
 from services.trading import policy
 from services.trading.core import TradingCore, new_order_id
@@ -17,21 +15,17 @@ from tradeguard.mesh import pki
 from tradeguard.mesh.server import MeshServer, Service, serve
 from tradeguard.observability.logging import configure_logging
 from tradeguard.observability.tracing import configure_tracing
+from tradeguard.storage import clock_us, sqlite_path
 from tradeguard.trading.v1 import trading_pb2_grpc
 
 FULL_NAME = "tradeguard.trading.v1.TradingService"
 
 
 async def open_store(url: str) -> OrderStore:
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///"))
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = sqlite_path(url)
+    if path is not None:
         return await SqliteOrderStore.open(path)
     return await PostgresOrderStore.open(url)
-
-
-def clock_us() -> int:
-    return time.time_ns() // 1000
 
 
 async def build(settings: Settings) -> tuple[MeshServer, OrderStore]:
