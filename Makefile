@@ -47,6 +47,8 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python -m bench.trading_mtls
+	$(BIN)/python -m bench.trading_store
+	$(BIN)/python -m bench.keyvault_crypto
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
