@@ -19,6 +19,7 @@ from typing import Any, Final, TypeAlias
 import grpc
 import structlog
 
+from tradeguard.mesh.identity import peer_spiffe_id
 from tradeguard.observability.logging import configuration_generation
 from tradeguard.observability.metrics import RpcMetrics
 from tradeguard.rpc.handlers import WrapperCache
@@ -45,23 +46,6 @@ def _request_id(context: _Context) -> str:
                     return value
                 break
     return uuid.uuid4().hex
-
-
-def _caller(context: _Context) -> str | None:
-    """The peer's SPIFFE ID from the TLS auth context, or None (plaintext, no URI SAN)."""
-    try:
-        auth = context.auth_context()
-    except Exception:  # pragma: no cover - defensive: grpc raises only on a broken call object
-        return None
-    ids = auth.get("peer_spiffe_id")
-    if ids:
-        for value in ids:
-            return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-    for value in auth.get("x509_subject_alternative_name", ()):
-        text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
-        if text.startswith("spiffe://"):
-            return text
-    return None
 
 
 def _code_after_return(context: _Context) -> str:
@@ -134,7 +118,7 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
             "method": method,
             "code": code,
             "latency_ms": round(seconds * 1000.0, 3),
-            "caller": _caller(context),
+            "caller": peer_spiffe_id(context),
             "peer": context.peer(),
             "request_id": request_id,
         }

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
@@ -73,3 +75,23 @@ async def test_allowed_client_places_order(trading) -> None:
     async with trading.channel("ops") as channel:
         reply = await trading.stub(channel).PlaceOrder(_order("c-2"), timeout=5)
         assert reply.order.status == trading_pb2.ORDER_STATUS_OPEN
+
+
+async def test_interleaved_callers_are_each_judged_by_their_own_certificate(trading) -> None:
+    # the peer identity is read once per call and shared by the interceptors: it must never leak across calls
+    async with trading.channel("ops") as ops_channel, trading.channel("monitor") as monitor_channel:
+        ops, monitor = trading.stub(ops_channel), trading.stub(monitor_channel)
+
+        async def as_ops(i: int) -> bool:
+            await ops.PlaceOrder(_order(f"mix-{i}"), timeout=5)
+            return True
+
+        async def as_monitor(i: int) -> bool:
+            try:
+                await monitor.PlaceOrder(_order(f"mon-{i}"), timeout=5)
+            except grpc.aio.AioRpcError as error:
+                return error.code() != grpc.StatusCode.PERMISSION_DENIED
+            return True
+
+        results = await asyncio.gather(*(f(i) for i in range(40) for f in (as_ops, as_monitor)))
+    assert results == [True, False] * 40
