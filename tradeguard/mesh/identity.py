@@ -19,7 +19,7 @@ class SpiffeId:
 
     @classmethod
     def parse(cls, uri: str) -> SpiffeId | None:
-        match = _SPIFFE_RE.match(uri)
+        match = _SPIFFE_RE.fullmatch(uri)
         return cls(match.group(1), match.group(2)) if match else None
 
     def __str__(self) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import ipaddress
 import os
 import re
 import secrets
@@ -362,14 +361,10 @@ def _build_leaf(
     lifetime: timedelta,
 ) -> x509.Certificate:
     not_after = min(now + lifetime, ca.not_valid_after_utc)  # a leaf never outlives its issuer
+    # The SPIFFE ID and the workload's own name only: no localhost or loopback addresses, which every
+    # workload would share, so that a client naming the service it wants cannot be answered by another one.
     san = x509.SubjectAlternativeName(
-        [
-            x509.UniformResourceIdentifier(spiffe_id(td, name)),
-            x509.DNSName(name),
-            x509.DNSName("localhost"),
-            x509.IPAddress(ipaddress.IPv4Address("127.0.0.1")),
-            x509.IPAddress(ipaddress.IPv6Address("::1")),
-        ]
+        [x509.UniformResourceIdentifier(spiffe_id(td, name)), x509.DNSName(name)]
     )
     return (
         x509.CertificateBuilder()

@@ -304,10 +304,13 @@ def _redact(value: object, depth: int) -> object:
         return redact_text(repr(value))
     if isinstance(value, dict):
         return {k: (REDACTED if is_sensitive_key(k) else _redact(v, depth + 1)) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_redact(v, depth + 1) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_redact(v, depth + 1) for v in value)
+    if isinstance(value, list | tuple):
+        if len(value) == 2 and isinstance(value[0], str) and is_sensitive_key(value[0]):
+            # a (key, value) pair, as in gRPC metadata or HTTP headers: ("x-api-key", "…")
+            pair = [redact_text(value[0]), REDACTED]
+            return pair if isinstance(value, list) else tuple(pair)
+        items = [_redact(v, depth + 1) for v in value]
+        return items if isinstance(value, list) else tuple(items)
     if isinstance(value, set | frozenset):
         items = {_redact(v, depth + 1) for v in value}
         return frozenset(items) if isinstance(value, frozenset) else items

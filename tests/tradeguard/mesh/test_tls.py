@@ -198,3 +198,15 @@ def test_server_refuses_to_run_when_tls12_would_be_accepted(pki_paths: pki.PkiPa
     )
     assert "refused to serve" in out.stdout, out.stdout + out.stderr
     assert "SERVING" not in out.stdout
+
+
+@pytest.mark.parametrize("authority", ["keyvault", "localhost", "127.0.0.1"])
+async def test_client_naming_another_service_refuses_this_server(trading, authority: str) -> None:
+    # the trading server's certificate names only "trading": it cannot answer for another workload
+    creds = tls.channel_credentials(tls.Workload.of(trading.paths, "ops"))
+    async with grpc.aio.secure_channel(
+        trading.target, creds, options=[("grpc.ssl_target_name_override", authority)]
+    ) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE

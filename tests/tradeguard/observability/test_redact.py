@@ -473,3 +473,21 @@ def test_fast_path_never_skips_a_match(text: str) -> None:
     from tradeguard.observability.redact import _master, _replace
 
     assert redact_text(text) == _master.sub(_replace, text)
+
+
+def test_key_value_pairs_as_in_grpc_metadata_are_masked() -> None:
+    metadata = (
+        ("x-api-key", "k3yV4lu3abcdef"),
+        ("user-agent", "grpc-python"),
+        ("authorization", "opaque-value-123"),
+    )
+    assert redact(metadata) == (
+        ("x-api-key", REDACTED),
+        ("user-agent", "grpc-python"),
+        ("authorization", REDACTED),
+    )
+    assert redact([["password", "hunter2hunter2"]]) == [["password", REDACTED]]
+    assert redact(("order_id", "ord_01ARZ3NDEKTSV4RRFFQ69G5FAV")) == (
+        "order_id",
+        "ord_01ARZ3NDEKTSV4RRFFQ69G5FAV",
+    )
