@@ -309,8 +309,8 @@ def _redact(value: object, depth: int) -> object:
             # a (key, value) pair, as in gRPC metadata or HTTP headers: ("x-api-key", "…")
             pair = [redact_text(value[0]), REDACTED]
             return pair if isinstance(value, list) else tuple(pair)
-        items = [_redact(v, depth + 1) for v in value]
-        return items if isinstance(value, list) else tuple(items)
+        redacted = [_redact(v, depth + 1) for v in value]
+        return redacted if isinstance(value, list) else tuple(redacted)
     if isinstance(value, set | frozenset):
         items = {_redact(v, depth + 1) for v in value}
         return frozenset(items) if isinstance(value, frozenset) else items
