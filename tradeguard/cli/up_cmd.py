@@ -42,6 +42,12 @@ COMPONENTS = (
 OPERATOR = "ops"
 
 
+def metrics_port(component: Component, port: int) -> int:
+    """Prometheus on loopback: TRADEGUARD_<NAME>_METRICS_PORT, by default the service port + 1000."""
+    raw = os.environ.get(f"TRADEGUARD_{component.name.upper()}_METRICS_PORT")
+    return int(raw) if raw else port + 1000
+
+
 def available(components: tuple[Component, ...] = COMPONENTS) -> list[Component]:
     return [c for c in components if importlib.util.find_spec(f"{c.module}.__main__") is not None]
 
@@ -85,6 +91,9 @@ class Supervisor:
         env = dict(os.environ)
         env["TRADEGUARD_HOME"] = str(self.home)
         env[f"TRADEGUARD_{component.name.upper()}_PORT"] = str(port)
+        env.setdefault(
+            f"TRADEGUARD_{component.name.upper()}_METRICS_PORT", str(metrics_port(component, port))
+        )
         env.setdefault("PYTHONUNBUFFERED", "1")
         if component.name == "keyvault" and not env.get("TRADEGUARD_VAULT_PASSPHRASE"):
             env["TRADEGUARD_VAULT_PASSPHRASE"] = self.dev_vault_passphrase()
@@ -173,7 +182,10 @@ class Supervisor:
     def banner(self, ports: dict[str, int]) -> None:
         d = self.paths
         lines = ["", "Tradeguard is up (Ctrl-C stops it):"]
-        lines += [f"  {name:<9} 127.0.0.1:{port}" for name, port in ports.items()]
+        lines += [
+            f"  {c.name:<9} 127.0.0.1:{ports[c.name]}   metrics http://127.0.0.1:{metrics_port(c, ports[c.name])}/metrics"
+            for c in self.components
+        ]
         lines += [
             "",
             "Place an order with the CLI (it uses the ops certificate):",

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,10 @@ class Suite:
         self.home = home
         self.env = dict(os.environ, TRADEGUARD_HOME=str(home))
         self.ports = {c.name: free_port() for c in COMPONENTS}
+        self.metrics_ports = {c.name: free_port() for c in COMPONENTS}
         for name, port in self.ports.items():
             self.env[f"TRADEGUARD_{name.upper()}_PORT"] = str(port)
+            self.env[f"TRADEGUARD_{name.upper()}_METRICS_PORT"] = str(self.metrics_ports[name])
         self.log = home.parent / f"up-{time.monotonic_ns()}.log"
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(
@@ -79,6 +82,9 @@ def test_up_serves_orders_and_stops_cleanly_then_reuses_its_pki(tmp_path: Path) 
         )
         assert placed.returncode == 0, placed.stderr
         assert '"status": "ORDER_STATUS_OPEN"' in placed.stdout
+        metrics_url = f"http://127.0.0.1:{suite.metrics_ports['trading']}/metrics"
+        metrics = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+        assert 'method="/tradeguard.trading.v1.TradingService/PlaceOrder"' in metrics
         # the key vault came up unsealed on the dev passphrase and serves its policy
         assert cli(suite.env, "vault", "create-key", "credentials").returncode == 0
         assert cli(suite.env, "pki", "issue", "auth").returncode == 0
