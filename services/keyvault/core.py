@@ -6,7 +6,15 @@ is unsealed, then existence. Every operation is logged (operation, caller, resou
 any material: no plaintext, key, ciphertext, signature or passphrase ever reaches the log.
 
 Key material is unwrapped once per key (when first used after unseal) and kept in memory; a rotation adds the
-new version to the live key without re-reading the others. Time and randomness are injected.
+new version to the live key without re-reading the others. Replicas may share one store: before every use of a
+key the vault reads the key's stamp (create_us, update_us: one indexed row, `VaultStore.key_stamp`) and reloads
+the key if another replica changed it, so a rotation or a raised min_decryption_version made anywhere holds on
+every replica from its next operation. Configuration changes are compare-and-swap on `update_us`.
+
+AES-GCM with random 96-bit nonces is safe for about 2^32 encryptions per key version: the vault counts the
+encryptions under each version (in memory, added to the store's count every `usage_flush_every` encryptions and
+on every rotation check) and rotates the key once a version reaches `max_encryptions_per_version`.
+Time and randomness are injected.
 """
 
 from __future__ import annotations
@@ -70,6 +78,10 @@ _ROOT_CHECK_AD = b"tradeguard/keyvault/root-check/v1"
 _ROOT_CHECK = b"the root key of this key ring"
 _ROTATE_ATTEMPTS = 8
 _SYSTEM = "keyvault"  # the caller name of the vault's own scheduled work (automatic rotation)
+MIN_ROTATE_PERIOD_US = 3600 * 1_000_000  # 1 hour
+MAX_ROTATE_PERIOD_US = 3653 * 86400 * 1_000_000  # 10 years
+DEFAULT_MAX_ENCRYPTIONS = 2**31  # per version: well below the 2^32 bound of random 96-bit GCM nonces
+DEFAULT_USAGE_FLUSH_EVERY = 4096
 
 
 @dataclass(frozen=True)
@@ -84,9 +96,39 @@ class DataKey:
     wrapped: str
 
 
+Stamp = tuple[int, int] | None  # (create_us, update_us) of a key, None if it does not exist
+
+
+class _StampChecks:
+    """Shared freshness checks of one key. An operation joins the next read of the stamp that starts after the
+    operation began (never one already in flight, which might miss a change committed just before), so that many
+    concurrent operations on a key cost one read at a time, not one each, without weakening the guarantee."""
+
+    __slots__ = ("queued", "running")
+
+    def __init__(self) -> None:
+        self.running: asyncio.Task[Stamp] | None = None  # reading now
+        self.queued: asyncio.Task[Stamp] | None = None  # reads as soon as `running` is done
+
+
+def _retrieve(task: asyncio.Task[Stamp]) -> None:
+    if not task.cancelled():
+        task.exception()  # every joiner may have gone: never "exception was never retrieved"
+
+
 def _check_size(field_name: str, value: bytes, limit: int = MAX_PLAINTEXT_BYTES) -> None:
     if len(value) > limit:
         raise InvalidArgument.field(field_name, f"must be at most {limit} bytes")
+
+
+def _check_rotate_period(period_us: int) -> None:
+    if period_us != 0 and not MIN_ROTATE_PERIOD_US <= period_us <= MAX_ROTATE_PERIOD_US:
+        raise InvalidArgument.field("auto_rotate_period", "must be 0 (off) or between 1 hour and 10 years")
+
+
+def _rotation_due(stored: StoredKey, now_us: int) -> bool:
+    period = stored.config.auto_rotate_period_us
+    return period > 0 and now_us - stored.latest.create_us >= period
 
 
 class KeyVault:
@@ -101,7 +143,11 @@ class KeyVault:
         unsealer: Unsealer | None = None,
         root_kind: str = "local",
         logger: FilteringBoundLogger | None = None,
+        max_encryptions_per_version: int = DEFAULT_MAX_ENCRYPTIONS,
+        usage_flush_every: int = DEFAULT_USAGE_FLUSH_EVERY,
     ) -> None:
+        if max_encryptions_per_version < 1 or usage_flush_every < 1:
+            raise ValueError("max_encryptions_per_version and usage_flush_every must be positive")
         self._store = store
         self._policy = policy
         self._clock = clock
@@ -115,6 +161,11 @@ class KeyVault:
         self._generation: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._unseal_lock = asyncio.Lock()
+        self._max_encryptions = max_encryptions_per_version
+        self._usage_flush_every = usage_flush_every
+        self._usage_pending: dict[tuple[str, int], int] = {}  # (key, version) → encryptions not yet stored
+        self._usage_known: dict[tuple[str, int], int] = {}  # (key, version) → the store's last known total
+        self._checks: dict[str, _StampChecks] = {}
 
     # --- sealing ----------------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -176,6 +227,11 @@ class KeyVault:
         self._log.info("keyvault.sealed", caller=_SYSTEM)
 
     async def close(self) -> None:
+        for slot in list(self._usage_pending):
+            try:
+                await self._flush_usage(slot, rotate=False)
+            except Exception as error:  # closing anyway: the count is a safety margin, not a record
+                self._log.warning("keyvault.usage_flush_failed", resource=slot[0], error=type(error).__name__)
         if self._root is not None:
             self._root.close()
             self._root = None
@@ -212,24 +268,61 @@ class KeyVault:
         materials = {
             r.version: root.unwrap(r.wrapped, material_ad(name, r.version))
             for r in stored.versions
-            if previous is None or not previous.has_version(r.version)
+            if previous is None or not previous.reusable(r)
         }
         return LoadedKey(stored, materials, previous)
 
+    def _stamp(self, name: str) -> asyncio.Task[Stamp]:
+        """The store's stamp of the key, read after now (see `_StampChecks`)."""
+        checks = self._checks.get(name)
+        if checks is None:
+            checks = self._checks[name] = _StampChecks()
+        if checks.queued is not None:
+            return checks.queued  # it has not started reading yet
+        task = asyncio.ensure_future(self._read_stamp(name, checks, checks.running))
+        task.add_done_callback(_retrieve)
+        if checks.running is None:
+            checks.running = task
+        else:
+            checks.queued = task
+        return task
+
+    async def _read_stamp(self, name: str, checks: _StampChecks, after: asyncio.Task[Stamp] | None) -> Stamp:
+        if after is not None:
+            await asyncio.wait([after])
+            checks.running, checks.queued = checks.queued, None
+        try:
+            return await self._store.key_stamp(name)
+        finally:
+            if checks.running is asyncio.current_task():
+                checks.running = None
+                if checks.queued is None:
+                    self._checks.pop(name, None)
+
     async def _key(self, name: str, *, reload: bool = False) -> LoadedKey:
+        """The key as the store has it now. A cached key is used after one cheap read of its stamp shows that
+        no replica changed it since it was loaded; otherwise (or with `reload`) it is loaded again."""
         self._require_root()
-        key = None if reload else self._keys.get(name)
-        if key is not None:
-            return key
+        if not reload and name in self._keys:
+            stamp = await asyncio.shield(self._stamp(name))
+            self._require_root()
+            cached = self._keys.get(name)  # perhaps replaced by a local change meanwhile
+            if cached is not None and stamp == (cached.config.create_us, cached.config.update_us):
+                return cached
         generation = self._generation.get(name, 0)
         stored = await self._store.get_key(name)
+        self._require_root()
+        if self._generation.get(name, 0) != generation:
+            # A local change (rotation, configuration, deletion) raced with this load: keep the newer.
+            winner = self._keys.get(name)
+            if winner is None:
+                raise key_not_found(name)
+            if stored is None or winner.config.update_us >= stored.config.update_us:
+                return winner
         if stored is None:
             self._keys.pop(name, None)
             raise key_not_found(name)
-        key = self._unwrap_versions(stored, self._keys.get(name))
-        if self._generation.get(name, 0) == generation and self._root is not None:
-            self._remember(key)  # unless a local change raced with this load (then that change is newer)
-        return key
+        return self._remember(self._unwrap_versions(stored, self._keys.get(name)))
 
     async def _use(self, name: str, operation: Callable[[LoadedKey], T]) -> T:
         return operation(await self._key(name))
@@ -261,6 +354,7 @@ class KeyVault:
         check_key_name(name)
         if auto_rotate_period_us < 0:
             raise InvalidArgument.field("auto_rotate_period", "must not be negative")
+        _check_rotate_period(auto_rotate_period_us)
         self._authorize(caller, Operation.CREATE_KEY, "key/" + name)
         return await self._logged(
             "create_key",
@@ -305,10 +399,23 @@ class KeyVault:
         if page_token:
             check_key_name(page_token, "page_token")
         limit = min(page_size or 100, MAX_PAGE_SIZE)
+        fetch = max(limit, 100)
         self._require_root()
-        page = await self._store.list_keys(page_token, limit)
-        visible = [k for k in page if self._policy.allows(caller, Operation.READ_KEY, "key/" + k.config.name)]
-        next_token = page[-1].config.name if len(page) == limit else ""
+        # The token is the last key the caller may read, never a name it may not see: read on until the page
+        # holds `limit` visible keys or the key ring ends.
+        visible: list[StoredKey] = []
+        after = page_token
+        while len(visible) < limit:
+            page = await self._store.list_keys(after, fetch)
+            for stored in page:
+                if self._policy.allows(caller, Operation.READ_KEY, "key/" + stored.config.name):
+                    visible.append(stored)
+                    if len(visible) == limit:
+                        break
+            if len(page) < fetch:
+                break
+            after = page[-1].config.name
+        next_token = visible[-1].config.name if len(visible) == limit else ""
         self._log.info(
             "keyvault.list_keys", caller=caller, resource="key/*", count=len(visible), outcome="ok"
         )
@@ -317,22 +424,36 @@ class KeyVault:
     async def rotate_key(self, caller: str | None, name: str) -> StoredKey:
         check_key_name(name)
         self._authorize(caller, Operation.ROTATE_KEY, "key/" + name)
-        return await self._logged("rotate_key", caller, name, self._rotate(name))
+        return await self._logged("rotate_key", caller, name, self._rotate_now(name))
 
-    async def _rotate(self, name: str) -> StoredKey:
+    async def _rotate_now(self, name: str) -> StoredKey:
+        rotated = await self._rotate(name)
+        assert rotated is not None  # unconditional
+        return rotated
+
+    async def _rotate(
+        self, name: str, still_due: Callable[[StoredKey], bool] | None = None
+    ) -> StoredKey | None:
+        """Add a version; with `still_due`, only if it holds of the key as reloaded (None if not): another
+        replica may have rotated since the caller looked, and a period must not bring two rotations."""
         root = self._require_root()
         async with self._lock(name):
             for _ in range(_ROTATE_ATTEMPTS):
                 current = await self._key(name, reload=True)
                 stored = current.stored
+                if still_due is not None and not still_due(stored):
+                    return None
                 version = stored.latest.version + 1
                 now = self._clock()
                 material, public_key = new_material(stored.config.type, self._random)
                 record = VersionRecord(
                     version, root.wrap(material, material_ad(name, version)), public_key, now
                 )
-                if await self._store.add_version(name, record, now):
-                    rotated = StoredKey(replace(stored.config, update_us=now), (*stored.versions, record))
+                update_us = await self._store.add_version(name, record, now)
+                if update_us is not None:
+                    rotated = StoredKey(
+                        replace(stored.config, update_us=update_us), (*stored.versions, record)
+                    )
                     self._remember(LoadedKey(rotated, {version: material}, current))
                     return rotated
             raise FailedPrecondition(
@@ -350,8 +471,10 @@ class KeyVault:
         deletion_allowed: bool | None = None,
     ) -> StoredKey:
         check_key_name(name)
-        if auto_rotate_period_us is not None and auto_rotate_period_us < 0:
-            raise InvalidArgument.field("auto_rotate_period", "must not be negative")
+        if auto_rotate_period_us is not None:
+            if auto_rotate_period_us < 0:
+                raise InvalidArgument.field("auto_rotate_period", "must not be negative")
+            _check_rotate_period(auto_rotate_period_us)
         if min_decryption_version is not None and min_decryption_version < 1:
             raise InvalidArgument.field("min_decryption_version", "must be at least 1")
         self._authorize(caller, Operation.CONFIGURE_KEY, "key/" + name)
@@ -370,26 +493,30 @@ class KeyVault:
         deletion_allowed: bool | None,
     ) -> StoredKey:
         async with self._lock(name):
-            current = await self._key(name, reload=True)
-            config = current.config
-            if min_decryption_version is not None:
-                if min_decryption_version > current.latest_version:
-                    raise InvalidArgument.field(
-                        "min_decryption_version",
-                        f"must not exceed the latest version ({current.latest_version})",
-                    )
-                config = replace(config, min_decryption_version=min_decryption_version)
-            if auto_rotate_period_us is not None:
-                config = replace(config, auto_rotate_period_us=auto_rotate_period_us)
-            if deletion_allowed is not None:
-                config = replace(config, deletion_allowed=deletion_allowed)
-            config = replace(config, update_us=self._clock())
-            if not await self._store.update_config(config):
-                self._keys.pop(name, None)
-                raise key_not_found(name)
-            stored = StoredKey(config, current.stored.versions)
-            self._remember(LoadedKey(stored, {}, current))
-        return stored
+            for _ in range(_ROTATE_ATTEMPTS):
+                # Compare-and-swap on update_us: a change another replica made since this read (a rotation,
+                # a raised min_decryption_version) is never overwritten with what this replica read before it.
+                current = await self._key(name, reload=True)
+                config = current.config
+                if min_decryption_version is not None:
+                    if min_decryption_version > current.latest_version:
+                        raise InvalidArgument.field(
+                            "min_decryption_version",
+                            f"must not exceed the latest version ({current.latest_version})",
+                        )
+                    config = replace(config, min_decryption_version=min_decryption_version)
+                if auto_rotate_period_us is not None:
+                    config = replace(config, auto_rotate_period_us=auto_rotate_period_us)
+                if deletion_allowed is not None:
+                    config = replace(config, deletion_allowed=deletion_allowed)
+                config = replace(config, update_us=self._clock())
+                update_us = await self._store.update_config(config, current.config.update_us)
+                if update_us is not None:
+                    stored = StoredKey(replace(config, update_us=update_us), current.stored.versions)
+                    self._remember(LoadedKey(stored, {}, current))
+                    return stored
+            raise FailedPrecondition("the key is being changed concurrently; retry", reason="CONFIG_CONFLICT")
+        raise AssertionError("unreachable")  # pragma: no cover - mypy cannot see that the loop always exits
 
     async def delete_key(self, caller: str | None, name: str) -> None:
         check_key_name(name)
@@ -407,25 +534,93 @@ class KeyVault:
             await self._store.delete_key(name)
             self._generation[name] = self._generation.get(name, 0) + 1
             self._keys.pop(name, None)
+            for slot in [s for s in (*self._usage_pending, *self._usage_known) if s[0] == name]:
+                self._usage_pending.pop(slot, None)
+                self._usage_known.pop(slot, None)
 
     async def rotate_due(self) -> list[str]:
         """Rotate every key whose automatic rotation period has passed since its latest version; their names."""
         self._require_root()
-        now = self._clock()
         rotated: list[str] = []
+        for slot in list(
+            self._usage_pending
+        ):  # store this replica's encryption counts; rotate exhausted keys
+            if await self._flush_usage(slot, rotate=True):
+                rotated.append(slot[0])
+        now = self._clock()
         after = ""
         while True:
             page = await self._store.list_keys(after, MAX_PAGE_SIZE)
             for stored in page:
-                period = stored.config.auto_rotate_period_us
-                if period > 0 and now - stored.latest.create_us >= period:
-                    await self._logged(
-                        "auto_rotate", _SYSTEM, stored.config.name, self._rotate(stored.config.name)
+                name = stored.config.name
+                if not _rotation_due(stored, now):
+                    continue
+                try:
+                    done = await self._logged(
+                        "auto_rotate",
+                        _SYSTEM,
+                        name,
+                        self._rotate(name, lambda current: _rotation_due(current, self._clock())),
                     )
-                    rotated.append(stored.config.name)
+                except DomainError:  # logged; deleted meanwhile, or contended: the next check retries
+                    continue
+                if done is not None:
+                    rotated.append(name)
             if len(page) < MAX_PAGE_SIZE:
                 return rotated
             after = page[-1].config.name
+
+    # --- encryption counts ------------------------------------------------------------------------------------
+    async def _count(self, key: LoadedKey, count: int) -> None:
+        """Count `count` encryptions under the key's latest version; never fails the encryption itself."""
+        if count <= 0:
+            return
+        slot = (key.name, key.latest_version)
+        pending = self._usage_pending.get(slot, 0) + count
+        self._usage_pending[slot] = pending
+        if (
+            pending < self._usage_flush_every
+            and self._usage_known.get(slot, 0) + pending < self._max_encryptions
+        ):
+            return
+        try:
+            await self._flush_usage(slot, rotate=True)
+        except Exception as error:  # the count stays pending; the next flush or rotation check retries
+            self._log.error("keyvault.usage_flush_failed", resource=key.name, error=type(error).__name__)
+
+    async def _flush_usage(self, slot: tuple[str, int], *, rotate: bool) -> bool:
+        """Add the pending count of `slot` to the store's; rotate the key if the version is exhausted (True)."""
+        count = self._usage_pending.pop(slot, 0)
+        if count == 0:
+            return False
+        name, version = slot
+        try:
+            total = await self._store.add_encryptions(name, version, count)
+        except BaseException:
+            self._usage_pending[slot] = self._usage_pending.get(slot, 0) + count
+            raise
+        self._usage_known[slot] = total
+        if total < self._max_encryptions or not rotate or self._root is None:
+            return False
+        self._log.warning(
+            "keyvault.encryption_limit",
+            caller=_SYSTEM,
+            resource=name,
+            version=version,
+            encryptions=total,
+            limit=self._max_encryptions,
+        )
+        try:
+            done = await self._logged(
+                "auto_rotate",
+                _SYSTEM,
+                name,
+                self._rotate(name, lambda current: current.latest.version == version),
+            )
+        except DomainError:  # logged; deleted meanwhile, or contended: the next count or check retries
+            return False
+        self._usage_known.pop(slot, None)  # rotated now or before: the version takes no more encryptions
+        return done is not None
 
     # --- use of keys ------------------------------------------------------------------------------------------
     async def encrypt(
@@ -434,10 +629,8 @@ class KeyVault:
         check_key_name(name)
         _check_size("plaintext", plaintext)
         self._authorize(caller, Operation.ENCRYPT, "key/" + name)
-        key = self._keys.get(name) if self._root is not None else None
-        if key is None:
-            key = await self._logged("encrypt", caller, name, self._key(name))
         try:
+            key = await self._key(name)
             ciphertext = key.encrypt(plaintext, associated_data, self._random(NONCE_LEN))
         except DomainError as error:
             self._log.info("keyvault.encrypt", caller=caller, resource=name, outcome=error.reason)
@@ -445,6 +638,7 @@ class KeyVault:
         self._log.info(
             "keyvault.encrypt", caller=caller, resource=name, version=key.latest_version, outcome="ok"
         )
+        await self._count(key, 1)
         return ciphertext
 
     async def decrypt(
@@ -455,16 +649,19 @@ class KeyVault:
         return await self._logged("decrypt", caller, name, self._decrypt(name, ciphertext, associated_data))
 
     async def _decrypt(self, name: str, ciphertext: str, associated_data: bytes) -> bytes:
-        key = await self._key(name)
+        return (await self._open(await self._key(name), ciphertext, associated_data))[0]
+
+    async def _open(self, key: LoadedKey, ciphertext: str, associated_data: bytes) -> tuple[bytes, LoadedKey]:
+        """(plaintext, the key that opened it) with a current `key`."""
         try:
-            return key.decrypt(ciphertext, associated_data)[0]
+            return key.decrypt(ciphertext, associated_data)[0], key
         except DecryptionFailed:
-            # A version newer than ours: another replica rotated. Reload once and retry.
+            # A version newer than ours: another replica rotated since the freshness check. Reload once.
             token = parse_token(ciphertext)
-            if token is None or token.name != name or token.version <= key.latest_version:
+            if token is None or token.name != key.name or token.version <= key.latest_version:
                 raise
-        key = await self._key(name, reload=True)
-        return key.decrypt(ciphertext, associated_data)[0]
+        key = await self._key(key.name, reload=True)
+        return key.decrypt(ciphertext, associated_data)[0], key
 
     async def batch_encrypt(
         self, caller: str | None, name: str, items: Sequence[tuple[bytes, bytes]]
@@ -482,6 +679,7 @@ class KeyVault:
                 results.append(key.encrypt(plaintext, associated_data, self._random(NONCE_LEN)))
             except DomainError as error:
                 results.append(error)
+        await self._count(key, sum(isinstance(r, str) for r in results))
         return results
 
     async def batch_decrypt(
@@ -492,11 +690,12 @@ class KeyVault:
         if len(items) > MAX_BATCH:
             raise InvalidArgument.field("items", f"at most {MAX_BATCH} items")
         self._authorize(caller, Operation.DECRYPT, "key/" + name)
-        await self._logged("batch_decrypt", caller, name, self._key(name))
+        key = await self._logged("batch_decrypt", caller, name, self._key(name))
         results: list[bytes | DomainError] = []
         for ciphertext, associated_data in items:
             try:
-                results.append(await self._decrypt(name, ciphertext, associated_data))
+                plaintext, key = await self._open(key, ciphertext, associated_data)
+                results.append(plaintext)
             except DecryptionFailed as error:
                 self._log.warning(
                     "keyvault.batch_decrypt.item", caller=caller, resource=name, cause=error.cause
@@ -513,9 +712,10 @@ class KeyVault:
         return await self._logged("rewrap", caller, name, self._rewrap(name, ciphertext, associated_data))
 
     async def _rewrap(self, name: str, ciphertext: str, associated_data: bytes) -> str:
-        plaintext = await self._decrypt(name, ciphertext, associated_data)
-        key = await self._key(name)
-        return key.encrypt(plaintext, associated_data, self._random(NONCE_LEN))
+        plaintext, key = await self._open(await self._key(name), ciphertext, associated_data)
+        rewrapped = key.encrypt(plaintext, associated_data, self._random(NONCE_LEN))
+        await self._count(key, 1)
+        return rewrapped
 
     async def generate_data_key(
         self, caller: str | None, name: str, associated_data: bytes = b"", *, include_plaintext: bool = True
@@ -534,6 +734,7 @@ class KeyVault:
         key = await self._key(name)
         data_key = self._random(DATA_KEY_LEN)
         wrapped = key.encrypt(data_key, associated_data, self._random(NONCE_LEN))
+        await self._count(key, 1)
         return DataKey(plaintext=data_key if include_plaintext else None, wrapped=wrapped)
 
     async def sign(self, caller: str | None, name: str, message: bytes) -> str:
@@ -543,12 +744,20 @@ class KeyVault:
         return await self._logged("sign", caller, name, self._use(name, lambda key: key.sign(message)))
 
     async def verify(self, caller: str | None, name: str, message: bytes, signature: str) -> bool:
+        """Check an Ed25519 signature (VERIFY right) or an HMAC (only with the HMAC right on that key: checking
+        guesses of MAC'd data is as good as computing the MAC)."""
         check_key_name(name)
-        self._authorize(caller, Operation.VERIFY, "key/" + name)
-        return await self._logged("verify", caller, name, self._verify(name, message, signature))
+        resource = "key/" + name
+        if not self._policy.allows(caller, Operation.HMAC, resource):
+            self._authorize(caller, Operation.VERIFY, resource)
+        return await self._logged("verify", caller, name, self._verify(caller, name, message, signature))
 
-    async def _verify(self, name: str, message: bytes, signature: str) -> bool:
+    async def _verify(self, caller: str | None, name: str, message: bytes, signature: str) -> bool:
         key = await self._key(name)
+        if key.config.type is KeyType.HMAC_SHA256:
+            self._authorize(caller, Operation.HMAC, "key/" + name)
+        elif key.config.type is KeyType.ED25519:
+            self._authorize(caller, Operation.VERIFY, "key/" + name)
         if key.verify(message, signature):
             return True
         token = parse_token(signature)

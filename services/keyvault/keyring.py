@@ -173,10 +173,9 @@ class LoadedKey:
         """`materials` holds the unwrapped material of every version not already live in `previous`."""
         self.stored = stored
         self.config = stored.config
-        reuse: dict[int, _Version] = {} if previous is None else previous._versions
         self._versions: dict[int, _Version] = {
-            r.version: reuse[r.version]
-            if r.version in reuse
+            r.version: previous._versions[r.version]
+            if previous is not None and previous.reusable(r)
             else _Version(stored.config.type, r, materials[r.version])
             for r in stored.versions
         }
@@ -231,6 +230,12 @@ class LoadedKey:
 
     def has_version(self, version: int) -> bool:
         return version in self._versions
+
+    def reusable(self, record: VersionRecord) -> bool:
+        """Whether this key holds `record` live already: the same version with the same wrapped material (not
+        merely the same number: a key deleted and created again under its name by another replica)."""
+        live = self._versions.get(record.version)
+        return live is not None and live.record.wrapped == record.wrapped
 
     # --- HMAC and signatures ------------------------------------------------------------------------------
     def hmac(self, data: bytes) -> str:

@@ -130,7 +130,8 @@ DEFAULT_POLICY = Policy(
         ),
         # The audit service signs its tree heads.
         Rule("key/audit/*", frozenset({Operation.SIGN, Operation.VERIFY}), frozenset({"audit"})),
-        # Anyone in the mesh may check a signature.
+        # Anyone in the mesh may check an Ed25519 signature. Checking an HMAC also needs the HMAC right on the
+        # key (KeyVault.verify): an HMAC check would otherwise be an oracle for guesses of the MAC'd data.
         Rule(
             "key/*",
             frozenset({Operation.VERIFY}),

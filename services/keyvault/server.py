@@ -1,7 +1,8 @@
 """Wiring of the key vault: settings → store → root key → core → servicer → MeshServer.
 
-With its passphrase (or PIN) in the environment the vault starts unsealed; without it, it starts sealed and
-answers UNAVAILABLE until an operator calls Unseal. Automatic rotation runs every `rotation_check_s`.
+With its passphrase (or PIN) configured (a `…_FILE`, or the environment) the vault starts unsealed; without it,
+it starts sealed and answers UNAVAILABLE until an operator calls Unseal. The start-up secret is taken out of the
+settings when used, so no reference to it outlives the unsealing. Automatic rotation runs every `rotation_check_s`.
 """
 
 from __future__ import annotations
@@ -73,10 +74,17 @@ async def build(settings: Settings) -> Built:
             Policy.from_json(settings.policy_path.read_text()) if settings.policy_path else DEFAULT_POLICY
         )
         unseal = unsealer(settings)
-        secret = settings.startup_secret
+        secret = settings.startup.take()
         root = await asyncio.to_thread(unseal, secret) if secret else None
+        del secret
         vault = KeyVault(
-            store, policy, clock=clock_us, root=root, unsealer=unseal, root_kind=settings.root_mode
+            store,
+            policy,
+            clock=clock_us,
+            root=root,
+            unsealer=unseal,
+            root_kind=settings.root_mode,
+            max_encryptions_per_version=settings.max_encryptions_per_version,
         )
         await vault.start()
     except BaseException:

@@ -40,9 +40,14 @@ def _duration(micros: int) -> duration_pb2.Duration:
     return duration_pb2.Duration(seconds=seconds, nanos=us * 1000)
 
 
+_MAX_DURATION_S = 3653 * 86400  # 10 years; the core checks the exact bounds of each field
+
+
 def _micros(duration: duration_pb2.Duration, field_name: str) -> int:
     if duration.seconds < 0 or duration.nanos < 0:
         raise InvalidArgument.field(field_name, "must not be negative")
+    if duration.seconds > _MAX_DURATION_S:
+        raise InvalidArgument.field(field_name, "must be at most 10 years")
     return duration.seconds * 1_000_000 + duration.nanos // 1000
 
 

@@ -62,13 +62,27 @@ class VaultStore(Protocol):
         """Up to `limit` keys with names greater than `after`, by name."""
         ...
 
-    async def add_version(self, name: str, record: VersionRecord, update_us: int) -> bool:
-        """Append a version; False if the key is gone or that version number exists (a concurrent rotation)."""
+    async def key_stamp(self, name: str) -> tuple[int, int] | None:
+        """(create_us, update_us) of the key, None if there is none: one indexed read, to check a cached key.
+
+        `update_us` only grows: every change sets it to max(its time, the previous value + 1)."""
         ...
 
-    async def update_config(self, config: KeyConfig) -> bool: ...
+    async def add_version(self, name: str, record: VersionRecord, update_us: int) -> int | None:
+        """Append a version and bump `update_us`; the new `update_us`, or None (and no change at all) if the
+        key is gone or `record.version` is not the next version (a concurrent rotation)."""
+        ...
+
+    async def update_config(self, config: KeyConfig, expected_update_us: int) -> int | None:
+        """Compare-and-swap: write the configuration only while the stored `update_us` is `expected_update_us`;
+        the new `update_us`, or None (and no change) if the key is gone or changed since it was read."""
+        ...
 
     async def delete_key(self, name: str) -> bool: ...
+
+    async def add_encryptions(self, name: str, version: int, count: int) -> int:
+        """Add `count` to the encryptions made under a version (by every replica); the new total."""
+        ...
 
     async def insert_secret_version(self, record: SecretRecord) -> bool:
         """False if (owner, path, version) exists."""

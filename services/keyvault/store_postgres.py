@@ -41,6 +41,7 @@ def _ddl(schema: str) -> list[sql.Composed]:
         "keys": sql.Identifier(schema, "keys"),
         "versions": sql.Identifier(schema, "key_versions"),
         "secrets": sql.Identifier(schema, "secret_versions"),
+        "usage": sql.Identifier(schema, "key_usage"),
     }
     return [
         sql.SQL("CREATE SCHEMA IF NOT EXISTS {schema}").format(**fmt),
@@ -70,6 +71,14 @@ def _ddl(schema: str) -> list[sql.Composed]:
             )"""
         ).format(**fmt),
         sql.SQL(
+            """CREATE TABLE IF NOT EXISTS {usage} (
+                name text COLLATE "C" NOT NULL,
+                version integer NOT NULL,
+                encryptions bigint NOT NULL,
+                PRIMARY KEY (name, version)
+            )"""
+        ).format(**fmt),
+        sql.SQL(
             """CREATE TABLE IF NOT EXISTS {secrets} (
                 owner text COLLATE "C" NOT NULL,
                 path text COLLATE "C" NOT NULL,
@@ -90,6 +99,7 @@ def _statements(schema: str) -> dict[str, sql.Composed]:
         "keys": sql.Identifier(schema, "keys"),
         "versions": sql.Identifier(schema, "key_versions"),
         "secrets": sql.Identifier(schema, "secret_versions"),
+        "usage": sql.Identifier(schema, "key_usage"),
         "key_cols": sql.SQL(", ").join(sql.Identifier(c) for c in KEY_COLUMNS),
         "key_params": sql.SQL(", ").join(sql.Placeholder() for _ in KEY_COLUMNS),
         "version_cols": sql.SQL(", ").join(sql.Identifier(c) for c in VERSION_COLUMNS),
@@ -104,13 +114,21 @@ def _statements(schema: str) -> dict[str, sql.Composed]:
         "insert_version": "INSERT INTO {versions} (name, version, wrapped, public_key, create_us) "
         "VALUES (%s, %s, %s, %s, %s)",
         "select_key": "SELECT {key_cols} FROM {keys} WHERE name = %s",
+        "key_stamp": "SELECT create_us, update_us FROM {keys} WHERE name = %s",
         "select_versions": "SELECT {version_cols} FROM {versions} WHERE name = %s ORDER BY version",
         "list_keys": "SELECT {key_cols} FROM {keys} WHERE name > %s ORDER BY name LIMIT %s",
-        "lock_key": "UPDATE {keys} SET update_us = %s WHERE name = %s RETURNING name",
+        "lock_key": "SELECT update_us FROM {keys} WHERE name = %s FOR UPDATE",
+        "bump_key": "UPDATE {keys} SET update_us = GREATEST(%s, update_us + 1) WHERE name = %s "
+        "RETURNING update_us",
         "max_version": "SELECT max(version) FROM {versions} WHERE name = %s",
         "update_config": "UPDATE {keys} SET min_decryption_version = %s, auto_rotate_period_us = %s, "
-        "deletion_allowed = %s, update_us = %s WHERE name = %s",
+        "deletion_allowed = %s, update_us = GREATEST(%s, update_us + 1) WHERE name = %s AND update_us = %s "
+        "RETURNING update_us",
         "delete_key": "DELETE FROM {keys} WHERE name = %s",
+        "delete_usage": "DELETE FROM {usage} WHERE name = %s",
+        "add_encryptions": "INSERT INTO {usage} (name, version, encryptions) VALUES (%s, %s, %s) "
+        "ON CONFLICT (name, version) DO UPDATE SET encryptions = {usage}.encryptions + excluded.encryptions "
+        "RETURNING encryptions",
         "insert_secret": "INSERT INTO {secrets} ({secret_cols}) VALUES ({secret_params}) "
         "ON CONFLICT DO NOTHING RETURNING version",
         "secret_version": "SELECT {secret_cols} FROM {secrets} WHERE owner = %s AND path = %s AND version = %s",
@@ -194,6 +212,12 @@ class PostgresVaultStore:
             )
         return True
 
+    async def key_stamp(self, name: str) -> tuple[int, int] | None:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(self._sql["key_stamp"], (name,))
+            row = await cur.fetchone()
+        return None if row is None else (int(row[0]), int(row[1]))
+
     async def get_key(self, name: str) -> StoredKey | None:
         async with self._pool.connection() as conn, conn.transaction():
             cur = await conn.execute(self._sql["select_key"], (name,))
@@ -205,24 +229,25 @@ class PostgresVaultStore:
             cur = await conn.execute(self._sql["list_keys"], (after, limit))
             return [await self._load_key(conn, row) for row in await cur.fetchall()]
 
-    async def add_version(self, name: str, record: VersionRecord, update_us: int) -> bool:
+    async def add_version(self, name: str, record: VersionRecord, update_us: int) -> int | None:
         async with self._pool.connection() as conn, conn.transaction():
-            cur = await conn.execute(
-                self._sql["lock_key"], (update_us, name)
-            )  # row lock: rotations queue here
+            cur = await conn.execute(self._sql["lock_key"], (name,))  # row lock: rotations queue here
             if await cur.fetchone() is None:
-                return False
+                return None
             cur = await conn.execute(self._sql["max_version"], (name,))
             row = await cur.fetchone()
             if row is None or row[0] != record.version - 1:
-                return False
+                return None  # nothing written: the transaction commits no change
+            cur = await conn.execute(self._sql["bump_key"], (update_us, name))
+            bumped = await cur.fetchone()
+            assert bumped is not None  # the row is locked by this transaction
             await conn.execute(
                 self._sql["insert_version"],
                 (name, record.version, record.wrapped, record.public_key, record.create_us),
             )
-        return True
+        return int(bumped[0])
 
-    async def update_config(self, config: KeyConfig) -> bool:
+    async def update_config(self, config: KeyConfig, expected_update_us: int) -> int | None:
         async with self._pool.connection() as conn:
             cur = await conn.execute(
                 self._sql["update_config"],
@@ -232,14 +257,24 @@ class PostgresVaultStore:
                     config.deletion_allowed,
                     config.update_us,
                     config.name,
+                    expected_update_us,
                 ),
             )
-            return cur.rowcount == 1
+            row = await cur.fetchone()
+        return None if row is None else int(row[0])
 
     async def delete_key(self, name: str) -> bool:
-        async with self._pool.connection() as conn:
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute(self._sql["delete_usage"], (name,))
             cur = await conn.execute(self._sql["delete_key"], (name,))
             return cur.rowcount == 1
+
+    async def add_encryptions(self, name: str, version: int, count: int) -> int:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(self._sql["add_encryptions"], (name, version, count))
+            row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
 
     async def insert_secret_version(self, record: SecretRecord) -> bool:
         async with self._pool.connection() as conn:

@@ -2,13 +2,17 @@
 
 All database work runs on one dedicated worker thread (the event loop never blocks on disk; the connection is
 only touched by the thread that opened it). `secure_delete` overwrites erased content with zeros, so a destroyed
-secret version or a deleted key leaves no wrapped bytes behind in free pages.
+secret version or a deleted key leaves no wrapped bytes behind in free pages; and after such an erasure the WAL
+is checkpointed and truncated (`wal_checkpoint(TRUNCATE)`, `journal_size_limit = 0`), so that the old frames
+holding those bytes are gone from the -wal file too. The database, -wal and -shm files are owner-only (0600).
 """
 
 from __future__ import annotations
 
 import asyncio
 import builtins
+import contextlib
+import os
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +61,12 @@ _SCHEMA = (
         create_us INTEGER NOT NULL,
         PRIMARY KEY (name, version)
     ) STRICT""",
+    """CREATE TABLE IF NOT EXISTS key_usage (
+        name TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        encryptions INTEGER NOT NULL,
+        PRIMARY KEY (name, version)
+    ) STRICT""",
     """CREATE TABLE IF NOT EXISTS secret_versions (
         owner TEXT NOT NULL,
         path TEXT NOT NULL,
@@ -69,6 +79,7 @@ _SCHEMA = (
     ) STRICT""",
 )
 
+_KEY_STAMP = "SELECT create_us, update_us FROM keys WHERE name = ?"
 _SELECT_KEY = f"SELECT {_KEY_COLS} FROM keys WHERE name = ?"  # noqa: S608 - constant column names
 _SELECT_VERSIONS = f"SELECT {_VERSION_COLS} FROM key_versions WHERE name = ? ORDER BY version"  # noqa: S608
 _LIST_KEYS = f"SELECT {_KEY_COLS} FROM keys WHERE name > ? ORDER BY name LIMIT ?"  # noqa: S608
@@ -85,22 +96,54 @@ _LIST_VERSIONS_OF = (
 )
 
 
+_FILE_MODE = 0o600
+_SIDE_FILES = ("", "-wal", "-shm", "-journal")
+
+
+def _owner_only(path: Path) -> None:
+    """Create the database file 0600 if absent; take group and world access from it and its side files."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
+    os.close(fd)
+    for suffix in _SIDE_FILES:
+        side = path.with_name(path.name + suffix)
+        with contextlib.suppress(FileNotFoundError):
+            if side.stat().st_mode & 0o077:
+                side.chmod(_FILE_MODE)
+
+
 def _connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # SQLite gives the -wal and -shm files the mode of the database file; the umask covers what it creates
+    # before that (os.umask is process-wide: it is only ever narrowed here, for the span of the open).
+    previous_umask = os.umask(0o077)
     try:
-        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-        if mode is None or str(mode[0]).lower() != "wal":
-            raise RuntimeError(f"could not switch {path} to WAL (got {mode!r})")
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA foreign_keys = ON")
-        conn.execute("PRAGMA secure_delete = ON")
-        _in_transaction(conn, _create_schema)
-    except BaseException:
-        conn.close()
-        raise
+        _owner_only(path)
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            if mode is None or str(mode[0]).lower() != "wal":
+                raise RuntimeError(f"could not switch {path} to WAL (got {mode!r})")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            conn.execute("PRAGMA secure_delete = ON")
+            conn.execute("PRAGMA journal_size_limit = 0")
+            _in_transaction(conn, _create_schema)
+            _owner_only(path)
+        except BaseException:
+            conn.close()
+            raise
+    finally:
+        os.umask(previous_umask)
     return conn
+
+
+def _scrub_wal(conn: sqlite3.Connection) -> None:
+    """Copy the WAL into the database and truncate it: erased values must not survive in old WAL frames.
+
+    A reader of another connection (another process on the same file) can keep the checkpoint from finishing;
+    then the frames are overwritten or truncated by a later checkpoint (every erasure and close tries again)."""
+    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
 
 
 def _create_schema(conn: sqlite3.Connection) -> None:
@@ -157,6 +200,16 @@ class SqliteVaultStore:
     async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         return await self._run(lambda conn: _in_transaction(conn, work))
 
+    async def _write_and_scrub(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """A write that erases material: then checkpoint and truncate the WAL that still holds the old bytes."""
+
+        def run(conn: sqlite3.Connection) -> T:
+            result = _in_transaction(conn, work)
+            _scrub_wal(conn)
+            return result
+
+        return await self._run(run)
+
     async def get_meta(self, key: str) -> bytes | None:
         def work(conn: sqlite3.Connection) -> bytes | None:
             row = conn.execute("SELECT value FROM vault_meta WHERE key = ?", (key,)).fetchone()
@@ -189,6 +242,13 @@ class SqliteVaultStore:
 
         return await self._write(work)
 
+    async def key_stamp(self, name: str) -> tuple[int, int] | None:
+        def work(conn: sqlite3.Connection) -> tuple[int, int] | None:
+            row = conn.execute(_KEY_STAMP, (name,)).fetchone()
+            return None if row is None else (int(row[0]), int(row[1]))
+
+        return await self._run(work)
+
     async def get_key(self, name: str) -> StoredKey | None:
         def work(conn: sqlite3.Connection) -> StoredKey | None:
             row = conn.execute(_SELECT_KEY, (name,)).fetchone()
@@ -203,39 +263,58 @@ class SqliteVaultStore:
 
         return await self._run(work)
 
-    async def add_version(self, name: str, record: VersionRecord, update_us: int) -> bool:
-        def work(conn: sqlite3.Connection) -> bool:
-            if conn.execute("UPDATE keys SET update_us = ? WHERE name = ?", (update_us, name)).rowcount != 1:
-                return False
+    async def add_version(self, name: str, record: VersionRecord, update_us: int) -> int | None:
+        def work(conn: sqlite3.Connection) -> int | None:
+            # BEGIN IMMEDIATE holds the write lock: check first, write only when the version is the next one.
             latest = conn.execute("SELECT max(version) FROM key_versions WHERE name = ?", (name,)).fetchone()
-            if latest is None or latest[0] != record.version - 1:
-                return False
+            if latest is None or latest[0] is None or latest[0] != record.version - 1:
+                return None
+            row = conn.execute(
+                "UPDATE keys SET update_us = max(?, update_us + 1) WHERE name = ? RETURNING update_us",
+                (update_us, name),
+            ).fetchone()
+            if row is None:
+                return None
             _insert_version(conn, name, record)
-            return True
+            return int(row[0])
 
         return await self._write(work)
 
-    async def update_config(self, config: KeyConfig) -> bool:
-        def work(conn: sqlite3.Connection) -> bool:
-            cursor = conn.execute(
+    async def update_config(self, config: KeyConfig, expected_update_us: int) -> int | None:
+        def work(conn: sqlite3.Connection) -> int | None:
+            row = conn.execute(
                 "UPDATE keys SET min_decryption_version = ?, auto_rotate_period_us = ?, deletion_allowed = ?, "
-                "update_us = ? WHERE name = ?",
+                "update_us = max(?, update_us + 1) WHERE name = ? AND update_us = ? RETURNING update_us",
                 (
                     config.min_decryption_version,
                     config.auto_rotate_period_us,
                     config.deletion_allowed,
                     config.update_us,
                     config.name,
+                    expected_update_us,
                 ),
-            )
-            return cursor.rowcount == 1
+            ).fetchone()
+            return None if row is None else int(row[0])
 
         return await self._write(work)
 
     async def delete_key(self, name: str) -> bool:
         def work(conn: sqlite3.Connection) -> bool:
             conn.execute("DELETE FROM key_versions WHERE name = ?", (name,))
+            conn.execute("DELETE FROM key_usage WHERE name = ?", (name,))
             return conn.execute("DELETE FROM keys WHERE name = ?", (name,)).rowcount == 1
+
+        return await self._write_and_scrub(work)
+
+    async def add_encryptions(self, name: str, version: int, count: int) -> int:
+        def work(conn: sqlite3.Connection) -> int:
+            row = conn.execute(
+                "INSERT INTO key_usage (name, version, encryptions) VALUES (?, ?, ?) "
+                "ON CONFLICT (name, version) DO UPDATE SET encryptions = encryptions + excluded.encryptions "
+                "RETURNING encryptions",
+                (name, version, count),
+            ).fetchone()
+            return int(row[0])
 
         return await self._write(work)
 
@@ -285,7 +364,7 @@ class SqliteVaultStore:
             )
             return cursor.rowcount == 1
 
-        return await self._write(work)
+        return await self._write_and_scrub(work)
 
     async def close(self) -> None:
         conn, self._conn = self._conn, None

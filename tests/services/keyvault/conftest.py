@@ -8,7 +8,7 @@ import os
 import secrets
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import psycopg
@@ -162,15 +162,54 @@ class VaultFactory:
             return LocalSealedRoot.create(self.root_path, passphrase, self.random, scrypt_n=SCRYPT_N)
         return LocalSealedRoot.unseal(self.root_path, passphrase, self.random)
 
-    async def open(self, *, unsealed: bool = True, policy: Policy = DEFAULT_POLICY) -> KeyVault:
+    async def open(
+        self,
+        *,
+        unsealed: bool = True,
+        policy: Policy = DEFAULT_POLICY,
+        wrap: Callable[[VaultStore], VaultStore] | None = None,
+        **options: int,
+    ) -> KeyVault:
+        """`wrap` puts something around the real store (HookedStore: run a step of another replica mid-call)."""
         store = await self.backend.open()
+        if wrap is not None:
+            store = wrap(store)
         root = self.unsealer(PASSPHRASE) if unsealed else None
         vault = KeyVault(
-            store, policy, clock=self.clock, random=self.random, root=root, unsealer=self.unsealer
+            store,
+            policy,
+            clock=self.clock,
+            random=self.random,
+            root=root,
+            unsealer=self.unsealer,
+            **options,  # type: ignore[arg-type]
         )
         await vault.start()
         self.vaults.append(vault)
         return vault
+
+
+class HookedStore:
+    """The real store, with one-shot hooks run right after a named method's real call returns: a deterministic
+    interleaving of another replica's (or a local) change into the middle of an operation. No fake data."""
+
+    def __init__(self, store: VaultStore) -> None:
+        self._store = store
+        self.after: dict[str, Callable[[], Awaitable[object]]] = {}
+
+    def __getattr__(self, name: str) -> object:
+        real = getattr(self._store, name)
+        if not callable(real):
+            return real
+
+        async def call(*args: object, **kwargs: object) -> object:
+            result = await real(*args, **kwargs)
+            hook = self.after.pop(name, None)
+            if hook is not None:
+                await hook()
+            return result
+
+        return call
 
 
 @pytest.fixture

@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import stat
+from dataclasses import replace
 
 import grpc
 import pytest
@@ -20,9 +23,13 @@ from services.keyvault.errors import (
     PermissionDenied,
     Unavailable,
 )
-from services.keyvault.keyring import KeyType, b64url_decode, b64url_encode, parse_token
-from services.keyvault.root import RootUnwrapError
+from services.keyvault.keyring import KeyType, VersionRecord, b64url_decode, b64url_encode, parse_token
+from services.keyvault.policy import DEFAULT_POLICY, Operation, Policy, Rule
+from services.keyvault.root import LocalSealedRoot, RootUnwrapError
+from services.keyvault.store_sqlite import SqliteVaultStore
 from tradeguard.observability.logging import configure_logging
+
+from .conftest import PASSPHRASE, SCRYPT_N, HookedStore
 
 AES = KeyType.AES256_GCM
 OPS, AUTH, TRADING = "ops", "auth", "trading"
@@ -464,3 +471,285 @@ async def test_every_operation_is_logged_without_material(vault):
     body = ct.rsplit(":", 1)[1]
     for marker in ("PLAINTEXT-MARKER", "AD-MARKER", "SECRET-MARKER", body, body[:16]):
         assert marker not in text
+
+
+def _hooked(into: list[HookedStore]):
+    def wrap(store):
+        into.append(HookedStore(store))
+        return into[-1]
+
+    return wrap
+
+
+async def test_replicas_sharing_a_store_see_each_others_changes_at_once(vaults, clock):
+    """A rotation, a raised min_decryption_version or a deletion on replica A holds on replica B from B's very
+    next operation (B had the key cached)."""
+    a = await vaults.open()
+    await a.create_key(OPS, "credentials", AES)
+    await a.create_key(OPS, "auth/ids", KeyType.HMAC_SHA256)
+    await a.create_key(OPS, "auth/jwt", KeyType.ED25519)
+    b = await vaults.open()
+    ct_v1 = await b.encrypt(AUTH, "credentials", b"old", b"ad")  # B caches every key
+    sig_v1 = await b.sign(AUTH, "auth/jwt", b"m")
+    assert (await b.hmac(AUTH, "auth/ids", b"x")).startswith("tgv1:auth/ids:v1:")
+    clock.advance(1000)
+    await a.rotate_key(OPS, "credentials")
+    await a.update_key_config(OPS, "credentials", min_decryption_version=2)
+    assert "below min_decryption_version" in (await _decrypt_fails(a, "credentials", ct_v1, b"ad")).cause
+    assert "below min_decryption_version" in (await _decrypt_fails(b, "credentials", ct_v1, b"ad")).cause
+    with pytest.raises(DecryptionFailed):
+        await b.rewrap(AUTH, "credentials", ct_v1, b"ad")
+    assert (await b.batch_decrypt(AUTH, "credentials", [(ct_v1, b"ad")]))[0].message == "decryption failed"
+    # B encrypts under the new version only: nothing A refuses.
+    ct_b = await b.encrypt(AUTH, "credentials", b"new", b"ad")
+    assert ct_b.startswith("tgv1:credentials:v2:")
+    assert await a.decrypt(AUTH, "credentials", ct_b, b"ad") == b"new"
+    assert (await b.generate_data_key(AUTH, "credentials")).wrapped.startswith("tgv1:credentials:v2:")
+    assert str((await b.batch_encrypt(AUTH, "credentials", [(b"x", b"")]))[0]).startswith(
+        "tgv1:credentials:v2:"
+    )
+    # HMAC and signing keys likewise.
+    await a.rotate_key(OPS, "auth/ids")
+    assert (await b.hmac(AUTH, "auth/ids", b"x")).startswith("tgv1:auth/ids:v2:")
+    await a.rotate_key(OPS, "auth/jwt")
+    await a.update_key_config(OPS, "auth/jwt", min_decryption_version=2)
+    assert not await b.verify(AUTH, "auth/jwt", b"m", sig_v1)
+    assert (await b.sign(AUTH, "auth/jwt", b"m")).startswith("tgv1:auth/jwt:v2:")
+    # Deleted on A: B refuses at once; created again under the name: B uses the new key's material.
+    ct_b = await b.encrypt(AUTH, "credentials", b"new", b"ad")
+    clock.advance(1000)
+    await a.update_key_config(OPS, "credentials", deletion_allowed=True)
+    await a.delete_key(OPS, "credentials")
+    with pytest.raises(NotFound):
+        await b.encrypt(AUTH, "credentials", b"x")
+    with pytest.raises(NotFound):
+        await b.decrypt(AUTH, "credentials", ct_b, b"ad")
+    await a.create_key(OPS, "credentials", AES)
+    again = await b.encrypt(AUTH, "credentials", b"again")
+    assert await a.decrypt(AUTH, "credentials", again) == b"again"
+    await _decrypt_fails(b, "credentials", ct_b, b"ad")  # the old key's ciphertext: another key now
+
+
+async def test_a_recreated_key_is_never_mixed_with_the_cached_one(vaults, clock):
+    a = await vaults.open()
+    await a.create_key(OPS, "credentials", AES, deletion_allowed=True)
+    b = await vaults.open()
+    old = await b.encrypt(AUTH, "credentials", b"old")
+    clock.advance(1)
+    await a.delete_key(OPS, "credentials")
+    await a.create_key(OPS, "credentials", AES)  # B still holds the deleted key's v1 in memory
+    new = await b.encrypt(AUTH, "credentials", b"new")
+    assert await a.decrypt(AUTH, "credentials", new) == b"new"
+    await _decrypt_fails(b, "credentials", old)
+
+
+async def test_config_change_never_overwrites_a_concurrent_one(vaults):
+    """B reads the key, A raises min_decryption_version, B writes: B's write is retried on the new state."""
+    a = await vaults.open()
+    await a.create_key(OPS, "credentials", AES)
+    await a.rotate_key(OPS, "credentials")
+    hooked: list[HookedStore] = []
+    b = await vaults.open(wrap=_hooked(hooked))
+    hooked[0].after["get_key"] = lambda: a.update_key_config(OPS, "credentials", min_decryption_version=2)
+    info = await b.update_key_config(OPS, "credentials", deletion_allowed=True)
+    assert info.config.min_decryption_version == 2 and info.config.deletion_allowed
+    stored = await a.get_key(OPS, "credentials")
+    assert stored.config.min_decryption_version == 2 and stored.config.deletion_allowed
+
+
+async def test_store_writes_are_compare_and_swap_and_all_or_nothing(vaults, backend, clock):
+    vault = await vaults.open()
+    await vault.create_key(OPS, "credentials", AES)
+    await vault.rotate_key(OPS, "credentials")
+    store = await backend.open()
+    before = await store.get_key("credentials")
+    assert await store.key_stamp("credentials") == (before.config.create_us, before.config.update_us)
+    assert await store.key_stamp("missing") is None
+    # A configuration written from a stale read changes nothing.
+    stale = replace(before.config, min_decryption_version=2, deletion_allowed=True)
+    assert await store.update_config(stale, before.config.update_us - 1) is None
+    assert await store.get_key("credentials") == before
+    # A version that is not the next one (a lost rotation race) writes nothing, not even update_us.
+    for version in (2, 4):
+        record = VersionRecord(version, b"wrapped", b"", clock() + 5)
+        assert await store.add_version("credentials", record, clock() + 5) is None
+        assert await store.get_key("credentials") == before
+    assert await store.add_version("missing", VersionRecord(1, b"w", b"", 1), 1) is None
+    # update_us only grows, even when the clock does not move.
+    first = await store.update_config(stale, before.config.update_us)
+    assert first is not None and first > before.config.update_us
+    second = await store.add_version("credentials", VersionRecord(3, b"w", b"", clock()), clock())
+    assert second is not None and second > first
+
+
+async def test_automatic_rotation_once_per_period_across_replicas(vaults, clock):
+    a = await vaults.open()
+    await a.create_key(OPS, "credentials", AES, auto_rotate_period_us=24 * HOUR_US)
+    hooked: list[HookedStore] = []
+    b = await vaults.open(wrap=_hooked(hooked))
+    clock.advance(24 * HOUR_US)
+    hooked[0].after["list_keys"] = a.rotate_due  # A rotates after B found the key due
+    assert await b.rotate_due() == []
+    assert (await a.get_key(OPS, "credentials")).latest.version == 2
+    clock.advance(24 * HOUR_US)
+    results = await asyncio.gather(a.rotate_due(), b.rotate_due(), a.rotate_due(), b.rotate_due())
+    assert sorted(name for r in results for name in r) == ["credentials"]
+    assert (await b.get_key(OPS, "credentials")).latest.version == 3
+
+
+async def test_a_load_racing_a_local_rotation_returns_the_rotation(vaults):
+    hooked: list[HookedStore] = []
+    vault = await vaults.open(wrap=_hooked(hooked))
+    await vault.create_key(OPS, "credentials", AES)
+    other = await vaults.open()
+    await other.rotate_key(OPS, "credentials")  # the vault's cached key is stale: its next use reloads
+    # While that reload is in flight the vault rotates the key itself; the load must not win over it.
+    hooked[0].after["get_key"] = lambda: vault.rotate_key(OPS, "credentials")
+    ct = await vault.encrypt(AUTH, "credentials", b"x")
+    assert ct.startswith("tgv1:credentials:v3:")
+    assert (await vault.encrypt(AUTH, "credentials", b"y")).startswith("tgv1:credentials:v3:")
+
+
+async def test_only_hmac_holders_may_verify_an_hmac(vault):
+    """Verify on an HMAC key is an HMAC computation: it needs the HMAC right; signatures stay open to all."""
+    await vault.create_key(OPS, "credentials", KeyType.HMAC_SHA256)
+    await vault.create_key(OPS, "auth/jwt", KeyType.ED25519)
+    mac = await vault.hmac(AUTH, "credentials", b"123456")
+    assert await vault.verify(AUTH, "credentials", b"123456", mac)
+    assert not await vault.verify(AUTH, "credentials", b"000000", mac)
+    for caller in ("ratelimit", TRADING, "monitor", "audit", OPS):
+        for guess in (b"000000", b"123456"):
+            with pytest.raises(PermissionDenied):
+                await vault.verify(caller, "credentials", guess, mac)
+    signature = await vault.sign(AUTH, "auth/jwt", b"m")
+    for caller in ("ratelimit", TRADING, "monitor", "audit", OPS, AUTH):
+        assert await vault.verify(caller, "auth/jwt", b"m", signature)
+    with pytest.raises(PermissionDenied):
+        await vault.verify("stranger", "auth/jwt", b"m", signature)
+
+
+async def test_list_keys_page_tokens_name_only_keys_the_caller_may_read(vaults):
+    names = ["audit/tree", "auth/jwt", "credentials", "secret-admin-key", "trading/a", "trading/b", "zzz"]
+    policy = Policy(
+        [*DEFAULT_POLICY.rules, Rule("key/trading/*", frozenset({Operation.READ_KEY}), frozenset({TRADING}))]
+    )
+    vault = await vaults.open(policy=policy)
+    for name in names:
+        await vault.create_key(OPS, name, AES)
+
+    async def pages(caller: str, size: int) -> tuple[list[list[str]], list[str]]:
+        out, tokens, token = [], [], ""
+        while True:
+            keys, token = await vault.list_keys(caller, size, token)
+            out.append([k.config.name for k in keys])
+            if not token:
+                return out, tokens
+            tokens.append(token)
+            assert len(tokens) < 20
+
+    seen, tokens = await pages(TRADING, 1)
+    assert [n for page in seen for n in page] == ["trading/a", "trading/b"]
+    assert all(t.startswith("trading/") for t in tokens)
+    seen, tokens = await pages(AUTH, 1)  # may read nothing: no token at all
+    assert seen == [[]] and tokens == []
+    for size in (1, 2, 3, 100):
+        seen, _ = await pages(OPS, size)
+        assert [n for page in seen for n in page] == names
+
+
+async def test_auto_rotate_period_is_bounded(vault):
+    for bad in (1, 30 * 60 * 1_000_000, 11 * 366 * 24 * HOUR_US, 2**62 * 1_000_000):
+        with pytest.raises(InvalidArgument) as info:
+            await vault.create_key(OPS, "k", AES, auto_rotate_period_us=bad)
+        assert info.value.violations[0].field == "auto_rotate_period"
+    await vault.create_key(OPS, "k", AES, auto_rotate_period_us=HOUR_US)
+    await vault.create_key(OPS, "k2", AES, auto_rotate_period_us=0)
+    with pytest.raises(InvalidArgument) as info:
+        await vault.update_key_config(OPS, "k", auto_rotate_period_us=2**62)
+    assert info.value.violations[0].field == "auto_rotate_period"
+    info2 = await vault.update_key_config(OPS, "k", auto_rotate_period_us=3653 * 24 * HOUR_US)
+    assert info2.config.auto_rotate_period_us == 3653 * 24 * HOUR_US
+
+
+async def test_a_version_is_rotated_once_it_reaches_its_encryption_limit(vaults):
+    out = io.StringIO()
+    configure_logging(json=True, stream=out, level="debug")
+    try:
+        a = await vaults.open(max_encryptions_per_version=5)
+        await a.create_key(OPS, "credentials", AES)
+        sealed = [(b"%d" % i, await a.encrypt(AUTH, "credentials", b"%d" % i)) for i in range(5)]
+        assert {parse_token(ct).version for _, ct in sealed} == {1}
+        assert (await a.get_key(OPS, "credentials")).latest.version == 2  # the 5th encryption rotated it
+        ct = await a.encrypt(AUTH, "credentials", b"v2")
+        assert ct.startswith("tgv1:credentials:v2:")
+        sealed.append((b"v2", ct))
+        # Batches, data keys and rewraps count too.
+        batch = await a.batch_encrypt(AUTH, "credentials", [(b"b", b"")] * 3)
+        sealed += [(b"b", str(c)) for c in batch]
+        await a.rewrap(AUTH, "credentials", ct)
+        assert (await a.get_key(OPS, "credentials")).latest.version == 3
+        # Two replicas: each one's count stays below the limit; the store adds them up at the rotation check.
+        b = await vaults.open(max_encryptions_per_version=5)
+        for vault in (a, a, a, b, b, b):
+            sealed.append((b"x", await vault.encrypt(AUTH, "credentials", b"x")))
+        assert (await a.get_key(OPS, "credentials")).latest.version == 3
+        assert await a.rotate_due() == []  # 3 stored
+        assert await b.rotate_due() == ["credentials"]  # 6 stored: over the limit
+        assert await a.rotate_due() == [] and await b.rotate_due() == []
+        assert (await a.get_key(OPS, "credentials")).latest.version == 4
+        for plaintext, ciphertext in sealed:
+            assert await b.decrypt(AUTH, "credentials", ciphertext) == plaintext
+    finally:
+        configure_logging(json=True)
+    limits = [json.loads(line) for line in out.getvalue().splitlines() if "encryption_limit" in line]
+    assert [(e["resource"], e["version"], e["limit"]) for e in limits] == [
+        ("credentials", 1, 5),
+        ("credentials", 2, 5),
+        ("credentials", 3, 5),
+    ]
+    assert limits[-1]["encryptions"] == 6
+
+
+async def test_sqlite_files_are_owner_only_and_keep_no_destroyed_secret(tmp_path, clock, random):
+    """After DestroySecretVersion (and DeleteKey) neither the database nor its -wal and -shm files, read while
+    the store is open, hold the sealed value or its wrapped data key; every file is 0600."""
+    old_umask = os.umask(0o022)
+    try:
+        path = tmp_path / "kv.db"
+        store = await SqliteVaultStore.open(path)
+        root = LocalSealedRoot.create(tmp_path / "root", PASSPHRASE, random, scrypt_n=SCRYPT_N)
+        vault = KeyVault(store, clock=clock, random=random, root=root)
+        await vault.start()
+        await vault.put_secret(AUTH, "u1", "auth/totp", b"S" * 64)
+        await vault.put_secret(AUTH, "u1", "auth/totp", b"T" * 64)
+        await vault.create_key(OPS, "doomed", AES, deletion_allowed=True)
+        destroyed = await store.get_secret_version("u1", "auth/totp", 1)
+        kept = await store.get_secret_version("u1", "auth/totp", 2)
+        doomed = await store.get_key("doomed")
+        assert destroyed is not None and kept is not None and doomed is not None
+
+        def files() -> dict[str, bytes]:
+            return {p.name: p.read_bytes() for p in sorted(tmp_path.glob("kv.db*"))}
+
+        assert any(kept.ciphertext in data for data in files().values())  # the search does see live data
+        await vault.destroy_secret_version(OPS, "u1", "auth/totp", 1)
+        await vault.delete_key(OPS, "doomed")
+        found = files()
+        assert set(found) == {"kv.db", "kv.db-wal", "kv.db-shm"}
+        for name, data in found.items():
+            assert destroyed.ciphertext not in data, name
+            assert destroyed.wrapped_data_key not in data, name
+            assert doomed.versions[0].wrapped not in data, name
+            assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o600, name
+        assert (await vault.get_secret(AUTH, "u1", "auth/totp"))[0] == b"T" * 64
+        await vault.close()
+        await store.close()
+        # Files of an older, looser deployment are tightened when opened.
+        path.chmod(0o644)
+        store = await SqliteVaultStore.open(path)
+        await store.put_meta_if_absent("probe", b"x")
+        for p in tmp_path.glob("kv.db*"):
+            assert stat.S_IMODE(p.stat().st_mode) == 0o600, p.name
+        await store.close()
+    finally:
+        os.umask(old_umask)

@@ -12,7 +12,7 @@ from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from services.keyvault.server import Built, build
-from services.keyvault.settings import Settings
+from services.keyvault.settings import Settings, StartupSecret
 from tradeguard.keyvault.v1 import keyvault_pb2 as pb
 from tradeguard.keyvault.v1 import keyvault_pb2_grpc
 from tradeguard.mesh import pki, tls
@@ -56,7 +56,7 @@ async def start_vault(pki_paths: pki.PkiPaths) -> AsyncIterator[Callable[..., ob
             server=ServerConfig(name="keyvault", port=0, home=home, grace_s=1.0),
             database_url=f"sqlite:///{home / 'data' / 'keyvault.db'}",
             root_path=home / "data" / "keyvault.root",
-            passphrase=PASSPHRASE,
+            startup=StartupSecret(PASSPHRASE),
             scrypt_n=2**10,
         )
         built = await build(replace(settings, **overrides))  # type: ignore[arg-type]
@@ -199,7 +199,7 @@ async def test_signing_hmac_and_secrets_over_mtls(start_vault) -> None:
 
 
 async def test_sealed_vault_answers_unavailable_until_unsealed(start_vault) -> None:
-    vault = await start_vault(passphrase=None)
+    vault = await start_vault(startup=StartupSecret())
     ops_channel, ops = vault.stub("ops")
     auth_channel, auth = vault.stub("auth")
     async with ops_channel, auth_channel:
@@ -229,7 +229,7 @@ async def test_wrong_passphrase_and_restart(start_vault) -> None:
     await first.built.server.stop(0)
     await first.built.close()
 
-    second = await start_vault(passphrase=None)
+    second = await start_vault(startup=StartupSecret())
     ops_channel, ops = second.stub("ops")
     auth_channel, auth = second.stub("auth")
     async with ops_channel, auth_channel:
@@ -273,3 +273,68 @@ async def test_concurrent_encrypts_over_rpc_survive_rotation(start_vault) -> Non
                 pb.DecryptRequest(key_name="credentials", ciphertext=ct, associated_data=b"%d" % i)
             )
             assert r.plaintext == b"v%d" % i
+
+
+async def test_server_takes_the_passphrase_file_once(
+    pki_paths: pki.PkiPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unsealed at start-up from TRADEGUARD_VAULT_PASSPHRASE_FILE; afterwards the settings hold no passphrase."""
+    monkeypatch.setenv("TRADEGUARD_HOME", str(pki_paths.home))
+    monkeypatch.setenv("TRADEGUARD_KEYVAULT_PORT", "0")
+    monkeypatch.setenv("TRADEGUARD_VAULT_SCRYPT_N", str(2**10))
+    secret = pki_paths.home / "vault-passphrase"
+    secret.write_text(PASSPHRASE + "\n")
+    secret.chmod(0o600)
+    monkeypatch.setenv("TRADEGUARD_VAULT_PASSPHRASE_FILE", str(secret))
+    settings = Settings.from_env()
+    built = await build(settings)
+    try:
+        assert not built.vault.sealed
+        assert settings.startup.take() is None
+    finally:
+        await built.close()
+    secret.chmod(0o644)
+    with pytest.raises(ValueError, match="chmod 600"):
+        Settings.from_env()
+
+
+async def test_oversized_rotation_period_is_invalid_argument_not_internal(start_vault) -> None:
+    vault = await start_vault()
+    ops_channel, ops = vault.stub("ops")
+    async with ops_channel:
+        for seconds in (2**62, 315576000000, 11 * 366 * 86400, 60):
+            with pytest.raises(grpc.aio.AioRpcError) as bad:
+                await ops.CreateKey(
+                    pb.CreateKeyRequest(
+                        name="k",
+                        type=pb.KEY_TYPE_AES256_GCM,
+                        auto_rotate_period=duration_pb2.Duration(seconds=seconds),
+                    ),
+                    timeout=5,
+                )
+            code, reason, message = _error(bad.value)
+            assert (code, reason) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+            assert "auto_rotate_period" in message
+        await ops.CreateKey(pb.CreateKeyRequest(name="k", type=pb.KEY_TYPE_AES256_GCM), timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await ops.UpdateKeyConfig(
+                pb.UpdateKeyConfigRequest(name="k", auto_rotate_period=duration_pb2.Duration(seconds=2**62)),
+                timeout=5,
+            )
+        assert _error(bad.value)[0] == grpc.StatusCode.INVALID_ARGUMENT
+        assert "auto_rotate_period" in _error(bad.value)[2]
+
+
+async def test_hmac_verify_needs_the_hmac_right_over_mtls(start_vault) -> None:
+    vault = await start_vault()
+    ops_channel, ops = vault.stub("ops")
+    auth_channel, auth = vault.stub("auth")
+    trading_channel, trading = vault.stub("trading")
+    async with ops_channel, auth_channel, trading_channel:
+        await ops.CreateKey(pb.CreateKeyRequest(name="credentials", type=pb.KEY_TYPE_HMAC_SHA256))
+        mac = (await auth.Hmac(pb.HmacRequest(key_name="credentials", data=b"123456"))).mac
+        request = pb.VerifyRequest(key_name="credentials", message=b"123456", signature=mac)
+        assert (await auth.Verify(request, timeout=5)).valid
+        with pytest.raises(grpc.aio.AioRpcError) as denied:
+            await trading.Verify(request, timeout=5)
+        assert _error(denied.value)[:2] == (grpc.StatusCode.PERMISSION_DENIED, "VAULT_PERMISSION_DENIED")
