@@ -95,20 +95,22 @@ class Supervisor:
             f"TRADEGUARD_{component.name.upper()}_METRICS_PORT", str(metrics_port(component, port))
         )
         env.setdefault("PYTHONUNBUFFERED", "1")
-        if component.name == "keyvault" and not env.get("TRADEGUARD_VAULT_PASSPHRASE"):
-            env["TRADEGUARD_VAULT_PASSPHRASE"] = self.dev_vault_passphrase()
+        operator_set = ("TRADEGUARD_VAULT_PASSPHRASE", "TRADEGUARD_VAULT_PASSPHRASE_FILE")
+        if component.name == "keyvault" and not any(env.get(name) for name in operator_set):
+            # a file the vault reads once, not the environment (which /proc/<pid>/environ keeps showing)
+            env["TRADEGUARD_VAULT_PASSPHRASE_FILE"] = str(self.dev_vault_passphrase_file())
         self.children[component.name] = subprocess.Popen([sys.executable, "-m", component.module], env=env)
 
-    def dev_vault_passphrase(self) -> str:
+    def dev_vault_passphrase_file(self) -> Path:
         """The embedded default's sealing passphrase: made once, kept 0600 beside the data. In production the
-        passphrase comes from the operator (TRADEGUARD_VAULT_PASSPHRASE or `tradeguard vault unseal`)."""
+        passphrase comes from the operator (TRADEGUARD_VAULT_PASSPHRASE_FILE or `tradeguard vault unseal`)."""
         path = self.home / "data" / "dev-vault-passphrase"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as out:
                 out.write(secrets.token_urlsafe(32))
-        return path.read_text().strip()
+        return path
 
     async def wait_ready(self, name: str, port: int) -> None:
         workload = tls.Workload.of(self.paths, OPERATOR)
