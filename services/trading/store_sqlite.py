@@ -22,13 +22,13 @@ from typing import TypeVar, cast
 from services.trading.core import Order, OrderStatus, PageCursor
 from services.trading.group_commit import DEFAULT_MAX_BATCH, GroupCommit, Outcome
 from services.trading.store import ORDER_COLUMNS, SCHEMA_VERSION, order_from_row, order_to_row
+from tradeguard.sqlite import connect, in_transaction
 
 __all__ = ["SqliteOrderStore"]
 
 T = TypeVar("T")
 Work = Callable[[sqlite3.Connection], object]
 
-_BUSY_TIMEOUT_MS = 5000
 _COLS = ", ".join(ORDER_COLUMNS)
 _PLACEHOLDERS = ", ".join("?" for _ in ORDER_COLUMNS)
 
@@ -83,43 +83,7 @@ _LIST_AFTER = (
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
-    try:
-        conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-        if mode is None or str(mode[0]).lower() != "wal":
-            raise RuntimeError(f"could not switch {path} to WAL (got {mode!r})")
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("PRAGMA foreign_keys = ON")
-        _in_transaction(conn, _create_schema)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _create_schema(conn: sqlite3.Connection) -> None:
-    for statement in _SCHEMA:
-        conn.execute(statement)
-    row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
-    version = None if row is None else row[0]
-    if version is None:
-        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-    elif version > SCHEMA_VERSION:
-        raise RuntimeError(f"database schema version {version} is newer than this code ({SCHEMA_VERSION})")
-
-
-def _in_transaction(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
-    """Run `work` in one BEGIN IMMEDIATE transaction: all of it is committed, or none of it."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        result = work(conn)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return result
+    return connect(path, _SCHEMA, SCHEMA_VERSION)
 
 
 def _write_batch(conn: sqlite3.Connection, works: Sequence[Work]) -> list[Outcome]:
@@ -129,7 +93,7 @@ def _write_batch(conn: sqlite3.Connection, works: Sequence[Work]) -> list[Outcom
     write needs no savepoint: its error rolls back the transaction and is raised, as for a failed COMMIT.
     """
     if len(works) == 1:
-        return [Outcome(value=_in_transaction(conn, works[0]))]
+        return [Outcome(value=in_transaction(conn, works[0]))]
 
     def run_all(conn: sqlite3.Connection) -> list[Outcome]:
         outcomes: list[Outcome] = []
@@ -148,7 +112,7 @@ def _write_batch(conn: sqlite3.Connection, works: Sequence[Work]) -> list[Outcom
                 outcomes.append(Outcome(value=value))
         return outcomes
 
-    return _in_transaction(conn, run_all)
+    return in_transaction(conn, run_all)
 
 
 class SqliteOrderStore:
