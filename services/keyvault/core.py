@@ -6,10 +6,25 @@ is unsealed, then existence. Every operation is logged (operation, caller, resou
 any material: no plaintext, key, ciphertext, signature or passphrase ever reaches the log.
 
 Key material is unwrapped once per key (when first used after unseal) and kept in memory; a rotation adds the
-new version to the live key without re-reading the others. Replicas may share one store: before every use of a
-key the vault reads the key's stamp (create_us, update_us: one indexed row, `VaultStore.key_stamp`) and reloads
-the key if another replica changed it, so a rotation or a raised min_decryption_version made anywhere holds on
-every replica from its next operation. Configuration changes are compare-and-swap on `update_us`.
+new version to the live key without re-reading the others. Replicas may share one store. A cached key is trusted
+for `key_freshness_us` (TRADEGUARD_VAULT_KEY_FRESHNESS_S, default 0.5 s) after the store last confirmed it; the
+next use after that reads the key's stamp (create_us, update_us: one indexed row, `VaultStore.key_stamp`, one
+read shared by concurrent operations) and reloads the key if another replica changed it. Changes made by this
+replica update its cache at once. With a freshness of 0 every operation reads the stamp: a change made anywhere
+holds on every replica from its next operation. Configuration changes are compare-and-swap on `update_us`.
+
+Security of the freshness window (replicas' clocks must agree to well within it, NTP):
+- No replica encrypts under a retired version, by construction: min_decryption_version may be raised to N only
+  once version N is at least `key_freshness_us` old (else FAILED_PRECONDITION, VERSION_TOO_NEW, with the time
+  to retry), and by then every replica's cache was confirmed after N existed, so every replica encrypts under N
+  or newer. Nothing sealed after the raise is unreadable.
+- A replica may still decrypt (and verify) under a version retired elsewhere, or use a key deleted elsewhere,
+  for at most `key_freshness_us` after the change: the same budget as every other revocation in the mesh
+  ("well under a second", DESIGN.md). Set 0 where a retirement must hold at once (one store read per use).
+- A name deleted and created again within the window may be used with the deleted key's material by a replica
+  that still has it cached: do not re-create a deleted name within `key_freshness_us`.
+- A confirmation counts from the moment its store read began, and a read slower than the window is not trusted
+  (the operation confirms again, then fails UNAVAILABLE, KEY_STORE_SLOW).
 
 AES-GCM with random 96-bit nonces is safe for about 2^32 encryptions per key version: the vault counts the
 encryptions under each version (in memory, added to the store's count every `usage_flush_every` encryptions and
@@ -33,6 +48,7 @@ from services.keyvault.errors import (
     DomainError,
     FailedPrecondition,
     InvalidArgument,
+    Unavailable,
     cas_mismatch,
     deletion_not_allowed,
     key_exists,
@@ -42,6 +58,7 @@ from services.keyvault.errors import (
     secret_version_destroyed,
     unseal_failed,
     vault_sealed,
+    version_too_new,
 )
 from services.keyvault.keyring import (
     KeyConfig,
@@ -82,6 +99,8 @@ MIN_ROTATE_PERIOD_US = 3600 * 1_000_000  # 1 hour
 MAX_ROTATE_PERIOD_US = 3653 * 86400 * 1_000_000  # 10 years
 DEFAULT_MAX_ENCRYPTIONS = 2**31  # per version: well below the 2^32 bound of random 96-bit GCM nonces
 DEFAULT_USAGE_FLUSH_EVERY = 4096
+DEFAULT_KEY_FRESHNESS_US = 500_000
+_CONFIRM_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -97,21 +116,24 @@ class DataKey:
 
 
 Stamp = tuple[int, int] | None  # (create_us, update_us) of a key, None if it does not exist
+StampRead = tuple[Stamp, int]  # the stamp and the clock when its read began
 
 
 class _StampChecks:
-    """Shared freshness checks of one key. An operation joins the next read of the stamp that starts after the
-    operation began (never one already in flight, which might miss a change committed just before), so that many
-    concurrent operations on a key cost one read at a time, not one each, without weakening the guarantee."""
+    """Shared freshness checks of one key, so that many concurrent operations on a key cost one read at a time,
+    not one each, without weakening the guarantee. With a freshness window of 0 an operation joins the next read
+    of the stamp that starts after the operation began (never one already in flight, which might miss a change
+    committed just before). With a window, a read confirms the key from the moment the read began, whoever
+    started it: an operation joins the read in flight, if any."""
 
     __slots__ = ("queued", "running")
 
     def __init__(self) -> None:
-        self.running: asyncio.Task[Stamp] | None = None  # reading now
-        self.queued: asyncio.Task[Stamp] | None = None  # reads as soon as `running` is done
+        self.running: asyncio.Task[StampRead] | None = None  # reading now
+        self.queued: asyncio.Task[StampRead] | None = None  # reads as soon as `running` is done
 
 
-def _retrieve(task: asyncio.Task[Stamp]) -> None:
+def _retrieve(task: asyncio.Task[StampRead]) -> None:
     if not task.cancelled():
         task.exception()  # every joiner may have gone: never "exception was never retrieved"
 
@@ -145,9 +167,12 @@ class KeyVault:
         logger: FilteringBoundLogger | None = None,
         max_encryptions_per_version: int = DEFAULT_MAX_ENCRYPTIONS,
         usage_flush_every: int = DEFAULT_USAGE_FLUSH_EVERY,
+        key_freshness_us: int = DEFAULT_KEY_FRESHNESS_US,
     ) -> None:
         if max_encryptions_per_version < 1 or usage_flush_every < 1:
             raise ValueError("max_encryptions_per_version and usage_flush_every must be positive")
+        if key_freshness_us < 0:
+            raise ValueError("key_freshness_us must not be negative")
         self._store = store
         self._policy = policy
         self._clock = clock
@@ -158,6 +183,8 @@ class KeyVault:
         self._root_kind = root.kind if root is not None else root_kind
         self._log = logger if logger is not None else get_logger("keyvault")
         self._keys: dict[str, LoadedKey] = {}
+        self._confirmed: dict[str, int] = {}  # name → the clock when the store last confirmed the cached key
+        self._freshness_us = key_freshness_us
         self._generation: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._unseal_lock = asyncio.Lock()
@@ -214,14 +241,14 @@ class KeyVault:
             raise FailedPrecondition(
                 "this root key is not the one that wrapped the key ring", reason="ROOT_KEY_MISMATCH"
             )
-        self._keys.clear()
+        self._forget_all()
         self._root = root
         self._root_kind = root.kind
 
     def seal(self) -> None:
         """Forget the root key and every unwrapped key (operators' emergency stop, and tests)."""
         root, self._root = self._root, None
-        self._keys.clear()
+        self._forget_all()
         if root is not None:
             root.close()
         self._log.info("keyvault.sealed", caller=_SYSTEM)
@@ -235,7 +262,7 @@ class KeyVault:
         if self._root is not None:
             self._root.close()
             self._root = None
-        self._keys.clear()
+        self._forget_all()
 
     # --- helpers ----------------------------------------------------------------------------------------------
     def _authorize(self, caller: str | None, operation: Operation, resource: str) -> None:
@@ -257,10 +284,29 @@ class KeyVault:
             lock = self._locks[name] = asyncio.Lock()
         return lock
 
-    def _remember(self, key: LoadedKey) -> LoadedKey:
+    def _remember(self, key: LoadedKey, confirmed_us: int) -> LoadedKey:
+        """Cache `key`, which the store held at some moment after `confirmed_us` (a local change: the clock
+        read before writing it; a load: before reading it)."""
         self._generation[key.name] = self._generation.get(key.name, 0) + 1
         self._keys[key.name] = key
+        self._confirmed[key.name] = confirmed_us
         return key
+
+    def _forget(self, name: str) -> None:
+        self._keys.pop(name, None)
+        self._confirmed.pop(name, None)
+
+    def _forget_all(self) -> None:
+        self._keys.clear()
+        self._confirmed.clear()
+
+    def _trusted(self, name: str) -> LoadedKey | None:
+        """The cached key if the store confirmed it less than `key_freshness_us` ago (never with 0)."""
+        key = self._keys.get(name)
+        if key is None:
+            return None
+        age = self._clock() - self._confirmed.get(name, 0)
+        return key if 0 <= age < self._freshness_us else None
 
     def _unwrap_versions(self, stored: StoredKey, previous: LoadedKey | None = None) -> LoadedKey:
         root = self._require_root()
@@ -272,13 +318,15 @@ class KeyVault:
         }
         return LoadedKey(stored, materials, previous)
 
-    def _stamp(self, name: str) -> asyncio.Task[Stamp]:
+    def _stamp(self, name: str) -> asyncio.Task[StampRead]:
         """The store's stamp of the key, read after now (see `_StampChecks`)."""
         checks = self._checks.get(name)
         if checks is None:
             checks = self._checks[name] = _StampChecks()
         if checks.queued is not None:
             return checks.queued  # it has not started reading yet
+        if checks.running is not None and self._freshness_us > 0:
+            return checks.running  # it confirms from when it began: `_key` checks that is within the window
         task = asyncio.ensure_future(self._read_stamp(name, checks, checks.running))
         task.add_done_callback(_retrieve)
         if checks.running is None:
@@ -287,12 +335,15 @@ class KeyVault:
             checks.queued = task
         return task
 
-    async def _read_stamp(self, name: str, checks: _StampChecks, after: asyncio.Task[Stamp] | None) -> Stamp:
+    async def _read_stamp(
+        self, name: str, checks: _StampChecks, after: asyncio.Task[StampRead] | None
+    ) -> StampRead:
         if after is not None:
             await asyncio.wait([after])
             checks.running, checks.queued = checks.queued, None
         try:
-            return await self._store.key_stamp(name)
+            started = self._clock()
+            return await self._store.key_stamp(name), started
         finally:
             if checks.running is asyncio.current_task():
                 checks.running = None
@@ -300,16 +351,35 @@ class KeyVault:
                     self._checks.pop(name, None)
 
     async def _key(self, name: str, *, reload: bool = False) -> LoadedKey:
-        """The key as the store has it now. A cached key is used after one cheap read of its stamp shows that
-        no replica changed it since it was loaded; otherwise (or with `reload`) it is loaded again."""
+        """The key as the store had it at most `key_freshness_us` ago (with 0: as the store has it now). A
+        cached key confirmed within that window is used as it is; after it, one cheap read of its stamp
+        confirms it or shows that another replica changed it (then it is loaded again, as with `reload`)."""
         self._require_root()
+        if not reload:
+            trusted = self._trusted(name)
+            if trusted is not None:
+                return trusted
+        for _ in range(_CONFIRM_ATTEMPTS):
+            key = await self._confirm(name, reload=reload)
+            if self._freshness_us == 0 or self._trusted(name) is key:
+                return key
+            reload = False  # the store answered slower than the window: confirm again
+        raise Unavailable(
+            "the key store answers too slowly to confirm that the key is current", reason="KEY_STORE_SLOW"
+        )
+
+    async def _confirm(self, name: str, *, reload: bool) -> LoadedKey:
+        """The cached key after its stamp shows that no replica changed it since it was loaded; else (or with
+        `reload`) the key loaded again."""
         if not reload and name in self._keys:
-            stamp = await asyncio.shield(self._stamp(name))
+            stamp, read_us = await asyncio.shield(self._stamp(name))
             self._require_root()
             cached = self._keys.get(name)  # perhaps replaced by a local change meanwhile
             if cached is not None and stamp == (cached.config.create_us, cached.config.update_us):
+                self._confirmed[name] = max(self._confirmed.get(name, read_us), read_us)
                 return cached
         generation = self._generation.get(name, 0)
+        started = self._clock()
         stored = await self._store.get_key(name)
         self._require_root()
         if self._generation.get(name, 0) != generation:
@@ -320,9 +390,9 @@ class KeyVault:
             if stored is None or winner.config.update_us >= stored.config.update_us:
                 return winner
         if stored is None:
-            self._keys.pop(name, None)
+            self._forget(name)
             raise key_not_found(name)
-        return self._remember(self._unwrap_versions(stored, self._keys.get(name)))
+        return self._remember(self._unwrap_versions(stored, self._keys.get(name)), started)
 
     async def _use(self, name: str, operation: Callable[[LoadedKey], T]) -> T:
         return operation(await self._key(name))
@@ -375,7 +445,7 @@ class KeyVault:
             if not await self._store.create_key(config, first):
                 raise key_exists(name)
             stored = StoredKey(config, (first,))
-            self._remember(LoadedKey(stored, {1: material}))
+            self._remember(LoadedKey(stored, {1: material}), now)
         return stored
 
     async def get_key(self, caller: str | None, name: str) -> StoredKey:
@@ -449,12 +519,12 @@ class KeyVault:
                 record = VersionRecord(
                     version, root.wrap(material, material_ad(name, version)), public_key, now
                 )
-                update_us = await self._store.add_version(name, record, now)
+                update_us = await self._store.add_version(name, record, now, stored.config.update_us)
                 if update_us is not None:
                     rotated = StoredKey(
                         replace(stored.config, update_us=update_us), (*stored.versions, record)
                     )
-                    self._remember(LoadedKey(rotated, {version: material}, current))
+                    self._remember(LoadedKey(rotated, {version: material}, current), now)
                     return rotated
             raise FailedPrecondition(
                 "the key is being rotated concurrently; retry", reason="ROTATION_CONFLICT"
@@ -498,25 +568,37 @@ class KeyVault:
                 # a raised min_decryption_version) is never overwritten with what this replica read before it.
                 current = await self._key(name, reload=True)
                 config = current.config
+                now = self._clock()
                 if min_decryption_version is not None:
                     if min_decryption_version > current.latest_version:
                         raise InvalidArgument.field(
                             "min_decryption_version",
                             f"must not exceed the latest version ({current.latest_version})",
                         )
+                    if min_decryption_version > config.min_decryption_version:
+                        self._check_retirable(current.stored, min_decryption_version, now)
                     config = replace(config, min_decryption_version=min_decryption_version)
                 if auto_rotate_period_us is not None:
                     config = replace(config, auto_rotate_period_us=auto_rotate_period_us)
                 if deletion_allowed is not None:
                     config = replace(config, deletion_allowed=deletion_allowed)
-                config = replace(config, update_us=self._clock())
+                config = replace(config, update_us=now)
                 update_us = await self._store.update_config(config, current.config.update_us)
                 if update_us is not None:
                     stored = StoredKey(replace(config, update_us=update_us), current.stored.versions)
-                    self._remember(LoadedKey(stored, {}, current))
+                    self._remember(LoadedKey(stored, {}, current), now)
                     return stored
             raise FailedPrecondition("the key is being changed concurrently; retry", reason="CONFIG_CONFLICT")
         raise AssertionError("unreachable")  # pragma: no cover - mypy cannot see that the loop always exits
+
+    def _check_retirable(self, stored: StoredKey, version: int, now_us: int) -> None:
+        """Versions below `version` may be retired only once every replica encrypts under `version` or newer:
+        once `version` is at least `key_freshness_us` old (see the module's security note)."""
+        record = next((r for r in stored.versions if r.version == version), None)
+        created = stored.latest.create_us if record is None else record.create_us
+        wait_us = created + self._freshness_us - now_us
+        if wait_us > 0:
+            raise version_too_new(stored.config.name, version, wait_us)
 
     async def delete_key(self, caller: str | None, name: str) -> None:
         check_key_name(name)
@@ -533,7 +615,7 @@ class KeyVault:
                 raise deletion_not_allowed(name)
             await self._store.delete_key(name)
             self._generation[name] = self._generation.get(name, 0) + 1
-            self._keys.pop(name, None)
+            self._forget(name)
             for slot in [s for s in (*self._usage_pending, *self._usage_known) if s[0] == name]:
                 self._usage_pending.pop(slot, None)
                 self._usage_known.pop(slot, None)

@@ -8,6 +8,8 @@ the log only.
 from __future__ import annotations
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.rpc import error_details_pb2
 
 from tradeguard.rpc.errors import (
     AlreadyExists,
@@ -40,6 +42,7 @@ __all__ = [
     "secret_version_destroyed",
     "unseal_failed",
     "vault_sealed",
+    "version_too_new",
 ]
 
 
@@ -111,4 +114,33 @@ def cas_mismatch(owner: str, path: str, expected: int, actual: int) -> FailedPre
         f"secret is at version {actual}, not {expected}",
         reason="SECRET_CAS_MISMATCH",
         metadata={"owner": owner, "path": path, "expected": str(expected), "actual": str(actual)},
+    )
+
+
+class VersionTooNew(FailedPrecondition):
+    """min_decryption_version raised to a version some replica may not encrypt under yet: with RetryInfo."""
+
+    def __init__(self, message: str, *, retry_after_us: int, metadata: dict[str, str]) -> None:
+        super().__init__(message, reason="VERSION_TOO_NEW", metadata=metadata)
+        self.retry_after_us = retry_after_us
+
+    def details(self) -> list[any_pb2.Any]:
+        delay = duration_pb2.Duration()
+        delay.FromMicroseconds(max(self.retry_after_us, 0))
+        packed = any_pb2.Any()
+        packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+        return [packed]
+
+
+def version_too_new(name: str, version: int, retry_after_us: int) -> VersionTooNew:
+    seconds = -(-retry_after_us // 1000) / 1000  # rounded up to the millisecond
+    return VersionTooNew(
+        f"version {version} is too new to retire older versions: other replicas may still encrypt under them "
+        f"for up to the key freshness window; retry in {seconds:.3f} s",
+        retry_after_us=retry_after_us,
+        metadata={
+            "key_name": name,
+            "version": str(version),
+            "retry_after_ms": str(-(-retry_after_us // 1000)),
+        },
     )

@@ -85,6 +85,7 @@ async def build(settings: Settings) -> Built:
             unsealer=unseal,
             root_kind=settings.root_mode,
             max_encryptions_per_version=settings.max_encryptions_per_version,
+            key_freshness_us=round(settings.key_freshness_s * 1_000_000),
         )
         await vault.start()
     except BaseException:

@@ -15,6 +15,12 @@
 - TRADEGUARD_VAULT_ROTATION_CHECK_S: how often automatic rotation is checked (default 60).
 - TRADEGUARD_VAULT_MAX_ENCRYPTIONS_PER_VERSION: encryptions under one key version before the vault rotates the
   key by itself (default 2^31; random 96-bit AES-GCM nonces allow about 2^32).
+- TRADEGUARD_VAULT_KEY_FRESHNESS_S: how long (seconds, default 0.5, at most 60) a replica uses a cached key
+  without asking the shared store whether another replica changed it; 0 asks before every use (one store read
+  per operation). Security: min_decryption_version can only be raised to a version at least this old (so no
+  replica ever encrypts under a retired version), but a replica may go on decrypting a version retired, or
+  using a key deleted, on another replica for up to this long: keep it within the mesh's revocation budget
+  (well under a second, DESIGN.md), with replicas' clocks in sync to well within it.
 Plus the shared server settings (ServerConfig.from_env). The passphrase and PIN are removed from the process
 environment once read, so that child processes never inherit them, and they are not part of `Settings`: they
 sit in a one-shot `StartupSecret` that the server empties when it unseals.
@@ -35,6 +41,8 @@ DEFAULT_PORT = 50054
 DEFAULT_PKCS11_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 DEFAULT_KEY_LABEL = "tradeguard-keyvault-root"
 DEFAULT_MAX_ENCRYPTIONS = 2**31
+DEFAULT_KEY_FRESHNESS_S = 0.5
+MAX_KEY_FRESHNESS_S = 60.0
 
 
 class StartupSecret:
@@ -101,6 +109,7 @@ class Settings:
     policy_path: Path | None = None
     rotation_check_s: float = 60.0
     max_encryptions_per_version: int = DEFAULT_MAX_ENCRYPTIONS
+    key_freshness_s: float = DEFAULT_KEY_FRESHNESS_S
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -118,6 +127,11 @@ class Settings:
         )
         if not 1 <= max_encryptions <= 2**32:
             raise ValueError("TRADEGUARD_VAULT_MAX_ENCRYPTIONS_PER_VERSION must be between 1 and 2^32")
+        freshness = float(env.get("TRADEGUARD_VAULT_KEY_FRESHNESS_S", str(DEFAULT_KEY_FRESHNESS_S)))
+        if not 0.0 <= freshness <= MAX_KEY_FRESHNESS_S:  # also refuses nan
+            raise ValueError(
+                f"TRADEGUARD_VAULT_KEY_FRESHNESS_S must be between 0 and {MAX_KEY_FRESHNESS_S:g}"
+            )
         policy = env.get("TRADEGUARD_VAULT_POLICY")
         try:
             secret = _secret(
@@ -139,4 +153,5 @@ class Settings:
             policy_path=Path(policy) if policy else None,
             rotation_check_s=float(env.get("TRADEGUARD_VAULT_ROTATION_CHECK_S", "60")),
             max_encryptions_per_version=max_encryptions,
+            key_freshness_s=freshness,
         )

@@ -68,9 +68,13 @@ class VaultStore(Protocol):
         `update_us` only grows: every change sets it to max(its time, the previous value + 1)."""
         ...
 
-    async def add_version(self, name: str, record: VersionRecord, update_us: int) -> int | None:
-        """Append a version and bump `update_us`; the new `update_us`, or None (and no change at all) if the
-        key is gone or `record.version` is not the next version (a concurrent rotation)."""
+    async def add_version(
+        self, name: str, record: VersionRecord, update_us: int, expected_update_us: int
+    ) -> int | None:
+        """Compare-and-swap: append a version and bump `update_us`, only while the stored `update_us` is
+        `expected_update_us`; the new `update_us`, or None (and no change at all) if the key is gone, changed
+        since it was read (a configuration change the caller would otherwise cache as unchanged), or
+        `record.version` is not the next version (a concurrent rotation)."""
         ...
 
     async def update_config(self, config: KeyConfig, expected_update_us: int) -> int | None:

@@ -229,10 +229,13 @@ class PostgresVaultStore:
             cur = await conn.execute(self._sql["list_keys"], (after, limit))
             return [await self._load_key(conn, row) for row in await cur.fetchall()]
 
-    async def add_version(self, name: str, record: VersionRecord, update_us: int) -> int | None:
+    async def add_version(
+        self, name: str, record: VersionRecord, update_us: int, expected_update_us: int
+    ) -> int | None:
         async with self._pool.connection() as conn, conn.transaction():
             cur = await conn.execute(self._sql["lock_key"], (name,))  # row lock: rotations queue here
-            if await cur.fetchone() is None:
+            locked = await cur.fetchone()
+            if locked is None or locked[0] != expected_update_us:
                 return None
             cur = await conn.execute(self._sql["max_version"], (name,))
             row = await cur.fetchone()

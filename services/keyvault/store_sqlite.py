@@ -263,15 +263,18 @@ class SqliteVaultStore:
 
         return await self._run(work)
 
-    async def add_version(self, name: str, record: VersionRecord, update_us: int) -> int | None:
+    async def add_version(
+        self, name: str, record: VersionRecord, update_us: int, expected_update_us: int
+    ) -> int | None:
         def work(conn: sqlite3.Connection) -> int | None:
             # BEGIN IMMEDIATE holds the write lock: check first, write only when the version is the next one.
             latest = conn.execute("SELECT max(version) FROM key_versions WHERE name = ?", (name,)).fetchone()
             if latest is None or latest[0] is None or latest[0] != record.version - 1:
                 return None
             row = conn.execute(
-                "UPDATE keys SET update_us = max(?, update_us + 1) WHERE name = ? RETURNING update_us",
-                (update_us, name),
+                "UPDATE keys SET update_us = max(?, update_us + 1) WHERE name = ? AND update_us = ? "
+                "RETURNING update_us",
+                (update_us, name, expected_update_us),
             ).fetchone()
             if row is None:
                 return None

@@ -8,6 +8,7 @@ import os
 import secrets
 import shutil
 import subprocess
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -191,11 +192,13 @@ class VaultFactory:
 
 class HookedStore:
     """The real store, with one-shot hooks run right after a named method's real call returns: a deterministic
-    interleaving of another replica's (or a local) change into the middle of an operation. No fake data."""
+    interleaving of another replica's (or a local) change into the middle of an operation. No fake data.
+    `calls` counts the calls of each method (the store reads an operation costs)."""
 
     def __init__(self, store: VaultStore) -> None:
         self._store = store
         self.after: dict[str, Callable[[], Awaitable[object]]] = {}
+        self.calls: Counter[str] = Counter()
 
     def __getattr__(self, name: str) -> object:
         real = getattr(self._store, name)
@@ -203,6 +206,7 @@ class HookedStore:
             return real
 
         async def call(*args: object, **kwargs: object) -> object:
+            self.calls[name] += 1
             result = await real(*args, **kwargs)
             hook = self.after.pop(name, None)
             if hook is not None:

@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from services.keyvault import primitives
-from services.keyvault.core import KeyVault
+from services.keyvault.core import DEFAULT_KEY_FRESHNESS_US, KeyVault
 from services.keyvault.errors import (
     DecryptionFailed,
     DomainError,
@@ -34,6 +34,7 @@ from .conftest import PASSPHRASE, SCRYPT_N, HookedStore
 AES = KeyType.AES256_GCM
 OPS, AUTH, TRADING = "ops", "auth", "trading"
 HOUR_US = 3600 * 1_000_000
+FRESHNESS_US = DEFAULT_KEY_FRESHNESS_US  # the vault's default window (0.5 s)
 
 
 async def _decrypt_fails(vault: KeyVault, name: str, ciphertext: str, ad: bytes = b"") -> DecryptionFailed:
@@ -123,7 +124,7 @@ async def test_wrong_key_of_the_right_name_fails(vaults):
     await _decrypt_fails(vault, "credentials", ct)
 
 
-async def test_rotation_min_decryption_version_and_rewrap(vault):
+async def test_rotation_min_decryption_version_and_rewrap(vault, clock):
     await vault.create_key(OPS, "credentials", AES)
     v1 = await vault.encrypt(AUTH, "credentials", b"one", b"ad")
     info = await vault.rotate_key(OPS, "credentials")
@@ -136,6 +137,10 @@ async def test_rotation_min_decryption_version_and_rewrap(vault):
     await _decrypt_fails(vault, "credentials", rewrapped, b"other-ad")
     with pytest.raises(InvalidArgument):
         await vault.update_key_config(OPS, "credentials", min_decryption_version=3)
+    with pytest.raises(FailedPrecondition) as too_new:  # v2 is younger than the freshness window (1 s)
+        await vault.update_key_config(OPS, "credentials", min_decryption_version=2)
+    assert too_new.value.reason == "VERSION_TOO_NEW"
+    clock.advance(FRESHNESS_US)
     await vault.update_key_config(OPS, "credentials", min_decryption_version=2)
     assert (await vault.get_key(OPS, "credentials")).config.min_decryption_version == 2
     error = await _decrypt_fails(vault, "credentials", v1, b"ad")  # below the minimum: same opaque error
@@ -346,7 +351,7 @@ async def test_create_key_validation(vault):
         await vault.create_key(OPS, "k", AES, auto_rotate_period_us=-1)
 
 
-async def test_sign_verify_and_hmac(vault):
+async def test_sign_verify_and_hmac(vault, clock):
     await vault.create_key(OPS, "auth/jwt", KeyType.ED25519)
     await vault.create_key(OPS, "auth/ids", KeyType.HMAC_SHA256)
     sig1 = await vault.sign(AUTH, "auth/jwt", b"message")
@@ -363,6 +368,7 @@ async def test_sign_verify_and_hmac(vault):
     sig2 = await vault.sign(AUTH, "auth/jwt", b"message")
     assert sig2.startswith("tgv1:auth/jwt:v2:")
     assert await vault.verify(AUTH, "auth/jwt", b"message", sig1)
+    clock.advance(FRESHNESS_US)
     await vault.update_key_config(OPS, "auth/jwt", min_decryption_version=2)
     assert not await vault.verify(AUTH, "auth/jwt", b"message", sig1)
     assert await vault.verify(AUTH, "auth/jwt", b"message", sig2)
@@ -482,13 +488,13 @@ def _hooked(into: list[HookedStore]):
 
 
 async def test_replicas_sharing_a_store_see_each_others_changes_at_once(vaults, clock):
-    """A rotation, a raised min_decryption_version or a deletion on replica A holds on replica B from B's very
-    next operation (B had the key cached)."""
-    a = await vaults.open()
+    """With a freshness window of 0, a rotation, a raised min_decryption_version or a deletion on replica A
+    holds on replica B from B's very next operation (B had the key cached)."""
+    a = await vaults.open(key_freshness_us=0)
     await a.create_key(OPS, "credentials", AES)
     await a.create_key(OPS, "auth/ids", KeyType.HMAC_SHA256)
     await a.create_key(OPS, "auth/jwt", KeyType.ED25519)
-    b = await vaults.open()
+    b = await vaults.open(key_freshness_us=0)
     ct_v1 = await b.encrypt(AUTH, "credentials", b"old", b"ad")  # B caches every key
     sig_v1 = await b.sign(AUTH, "auth/jwt", b"m")
     assert (await b.hmac(AUTH, "auth/ids", b"x")).startswith("tgv1:auth/ids:v1:")
@@ -530,24 +536,27 @@ async def test_replicas_sharing_a_store_see_each_others_changes_at_once(vaults, 
     await _decrypt_fails(b, "credentials", ct_b, b"ad")  # the old key's ciphertext: another key now
 
 
-async def test_a_recreated_key_is_never_mixed_with_the_cached_one(vaults, clock):
-    a = await vaults.open()
+@pytest.mark.parametrize("freshness_us", [0, FRESHNESS_US])
+async def test_a_recreated_key_is_never_mixed_with_the_cached_one(vaults, clock, freshness_us):
+    a = await vaults.open(key_freshness_us=freshness_us)
     await a.create_key(OPS, "credentials", AES, deletion_allowed=True)
-    b = await vaults.open()
+    b = await vaults.open(key_freshness_us=freshness_us)
     old = await b.encrypt(AUTH, "credentials", b"old")
     clock.advance(1)
     await a.delete_key(OPS, "credentials")
     await a.create_key(OPS, "credentials", AES)  # B still holds the deleted key's v1 in memory
+    clock.advance(freshness_us)  # B's cache is past its window (the documented bound for re-created names)
     new = await b.encrypt(AUTH, "credentials", b"new")
     assert await a.decrypt(AUTH, "credentials", new) == b"new"
     await _decrypt_fails(b, "credentials", old)
 
 
-async def test_config_change_never_overwrites_a_concurrent_one(vaults):
+async def test_config_change_never_overwrites_a_concurrent_one(vaults, clock):
     """B reads the key, A raises min_decryption_version, B writes: B's write is retried on the new state."""
     a = await vaults.open()
     await a.create_key(OPS, "credentials", AES)
     await a.rotate_key(OPS, "credentials")
+    clock.advance(FRESHNESS_US)  # v2 may now retire v1
     hooked: list[HookedStore] = []
     b = await vaults.open(wrap=_hooked(hooked))
     hooked[0].after["get_key"] = lambda: a.update_key_config(OPS, "credentials", min_decryption_version=2)
@@ -569,16 +578,18 @@ async def test_store_writes_are_compare_and_swap_and_all_or_nothing(vaults, back
     stale = replace(before.config, min_decryption_version=2, deletion_allowed=True)
     assert await store.update_config(stale, before.config.update_us - 1) is None
     assert await store.get_key("credentials") == before
-    # A version that is not the next one (a lost rotation race) writes nothing, not even update_us.
-    for version in (2, 4):
+    # A version that is not the next one (a lost rotation race) writes nothing, not even update_us; nor does
+    # the next version on a key changed since it was read (its configuration would be cached as unchanged).
+    stamp = before.config.update_us
+    for version, expected in ((2, stamp), (4, stamp), (3, stamp - 1)):
         record = VersionRecord(version, b"wrapped", b"", clock() + 5)
-        assert await store.add_version("credentials", record, clock() + 5) is None
+        assert await store.add_version("credentials", record, clock() + 5, expected) is None
         assert await store.get_key("credentials") == before
-    assert await store.add_version("missing", VersionRecord(1, b"w", b"", 1), 1) is None
+    assert await store.add_version("missing", VersionRecord(1, b"w", b"", 1), 1, 1) is None
     # update_us only grows, even when the clock does not move.
     first = await store.update_config(stale, before.config.update_us)
     assert first is not None and first > before.config.update_us
-    second = await store.add_version("credentials", VersionRecord(3, b"w", b"", clock()), clock())
+    second = await store.add_version("credentials", VersionRecord(3, b"w", b"", clock()), clock(), first)
     assert second is not None and second > first
 
 
@@ -597,12 +608,13 @@ async def test_automatic_rotation_once_per_period_across_replicas(vaults, clock)
     assert (await b.get_key(OPS, "credentials")).latest.version == 3
 
 
-async def test_a_load_racing_a_local_rotation_returns_the_rotation(vaults):
+async def test_a_load_racing_a_local_rotation_returns_the_rotation(vaults, clock):
     hooked: list[HookedStore] = []
     vault = await vaults.open(wrap=_hooked(hooked))
     await vault.create_key(OPS, "credentials", AES)
     other = await vaults.open()
-    await other.rotate_key(OPS, "credentials")  # the vault's cached key is stale: its next use reloads
+    await other.rotate_key(OPS, "credentials")
+    clock.advance(FRESHNESS_US)  # the vault's cached key is stale and past its window: its next use reloads
     # While that reload is in flight the vault rotates the key itself; the load must not win over it.
     hooked[0].after["get_key"] = lambda: vault.rotate_key(OPS, "credentials")
     ct = await vault.encrypt(AUTH, "credentials", b"x")
@@ -753,3 +765,150 @@ async def test_sqlite_files_are_owner_only_and_keep_no_destroyed_secret(tmp_path
         await store.close()
     finally:
         os.umask(old_umask)
+
+
+async def test_a_replica_trusts_its_cached_key_for_the_freshness_window_then_sees_changes(vaults, clock):
+    """Within the window B serves from its cache without a single store read (it may still use v1 that A has
+    rotated away from); from the window's end B's next use reads the stamp once, sees A's rotation and
+    reloads. Concurrent uses after the window share one stamp read."""
+    a = await vaults.open()
+    await a.create_key(OPS, "credentials", AES)
+    hooked: list[HookedStore] = []
+    b = await vaults.open(wrap=_hooked(hooked))
+    calls = hooked[0].calls
+    ct_v1 = await b.encrypt(AUTH, "credentials", b"v1", b"ad")  # B loads the key, confirmed now (T0)
+    assert (calls["get_key"], calls["key_stamp"]) == (1, 0)
+    clock.advance(1000)
+    await a.rotate_key(OPS, "credentials")  # v2 exists from T0 + 1 ms
+    for step in (0, FRESHNESS_US - 1000 - 1):  # (a) up to the last microsecond of the window
+        clock.advance(step)
+        assert (await b.encrypt(AUTH, "credentials", b"x")).startswith("tgv1:credentials:v1:")
+        assert await b.decrypt(AUTH, "credentials", ct_v1, b"ad") == b"v1"
+    assert (calls["get_key"], calls["key_stamp"]) == (1, 0)  # not one store read
+    clock.advance(1)  # (b) the window is over: one stamp read, which shows A's rotation, and a reload
+    assert (await b.encrypt(AUTH, "credentials", b"x")).startswith("tgv1:credentials:v2:")
+    assert (calls["get_key"], calls["key_stamp"]) == (2, 1)
+    for _ in range(3):  # a new window from the reload
+        assert (await b.encrypt(AUTH, "credentials", b"x")).startswith("tgv1:credentials:v2:")
+    assert (calls["get_key"], calls["key_stamp"]) == (2, 1)
+    clock.advance(FRESHNESS_US)  # unchanged in the store: 32 concurrent uses cost one stamp read, no load
+    sealed = await asyncio.gather(*(b.encrypt(AUTH, "credentials", b"%d" % i) for i in range(32)))
+    assert all(ct.startswith("tgv1:credentials:v2:") for ct in sealed)
+    assert (calls["get_key"], calls["key_stamp"]) == (2, 2)
+    # A ciphertext of a version B lacks is never refused for being new: B reloads at once, in the window.
+    clock.advance(1000)
+    await a.rotate_key(OPS, "credentials")
+    ct_v3 = await a.encrypt(AUTH, "credentials", b"v3")
+    assert await b.decrypt(AUTH, "credentials", ct_v3) == b"v3"
+    assert (await b.encrypt(AUTH, "credentials", b"x")).startswith("tgv1:credentials:v3:")
+
+
+async def test_retiring_versions_waits_until_no_replica_can_encrypt_under_them(vaults, clock):
+    """(c) min_decryption_version may be raised to N only once N is a whole window old: by then every replica's
+    cache holds N. A stale replica may go on opening retired versions for at most one window after the raise
+    (the documented bound); it never seals anything under a retired version."""
+    a = await vaults.open()
+    await a.create_key(OPS, "credentials", AES)
+    b = await vaults.open()
+    ct_v1 = await b.encrypt(AUTH, "credentials", b"v1")  # B caches v1 only
+    clock.advance(10)
+    await a.rotate_key(OPS, "credentials")  # v2 created at T
+    for waited, retry_ms in ((0, str(FRESHNESS_US // 1000)), (FRESHNESS_US - 1, "1")):
+        clock.advance(waited)
+        with pytest.raises(FailedPrecondition) as refused:
+            await a.update_key_config(OPS, "credentials", min_decryption_version=2)
+        error = refused.value
+        assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "VERSION_TOO_NEW")
+        assert error.metadata == {"key_name": "credentials", "version": "2", "retry_after_ms": retry_ms}
+        assert "retry in" in error.message
+        assert len(error.details()) == 1  # RetryInfo
+        assert (await a.get_key(OPS, "credentials")).config.min_decryption_version == 1
+        # Meanwhile B, inside its window since its last confirmation, still seals under v1: legitimately,
+        # v1 is not retired, and cannot be while B might do so.
+    clock.advance(1)  # v2 is a whole window old: every replica encrypts under v2 from now on
+    assert (await b.encrypt(AUTH, "credentials", b"x")).startswith("tgv1:credentials:v2:")
+    raised_at = clock()
+    await a.update_key_config(OPS, "credentials", min_decryption_version=2)
+    await _decrypt_fails(a, "credentials", ct_v1)
+    assert (await b.encrypt(AUTH, "credentials", b"x")).startswith("tgv1:credentials:v2:")
+    assert await b.decrypt(AUTH, "credentials", ct_v1) == b"v1"  # B's cache predates the raise: the bound
+    clock.advance(raised_at + FRESHNESS_US - clock())
+    await _decrypt_fails(b, "credentials", ct_v1)  # at most one window after the raise
+    # Lowering it again retires nothing: no wait. Raising to an old version: no wait either.
+    await a.update_key_config(OPS, "credentials", min_decryption_version=1)
+    await a.rotate_key(OPS, "credentials")  # v3, brand new
+    await a.update_key_config(OPS, "credentials", min_decryption_version=2)
+    with pytest.raises(FailedPrecondition):
+        await a.update_key_config(OPS, "credentials", min_decryption_version=3)
+
+
+async def test_freshness_zero_reads_the_stamp_before_every_use_and_retires_at_once(vaults, clock):
+    """(d) key_freshness_us=0 is the strict mode: a stamp read per operation, every change visible on the next
+    operation, and versions may be retired as soon as they exist."""
+    a = await vaults.open(key_freshness_us=0)
+    await a.create_key(OPS, "credentials", AES)
+    hooked: list[HookedStore] = []
+    b = await vaults.open(wrap=_hooked(hooked), key_freshness_us=0)
+    calls = hooked[0].calls
+    ct_v1 = await b.encrypt(AUTH, "credentials", b"v1")
+    for _ in range(5):
+        await b.encrypt(AUTH, "credentials", b"x")
+    assert (calls["get_key"], calls["key_stamp"]) == (1, 5)  # the clock never moved: still read every time
+    await a.rotate_key(OPS, "credentials")
+    await a.update_key_config(OPS, "credentials", min_decryption_version=2)  # at once
+    await _decrypt_fails(b, "credentials", ct_v1)
+    assert (await b.encrypt(AUTH, "credentials", b"x")).startswith("tgv1:credentials:v2:")
+    assert calls["key_stamp"] == 7
+
+
+async def test_a_stamp_read_slower_than_the_window_is_not_trusted(vaults, clock):
+    """A confirmation counts from when its read began: a read that outlasts the window is read again, and a
+    store that is always that slow makes the operation fail UNAVAILABLE rather than use an unconfirmed key."""
+    a = await vaults.open()
+    await a.create_key(OPS, "credentials", AES)
+    hooked: list[HookedStore] = []
+    b = await vaults.open(wrap=_hooked(hooked))
+    calls = hooked[0].calls
+    await b.encrypt(AUTH, "credentials", b"x")
+    clock.advance(FRESHNESS_US)
+
+    async def slow() -> None:
+        clock.advance(FRESHNESS_US)
+
+    hooked[0].after["key_stamp"] = slow  # once: the second read is quick
+    assert (await b.encrypt(AUTH, "credentials", b"x")).startswith("tgv1:credentials:v1:")
+    assert calls["key_stamp"] == 2
+
+    async def always_slow() -> None:
+        clock.advance(FRESHNESS_US)
+        hooked[0].after["key_stamp"] = always_slow
+
+    clock.advance(FRESHNESS_US)
+    hooked[0].after["key_stamp"] = always_slow
+    with pytest.raises(Unavailable) as info:
+        await b.encrypt(AUTH, "credentials", b"x")
+    assert info.value.reason == "KEY_STORE_SLOW"
+    assert calls["key_stamp"] == 5
+    with pytest.raises(ValueError):
+        await vaults.open(key_freshness_us=-1)
+
+
+async def test_a_rotation_never_caches_a_configuration_changed_concurrently(vaults, clock):
+    """B reads the key to rotate it, A raises min_decryption_version, B appends its version: the append is
+    compare-and-swap on update_us, so B retries on the new state rather than cache the old minimum under the
+    store's new stamp (which no later stamp read would ever catch)."""
+    a = await vaults.open()
+    await a.create_key(OPS, "credentials", AES)
+    ct_v1 = await a.encrypt(AUTH, "credentials", b"v1")
+    await a.rotate_key(OPS, "credentials")
+    clock.advance(FRESHNESS_US)
+    hooked: list[HookedStore] = []
+    b = await vaults.open(wrap=_hooked(hooked))
+    hooked[0].after["get_key"] = lambda: a.update_key_config(OPS, "credentials", min_decryption_version=2)
+    info = await b.rotate_key(OPS, "credentials")
+    assert info.latest.version == 3 and info.config.min_decryption_version == 2
+    assert hooked[0].calls["add_version"] == 2  # the first append lost the race
+    await _decrypt_fails(b, "credentials", ct_v1)
+    clock.advance(FRESHNESS_US)
+    await _decrypt_fails(b, "credentials", ct_v1)
+    assert await b.get_key(OPS, "credentials") == await a.get_key(OPS, "credentials")

@@ -52,6 +52,16 @@ def test_settings_from_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     assert s.database_url == f"sqlite:///{tmp_path / 'data' / 'keyvault.db'}"
     assert s.root_path == tmp_path / "data" / "keyvault.root"
     assert "pass" not in repr(s) and s.max_encryptions_per_version == 2**31
+    assert s.key_freshness_s == 0.5
+    for bad in ("-1", "61", "nan", "inf"):
+        monkeypatch.setenv("TRADEGUARD_VAULT_KEY_FRESHNESS_S", bad)
+        monkeypatch.setenv("TRADEGUARD_VAULT_PASSPHRASE", "pass")
+        with pytest.raises(ValueError, match="KEY_FRESHNESS_S"):
+            Settings.from_env()
+    monkeypatch.setenv("TRADEGUARD_VAULT_KEY_FRESHNESS_S", "0")
+    monkeypatch.setenv("TRADEGUARD_VAULT_PASSPHRASE", "pass")
+    s = Settings.from_env()
+    assert s.key_freshness_s == 0.0
     assert "TRADEGUARD_VAULT_PASSPHRASE" not in os.environ  # children never inherit it
     assert s.startup.take() == "pass"
     assert s.startup.take() is None  # one shot: no reference left once the vault is unsealed

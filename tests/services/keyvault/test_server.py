@@ -72,7 +72,7 @@ async def start_vault(pki_paths: pki.PkiPaths) -> AsyncIterator[Callable[..., ob
 
 
 async def test_keys_encrypt_decrypt_and_policy_over_mtls(start_vault) -> None:
-    vault = await start_vault()
+    vault = await start_vault(key_freshness_s=0.0)  # strict: v2 may retire v1 at once (no waiting in tests)
     ops_channel, ops = vault.stub("ops")
     auth_channel, auth = vault.stub("auth")
     trading_channel, trading = vault.stub("trading")
@@ -338,3 +338,29 @@ async def test_hmac_verify_needs_the_hmac_right_over_mtls(start_vault) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as denied:
             await trading.Verify(request, timeout=5)
         assert _error(denied.value)[:2] == (grpc.StatusCode.PERMISSION_DENIED, "VAULT_PERMISSION_DENIED")
+
+
+async def test_retiring_a_version_younger_than_the_freshness_window_is_refused_with_retry_info(
+    start_vault,
+) -> None:
+    vault = await start_vault(key_freshness_s=60.0)
+    ops_channel, ops = vault.stub("ops")
+    async with ops_channel:
+        await ops.CreateKey(pb.CreateKeyRequest(name="credentials", type=pb.KEY_TYPE_AES256_GCM), timeout=5)
+        await ops.RotateKey(pb.RotateKeyRequest(name="credentials"), timeout=5)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await ops.UpdateKeyConfig(
+                pb.UpdateKeyConfigRequest(name="credentials", min_decryption_version=2), timeout=5
+            )
+        code, reason, message = _error(refused.value)
+        assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "VERSION_TOO_NEW")
+        assert "retry in" in message
+        raw = dict(refused.value.trailing_metadata() or ())["grpc-status-details-bin"]
+        details = status_pb2.Status.FromString(raw).details  # type: ignore[arg-type]
+        retry = [d for d in details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
+        assert len(retry) == 1
+        info = error_details_pb2.RetryInfo()
+        retry[0].Unpack(info)
+        assert 0 < info.retry_delay.ToMicroseconds() <= 60_000_000
+        key = (await ops.GetKey(pb.GetKeyRequest(name="credentials"), timeout=5)).key
+        assert key.min_decryption_version == 1
