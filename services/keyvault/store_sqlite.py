@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import builtins
-import contextlib
-import os
 import sqlite3
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -31,12 +29,13 @@ from services.keyvault.store import (
     secret_from_row,
     version_from_row,
 )
+from tradeguard.sqlite import connect, in_transaction
 
 __all__ = ["SqliteVaultStore"]
 
 T = TypeVar("T")
 
-_BUSY_TIMEOUT_MS = 5000
+_PRAGMAS = ("PRAGMA secure_delete = ON", "PRAGMA journal_size_limit = 0")
 _KEY_COLS = ", ".join(KEY_COLUMNS)
 _VERSION_COLS = ", ".join(VERSION_COLUMNS)
 _SECRET_COLS = ", ".join(SECRET_COLUMNS)
@@ -96,46 +95,9 @@ _LIST_VERSIONS_OF = (
 )
 
 
-_FILE_MODE = 0o600
-_SIDE_FILES = ("", "-wal", "-shm", "-journal")
-
-
-def _owner_only(path: Path) -> None:
-    """Create the database file 0600 if absent; take group and world access from it and its side files."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, _FILE_MODE)
-    os.close(fd)
-    for suffix in _SIDE_FILES:
-        side = path.with_name(path.name + suffix)
-        with contextlib.suppress(FileNotFoundError):
-            if side.stat().st_mode & 0o077:
-                side.chmod(_FILE_MODE)
-
-
 def _connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    # SQLite gives the -wal and -shm files the mode of the database file; the umask covers what it creates
-    # before that (os.umask is process-wide: it is only ever narrowed here, for the span of the open).
-    previous_umask = os.umask(0o077)
-    try:
-        _owner_only(path)
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
-        try:
-            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
-            if mode is None or str(mode[0]).lower() != "wal":
-                raise RuntimeError(f"could not switch {path} to WAL (got {mode!r})")
-            conn.execute("PRAGMA synchronous = FULL")
-            conn.execute("PRAGMA foreign_keys = ON")
-            conn.execute("PRAGMA secure_delete = ON")
-            conn.execute("PRAGMA journal_size_limit = 0")
-            _in_transaction(conn, _create_schema)
-            _owner_only(path)
-        except BaseException:
-            conn.close()
-            raise
-    finally:
-        os.umask(previous_umask)
-    return conn
+    # secure_delete: freed pages are zeroed; journal_size_limit 0: a checkpointed WAL is truncated, not kept
+    return connect(path, _SCHEMA, SCHEMA_VERSION, pragmas=_PRAGMAS)
 
 
 def _scrub_wal(conn: sqlite3.Connection) -> None:
@@ -144,29 +106,6 @@ def _scrub_wal(conn: sqlite3.Connection) -> None:
     A reader of another connection (another process on the same file) can keep the checkpoint from finishing;
     then the frames are overwritten or truncated by a later checkpoint (every erasure and close tries again)."""
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
-
-
-def _create_schema(conn: sqlite3.Connection) -> None:
-    for statement in _SCHEMA:
-        conn.execute(statement)
-    row = conn.execute("SELECT max(version) FROM schema_version").fetchone()
-    version = None if row is None else row[0]
-    if version is None:
-        conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
-    elif version > SCHEMA_VERSION:
-        raise RuntimeError(f"database schema version {version} is newer than this code ({SCHEMA_VERSION})")
-
-
-def _in_transaction(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        result = work(conn)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    return result
 
 
 def _load_key(conn: sqlite3.Connection, row: tuple[object, ...]) -> StoredKey:
@@ -198,13 +137,13 @@ class SqliteVaultStore:
         return await asyncio.get_running_loop().run_in_executor(self._executor, work, conn)
 
     async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        return await self._run(lambda conn: _in_transaction(conn, work))
+        return await self._run(lambda conn: in_transaction(conn, work))
 
     async def _write_and_scrub(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """A write that erases material: then checkpoint and truncate the WAL that still holds the old bytes."""
 
         def run(conn: sqlite3.Connection) -> T:
-            result = _in_transaction(conn, work)
+            result = in_transaction(conn, work)
             _scrub_wal(conn)
             return result
 
