@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import os
 import socket
 import subprocess
+
+import psycopg
+import pytest
+from psycopg import sql
 
 from tradeguard.mesh import pki
 
@@ -30,3 +36,35 @@ def openssl_handshake(port: int, paths: pki.PkiPaths, name: str, version: str) -
         check=False,
     )
     return out.stdout + out.stderr
+
+
+# --- PostgreSQL: the machine's real server; each test works in a schema of its own -------------------------
+
+DEFAULT_PG_DSN = "postgresql://127.0.0.1:5432/test?user=postgres"
+PG_DSN = os.environ.get("TRADEGUARD_TEST_PG_DSN") or DEFAULT_PG_DSN
+
+
+@functools.cache
+def _pg_unreachable() -> str:
+    """Empty when PostgreSQL answers, else why not (checked once per session)."""
+    try:
+        with psycopg.connect(PG_DSN, connect_timeout=3) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as error:
+        return f"PostgreSQL at {PG_DSN} unreachable: {error}"
+    return ""
+
+
+def require_pg() -> None:
+    """Skip when PostgreSQL is unreachable on a developer's machine; fail when TRADEGUARD_TEST_PG_DSN is set
+    (CI sets it, so the PostgreSQL tests can never be silently skipped there)."""
+    reason = _pg_unreachable()
+    if reason:
+        if os.environ.get("TRADEGUARD_TEST_PG_DSN"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+
+
+def drop_pg_schema(schema: str) -> None:
+    with psycopg.connect(PG_DSN, autocommit=True) as pg:
+        pg.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))

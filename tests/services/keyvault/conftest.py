@@ -3,7 +3,6 @@ and a SoftHSM2 token of the test's own (in tmp_path, never the system token dire
 
 from __future__ import annotations
 
-import functools
 import os
 import secrets
 import shutil
@@ -22,30 +21,11 @@ from services.keyvault.root import LocalSealedRoot, RootKey
 from services.keyvault.store import VaultStore
 from services.keyvault.store_postgres import PostgresVaultStore
 from services.keyvault.store_sqlite import SqliteVaultStore
+from tests.support import PG_DSN, drop_pg_schema, require_pg
 
-DEFAULT_PG_DSN = "postgresql://127.0.0.1:5432/test?user=postgres"
-PG_DSN = os.environ.get("TRADEGUARD_TEST_PG_DSN") or DEFAULT_PG_DSN
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 PASSPHRASE = "correct horse battery staple"
 SCRYPT_N = 2**10  # fast in tests; production uses 2**15
-
-
-@functools.cache
-def _pg_unreachable() -> str:
-    try:
-        with psycopg.connect(PG_DSN, connect_timeout=3) as conn:
-            conn.execute("SELECT 1")
-    except psycopg.Error as error:
-        return f"PostgreSQL at {PG_DSN} unreachable: {error}"
-    return ""
-
-
-def require_pg() -> None:
-    reason = _pg_unreachable()
-    if reason:
-        if os.environ.get("TRADEGUARD_TEST_PG_DSN"):
-            pytest.fail(reason)
-        pytest.skip(reason)
 
 
 class FakeClock:
@@ -123,8 +103,7 @@ class Backend:
         for store in self._open:
             await store.close()
         if self.kind == "postgres":
-            with psycopg.connect(PG_DSN, autocommit=True) as pg:
-                pg.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(self.schema)))
+            drop_pg_schema(self.schema)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])

@@ -6,8 +6,6 @@ server is unreachable the PostgreSQL cases are skipped, when it is set they fail
 
 from __future__ import annotations
 
-import functools
-import os
 import secrets
 import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -23,28 +21,7 @@ from services.trading.core import NewOrder, Order, OrderStatus, OrderType, Side,
 from services.trading.store import OrderStore
 from services.trading.store_postgres import PostgresOrderStore
 from services.trading.store_sqlite import SqliteOrderStore
-
-DEFAULT_PG_DSN = "postgresql://127.0.0.1:5432/test?user=postgres"
-PG_DSN = os.environ.get("TRADEGUARD_TEST_PG_DSN") or DEFAULT_PG_DSN
-
-
-@functools.cache
-def _pg_unreachable() -> str:
-    """Empty when PostgreSQL answers, else why not (checked once per session)."""
-    try:
-        with psycopg.connect(PG_DSN, connect_timeout=3) as conn:
-            conn.execute("SELECT 1")
-    except psycopg.Error as error:
-        return f"PostgreSQL at {PG_DSN} unreachable: {error}"
-    return ""
-
-
-def _require_pg() -> None:
-    reason = _pg_unreachable()
-    if reason:
-        if os.environ.get("TRADEGUARD_TEST_PG_DSN"):
-            pytest.fail(reason)
-        pytest.skip(reason)
+from tests.support import PG_DSN, drop_pg_schema, require_pg
 
 
 class Backend:
@@ -86,14 +63,13 @@ class Backend:
         for store in self._open:
             await store.close()
         if self.kind == "postgres":
-            with psycopg.connect(PG_DSN, autocommit=True) as pg:
-                pg.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(self.schema)))
+            drop_pg_schema(self.schema)
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
     if request.param == "postgres":
-        _require_pg()
+        require_pg()
     b = Backend(request.param, tmp_path)
     try:
         yield b
