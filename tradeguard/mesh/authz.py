@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -10,7 +10,7 @@ import grpc
 from tradeguard.mesh.identity import SpiffeId, peer_spiffe_id
 from tradeguard.observability.logging import get_logger
 from tradeguard.rpc.errors import PermissionDenied
-from tradeguard.rpc.handlers import Context, WrapperCache, wrap_handler
+from tradeguard.rpc.handlers import Context, WrappingInterceptor, wrap_handler
 from tradeguard.rpc.interceptor import abort_with
 
 ANY_WORKLOAD = "*"
@@ -71,26 +71,14 @@ class MethodPolicy:
         return ident.name in names or ANY_WORKLOAD in names
 
 
-class AuthzInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class AuthzInterceptor(WrappingInterceptor):
     """PERMISSION_DENIED unless the method's rule lists the verified caller."""
 
     def __init__(self, policy: MethodPolicy) -> None:
+        super().__init__()
         self._policy = policy
-        self._wrappers = WrapperCache(self._guarded)
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        return self._wrappers.get(handler, handler_call_details.method)
-
-    def _guarded(
-        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
-    ) -> grpc.RpcMethodHandler[Any, Any]:
+    def wrap(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
         policy = self._policy
 
         async def check(context: Context) -> None:

@@ -13,7 +13,7 @@ import inspect
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Final, TypeAlias
 
 import grpc
@@ -22,7 +22,7 @@ import structlog
 from tradeguard.mesh.identity import peer_spiffe_id
 from tradeguard.observability.logging import configuration_generation
 from tradeguard.observability.metrics import RpcMetrics
-from tradeguard.rpc.handlers import WrapperCache
+from tradeguard.rpc.handlers import WrappingInterceptor, rebuild
 
 __all__ = ["TelemetryInterceptor"]
 
@@ -65,7 +65,7 @@ def _code_after_exception(context: _Context, exc: BaseException) -> str:
     return _CODE_NAMES.get(code) or str(code)
 
 
-class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class TelemetryInterceptor(WrappingInterceptor):
     """One ``rpc`` log line and one metrics observation per RPC, with a request id bound for the handler.
 
     The request id is the caller's ``x-request-id`` metadata when it matches ``^[A-Za-z0-9._-]{1,64}$``,
@@ -74,22 +74,12 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
     """
 
     def __init__(self, service: str, metrics: RpcMetrics, logger: Any = None) -> None:
+        super().__init__()
         self._service = service
         self._metrics = metrics
         self._fixed_logger = logger
         self._logger: Any = None
         self._logger_generation = -1
-        self._wrappers = WrapperCache(self._wrap)
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[_Handler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> _Handler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        return self._wrappers.get(handler, handler_call_details.method)
 
     # -- per call -------------------------------------------------------------------------------------------
 
@@ -133,32 +123,12 @@ class TelemetryInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg
 
     # -- wrapping -------------------------------------------------------------------------------------------
 
-    def _wrap(self, handler: _Handler, method: str) -> _Handler:
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._wrap_unary_response(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(
-                self._wrap_stream_response(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                self._wrap_unary_response(handler.stream_unary, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(
-                self._wrap_stream_response(handler.stream_stream, method),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler  # pragma: no cover - a handler with no behaviour is grpc's problem to report
+    def wrap(self, handler: _Handler, method: str) -> _Handler:
+        return rebuild(
+            handler,
+            unary_response=lambda behavior: self._wrap_unary_response(behavior, method),
+            stream_response=lambda behavior: self._wrap_stream_response(behavior, method),
+        )
 
     def _wrap_unary_response(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         finish = self._finish

@@ -59,38 +59,65 @@ def wrap_handler(
 
         return run
 
+    return rebuild(handler, unary_response=unary, stream_response=streaming)
+
+
+Behaviour = Callable[..., Any]
+
+
+def rebuild(
+    handler: grpc.RpcMethodHandler[Any, Any],
+    *,
+    unary_response: Callable[[Behaviour], Behaviour],
+    stream_response: Callable[[Behaviour], Behaviour],
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """A handler of the same kind and serializers whose behaviour is `unary_response(behaviour)` (unary-unary,
+    stream-unary) or `stream_response(behaviour)` (unary-stream, stream-stream)."""
     kwargs = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
     # grpc's stubs type behaviours as sync callables; on a grpc.aio server they are coroutines/async generators
     if handler.unary_unary is not None:
-        return grpc.unary_unary_rpc_method_handler(unary(cast(Any, handler.unary_unary)), **kwargs)
+        return grpc.unary_unary_rpc_method_handler(unary_response(cast(Any, handler.unary_unary)), **kwargs)
     if handler.stream_unary is not None:
-        return grpc.stream_unary_rpc_method_handler(unary(cast(Any, handler.stream_unary)), **kwargs)
+        return grpc.stream_unary_rpc_method_handler(unary_response(cast(Any, handler.stream_unary)), **kwargs)
     if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(streaming(cast(Any, handler.unary_stream)), **kwargs)
+        return grpc.unary_stream_rpc_method_handler(
+            stream_response(cast(Any, handler.unary_stream)), **kwargs
+        )
     if handler.stream_stream is not None:
-        return grpc.stream_stream_rpc_method_handler(streaming(cast(Any, handler.stream_stream)), **kwargs)
+        return grpc.stream_stream_rpc_method_handler(
+            stream_response(cast(Any, handler.stream_stream)), **kwargs
+        )
     return handler
 
 
-class WrapperCache:
-    """Builds each method's wrapper once. grpc returns the same handler object for a method on every call,
-    so an interceptor need not rebuild closures and a handler tuple per call (profiled: it showed)."""
+class WrappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """A server interceptor that wraps each method's handler, built once per method: subclasses say how
+    (`wrap`). grpc returns the same handler object for a method on every call, so closures and the handler
+    tuple are not rebuilt per call (profiled: they showed)."""
 
-    def __init__(
-        self, build: Callable[[grpc.RpcMethodHandler[Any, Any], str], grpc.RpcMethodHandler[Any, Any]]
-    ):
-        self._build = build
+    def __init__(self) -> None:
         self._cache: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
-    def get(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
+    def wrap(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
+        raise NotImplementedError
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        handler = await continuation(handler_call_details)
+        if handler is None:  # unknown method: grpc answers UNIMPLEMENTED
+            return handler
+        method = handler_call_details.method
         entry = self._cache.get(method)
         if entry is not None and entry[0] is handler:
             return entry[1]
-        wrapped = self._build(handler, method)
-        if len(self._cache) >= 4096:  # methods are few; a flood of unknown names must not grow memory
+        wrapped = self.wrap(handler, method)
+        if len(self._cache) >= 4096:  # methods are few; a flood of names must not grow memory
             self._cache.clear()
         self._cache[method] = (handler, wrapped)
         return wrapped

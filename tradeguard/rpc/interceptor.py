@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
 
 from tradeguard.observability.logging import get_logger
 from tradeguard.rpc.errors import DomainError, Unauthenticated, to_rpc_status
-from tradeguard.rpc.handlers import Context, WrapperCache, wrap_handler
+from tradeguard.rpc.handlers import Context, WrappingInterceptor, wrap_handler
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"
 _log = get_logger("tradeguard.rpc")
@@ -33,18 +32,8 @@ async def _map_error(exc: BaseException, context: Context) -> None:
     await abort_with(exc, context)
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+class ErrorInterceptor(WrappingInterceptor):
     """DomainError → its status with ErrorInfo and details; anything else → an opaque INTERNAL."""
 
-    def __init__(self) -> None:
-        self._wrappers = WrapperCache(lambda handler, _method: wrap_handler(handler, on_error=_map_error))
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        return self._wrappers.get(handler, handler_call_details.method)
+    def wrap(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
+        return wrap_handler(handler, on_error=_map_error)
