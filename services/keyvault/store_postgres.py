@@ -7,11 +7,9 @@ on the key decide races between vault replicas). Secret versions are unique on (
 from __future__ import annotations
 
 import builtins
-import re
 from typing import Any
 
 from psycopg import AsyncConnection, sql
-from psycopg_pool import AsyncConnectionPool
 
 from services.keyvault.keyring import KeyConfig, StoredKey, VersionRecord
 from services.keyvault.store import (
@@ -25,12 +23,9 @@ from services.keyvault.store import (
     secret_from_row,
     version_from_row,
 )
+from tradeguard.postgres import Pool, open_pool
 
 __all__ = ["PostgresVaultStore"]
-
-_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
-
-Pool = AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]]
 
 
 def _ddl(schema: str) -> list[sql.Composed]:
@@ -153,32 +148,7 @@ class PostgresVaultStore:
     async def open(
         cls, dsn: str, *, schema: str = "tradeguard_keyvault", min_size: int = 1, max_size: int = 10
     ) -> PostgresVaultStore:
-        if _SCHEMA_NAME.fullmatch(schema) is None:
-            raise ValueError(f"invalid schema name {schema!r}: use lower-case letters, digits and '_'")
-        pool: Pool = AsyncConnectionPool(
-            dsn, min_size=min_size, max_size=max_size, open=False, kwargs={"autocommit": True}
-        )
-        await pool.open(wait=True)
-        try:
-            async with pool.connection() as conn, conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"tradeguard:{schema}",))
-                for statement in _ddl(schema):
-                    await conn.execute(statement)
-                table = sql.Identifier(schema, "schema_version")
-                cur = await conn.execute(sql.SQL("SELECT max(version) FROM {}").format(table))
-                row = await cur.fetchone()
-                version = None if row is None else row[0]
-                if version is None:
-                    await conn.execute(
-                        sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(table), (SCHEMA_VERSION,)
-                    )
-                elif version > SCHEMA_VERSION:
-                    raise RuntimeError(
-                        f"schema {schema} is at version {version}, newer than {SCHEMA_VERSION}"
-                    )
-        except BaseException:
-            await pool.close()
-            raise
+        pool = await open_pool(dsn, schema, _ddl, SCHEMA_VERSION, min_size=min_size, max_size=max_size)
         return cls(pool, schema)
 
     async def _load_key(self, conn: AsyncConnection[tuple[Any, ...]], row: tuple[Any, ...]) -> StoredKey:

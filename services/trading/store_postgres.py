@@ -12,25 +12,22 @@ at once, in a transaction of its own. A caller is answered only after the COMMIT
 from __future__ import annotations
 
 import builtins
-import re
 from collections.abc import Awaitable, Callable, Sequence
 from decimal import Decimal
 from typing import Any, TypeVar, cast
 
 from psycopg import AsyncConnection, sql
-from psycopg_pool import AsyncConnectionPool
 
 from services.trading.core import Order, OrderStatus, PageCursor
 from services.trading.group_commit import DEFAULT_MAX_BATCH, GroupCommit, Outcome
 from services.trading.store import ORDER_COLUMNS, SCHEMA_VERSION, order_from_row, order_to_row
+from tradeguard.postgres import Pool, open_pool
 
 __all__ = ["PostgresOrderStore"]
 
 T = TypeVar("T")
 Conn = AsyncConnection[tuple[Any, ...]]
 Work = Callable[[Conn], Awaitable[object]]
-
-_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
 def _statements(schema: str) -> dict[str, sql.Composed]:
@@ -155,7 +152,7 @@ async def _write_batch(conn: Conn, works: Sequence[Work]) -> list[Outcome]:
 class PostgresOrderStore:
     def __init__(
         self,
-        pool: AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]],
+        pool: Pool,
         schema: str,
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
@@ -176,17 +173,7 @@ class PostgresOrderStore:
         max_batch: int = DEFAULT_MAX_BATCH,
     ) -> PostgresOrderStore:
         """Open the pool and create the schema; `max_batch=1` makes every write its own transaction."""
-        if _SCHEMA_NAME.fullmatch(schema) is None:
-            raise ValueError(f"invalid schema name {schema!r}: use lower-case letters, digits and '_'")
-        pool: AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]] = AsyncConnectionPool(
-            dsn, min_size=min_size, max_size=max_size, open=False, kwargs={"autocommit": True}
-        )
-        await pool.open(wait=True)
-        try:
-            await cls._create_schema(pool, schema)
-        except BaseException:
-            await pool.close()
-            raise
+        pool = await open_pool(dsn, schema, _ddl, SCHEMA_VERSION, min_size=min_size, max_size=max_size)
         return cls(pool, schema, max_batch=max_batch)
 
     @property
@@ -205,26 +192,6 @@ class PostgresOrderStore:
 
     async def _write(self, work: Callable[[Conn], Awaitable[T]]) -> T:
         return cast(T, await self.group.submit(work))
-
-    @staticmethod
-    async def _create_schema(
-        pool: AsyncConnectionPool[AsyncConnection[tuple[Any, ...]]], schema: str
-    ) -> None:
-        async with pool.connection() as conn, conn.transaction():
-            # Serialise concurrent start-ups: CREATE ... IF NOT EXISTS is not safe against itself.
-            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"tradeguard:{schema}",))
-            for statement in _ddl(schema):
-                await conn.execute(statement)
-            version_table = sql.Identifier(schema, "schema_version")
-            cur = await conn.execute(sql.SQL("SELECT max(version) FROM {}").format(version_table))
-            row = await cur.fetchone()
-            version = None if row is None else row[0]
-            if version is None:
-                await conn.execute(
-                    sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(version_table), (SCHEMA_VERSION,)
-                )
-            elif version > SCHEMA_VERSION:
-                raise RuntimeError(f"schema {schema} is at version {version}, newer than {SCHEMA_VERSION}")
 
     async def insert_if_absent(self, order: Order) -> tuple[Order, bool]:
         params = _params(order)
