@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import os
+import time
+from collections.abc import Callable
 import socket
 import subprocess
 
@@ -19,6 +22,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait until `condition()` holds (polled each millisecond); fail after `timeout` seconds.
+
+    For tests that must reach a state before acting: they wait for the state itself, not for a guessed delay."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not reached within {timeout} s")
+        await asyncio.sleep(0.001)
 
 
 def openssl_handshake(port: int, paths: pki.PkiPaths, name: str, version: str) -> str:

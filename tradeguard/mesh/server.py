@@ -126,6 +126,7 @@ class MeshServer:
         self.reloader: tls.CertificateReloader | None = None
         self._server: grpc.aio.Server | None = None
         self.port = 0
+        self.draining = False  # health says NOT_SERVING; new calls are refused once the drain is over
 
     async def start(self) -> int:
         cfg = self.config
@@ -172,6 +173,7 @@ class MeshServer:
         if self._server is None:
             return
         await self.health.enter_graceful_shutdown()
+        self.draining = True
         drain = self.config.drain_s if drain is None else drain
         if drain > 0:
             await asyncio.sleep(drain)

@@ -15,6 +15,7 @@ import pytest
 
 from services.trading.core import Order, OrderStatus
 from services.trading.store_sqlite import SqliteOrderStore
+from tests.support import eventually
 
 
 def oid(i: int) -> str:
@@ -211,25 +212,26 @@ async def test_close_commits_queued_writes_then_refuses(backend, store, make_ord
 async def test_sqlite_cancelled_callers(tmp_path, make_order):
     """A caller cancelled while queued is never written; one whose transaction started is written anyway."""
     store = await SqliteOrderStore.open(tmp_path / "orders.sqlite3")
-    release = threading.Event()
+    release, entered = threading.Event(), threading.Event()
+
+    def block(_conn: object) -> bool:
+        entered.set()
+        return release.wait(10)
+
     try:
-        blocker = asyncio.ensure_future(
-            store._run(lambda _conn: release.wait(10))
-        )  # occupy the writer thread
-        await asyncio.sleep(0.05)
+        blocker = asyncio.ensure_future(store._run(block))  # occupy the writer thread
+        await eventually(entered.is_set)
         started = asyncio.ensure_future(
             store.insert_if_absent(make_order(order_id=oid(1), client_order_id="a"))
         )
-        await asyncio.sleep(
-            0.05
-        )  # its batch has been handed to the writer thread (queued behind the blocker)
+        await eventually(lambda: store.transactions == 1)  # its batch went to the writer (behind the blocker)
         queued = [
             asyncio.ensure_future(
                 store.insert_if_absent(make_order(order_id=oid(i), client_order_id=f"q{i}"))
             )
             for i in (2, 3)
         ]
-        await asyncio.sleep(0.05)
+        await eventually(lambda: len(store.group._pending) == 2)
         started.cancel()
         queued[0].cancel()
     finally:

@@ -87,8 +87,14 @@ async def test_sigterm_during_load_loses_no_acknowledged_order(pki_paths: pki.Pk
         code = await asyncio.to_thread(proc.wait, 20)
         assert code == 0
         assert len(acked) > 50
-        # calls caught by the stop are refused (not acknowledged): the client retries them, same client_order_id
-        assert set(refused) <= {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED}
+        # Calls caught by the stop are not acknowledged: refused (UNAVAILABLE, CANCELLED) or, on a loaded
+        # machine, timed out (DEADLINE_EXCEEDED). For a trading client each is "outcome unknown": it retries
+        # with the same client_order_id (below), which places the order at most once.
+        assert set(refused) <= {
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.CANCELLED,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+        }
     finally:
         if proc.poll() is None:
             proc.kill()

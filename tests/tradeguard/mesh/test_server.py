@@ -11,14 +11,18 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support import free_port
+from tests.support import eventually, free_port
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.authz import MethodPolicy
 from tradeguard.mesh.channel import MeshChannel
 from tradeguard.mesh.server import MeshServer, ServerConfig, Service
 
 
+STARTED: list[bytes] = []  # requests the slow handler has begun
+
+
 async def _slow(request: bytes, context: Any) -> bytes:
+    STARTED.append(request)
     await asyncio.sleep(float(request.decode()))
     return b"done"
 
@@ -30,10 +34,13 @@ def _register(server: grpc.aio.Server) -> None:
     server.add_generic_rpc_handlers([handler])
 
 
+DRAIN_S = 1.0
+
+
 @pytest.fixture
 async def slow_server(pki_paths: pki.PkiPaths) -> AsyncIterator[MeshServer]:
     config = ServerConfig(
-        name="trading", port=0, home=pki_paths.home, drain_s=0.5, grace_s=5.0, metrics_port=free_port()
+        name="trading", port=0, home=pki_paths.home, drain_s=DRAIN_S, grace_s=10.0, metrics_port=free_port()
     )
     server = MeshServer(
         config, MethodPolicy("tradeguard.test", {"/t.Slow/*": {"ops"}}), [Service("t.Slow", _register)]
@@ -51,15 +58,16 @@ async def test_shutdown_drains_then_finishes_in_flight_calls(slow_server: MeshSe
     async with _channel(slow_server, pki_paths) as channel:
         wait = channel.unary_unary("/t.Slow/Wait")
         health = health_pb2_grpc.HealthStub(channel)
-        in_flight = asyncio.ensure_future(wait(b"1.0", timeout=10))
-        await asyncio.sleep(0.1)
+        long = b"%.1f" % (DRAIN_S + 2.5)  # outlives the drain
+        in_flight = asyncio.ensure_future(wait(long, timeout=20))
+        await eventually(lambda: long in STARTED)
         stopping = asyncio.ensure_future(slow_server.stop())
-        await asyncio.sleep(0.1)
+        await eventually(lambda: slow_server.draining)
         # draining: health says NOT_SERVING, and calls are still served
         reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert await wait(b"0", timeout=5) == b"done"
-        await asyncio.sleep(0.5)  # drain over: the server refuses new calls
+        await asyncio.sleep(DRAIN_S + 0.2)  # the drain, which began before these checks, is over: new calls refused
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await wait(b"0", timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE

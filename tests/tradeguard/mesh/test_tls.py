@@ -15,7 +15,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support import openssl_handshake
+from tests.support import eventually, openssl_handshake
 from tradeguard.mesh import pki, tls
 
 
@@ -137,9 +137,10 @@ async def test_rotation_new_handshakes_get_new_certificate_while_calls_succeed(t
             results.append(await _health(trading.target, tls.Workload.of(p, "ops")))
 
     caller = asyncio.create_task(keep_calling())
-    await asyncio.sleep(0.05)
+    await eventually(lambda: len(results) >= 3)
     pki.issue(p, "trading")  # what the supervisor does at half-life
-    await asyncio.sleep(0.05)
+    calls_before_rotation = len(results)
+    await eventually(lambda: len(results) >= calls_before_rotation + 3)  # calls went on after the rotation
     after = await asyncio.to_thread(_served_certificate, trading.port, p)
     stop.set()
     await caller
