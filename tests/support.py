@@ -5,10 +5,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
-import time
-from collections.abc import Callable
 import socket
 import subprocess
+from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -24,15 +23,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait until `condition()` holds (polled each millisecond); fail after `timeout` seconds.
+async def eventually(condition: Callable[[], bool], within_s: float = 10.0) -> None:
+    """Wait until `condition()` holds (polled each millisecond); fail after `within_s` seconds.
 
     For tests that must reach a state before acting: they wait for the state itself, not for a guessed delay."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not reached within {timeout} s")
-        await asyncio.sleep(0.001)
+    try:
+        async with asyncio.timeout(within_s):
+            while not condition():  # noqa: ASYNC110 - the states polled have no event to wait on
+                await asyncio.sleep(0.001)
+    except TimeoutError:
+        raise AssertionError(f"condition not reached within {within_s} s") from None
 
 
 def openssl_handshake(port: int, paths: pki.PkiPaths, name: str, version: str) -> str:

@@ -17,7 +17,6 @@ from tradeguard.mesh.authz import MethodPolicy
 from tradeguard.mesh.channel import MeshChannel
 from tradeguard.mesh.server import MeshServer, ServerConfig, Service
 
-
 STARTED: list[bytes] = []  # requests the slow handler has begun
 
 
@@ -67,7 +66,9 @@ async def test_shutdown_drains_then_finishes_in_flight_calls(slow_server: MeshSe
         reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
         assert await wait(b"0", timeout=5) == b"done"
-        await asyncio.sleep(DRAIN_S + 0.2)  # the drain, which began before these checks, is over: new calls refused
+        await asyncio.sleep(
+            DRAIN_S + 0.2
+        )  # the drain, which began before these checks, is over: new calls refused
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await wait(b"0", timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
