@@ -33,11 +33,13 @@ proto: $(STAMP)
 	  --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. \
 	  --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
 	  $(PROTO_FILES)
+	$(BIN)/python -m grpc_tools.protoc -I protos --include_imports \
+	  --descriptor_set_out=deploy/envoy/tradeguard.pb protos/tradeguard/trading/v1/trading.proto
 
 ## Fails when the committed generated code differs from a fresh `make proto`.
 proto-check: proto
 	@git add -N . >/dev/null 2>&1; \
-	if ! git diff --quiet -- tradeguard; then echo "generated code is stale: run make proto and commit"; git diff --stat -- tradeguard; exit 1; fi
+	if ! git diff --quiet -- tradeguard deploy; then echo "generated code is stale: run make proto and commit"; git diff --stat -- tradeguard deploy; exit 1; fi
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

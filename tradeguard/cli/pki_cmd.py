@@ -10,7 +10,7 @@ from tradeguard.mesh import pki
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``pki init|issue|status``; each sets ``func``. ``args.home`` comes from the main parser."""
+    """Add ``pki init|issue|renew|status``; each sets ``func``. ``args.home`` comes from the main parser."""
     parser = subparsers.add_parser("pki", help="the internal CA and workload certificates")
     commands = parser.add_subparsers(dest="pki_command", metavar="COMMAND", required=True)
 
@@ -32,6 +32,15 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     issue.add_argument("name", metavar="NAME", help="workload name, e.g. auth")
     issue.add_argument("--hours", type=float, default=24.0, help="lifetime in hours (default 24)")
     issue.set_defaults(func=cmd_issue)
+
+    renew = commands.add_parser(
+        "renew",
+        help="re-issue the named certificates that are past half their lifetime, missing or mismatched "
+        "(for workloads outside `tradeguard up`, e.g. the Envoy edge: run it from a timer)",
+    )
+    renew.add_argument("names", metavar="NAME", nargs="+", help="workload names, e.g. edge")
+    renew.add_argument("--hours", type=float, default=24.0, help="lifetime of a new certificate (default 24)")
+    renew.set_defaults(func=cmd_renew)
 
     status = commands.add_parser("status", help="list the CA and workload certificates and their expiry")
     status.set_defaults(func=cmd_status)
@@ -63,19 +72,34 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _lifetime(args: argparse.Namespace) -> timedelta:
+    hours = float(args.hours)
+    if not hours > 0:
+        raise ValueError(f"--hours must be positive, not {args.hours}")
+    return timedelta(hours=hours)
+
+
 def cmd_issue(args: argparse.Namespace) -> int:
     paths = _paths(args)
     try:
-        hours = float(args.hours)
-        if not hours > 0:
-            raise ValueError(f"--hours must be positive, not {args.hours}")
-        info = pki.issue(paths, args.name, lifetime=timedelta(hours=hours))
+        info = pki.issue(paths, args.name, lifetime=_lifetime(args))
     except (OSError, ValueError) as exc:
         return _fail(str(exc))
     print(f"issued {info.spiffe_id}")
     print(f"  certificate: {info.path}")
     print(f"  key:         {paths.key(args.name)}")
     print(f"  not after:   {info.not_after:%Y-%m-%d %H:%M:%S}Z")
+    return 0
+
+
+def cmd_renew(args: argparse.Namespace) -> int:
+    paths = _paths(args)
+    try:
+        renewed = set(pki.renew_due(paths, args.names, lifetime=_lifetime(args)))
+    except (OSError, ValueError) as exc:
+        return _fail(str(exc))
+    for name in args.names:
+        print(f"{name}: {'renewed' if name in renewed else 'still fresh'}")
     return 0
 
 

@@ -63,3 +63,21 @@ def test_errors_go_to_stderr_with_exit_2(tmp_path: Path, capsys: pytest.CaptureF
     capsys.readouterr()
     assert _run(tmp_path, "pki", "issue", "auth") == 2
     assert "refusing to load CA key" in capsys.readouterr().err
+
+
+def test_renew_reissues_only_what_is_due(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`pki renew` (for the Envoy edge, run from a timer): past half-life or missing is re-issued, fresh is kept."""
+    assert _run(tmp_path, "pki", "init") == 0
+    paths = pki.PkiPaths(tmp_path)
+    pki.issue(paths, "edge", now=datetime.now(UTC) - timedelta(hours=13))  # past half of 24 h
+    pki.issue(paths, "ops")
+    fresh = paths.cert("ops").read_bytes()
+    aging = paths.cert("edge").read_bytes()
+    capsys.readouterr()
+    assert _run(tmp_path, "pki", "renew", "edge", "ops", "monitor") == 0
+    assert capsys.readouterr().out.splitlines() == ["edge: renewed", "ops: still fresh", "monitor: renewed"]
+    assert paths.cert("ops").read_bytes() == fresh
+    assert paths.cert("edge").read_bytes() != aging
+    assert not pki.needs_renewal(paths, "edge") and not pki.needs_renewal(paths, "monitor")
+    assert _run(tmp_path, "pki", "renew", "edge", "--hours", "-1") == 2
+    assert "--hours must be positive" in capsys.readouterr().err

@@ -1,0 +1,356 @@
+"""The Envoy edge (deploy/envoy): parsed into Envoy's own messages (xds-protos), then held to our security rules.
+
+No Envoy binary can run here, so the config is checked the way Envoy would first check it (every field and every
+typed_config must exist in Envoy's API) and then against the rules a security reviewer would read it for.
+`violations()` is the reviewer; the misuse tests show that it catches each weakened variant.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.config.core.v3 import protocol_pb2
+from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2
+from envoy.extensions.filters.http.grpc_json_transcoder.v3 import transcoder_pb2
+from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
+from envoy.extensions.filters.http.ratelimit.v3 import rate_limit_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tls_pb2
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import descriptor_pb2, json_format
+
+from services.trading import policy as trading_policy
+from services.trading import settings as trading_settings
+from tradeguard.mesh import pki
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "envoy"
+MOUNT = Path("/etc/tradeguard")  # where deploy/README.md mounts things in the Envoy container
+TRUST_DOMAIN = "tradeguard.local"  # `tradeguard pki init`'s default
+TRADING_SERVICE = "tradeguard.trading.v1.TradingService"
+TLS13 = common_pb2.TlsParameters.TLSv1_3
+HSTS_MIN_AGE_S = 31_536_000  # one year: the floor for HSTS preload lists
+
+
+def _typed_configs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        if "@type" in node:
+            yield node["@type"]
+        for value in node.values():
+            yield from _typed_configs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _typed_configs(value)
+
+
+def _import_types(config: Any) -> None:
+    """Import the module of every typed_config type named in `config`, so that Any fields can be parsed."""
+    for type_url in set(_typed_configs(config)):
+        package = importlib.import_module(type_url.split("/", 1)[1].rsplit(".", 1)[0])
+        for module in pkgutil.iter_modules(package.__path__):
+            if module.name.endswith("_pb2"):
+                importlib.import_module(f"{package.__name__}.{module.name}")
+
+
+def _load(path: Path) -> Any:
+    config = yaml.safe_load(path.read_text())
+    _import_types(config)
+    return config
+
+
+def parse_bootstrap(config: Any) -> bootstrap_pb2.Bootstrap:
+    return json_format.ParseDict(config, bootstrap_pb2.Bootstrap())
+
+
+def _unpack(any_msg: Any, message: Any) -> Any:
+    assert any_msg.Unpack(message), f"{any_msg.type_url} is not {message.DESCRIPTOR.full_name}"
+    return message
+
+
+def _hcm(bootstrap: bootstrap_pb2.Bootstrap) -> hcm_pb2.HttpConnectionManager:
+    [listener] = bootstrap.static_resources.listeners
+    [chain] = listener.filter_chains
+    [network_filter] = chain.filters
+    return _unpack(network_filter.typed_config, hcm_pb2.HttpConnectionManager())
+
+
+def _hsts_strong(value: str) -> bool:
+    """A Strict-Transport-Security value of a year or more that covers subdomains."""
+    directives = {name.strip(): arg.strip() for name, _, arg in (d.partition("=") for d in value.split(";"))}
+    max_age = directives.get("max-age", "")
+    return "includeSubDomains" in directives and max_age.isdigit() and int(max_age) >= HSTS_MIN_AGE_S
+
+
+def violations(bootstrap: bootstrap_pb2.Bootstrap) -> list[str]:
+    """Every rule of the edge that `bootstrap` breaks (empty when it keeps them all)."""
+    found: list[str] = []
+    admin = bootstrap.admin.address.socket_address
+    if admin.address not in ("127.0.0.1", "::1"):
+        found.append(f"admin listens on {admin.address}, not loopback")
+
+    for listener in bootstrap.static_resources.listeners:
+        for chain in listener.filter_chains:
+            if chain.transport_socket.name != "envoy.transport_sockets.tls":
+                found.append(f"listener {listener.name}: a filter chain without TLS")
+                continue
+            tls = _unpack(chain.transport_socket.typed_config, tls_pb2.DownstreamTlsContext())
+            if tls.common_tls_context.tls_params.tls_minimum_protocol_version != TLS13:
+                found.append(f"listener {listener.name}: TLS minimum below 1.3")
+
+    hcm = _hcm(bootstrap)
+    if not hcm.use_remote_address.value:
+        found.append("X-Forwarded-For from clients trusted (use_remote_address off)")
+    underscores = hcm.common_http_protocol_options.headers_with_underscores_action
+    if underscores != protocol_pb2.HttpProtocolOptions.REJECT_REQUEST:
+        found.append("headers with underscores not rejected")
+    escaped = hcm.path_with_escaped_slashes_action
+    if not hcm.normalize_path.value or escaped != hcm_pb2.HttpConnectionManager.REJECT_REQUEST:
+        found.append("paths not normalised, or escaped slashes not rejected")
+
+    names = [f.name for f in hcm.http_filters]
+    order = [
+        "envoy.filters.http.header_mutation",
+        "envoy.filters.http.ext_authz",
+        "envoy.filters.http.ratelimit",
+        "envoy.filters.http.grpc_json_transcoder",
+        "envoy.filters.http.router",
+    ]
+    if names != order:
+        found.append(f"HTTP filters {names}, not {order}")
+    by_name = {f.name: f.typed_config for f in hcm.http_filters}
+    if "envoy.filters.http.header_mutation" in by_name:
+        mutation = _unpack(
+            by_name["envoy.filters.http.header_mutation"], header_mutation_pb2.HeaderMutation()
+        )
+        hsts = [
+            m.append.header.value
+            for m in mutation.mutations.response_mutations
+            if m.append.header.key.lower() == "strict-transport-security"
+        ]
+        if len(hsts) != 1 or not _hsts_strong(hsts[0]):
+            found.append("no HSTS of a year or more on every response")
+    if "envoy.filters.http.ext_authz" in by_name:
+        authz = _unpack(by_name["envoy.filters.http.ext_authz"], ext_authz_pb2.ExtAuthz())
+        if authz.failure_mode_allow:
+            found.append("ext_authz fails open")
+        if not authz.with_request_body.pack_as_bytes or authz.with_request_body.allow_partial_message:
+            found.append("ext_authz does not get the whole raw body (HMAC signatures are over it)")
+    if "envoy.filters.http.ratelimit" in by_name:
+        limit = _unpack(by_name["envoy.filters.http.ratelimit"], rate_limit_pb2.RateLimit())
+        if not limit.failure_mode_deny:
+            found.append("rate limiting fails open")
+
+    for host in hcm.route_config.virtual_hosts:
+        for route in host.routes:
+            if route.HasField("route") and not route.route.rate_limits:
+                found.append(f"route {route.match.prefix} is not rate limited")
+            elif route.HasField("direct_response") and route.direct_response.status < 400:
+                found.append(f"route {route.match.prefix} answers {route.direct_response.status} itself")
+
+    for cluster in bootstrap.static_resources.clusters:
+        if cluster.transport_socket.name != "envoy.transport_sockets.tls":
+            found.append(f"cluster {cluster.name}: no TLS to the upstream")
+            continue
+        tls = _unpack(cluster.transport_socket.typed_config, tls_pb2.UpstreamTlsContext()).common_tls_context
+        if tls.tls_params.tls_minimum_protocol_version != TLS13:
+            found.append(f"cluster {cluster.name}: TLS minimum below 1.3")
+        if not tls.tls_certificate_sds_secret_configs:
+            found.append(f"cluster {cluster.name}: no client certificate (the mesh requires one)")
+        expected = pki.spiffe_id(TRUST_DOMAIN, cluster.name)
+        sans = [
+            (m.san_type, m.matcher.exact)
+            for m in tls.combined_validation_context.default_validation_context.match_typed_subject_alt_names
+        ]
+        if sans != [(common_pb2.SubjectAltNameMatcher.URI, expected)]:
+            found.append(f"cluster {cluster.name}: upstream not pinned to {expected}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def edge_config() -> Any:
+    return _load(DEPLOY / "edge.yaml")
+
+
+@pytest.fixture(scope="module")
+def edge(edge_config: Any) -> bootstrap_pb2.Bootstrap:
+    return parse_bootstrap(edge_config)
+
+
+def test_edge_parses_as_envoy_bootstrap_and_keeps_every_rule(edge: bootstrap_pb2.Bootstrap) -> None:
+    assert violations(edge) == []
+
+
+def _local(path: str) -> Path:
+    """A path as Envoy sees it, mapped to the repository for files that deploy/envoy ships."""
+    return DEPLOY / Path(path).relative_to(MOUNT / "envoy")
+
+
+def _sds_refs(bootstrap: bootstrap_pb2.Bootstrap) -> Iterator[Any]:
+    """Every SDS secret reference in the bootstrap (listener and cluster TLS contexts)."""
+    contexts = [
+        _unpack(chain.transport_socket.typed_config, tls_pb2.DownstreamTlsContext()).common_tls_context
+        for listener in bootstrap.static_resources.listeners
+        for chain in listener.filter_chains
+    ] + [
+        _unpack(cluster.transport_socket.typed_config, tls_pb2.UpstreamTlsContext()).common_tls_context
+        for cluster in bootstrap.static_resources.clusters
+    ]
+    for context in contexts:
+        yield from context.tls_certificate_sds_secret_configs
+        if context.HasField("combined_validation_context"):
+            yield context.combined_validation_context.validation_context_sds_secret_config
+
+
+def test_every_sds_secret_is_shipped_and_points_at_the_pki_layout(edge: bootstrap_pb2.Bootstrap) -> None:
+    mounted = pki.PkiPaths(home=MOUNT)
+    secrets: dict[str, secret_pb2.Secret] = {}
+    refs = list(_sds_refs(edge))
+    for ref in refs:
+        source = ref.sds_config.path_config_source
+        response = json_format.ParseDict(_load(_local(source.path)), discovery_pb2.DiscoveryResponse())
+        [resource] = response.resources
+        secret = _unpack(resource, secret_pb2.Secret())
+        assert secret.name == ref.name
+        assert source.watched_directory.path == str(Path(source.path).parent)  # re-read when rotated
+        secrets[secret.name] = secret
+    assert {r.name for r in refs} == {"edge-public", "edge-mesh", "mesh-ca"}
+    mesh = secrets["edge-mesh"].tls_certificate
+    assert (mesh.certificate_chain.filename, mesh.private_key.filename) == (
+        str(mounted.cert("edge")),
+        str(mounted.key("edge")),
+    )
+    assert mesh.watched_directory.path == str(mounted.dir)
+    ca = secrets["mesh-ca"].validation_context
+    assert ca.trusted_ca.filename == str(mounted.ca_bundle)
+    assert ca.watched_directory.path == str(mounted.dir)
+
+
+def test_trading_upstream_is_the_trading_service_and_lets_the_edge_call_every_routed_method(
+    edge: bootstrap_pb2.Bootstrap,
+) -> None:
+    clusters = {c.name: c for c in edge.static_resources.clusters}
+    [endpoint] = clusters["trading"].load_assignment.endpoints[0].lb_endpoints
+    assert endpoint.endpoint.address.socket_address.port_value == trading_settings.DEFAULT_PORT
+    hcm = _hcm(edge)
+    routed = {r.match.prefix for h in hcm.route_config.virtual_hosts for r in h.routes if r.HasField("route")}
+    assert routed == {f"/{TRADING_SERVICE}/"}
+    # the descriptor the transcoder loads is the one `make proto` writes, and holds the service it exposes
+    by_name = {f.name: f.typed_config for f in hcm.http_filters}
+    transcoder = _unpack(
+        by_name["envoy.filters.http.grpc_json_transcoder"], transcoder_pb2.GrpcJsonTranscoder()
+    )
+    assert list(transcoder.services) == [TRADING_SERVICE]
+    assert transcoder.request_validation_options.reject_unknown_method
+    files = descriptor_pb2.FileDescriptorSet.FromString(_local(transcoder.proto_descriptor).read_bytes())
+    [service] = [s for f in files.file for s in f.service if f"{f.package}.{s.name}" == TRADING_SERVICE]
+    methods = {f"/{TRADING_SERVICE}/{m.name}" for m in service.method}
+    assert methods == set(trading_policy.RULES)
+    assert all("edge" in trading_policy.RULES[m] for m in methods)
+
+
+def _mutate(config: Any, change: Callable[[Any], None]) -> bootstrap_pb2.Bootstrap:
+    weakened = copy.deepcopy(config)
+    change(weakened)
+    return parse_bootstrap(weakened)
+
+
+def _hcm_dict(config: Any) -> Any:
+    return config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def _filter(config: Any, name: str) -> Any:
+    [found] = [f for f in _hcm_dict(config)["http_filters"] if f["name"] == name]
+    return found["typed_config"]
+
+
+def _cluster_tls(config: Any, name: str) -> Any:
+    [cluster] = [c for c in config["static_resources"]["clusters"] if c["name"] == name]
+    return cluster["transport_socket"]["typed_config"]["common_tls_context"]
+
+
+def _downstream_tls12(c: Any) -> None:
+    chain = c["static_resources"]["listeners"][0]["filter_chains"][0]
+    chain["transport_socket"]["typed_config"]["common_tls_context"]["tls_params"] = {
+        "tls_minimum_protocol_version": "TLSv1_2"
+    }
+
+
+def _upstream_tls12(c: Any) -> None:
+    _cluster_tls(c, "auth")["tls_params"] = {"tls_minimum_protocol_version": "TLSv1_2"}
+
+
+def _hsts_after_authz(c: Any) -> None:
+    filters = _hcm_dict(c)["http_filters"]
+    filters.insert(1, filters.pop(0))
+
+
+def _short_hsts(c: Any) -> None:
+    header = _filter(c, "envoy.filters.http.header_mutation")["mutations"]["response_mutations"][0]
+    header["append"]["header"]["value"] = "max-age=300; includeSubDomains"
+
+
+def _hsts_without_subdomains(c: Any) -> None:
+    header = _filter(c, "envoy.filters.http.header_mutation")["mutations"]["response_mutations"][0]
+    header["append"]["header"]["value"] = "max-age=63072000"
+
+
+def _unpinned_upstream(c: Any) -> None:
+    context = _cluster_tls(c, "trading")["combined_validation_context"]
+    context["default_validation_context"]["match_typed_subject_alt_names"][0]["matcher"]["exact"] = (
+        "spiffe://tradeguard.local/svc/ops"
+    )
+
+
+def _unlimited_route(c: Any) -> None:
+    del _hcm_dict(c)["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["rate_limits"]
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda c: c["admin"]["address"]["socket_address"].update(address="0.0.0.0"), "admin listens"),
+        (_downstream_tls12, "listener edge_https: TLS minimum below 1.3"),
+        (
+            lambda c: c["static_resources"]["listeners"][0]["filter_chains"][0].pop("transport_socket"),
+            "without TLS",
+        ),
+        (_upstream_tls12, "cluster auth: TLS minimum below 1.3"),
+        (
+            lambda c: _filter(c, "envoy.filters.http.ext_authz").update(failure_mode_allow=True),
+            "ext_authz fails open",
+        ),
+        (lambda c: _filter(c, "envoy.filters.http.ext_authz").pop("with_request_body"), "raw body"),
+        (lambda c: _filter(c, "envoy.filters.http.ratelimit").update(failure_mode_deny=False), "fails open"),
+        (_hsts_after_authz, "HTTP filters"),
+        (_short_hsts, "HSTS"),
+        (_hsts_without_subdomains, "HSTS"),
+        (_unpinned_upstream, "cluster trading: upstream not pinned"),
+        (
+            lambda c: _cluster_tls(c, "ratelimit").pop("tls_certificate_sds_secret_configs"),
+            "no client certificate",
+        ),
+        (_unlimited_route, "not rate limited"),
+        (lambda c: _hcm_dict(c).update(use_remote_address=False), "X-Forwarded-For"),
+        (
+            lambda c: _hcm_dict(c)["common_http_protocol_options"].pop("headers_with_underscores_action"),
+            "underscores",
+        ),
+    ],
+)
+def test_each_weakened_edge_is_caught(edge_config: Any, change: Callable[[Any], None], expected: str) -> None:
+    found = violations(_mutate(edge_config, change))
+    assert any(expected in v for v in found), found
+
+
+def test_a_misspelt_field_is_refused_as_envoy_would(edge_config: Any) -> None:
+    weakened = copy.deepcopy(edge_config)
+    _hcm_dict(weakened)["use_remote_adress"] = True
+    with pytest.raises(json_format.ParseError, match="use_remote_adress"):
+        parse_bootstrap(weakened)
