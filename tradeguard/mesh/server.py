@@ -28,6 +28,7 @@ from tradeguard.observability import tracing
 from tradeguard.observability.interceptor import TelemetryInterceptor
 from tradeguard.observability.logging import get_logger
 from tradeguard.observability.metrics import RpcMetrics, start_metrics_server
+from tradeguard.rpc.handlers import ChainInterceptor, WrappingInterceptor
 from tradeguard.rpc.interceptor import ErrorInterceptor
 
 _log = get_logger("tradeguard.server")
@@ -107,12 +108,12 @@ def interceptors(
 
     The OpenTelemetry interceptor is mounted only when spans are exported (`traced`): profiled, it was
     about a third of the server's per-call CPU while producing spans nobody receives."""
-    chain: list[Any] = [*tracing.server_interceptors()] if traced else []
-    chain.append(TelemetryInterceptor(service, metrics))
+    layers: list[WrappingInterceptor] = [TelemetryInterceptor(service, metrics)]
     if policy is not None:
-        chain.append(AuthzInterceptor(policy))
-    chain.append(ErrorInterceptor())
-    return chain
+        layers.append(AuthzInterceptor(policy))
+    layers.append(ErrorInterceptor())
+    traces: list[Any] = [*tracing.server_interceptors()] if traced else []
+    return [*traces, ChainInterceptor(layers)]
 
 
 class MeshServer:
