@@ -10,7 +10,7 @@ from tradeguard.mesh import pki
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``pki init|issue|renew|status``; each sets ``func``. ``args.home`` comes from the main parser."""
+    """Add ``pki init|issue|renew|rotate-intermediate|status``; each sets ``func``. ``args.home`` comes from the main parser."""
     parser = subparsers.add_parser("pki", help="the internal CA and workload certificates")
     commands = parser.add_subparsers(dest="pki_command", metavar="COMMAND", required=True)
 
@@ -41,6 +41,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     renew.add_argument("names", metavar="NAME", nargs="+", help="workload names, e.g. edge")
     renew.add_argument("--hours", type=float, default=24.0, help="lifetime of a new certificate (default 24)")
     renew.set_defaults(func=cmd_renew)
+
+    rotate = commands.add_parser(
+        "rotate-intermediate",
+        help="replace the intermediate CA (signed by the root); workload certificates are then due for renewal",
+    )
+    rotate.add_argument("--days", type=float, default=365.0, help="lifetime in days (default 365)")
+    rotate.set_defaults(func=cmd_rotate_intermediate)
 
     status = commands.add_parser("status", help="list the CA and workload certificates and their expiry")
     status.set_defaults(func=cmd_status)
@@ -100,6 +107,22 @@ def cmd_renew(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     for name in args.names:
         print(f"{name}: {'renewed' if name in renewed else 'still fresh'}")
+    return 0
+
+
+def cmd_rotate_intermediate(args: argparse.Namespace) -> int:
+    paths = _paths(args)
+    try:
+        days = float(args.days)
+        if not days > 0:
+            raise ValueError(f"--days must be positive, not {args.days}")
+        expiry = pki.rotate_intermediate(paths, lifetime=timedelta(days=days))
+    except (OSError, ValueError) as exc:
+        return _fail(str(exc))
+    print(f"new intermediate CA valid until {expiry:%Y-%m-%d %H:%M:%S}Z")
+    print(
+        "workload certificates are now due: `tradeguard up` renews its own; others: tradeguard pki renew NAME…"
+    )
     return 0
 
 

@@ -82,10 +82,18 @@ class Supervisor:
     def prepare_pki(self) -> None:
         if pki.init_ca(self.paths):
             print(f"created a dev PKI in {self.paths.dir}")
+        self.rotate_intermediate_if_due()
         names = [c.name for c in self.components] + [OPERATOR]
         renewed = pki.renew_due(self.paths, names, lifetime=self.lifetime)
         if renewed:
             print(f"issued certificates for: {', '.join(renewed)}")
+
+    def rotate_intermediate_if_due(self) -> None:
+        """The dev PKI keeps its root key, so the supervisor replaces the intermediate CA itself once half
+        its life is gone; the workload certificates are then all due and renewed right after."""
+        if pki.intermediate_due(self.paths):
+            expiry = pki.rotate_intermediate(self.paths)
+            print(f"rotated the intermediate CA (new one valid until {expiry:%Y-%m-%d}Z)", flush=True)
 
     def start(self, component: Component, port: int) -> None:
         env = dict(os.environ)
@@ -172,6 +180,7 @@ class Supervisor:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=self.check_seconds)
+            self.rotate_intermediate_if_due()
             renewed = pki.renew_due(self.paths, names, lifetime=self.lifetime)
             if renewed:
                 print(f"renewed certificates: {', '.join(renewed)}", flush=True)

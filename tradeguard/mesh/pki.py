@@ -461,6 +461,55 @@ def init_ca(
         return True
 
 
+def intermediate_due(paths: PkiPaths, now: datetime | None = None) -> bool:
+    """True when the intermediate CA is past half its life (or expired): the rule of the workload
+    certificates, so that it is replaced long before any of them could be refused for it."""
+    ca = _load_cert(paths.intermediate_cert)
+    return _info(ca, "intermediate-ca", paths.intermediate_cert).past_half_life(_utc(now))
+
+
+def rotate_intermediate(
+    paths: PkiPaths, *, now: datetime | None = None, lifetime: timedelta = timedelta(days=365)
+) -> datetime:
+    """Replace the intermediate CA with a new key and certificate signed by the root; return its expiry.
+
+    Nothing is interrupted: the trust anchor (``ca.crt``) is the root, so workload certificates issued
+    under the old intermediate (whose chain they carry) stay valid until they expire; :func:`needs_renewal`
+    reports each of them as due at once, and the next renewal re-issues it under the new intermediate.
+    The URI name constraint is kept if the old intermediate had it. Needs the root key.
+    """
+    if lifetime <= timedelta(0):
+        raise ValueError("CA lifetimes must be positive")
+    at = _utc(now)
+    td = trust_domain(paths)
+    with _locked(paths):
+        root_key = _load_key(paths.root_key, private_only=True)
+        root = _load_cert(paths.root_cert)
+        if root.not_valid_after_utc <= at:
+            raise ValueError(f"root CA {paths.root_cert} expired; a new PKI is needed (tradeguard pki init)")
+        try:
+            old = _load_cert(paths.intermediate_cert)
+            old.extensions.get_extension_for_class(x509.NameConstraints)
+            constrained = True
+        except x509.ExtensionNotFound:
+            constrained = False
+        except (OSError, ValueError):
+            constrained = True  # unreadable: the safe default
+        key = _new_key()
+        intermediate = _build_intermediate(
+            key=key,
+            root_key=root_key,
+            root=root,
+            td=td,
+            now=at,
+            lifetime=lifetime,
+            name_constraints=constrained,
+        )
+        _atomic_write(paths.intermediate_key, _key_pem(key), _KEY_MODE)
+        _atomic_write(paths.intermediate_cert, _cert_pem(intermediate), _CERT_MODE)
+    return intermediate.not_valid_after_utc
+
+
 def issue(
     paths: PkiPaths,
     name: str,
@@ -483,7 +532,12 @@ def issue(
         if ca.not_valid_after_utc <= at:
             raise ValueError(
                 f"intermediate CA {paths.intermediate_cert} expired at "
-                f"{ca.not_valid_after_utc:%Y-%m-%d %H:%M}Z; move it aside and run: tradeguard pki init"
+                f"{ca.not_valid_after_utc:%Y-%m-%d %H:%M}Z; run: tradeguard pki rotate-intermediate"
+            )
+        if _spki(ca_key.public_key()) != _spki(ca.public_key()):
+            raise ValueError(
+                "the intermediate CA's key and certificate do not match (an interrupted rotation?); "
+                "run: tradeguard pki rotate-intermediate"
             )
         key = _new_key()
         leaf = _build_leaf(key=key, ca_key=ca_key, ca=ca, td=td, name=name, now=at, lifetime=lifetime)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import signal
@@ -9,12 +10,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 from tests.support import free_port, openssl_handshake
-from tradeguard.cli.up_cmd import COMPONENTS
+from tradeguard.cli.up_cmd import COMPONENTS, Supervisor
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.channel import MeshChannel
 from tradeguard.trading.v1 import trading_pb2, trading_pb2_grpc
@@ -142,3 +145,23 @@ async def test_running_suite_renews_certificates_with_no_failed_call(tmp_path: P
         assert "renewed certificates" in suite.output()
     finally:
         assert suite.stop() == 0
+
+
+def test_supervisor_rotates_a_due_intermediate_then_renews_every_workload(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    paths = pki.PkiPaths(tmp_path)
+    pki.init_ca(paths, now=datetime.now(UTC) - timedelta(days=250))  # 250 of 365 days gone: due
+    old = paths.intermediate_cert.read_bytes()
+    supervisor = Supervisor(
+        argparse.Namespace(home=tmp_path, cert_hours=24.0, check_seconds=1.0, ready_timeout=30.0)
+    )
+    supervisor.prepare_pki()
+    assert "rotated the intermediate CA" in capsys.readouterr().out
+    assert paths.intermediate_cert.read_bytes() != old and not pki.intermediate_due(paths)
+    for name in [c.name for c in supervisor.components] + ["ops"]:
+        assert x509.load_pem_x509_certificates(paths.cert(name).read_bytes())[
+            1
+        ] == x509.load_pem_x509_certificate(paths.intermediate_cert.read_bytes())
+    supervisor.prepare_pki()  # nothing due any more: nothing rotated
+    assert "rotated" not in capsys.readouterr().out

@@ -427,3 +427,65 @@ def test_grpc_enforces_the_uri_name_constraint(
         _call(constrained, port, key_pem, outside.public_bytes(serialization.Encoding.PEM) + inter)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert len(seen) == 1
+
+
+# --- intermediate rotation ------------------------------------------------------------------------------------
+
+
+def test_intermediate_due_after_half_its_life(tmp_path: Path) -> None:
+    p = pki.PkiPaths(tmp_path / "home")
+    pki.init_ca(p, now=NOW, intermediate_lifetime=timedelta(days=300), name_constraints=False)
+    assert not pki.intermediate_due(p, NOW)
+    assert not pki.intermediate_due(p, NOW + timedelta(days=149))
+    assert pki.intermediate_due(p, NOW + timedelta(days=151))
+    assert pki.intermediate_due(p, NOW + timedelta(days=400))  # expired: due, of course
+
+
+def test_rotated_intermediate_old_leaves_stay_valid_and_become_due(paths: pki.PkiPaths) -> None:
+    pki.issue(paths, "auth", now=NOW)
+    old_leaf, old_intermediate = _chain(paths, "auth")
+    old_key = paths.intermediate_key.read_bytes()
+    expiry = pki.rotate_intermediate(paths, now=NOW + timedelta(hours=1), lifetime=timedelta(days=90))
+
+    new_intermediate = x509.load_pem_x509_certificate(paths.intermediate_cert.read_bytes())
+    assert new_intermediate.not_valid_after_utc == expiry == NOW + timedelta(hours=1, days=90)
+    assert paths.intermediate_key.read_bytes() != old_key and _mode(paths.intermediate_key) == 0o600
+    new_intermediate.verify_directly_issued_by(_root(paths))
+    with pytest.raises(x509.ExtensionNotFound):  # as unconstrained as the one it replaced
+        new_intermediate.extensions.get_extension_for_class(x509.NameConstraints)
+
+    policy = PolicyBuilder().store(Store([_root(paths)])).time(NOW + timedelta(hours=2))
+    policy.build_client_verifier().verify(old_leaf, [old_intermediate])  # still trusted: same root
+    assert pki.needs_renewal(paths, "auth", NOW + timedelta(hours=2))  # but due: not under the current CA
+    pki.renew_due(paths, ["auth"], NOW + timedelta(hours=2))
+    leaf, intermediate = _chain(paths, "auth")
+    assert intermediate == new_intermediate
+    policy.build_client_verifier().verify(leaf, [intermediate])
+
+
+def test_rotation_keeps_the_uri_name_constraint(constrained: pki.PkiPaths) -> None:
+    pki.rotate_intermediate(constrained)
+    rotated = x509.load_pem_x509_certificate(constrained.intermediate_cert.read_bytes())
+    constraint = rotated.extensions.get_extension_for_class(x509.NameConstraints).value
+    assert constraint.permitted_subtrees == [x509.UniformResourceIdentifier("tradeguard.local")]
+
+
+def test_issue_refuses_an_intermediate_whose_key_does_not_match(paths: pki.PkiPaths) -> None:
+    """What an interrupted rotation leaves (new key, old certificate) never signs a leaf."""
+    stray = ec.generate_private_key(ec.SECP256R1())
+    paths.intermediate_key.write_bytes(
+        stray.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    with pytest.raises(ValueError, match=r"do not match.*rotate-intermediate"):
+        pki.issue(paths, "auth", now=NOW)
+    pki.rotate_intermediate(paths, now=NOW)
+    pki.issue(paths, "auth", now=NOW)
+
+
+def test_rotation_needs_the_root_key(paths: pki.PkiPaths) -> None:
+    paths.root_key.unlink()
+    with pytest.raises(OSError):
+        pki.rotate_intermediate(paths, now=NOW)
+    assert pki.issue(paths, "auth", now=NOW)  # the existing intermediate goes on signing
