@@ -446,9 +446,8 @@ def init_ca(
         _atomic_write(paths.ca_bundle, _cert_pem(root), _CERT_MODE)
         _atomic_write(paths.trust_domain_file, f"{td}\n".encode("ascii"), _CERT_MODE)
         if not intermediate_exists:
-            key = _new_key()
-            intermediate = _build_intermediate(
-                key=key,
+            _write_intermediate(
+                paths,
                 root_key=root_key,
                 root=root,
                 td=td,
@@ -456,9 +455,33 @@ def init_ca(
                 lifetime=intermediate_lifetime,
                 name_constraints=name_constraints,
             )
-            _atomic_write(paths.intermediate_key, _key_pem(key), _KEY_MODE)
-            _atomic_write(paths.intermediate_cert, _cert_pem(intermediate), _CERT_MODE)
         return True
+
+
+def _write_intermediate(
+    paths: PkiPaths,
+    *,
+    root_key: ec.EllipticCurvePrivateKey,
+    root: x509.Certificate,
+    td: str,
+    now: datetime,
+    lifetime: timedelta,
+    name_constraints: bool,
+) -> x509.Certificate:
+    """A new intermediate key and certificate, written key first (callers hold the PKI lock)."""
+    key = _new_key()
+    intermediate = _build_intermediate(
+        key=key,
+        root_key=root_key,
+        root=root,
+        td=td,
+        now=now,
+        lifetime=lifetime,
+        name_constraints=name_constraints,
+    )
+    _atomic_write(paths.intermediate_key, _key_pem(key), _KEY_MODE)
+    _atomic_write(paths.intermediate_cert, _cert_pem(intermediate), _CERT_MODE)
+    return intermediate
 
 
 def intermediate_due(paths: PkiPaths, now: datetime | None = None) -> bool:
@@ -495,9 +518,8 @@ def rotate_intermediate(
             constrained = False
         except (OSError, ValueError):
             constrained = True  # unreadable: the safe default
-        key = _new_key()
-        intermediate = _build_intermediate(
-            key=key,
+        intermediate = _write_intermediate(
+            paths,
             root_key=root_key,
             root=root,
             td=td,
@@ -505,8 +527,6 @@ def rotate_intermediate(
             lifetime=lifetime,
             name_constraints=constrained,
         )
-        _atomic_write(paths.intermediate_key, _key_pem(key), _KEY_MODE)
-        _atomic_write(paths.intermediate_cert, _cert_pem(intermediate), _CERT_MODE)
     return intermediate.not_valid_after_utc
 
 
