@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PROTO_FILES := $(shell find protos -name '*.proto' | sort)
 
-.PHONY: run test lint proto proto-check bench setup system-deps clean
+.PHONY: run test lint proto proto-check proto-breaking bench setup system-deps clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "python 3.11 is required"; exit 1; }
@@ -40,6 +40,12 @@ proto: $(STAMP)
 proto-check: proto
 	@git add -N . >/dev/null 2>&1; \
 	if ! git diff --quiet -- tradeguard deploy; then echo "generated code is stale: run make proto and commit"; git diff --stat -- tradeguard deploy; exit 1; fi
+
+## v1 APIs never break: the protos are checked (buf breaking, FILE rules) against every committed version.
+proto-breaking: $(STAMP)
+	@for rev in $$(git log --format=%h -- protos); do \
+	  $(BIN)/buf breaking --against ".git#ref=$$rev,subdir=protos" || { echo "breaking change against $$rev"; exit 1; }; \
+	done; echo "protos compatible with every committed version"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
