@@ -38,7 +38,7 @@ import asyncio
 import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from structlog.typing import FilteringBoundLogger
 
@@ -75,6 +75,7 @@ from services.keyvault.policy import DEFAULT_POLICY, Operation, Policy
 from services.keyvault.root import RootKey, RootUnwrapError, WrongPassphrase
 from services.keyvault.secrets import SecretVersionInfo
 from services.keyvault.store import SecretRecord, VaultStore
+from tradeguard.observability.annotations import annotate
 from tradeguard.observability.logging import get_logger
 
 __all__ = ["DataKey", "KeyVault", "SealStatus"]
@@ -221,10 +222,10 @@ class KeyVault:
             try:
                 root = await asyncio.to_thread(self._unsealer, passphrase)
             except WrongPassphrase:
-                self._log.warning("keyvault.unseal", caller=caller, outcome="wrong_passphrase")
+                self._record("unseal", caller, warning=True, outcome="wrong_passphrase")
                 raise unseal_failed() from None
             await self._install_root(root)
-        self._log.info("keyvault.unseal", caller=caller, outcome="ok", root_kind=root.kind)
+        self._record("unseal", caller, outcome="ok", root_kind=root.kind)
         return self.seal_status()
 
     async def _install_root(self, root: RootKey) -> None:
@@ -267,8 +268,8 @@ class KeyVault:
     # --- helpers ----------------------------------------------------------------------------------------------
     def _authorize(self, caller: str | None, operation: Operation, resource: str) -> None:
         if not self._policy.allows(caller, operation, resource):
-            self._log.warning(
-                "keyvault." + operation.value, caller=caller, resource=resource, outcome="permission_denied"
+            self._record(
+                operation.value, caller, warning=True, resource=resource, outcome="permission_denied"
             )
             raise permission_denied(operation.value, resource)
 
@@ -397,18 +398,26 @@ class KeyVault:
     async def _use(self, name: str, operation: Callable[[LoadedKey], T]) -> T:
         return operation(await self._key(name))
 
+    def _record(self, operation: str, caller: str | None, *, warning: bool = False, **fields: Any) -> None:
+        """Log what an operation did (never material): on its RPC's one log line when a caller's RPC is in
+        progress (`annotate`), else, and always for the vault's own scheduled work, as a line of its own."""
+        event = "keyvault." + operation
+        if caller != _SYSTEM and annotate(operation=event, **fields):
+            return
+        (self._log.warning if warning else self._log.info)(event, caller=caller, **fields)
+
     async def _logged(self, operation: str, caller: str | None, resource: str, work: Awaitable[T]) -> T:
         try:
             result = await work
         except DecryptionFailed as error:
-            self._log.warning(
-                "keyvault." + operation, caller=caller, resource=resource, outcome="failed", cause=error.cause
+            self._record(
+                operation, caller, warning=True, resource=resource, outcome="failed", cause=error.cause
             )
             raise
         except DomainError as error:
-            self._log.info("keyvault." + operation, caller=caller, resource=resource, outcome=error.reason)
+            self._record(operation, caller, resource=resource, outcome=error.reason)
             raise
-        self._log.info("keyvault." + operation, caller=caller, resource=resource, outcome="ok")
+        self._record(operation, caller, resource=resource, outcome="ok")
         return result
 
     # --- key administration -----------------------------------------------------------------------------------
@@ -486,9 +495,7 @@ class KeyVault:
                 break
             after = page[-1].config.name
         next_token = visible[-1].config.name if len(visible) == limit else ""
-        self._log.info(
-            "keyvault.list_keys", caller=caller, resource="key/*", count=len(visible), outcome="ok"
-        )
+        self._record("list_keys", caller, resource="key/*", count=len(visible), outcome="ok")
         return visible, next_token
 
     async def rotate_key(self, caller: str | None, name: str) -> StoredKey:
@@ -715,11 +722,9 @@ class KeyVault:
             key = await self._key(name)
             ciphertext = key.encrypt(plaintext, associated_data, self._random(NONCE_LEN))
         except DomainError as error:
-            self._log.info("keyvault.encrypt", caller=caller, resource=name, outcome=error.reason)
+            self._record("encrypt", caller, resource=name, outcome=error.reason)
             raise
-        self._log.info(
-            "keyvault.encrypt", caller=caller, resource=name, version=key.latest_version, outcome="ok"
-        )
+        self._record("encrypt", caller, resource=name, version=key.latest_version, outcome="ok")
         await self._count(key, 1)
         return ciphertext
 

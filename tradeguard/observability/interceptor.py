@@ -20,6 +20,7 @@ import grpc
 import structlog
 
 from tradeguard.mesh.identity import peer_spiffe_id
+from tradeguard.observability.annotations import close_scope, open_scope
 from tradeguard.observability.logging import configuration_generation
 from tradeguard.observability.metrics import RpcMetrics
 from tradeguard.rpc.handlers import WrappingInterceptor, rebuild
@@ -68,6 +69,9 @@ def _code_after_exception(context: _Context, exc: BaseException) -> str:
 class TelemetryInterceptor(WrappingInterceptor):
     """One ``rpc`` log line and one metrics observation per RPC, with a request id bound for the handler.
 
+    What the handler adds with :func:`tradeguard.observability.annotations.annotate` goes on that line too
+    (under the interceptor's own fields, which it cannot override).
+
     The request id is the caller's ``x-request-id`` metadata when it matches ``^[A-Za-z0-9._-]{1,64}$``,
     otherwise a fresh uuid4 hex; it and the method are bound into structlog's context variables while the
     handler runs, so the handler's own log lines carry them.
@@ -99,12 +103,16 @@ class TelemetryInterceptor(WrappingInterceptor):
         request_id: str,
         started: float,
         exc: BaseException | None,
+        *,
+        annotations: dict[str, Any] | None = None,
     ) -> None:
         seconds = time.perf_counter() - started
         code = _code_after_return(context) if exc is None else _code_after_exception(context, exc)
         self._metrics.observe(method, code, seconds)
         log = self._log()
+        # what the handler annotated first: the interceptor's own fields are never overridden by it
         fields: dict[str, Any] = {
+            **(annotations or {}),
             "method": method,
             "code": code,
             "latency_ms": round(seconds * 1000.0, 3),
@@ -140,15 +148,18 @@ class TelemetryInterceptor(WrappingInterceptor):
             async def unary_response(request: Any, context: _Context) -> Any:
                 request_id = _request_id(context)
                 tokens = bind(request_id=request_id, method=method)
+                annotations, scope = open_scope()
                 started = time.perf_counter()
                 try:
                     response = await behavior(request, context)
                 except BaseException as exc:
                     reset(**tokens)
-                    finish(context, method, request_id, started, exc)
+                    close_scope(scope)
+                    finish(context, method, request_id, started, exc, annotations=annotations)
                     raise
                 reset(**tokens)
-                finish(context, method, request_id, started, None)
+                close_scope(scope)
+                finish(context, method, request_id, started, None, annotations=annotations)
                 return response
 
             return unary_response
@@ -157,15 +168,18 @@ class TelemetryInterceptor(WrappingInterceptor):
         def sync_unary_response(request: Any, context: _Context) -> Any:
             request_id = _request_id(context)
             tokens = bind(request_id=request_id, method=method)
+            annotations, scope = open_scope()
             started = time.perf_counter()
             try:
                 response = behavior(request, context)
             except BaseException as exc:
                 reset(**tokens)
-                finish(context, method, request_id, started, exc)
+                close_scope(scope)
+                finish(context, method, request_id, started, exc, annotations=annotations)
                 raise
             reset(**tokens)
-            finish(context, method, request_id, started, None)
+            close_scope(scope)
+            finish(context, method, request_id, started, None, annotations=annotations)
             return response
 
         return sync_unary_response
@@ -180,6 +194,7 @@ class TelemetryInterceptor(WrappingInterceptor):
             async def stream_response(request: Any, context: _Context) -> AsyncIterator[Any]:
                 request_id = _request_id(context)
                 tokens = bind(request_id=request_id, method=method)
+                annotations, scope = open_scope()
                 started = time.perf_counter()
                 error: BaseException | None = None
                 try:
@@ -192,7 +207,9 @@ class TelemetryInterceptor(WrappingInterceptor):
                     # ValueError: the generator was closed from another context (garbage collection).
                     with contextlib.suppress(ValueError):
                         reset(**tokens)
-                    finish(context, method, request_id, started, error)
+                    with contextlib.suppress(ValueError):
+                        close_scope(scope)
+                    finish(context, method, request_id, started, error, annotations=annotations)
 
             return stream_response
 

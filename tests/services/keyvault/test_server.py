@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import io
+import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 
@@ -18,6 +20,7 @@ from tradeguard.keyvault.v1 import keyvault_pb2_grpc
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.channel import MeshChannel
 from tradeguard.mesh.server import ServerConfig
+from tradeguard.observability.logging import configure_logging
 
 PASSPHRASE = "server test passphrase"
 
@@ -368,3 +371,38 @@ async def test_retiring_a_version_younger_than_the_freshness_window_is_refused_w
         assert 0 < info.retry_delay.ToMicroseconds() <= 60_000_000
         key = (await ops.GetKey(pb.GetKeyRequest(name="credentials"), timeout=5)).key
         assert key.min_decryption_version == 1
+
+
+async def test_each_operation_is_one_log_line_with_what_it_did_and_no_material(start_vault) -> None:
+    out = io.StringIO()
+    configure_logging(json=True, stream=out)
+    vault = await start_vault()
+    ops_channel, ops = vault.stub("ops")
+    auth_channel, auth = vault.stub("auth")
+    trading_channel, trading = vault.stub("trading")
+    async with ops_channel, auth_channel, trading_channel:
+        await ops.CreateKey(pb.CreateKeyRequest(name="credentials", type=pb.KEY_TYPE_AES256_GCM))
+        out.truncate(0)
+        out.seek(0)
+        sealed = await auth.Encrypt(pb.EncryptRequest(key_name="credentials", plaintext=b"p4ssw0rd-material"))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await trading.Decrypt(pb.DecryptRequest(key_name="credentials", ciphertext=sealed.ciphertext))
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    encrypt, denied = lines  # one line per RPC, nothing else
+    assert (encrypt["event"], encrypt["code"], encrypt["caller"]) == (
+        "rpc",
+        "OK",
+        "spiffe://tradeguard.test/svc/auth",
+    )
+    assert (encrypt["operation"], encrypt["resource"], encrypt["version"], encrypt["outcome"]) == (
+        "keyvault.encrypt",
+        "credentials",
+        1,
+        "ok",
+    )
+    assert (denied["code"], denied["operation"], denied["outcome"]) == (
+        "PERMISSION_DENIED",
+        "keyvault.decrypt",
+        "permission_denied",
+    )
+    assert "p4ssw0rd-material" not in out.getvalue() and sealed.ciphertext not in out.getvalue()

@@ -10,6 +10,7 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tradeguard.observability.annotations import annotate
 from tradeguard.observability.interceptor import TelemetryInterceptor
 from tradeguard.observability.logging import configure_logging, get_logger
 from tradeguard.observability.metrics import RpcMetrics
@@ -21,6 +22,23 @@ handler_log = get_logger("test.handler")
 async def ok(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
     handler_log.info("inside handler", size=len(request))
     return b"pong:" + request
+
+
+async def annotated(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
+    # what a service core does: its audit fields go on the RPC's line (it may not override the line's own)
+    assert annotate(resource="key/credentials", outcome="ok", method="/forged", code="FORGED")
+    if request == b"fail":
+        await context.abort(grpc.StatusCode.PERMISSION_DENIED, "no")
+    return b""
+
+
+async def streamed_annotations(
+    request: bytes, context: grpc.aio.ServicerContext[Any, Any]
+) -> AsyncIterator[bytes]:
+    annotate(items=0)
+    for i in range(2):
+        annotate(items=i + 1)
+        yield bytes([i])
 
 
 async def invalid(request: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> bytes:
@@ -73,6 +91,8 @@ def _generic_handler() -> grpc.GenericRpcHandler[Any, Any]:
         SERVICE,
         {
             "Ok": grpc.unary_unary_rpc_method_handler(ok),
+            "Annotated": grpc.unary_unary_rpc_method_handler(annotated),
+            "StreamedAnnotations": grpc.unary_stream_rpc_method_handler(streamed_annotations),
             "Invalid": grpc.unary_unary_rpc_method_handler(invalid),
             "Boom": grpc.unary_unary_rpc_method_handler(boom),
             "Slow": grpc.unary_unary_rpc_method_handler(slow),
@@ -293,3 +313,31 @@ async def test_explicit_logger_is_used() -> None:
         await server.stop(None)
     [line] = [json.loads(raw) for raw in out.getvalue().splitlines() if '"rpc"' in raw]
     assert line["logger"] == "custom"
+
+
+async def test_annotations_go_on_the_rpc_line_and_never_override_it(harness: Harness) -> None:
+    await _unary(harness, "Annotated")(b"x")
+    with pytest.raises(grpc.aio.AioRpcError):
+        await _unary(harness, "Annotated")(b"fail")
+    await _unary(harness, "Ok")(b"x")
+    first, failed, plain = harness.rpc_lines()
+    assert (first["method"], first["code"]) == (f"/{SERVICE}/Annotated", "OK")
+    assert (first["resource"], first["outcome"]) == ("key/credentials", "ok")
+    assert (failed["code"], failed["resource"], failed["level"]) == (
+        "PERMISSION_DENIED",
+        "key/credentials",
+        "warning",
+    )
+    assert "resource" not in plain  # nothing carried over from an earlier call
+    assert len(harness.lines()) == 4  # the three rpc lines and the Ok handler's own line: no extra lines
+
+
+async def test_streaming_annotations_and_none_outside_an_rpc(harness: Harness) -> None:
+    assert harness.channel is not None
+    assert [r async for r in harness.channel.unary_stream(f"/{SERVICE}/StreamedAnnotations")(b"")] == [
+        b"\0",
+        b"\1",
+    ]
+    [line] = harness.rpc_lines()
+    assert line["items"] == 2
+    assert annotate(resource="x") is False  # no RPC in progress here: the caller logs a line of its own
