@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -19,11 +20,16 @@ class SpiffeId:
 
     @classmethod
     def parse(cls, uri: str) -> SpiffeId | None:
-        match = _SPIFFE_RE.fullmatch(uri)
-        return cls(match.group(1), match.group(2)) if match else None
+        return _parse(uri)
 
     def __str__(self) -> str:
         return f"spiffe://{self.trust_domain}/svc/{self.name}"
+
+
+@functools.lru_cache(maxsize=1024)  # peers are the few workloads our CA issued for: parse each once
+def _parse(uri: str) -> SpiffeId | None:
+    match = _SPIFFE_RE.fullmatch(uri)
+    return SpiffeId(match.group(1), match.group(2)) if match else None
 
 
 # The peer of the RPC this task serves. grpc.aio runs each RPC in its own task, which starts from a copy of the
