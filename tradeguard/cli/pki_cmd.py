@@ -10,7 +10,9 @@ from tradeguard.mesh import pki
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``pki init|issue|renew|rotate-intermediate|status``; each sets ``func``. ``args.home`` comes from the main parser."""
+    """Add ``pki init|issue|renew|rotate-intermediate|status``; each sets ``func``.
+
+    ``args.home`` comes from the main parser."""
     parser = subparsers.add_parser("pki", help="the internal CA and workload certificates")
     commands = parser.add_subparsers(dest="pki_command", metavar="COMMAND", required=True)
 

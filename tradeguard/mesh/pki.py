@@ -486,8 +486,11 @@ def _write_intermediate(
 
 def intermediate_due(paths: PkiPaths, now: datetime | None = None) -> bool:
     """True when the intermediate CA is past half its life (or expired): the rule of the workload
-    certificates, so that it is replaced long before any of them could be refused for it."""
+    certificates, so that it is replaced long before any of them could be refused for it. False when it
+    already lasts as long as the root: a new one could not outlive it (the root itself must be replaced)."""
     ca = _load_cert(paths.intermediate_cert)
+    if ca.not_valid_after_utc >= _load_cert(paths.root_cert).not_valid_after_utc:
+        return False
     return _info(ca, "intermediate-ca", paths.intermediate_cert).past_half_life(_utc(now))
 
 

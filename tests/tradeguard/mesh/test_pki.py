@@ -489,3 +489,10 @@ def test_rotation_needs_the_root_key(paths: pki.PkiPaths) -> None:
     with pytest.raises(OSError):
         pki.rotate_intermediate(paths, now=NOW)
     assert pki.issue(paths, "auth", now=NOW)  # the existing intermediate goes on signing
+
+
+def test_an_intermediate_that_lasts_as_long_as_the_root_is_never_due(tmp_path: Path) -> None:
+    """Near the root's end a new intermediate could not outlive the old one: no rotation loop."""
+    p = pki.PkiPaths(tmp_path / "home")
+    pki.init_ca(p, now=NOW, root_lifetime=timedelta(days=100), intermediate_lifetime=timedelta(days=365))
+    assert not pki.intermediate_due(p, NOW + timedelta(days=90))
