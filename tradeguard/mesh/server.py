@@ -154,7 +154,9 @@ class MeshServer:
         self._server = server
         if cfg.tls12_self_probe:
             try:
-                await asyncio.to_thread(tls.assert_tls12_refused, cfg.host, self.port, cfg.workload)
+                await asyncio.to_thread(
+                    tls.assert_tls12_refused, cfg.host, self.port, cfg.workload, server_name=cfg.name
+                )
             except tls.Tls12Accepted:
                 await server.stop(0)
                 _log.error("tls12_accepted_refusing_to_serve", port=self.port)

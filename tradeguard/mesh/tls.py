@@ -105,10 +105,13 @@ class Tls12Accepted(RuntimeError):
     """The server completed a TLS 1.2 handshake: TLS 1.3-only enforcement is not in effect."""
 
 
-def assert_tls12_refused(host: str, port: int, workload: Workload, timeout: float = 5.0) -> None:
+def assert_tls12_refused(
+    host: str, port: int, workload: Workload, timeout: float = 5.0, *, server_name: str = "localhost"
+) -> None:
     """Connect as a TLS 1.2-only client presenting a valid client certificate; raise if it succeeds.
 
-    Blocking: run it in a thread. A refused handshake (no shared cipher) is the expected outcome."""
+    Blocking: run it in a thread. A refused handshake (no shared cipher) is the expected outcome.
+    `server_name` is the SNI sent: the server's own name keeps grpc from logging an unknown-name error."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.maximum_version = ssl.TLSVersion.TLSv1_2
@@ -118,7 +121,7 @@ def assert_tls12_refused(host: str, port: int, workload: Workload, timeout: floa
     ctx.set_alpn_protocols(["h2"])
     with socket.create_connection((host, port), timeout=timeout) as raw:
         try:
-            with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            with ctx.wrap_socket(raw, server_hostname=server_name) as tls:
                 version = tls.version()
         except (ssl.SSLError, ConnectionError):
             return
