@@ -47,6 +47,18 @@ class RootKey(Protocol):
     def close(self) -> None: ...
 
 
+def _seal(root: bytes, passphrase: str, random: Callable[[int], bytes], scrypt_n: int) -> dict[str, Any]:
+    """The sealed-root document: `root` under AES-256-GCM with a key scrypt derives from `passphrase`."""
+    salt, nonce = random(16), random(primitives.NONCE_LEN)
+    kek = primitives.scrypt_derive(passphrase.encode(), salt, n=scrypt_n)
+    return {
+        "format": "tradeguard-sealed-root/v1",
+        "kdf": {"name": "scrypt", "n": scrypt_n, "r": 8, "p": 1, "salt": b64url_encode(salt)},
+        "nonce": b64url_encode(nonce),
+        "sealed": b64url_encode(primitives.aes_gcm_seal(kek, nonce, root, _SEAL_AD)),
+    }
+
+
 class LocalSealedRoot:
     kind = "local"
 
@@ -71,15 +83,7 @@ class LocalSealedRoot:
         if not passphrase:
             raise WrongPassphrase("an empty passphrase cannot seal the vault")
         root = random(primitives.KEY_LEN)
-        salt, nonce = random(16), random(primitives.NONCE_LEN)
-        kek = primitives.scrypt_derive(passphrase.encode(), salt, n=scrypt_n)
-        sealed = primitives.aes_gcm_seal(kek, nonce, root, _SEAL_AD)
-        document = {
-            "format": "tradeguard-sealed-root/v1",
-            "kdf": {"name": "scrypt", "n": scrypt_n, "r": 8, "p": 1, "salt": b64url_encode(salt)},
-            "nonce": b64url_encode(nonce),
-            "sealed": b64url_encode(sealed),
-        }
+        document = _seal(root, passphrase, random, scrypt_n)
         path.parent.mkdir(parents=True, exist_ok=True)
         # O_EXCL: never overwrite a sealed root (that would lose every key).
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -90,9 +94,48 @@ class LocalSealedRoot:
         return cls(root, random)
 
     @classmethod
+    def change_passphrase(
+        cls,
+        path: Path,
+        old: str,
+        new: str,
+        random: Callable[[int], bytes] = os.urandom,
+        *,
+        scrypt_n: int = 2**15,
+    ) -> None:
+        """Seal the same root key under `new` (fresh salt and nonce); `old` must unseal it first.
+
+        The root key does not change, so nothing wrapped under it does either, and a running vault is not
+        affected. The file is replaced atomically: a crash leaves the old or the new sealing, never neither."""
+        if not new:
+            raise WrongPassphrase("an empty passphrase cannot seal the vault")
+        root = cls._open(path, old)
+        document = _seal(root, new, random, scrypt_n)
+        temporary = path.with_name(f".{path.name}.{random(8).hex()}.tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "w") as out:
+                json.dump(document, out)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(temporary, path)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+    @classmethod
     def unseal(
         cls, path: Path, passphrase: str, random: Callable[[int], bytes] = os.urandom
     ) -> LocalSealedRoot:
+        return cls(cls._open(path, passphrase), random)
+
+    @staticmethod
+    def _open(path: Path, passphrase: str) -> bytes:
         document: dict[str, Any] = json.loads(path.read_text())
         if document.get("format") != "tradeguard-sealed-root/v1":
             raise ValueError(f"{path} is not a sealed Tradeguard root key")
@@ -106,10 +149,9 @@ class LocalSealedRoot:
             passphrase.encode(), salt, n=int(kdf["n"]), r=int(kdf["r"]), p=int(kdf["p"])
         )
         try:
-            root = primitives.aes_gcm_open(kek, nonce, sealed, _SEAL_AD)
+            return primitives.aes_gcm_open(kek, nonce, sealed, _SEAL_AD)
         except primitives.IntegrityError:
             raise WrongPassphrase("the passphrase does not unseal the root key") from None
-        return cls(root, random)
 
     def wrap(self, plaintext: bytes, associated_data: bytes) -> bytes:
         nonce = self._random(primitives.NONCE_LEN)

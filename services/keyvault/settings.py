@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,9 +145,9 @@ class Settings:
             server=server,
             database_url=url,
             root_mode=mode,
-            root_path=Path(env.get("TRADEGUARD_VAULT_ROOT_PATH") or server.home / "data" / "keyvault.root"),
+            root_path=local_root_path(env, server.home),
             startup=StartupSecret(secret),
-            scrypt_n=int(env.get("TRADEGUARD_VAULT_SCRYPT_N", str(2**15))),
+            scrypt_n=scrypt_n(env),
             pkcs11_module=env.get("TRADEGUARD_VAULT_PKCS11_MODULE", DEFAULT_PKCS11_MODULE),
             pkcs11_token=token,
             pkcs11_key_label=env.get("TRADEGUARD_VAULT_PKCS11_KEY_LABEL", DEFAULT_KEY_LABEL),
@@ -155,3 +156,13 @@ class Settings:
             max_encryptions_per_version=max_encryptions,
             key_freshness_s=freshness,
         )
+
+
+def local_root_path(env: Mapping[str, str], home: Path) -> Path:
+    """Where the local sealed root key lives (TRADEGUARD_VAULT_ROOT_PATH, else under the data directory)."""
+    return Path(env.get("TRADEGUARD_VAULT_ROOT_PATH") or home / "data" / "keyvault.root")
+
+
+def scrypt_n(env: Mapping[str, str]) -> int:
+    """scrypt's cost for sealing the local root key (TRADEGUARD_VAULT_SCRYPT_N, default 2^15)."""
+    return int(env.get("TRADEGUARD_VAULT_SCRYPT_N", str(2**15)))

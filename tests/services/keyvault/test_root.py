@@ -40,6 +40,25 @@ def test_local_root_seal_unseal(tmp_path):
         other.unwrap(blob, b"ad")  # same passphrase, another random root
 
 
+def test_change_passphrase_reseals_the_same_root(tmp_path):
+    path = tmp_path / "root.json"
+    root = LocalSealedRoot.create(path, "old passphrase", scrypt_n=2**10)
+    blob = root.wrap(b"material", b"ad")
+    before = path.read_bytes()
+    with pytest.raises(WrongPassphrase):
+        LocalSealedRoot.change_passphrase(path, "not it", "new passphrase", scrypt_n=2**10)
+    assert path.read_bytes() == before  # a refused change leaves the sealing as it was
+    with pytest.raises(WrongPassphrase):
+        LocalSealedRoot.change_passphrase(path, "old passphrase", "", scrypt_n=2**10)
+    LocalSealedRoot.change_passphrase(path, "old passphrase", "new passphrase", scrypt_n=2**10)
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert [p.name for p in tmp_path.iterdir()] == ["root.json"]  # no temporary file left behind
+    assert json.loads(path.read_text())["kdf"]["salt"] != json.loads(before)["kdf"]["salt"]
+    with pytest.raises(WrongPassphrase):
+        LocalSealedRoot.unseal(path, "old passphrase")
+    assert LocalSealedRoot.unseal(path, "new passphrase").unwrap(blob, b"ad") == b"material"
+
+
 def test_pkcs11_root_key_never_leaves_the_token(softhsm):
     import pkcs11
     from pkcs11 import Attribute, ObjectClass

@@ -1,0 +1,81 @@
+"""`python -m services.keyvault change-passphrase`: seal the local root key under a new passphrase.
+
+Run on the vault's host by whoever holds the current passphrase (Vault calls this a rekey). The root key itself
+does not change, so no key or secret is re-encrypted and a running vault carries on; the next unseal takes the
+new passphrase. Passphrases come from the terminal (the new one typed twice) or, without one, from stdin: the
+current passphrase on the first line, the new one on the second. Never from the command line, where `ps` shows
+them. `--update-file` also writes the new passphrase (0600, atomically) to the file the vault is started with,
+e.g. the one `tradeguard up` made for the embedded default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from services.keyvault.root import LocalSealedRoot, WrongPassphrase
+from services.keyvault.settings import local_root_path, scrypt_n
+
+MIN_PASSPHRASE_LEN = 12
+
+
+def _passphrases(read_line: Callable[[], str], interactive: bool) -> tuple[str, str]:
+    if interactive:
+        old = getpass.getpass("current passphrase: ")
+        new = getpass.getpass("new passphrase: ")
+        if getpass.getpass("new passphrase again: ") != new:
+            raise ValueError("the new passphrases differ")
+        return old, new
+    return read_line().rstrip("\n"), read_line().rstrip("\n")
+
+
+def _write_secret_file(path: Path, secret: str) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(secret + "\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def main(argv: Sequence[str], env: dict[str, str] | None = None) -> int:
+    env = dict(os.environ) if env is None else env
+    parser = argparse.ArgumentParser(
+        prog="python -m services.keyvault change-passphrase", description=__doc__
+    )
+    parser.add_argument(
+        "--root", type=Path, default=None, help="the sealed root file (default: as the vault)"
+    )
+    parser.add_argument("--update-file", type=Path, default=None, help="also write the new passphrase here")
+    args = parser.parse_args(argv)
+    home = Path(env.get("TRADEGUARD_HOME") or ".tradeguard")
+    path: Path = args.root or local_root_path(env, home)
+    if not path.exists():
+        print(f"change-passphrase: no sealed root key at {path}", file=sys.stderr)
+        return 2
+    try:
+        old, new = _passphrases(sys.stdin.readline, sys.stdin.isatty())
+        if len(new) < MIN_PASSPHRASE_LEN:
+            raise ValueError(f"the new passphrase must have at least {MIN_PASSPHRASE_LEN} characters")
+        if new == old:
+            raise ValueError("the new passphrase is the current one")
+        LocalSealedRoot.change_passphrase(path, old, new, scrypt_n=scrypt_n(env))
+    except WrongPassphrase:
+        print("change-passphrase: the current passphrase does not unseal the root key", file=sys.stderr)
+        return 1
+    except ValueError as error:
+        print(f"change-passphrase: {error}", file=sys.stderr)
+        return 2
+    if args.update_file is not None:
+        _write_secret_file(args.update_file, new)
+    print(f"{path}: sealed under the new passphrase; the next unseal takes it")
+    return 0
