@@ -19,6 +19,7 @@ from pathlib import Path
 
 from services.keyvault.root import LocalSealedRoot, WrongPassphrase
 from services.keyvault.settings import local_root_path, scrypt_n
+from tradeguard.files import atomic_write
 
 MIN_PASSPHRASE_LEN = 12
 
@@ -31,20 +32,6 @@ def _passphrases(read_line: Callable[[], str], interactive: bool) -> tuple[str, 
             raise ValueError("the new passphrases differ")
         return old, new
     return read_line().rstrip("\n"), read_line().rstrip("\n")
-
-
-def _write_secret_file(path: Path, secret: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w") as out:
-            out.write(secret + "\n")
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
 
 
 def main(argv: Sequence[str], env: dict[str, str] | None = None) -> int:
@@ -76,6 +63,6 @@ def main(argv: Sequence[str], env: dict[str, str] | None = None) -> int:
         print(f"change-passphrase: {error}", file=sys.stderr)
         return 2
     if args.update_file is not None:
-        _write_secret_file(args.update_file, new)
+        atomic_write(args.update_file, (new + "\n").encode(), 0o600)
     print(f"{path}: sealed under the new passphrase; the next unseal takes it")
     return 0

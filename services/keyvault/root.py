@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 from services.keyvault import primitives
 from services.keyvault.keyring import b64url_decode, b64url_encode
+from tradeguard.files import atomic_write
 
 __all__ = ["LocalSealedRoot", "Pkcs11Root", "RootKey", "RootUnwrapError", "WrongPassphrase"]
 
@@ -111,22 +112,7 @@ class LocalSealedRoot:
             raise WrongPassphrase("an empty passphrase cannot seal the vault")
         root = cls._open(path, old)
         document = _seal(root, new, random, scrypt_n)
-        temporary = path.with_name(f".{path.name}.{random(8).hex()}.tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            with os.fdopen(fd, "w") as out:
-                json.dump(document, out)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temporary, path)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        atomic_write(path, json.dumps(document).encode(), 0o600)
 
     @classmethod
     def unseal(

@@ -35,6 +35,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tradeguard.files import atomic_write
+
 __all__ = [
     "NAME_RE",
     "CertInfo",
@@ -172,27 +174,6 @@ def _utc(now: datetime | None) -> datetime:
 def _ensure_dir(paths: PkiPaths) -> None:
     paths.dir.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
     os.chmod(paths.dir, _DIR_MODE)
-
-
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` atomically; the file has ``mode`` (at most) from its creation."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 @contextlib.contextmanager
@@ -440,11 +421,11 @@ def init_ca(
         else:
             root_key = _new_key()
             root = _build_root(root_key, td, at, root_lifetime)
-            _atomic_write(paths.root_key, _key_pem(root_key), _KEY_MODE)
-            _atomic_write(paths.root_cert, _cert_pem(root), _CERT_MODE)
+            atomic_write(paths.root_key, _key_pem(root_key), _KEY_MODE)
+            atomic_write(paths.root_cert, _cert_pem(root), _CERT_MODE)
             intermediate_exists = False  # a new root needs a new intermediate
-        _atomic_write(paths.ca_bundle, _cert_pem(root), _CERT_MODE)
-        _atomic_write(paths.trust_domain_file, f"{td}\n".encode("ascii"), _CERT_MODE)
+        atomic_write(paths.ca_bundle, _cert_pem(root), _CERT_MODE)
+        atomic_write(paths.trust_domain_file, f"{td}\n".encode("ascii"), _CERT_MODE)
         if not intermediate_exists:
             _write_intermediate(
                 paths,
@@ -479,8 +460,8 @@ def _write_intermediate(
         lifetime=lifetime,
         name_constraints=name_constraints,
     )
-    _atomic_write(paths.intermediate_key, _key_pem(key), _KEY_MODE)
-    _atomic_write(paths.intermediate_cert, _cert_pem(intermediate), _CERT_MODE)
+    atomic_write(paths.intermediate_key, _key_pem(key), _KEY_MODE)
+    atomic_write(paths.intermediate_cert, _cert_pem(intermediate), _CERT_MODE)
     return intermediate
 
 
@@ -564,8 +545,8 @@ def issue(
             )
         key = _new_key()
         leaf = _build_leaf(key=key, ca_key=ca_key, ca=ca, td=td, name=name, now=at, lifetime=lifetime)
-        _atomic_write(paths.key(name), _key_pem(key), _KEY_MODE)
-        _atomic_write(paths.cert(name), _cert_pem(leaf) + _cert_pem(ca), _CERT_MODE)
+        atomic_write(paths.key(name), _key_pem(key), _KEY_MODE)
+        atomic_write(paths.cert(name), _cert_pem(leaf) + _cert_pem(ca), _CERT_MODE)
     return _info(leaf, name, paths.cert(name))
 
 
