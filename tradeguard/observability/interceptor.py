@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import itertools
+import os
 import re
+import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Final, TypeAlias
 
@@ -38,6 +40,25 @@ _Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 _Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 
+class _RequestIds:
+    """Fresh request ids: a random 64-bit prefix per process and a counter, 32 hex characters like a uuid4
+    hex, unique without a getrandom() call per RPC (uuid4 showed in the per-call profile)."""
+
+    prefix = secrets.token_hex(8)
+    counter = itertools.count()
+
+    @classmethod
+    def reseed(cls) -> None:  # a forked child must not repeat its parent's ids
+        cls.prefix, cls.counter = secrets.token_hex(8), itertools.count()
+
+    @classmethod
+    def next(cls) -> str:
+        return f"{cls.prefix}{next(cls.counter) & 0xFFFFFFFFFFFFFFFF:016x}"
+
+
+os.register_at_fork(after_in_child=_RequestIds.reseed)
+
+
 def _request_id(context: _Context) -> str:
     metadata = context.invocation_metadata()
     if metadata:
@@ -46,7 +67,7 @@ def _request_id(context: _Context) -> str:
                 if isinstance(value, str) and _REQUEST_ID_RE.fullmatch(value):
                     return value
                 break
-    return uuid.uuid4().hex
+    return _RequestIds.next()
 
 
 def _code_after_return(context: _Context) -> str:
@@ -73,7 +94,7 @@ class TelemetryInterceptor(WrappingInterceptor):
     (under the interceptor's own fields, which it cannot override).
 
     The request id is the caller's ``x-request-id`` metadata when it matches ``^[A-Za-z0-9._-]{1,64}$``,
-    otherwise a fresh uuid4 hex; it and the method are bound into structlog's context variables while the
+    otherwise a fresh 32-hex-digit id (unique per process prefix and counter); it and the method are bound into structlog's context variables while the
     handler runs, so the handler's own log lines carry them.
     """
 

@@ -11,7 +11,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from tradeguard.observability.annotations import annotate
-from tradeguard.observability.interceptor import TelemetryInterceptor
+from tradeguard.observability.interceptor import TelemetryInterceptor, _RequestIds
 from tradeguard.observability.logging import configure_logging, get_logger
 from tradeguard.observability.metrics import RpcMetrics
 
@@ -341,3 +341,17 @@ async def test_streaming_annotations_and_none_outside_an_rpc(harness: Harness) -
     [line] = harness.rpc_lines()
     assert line["items"] == 2
     assert annotate(resource="x") is False  # no RPC in progress here: the caller logs a line of its own
+
+
+async def test_generated_request_ids_are_distinct(harness: Harness) -> None:
+    for _ in range(5):
+        await _unary(harness, "Ok")(b"x")
+    ids = [line["request_id"] for line in harness.rpc_lines()]
+    assert len(set(ids)) == 5 and all(len(i) == 32 for i in ids)
+
+
+def test_request_ids_are_reseeded_as_a_forked_child_does() -> None:
+    before = _RequestIds.next()
+    _RequestIds.reseed()  # registered with os.register_at_fork(after_in_child=...)
+    after = _RequestIds.next()
+    assert before[:16] != after[:16] and after[16:] == "0" * 16
