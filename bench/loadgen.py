@@ -3,11 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+
+
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far (Linux /proc; all its threads)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": field 3 onwards
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_s(pids: Sequence[int]) -> float:
+    """CPU seconds of this process (the client) and of `pids` (servers)."""
+    return time.process_time() + sum(process_cpu_s(pid) for pid in pids)
 
 
 @dataclass(frozen=True)
@@ -16,6 +29,12 @@ class Result:
     errors: int
     seconds: float
     latencies_ms: list[float]
+    cpu_s: float | None = None  # CPU of the client and the servers measured, over the measured window
+
+    @property
+    def cpu_us_per_call(self) -> float | None:
+        """CPU per call, both ends: far steadier between rounds than throughput on a shared 2-core machine."""
+        return None if self.cpu_s is None or not self.calls else self.cpu_s / self.calls * 1e6
 
     @property
     def rps(self) -> float:
@@ -28,19 +47,24 @@ class Result:
         return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
     def line(self, label: str) -> str:
+        cpu = self.cpu_us_per_call
         return (
             f"{label:<28} {self.rps:9.0f} calls/s   p50 {self.percentile(50):6.2f} ms   "
             f"p99 {self.percentile(99):6.2f} ms   errors {self.errors}"
+            + ("" if cpu is None else f"   cpu {cpu:5.0f} us/call")
         )
 
 
 Call = Callable[[int], Awaitable[object]]
 
 
-async def closed_loop(call: Call, *, concurrency: int, duration: float, warmup: float = 1.0) -> Result:
+async def closed_loop(
+    call: Call, *, concurrency: int, duration: float, warmup: float = 1.0, cpu_of: Sequence[int] = ()
+) -> Result:
     """`concurrency` callers each awaiting `call(i)` back to back (i counts calls globally).
 
-    Calls finishing during `warmup` are not counted; errors are counted and not timed."""
+    Calls started during `warmup` are not counted; errors are counted and not timed. With `cpu_of` (server
+    pids), the CPU of this process and of those over the measured window is reported too (`cpu_us_per_call`)."""
     counter = 0
     latencies: list[float] = []
     errors = 0
@@ -64,8 +88,22 @@ async def closed_loop(call: Call, *, concurrency: int, duration: float, warmup: 
             if t0 >= measure_from:
                 latencies.append((time.perf_counter() - t0) * 1000)
 
+    async def cpu_window() -> float:
+        await asyncio.sleep(max(0.0, measure_from - time.perf_counter()))
+        return _cpu_s(cpu_of)
+
+    window = asyncio.ensure_future(cpu_window()) if cpu_of else None
     await asyncio.gather(*(caller() for _ in range(concurrency)))
-    return Result(calls=len(latencies), errors=errors, seconds=duration, latencies_ms=latencies)
+    cpu = None if window is None else _cpu_s(cpu_of) - await window
+    return Result(calls=len(latencies), errors=errors, seconds=duration, latencies_ms=latencies, cpu_s=cpu)
+
+
+def median_cpu_ratio(numerators: list[Result], denominators: list[Result]) -> float:
+    """Median over rounds of CPU per call, numerator over denominator (above 1: the numerator costs more)."""
+    return statistics.median(
+        (a.cpu_us_per_call or 0.0) / (b.cpu_us_per_call or float("inf"))
+        for a, b in zip(numerators, denominators, strict=True)
+    )
 
 
 def median_ratio(numerators: list[Result], denominators: list[Result]) -> float:
