@@ -15,6 +15,7 @@ from google.rpc import error_details_pb2, status_pb2
 
 from services.keyvault.server import Built, build
 from services.keyvault.settings import Settings, StartupSecret
+from tests.support import eventually
 from tradeguard.keyvault.v1 import keyvault_pb2 as pb
 from tradeguard.keyvault.v1 import keyvault_pb2_grpc
 from tradeguard.mesh import pki, tls
@@ -387,6 +388,8 @@ async def test_each_operation_is_one_log_line_with_what_it_did_and_no_material(s
         sealed = await auth.Encrypt(pb.EncryptRequest(key_name="credentials", plaintext=b"p4ssw0rd-material"))
         with pytest.raises(grpc.aio.AioRpcError):
             await trading.Decrypt(pb.DecryptRequest(key_name="credentials", ciphertext=sealed.ciphertext))
+    # the refused call's status can reach the client just before the server has written its line
+    await eventually(lambda: out.getvalue().count("\n") >= 2)
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     encrypt, denied = lines  # one line per RPC, nothing else
     assert (encrypt["event"], encrypt["code"], encrypt["caller"]) == (

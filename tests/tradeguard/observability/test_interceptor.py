@@ -10,6 +10,7 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.support import eventually
 from tradeguard.observability.annotations import annotate
 from tradeguard.observability.interceptor import TelemetryInterceptor, _RequestIds
 from tradeguard.observability.logging import configure_logging, get_logger
@@ -132,6 +133,12 @@ class Harness:
     def rpc_lines(self) -> list[dict[str, Any]]:
         return [line for line in self.lines() if line["event"] == "rpc"]
 
+    async def settled_rpc_lines(self, count: int) -> list[dict[str, Any]]:
+        """The rpc lines once `count` are written: a call's status can reach the client just before the
+        server's interceptor has logged it (an aborting handler sends its status as it aborts)."""
+        await eventually(lambda: len(self.rpc_lines()) >= count)
+        return self.rpc_lines()
+
     def sample(self, name: str, **labels: str) -> float:
         value = self.registry.get_sample_value(name, {"service": "test", **labels})
         return 0.0 if value is None else value
@@ -164,7 +171,7 @@ def _check_common(line: dict[str, Any], method: str) -> None:
 async def test_ok_call_one_line_request_id_from_metadata(harness: Harness) -> None:
     response = await _unary(harness, "Ok")(b"ping", metadata=(("x-request-id", "req-42.A_b"),))
     assert response == b"pong:ping"
-    [line] = harness.rpc_lines()
+    [line] = await harness.settled_rpc_lines(1)
     _check_common(line, "Ok")
     assert line["code"] == "OK"
     assert line["level"] == "info"
@@ -175,7 +182,7 @@ async def test_ok_call_one_line_request_id_from_metadata(harness: Harness) -> No
     assert inner["method"] == f"/{SERVICE}/Ok"
     # ... and nothing leaks into the next call or out of the RPC.
     await _unary(harness, "Ok")(b"ping")
-    second = harness.rpc_lines()[1]
+    second = (await harness.settled_rpc_lines(2))[1]
     assert second["request_id"] != "req-42.A_b"
     assert harness.sample("tradeguard_rpc_requests_total", method=f"/{SERVICE}/Ok", code="OK") == 2.0
     assert harness.sample("tradeguard_rpc_errors_total", method=f"/{SERVICE}/Ok", code="OK") == 0.0
@@ -186,7 +193,7 @@ async def test_ok_call_one_line_request_id_from_metadata(harness: Harness) -> No
 async def test_invalid_request_id_is_replaced(harness: Harness, bad: str) -> None:
     metadata = (("x-request-id", bad),) if bad.isascii() else ()
     await _unary(harness, "Ok")(b"x", metadata=metadata)
-    [line] = harness.rpc_lines()
+    [line] = await harness.settled_rpc_lines(1)
     assert line["request_id"] != bad
     assert len(line["request_id"]) == 32
     int(line["request_id"], 16)
@@ -197,7 +204,7 @@ async def test_aborted_call(harness: Harness) -> None:
         await _unary(harness, "Invalid")(b"x")
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details() == "quantity must be positive"
-    [line] = harness.rpc_lines()
+    [line] = await harness.settled_rpc_lines(1)
     _check_common(line, "Invalid")
     assert line["code"] == "INVALID_ARGUMENT"
     assert line["level"] == "warning"
@@ -211,7 +218,7 @@ async def test_set_code_without_raising(harness: Harness) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await _unary(harness, "NotFound")(b"x")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
-    [line] = harness.rpc_lines()
+    [line] = await harness.settled_rpc_lines(1)
     assert line["code"] == "NOT_FOUND"
     assert line["level"] == "warning"
 
@@ -220,7 +227,7 @@ async def test_exception_in_handler(harness: Harness) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await _unary(harness, "Boom")(b"x")
     assert err.value.code() == grpc.StatusCode.UNKNOWN  # the exception went on to grpc unchanged
-    [line] = harness.rpc_lines()
+    [line] = await harness.settled_rpc_lines(1)
     _check_common(line, "Boom")
     assert line["code"] == "UNKNOWN"
     assert line["level"] == "error"
@@ -234,7 +241,7 @@ async def test_unary_stream(harness: Harness) -> None:
     assert harness.channel is not None
     call = harness.channel.unary_stream(f"/{SERVICE}/Stream")(b"x", metadata=(("x-request-id", "s1"),))
     assert [msg async for msg in call] == [b"\x00", b"\x01", b"\x02"]
-    [line] = harness.rpc_lines()
+    [line] = await harness.settled_rpc_lines(1)
     _check_common(line, "Stream")
     assert line["code"] == "OK"
     assert line["request_id"] == "s1"
@@ -247,7 +254,7 @@ async def test_unary_stream_writer_api(harness: Harness) -> None:
     assert harness.channel is not None
     call = harness.channel.unary_stream(f"/{SERVICE}/WriterStream")(b"x")
     assert [msg async for msg in call] == [b"\x00", b"\x01"]
-    [line] = harness.rpc_lines()
+    [line] = await harness.settled_rpc_lines(1)
     assert line["code"] == "OK"
 
 
@@ -261,7 +268,7 @@ async def test_stream_unary_and_stream_stream(harness: Harness) -> None:
     assert await harness.channel.stream_unary(f"/{SERVICE}/ClientStream")(chunks()) == b"abcd"
     bidi_call = harness.channel.stream_stream(f"/{SERVICE}/Bidi")(chunks())
     assert [msg async for msg in bidi_call] == [b"AB", b"CD"]
-    lines = harness.rpc_lines()
+    lines = await harness.settled_rpc_lines(2)
     assert [(line["method"], line["code"]) for line in lines] == [
         (f"/{SERVICE}/ClientStream", "OK"),
         (f"/{SERVICE}/Bidi", "OK"),
@@ -272,11 +279,7 @@ async def test_deadline_cancels_handler_and_logs_once(harness: Harness) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await _unary(harness, "Slow")(b"x", timeout=0.05)
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    for _ in range(100):
-        if harness.rpc_lines():
-            break
-        await asyncio.sleep(0.01)
-    [line] = harness.rpc_lines()
+    [line] = await harness.settled_rpc_lines(1)
     assert line["code"] == "CANCELLED"
     assert line["level"] == "warning"
 
@@ -291,7 +294,7 @@ async def test_unknown_method_is_not_logged(harness: Harness) -> None:
 async def test_many_concurrent_calls_keep_their_request_ids(harness: Harness) -> None:
     ids = [f"r{i}" for i in range(50)]
     await asyncio.gather(*(_unary(harness, "Ok")(b"x", metadata=(("x-request-id", rid),)) for rid in ids))
-    assert sorted(line["request_id"] for line in harness.rpc_lines()) == sorted(ids)
+    assert sorted(line["request_id"] for line in await harness.settled_rpc_lines(50)) == sorted(ids)
     inner = [entry for entry in harness.lines() if entry["event"] == "inside handler"]
     assert sorted(entry["request_id"] for entry in inner) == sorted(ids)
 
@@ -320,7 +323,7 @@ async def test_annotations_go_on_the_rpc_line_and_never_override_it(harness: Har
     with pytest.raises(grpc.aio.AioRpcError):
         await _unary(harness, "Annotated")(b"fail")
     await _unary(harness, "Ok")(b"x")
-    first, failed, plain = harness.rpc_lines()
+    first, failed, plain = await harness.settled_rpc_lines(3)
     assert (first["method"], first["code"]) == (f"/{SERVICE}/Annotated", "OK")
     assert (first["resource"], first["outcome"]) == ("key/credentials", "ok")
     assert (failed["code"], failed["resource"], failed["level"]) == (
@@ -338,7 +341,7 @@ async def test_streaming_annotations_and_none_outside_an_rpc(harness: Harness) -
         b"\0",
         b"\1",
     ]
-    [line] = harness.rpc_lines()
+    [line] = await harness.settled_rpc_lines(1)
     assert line["items"] == 2
     assert annotate(resource="x") is False  # no RPC in progress here: the caller logs a line of its own
 
@@ -346,7 +349,7 @@ async def test_streaming_annotations_and_none_outside_an_rpc(harness: Harness) -
 async def test_generated_request_ids_are_distinct(harness: Harness) -> None:
     for _ in range(5):
         await _unary(harness, "Ok")(b"x")
-    ids = [line["request_id"] for line in harness.rpc_lines()]
+    ids = [line["request_id"] for line in await harness.settled_rpc_lines(5)]
     assert len(set(ids)) == 5 and all(len(i) == 32 for i in ids)
 
 
