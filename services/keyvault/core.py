@@ -72,7 +72,13 @@ from services.keyvault.keyring import (
     parse_token,
 )
 from services.keyvault.policy import DEFAULT_POLICY, Operation, Policy
-from services.keyvault.root import RootKey, RootUnwrapError, WrongPassphrase
+from services.keyvault.root import (
+    ROOT_CHECK_META,
+    RootKey,
+    WrongPassphrase,
+    matches_root_check,
+    root_check,
+)
 from services.keyvault.secrets import SecretVersionInfo
 from services.keyvault.store import SecretRecord, VaultStore
 from tradeguard.observability.annotations import annotate
@@ -91,9 +97,6 @@ DATA_KEY_LEN = 32
 MAX_PLAINTEXT_BYTES = 1024 * 1024
 MAX_BATCH = 1000
 MAX_PAGE_SIZE = 1000
-_ROOT_CHECK_META = "root_check"
-_ROOT_CHECK_AD = b"tradeguard/keyvault/root-check/v1"
-_ROOT_CHECK = b"the root key of this key ring"
 _ROTATE_ATTEMPTS = 8
 _SYSTEM = "keyvault"  # the caller name of the vault's own scheduled work (automatic rotation)
 MIN_ROTATE_PERIOD_US = 3600 * 1_000_000  # 1 hour
@@ -230,14 +233,8 @@ class KeyVault:
 
     async def _install_root(self, root: RootKey) -> None:
         """Check `root` against the key ring's root check (written by the first root) and use it."""
-        stored = await self._store.put_meta_if_absent(
-            _ROOT_CHECK_META, root.wrap(_ROOT_CHECK, _ROOT_CHECK_AD)
-        )
-        try:
-            matches = root.unwrap(stored, _ROOT_CHECK_AD) == _ROOT_CHECK
-        except RootUnwrapError:
-            matches = False
-        if not matches:
+        stored = await self._store.put_meta_if_absent(ROOT_CHECK_META, root_check(root))
+        if not matches_root_check(root, stored):
             root.close()
             raise FailedPrecondition(
                 "this root key is not the one that wrapped the key ring", reason="ROOT_KEY_MISMATCH"

@@ -22,12 +22,39 @@ from services.keyvault import primitives
 from services.keyvault.keyring import b64url_decode, b64url_encode
 from tradeguard.files import atomic_write
 
-__all__ = ["LocalSealedRoot", "Pkcs11Root", "RootKey", "RootUnwrapError", "WrongPassphrase"]
+__all__ = [
+    "ROOT_CHECK_META",
+    "LocalSealedRoot",
+    "Pkcs11Root",
+    "RootKey",
+    "RootUnwrapError",
+    "WrongPassphrase",
+    "matches_root_check",
+    "root_check",
+]
 
 _LOCAL_KIND = b"\x01"
 _PKCS11_KIND = b"\x02"
 _SEAL_AD = b"tradeguard/keyvault/sealed-root/v1"
 _WRAP_INFO = b"tradeguard/keyvault/keyring-wrap/v1"
+
+
+ROOT_CHECK_META = "root_check"  # the store's meta entry: a known value wrapped by the ring's root key
+_ROOT_CHECK_AD = b"tradeguard/keyvault/root-check/v1"
+_ROOT_CHECK = b"the root key of this key ring"
+
+
+def root_check(root: RootKey) -> bytes:
+    """What the store keeps to recognise `root` later (a known value wrapped under it)."""
+    return root.wrap(_ROOT_CHECK, _ROOT_CHECK_AD)
+
+
+def matches_root_check(root: RootKey, check: bytes) -> bool:
+    """Whether `root` is the root key that wrote `check`."""
+    try:
+        return root.unwrap(check, _ROOT_CHECK_AD) == _ROOT_CHECK
+    except RootUnwrapError:
+        return False
 
 
 class RootUnwrapError(Exception):
@@ -166,6 +193,7 @@ class Pkcs11Root:
         self._key = key
         self._random = random
         self._lock = threading.Lock()  # one PKCS#11 session: one operation at a time
+        self._closed = False
 
     @classmethod
     def open(
@@ -243,5 +271,8 @@ class Pkcs11Root:
             raise RootUnwrapError("wrapped material does not authenticate") from None
 
     def close(self) -> None:
+        """Close the session (once: closing again is a no-op)."""
         with self._lock:
-            self._session.close()
+            if not self._closed:
+                self._closed = True
+                self._session.close()

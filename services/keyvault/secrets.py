@@ -16,7 +16,7 @@ from services.keyvault.errors import InvalidArgument
 from services.keyvault.root import RootKey, RootUnwrapError
 from services.keyvault.store import SecretRecord
 
-__all__ = ["SecretVersionInfo", "check_owner", "check_path", "open_secret", "seal_secret"]
+__all__ = ["SecretVersionInfo", "check_owner", "check_path", "data_key_ad", "open_secret", "seal_secret"]
 
 OWNER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")
 PATH_RE = re.compile(r"[a-z0-9][a-z0-9._/-]{0,255}")
@@ -57,6 +57,11 @@ def _ad(owner: str, path: str, version: int) -> bytes:
     return f"tradeguard/keyvault/secret:{owner}:{path}:v{version}".encode()
 
 
+def data_key_ad(owner: str, path: str, version: int) -> bytes:
+    """What a version's data key is wrapped under the root key with: it binds the key to its secret version."""
+    return _ad(owner, path, version) + b":data-key"
+
+
 def seal_secret(
     root: RootKey, random: Callable[[int], bytes], *, owner: str, path: str, version: int, value: bytes
 ) -> tuple[bytes, bytes]:
@@ -64,14 +69,14 @@ def seal_secret(
     ad = _ad(owner, path, version)
     data_key, nonce = random(primitives.KEY_LEN), random(primitives.NONCE_LEN)
     sealed = nonce + primitives.Aead(data_key).seal(nonce, value, ad)
-    return root.wrap(data_key, ad + b":data-key"), sealed
+    return root.wrap(data_key, data_key_ad(owner, path, version)), sealed
 
 
 def open_secret(root: RootKey, record: SecretRecord) -> bytes:
     """The value of a (not destroyed) version; `RootUnwrapError` or `IntegrityError` if it was tampered with."""
     assert record.wrapped_data_key is not None and record.ciphertext is not None
     ad = _ad(record.owner, record.path, record.version)
-    data_key = root.unwrap(record.wrapped_data_key, ad + b":data-key")
+    data_key = root.unwrap(record.wrapped_data_key, data_key_ad(record.owner, record.path, record.version))
     nonce, sealed = record.ciphertext[: primitives.NONCE_LEN], record.ciphertext[primitives.NONCE_LEN :]
     try:
         return primitives.Aead(data_key).open(nonce, sealed, ad)

@@ -7,6 +7,7 @@ their own data keys, which are wrapped under the root key. Names, paths, version
 from __future__ import annotations
 
 import builtins
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -17,6 +18,9 @@ __all__ = [
     "SCHEMA_VERSION",
     "SECRET_COLUMNS",
     "VERSION_COLUMNS",
+    "RewrapDataKey",
+    "RewrapMaterial",
+    "RootChanged",
     "SecretRecord",
     "VaultStore",
     "config_from_row",
@@ -26,6 +30,15 @@ __all__ = [
 ]
 
 SCHEMA_VERSION = 1
+
+RewrapMaterial = Callable[[str, int, bytes], bytes]
+"""(key name, version, wrapped material) → the material wrapped under the new root."""
+RewrapDataKey = Callable[[str, str, int, bytes], bytes]
+"""(owner, path, version, wrapped data key) → the data key wrapped under the new root."""
+
+
+class RootChanged(Exception):
+    """The stored root check is not the one the caller expected: the ring moved under it; nothing written."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +115,20 @@ class VaultStore(Protocol):
 
     async def destroy_secret_version(self, owner: str, path: str, version: int, now_us: int) -> bool:
         """Erase the data key and value of a version; False if there is no such version."""
+        ...
+
+    async def rewrap_all(
+        self,
+        check_key: str,
+        expected_check: bytes,
+        new_check: bytes,
+        material: RewrapMaterial,
+        data_key: RewrapDataKey,
+    ) -> tuple[int, int]:
+        """In ONE transaction, while meta `check_key` is still `expected_check` (else `RootChanged`): every key
+        version's material and every live secret version's data key replaced by what the callbacks return, and
+        the check by `new_check`. All or nothing: a callback that raises rolls everything back. Returns
+        (versions, data keys) rewrapped. Old wrapped bytes are scrubbed from any log the store keeps."""
         ...
 
     async def close(self) -> None: ...

@@ -17,6 +17,9 @@ from services.keyvault.store import (
     SCHEMA_VERSION,
     SECRET_COLUMNS,
     VERSION_COLUMNS,
+    RewrapDataKey,
+    RewrapMaterial,
+    RootChanged,
     SecretRecord,
     config_from_row,
     config_to_row,
@@ -104,6 +107,14 @@ def _statements(schema: str) -> dict[str, sql.Composed]:
     q = {
         "get_meta": "SELECT value FROM {meta} WHERE key = %s",
         "put_meta": "INSERT INTO {meta} (key, value) VALUES (%s, %s) ON CONFLICT (key) DO NOTHING",
+        "lock_meta": "SELECT value FROM {meta} WHERE key = %s FOR UPDATE",
+        "set_meta": "UPDATE {meta} SET value = %s WHERE key = %s",
+        "all_versions": "SELECT name, version, wrapped FROM {versions} ORDER BY name, version FOR UPDATE",
+        "rewrap_version": "UPDATE {versions} SET wrapped = %s WHERE name = %s AND version = %s",
+        "live_data_keys": "SELECT owner, path, version, wrapped_data_key FROM {secrets} "
+        "WHERE wrapped_data_key IS NOT NULL ORDER BY owner, path, version FOR UPDATE",
+        "rewrap_data_key": "UPDATE {secrets} SET wrapped_data_key = %s WHERE owner = %s AND path = %s "
+        "AND version = %s",
         "create_key": "INSERT INTO {keys} ({key_cols}) VALUES ({key_params}) "
         "ON CONFLICT (name) DO NOTHING RETURNING name",
         "insert_version": "INSERT INTO {versions} (name, version, wrapped, public_key, create_us) "
@@ -283,6 +294,35 @@ class PostgresVaultStore:
         async with self._pool.connection() as conn:
             cur = await conn.execute(self._sql["secret_destroy"], (now_us, owner, path, version))
             return cur.rowcount == 1
+
+    async def rewrap_all(
+        self,
+        check_key: str,
+        expected_check: bytes,
+        new_check: bytes,
+        material: RewrapMaterial,
+        data_key: RewrapDataKey,
+    ) -> tuple[int, int]:
+        """See `VaultStore.rewrap_all`. PostgreSQL keeps the old row versions until VACUUM and its WAL until
+        recycled: where the old root must be treated as exposed, run VACUUM FULL on the schema afterwards."""
+        async with self._pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(self._sql["lock_meta"], (check_key,))
+            row = await cur.fetchone()
+            if row is None or bytes(row[0]) != expected_check:
+                raise RootChanged(check_key)
+            cur = await conn.execute(self._sql["all_versions"])
+            versions = await cur.fetchall()
+            for name, version, wrapped in versions:
+                await conn.execute(
+                    self._sql["rewrap_version"], (material(name, version, bytes(wrapped)), name, version)
+                )
+            cur = await conn.execute(self._sql["live_data_keys"])
+            secrets = await cur.fetchall()
+            for owner, path, version, wrapped in secrets:
+                rewrapped = data_key(owner, path, version, bytes(wrapped))
+                await conn.execute(self._sql["rewrap_data_key"], (rewrapped, owner, path, version))
+            await conn.execute(self._sql["set_meta"], (new_check, check_key))
+        return len(versions), len(secrets)
 
     async def close(self) -> None:
         await self._pool.close()

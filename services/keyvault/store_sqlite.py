@@ -23,6 +23,9 @@ from services.keyvault.store import (
     SCHEMA_VERSION,
     SECRET_COLUMNS,
     VERSION_COLUMNS,
+    RewrapDataKey,
+    RewrapMaterial,
+    RootChanged,
     SecretRecord,
     config_from_row,
     config_to_row,
@@ -305,6 +308,38 @@ class SqliteVaultStore:
                 (now_us, owner, path, version),
             )
             return cursor.rowcount == 1
+
+        return await self._write_and_scrub(work)
+
+    async def rewrap_all(
+        self,
+        check_key: str,
+        expected_check: bytes,
+        new_check: bytes,
+        material: RewrapMaterial,
+        data_key: RewrapDataKey,
+    ) -> tuple[int, int]:
+        def work(conn: sqlite3.Connection) -> tuple[int, int]:
+            row = conn.execute("SELECT value FROM vault_meta WHERE key = ?", (check_key,)).fetchone()
+            if row is None or bytes(row[0]) != expected_check:
+                raise RootChanged(check_key)
+            versions = conn.execute("SELECT name, version, wrapped FROM key_versions").fetchall()
+            for name, version, wrapped in versions:
+                conn.execute(
+                    "UPDATE key_versions SET wrapped = ? WHERE name = ? AND version = ?",
+                    (material(name, version, bytes(wrapped)), name, version),
+                )
+            secrets = conn.execute(
+                "SELECT owner, path, version, wrapped_data_key FROM secret_versions "
+                "WHERE wrapped_data_key IS NOT NULL"
+            ).fetchall()
+            for owner, path, version, wrapped in secrets:
+                conn.execute(
+                    "UPDATE secret_versions SET wrapped_data_key = ? WHERE owner = ? AND path = ? AND version = ?",
+                    (data_key(owner, path, version, bytes(wrapped)), owner, path, version),
+                )
+            conn.execute("UPDATE vault_meta SET value = ? WHERE key = ?", (new_check, check_key))
+            return len(versions), len(secrets)
 
         return await self._write_and_scrub(work)
 
