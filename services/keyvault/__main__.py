@@ -1,10 +1,10 @@
 import sys
 
-if sys.argv[1:2] == ["change-passphrase"]:
-    from services.keyvault.passphrase_cmd import main as change_passphrase
-
-    sys.exit(change_passphrase(sys.argv[2:]))
-
+from services.keyvault import migrate_cmd, passphrase_cmd
 from services.keyvault.server import main
 
+COMMANDS = {"change-passphrase": passphrase_cmd.main, "migrate-root": migrate_cmd.main}
+
+if sys.argv[1:2] and sys.argv[1] in COMMANDS:
+    sys.exit(COMMANDS[sys.argv[1]](sys.argv[2:]))
 main()

@@ -11,27 +11,15 @@ e.g. the one `tradeguard up` made for the embedded default.
 from __future__ import annotations
 
 import argparse
-import getpass
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
+from services.keyvault.prompt import MIN_PASSPHRASE_LEN, read_secret
 from services.keyvault.root import LocalSealedRoot, WrongPassphrase
 from services.keyvault.settings import local_root_path, scrypt_n
 from tradeguard.files import atomic_write
-
-MIN_PASSPHRASE_LEN = 12
-
-
-def _passphrases(read_line: Callable[[], str], interactive: bool) -> tuple[str, str]:
-    if interactive:
-        old = getpass.getpass("current passphrase: ")
-        new = getpass.getpass("new passphrase: ")
-        if getpass.getpass("new passphrase again: ") != new:
-            raise ValueError("the new passphrases differ")
-        return old, new
-    return read_line().rstrip("\n"), read_line().rstrip("\n")
 
 
 def main(argv: Sequence[str], env: dict[str, str] | None = None) -> int:
@@ -50,7 +38,8 @@ def main(argv: Sequence[str], env: dict[str, str] | None = None) -> int:
         print(f"change-passphrase: no sealed root key at {path}", file=sys.stderr)
         return 2
     try:
-        old, new = _passphrases(sys.stdin.readline, sys.stdin.isatty())
+        old = read_secret("current passphrase: ")
+        new = read_secret("new passphrase: ", confirm=True)
         if len(new) < MIN_PASSPHRASE_LEN:
             raise ValueError(f"the new passphrase must have at least {MIN_PASSPHRASE_LEN} characters")
         if new == old:
