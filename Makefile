@@ -43,8 +43,9 @@ proto-check: proto
 
 ## v1 APIs never break: the protos are checked (buf breaking, FILE rules) against every committed version.
 proto-breaking: $(STAMP)
-	@for rev in $$(git log --format=%h -- protos); do \
-	  $(BIN)/buf breaking --against ".git#ref=$$rev,subdir=protos" || { echo "breaking change against $$rev"; exit 1; }; \
+	@depth=$$(git rev-list --count HEAD); for rev in $$(git log --format=%H -- protos); do \
+	  $(BIN)/buf breaking --against ".git#ref=$$rev,depth=$$depth,subdir=protos" \
+	    || { echo "breaking change against $$rev"; exit 1; }; \
 	done; echo "protos compatible with every committed version"
 
 lint: $(STAMP)
