@@ -85,6 +85,8 @@ def main(argv: Sequence[str]) -> int:
         server = settings.server
         if _serving(server.host, server.port):
             raise ValueError(f"the vault answers on {server.host}:{server.port}: stop every replica first")
+        if settings.root_mode == "local" and not settings.root_path.exists():  # the unsealer would create one
+            raise ValueError(f"no sealed root key at {settings.root_path}: nothing to migrate")
         current = settings.startup.take() or read_secret("current passphrase or PIN: ")
         old = unsealer(settings)(current)
         del current

@@ -74,8 +74,15 @@ async def test_moves_to_a_new_local_root(
 async def test_refusals_change_nothing(
     home: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    ciphertext = await _fill(home)
     new_path = home / "data" / "keyvault-2.root"
+    # no ring yet: refused, and no root created as a side effect
+    assert (
+        await _run(monkeypatch, f"{OLD}\na new passphrase\n", "--to", "local", "--new-root", str(new_path))
+        == 2
+    )
+    assert "nothing to migrate" in capsys.readouterr().err
+    assert list((home / "data").iterdir()) == []
+    ciphertext = await _fill(home)
     # a wrong current passphrase: nothing created
     assert (
         await _run(monkeypatch, "not it\na new passphrase\n", "--to", "local", "--new-root", str(new_path))
