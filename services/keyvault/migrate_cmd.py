@@ -22,7 +22,7 @@ from pathlib import Path
 from services.keyvault.migration import NotThisRing, migrate_root
 from services.keyvault.prompt import MIN_PASSPHRASE_LEN, read_secret
 from services.keyvault.root import LocalSealedRoot, Pkcs11Root, RootKey, WrongPassphrase
-from services.keyvault.server import open_store, unsealer
+from services.keyvault.server import open_store
 from services.keyvault.settings import DEFAULT_KEY_LABEL, DEFAULT_PKCS11_MODULE, Settings
 from services.keyvault.store import RootChanged
 
@@ -61,6 +61,17 @@ def _new_root(args: argparse.Namespace, settings: Settings) -> tuple[RootKey, st
     )
 
 
+def _current_root(settings: Settings, secret: str) -> RootKey:
+    """The vault's root key, opened without creating one (the vault's own unsealer would)."""
+    if settings.root_mode == "pkcs11":
+        return Pkcs11Root.open(
+            settings.pkcs11_module, settings.pkcs11_token, secret, settings.pkcs11_key_label, create=False
+        )
+    if not settings.root_path.exists():
+        raise ValueError(f"no sealed root key at {settings.root_path}: nothing to migrate")
+    return LocalSealedRoot.unseal(settings.root_path, secret)
+
+
 async def _migrate(settings: Settings, old: RootKey, new: RootKey) -> str:
     store = await open_store(settings.database_url)
     try:
@@ -85,10 +96,8 @@ def main(argv: Sequence[str]) -> int:
         server = settings.server
         if _serving(server.host, server.port):
             raise ValueError(f"the vault answers on {server.host}:{server.port}: stop every replica first")
-        if settings.root_mode == "local" and not settings.root_path.exists():  # the unsealer would create one
-            raise ValueError(f"no sealed root key at {settings.root_path}: nothing to migrate")
         current = settings.startup.take() or read_secret("current passphrase or PIN: ")
-        old = unsealer(settings)(current)
+        old = _current_root(settings, current)
         del current
     except WrongPassphrase:
         print(f"{PROG}: the current passphrase or PIN does not open the root key", file=sys.stderr)

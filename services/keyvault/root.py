@@ -203,8 +203,11 @@ class Pkcs11Root:
         pin: str,
         key_label: str,
         random: Callable[[int], bytes] = os.urandom,
+        *,
+        create: bool = True,
     ) -> Pkcs11Root:
-        """Log in to the token and find the key by label, generating it (in the token) if absent."""
+        """Log in to the token and find the key by label, generating it (in the token) if absent and `create`;
+        without `create`, a missing key is a ValueError."""
         import pkcs11
         from pkcs11 import Attribute, KeyType, ObjectClass
         from pkcs11.exceptions import NoSuchKey, PinIncorrect, PinLenRange
@@ -221,6 +224,8 @@ class Pkcs11Root:
                     label=key_label, key_type=KeyType.AES, object_class=ObjectClass.SECRET_KEY
                 )
             except NoSuchKey:
+                if not create:
+                    raise ValueError(f"token {token_label!r} holds no key {key_label!r}") from None
                 key = session.generate_key(
                     KeyType.AES,
                     256,

@@ -149,3 +149,13 @@ async def test_another_root_key_is_refused(softhsm, tmp_path):
             await vault.start()
     finally:
         await store.close()
+
+
+def test_pkcs11_open_without_create_never_makes_a_key(softhsm):
+    """What migrate-root uses to open the vault's current HSM root: a missing key is an error, not a new key."""
+    with pytest.raises(ValueError, match="holds no key 'absent'"):
+        Pkcs11Root.open(softhsm["module"], softhsm["token"], softhsm["pin"], "absent", create=False)
+    root = Pkcs11Root.open(softhsm["module"], softhsm["token"], softhsm["pin"], "absent")  # now created
+    root.close()
+    again = Pkcs11Root.open(softhsm["module"], softhsm["token"], softhsm["pin"], "absent", create=False)
+    again.close()
