@@ -75,12 +75,13 @@ from services.keyvault.policy import DEFAULT_POLICY, Operation, Policy
 from services.keyvault.root import (
     ROOT_CHECK_META,
     RootKey,
+    RootUnwrapError,
     WrongPassphrase,
     matches_root_check,
     root_check,
 )
 from services.keyvault.secrets import SecretVersionInfo
-from services.keyvault.store import SecretRecord, VaultStore
+from services.keyvault.store import RootChanged, SecretRecord, VaultStore
 from tradeguard.observability.annotations import annotate
 from tradeguard.observability.logging import get_logger
 
@@ -239,9 +240,32 @@ class KeyVault:
             raise FailedPrecondition(
                 "this root key is not the one that wrapped the key ring", reason="ROOT_KEY_MISMATCH"
             )
+        self._store.fence(ROOT_CHECK_META, stored)  # no new material under this root once the ring moves
         self._forget_all()
         self._root = root
         self._root_kind = root.kind
+
+    async def _fenced(self, write: Awaitable[T]) -> T:
+        """A write of wrapped material. If the ring moved to another root (another replica or operator ran a
+        migration), this vault's root is stale: it seals itself (fail closed) and the write is refused."""
+        try:
+            return await write
+        except RootChanged:
+            raise self._root_moved() from None
+
+    async def _refuse_if_ring_moved(self) -> None:
+        """After stored material failed to unwrap: if the ring now belongs to another root, seal and refuse."""
+        root = self._root
+        check = await self._store.get_meta(ROOT_CHECK_META)
+        if root is not None and check is not None and not matches_root_check(root, check):
+            raise self._root_moved()
+
+    def _root_moved(self) -> FailedPrecondition:
+        self.seal()
+        return FailedPrecondition(
+            "the key ring has moved to another root key; this vault sealed itself: restart it with the new root",
+            reason="ROOT_KEY_MOVED",
+        )
 
     def seal(self) -> None:
         """Forget the root key and every unwrapped key (operators' emergency stop, and tests)."""
@@ -390,7 +414,12 @@ class KeyVault:
         if stored is None:
             self._forget(name)
             raise key_not_found(name)
-        return self._remember(self._unwrap_versions(stored, self._keys.get(name)), started)
+        try:
+            loaded = self._unwrap_versions(stored, self._keys.get(name))
+        except RootUnwrapError:
+            await self._refuse_if_ring_moved()
+            raise  # the ring did not move: this stored material was altered
+        return self._remember(loaded, started)
 
     async def _use(self, name: str, operation: Callable[[LoadedKey], T]) -> T:
         return operation(await self._key(name))
@@ -448,7 +477,7 @@ class KeyVault:
         first = VersionRecord(1, root.wrap(material, material_ad(name, 1)), public_key, now)
         config = KeyConfig(name, key_type, 1, auto_rotate_period_us, deletion_allowed, now, now)
         async with self._lock(name):
-            if not await self._store.create_key(config, first):
+            if not await self._fenced(self._store.create_key(config, first)):
                 raise key_exists(name)
             stored = StoredKey(config, (first,))
             self._remember(LoadedKey(stored, {1: material}), now)
@@ -523,7 +552,9 @@ class KeyVault:
                 record = VersionRecord(
                     version, root.wrap(material, material_ad(name, version)), public_key, now
                 )
-                update_us = await self._store.add_version(name, record, now, stored.config.update_us)
+                update_us = await self._fenced(
+                    self._store.add_version(name, record, now, stored.config.update_us)
+                )
                 if update_us is not None:
                     rotated = StoredKey(
                         replace(stored.config, update_us=update_us), (*stored.versions, record)
@@ -884,7 +915,7 @@ class KeyVault:
                 root, self._random, owner=owner, path=path, version=version, value=value
             )
             record = SecretRecord(owner, path, version, wrapped, sealed, self._clock())
-            if await self._store.insert_secret_version(record):
+            if await self._fenced(self._store.insert_secret_version(record)):
                 return SecretVersionInfo.of(record)
         raise FailedPrecondition("the secret is being written concurrently; retry", reason="SECRET_CONFLICT")
 
@@ -908,7 +939,11 @@ class KeyVault:
             raise secret_not_found(owner, path)
         if record.destroyed:
             raise secret_version_destroyed(owner, path, record.version)
-        return secret_box.open_secret(root, record), SecretVersionInfo.of(record)
+        try:
+            return secret_box.open_secret(root, record), SecretVersionInfo.of(record)
+        except RootUnwrapError:
+            await self._refuse_if_ring_moved()
+            raise
 
     async def list_secret_versions(
         self, caller: str | None, owner: str, path: str

@@ -5,9 +5,10 @@
 
 The current root is the vault's, from the same environment the vault runs with (TRADEGUARD_VAULT_ROOT, …, and
 its passphrase or PIN file, else asked for). Then the new root's passphrase (typed twice) or PIN is asked for; on
-stdin, one line each. Every replica of the vault must be stopped: one still running would go on wrapping new
-keys under the old root. The command refuses while the vault's port answers. Afterwards, point the vault at the
-new root (it prints the settings) and destroy the old one.
+stdin, one line each. Stop every replica of the vault first: the command refuses while the vault's own port
+answers, and a replica elsewhere that was left running refuses its next write or key load (ROOT_KEY_MOVED) and
+seals itself, as the store fences every write of wrapped material on the root it was unsealed with. Afterwards,
+point the vault at the new root (it prints the settings) and destroy the old one.
 """
 
 from __future__ import annotations

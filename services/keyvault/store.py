@@ -117,6 +117,13 @@ class VaultStore(Protocol):
         """Erase the data key and value of a version; False if there is no such version."""
         ...
 
+    def fence(self, check_key: str, expected: bytes) -> None:
+        """From now on, every write of wrapped material (`create_key`, `add_version`, `insert_secret_version`)
+        first checks, in its own transaction, that meta `check_key` is still `expected`, else raises
+        `RootChanged` and writes nothing: a vault still holding a root the ring has moved away from can never
+        wrap new material under it (which the new root could not open)."""
+        ...
+
     async def rewrap_all(
         self,
         check_key: str,

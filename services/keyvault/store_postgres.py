@@ -108,6 +108,7 @@ def _statements(schema: str) -> dict[str, sql.Composed]:
         "get_meta": "SELECT value FROM {meta} WHERE key = %s",
         "put_meta": "INSERT INTO {meta} (key, value) VALUES (%s, %s) ON CONFLICT (key) DO NOTHING",
         "lock_meta": "SELECT value FROM {meta} WHERE key = %s FOR UPDATE",
+        "share_meta": "SELECT value FROM {meta} WHERE key = %s FOR SHARE",
         "set_meta": "UPDATE {meta} SET value = %s WHERE key = %s",
         "all_versions": "SELECT name, version, wrapped FROM {versions} ORDER BY name, version FOR UPDATE",
         "rewrap_version": "UPDATE {versions} SET wrapped = %s WHERE name = %s AND version = %s",
@@ -154,6 +155,21 @@ class PostgresVaultStore:
         self._pool = pool
         self.schema = schema
         self._sql = _statements(schema)
+        self._fence: tuple[str, bytes] | None = None
+
+    def fence(self, check_key: str, expected: bytes) -> None:
+        self._fence = (check_key, expected)
+
+    async def _check_fence(self, conn: AsyncConnection[tuple[Any, ...]]) -> None:
+        """Inside the write's transaction. FOR SHARE: a migration (FOR UPDATE on the same row) waits for this
+        write to commit, and re-wraps what it wrote; a write after a migration sees the new check and stops."""
+        if self._fence is None:
+            return
+        key, expected = self._fence
+        cur = await conn.execute(self._sql["share_meta"], (key,))
+        row = await cur.fetchone()
+        if row is None or bytes(row[0]) != expected:
+            raise RootChanged(key)
 
     @classmethod
     async def open(
@@ -184,6 +200,7 @@ class PostgresVaultStore:
 
     async def create_key(self, config: KeyConfig, first: VersionRecord) -> bool:
         async with self._pool.connection() as conn, conn.transaction():
+            await self._check_fence(conn)
             cur = await conn.execute(self._sql["create_key"], config_to_row(config))
             if await cur.fetchone() is None:
                 return False
@@ -214,6 +231,7 @@ class PostgresVaultStore:
         self, name: str, record: VersionRecord, update_us: int, expected_update_us: int
     ) -> int | None:
         async with self._pool.connection() as conn, conn.transaction():
+            await self._check_fence(conn)
             cur = await conn.execute(self._sql["lock_key"], (name,))  # row lock: rotations queue here
             locked = await cur.fetchone()
             if locked is None or locked[0] != expected_update_us:
@@ -261,7 +279,8 @@ class PostgresVaultStore:
         return int(row[0])
 
     async def insert_secret_version(self, record: SecretRecord) -> bool:
-        async with self._pool.connection() as conn:
+        async with self._pool.connection() as conn, conn.transaction():
+            await self._check_fence(conn)
             cur = await conn.execute(
                 self._sql["insert_secret"],
                 (

@@ -122,6 +122,19 @@ class SqliteVaultStore:
         self._conn: sqlite3.Connection | None = conn
         self._executor = executor
         self.path = path
+        self._fence: tuple[str, bytes] | None = None
+
+    def fence(self, check_key: str, expected: bytes) -> None:
+        self._fence = (check_key, expected)
+
+    def _check_fence(self, conn: sqlite3.Connection) -> None:
+        """Inside a write transaction (BEGIN IMMEDIATE: no other writer can move the ring meanwhile)."""
+        if self._fence is None:
+            return
+        key, expected = self._fence
+        row = conn.execute("SELECT value FROM vault_meta WHERE key = ?", (key,)).fetchone()
+        if row is None or bytes(row[0]) != expected:
+            raise RootChanged(key)
 
     @classmethod
     async def open(cls, path: Path) -> SqliteVaultStore:
@@ -171,6 +184,7 @@ class SqliteVaultStore:
 
     async def create_key(self, config: KeyConfig, first: VersionRecord) -> bool:
         def work(conn: sqlite3.Connection) -> bool:
+            self._check_fence(conn)
             placeholders = ", ".join("?" for _ in KEY_COLUMNS)
             inserted = conn.execute(
                 f"INSERT INTO keys ({_KEY_COLS}) VALUES ({placeholders}) "  # noqa: S608
@@ -209,6 +223,7 @@ class SqliteVaultStore:
         self, name: str, record: VersionRecord, update_us: int, expected_update_us: int
     ) -> int | None:
         def work(conn: sqlite3.Connection) -> int | None:
+            self._check_fence(conn)
             # BEGIN IMMEDIATE holds the write lock: check first, write only when the version is the next one.
             latest = conn.execute("SELECT max(version) FROM key_versions WHERE name = ?", (name,)).fetchone()
             if latest is None or latest[0] is None or latest[0] != record.version - 1:
@@ -265,6 +280,7 @@ class SqliteVaultStore:
 
     async def insert_secret_version(self, record: SecretRecord) -> bool:
         def work(conn: sqlite3.Connection) -> bool:
+            self._check_fence(conn)
             placeholders = ", ".join("?" for _ in SECRET_COLUMNS)
             rows = conn.execute(
                 f"INSERT INTO secret_versions ({_SECRET_COLS}) VALUES ({placeholders}) "  # noqa: S608

@@ -3,6 +3,7 @@ and a SoftHSM2 token of the test's own (in tmp_path, never the system token dire
 
 from __future__ import annotations
 
+import inspect
 import os
 import secrets
 import shutil
@@ -181,7 +182,7 @@ class HookedStore:
 
     def __getattr__(self, name: str) -> object:
         real = getattr(self._store, name)
-        if not callable(real):
+        if not inspect.iscoroutinefunction(real):  # attributes and plain methods (fence) pass through
             return real
 
         async def call(*args: object, **kwargs: object) -> object:

@@ -161,3 +161,43 @@ async def test_the_ring_moves_into_an_hsm(softhsm: dict[str, str], tmp_path: Pat
             hsm.close()  # a second close is a no-op
     finally:
         await backend.aclose()
+
+
+@pytest.mark.parametrize("write", ["create_key", "rotate_key", "put_secret", "decrypt", "get_secret"])
+async def test_a_vault_left_on_the_old_root_writes_nothing_and_seals_itself(
+    backend: Backend, tmp_path: Path, write: str
+) -> None:
+    """A replica nobody stopped: its next write of wrapped material, or its next load of a key or data key,
+    finds the ring moved; it refuses with ROOT_KEY_MOVED and seals itself, never an opaque internal error."""
+    old = _local(tmp_path / "old.root", "old passphrase!")
+    ring = await _fill(backend, old)
+    stale = await _vault(backend, LocalSealedRoot.unseal(tmp_path / "old.root", "old passphrase!"))
+    new = _local(tmp_path / "new.root", "new passphrase!")
+    await migrate_root(await backend.open(), old, new)
+    before = await _snapshot_after_move(backend)
+
+    attempts = {
+        "create_key": lambda: stale.create_key("ops", "credentials-2", AES),
+        "rotate_key": lambda: stale.rotate_key("ops", "credentials"),
+        "put_secret": lambda: stale.put_secret("auth", "alice", "auth/totp", b"third seed"),
+        "decrypt": lambda: stale.decrypt("auth", "credentials", str(ring["old_ct"]), b"ad"),
+        "get_secret": lambda: stale.get_secret("auth", "alice", "auth/totp"),
+    }
+    with pytest.raises(FailedPrecondition) as refused:
+        await attempts[write]()
+    assert refused.value.reason == "ROOT_KEY_MOVED"
+    assert stale.sealed  # fails closed: nothing more under the stale root
+    await stale.close()
+    assert await _snapshot_after_move(backend) == before  # nothing written
+    vault = await _vault(backend, new)
+    await _everything_opens(vault, ring)
+    await vault.close()
+
+
+async def _snapshot_after_move(backend: Backend) -> tuple[object, ...]:
+    store = await backend.open()
+    keys = [await store.get_key(name) for name in ("credentials", "credentials-2")]
+    return (
+        [[v.version for v in key.versions] if key else None for key in keys],
+        [s.version for s in await store.list_secret_versions("alice", "auth/totp")],
+    )
