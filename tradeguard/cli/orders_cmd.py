@@ -4,15 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import sys
 from typing import Any
 
-import grpc
 from google.protobuf import json_format
 
-from tradeguard.mesh import pki, tls
-from tradeguard.mesh.channel import MeshChannel
+from tradeguard.cli.mesh_call import call_service
 from tradeguard.trading.v1 import trading_pb2, trading_pb2_grpc
 
 SIDES = {"buy": trading_pb2.SIDE_BUY, "sell": trading_pb2.SIDE_SELL}
@@ -75,13 +71,10 @@ async def _call(stub: trading_pb2_grpc.TradingServiceAsyncStub, args: argparse.N
 
 
 async def _run(args: argparse.Namespace) -> int:
-    target = args.target or f"127.0.0.1:{os.environ.get('TRADEGUARD_TRADING_PORT', '50055')}"
-    workload = tls.Workload.of(pki.PkiPaths(args.home), args.identity)
-    async with MeshChannel(target, "trading", workload) as channel:
-        try:
-            reply = await _call(trading_pb2_grpc.TradingServiceStub(channel), args)
-        except grpc.aio.AioRpcError as error:
-            print(f"{error.code().name}: {error.details()}", file=sys.stderr)
-            return 1
+    reply = await call_service(
+        args, "trading", 50055, lambda channel: _call(trading_pb2_grpc.TradingServiceStub(channel), args)
+    )
+    if reply is None:
+        return 1
     print(json_format.MessageToJson(reply, preserving_proto_field_name=True))
     return 0

@@ -10,17 +10,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import getpass
-import os
 import sys
 from typing import Any
 
-import grpc
 from google.protobuf import duration_pb2, json_format
 
+from tradeguard.cli.mesh_call import call_service
 from tradeguard.keyvault.v1 import keyvault_pb2 as pb
 from tradeguard.keyvault.v1 import keyvault_pb2_grpc
-from tradeguard.mesh import pki, tls
-from tradeguard.mesh.channel import MeshChannel
 
 KEY_TYPES = {
     "aes256-gcm": pb.KEY_TYPE_AES256_GCM,
@@ -91,14 +88,11 @@ async def _call(stub: keyvault_pb2_grpc.KeyVaultServiceAsyncStub, args: argparse
 
 
 async def _run(args: argparse.Namespace) -> int:
-    target = args.target or f"127.0.0.1:{os.environ.get('TRADEGUARD_KEYVAULT_PORT', '50054')}"
-    workload = tls.Workload.of(pki.PkiPaths(args.home), args.identity)
-    async with MeshChannel(target, "keyvault", workload) as channel:
-        try:
-            reply = await _call(keyvault_pb2_grpc.KeyVaultServiceStub(channel), args)
-        except grpc.aio.AioRpcError as error:
-            print(f"{error.code().name}: {error.details()}", file=sys.stderr)
-            return 1
+    reply = await call_service(
+        args, "keyvault", 50054, lambda channel: _call(keyvault_pb2_grpc.KeyVaultServiceStub(channel), args)
+    )
+    if reply is None:
+        return 1
     if isinstance(reply, pb.EncryptResponse):
         print(reply.ciphertext)
     elif isinstance(reply, pb.DecryptResponse):
