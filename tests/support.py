@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import os
+import secrets
 import socket
+import sqlite3
 import subprocess
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 import psycopg
 import pytest
@@ -82,3 +87,60 @@ def require_pg() -> None:
 def drop_pg_schema(schema: str) -> None:
     with psycopg.connect(PG_DSN, autocommit=True) as pg:
         pg.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+class _Closable(Protocol):
+    async def close(self) -> None: ...
+
+
+S = TypeVar("S", bound=_Closable)
+B = TypeVar("B", bound="Database")
+
+
+class Database:
+    """One test's database: a SQLite file in tmp_path or a fresh PostgreSQL schema. A service's fixture subclasses
+    it with an `open()` of its store (which may be called again, a restart, and sees the same data)."""
+
+    def __init__(self, kind: str, tmp_path: Path, sqlite_name: str, schema_prefix: str) -> None:
+        self.kind = kind
+        self.tmp_path = tmp_path
+        self.path = tmp_path / sqlite_name
+        self.schema = f"{schema_prefix}_{secrets.token_hex(6)}"
+        self._open: list[_Closable] = []
+
+    def opened(self, store: S) -> S:
+        """Register a store this database opened, so that `aclose` closes it."""
+        self._open.append(store)
+        return store
+
+    def execute(self, statement: str, params: tuple[object, ...] = ()) -> list[tuple[Any, ...]]:
+        """Raw SQL outside the store: `{schema}.` names the test schema (PostgreSQL) and `%s` the parameters."""
+        if self.kind == "sqlite":
+            conn = sqlite3.connect(self.path, isolation_level=None)
+            try:
+                return conn.execute(statement.replace("{schema}.", "").replace("%s", "?"), params).fetchall()
+            finally:
+                conn.close()
+        with psycopg.connect(PG_DSN, autocommit=True) as pg:
+            query = sql.SQL(statement).format(schema=sql.Identifier(self.schema))  # type: ignore[arg-type]
+            cur = pg.execute(query, params or None)
+            return cur.fetchall() if cur.description else []
+
+    async def aclose(self) -> None:
+        for store in self._open:
+            await store.close()
+        if self.kind == "postgres":
+            drop_pg_schema(self.schema)
+
+
+@contextlib.asynccontextmanager
+async def open_database(make: Callable[[str, Path], B], kind: str, tmp_path: Path) -> AsyncIterator[B]:
+    """The body of a `backend` fixture parametrised over sqlite and postgres: PostgreSQL checked first (skip or
+    fail, see `require_pg`), every store closed and the schema dropped after the test."""
+    if kind == "postgres":
+        require_pg()
+    database = make(kind, tmp_path)
+    try:
+        yield database
+    finally:
+        await database.aclose()

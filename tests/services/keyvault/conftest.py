@@ -22,7 +22,7 @@ from services.keyvault.root import LocalSealedRoot, RootKey
 from services.keyvault.store import VaultStore
 from services.keyvault.store_postgres import PostgresVaultStore
 from services.keyvault.store_sqlite import SqliteVaultStore
-from tests.support import PG_DSN, drop_pg_schema, require_pg
+from tests.support import PG_DSN, Database, open_database
 
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 PASSPHRASE = "correct horse battery staple"
@@ -52,24 +52,16 @@ class RecordingRandom:
         return value
 
 
-class Backend:
-    """One database for one test; `open()` may be called again (a restart) and sees the same data."""
+class Backend(Database):
+    """The key vault test's database; `open()` may be called again (a restart) and sees the same data."""
 
     def __init__(self, kind: str, tmp_path: Path) -> None:
-        self.kind = kind
-        self.tmp_path = tmp_path
-        self.path = tmp_path / "keyvault.db"
-        self.schema = f"tg_kv_test_{secrets.token_hex(6)}"
-        self._open: list[VaultStore] = []
+        super().__init__(kind, tmp_path, "keyvault.db", "tg_kv_test")
 
     async def open(self) -> VaultStore:
-        store: VaultStore
         if self.kind == "sqlite":
-            store = await SqliteVaultStore.open(self.path)
-        else:
-            store = await PostgresVaultStore.open(PG_DSN, schema=self.schema, min_size=1, max_size=4)
-        self._open.append(store)
-        return store
+            return self.opened(await SqliteVaultStore.open(self.path))
+        return self.opened(await PostgresVaultStore.open(PG_DSN, schema=self.schema, min_size=1, max_size=4))
 
     def raw_bytes(self) -> bytes:
         """Every byte the database holds: the SQLite file with its WAL and shared memory, or a PostgreSQL dump
@@ -87,35 +79,11 @@ class Backend:
                         )
         return b"\x00".join(out)
 
-    def execute(self, statement: str, params: tuple[object, ...] = ()) -> None:
-        if self.kind == "sqlite":
-            import sqlite3
-
-            conn = sqlite3.connect(self.path, isolation_level=None)
-            try:
-                conn.execute(statement.replace("{schema}.", "").replace("%s", "?"), params)
-            finally:
-                conn.close()
-            return
-        with psycopg.connect(PG_DSN, autocommit=True) as pg:
-            pg.execute(sql.SQL(statement).format(schema=sql.Identifier(self.schema)), params)  # type: ignore[arg-type]
-
-    async def aclose(self) -> None:
-        for store in self._open:
-            await store.close()
-        if self.kind == "postgres":
-            drop_pg_schema(self.schema)
-
 
 @pytest.fixture(params=["sqlite", "postgres"])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    if request.param == "postgres":
-        require_pg()
-    b = Backend(request.param, tmp_path)
-    try:
-        yield b
-    finally:
-        await b.aclose()
+    async with open_database(Backend, request.param, tmp_path) as database:
+        yield database
 
 
 @pytest.fixture

@@ -6,75 +6,42 @@ server is unreachable the PostgreSQL cases are skipped, when it is set they fail
 
 from __future__ import annotations
 
-import secrets
-import sqlite3
 from collections.abc import AsyncIterator, Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
-from psycopg import sql
 
 from services.trading.core import NewOrder, Order, OrderStatus, OrderType, Side, TimeInForce
 from services.trading.store import OrderStore
 from services.trading.store_postgres import PostgresOrderStore
 from services.trading.store_sqlite import SqliteOrderStore
-from tests.support import PG_DSN, drop_pg_schema, require_pg
+from tests.support import PG_DSN, Database, open_database
 
 
-class Backend:
-    """One database for one test; `open()` may be called again (a restart) and sees the same data."""
+class Backend(Database):
+    """The trading test's database; `open()` may be called again (a restart) and sees the same data."""
 
     def __init__(self, kind: str, tmp_path: Path) -> None:
-        self.kind = kind
-        self.path = tmp_path / "orders.sqlite3"
-        self.schema = f"tg_test_{secrets.token_hex(6)}"
-        self._open: list[OrderStore] = []
+        super().__init__(kind, tmp_path, "orders.sqlite3", "tg_test")
 
     async def open(self, **options: Any) -> OrderStore:
         """A store on this test's database; `options` go to the backend's `open` (e.g. max_batch=1)."""
-        store: OrderStore
         if self.kind == "sqlite":
-            store = await SqliteOrderStore.open(self.path, **options)
-        else:
-            store = await PostgresOrderStore.open(
-                PG_DSN, schema=self.schema, min_size=1, max_size=10, **options
-            )
-        self._open.append(store)
-        return store
-
-    def execute(self, statement: str) -> list[tuple[Any, ...]]:
-        """Run raw SQL outside the store (`{schema}` is replaced by the test schema for PostgreSQL)."""
-        if self.kind == "sqlite":
-            with sqlite3.connect(self.path, isolation_level=None) as conn:
-                rows = conn.execute(statement.replace("{schema}.", "")).fetchall()
-            conn.close()
-            return rows
-        with psycopg.connect(PG_DSN, autocommit=True) as pg:
-            cur = pg.execute(sql.SQL(statement).format(schema=sql.Identifier(self.schema)))  # type: ignore[arg-type]
-            return cur.fetchall() if cur.description else []
+            return self.opened(await SqliteOrderStore.open(self.path, **options))
+        return self.opened(
+            await PostgresOrderStore.open(PG_DSN, schema=self.schema, min_size=1, max_size=10, **options)
+        )
 
     def count(self, table: str) -> int:
         return int(self.execute(f"SELECT count(*) FROM {{schema}}.{table}")[0][0])
 
-    async def aclose(self) -> None:
-        for store in self._open:
-            await store.close()
-        if self.kind == "postgres":
-            drop_pg_schema(self.schema)
-
 
 @pytest.fixture(params=["sqlite", "postgres"])
 async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Backend]:
-    if request.param == "postgres":
-        require_pg()
-    b = Backend(request.param, tmp_path)
-    try:
-        yield b
-    finally:
-        await b.aclose()
+    async with open_database(Backend, request.param, tmp_path) as database:
+        yield database
 
 
 @pytest.fixture
