@@ -12,6 +12,7 @@ from services.keyvault.keyring import KeyType
 from services.keyvault.migration import Migrated, NotThisRing, migrate_root
 from services.keyvault.root import ROOT_CHECK_META, LocalSealedRoot, Pkcs11Root, RootKey
 from services.keyvault.store import RootChanged
+from tests.support import open_database
 
 from .conftest import SCRYPT_N, Backend, FakeClock, HookedStore
 
@@ -123,8 +124,10 @@ async def test_a_wrong_old_root_is_refused(backend: Backend, tmp_path: Path) -> 
     stranger = _local(tmp_path / "stranger.root", "old passphrase!")  # same passphrase, another key
     with pytest.raises(NotThisRing):
         await migrate_root(await backend.open(), stranger, _local(tmp_path / "new.root", "x" * 12))
-    with pytest.raises(NotThisRing):  # an empty store has no ring to move
-        await migrate_root(await Backend(backend.kind, tmp_path / "empty").open(), old, stranger)
+    (tmp_path / "empty").mkdir()
+    async with open_database(Backend, backend.kind, tmp_path / "empty") as empty:
+        with pytest.raises(NotThisRing):  # an empty store has no ring to move
+            await migrate_root(await empty.open(), old, stranger)
 
 
 async def test_a_ring_that_moved_meanwhile_is_not_overwritten(backend: Backend, tmp_path: Path) -> None:
