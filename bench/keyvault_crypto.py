@@ -28,7 +28,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.loadgen import Result, closed_loop, free_port, median_ratio
+from bench.loadgen import Result, closed_loop, free_port, load_arguments, median_ratio
 from tradeguard.keyvault.v1 import keyvault_pb2 as pb
 from tradeguard.keyvault.v1 import keyvault_pb2_grpc
 from tradeguard.mesh import pki, tls
@@ -139,12 +139,7 @@ def serve() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--duration", type=float, default=5.0)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = load_arguments(__doc__)
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import socket
@@ -115,3 +116,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def load_arguments(description: str | None, *, rounds: int = 3) -> argparse.ArgumentParser:
+    """A benchmark's command line with the load options every benchmark takes (callers, seconds, rounds)."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--concurrency", type=int, default=32, help="concurrent callers (default 32)")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds measured per round (default 5)")
+    parser.add_argument("--rounds", type=int, default=rounds, help=f"rounds (default {rounds})")
+    return parser

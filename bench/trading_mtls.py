@@ -11,7 +11,6 @@ Aim (issue 2): mTLS costs under 5 % of throughput once connections are up.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import subprocess
@@ -22,7 +21,7 @@ from pathlib import Path
 import grpc
 
 import tradeguard  # noqa: F401
-from bench.loadgen import Result, closed_loop, free_port, median_cpu_ratio, median_ratio
+from bench.loadgen import Result, closed_loop, free_port, load_arguments, median_cpu_ratio, median_ratio
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.channel import MeshChannel
 from tradeguard.trading.v1 import trading_pb2, trading_pb2_grpc
@@ -131,10 +130,7 @@ async def run(concurrency: int, duration: float, rounds: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--duration", type=float, default=5.0)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser = load_arguments(__doc__, rounds=5)
     args = parser.parse_args()
     asyncio.run(run(args.concurrency, args.duration, args.rounds))
 

@@ -9,7 +9,6 @@ in two throw-away schemas) and live in this process; rounds alternate between th
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import secrets
 import tempfile
@@ -17,7 +16,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import tradeguard  # noqa: F401
-from bench.loadgen import Call, Result, closed_loop, median_ratio
+from bench.loadgen import Call, Result, closed_loop, load_arguments, median_ratio
 from services.trading.core import Order, OrderStatus, OrderType, Side, TimeInForce
 from services.trading.store_postgres import PostgresOrderStore
 from services.trading.store_sqlite import SqliteOrderStore
@@ -103,12 +102,7 @@ async def run(concurrency: int, duration: float, rounds: int, pg: str | None) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--concurrency", type=int, default=32)
-    parser.add_argument("--duration", type=float, default=5.0)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser = load_arguments(__doc__)
     parser.add_argument("--pg", metavar="DSN", help="also measure PostgreSQL at this DSN")
     args = parser.parse_args()
     asyncio.run(run(args.concurrency, args.duration, args.rounds, args.pg))
