@@ -11,6 +11,10 @@ Aim (issue 2): mTLS costs under 5 % of throughput once connections are up.
 
 from __future__ import annotations
 
+import tradeguard  # noqa: F401  (first: grpc must load with the TLS 1.3-only setting)
+
+# isort: split
+
 import asyncio
 import os
 import subprocess
@@ -20,7 +24,6 @@ from pathlib import Path
 
 import grpc
 
-import tradeguard  # noqa: F401
 from bench.loadgen import Result, closed_loop, free_port, load_arguments, median_cpu_ratio, median_ratio
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.channel import MeshChannel

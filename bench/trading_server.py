@@ -8,6 +8,10 @@
 
 from __future__ import annotations
 
+import tradeguard  # noqa: F401  (first: grpc must load with the TLS 1.3-only setting)
+
+# isort: split
+
 import argparse
 import asyncio
 from pathlib import Path
@@ -15,7 +19,6 @@ from pathlib import Path
 import grpc
 from prometheus_client import CollectorRegistry
 
-import tradeguard  # noqa: F401
 from services.trading.core import TradingCore, new_order_id
 from services.trading.server import build, open_store
 from services.trading.servicer import TradingServicer
