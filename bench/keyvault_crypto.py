@@ -1,6 +1,6 @@
 """Key vault Encrypt and Decrypt of 64-byte values over mutual TLS, beside the same round trip with no crypto.
 
-The real key vault service (services.keyvault.server.build: mTLS, interceptors, SQLite store, local sealed root)
+The real key vault service (services.keyvault.service.SERVICE: mTLS, interceptors, SQLite store, local sealed root)
 runs in its own process; the client runs in this one. The round trip without crypto is GetSealStatus on the
 same server, channel and interceptor chain (it touches neither keys nor store). Rounds alternate between the
 three calls so that drift hits all alike; the ratios are medians over rounds.
@@ -130,12 +130,13 @@ async def run(concurrency: int, duration: float, rounds: int) -> None:
 
 
 def serve() -> None:
-    from services.keyvault.server import run as run_server
+    from services.keyvault.service import SERVICE
     from services.keyvault.settings import Settings
     from tradeguard.observability.logging import configure_logging
+    from tradeguard.service import serve as serve_service
 
     configure_logging(json=True)
-    asyncio.run(run_server(Settings.from_env()))
+    asyncio.run(serve_service(SERVICE, Settings.from_env()))
 
 
 def main() -> None:

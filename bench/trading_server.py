@@ -3,7 +3,8 @@
 - `plain`: the servicer, store and interceptor chain (minus caller authorisation: there is no peer
   identity without TLS) on plain TCP;
 - `mtls`: exactly the same on a mutual-TLS port (the transport's cost alone);
-- `mesh`: the real service (services.trading.server.build): mTLS plus SPIFFE authorisation.
+- `mesh`: the real service (services.trading.service.SERVICE, run by the kit's runner): mTLS plus SPIFFE
+  authorisation.
 """
 
 from __future__ import annotations
@@ -20,18 +21,19 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from services.trading.core import TradingCore, new_order_id
-from services.trading.server import build, open_store
+from services.trading.service import SERVICE
 from services.trading.servicer import TradingServicer
 from services.trading.settings import Settings
 from tradeguard.mesh import pki, tls
-from tradeguard.mesh.server import ServerConfig, interceptors, serve
+from tradeguard.mesh.server import ServerConfig, interceptors
 from tradeguard.observability.metrics import RpcMetrics
+from tradeguard.service import serve
 from tradeguard.storage import clock_us
 from tradeguard.trading.v1 import trading_pb2_grpc
 
 
 async def unguarded(port: int, db: str, home: Path, secure: bool) -> None:
-    store = await open_store(db)
+    store = await SERVICE.stores.open(db)
     servicer = TradingServicer(TradingCore(store, clock_us=clock_us, new_order_id=new_order_id))
     metrics = RpcMetrics("trading", CollectorRegistry())
     server = grpc.aio.server(interceptors=interceptors("trading", metrics, None))
@@ -47,8 +49,7 @@ async def unguarded(port: int, db: str, home: Path, secure: bool) -> None:
 
 async def mesh(port: int, db: str, home: Path) -> None:
     settings = Settings(server=ServerConfig(name="trading", port=port, home=home), database_url=db)
-    server, store = await build(settings)
-    await serve(server, on_stop=store.close)
+    await serve(SERVICE, settings)
 
 
 def main() -> None:

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 
 import tradeguard  # noqa: F401  (sets grpc's TLS 1.3-only cipher setting before grpc loads)
-from services.trading.server import build
+from services.trading.service import SERVICE
 from services.trading.settings import Settings
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.channel import MeshChannel
 from tradeguard.mesh.server import MeshServer, ServerConfig
+from tradeguard.service import start
 from tradeguard.trading.v1 import trading_pb2_grpc
 
 WORKLOADS = ("trading", "ops", "monitor", "edge", "keyvault", "auth")
@@ -53,10 +54,8 @@ async def trading(pki_paths: pki.PkiPaths) -> AsyncIterator[RunningTrading]:
     home = pki_paths.home
     config = ServerConfig(name="trading", port=0, home=home, grace_s=2.0)
     settings = Settings(server=config, database_url=f"sqlite:///{home / 'data' / 'trading.db'}")
-    server, store = await build(settings)
-    port = await server.start()
+    running = await start(SERVICE, settings)
     try:
-        yield RunningTrading(server, pki_paths, port)
+        yield RunningTrading(running.server, pki_paths, running.port)
     finally:
-        await server.stop(grace=0, drain=0)
-        await store.close()
+        await running.stop(grace=0, drain=0)

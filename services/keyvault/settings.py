@@ -28,22 +28,21 @@ sit in a one-shot `StartupSecret` that the server empties when it unseals.
 
 from __future__ import annotations
 
-import os
-import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from tradeguard.mesh.server import ServerConfig
-from tradeguard.storage import database_url
+from tradeguard.service import CommonSettings, read_settings
+from tradeguard.settings import Env, SettingsError
 
 NAME = "keyvault"
-DEFAULT_PORT = 50054
 DEFAULT_PKCS11_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 DEFAULT_KEY_LABEL = "tradeguard-keyvault-root"
 DEFAULT_MAX_ENCRYPTIONS = 2**31
 DEFAULT_KEY_FRESHNESS_S = 0.5
 MAX_KEY_FRESHNESS_S = 60.0
+VAULT_PREFIX = "TRADEGUARD_VAULT"
 
 
 class StartupSecret:
@@ -60,40 +59,6 @@ class StartupSecret:
 
     def __repr__(self) -> str:
         return "StartupSecret(<set>)" if self._value is not None else "StartupSecret(<empty>)"
-
-
-def read_secret_file(path: Path, variable: str) -> str:
-    """The secret in `path` (without its trailing newline); only from a regular file of ours, owner-only."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError as error:
-        raise ValueError(f"{variable}: cannot open {path}: {error.strerror}") from None
-    with os.fdopen(fd, "rb") as file:
-        info = os.fstat(file.fileno())
-        mode = stat.S_IMODE(info.st_mode)
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError(f"{variable}: {path} is not a regular file")
-        if info.st_uid != os.getuid():
-            raise ValueError(f"{variable}: {path} must be owned by the vault's user (uid {os.getuid()})")
-        if mode & 0o077:
-            raise ValueError(
-                f"{variable}: {path} is readable by others (mode {mode:04o}); refusing it: chmod 600 {path}"
-            )
-        text = file.read().decode("utf-8").rstrip("\r\n")
-    if not text:
-        raise ValueError(f"{variable}: {path} is empty")
-    return text
-
-
-def _secret(env: os._Environ[str], variable: str) -> str | None:
-    """`<variable>_FILE` (preferred) or `<variable>`; both at once is a configuration error."""
-    path = env.get(variable + "_FILE")
-    value = env.get(variable) or None
-    if path:
-        if value is not None:
-            raise ValueError(f"set {variable}_FILE or {variable}, not both")
-        return read_secret_file(Path(path), variable + "_FILE")
-    return value
 
 
 @dataclass(frozen=True)
@@ -113,56 +78,53 @@ class Settings:
     key_freshness_s: float = DEFAULT_KEY_FRESHNESS_S
 
     @classmethod
-    def from_env(cls) -> Settings:
-        server = ServerConfig.from_env(NAME, DEFAULT_PORT)
-        env = os.environ
-        url = database_url("TRADEGUARD_KEYVAULT_DATABASE_URL", server.home / "data" / "keyvault.db")
-        mode = env.get("TRADEGUARD_VAULT_ROOT", "local")
-        if mode not in ("local", "pkcs11"):
-            raise ValueError("TRADEGUARD_VAULT_ROOT must be local or pkcs11")
-        token = env.get("TRADEGUARD_VAULT_PKCS11_TOKEN", "")
-        if mode == "pkcs11" and not token:
-            raise ValueError("TRADEGUARD_VAULT_PKCS11_TOKEN (the token label) is required with pkcs11")
-        max_encryptions = int(
-            env.get("TRADEGUARD_VAULT_MAX_ENCRYPTIONS_PER_VERSION", str(DEFAULT_MAX_ENCRYPTIONS))
-        )
-        if not 1 <= max_encryptions <= 2**32:
-            raise ValueError("TRADEGUARD_VAULT_MAX_ENCRYPTIONS_PER_VERSION must be between 1 and 2^32")
-        freshness = float(env.get("TRADEGUARD_VAULT_KEY_FRESHNESS_S", str(DEFAULT_KEY_FRESHNESS_S)))
-        if not 0.0 <= freshness <= MAX_KEY_FRESHNESS_S:  # also refuses nan
-            raise ValueError(
-                f"TRADEGUARD_VAULT_KEY_FRESHNESS_S must be between 0 and {MAX_KEY_FRESHNESS_S:g}"
-            )
-        policy = env.get("TRADEGUARD_VAULT_POLICY")
+    def read(cls, _own: Env, common: CommonSettings) -> Settings:
+        """The vault's own settings (see the module docstring) on top of the common ones."""
+        env = Env(VAULT_PREFIX, _own.environ)
+        mode = env.choice("ROOT", "local", ("local", "pkcs11"))
         try:
-            secret = _secret(
-                env, "TRADEGUARD_VAULT_PKCS11_PIN" if mode == "pkcs11" else "TRADEGUARD_VAULT_PASSPHRASE"
-            )
-        finally:
-            for variable in ("TRADEGUARD_VAULT_PASSPHRASE", "TRADEGUARD_VAULT_PKCS11_PIN"):
-                env.pop(variable, None)
+            secret = env.secret("PKCS11_PIN" if mode == "pkcs11" else "PASSPHRASE")
+        finally:  # neither start-up secret may outlive the read in the environment, whichever mode
+            env.environ.pop(env.name("PASSPHRASE" if mode == "pkcs11" else "PKCS11_PIN"), None)
+        token = env.text("PKCS11_TOKEN", "")
+        if mode == "pkcs11" and not token:
+            raise SettingsError(f"{env.name('PKCS11_TOKEN')} (the token label) is required with pkcs11")
         return cls(
-            server=server,
-            database_url=url,
+            server=common.server,
+            database_url=common.database_url,
             root_mode=mode,
-            root_path=local_root_path(env, server.home),
+            root_path=local_root_path(env.environ, common.server.home),
             startup=StartupSecret(secret),
-            scrypt_n=scrypt_n(env),
-            pkcs11_module=env.get("TRADEGUARD_VAULT_PKCS11_MODULE", DEFAULT_PKCS11_MODULE),
+            scrypt_n=scrypt_n(env.environ),
+            pkcs11_module=env.text("PKCS11_MODULE", DEFAULT_PKCS11_MODULE),
             pkcs11_token=token,
-            pkcs11_key_label=env.get("TRADEGUARD_VAULT_PKCS11_KEY_LABEL", DEFAULT_KEY_LABEL),
-            policy_path=Path(policy) if policy else None,
-            rotation_check_s=float(env.get("TRADEGUARD_VAULT_ROTATION_CHECK_S", "60")),
-            max_encryptions_per_version=max_encryptions,
-            key_freshness_s=freshness,
+            pkcs11_key_label=env.text("PKCS11_KEY_LABEL", DEFAULT_KEY_LABEL),
+            policy_path=env.optional_path("POLICY"),
+            rotation_check_s=env.number("ROTATION_CHECK_S", 60.0, low=0.01, high=86400.0),
+            max_encryptions_per_version=env.integer(
+                "MAX_ENCRYPTIONS_PER_VERSION", DEFAULT_MAX_ENCRYPTIONS, low=1, high=2**32
+            ),
+            key_freshness_s=env.number(
+                "KEY_FRESHNESS_S", DEFAULT_KEY_FRESHNESS_S, low=0.0, high=MAX_KEY_FRESHNESS_S
+            ),
         )
+
+    @classmethod
+    def from_env(cls, environ: MutableMapping[str, str] | None = None) -> Settings:
+        """All of the vault's settings from the environment (the operator commands use it too)."""
+        from services.keyvault.service import SERVICE  # the declaration imports these settings
+
+        return read_settings(SERVICE, environ)
 
 
 def local_root_path(env: Mapping[str, str], home: Path) -> Path:
     """Where the local sealed root key lives (TRADEGUARD_VAULT_ROOT_PATH, else under the data directory)."""
-    return Path(env.get("TRADEGUARD_VAULT_ROOT_PATH") or home / "data" / "keyvault.root")
+    return Path(env.get(f"{VAULT_PREFIX}_ROOT_PATH") or home / "data" / "keyvault.root")
 
 
 def scrypt_n(env: Mapping[str, str]) -> int:
-    """scrypt's cost for sealing the local root key (TRADEGUARD_VAULT_SCRYPT_N, default 2^15)."""
-    return int(env.get("TRADEGUARD_VAULT_SCRYPT_N", str(2**15)))
+    """scrypt's cost for sealing the local root key (TRADEGUARD_VAULT_SCRYPT_N, a power of two, default 2^15)."""
+    value = Env(VAULT_PREFIX, dict(env)).integer("SCRYPT_N", 2**15, low=2**10, high=2**22)
+    if value & (value - 1):
+        raise SettingsError(f"{VAULT_PREFIX}_SCRYPT_N must be a power of two, got {value}")
+    return value

@@ -1,3 +1,4 @@
-from services.trading.server import main
+from services.trading.service import SERVICE
+from tradeguard.service import main
 
-main()
+raise SystemExit(main(SERVICE))

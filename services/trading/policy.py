@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from tradeguard.mesh.authz import MethodPolicy
-
 SERVICE = "/tradeguard.trading.v1.TradingService"
 
 # ops: operators (grpcurl, the CLI); edge: the Envoy front proxy; trading-client: firm trading bots.
@@ -13,7 +11,3 @@ RULES: dict[str, frozenset[str]] = {
     f"{SERVICE}/GetOrder": frozenset({"ops", "edge", "trading-client", "monitor"}),
     f"{SERVICE}/ListOrders": frozenset({"ops", "edge", "trading-client", "monitor"}),
 }
-
-
-def policy(trust_domain: str) -> MethodPolicy:
-    return MethodPolicy(trust_domain, RULES)

@@ -1,14 +1,16 @@
-"""Trading service settings, read once at start-up from the environment."""
+"""Trading service settings, read once at start-up through the kit's reader (tradeguard.service.read_settings).
+
+TRADEGUARD_TRADING_DATABASE_URL: `sqlite:///<path>` (default `$TRADEGUARD_HOME/data/trading.db`) or
+`postgresql://…`; plus the shared server settings (tradeguard.mesh.server.ServerConfig.from_env).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from tradeguard.mesh.server import ServerConfig
-from tradeguard.storage import database_url
-
-NAME = "trading"
-DEFAULT_PORT = 50055
+from tradeguard.service import CommonSettings
+from tradeguard.settings import Env
 
 
 @dataclass(frozen=True)
@@ -17,9 +19,5 @@ class Settings:
     database_url: str
 
     @classmethod
-    def from_env(cls) -> Settings:
-        """TRADEGUARD_TRADING_DATABASE_URL: `sqlite:///<path>` (default `$TRADEGUARD_HOME/data/trading.db`)
-        or `postgresql://…`; plus the shared server settings (see ServerConfig.from_env)."""
-        server = ServerConfig.from_env(NAME, DEFAULT_PORT)
-        url = database_url("TRADEGUARD_TRADING_DATABASE_URL", server.home / "data" / "trading.db")
-        return cls(server=server, database_url=url)
+    def read(cls, _own: Env, common: CommonSettings) -> Settings:
+        return cls(server=common.server, database_url=common.database_url)

@@ -10,9 +10,8 @@ are refused, in-flight calls finish (up to `grace` seconds), then the service's 
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,10 @@ from tradeguard.observability import tracing
 from tradeguard.observability.interceptor import TelemetryInterceptor
 from tradeguard.observability.logging import get_logger
 from tradeguard.observability.metrics import RpcMetrics, start_metrics_server
+from tradeguard.registry import env_prefix
 from tradeguard.rpc.handlers import ChainInterceptor, WrappingInterceptor
 from tradeguard.rpc.interceptor import ErrorInterceptor
+from tradeguard.settings import Env
 
 _log = get_logger("tradeguard.server")
 
@@ -37,20 +38,7 @@ DEFAULT_HOME = Path(".tradeguard")
 
 
 def home_from_env() -> Path:
-    return Path(os.environ.get("TRADEGUARD_HOME", str(DEFAULT_HOME))).resolve()
-
-
-def _env_int(name: str, default: int | None) -> int | None:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer port, got {raw!r}") from None
-    if not 0 <= value <= 65535:
-        raise ValueError(f"{name} must be a port between 0 and 65535, got {value}")
-    return value
+    return Env("TRADEGUARD").path("HOME", DEFAULT_HOME).resolve()
 
 
 @dataclass(frozen=True)
@@ -69,19 +57,23 @@ class ServerConfig:
     tls12_self_probe: bool = True
 
     @classmethod
-    def from_env(cls, name: str, default_port: int) -> ServerConfig:
+    def from_env(
+        cls, name: str, default_port: int, environ: MutableMapping[str, str] | None = None
+    ) -> ServerConfig:
         """TRADEGUARD_HOME, TRADEGUARD_HOST, TRADEGUARD_<NAME>_PORT, TRADEGUARD_<NAME>_METRICS_PORT,
-        TRADEGUARD_OTLP_ENDPOINT (tracing export is off unless it is set)."""
-        prefix = f"TRADEGUARD_{name.upper()}"
-        port = _env_int(f"{prefix}_PORT", default_port)
-        assert port is not None
+        TRADEGUARD_<NAME>_MAX_CONNECTION_AGE_S, TRADEGUARD_<NAME>_GRACE_S, TRADEGUARD_OTLP_ENDPOINT (tracing
+        export is off unless it is set). Invalid values raise `SettingsError` naming the variable."""
+        shared = Env("TRADEGUARD", environ)
+        own = Env(env_prefix(name), environ)
         return cls(
             name=name,
-            port=port,
-            home=home_from_env(),
-            host=os.environ.get("TRADEGUARD_HOST", "127.0.0.1"),
-            metrics_port=_env_int(f"{prefix}_METRICS_PORT", None),
-            otlp_endpoint=os.environ.get("TRADEGUARD_OTLP_ENDPOINT") or None,
+            port=own.port("PORT", default_port),
+            home=shared.path("HOME", DEFAULT_HOME).resolve(),
+            host=shared.text("HOST", "127.0.0.1"),
+            metrics_port=own.optional_port("METRICS_PORT"),
+            otlp_endpoint=shared.optional_text("OTLP_ENDPOINT"),
+            max_connection_age_s=own.number("MAX_CONNECTION_AGE_S", 1800.0, low=1.0, high=7 * 86400.0),
+            grace_s=own.number("GRACE_S", 10.0, low=0.0, high=3600.0),
         )
 
     @property

@@ -13,8 +13,10 @@ import pytest
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from services.keyvault.server import Built, build
+from services.keyvault.core import KeyVault
+from services.keyvault.service import SERVICE
 from services.keyvault.settings import Settings, StartupSecret
+from services.keyvault.store import VaultStore
 from tests.support import eventually
 from tradeguard.keyvault.v1 import keyvault_pb2 as pb
 from tradeguard.keyvault.v1 import keyvault_pb2_grpc
@@ -22,6 +24,8 @@ from tradeguard.mesh import pki, tls
 from tradeguard.mesh.channel import MeshChannel
 from tradeguard.mesh.server import ServerConfig
 from tradeguard.observability.logging import configure_logging
+from tradeguard.service import Running, Wiring
+from tradeguard.service import start as start_service
 
 PASSPHRASE = "server test passphrase"
 
@@ -39,7 +43,7 @@ def _error(err: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str, str]:
 
 @dataclass
 class RunningVault:
-    built: Built
+    running: Running[Settings, VaultStore]
     paths: pki.PkiPaths
     port: int
 
@@ -63,16 +67,14 @@ async def start_vault(pki_paths: pki.PkiPaths) -> AsyncIterator[Callable[..., ob
             startup=StartupSecret(PASSPHRASE),
             scrypt_n=2**10,
         )
-        built = await build(replace(settings, **overrides))  # type: ignore[arg-type]
-        port = await built.server.start()
-        r = RunningVault(built, pki_paths, port)
+        running_vault = await start_service(SERVICE, replace(settings, **overrides))  # type: ignore[arg-type]
+        r = RunningVault(running_vault, pki_paths, running_vault.port)
         running.append(r)
         return r
 
     yield start
     for r in running:
-        await r.built.server.stop(0)
-        await r.built.close()
+        await r.running.stop(0, drain=0)
 
 
 async def test_keys_encrypt_decrypt_and_policy_over_mtls(start_vault) -> None:
@@ -230,8 +232,7 @@ async def test_wrong_passphrase_and_restart(start_vault) -> None:
     auth_channel, auth = first.stub("auth")
     async with auth_channel:
         ct = (await auth.Encrypt(pb.EncryptRequest(key_name="credentials", plaintext=b"kept"))).ciphertext
-    await first.built.server.stop(0)
-    await first.built.close()
+    await first.running.stop(0, drain=0)
 
     second = await start_vault(startup=StartupSecret())
     ops_channel, ops = second.stub("ops")
@@ -295,12 +296,15 @@ async def test_server_takes_the_passphrase_file_once(
     secret.chmod(0o600)
     monkeypatch.setenv("TRADEGUARD_VAULT_PASSPHRASE_FILE", str(secret))
     settings = Settings.from_env()
-    built = await build(settings)
+    store = await SERVICE.stores.open(settings.database_url)
+    assembly = await SERVICE.build(Wiring(settings, store, pki.trust_domain(pki_paths)))
+    vault = assembly.core
     try:
-        assert not built.vault.sealed
+        assert isinstance(vault, KeyVault) and not vault.sealed
         assert settings.startup.take() is None
     finally:
-        await built.close()
+        await vault.close()
+        await store.close()
     secret.chmod(0o644)
     with pytest.raises(ValueError, match="chmod 600"):
         Settings.from_env()

@@ -1,0 +1,30 @@
+"""The trading service, declared once: the kit's runner (tradeguard.service) turns this into a running server."""
+
+from __future__ import annotations
+
+from services.trading import policy
+from services.trading.core import TradingCore, new_order_id
+from services.trading.servicer import TradingServicer
+from services.trading.settings import Settings
+from services.trading.store import OrderStore
+from services.trading.store_postgres import PostgresOrderStore
+from services.trading.store_sqlite import SqliteOrderStore
+from tradeguard.service import Assembly, Declaration, Stores, Wiring
+from tradeguard.storage import clock_us
+from tradeguard.trading.v1 import trading_pb2_grpc
+
+
+async def build(wiring: Wiring[Settings, OrderStore]) -> Assembly:
+    core = TradingCore(wiring.store, clock_us=clock_us, new_order_id=new_order_id)
+    return Assembly(TradingServicer(core))
+
+
+SERVICE: Declaration[Settings, OrderStore] = Declaration(
+    name="trading",
+    summary="The reference trading service: orders, idempotent by (account_id, client_order_id).",
+    register=trading_pb2_grpc.add_TradingServiceServicer_to_server,
+    rules=policy.RULES,
+    settings=Settings.read,
+    stores=Stores(sqlite=SqliteOrderStore.open, postgres=PostgresOrderStore.open),
+    build=build,
+)

@@ -1,0 +1,288 @@
+"""The service runner: a service is declared once (`Declaration`) and run one way.
+
+A declaration names the service (its port and gRPC name come from `tradeguard.registry`), the generated
+`add_…_to_server` call, its method rules (which workload may call which method), how it reads its own settings,
+its store backends and its build function. `main(declaration)` is all a service's `__main__` does:
+
+    argv → operator subcommand, usage, or serve
+    logging → settings (errors name the variable; no traceback) → tracing → store → build → MeshServer → serve
+    SIGTERM/SIGINT → health NOT_SERVING, drain, in-flight calls finish → background tasks cancelled → closers
+    (reverse order) → store closed
+
+`start(declaration, settings)` does the same without signals and returns a `Running` handle: tests and benchmarks
+start a service exactly as production does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeVar
+
+import grpc
+
+from tradeguard.mesh import pki
+from tradeguard.mesh.authz import MethodPolicy
+from tradeguard.mesh.server import MeshServer, ServerConfig, Service
+from tradeguard.observability.logging import configure_logging, get_logger
+from tradeguard.observability.tracing import configure_tracing
+from tradeguard.registry import Registered, env_prefix, lookup
+from tradeguard.settings import Env, SettingsError
+from tradeguard.storage import SQLITE, sqlite_path
+
+__all__ = [
+    "Assembly",
+    "CommonSettings",
+    "Declaration",
+    "Running",
+    "ServiceSettings",
+    "Stores",
+    "Wiring",
+    "main",
+    "read_settings",
+    "serve",
+    "start",
+]
+
+_log = get_logger("tradeguard.service")
+
+St = TypeVar("St", bound="Closable")
+S = TypeVar("S", bound="ServiceSettings")
+_POSTGRES = ("postgresql://", "postgres://")
+
+
+class Closable(Protocol):
+    async def close(self) -> None: ...
+
+
+class ServiceSettings(Protocol):
+    """What the runner needs of a service's settings; each service's `Settings` adds its own fields."""
+
+    @property
+    def server(self) -> ServerConfig: ...
+
+    @property
+    def database_url(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class CommonSettings:
+    """The settings every service has: the shared server settings and its database URL
+    (`TRADEGUARD_<NAME>_DATABASE_URL`: `sqlite:///<path>`, by default `$TRADEGUARD_HOME/data/<name>.db`, or
+    `postgresql://…`)."""
+
+    server: ServerConfig
+    database_url: str
+
+
+@dataclass(frozen=True)
+class Stores(Generic[St]):
+    """How a service opens its store: the embedded default (a SQLite file) or PostgreSQL, chosen by URL."""
+
+    sqlite: Callable[[Path], Awaitable[St]]
+    postgres: Callable[[str], Awaitable[St]]
+
+    async def open(self, url: str) -> St:
+        path = sqlite_path(url)
+        if path is not None:
+            return await self.sqlite(path)
+        return await self.postgres(url)
+
+
+@dataclass(frozen=True)
+class Wiring(Generic[S, St]):
+    """What a build function is given: its settings, its open store and the mesh's trust domain."""
+
+    settings: S
+    store: St
+    trust_domain: str
+
+
+BackgroundTask = Callable[[], Coroutine[Any, Any, None]]
+Closer = Callable[[], Awaitable[None]]
+
+
+@dataclass
+class Assembly:
+    """What a build function returns: the servicer to mount, background tasks to run while serving (each
+    restarted never: a task that ends with an error is logged), and closers run at shutdown in reverse order
+    (before the store closes)."""
+
+    servicer: object
+    tasks: Sequence[BackgroundTask] = ()
+    closers: Sequence[Closer] = ()
+    core: object = None  # the service's core, for in-process callers and tests (`Running.core`)
+
+
+@dataclass(frozen=True)
+class Declaration(Generic[S, St]):
+    """A service, declared once."""
+
+    name: str
+    register: Callable[[Any, grpc.aio.Server], None]  # the generated add_<Service>Servicer_to_server
+    rules: Mapping[str, Iterable[str]]  # method → workload names allowed (deny by default)
+    settings: Callable[[Env, CommonSettings], S]  # reads the service's own settings (its prefix)
+    stores: Stores[St]
+    build: Callable[[Wiring[S, St]], Awaitable[Assembly]]
+    summary: str = ""
+    commands: Mapping[str, Callable[[list[str]], int]] = field(default_factory=dict)  # operator subcommands
+
+    @property
+    def registered(self) -> Registered:
+        return lookup(self.name)
+
+
+def read_settings(declaration: Declaration[S, St], environ: MutableMapping[str, str] | None = None) -> S:
+    """The service's settings from the environment, read once; `SettingsError` names the variable."""
+    entry = declaration.registered
+    own = Env(env_prefix(entry.name), environ)
+    server = ServerConfig.from_env(entry.name, entry.port, environ)
+    url = own.text("DATABASE_URL", f"{SQLITE}{server.home / 'data' / f'{entry.name}.db'}")
+    if not url.startswith((SQLITE, *_POSTGRES)):
+        raise SettingsError(f"{own.name('DATABASE_URL')} must start with {SQLITE} or postgresql://")
+    return declaration.settings(own, CommonSettings(server=server, database_url=url))
+
+
+class Running(Generic[S, St]):
+    """A started service: its server (serving on `port`), store and assembly. `stop()` shuts it down in order."""
+
+    def __init__(self, settings: S, server: MeshServer, store: St, assembly: Assembly) -> None:
+        self.settings = settings
+        self.server = server
+        self.store = store
+        self.assembly = assembly
+        self.port = server.port
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def core(self) -> object:
+        return self.assembly.core
+
+    def _start_tasks(self) -> None:
+        for make in self.assembly.tasks:
+            task = asyncio.create_task(make(), name=f"{self.settings.server.name}:{make.__name__}")
+            task.add_done_callback(_report_task_end)
+            self._tasks.append(task)
+
+    async def stop(self, grace: float | None = None, drain: float | None = None) -> None:
+        try:
+            await self.server.stop(grace=grace, drain=drain)
+        finally:
+            await self._close(cancel_tasks=True)
+
+    async def _close(self, *, cancel_tasks: bool) -> None:
+        tasks, self._tasks = self._tasks, []
+        if cancel_tasks:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        try:
+            for closer in reversed(self.assembly.closers):
+                try:
+                    await closer()
+                except Exception as error:  # the others and the store must still close
+                    _log.error("close_failed", service=self.settings.server.name, error=type(error).__name__)
+        finally:
+            await self.store.close()
+
+
+def _report_task_end(task: asyncio.Task[None]) -> None:
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None:
+        _log.error("background_task_failed", task=task.get_name(), error=type(error).__name__, exc_info=error)
+
+
+async def start(declaration: Declaration[S, St], settings: S) -> Running[S, St]:
+    """Open the store, build, start serving (port 0 picks a free port: see `Running.port`), start the tasks.
+    Whatever was opened is closed again if a later step fails."""
+    entry = declaration.registered
+    store = await declaration.stores.open(settings.database_url)
+    try:
+        trust_domain = pki.trust_domain(settings.server.pki)
+        assembly = await declaration.build(Wiring(settings, store, trust_domain))
+    except BaseException:
+        await store.close()
+        raise
+    servicer = assembly.servicer
+    server = MeshServer(
+        settings.server,
+        MethodPolicy(trust_domain, declaration.rules),
+        [Service(entry.full_name, lambda grpc_server: declaration.register(servicer, grpc_server))],
+    )
+    running = Running(settings, server, store, assembly)
+    try:
+        await server.start()
+    except BaseException:
+        await running._close(cancel_tasks=False)
+        raise
+    running.port = server.port
+    running._start_tasks()
+    return running
+
+
+async def serve(
+    declaration: Declaration[S, St], settings: S, *, stop_event: asyncio.Event | None = None
+) -> None:
+    """Run until SIGTERM/SIGINT (or `stop_event`), then shut down gracefully."""
+    stop = stop_event or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        running = await start(declaration, settings)
+        try:
+            await stop.wait()
+            _log.info("shutting_down", service=settings.server.name)
+        finally:
+            await running.stop()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+
+
+def usage(declaration: Declaration[Any, Any]) -> str:
+    entry = declaration.registered
+    lines = [
+        f"usage: python -m {entry.module} [COMMAND ...]",
+        "",
+        f"{declaration.summary or entry.full_name}",
+        f"With no argument: serve {entry.full_name} on mutual TLS, port {entry.port} "
+        f"(${env_prefix(entry.name)}_PORT), settings from the environment (see the module's settings.py).",
+    ]
+    if declaration.commands:
+        lines += ["", "operator commands:"]
+        lines += [f"  {name}" for name in declaration.commands]
+    return "\n".join(lines)
+
+
+def main(declaration: Declaration[Any, Any], argv: Sequence[str] | None = None) -> int:
+    """`python -m services.<name>`: an operator subcommand, usage (`--help`, or a refusal of anything else),
+    or the service itself until SIGTERM. Returns the process exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args:
+        command = declaration.commands.get(args[0])
+        if command is not None:
+            return command(args[1:])
+        if args[0] in ("-h", "--help"):
+            print(usage(declaration))
+            return 0
+        print(f"{usage(declaration)}\n\nerror: unknown argument {args[0]!r}", file=sys.stderr)
+        return 2
+    configure_logging()
+    try:
+        settings = read_settings(declaration)
+    except SettingsError as error:
+        print(f"{declaration.name}: {error}", file=sys.stderr)
+        return 2
+    configure_tracing(settings.server.name, settings.server.otlp_endpoint)
+    asyncio.run(serve(declaration, settings))
+    return 0
