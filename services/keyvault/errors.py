@@ -1,4 +1,4 @@
-"""The key vault's errors: the shared domain errors plus the vault's reasons.
+"""The key vault's errors: the kit's plain domain errors (`tradeguard.errors`) plus the vault's reasons.
 
 Every failure to decrypt (altered byte, prefix or associated data, truncation, a version below the minimum, a
 version that does not exist, a ciphertext of another key) is the one opaque `DecryptionFailed`: the cause goes to
@@ -7,17 +7,15 @@ the log only.
 
 from __future__ import annotations
 
-import grpc
-from google.protobuf import any_pb2, duration_pb2
-from google.rpc import error_details_pb2
-
-from tradeguard.rpc.errors import (
+from tradeguard.errors import (
     AlreadyExists,
+    Code,
     DomainError,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     NotFound,
+    OpaqueError,
     PermissionDenied,
     Unavailable,
 )
@@ -30,8 +28,10 @@ __all__ = [
     "FieldViolation",
     "InvalidArgument",
     "NotFound",
+    "OpaqueError",
     "PermissionDenied",
     "Unavailable",
+    "VersionTooNew",
     "cas_mismatch",
     "deletion_not_allowed",
     "key_exists",
@@ -46,15 +46,12 @@ __all__ = [
 ]
 
 
-class DecryptionFailed(DomainError):
+class DecryptionFailed(OpaqueError):
     """The one answer to every bad ciphertext. `cause` is for the log, never for the caller."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    code = Code.INVALID_ARGUMENT
     reason = "DECRYPTION_FAILED"
-
-    def __init__(self, cause: str = "") -> None:
-        super().__init__("decryption failed")
-        self.cause = cause
+    public_message = "decryption failed"
 
 
 def vault_sealed() -> Unavailable:
@@ -123,13 +120,7 @@ class VersionTooNew(FailedPrecondition):
     def __init__(self, message: str, *, retry_after_us: int, metadata: dict[str, str]) -> None:
         super().__init__(message, reason="VERSION_TOO_NEW", metadata=metadata)
         self.retry_after_us = retry_after_us
-
-    def details(self) -> list[any_pb2.Any]:
-        delay = duration_pb2.Duration()
-        delay.FromMicroseconds(max(self.retry_after_us, 0))
-        packed = any_pb2.Any()
-        packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
-        return [packed]
+        self.retry_after_seconds = max(retry_after_us, 0) / 1e6
 
 
 def version_too_new(name: str, version: int, retry_after_us: int) -> VersionTooNew:

@@ -1,11 +1,12 @@
 """The trading service's errors: the shared domain errors plus the trading reasons.
 
-Everything here is a `tradeguard.rpc.errors.DomainError`; the servicer maps them with `to_rpc_status`.
+Everything here is a plain `tradeguard.errors.DomainError`; the kit's `tradeguard.rpc.errors.to_rpc_status` maps
+them to the rich error model.
 """
 
 from __future__ import annotations
 
-from tradeguard.rpc.errors import (
+from tradeguard.errors import (
     AlreadyExists,
     DomainError,
     FailedPrecondition,

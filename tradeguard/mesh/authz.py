@@ -7,9 +7,9 @@ from typing import Any
 
 import grpc
 
+from tradeguard.errors import PermissionDenied
 from tradeguard.mesh.identity import SpiffeId, peer_spiffe_id
 from tradeguard.observability.logging import get_logger
-from tradeguard.rpc.errors import PermissionDenied
 from tradeguard.rpc.handlers import Context, WrappingInterceptor, wrap_handler
 from tradeguard.rpc.interceptor import abort_with
 

@@ -1,154 +1,100 @@
-"""Domain errors and their one mapping to the gRPC rich error model.
+"""The one mapping of exceptions to the gRPC rich error model.
 
-Every service raises these from its core; the servicer layer never builds a status by hand.
-`to_rpc_status` turns any exception into a `google.rpc.Status` with an `ErrorInfo`; anything
-that is not a `DomainError` becomes an opaque `INTERNAL` that leaks nothing of its cause.
+The errors themselves are plain (`tradeguard.errors`); only this module knows grpc and protobuf. `to_rpc_status`
+turns any exception into a `google.rpc.Status` with an `ErrorInfo` first, then, by kind:
+- `InvalidArgument` → `BadRequest` (one field violation per bad field);
+- an error with `retry_after_seconds` → `RetryInfo`;
+- `ResourceExhausted` → `RetryInfo`, `QuotaFailure` and a `retry-after` trailer in whole seconds, rounded up
+  (the HTTP edge's `Retry-After`);
+- `OpaqueError` → its fixed message only; its `cause` goes to the RPC's log line, never into the status;
+- anything that is not a `DomainError` → an opaque `INTERNAL` that leaks nothing of its cause.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import grpc
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import any_pb2, duration_pb2, message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from tradeguard.errors import DomainError, InvalidArgument, OpaqueError, ResourceExhausted
+from tradeguard.observability.annotations import annotate
+from tradeguard.observability.logging import get_logger
+
+__all__ = ["DOMAIN", "details", "grpc_code", "to_rpc_status", "trailers"]
+
 DOMAIN = "tradeguard.dev"
+_log = get_logger("tradeguard.rpc")
 
 
-@dataclass(frozen=True)
-class FieldViolation:
-    field: str
-    description: str
+def grpc_code(error: DomainError) -> grpc.StatusCode:
+    """The grpc status code of a domain error (the same name)."""
+    return grpc.StatusCode[error.code.name]
 
 
-class DomainError(Exception):
-    """An error a caller may see. `reason` is a stable UPPER_SNAKE_CASE identifier."""
-
-    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
-    reason: str = "INTERNAL"
-
-    def __init__(self, message: str, *, reason: str | None = None, metadata: dict[str, str] | None = None):
-        super().__init__(message)
-        self.message = message
-        if reason is not None:
-            self.reason = reason
-        self.metadata = dict(metadata or {})
-
-    def details(self) -> list[any_pb2.Any]:
-        """Extra detail messages beyond ErrorInfo (BadRequest, RetryInfo, ...)."""
-        return []
-
-    def trailers(self) -> list[tuple[str, str]]:
-        """Extra plain trailers (for example `retry-after`)."""
-        return []
-
-
-class InvalidArgument(DomainError):
-    code = grpc.StatusCode.INVALID_ARGUMENT
-    reason = "INVALID_ARGUMENT"
-
-    def __init__(self, violations: list[FieldViolation] | FieldViolation, *, reason: str | None = None):
-        if isinstance(violations, FieldViolation):
-            violations = [violations]
-        self.violations = list(violations)
-        message = "; ".join(f"{v.field}: {v.description}" for v in self.violations)
-        super().__init__(message, reason=reason)
-
-    @classmethod
-    def field(cls, name: str, description: str) -> InvalidArgument:
-        return cls(FieldViolation(name, description))
-
-    def details(self) -> list[any_pb2.Any]:
-        bad = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in self.violations
-            ]
-        )
-        return [_pack(bad)]
-
-
-class NotFound(DomainError):
-    code = grpc.StatusCode.NOT_FOUND
-    reason = "NOT_FOUND"
-
-
-class AlreadyExists(DomainError):
-    code = grpc.StatusCode.ALREADY_EXISTS
-    reason = "ALREADY_EXISTS"
-
-
-class FailedPrecondition(DomainError):
-    code = grpc.StatusCode.FAILED_PRECONDITION
-    reason = "FAILED_PRECONDITION"
-
-
-class PermissionDenied(DomainError):
-    code = grpc.StatusCode.PERMISSION_DENIED
-    reason = "PERMISSION_DENIED"
-
-
-class Unauthenticated(DomainError):
-    """Always the same opaque message: the cause goes to the log, never to the caller."""
-
-    code = grpc.StatusCode.UNAUTHENTICATED
-    reason = "UNAUTHENTICATED"
-
-    def __init__(self, cause: str = "") -> None:
-        super().__init__("authentication failed")
-        self.cause = cause
-
-
-class Unavailable(DomainError):
-    code = grpc.StatusCode.UNAVAILABLE
-    reason = "UNAVAILABLE"
-
-
-@dataclass
-class ResourceExhausted(DomainError):
-    """Rate limit or quota: RetryInfo, QuotaFailure and a `retry-after` trailer (whole seconds)."""
-
-    subject: str
-    limit_description: str
-    retry_after_seconds: float
-    violations: list[tuple[str, str]] = field(default_factory=list)
-
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
-    reason = "RATE_LIMITED"
-
-    def __post_init__(self) -> None:
-        DomainError.__init__(self, self.limit_description)
-
-    def details(self) -> list[any_pb2.Any]:
-        delay = duration_pb2.Duration()
-        delay.FromNanoseconds(round(max(self.retry_after_seconds, 0.0) * 1e9))
-        retry = error_details_pb2.RetryInfo(retry_delay=delay)
-        quota = error_details_pb2.QuotaFailure(
-            violations=[
-                error_details_pb2.QuotaFailure.Violation(subject=subject, description=description)
-                for subject, description in (self.violations or [(self.subject, self.limit_description)])
-            ]
-        )
-        return [_pack(retry), _pack(quota)]
-
-    def trailers(self) -> list[tuple[str, str]]:
-        return [("retry-after", str(max(1, -int(-self.retry_after_seconds // 1))))]
-
-
-def _pack(message: object) -> any_pb2.Any:
+def _pack(detail: message.Message) -> any_pb2.Any:
     packed = any_pb2.Any()
-    packed.Pack(message)  # type: ignore[arg-type]
+    packed.Pack(detail)
     return packed
+
+
+def _retry_info(seconds: float) -> error_details_pb2.RetryInfo:
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(round(max(seconds, 0.0) * 1e9))
+    return error_details_pb2.RetryInfo(retry_delay=delay)
+
+
+def details(error: DomainError) -> list[any_pb2.Any]:
+    """The detail messages after ErrorInfo: BadRequest, RetryInfo, QuotaFailure, as the error's kind has them."""
+    out: list[any_pb2.Any] = []
+    if isinstance(error, InvalidArgument):
+        out.append(
+            _pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                        for v in error.violations
+                    ]
+                )
+            )
+        )
+    if error.retry_after_seconds is not None:
+        out.append(_pack(_retry_info(error.retry_after_seconds)))
+    if isinstance(error, ResourceExhausted):
+        out.append(
+            _pack(
+                error_details_pb2.QuotaFailure(
+                    violations=[
+                        error_details_pb2.QuotaFailure.Violation(subject=v.subject, description=v.description)
+                        for v in error.violations
+                    ]
+                )
+            )
+        )
+    return out
+
+
+def trailers(error: DomainError) -> list[tuple[str, str]]:
+    """Plain trailers beside the status: `retry-after` (whole seconds, rounded up, at least 1) on a rate limit."""
+    if isinstance(error, ResourceExhausted):
+        return [("retry-after", str(max(1, -int(-error.retry_after_seconds // 1))))]
+    return []
+
+
+def _log_cause(error: OpaqueError) -> None:
+    """An opaque error's cause goes to the log: the RPC's one line when a call is in progress, else a line."""
+    if not annotate(error_reason=error.reason, cause=error.cause):
+        _log.warning("opaque_error", reason=error.reason, cause=error.cause)
 
 
 def to_rpc_status(error: BaseException) -> tuple[grpc.StatusCode, status_pb2.Status, list[tuple[str, str]]]:
     """Map any exception to (code, google.rpc.Status, extra trailers). Unknown errors become INTERNAL."""
     if isinstance(error, DomainError):
-        code, reason, message = error.code, error.reason, error.message
-        metadata, extra, trailers = error.metadata, error.details(), error.trailers()
+        if isinstance(error, OpaqueError):
+            _log_cause(error)
+        code, reason, text, metadata = grpc_code(error), error.reason, error.message, error.metadata
+        extra, plain = details(error), trailers(error)
     else:
-        code, reason, message, metadata, extra, trailers = (
+        code, reason, text, metadata, extra, plain = (
             grpc.StatusCode.INTERNAL,
             "INTERNAL",
             "internal error",
@@ -157,7 +103,5 @@ def to_rpc_status(error: BaseException) -> tuple[grpc.StatusCode, status_pb2.Sta
             [],
         )
     info = error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN, metadata=metadata)
-    status = status_pb2.Status(
-        code=getattr(code_pb2, code.name), message=message, details=[_pack(info), *extra]
-    )
-    return code, status, trailers
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=text, details=[_pack(info), *extra])
+    return code, status, plain

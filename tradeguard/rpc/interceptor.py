@@ -6,8 +6,9 @@ from typing import Any
 
 import grpc
 
+from tradeguard.errors import DomainError, Unauthenticated
 from tradeguard.observability.logging import get_logger
-from tradeguard.rpc.errors import DomainError, Unauthenticated, to_rpc_status
+from tradeguard.rpc.errors import to_rpc_status
 from tradeguard.rpc.handlers import Context, WrappingInterceptor, wrap_handler
 
 STATUS_DETAILS_KEY = "grpc-status-details-bin"

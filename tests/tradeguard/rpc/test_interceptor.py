@@ -8,7 +8,7 @@ import grpc
 import pytest
 from google.rpc import error_details_pb2, status_pb2
 
-from tradeguard.rpc.errors import InvalidArgument, ResourceExhausted, Unauthenticated
+from tradeguard.errors import InvalidArgument, ResourceExhausted, Unauthenticated
 from tradeguard.rpc.interceptor import ErrorInterceptor
 
 SECRET = "hunter2-super-secret-value"
