@@ -17,7 +17,7 @@ from pathlib import Path
 
 import tradeguard  # noqa: F401
 from bench.loadgen import Call, Result, closed_loop, load_arguments, median_ratio
-from services.trading.core import Order, OrderStatus, OrderType, Side, TimeInForce
+from services.trading.model import Order, OrderStatus, OrderType, Side, TimeInForce
 from services.trading.store_postgres import PostgresOrderStore
 from services.trading.store_sqlite import SqliteOrderStore
 

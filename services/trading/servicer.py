@@ -6,7 +6,8 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2
 
-from services.trading.core import Order, TradingCore, format_decimal, parse_new_order
+from services.trading.core import TradingCore, parse_new_order
+from services.trading.model import Order, format_decimal
 from tradeguard.trading.v1 import trading_pb2, trading_pb2_grpc
 
 Context = Any  # grpc.aio.ServicerContext; the servicer never touches it

@@ -6,7 +6,7 @@ import builtins
 from decimal import Decimal
 from typing import Protocol
 
-from services.trading.core import (
+from services.trading.model import (
     Order,
     OrderStatus,
     OrderType,

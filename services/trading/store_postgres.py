@@ -18,8 +18,8 @@ from typing import Any, TypeVar, cast
 
 from psycopg import AsyncConnection, sql
 
-from services.trading.core import Order, OrderStatus, PageCursor
 from services.trading.group_commit import DEFAULT_MAX_BATCH, GroupCommit, Outcome
+from services.trading.model import Order, OrderStatus, PageCursor
 from services.trading.store import ORDER_COLUMNS, SCHEMA_VERSION, order_from_row, order_to_row
 from tradeguard.postgres import Pool, open_pool
 

@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar, cast
 
-from services.trading.core import Order, OrderStatus, PageCursor
 from services.trading.group_commit import DEFAULT_MAX_BATCH, GroupCommit, Outcome
+from services.trading.model import Order, OrderStatus, PageCursor
 from services.trading.store import ORDER_COLUMNS, SCHEMA_VERSION, order_from_row, order_to_row
 from tradeguard.sqlite import connect, in_transaction
 

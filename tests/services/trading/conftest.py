@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from services.trading.core import NewOrder, Order, OrderStatus, OrderType, Side, TimeInForce
+from services.trading.model import NewOrder, Order, OrderStatus, OrderType, Side, TimeInForce
 from services.trading.store import OrderStore
 from services.trading.store_postgres import PostgresOrderStore
 from services.trading.store_sqlite import SqliteOrderStore

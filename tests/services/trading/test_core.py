@@ -10,15 +10,9 @@ from pathlib import Path
 import pytest
 
 import services.trading.core as core_module
-from services.trading.core import (
-    OrderStatus,
-    PageCursor,
-    TradingCore,
-    encode_page_token,
-    new_order_id,
-    validate_account_and_order_id,
-)
+from services.trading.core import TradingCore, encode_page_token, new_order_id, validate_account_and_order_id
 from services.trading.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.trading.model import OrderStatus, PageCursor
 from services.trading.store_sqlite import SqliteOrderStore
 
 

@@ -10,16 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.trading.core import (
-    OrderLimits,
-    PageCursor,
-    decode_page_token,
-    encode_page_token,
-    format_decimal,
-    parse_decimal,
-    parse_new_order,
-)
+from services.trading.core import decode_page_token, encode_page_token, parse_decimal, parse_new_order
 from services.trading.errors import InvalidArgument
+from services.trading.model import OrderLimits, PageCursor, format_decimal
 
 PLAIN = re.compile(r"(0|[1-9][0-9]*)(\.[0-9]+)?")
 

@@ -7,15 +7,9 @@ from typing import Any
 
 import pytest
 
-from services.trading.core import (
-    OrderLimits,
-    OrderType,
-    Side,
-    TimeInForce,
-    format_decimal,
-    parse_new_order,
-)
+from services.trading.core import parse_new_order
 from services.trading.errors import InvalidArgument
+from services.trading.model import OrderLimits, OrderType, Side, TimeInForce, format_decimal
 
 LIMITS = OrderLimits()
 
