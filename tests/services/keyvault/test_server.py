@@ -11,7 +11,6 @@ from dataclasses import dataclass, replace
 import grpc
 import pytest
 from google.protobuf import duration_pb2
-from google.rpc import error_details_pb2, status_pb2
 
 from services.keyvault.core import KeyVault
 from services.keyvault.service import SERVICE
@@ -24,6 +23,7 @@ from tradeguard.mesh import pki, tls
 from tradeguard.mesh.channel import MeshChannel
 from tradeguard.mesh.server import ServerConfig
 from tradeguard.observability.logging import configure_logging
+from tradeguard.rpc.status import rich_status
 from tradeguard.service import Running, Wiring
 from tradeguard.service import start as start_service
 
@@ -31,14 +31,9 @@ PASSPHRASE = "server test passphrase"
 
 
 def _error(err: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str, str]:
-    raw = dict(err.trailing_metadata() or ())["grpc-status-details-bin"]
-    status = status_pb2.Status.FromString(raw)  # type: ignore[arg-type]
-    for any_ in status.details:
-        if any_.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            any_.Unpack(info)
-            return err.code(), info.reason, status.message
-    raise AssertionError("no ErrorInfo")
+    status = rich_status(err)
+    assert status.reason is not None, f"no ErrorInfo ({status.details_problem})"
+    return status.code, status.reason, status.message
 
 
 @dataclass
@@ -367,13 +362,8 @@ async def test_retiring_a_version_younger_than_the_freshness_window_is_refused_w
         code, reason, message = _error(refused.value)
         assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "VERSION_TOO_NEW")
         assert "retry in" in message
-        raw = dict(refused.value.trailing_metadata() or ())["grpc-status-details-bin"]
-        details = status_pb2.Status.FromString(raw).details  # type: ignore[arg-type]
-        retry = [d for d in details if d.Is(error_details_pb2.RetryInfo.DESCRIPTOR)]
-        assert len(retry) == 1
-        info = error_details_pb2.RetryInfo()
-        retry[0].Unpack(info)
-        assert 0 < info.retry_delay.ToMicroseconds() <= 60_000_000
+        retry_delay_s = rich_status(refused.value).retry_delay_s
+        assert retry_delay_s is not None and 0 < retry_delay_s <= 60
         key = (await ops.GetKey(pb.GetKeyRequest(name="credentials"), timeout=5)).key
         assert key.min_decryption_version == 1
 

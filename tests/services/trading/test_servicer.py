@@ -6,22 +6,9 @@ import asyncio
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2, status_pb2
 
+from tradeguard.rpc.status import rich_status
 from tradeguard.trading.v1 import trading_pb2
-
-
-def _status(err: grpc.aio.AioRpcError) -> tuple[status_pb2.Status, dict[str, object]]:
-    raw = dict(err.trailing_metadata() or ())["grpc-status-details-bin"]
-    status = status_pb2.Status.FromString(raw)  # type: ignore[arg-type]
-    details: dict[str, object] = {}
-    for any_ in status.details:
-        for cls in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest):
-            if any_.Is(cls.DESCRIPTOR):
-                msg = cls()
-                any_.Unpack(msg)
-                details[cls.__name__] = msg
-    return status, details
 
 
 def order(coid: str = "c-1", **over: object) -> trading_pb2.PlaceOrderRequest:
@@ -68,8 +55,7 @@ async def test_place_is_idempotent_by_client_order_id(trading) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.PlaceOrder(order("same", quantity="2"), timeout=5)
         assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS
-        _, details = _status(err.value)
-        assert details["ErrorInfo"].reason == "CLIENT_ORDER_ID_REUSED"  # type: ignore[attr-defined]
+        assert rich_status(err.value).reason == "CLIENT_ORDER_ID_REUSED"
 
 
 @pytest.mark.parametrize(
@@ -90,11 +76,10 @@ async def test_invalid_input_is_invalid_argument_naming_the_field(trading, overr
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await trading.stub(channel).PlaceOrder(order(**override), timeout=5)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    status, details = _status(err.value)
-    assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
-    assert details["ErrorInfo"].domain == "tradeguard.dev"  # type: ignore[attr-defined]
-    fields = [v.field for v in details["BadRequest"].field_violations]  # type: ignore[attr-defined]
-    assert field in fields
+    status = rich_status(err.value)
+    assert status.code == grpc.StatusCode.INVALID_ARGUMENT and status.details_problem is None
+    assert status.error_info is not None and status.error_info.domain == "tradeguard.dev"
+    assert field in [v.field for v in status.field_violations]
 
 
 async def test_unknown_order_is_not_found(trading) -> None:

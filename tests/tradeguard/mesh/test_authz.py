@@ -6,9 +6,9 @@ import asyncio
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2, status_pb2
 
 from tradeguard.mesh.authz import MethodPolicy
+from tradeguard.rpc.status import rich_status
 from tradeguard.trading.v1 import trading_pb2
 
 TD = "tradeguard.test"
@@ -62,11 +62,7 @@ async def test_valid_client_not_on_the_list_gets_permission_denied(trading) -> N
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.PlaceOrder(_order("c-1"), timeout=5)
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        details = dict(err.value.trailing_metadata() or ())["grpc-status-details-bin"]
-        status = status_pb2.Status.FromString(details)
-        info = error_details_pb2.ErrorInfo()
-        status.details[0].Unpack(info)
-        assert info.reason == "CALLER_NOT_ALLOWED"
+        assert rich_status(err.value).reason == "CALLER_NOT_ALLOWED"
         listed = await stub.ListOrders(trading_pb2.ListOrdersRequest(account_id="acct-1"), timeout=5)
         assert list(listed.orders) == []
 
