@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from services.keyvault.keyring import KeyConfig, KeyType, StoredKey, VersionRecord
+from services.keyvault.model import KeyConfig, KeyType, StoredKey, VersionRecord
 
 __all__ = [
     "KEY_COLUMNS",

@@ -11,10 +11,9 @@ from typing import Any
 
 from psycopg import AsyncConnection, sql
 
-from services.keyvault.keyring import KeyConfig, StoredKey, VersionRecord
+from services.keyvault.model import KeyConfig, StoredKey, VersionRecord
 from services.keyvault.store import (
     KEY_COLUMNS,
-    SCHEMA_VERSION,
     SECRET_COLUMNS,
     VERSION_COLUMNS,
     RewrapDataKey,
@@ -26,69 +25,51 @@ from services.keyvault.store import (
     secret_from_row,
     version_from_row,
 )
-from tradeguard.postgres import Pool, open_pool
+from tradeguard.storage.migrations import Migration
+from tradeguard.storage.postgres import Pool, open_pool
 
-__all__ = ["PostgresVaultStore"]
+__all__ = ["MIGRATIONS", "PostgresVaultStore"]
 
 
-def _ddl(schema: str) -> list[sql.Composed]:
-    fmt = {
-        "schema": sql.Identifier(schema),
-        "version": sql.Identifier(schema, "schema_version"),
-        "meta": sql.Identifier(schema, "vault_meta"),
-        "keys": sql.Identifier(schema, "keys"),
-        "versions": sql.Identifier(schema, "key_versions"),
-        "secrets": sql.Identifier(schema, "secret_versions"),
-        "usage": sql.Identifier(schema, "key_usage"),
-    }
-    return [
-        sql.SQL("CREATE SCHEMA IF NOT EXISTS {schema}").format(**fmt),
-        sql.SQL("CREATE TABLE IF NOT EXISTS {version} (version integer NOT NULL)").format(**fmt),
-        sql.SQL("CREATE TABLE IF NOT EXISTS {meta} (key text PRIMARY KEY, value bytea NOT NULL)").format(
-            **fmt
-        ),
-        sql.SQL(
-            """CREATE TABLE IF NOT EXISTS {keys} (
-                name text COLLATE "C" PRIMARY KEY,
-                type text NOT NULL,
-                min_decryption_version integer NOT NULL,
-                auto_rotate_period_us bigint NOT NULL,
-                deletion_allowed boolean NOT NULL,
-                create_us bigint NOT NULL,
-                update_us bigint NOT NULL
-            )"""
-        ).format(**fmt),
-        sql.SQL(
-            """CREATE TABLE IF NOT EXISTS {versions} (
-                name text COLLATE "C" NOT NULL REFERENCES {keys} (name) ON DELETE CASCADE,
-                version integer NOT NULL,
-                wrapped bytea NOT NULL,
-                public_key bytea NOT NULL,
-                create_us bigint NOT NULL,
-                PRIMARY KEY (name, version)
-            )"""
-        ).format(**fmt),
-        sql.SQL(
-            """CREATE TABLE IF NOT EXISTS {usage} (
-                name text COLLATE "C" NOT NULL,
-                version integer NOT NULL,
-                encryptions bigint NOT NULL,
-                PRIMARY KEY (name, version)
-            )"""
-        ).format(**fmt),
-        sql.SQL(
-            """CREATE TABLE IF NOT EXISTS {secrets} (
-                owner text COLLATE "C" NOT NULL,
-                path text COLLATE "C" NOT NULL,
-                version integer NOT NULL,
-                wrapped_data_key bytea,
-                ciphertext bytea,
-                create_us bigint NOT NULL,
-                destroy_us bigint NOT NULL,
-                PRIMARY KEY (owner, path, version)
-            )"""
-        ).format(**fmt),
-    ]
+# Append-only: a released migration is never edited (see tradeguard.storage.migrations). Version 1 is the
+# schema the store created before migrations existed (recorded then as schema_version 1).
+_V1 = (
+    "CREATE TABLE IF NOT EXISTS {schema}.vault_meta (key text PRIMARY KEY, value bytea NOT NULL)",
+    """CREATE TABLE IF NOT EXISTS {schema}.keys (
+        name text COLLATE "C" PRIMARY KEY,
+        type text NOT NULL,
+        min_decryption_version integer NOT NULL,
+        auto_rotate_period_us bigint NOT NULL,
+        deletion_allowed boolean NOT NULL,
+        create_us bigint NOT NULL,
+        update_us bigint NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS {schema}.key_versions (
+        name text COLLATE "C" NOT NULL REFERENCES {schema}.keys (name) ON DELETE CASCADE,
+        version integer NOT NULL,
+        wrapped bytea NOT NULL,
+        public_key bytea NOT NULL,
+        create_us bigint NOT NULL,
+        PRIMARY KEY (name, version)
+    )""",
+    """CREATE TABLE IF NOT EXISTS {schema}.key_usage (
+        name text COLLATE "C" NOT NULL,
+        version integer NOT NULL,
+        encryptions bigint NOT NULL,
+        PRIMARY KEY (name, version)
+    )""",
+    """CREATE TABLE IF NOT EXISTS {schema}.secret_versions (
+        owner text COLLATE "C" NOT NULL,
+        path text COLLATE "C" NOT NULL,
+        version integer NOT NULL,
+        wrapped_data_key bytea,
+        ciphertext bytea,
+        create_us bigint NOT NULL,
+        destroy_us bigint NOT NULL,
+        PRIMARY KEY (owner, path, version)
+    )""",
+)
+MIGRATIONS = (Migration(1, "meta, keys and their versions, usage counts, secret versions", _V1),)
 
 
 def _statements(schema: str) -> dict[str, sql.Composed]:
@@ -175,7 +156,7 @@ class PostgresVaultStore:
     async def open(
         cls, dsn: str, *, schema: str = "tradeguard_keyvault", min_size: int = 1, max_size: int = 10
     ) -> PostgresVaultStore:
-        pool = await open_pool(dsn, schema, _ddl, SCHEMA_VERSION, min_size=min_size, max_size=max_size)
+        pool = await open_pool(dsn, schema, MIGRATIONS, min_size=min_size, max_size=max_size)
         return cls(pool, schema)
 
     async def _load_key(self, conn: AsyncConnection[tuple[Any, ...]], row: tuple[Any, ...]) -> StoredKey:

@@ -1,7 +1,7 @@
 """SQLite vault store: WAL, synchronous=FULL, secure_delete=ON, every write one BEGIN IMMEDIATE transaction.
 
-All database work runs on one dedicated worker thread (the event loop never blocks on disk; the connection is
-only touched by the thread that opened it). `secure_delete` overwrites erased content with zeros, so a destroyed
+All database work runs on the kit's `SqliteWorker` (one thread owns the connection; the event loop never
+blocks on disk). `secure_delete` overwrites erased content with zeros, so a destroyed
 secret version or a deleted key leaves no wrapped bytes behind in free pages; and after such an erasure the WAL
 is checkpointed and truncated (`wal_checkpoint(TRUNCATE)`, `journal_size_limit = 0`), so that the old frames
 holding those bytes are gone from the -wal file too. The database, -wal and -shm files are owner-only (0600).
@@ -9,18 +9,15 @@ holding those bytes are gone from the -wal file too. The database, -wal and -shm
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import sqlite3
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
 
-from services.keyvault.keyring import KeyConfig, StoredKey, VersionRecord
+from services.keyvault.model import KeyConfig, StoredKey, VersionRecord
 from services.keyvault.store import (
     KEY_COLUMNS,
-    SCHEMA_VERSION,
     SECRET_COLUMNS,
     VERSION_COLUMNS,
     RewrapDataKey,
@@ -32,19 +29,22 @@ from services.keyvault.store import (
     secret_from_row,
     version_from_row,
 )
-from tradeguard.sqlite import connect, in_transaction
+from tradeguard.storage.migrations import Migration
+from tradeguard.storage.sqlite import SqliteWorker, in_transaction
 
-__all__ = ["SqliteVaultStore"]
+__all__ = ["MIGRATIONS", "SqliteVaultStore"]
 
 T = TypeVar("T")
 
+# secure_delete: freed pages are zeroed; journal_size_limit 0: a checkpointed WAL is truncated, not kept
 _PRAGMAS = ("PRAGMA secure_delete = ON", "PRAGMA journal_size_limit = 0")
 _KEY_COLS = ", ".join(KEY_COLUMNS)
 _VERSION_COLS = ", ".join(VERSION_COLUMNS)
 _SECRET_COLS = ", ".join(SECRET_COLUMNS)
 
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL) STRICT",
+# Append-only: a released migration is never edited (see tradeguard.storage.migrations). Version 1 is the
+# schema the store created before migrations existed (recorded then as schema_version 1).
+_V1 = (
     "CREATE TABLE IF NOT EXISTS vault_meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) STRICT",
     """CREATE TABLE IF NOT EXISTS keys (
         name TEXT PRIMARY KEY,
@@ -80,6 +80,7 @@ _SCHEMA = (
         PRIMARY KEY (owner, path, version)
     ) STRICT""",
 )
+MIGRATIONS = (Migration(1, "meta, keys and their versions, usage counts, secret versions", _V1),)
 
 _KEY_STAMP = "SELECT create_us, update_us FROM keys WHERE name = ?"
 _SELECT_KEY = f"SELECT {_KEY_COLS} FROM keys WHERE name = ?"  # noqa: S608 - constant column names
@@ -98,11 +99,6 @@ _LIST_VERSIONS_OF = (
 )
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    # secure_delete: freed pages are zeroed; journal_size_limit 0: a checkpointed WAL is truncated, not kept
-    return connect(path, _SCHEMA, SCHEMA_VERSION, pragmas=_PRAGMAS)
-
-
 def _scrub_wal(conn: sqlite3.Connection) -> None:
     """Copy the WAL into the database and truncate it: erased values must not survive in old WAL frames.
 
@@ -118,10 +114,9 @@ def _load_key(conn: sqlite3.Connection, row: tuple[object, ...]) -> StoredKey:
 
 
 class SqliteVaultStore:
-    def __init__(self, conn: sqlite3.Connection, executor: ThreadPoolExecutor, path: Path) -> None:
-        self._conn: sqlite3.Connection | None = conn
-        self._executor = executor
-        self.path = path
+    def __init__(self, worker: SqliteWorker) -> None:
+        self.worker = worker
+        self.path = worker.path
         self._fence: tuple[str, bytes] | None = None
 
     def fence(self, check_key: str, expected: bytes) -> None:
@@ -138,22 +133,13 @@ class SqliteVaultStore:
 
     @classmethod
     async def open(cls, path: Path) -> SqliteVaultStore:
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-vault")
-        try:
-            conn = await asyncio.get_running_loop().run_in_executor(executor, _connect, path)
-        except BaseException:
-            executor.shutdown(wait=False)
-            raise
-        return cls(conn, executor, path)
+        return cls(await SqliteWorker.open(path, MIGRATIONS, pragmas=_PRAGMAS, name="sqlite-vault"))
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        conn = self._conn
-        if conn is None:
-            raise RuntimeError("the vault store is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, work, conn)
+        return await self.worker.run(work)
 
     async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        return await self._run(lambda conn: in_transaction(conn, work))
+        return await self.worker.transaction(work)
 
     async def _write_and_scrub(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """A write that erases material: then checkpoint and truncate the WAL that still holds the old bytes."""
@@ -360,13 +346,7 @@ class SqliteVaultStore:
         return await self._write_and_scrub(work)
 
     async def close(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is None:
-            return
-        try:
-            await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
-        finally:
-            self._executor.shutdown(wait=False)
+        await self.worker.close()
 
 
 def _insert_version(conn: sqlite3.Connection, name: str, record: VersionRecord) -> None:

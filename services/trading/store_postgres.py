@@ -1,10 +1,10 @@
 """PostgreSQL order store over a psycopg 3 async connection pool.
 
 Quantities and prices are NUMERIC. Placement is one INSERT ... ON CONFLICT DO NOTHING RETURNING (with the event
-row in the same statement; then a read of the winner), so the unique (account_id, client_order_id) constraint, not a check-then-insert, decides
-races.
-Writes are grouped (group commit, see `GroupCommit`): while one batch is being written on one pooled connection,
-the next writes queue up and then go together in one transaction, each inside its own SAVEPOINT, so a failing
+row in the same statement; then a read of the winner), so the unique (account_id, client_order_id) constraint,
+not a check-then-insert, decides races.
+Writes are grouped (group commit: the kit's `Batcher` over `tradeguard.storage.postgres.write_batch`): while one
+batch is being written on one pooled connection, the next writes queue up and then go together in one transaction, each inside its own SAVEPOINT, so a failing
 write rolls back only itself (its order row and its event row together) and the others commit; a lone write goes
 at once, in a transaction of its own. A caller is answered only after the COMMIT that includes its write returned.
 """
@@ -18,12 +18,13 @@ from typing import Any, TypeVar, cast
 
 from psycopg import AsyncConnection, sql
 
-from services.trading.group_commit import DEFAULT_MAX_BATCH, GroupCommit, Outcome
 from services.trading.model import Order, OrderStatus, PageCursor
-from services.trading.store import ORDER_COLUMNS, SCHEMA_VERSION, order_from_row, order_to_row
-from tradeguard.postgres import Pool, open_pool
+from services.trading.store import ORDER_COLUMNS, order_from_row, order_to_row
+from tradeguard.batching import DEFAULT_MAX_BATCH, Batcher, Outcome
+from tradeguard.storage.migrations import Migration
+from tradeguard.storage.postgres import Pool, open_pool, write_batch
 
-__all__ = ["PostgresOrderStore"]
+__all__ = ["MIGRATIONS", "PostgresOrderStore"]
 
 T = TypeVar("T")
 Conn = AsyncConnection[tuple[Any, ...]]
@@ -69,47 +70,35 @@ def _statements(schema: str) -> dict[str, sql.Composed]:
     }
 
 
-def _ddl(schema: str) -> list[sql.Composed]:
-    fmt = {
-        "schema": sql.Identifier(schema),
-        "version": sql.Identifier(schema, "schema_version"),
-        "orders": sql.Identifier(schema, "orders"),
-        "events": sql.Identifier(schema, "order_events"),
-    }
-    return [
-        sql.SQL("CREATE SCHEMA IF NOT EXISTS {schema}").format(**fmt),
-        sql.SQL("CREATE TABLE IF NOT EXISTS {version} (version integer NOT NULL)").format(**fmt),
-        sql.SQL(
-            """CREATE TABLE IF NOT EXISTS {orders} (
-                order_id text COLLATE "C" PRIMARY KEY,
-                account_id text NOT NULL,
-                client_order_id text NOT NULL,
-                symbol text NOT NULL,
-                side smallint NOT NULL CHECK (side IN (1, 2)),
-                type smallint NOT NULL CHECK (type IN (1, 2)),
-                time_in_force smallint NOT NULL CHECK (time_in_force IN (1, 2, 3)),
-                quantity numeric NOT NULL CHECK (quantity > 0),
-                price numeric CHECK (price > 0),
-                status smallint NOT NULL CHECK (status IN (1, 2, 3, 4)),
-                create_time_us bigint NOT NULL,
-                update_time_us bigint NOT NULL,
-                UNIQUE (account_id, client_order_id)
-            )"""
-        ).format(**fmt),
-        sql.SQL(
-            "CREATE INDEX IF NOT EXISTS orders_account_time "
-            "ON {orders} (account_id, create_time_us DESC, order_id DESC)"
-        ).format(**fmt),
-        sql.SQL(
-            """CREATE TABLE IF NOT EXISTS {events} (
-                seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-                order_id text COLLATE "C" NOT NULL REFERENCES {orders} (order_id),
-                status smallint NOT NULL,
-                time_us bigint NOT NULL
-            )"""
-        ).format(**fmt),
-        sql.SQL("CREATE INDEX IF NOT EXISTS order_events_order ON {events} (order_id, seq)").format(**fmt),
-    ]
+# Append-only: a released migration is never edited (see tradeguard.storage.migrations). Version 1 is the
+# schema the store created before migrations existed (recorded then as schema_version 1).
+_V1 = (
+    """CREATE TABLE IF NOT EXISTS {schema}.orders (
+        order_id text COLLATE "C" PRIMARY KEY,
+        account_id text NOT NULL,
+        client_order_id text NOT NULL,
+        symbol text NOT NULL,
+        side smallint NOT NULL CHECK (side IN (1, 2)),
+        type smallint NOT NULL CHECK (type IN (1, 2)),
+        time_in_force smallint NOT NULL CHECK (time_in_force IN (1, 2, 3)),
+        quantity numeric NOT NULL CHECK (quantity > 0),
+        price numeric CHECK (price > 0),
+        status smallint NOT NULL CHECK (status IN (1, 2, 3, 4)),
+        create_time_us bigint NOT NULL,
+        update_time_us bigint NOT NULL,
+        UNIQUE (account_id, client_order_id)
+    )""",
+    "CREATE INDEX IF NOT EXISTS orders_account_time "
+    "ON {schema}.orders (account_id, create_time_us DESC, order_id DESC)",
+    """CREATE TABLE IF NOT EXISTS {schema}.order_events (
+        seq bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        order_id text COLLATE "C" NOT NULL REFERENCES {schema}.orders (order_id),
+        status smallint NOT NULL,
+        time_us bigint NOT NULL
+    )""",
+    "CREATE INDEX IF NOT EXISTS order_events_order ON {schema}.order_events (order_id, seq)",
+)
+MIGRATIONS = (Migration(1, "orders and their status events", _V1),)
 
 
 def _params(order: Order) -> tuple[object, ...]:
@@ -118,35 +107,6 @@ def _params(order: Order) -> tuple[object, ...]:
         Decimal(value) if column in ("quantity", "price") and isinstance(value, str) else value
         for column, value in zip(ORDER_COLUMNS, order_to_row(order), strict=True)
     )
-
-
-async def _write_batch(conn: Conn, works: Sequence[Work]) -> list[Outcome]:
-    """All of `works` in one transaction; raises if the transaction did not commit.
-
-    Optimistic first: the writes run one after another with no savepoints (a SAVEPOINT and a RELEASE are two more
-    round trips per write). If one of them fails, that transaction is rolled back, nothing of it stored, and the
-    batch runs again with each write inside its own SAVEPOINT, so the failing write rolls back only itself and
-    is reported in its `Outcome` while the others commit. A lone write's error is raised, as for a failed COMMIT.
-    """
-    try:
-        async with conn.transaction():
-            return [Outcome(value=await work(conn)) for work in works]
-    except Exception:
-        if len(works) == 1 or conn.closed or conn.broken:
-            raise
-    outcomes: list[Outcome] = []
-    async with conn.transaction():
-        for work in works:
-            try:
-                async with conn.transaction():  # nested: SAVEPOINT ... RELEASE, or ROLLBACK TO on error
-                    value = await work(conn)
-            except Exception as error:
-                if conn.closed or conn.broken:
-                    raise
-                outcomes.append(Outcome(error=error))
-            else:
-                outcomes.append(Outcome(value=value))
-    return outcomes
 
 
 class PostgresOrderStore:
@@ -160,7 +120,9 @@ class PostgresOrderStore:
         self._pool = pool
         self.schema = schema
         self._sql = _statements(schema)
-        self.group: GroupCommit[Work] = GroupCommit(self._write_batch, max_batch=max_batch)
+        self.group: Batcher[Work, object] = Batcher(
+            self._write_batch, max_batch=max_batch, name="postgres-orders-commit"
+        )
 
     @classmethod
     async def open(
@@ -173,22 +135,22 @@ class PostgresOrderStore:
         max_batch: int = DEFAULT_MAX_BATCH,
     ) -> PostgresOrderStore:
         """Open the pool and create the schema; `max_batch=1` makes every write its own transaction."""
-        pool = await open_pool(dsn, schema, _ddl, SCHEMA_VERSION, min_size=min_size, max_size=max_size)
+        pool = await open_pool(dsn, schema, MIGRATIONS, min_size=min_size, max_size=max_size)
         return cls(pool, schema, max_batch=max_batch)
 
     @property
     def transactions(self) -> int:
         """Write transactions run so far (each one COMMIT, or one ROLLBACK if it failed)."""
-        return self.group.transactions
+        return self.group.batches
 
     @property
     def writes(self) -> int:
         """Writes handed to those transactions."""
-        return self.group.writes
+        return self.group.items
 
-    async def _write_batch(self, works: Sequence[Work]) -> list[Outcome]:
+    async def _write_batch(self, works: Sequence[Work]) -> list[Outcome[object]]:
         async with self._pool.connection() as conn:
-            return await _write_batch(conn, works)
+            return await write_batch(conn, works)
 
     async def _write(self, work: Callable[[Conn], Awaitable[T]]) -> T:
         return cast(T, await self.group.submit(work))

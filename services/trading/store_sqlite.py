@@ -1,7 +1,7 @@
 """SQLite order store: WAL, synchronous=FULL, writes grouped into BEGIN IMMEDIATE transactions (group commit).
 
-All database work runs on one dedicated worker thread, so the event loop never blocks on disk and the
-connection is only ever touched by the thread that opened it. Writes go through `GroupCommit`: while one
+All database work runs on the kit's `SqliteWorker` (one thread owns the connection), so the event loop never
+blocks on disk. Writes go through the kit's `Batcher` (group commit): while one
 transaction is being written, the next writes queue up and then go together in one transaction, each inside its
 own SAVEPOINT (a failing write rolls back only itself); a lone write goes at once. A caller is answered only
 after the COMMIT that includes its write returned. A write whose batch has started runs to COMMIT or ROLLBACK
@@ -11,20 +11,19 @@ Reads run on the same thread, between transactions.
 
 from __future__ import annotations
 
-import asyncio
 import builtins
 import sqlite3
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar, cast
 
-from services.trading.group_commit import DEFAULT_MAX_BATCH, GroupCommit, Outcome
 from services.trading.model import Order, OrderStatus, PageCursor
-from services.trading.store import ORDER_COLUMNS, SCHEMA_VERSION, order_from_row, order_to_row
-from tradeguard.sqlite import connect, in_transaction
+from services.trading.store import ORDER_COLUMNS, order_from_row, order_to_row
+from tradeguard.batching import DEFAULT_MAX_BATCH, Batcher
+from tradeguard.storage.migrations import Migration
+from tradeguard.storage.sqlite import SqliteWorker
 
-__all__ = ["SqliteOrderStore"]
+__all__ = ["MIGRATIONS", "SqliteOrderStore"]
 
 T = TypeVar("T")
 Work = Callable[[sqlite3.Connection], object]
@@ -32,8 +31,9 @@ Work = Callable[[sqlite3.Connection], object]
 _COLS = ", ".join(ORDER_COLUMNS)
 _PLACEHOLDERS = ", ".join("?" for _ in ORDER_COLUMNS)
 
-_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL) STRICT",
+# Append-only: a released migration is never edited (see tradeguard.storage.migrations). Version 1 is the
+# schema the store created before migrations existed (recorded then as schema_version 1).
+_V1 = (
     """CREATE TABLE IF NOT EXISTS orders (
         order_id TEXT PRIMARY KEY,
         account_id TEXT NOT NULL,
@@ -59,6 +59,7 @@ _SCHEMA = (
     ) STRICT""",
     "CREATE INDEX IF NOT EXISTS order_events_order ON order_events (order_id, seq)",
 )
+MIGRATIONS = (Migration(1, "orders and their status events", _V1),)
 
 _INSERT = (
     f"INSERT INTO orders ({_COLS}) VALUES ({_PLACEHOLDERS}) "  # noqa: S608 - constant column names
@@ -82,86 +83,35 @@ _LIST_AFTER = (
 )
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    return connect(path, _SCHEMA, SCHEMA_VERSION)
-
-
-def _write_batch(conn: sqlite3.Connection, works: Sequence[Work]) -> list[Outcome]:
-    """All of `works` in one BEGIN IMMEDIATE transaction, each in its own SAVEPOINT; raises if it did not commit.
-
-    A write that raises is rolled back to its savepoint and reported in its `Outcome`; the others commit. A lone
-    write needs no savepoint: its error rolls back the transaction and is raised, as for a failed COMMIT.
-    """
-    if len(works) == 1:
-        return [Outcome(value=in_transaction(conn, works[0]))]
-
-    def run_all(conn: sqlite3.Connection) -> list[Outcome]:
-        outcomes: list[Outcome] = []
-        for work in works:
-            conn.execute("SAVEPOINT write")
-            try:
-                value = work(conn)
-            except Exception as error:
-                if not conn.in_transaction:  # SQLite rolled the whole transaction back (I/O error, disk full)
-                    raise
-                conn.execute("ROLLBACK TO write")
-                conn.execute("RELEASE write")
-                outcomes.append(Outcome(error=error))
-            else:
-                conn.execute("RELEASE write")
-                outcomes.append(Outcome(value=value))
-        return outcomes
-
-    return in_transaction(conn, run_all)
-
-
 class SqliteOrderStore:
-    def __init__(
-        self,
-        conn: sqlite3.Connection,
-        executor: ThreadPoolExecutor,
-        path: Path,
-        *,
-        max_batch: int = DEFAULT_MAX_BATCH,
-    ) -> None:
-        self._conn: sqlite3.Connection | None = conn
-        self._executor = executor
+    def __init__(self, worker: SqliteWorker, *, max_batch: int = DEFAULT_MAX_BATCH) -> None:
+        self.worker = worker
         self._closed = False
-        self.path = path
-        self.group: GroupCommit[Work] = GroupCommit(self._write_batch, max_batch=max_batch)
+        self.path = worker.path
+        self.group: Batcher[Work, object] = Batcher(
+            worker.write_batch, max_batch=max_batch, name="sqlite-orders-commit"
+        )
 
     @classmethod
     async def open(cls, path: Path, *, max_batch: int = DEFAULT_MAX_BATCH) -> SqliteOrderStore:
         """Open (creating if needed) the store at `path`; `max_batch=1` makes every write its own transaction."""
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-orders")
-        try:
-            conn = await asyncio.get_running_loop().run_in_executor(executor, _connect, path)
-        except BaseException:
-            executor.shutdown(wait=False)
-            raise
-        return cls(conn, executor, path, max_batch=max_batch)
+        worker = await SqliteWorker.open(path, MIGRATIONS, name="sqlite-orders")
+        return cls(worker, max_batch=max_batch)
 
     @property
     def transactions(self) -> int:
         """Write transactions run so far (each one COMMIT, or one ROLLBACK if it failed)."""
-        return self.group.transactions
+        return self.group.batches
 
     @property
     def writes(self) -> int:
         """Writes handed to those transactions."""
-        return self.group.writes
+        return self.group.items
 
     async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        conn = self._conn
-        if conn is None or self._closed:
+        if self._closed:
             raise RuntimeError("the order store is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, work, conn)
-
-    async def _write_batch(self, works: Sequence[Work]) -> list[Outcome]:
-        conn = self._conn
-        if conn is None:
-            raise RuntimeError("the order store is closed")
-        return await asyncio.get_running_loop().run_in_executor(self._executor, _write_batch, conn, works)
+        return await self.worker.run(work)
 
     async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         return cast(T, await self.group.submit(work))
@@ -225,9 +175,4 @@ class SqliteOrderStore:
         try:
             await self.group.close()
         finally:
-            conn, self._conn = self._conn, None
-            try:
-                if conn is not None:
-                    await asyncio.get_running_loop().run_in_executor(self._executor, conn.close)
-            finally:
-                self._executor.shutdown(wait=False)
+            await self.worker.close()
