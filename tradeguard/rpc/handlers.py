@@ -1,21 +1,65 @@
-"""Wrapping grpc.aio method handlers: one place that knows the four handler kinds.
+"""Wrapping grpc.aio method handlers: one place that knows the four handler kinds, and the kit's chain.
 
 Server interceptors in grpc.aio see no ServicerContext, so checks that need the peer (authorisation) or
 the outcome (error mapping) wrap the handler that `continuation` returns. `wrap_handler` does that for
 unary and streaming handlers alike, with a `before` hook (may abort) and an `on_error` hook (maps or
 re-raises an exception).
+
+The kit's chain (`ChainInterceptor`), per call, outermost first::
+
+    wrapping layers (telemetry → authorisation → error mapping)   see the raw request bytes
+    → decode (parse + undefined enum values refused)               INVALID_ARGUMENT on a bad body
+    → request layers (`Layer`, e.g. the guard's HMAC check)        see the decoded request AND its raw bytes
+    → the service's handler                                        sees the decoded request
+
+Each method's handler is rebuilt ONCE with ``request_deserializer=None``, so grpc hands the request over as
+the bytes received and nothing is parsed before authorisation: a caller that may not call the method gets
+PERMISSION_DENIED whatever it sent, an allowed caller with a body that is not the method's message gets
+INVALID_ARGUMENT (`ErrorInfo` reason ``MALFORMED_REQUEST`` + `BadRequest`), and either way the call is logged
+and counted like any other.
+
+A request layer (what a service adds: ``MeshServer(config, policy, services, layers=[...])``)::
+
+    class SignatureCheck(Layer):
+        def for_method(self, method: str) -> Before | None:     # once per method; None: skip the method
+            return None if method in UNSIGNED else self.before
+
+        async def before(self, context: Context, request: Any, raw: bytes) -> None:
+            ...  # raise a DomainError (mapped to its status) or abort the call; return to let it through
+
+`before` runs after decoding, once per request message: once per call for unary requests, for each message
+as the handler reads it for streaming requests. `raw` is exactly the bytes received for that message (sign
+and verify these, never a re-serialisation of `request`). Handlers behind the chain read streamed requests
+from the request iterator; `context.read()` would return raw bytes.
+
+Undefined enum values: per message type, the paths to its enum fields (nested messages, repeated fields,
+map values) are found once from the descriptor and cached; a value the enum does not define is refused
+with ``UNDEFINED_ENUM_VALUE`` naming the field (``tone``, ``parts[2].tone``, ``tones["k"]``). A message
+type without enum fields anywhere below it costs no check at all.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, cast
+import inspect
+import json
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, Final, TypeAlias, cast
 
 import grpc
+from google.protobuf.message import Message
+
+from tradeguard.errors import FieldViolation, InvalidArgument
+
+# protobuf's descriptors (pure Python or upb) are typed loosely here: only their common reflection API is used.
+Descriptor: TypeAlias = Any
+FieldDescriptor: TypeAlias = Any
 
 Context = grpc.aio.ServicerContext[Any, Any]
 Before = Callable[[Context], Awaitable[None]]
 OnError = Callable[[BaseException, Context], Awaitable[None]]
+#: A request layer's per-call hook: (context, decoded request, raw request bytes as received).
+RequestCheck = Callable[[Context, Any, bytes], Awaitable[None]]
 
 
 def wrap_handler(
@@ -57,7 +101,10 @@ def wrap_handler(
 
     def streaming(
         behavior: Callable[[Any, Context], AsyncIterator[Any]],
-    ) -> Callable[[Any, Context], AsyncIterator[Any]]:
+    ) -> Callable[[Any, Context], Any]:
+        if inspect.iscoroutinefunction(behavior):  # a streaming response written with context.write()
+            return unary(cast(Callable[[Any, Context], Awaitable[Any]], behavior))
+
         async def run(request: Any, context: Context) -> AsyncIterator[Any]:
             if before is not None:
                 await before(context)
@@ -73,6 +120,7 @@ def wrap_handler(
 
 
 Behaviour = Callable[..., Any]
+_SAME: Final = object()
 
 
 def rebuild(
@@ -80,11 +128,15 @@ def rebuild(
     *,
     unary_response: Callable[[Behaviour], Behaviour],
     stream_response: Callable[[Behaviour], Behaviour],
+    request_deserializer: Any = _SAME,
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """A handler of the same kind and serializers whose behaviour is `unary_response(behaviour)` (unary-unary,
-    stream-unary) or `stream_response(behaviour)` (unary-stream, stream-stream)."""
+    stream-unary) or `stream_response(behaviour)` (unary-stream, stream-stream); `request_deserializer`
+    replaces the handler's own when given (None: the behaviour receives the request bytes)."""
     kwargs = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": handler.request_deserializer
+        if request_deserializer is _SAME
+        else request_deserializer,
         "response_serializer": handler.response_serializer,
     }
     # grpc's stubs type behaviours as sync callables; on a grpc.aio server they are coroutines/async generators
@@ -133,16 +185,320 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         return wrapped
 
 
-class ChainInterceptor(WrappingInterceptor):
-    """Several wrapping interceptors as ONE grpc interceptor, outermost first: grpc.aio awaits each
-    interceptor's `intercept_service` on every call, so a chain of three cost three coroutines and
-    continuations per call; composed, the wrapped handler is built once per method and the call pays one."""
+class Layer:
+    """A check a service adds to the kit's chain (`MeshServer(..., layers=[...])`), run after authorisation
+    and decoding, before the handler, with the decoded request and the raw bytes it was decoded from.
 
-    def __init__(self, layers: list[WrappingInterceptor]) -> None:
+    Override `before`; override `for_method` to configure the check per method or leave a method out (None),
+    at no cost per call. `before` may raise a DomainError (the chain's error layer maps it to its status)
+    or abort the call itself."""
+
+    def for_method(self, method: str) -> RequestCheck | None:
+        """This layer's check for `method`, asked once per method when the chain is built."""
+        return self.before
+
+    async def before(self, context: Context, request: Any, raw: bytes) -> None:
+        """Runs once per request message; returning lets the call go on."""
+        raise NotImplementedError
+
+
+# --- decoding -----------------------------------------------------------------------------------------------
+
+MALFORMED_REQUEST: Final = "MALFORMED_REQUEST"
+UNDEFINED_ENUM_VALUE: Final = "UNDEFINED_ENUM_VALUE"
+_MAX_VIOLATIONS: Final = 10  # a status names at most this many fields; the first one is enough to act on
+
+# A step of an enum plan: (field name, kind, valid numbers or nested message descriptor)
+_ENUM, _ENUM_LIST, _ENUM_MAP, _MSG, _MSG_LIST, _MSG_MAP = range(6)
+_Plan = list[tuple[str, int, Any]]
+_plans: dict[Descriptor, _Plan] = {}  # message type → its plan (empty: no enum field anywhere below it)
+_plans_lock = threading.Lock()
+
+
+def _is_map(field: FieldDescriptor) -> bool:
+    return field.message_type is not None and field.message_type.GetOptions().map_entry
+
+
+def _repeated(field: FieldDescriptor) -> bool:
+    return bool(field.is_repeated)
+
+
+def _children(descriptor: Descriptor) -> list[Descriptor]:
+    out = []
+    for field in descriptor.fields:
+        if field.message_type is None:
+            continue
+        out.append(
+            field.message_type.fields_by_name["value"].message_type if _is_map(field) else field.message_type
+        )
+    return [d for d in out if d is not None]
+
+
+def _direct_enum(descriptor: Descriptor) -> bool:
+    for field in descriptor.fields:
+        if field.enum_type is not None:
+            return True
+        if _is_map(field) and field.message_type.fields_by_name["value"].enum_type is not None:
+            return True
+    return False
+
+
+def _build_plans(root: Descriptor) -> None:
+    """Plans for `root` and every message type reachable from it (recursive types included)."""
+    reachable: list[Descriptor] = []
+    seen: set[Descriptor] = set()
+    stack = [root]
+    while stack:
+        desc = stack.pop()
+        if desc in seen or desc in _plans:
+            continue
+        seen.add(desc)
+        reachable.append(desc)
+        stack.extend(_children(desc))
+    # has_enum: a fixed point, so that cycles (a message that contains itself) are decided correctly
+    has = {desc: _direct_enum(desc) for desc in reachable}
+
+    def has_enum(desc: Descriptor) -> bool:
+        known = has.get(desc)
+        return bool(_plans[desc]) if known is None else known
+
+    changed = True
+    while changed:
+        changed = False
+        for desc in reachable:
+            if not has[desc] and any(has_enum(child) for child in _children(desc)):
+                has[desc] = changed = True
+    for desc in reachable:
+        plan: _Plan = []
+        if has[desc]:
+            for field in desc.fields:
+                if _is_map(field):
+                    value = field.message_type.fields_by_name["value"]
+                    if value.enum_type is not None:
+                        plan.append((field.name, _ENUM_MAP, frozenset(value.enum_type.values_by_number)))
+                    elif value.message_type is not None and has_enum(value.message_type):
+                        plan.append((field.name, _MSG_MAP, value.message_type))
+                elif field.enum_type is not None:
+                    numbers = frozenset(field.enum_type.values_by_number)
+                    plan.append((field.name, _ENUM_LIST if _repeated(field) else _ENUM, numbers))
+                elif field.message_type is not None and has_enum(field.message_type):
+                    kind = _MSG_LIST if _repeated(field) else _MSG
+                    plan.append((field.name, kind, field.message_type))
+        _plans[desc] = plan
+
+
+def _key(key: object) -> str:
+    return json.dumps(key) if isinstance(key, str) else str(key)
+
+
+def _undefined(message: Message, plan: _Plan, prefix: str, out: list[str]) -> None:
+    """Append to `out` the paths of enum fields holding an undefined value (stops at _MAX_VIOLATIONS)."""
+    for name, kind, arg in plan:
+        if len(out) >= _MAX_VIOLATIONS:
+            return
+        if kind == _ENUM:
+            if getattr(message, name) not in arg:
+                out.append(prefix + name)
+        elif kind == _MSG:
+            if message.HasField(name):
+                _undefined(getattr(message, name), _plans[arg], f"{prefix}{name}.", out)
+        elif kind == _ENUM_LIST:
+            for i, value in enumerate(getattr(message, name)):
+                if value not in arg:
+                    out.append(f"{prefix}{name}[{i}]")
+                    if len(out) >= _MAX_VIOLATIONS:
+                        return
+        elif kind == _MSG_LIST:
+            sub = _plans[arg]
+            for i, item in enumerate(getattr(message, name)):
+                _undefined(item, sub, f"{prefix}{name}[{i}].", out)
+                if len(out) >= _MAX_VIOLATIONS:
+                    return
+        elif kind == _ENUM_MAP:
+            for key, value in getattr(message, name).items():
+                if value not in arg:
+                    out.append(f"{prefix}{name}[{_key(key)}]")
+                    if len(out) >= _MAX_VIOLATIONS:
+                        return
+        else:  # _MSG_MAP
+            sub = _plans[arg]
+            for key, item in getattr(message, name).items():
+                _undefined(item, sub, f"{prefix}{name}[{_key(key)}].", out)
+                if len(out) >= _MAX_VIOLATIONS:
+                    return
+
+
+def undefined_enum_paths(message: Message) -> list[str]:
+    """Field paths of `message` whose enum value the enum does not define (at most 10), [] when none."""
+    plan = enum_plan(message.DESCRIPTOR)
+    out: list[str] = []
+    if plan:
+        _undefined(message, plan, "", out)
+    return out
+
+
+def enum_plan(descriptor: Descriptor) -> _Plan:
+    """The cached enum plan of a message type (empty: no enum field anywhere in it)."""
+    plan = _plans.get(descriptor)
+    if plan is None:
+        with _plans_lock:
+            _build_plans(descriptor)
+        plan = _plans[descriptor]
+    return plan
+
+
+def request_decoder(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """The chain's decode step for a method whose handler had `deserializer`, built once per method:
+    raw bytes → the request, or InvalidArgument (malformed body, undefined enum value). None when the handler
+    takes bytes (no deserializer)."""
+    if deserializer is None:
+        return None
+    try:
+        sample = deserializer(b"")
+    except Exception:
+        sample = None
+    if not isinstance(sample, Message):
+        return _plain_decoder(deserializer, "request")
+    descriptor = sample.DESCRIPTOR
+    full_name = descriptor.full_name
+    plan = enum_plan(descriptor)
+    if not plan:
+        return _plain_decoder(deserializer, full_name)
+
+    def decode(raw: bytes) -> Any:
+        try:
+            message = deserializer(raw)
+        except Exception:
+            raise _malformed(full_name) from None
+        out: list[str] = []
+        _undefined(message, plan, "", out)
+        if out:
+            raise InvalidArgument(
+                [FieldViolation(path, "is not a defined enum value") for path in out],
+                reason=UNDEFINED_ENUM_VALUE,
+            )
+        return message
+
+    return decode
+
+
+def _malformed(full_name: str) -> InvalidArgument:
+    return InvalidArgument(
+        FieldViolation("request", f"the body is not a valid {full_name} message"), reason=MALFORMED_REQUEST
+    )
+
+
+def _plain_decoder(deserializer: Callable[[bytes], Any], full_name: str) -> Callable[[bytes], Any]:
+    def decode(raw: bytes) -> Any:
+        try:
+            return deserializer(raw)
+        except Exception:
+            raise _malformed(full_name) from None
+
+    return decode
+
+
+def decoding(
+    handler: grpc.RpcMethodHandler[Any, Any], checks: Sequence[RequestCheck] = ()
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """`handler` rebuilt to take raw request bytes (no deserializer): it decodes each request itself, runs
+    `checks(context, request, raw)` on it, then the behaviour with the decoded request."""
+    decode = request_decoder(handler.request_deserializer)
+    checks = tuple(checks)
+    if decode is None and not checks:
+        return handler  # a handler of bytes with nothing to check: nothing to do per call
+
+    def unary_request(raw: bytes) -> Any:
+        return raw if decode is None else decode(raw)
+
+    def unary(behavior: Behaviour) -> Behaviour:
+        if handler.stream_unary is not None:
+            return _streamed_requests(behavior, unary_request, checks, generator=False)
+        if checks:
+
+            async def checked(raw: bytes, context: Context) -> Any:
+                request = unary_request(raw)
+                for check in checks:
+                    await check(context, request, raw)
+                return await behavior(request, context)
+
+            return checked
+        assert decode is not None
+
+        async def decoded(raw: bytes, context: Context) -> Any:
+            return await behavior(decode(raw), context)
+
+        return decoded
+
+    def streaming(behavior: Behaviour) -> Behaviour:
+        if handler.stream_stream is not None:
+            return _streamed_requests(behavior, unary_request, checks, generator=True)
+        if inspect.iscoroutinefunction(behavior):  # writes with context.write()
+            return unary_coroutine(behavior)
+
+        async def run(raw: bytes, context: Context) -> AsyncIterator[Any]:
+            request = unary_request(raw)
+            for check in checks:
+                await check(context, request, raw)
+            async for item in behavior(request, context):
+                yield item
+
+        return run
+
+    def unary_coroutine(behavior: Behaviour) -> Behaviour:
+        async def run(raw: bytes, context: Context) -> Any:
+            request = unary_request(raw)
+            for check in checks:
+                await check(context, request, raw)
+            return await behavior(request, context)
+
+        return run
+
+    return rebuild(handler, unary_response=unary, stream_response=streaming, request_deserializer=None)
+
+
+def _streamed_requests(
+    behavior: Behaviour,
+    decode: Callable[[bytes], Any],
+    checks: tuple[RequestCheck, ...],
+    *,
+    generator: bool,
+) -> Behaviour:
+    async def requests(raws: AsyncIterator[bytes], context: Context) -> AsyncIterator[Any]:
+        async for raw in raws:
+            request = decode(raw)
+            for check in checks:
+                await check(context, request, raw)
+            yield request
+
+    if generator and inspect.isasyncgenfunction(behavior):
+
+        async def stream(raws: AsyncIterator[bytes], context: Context) -> AsyncIterator[Any]:
+            async for item in behavior(requests(raws, context), context):
+                yield item
+
+        return stream
+
+    async def run(raws: AsyncIterator[bytes], context: Context) -> Any:
+        return await behavior(requests(raws, context), context)
+
+    return run
+
+
+class ChainInterceptor(WrappingInterceptor):
+    """The kit's layers as ONE grpc interceptor, outermost first, then the decode step, then the request
+    layers (see the module docstring): grpc.aio awaits each interceptor's `intercept_service` on every call,
+    so a chain of three cost three coroutines and continuations per call; composed, the wrapped handler is
+    built once per method and the call pays one."""
+
+    def __init__(self, layers: Sequence[WrappingInterceptor], request_layers: Sequence[Layer] = ()) -> None:
         super().__init__()
-        self.layers = layers
+        self.layers = list(layers)
+        self.request_layers = list(request_layers)
 
     def wrap(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
+        checks = [c for layer in self.request_layers if (c := layer.for_method(method)) is not None]
+        handler = decoding(handler, checks)  # takes raw bytes from here outwards
         for layer in reversed(self.layers):  # innermost wraps first
             handler = layer.wrap(handler, method)
         return handler
