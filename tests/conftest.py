@@ -18,6 +18,7 @@ from tradeguard.mesh import pki, tls
 from tradeguard.mesh.channel import MeshChannel
 from tradeguard.mesh.server import MeshServer, ServerConfig
 from tradeguard.service import start
+from tradeguard.testing import dev_pki
 from tradeguard.trading.v1 import trading_pb2_grpc
 
 WORKLOADS = ("trading", "ops", "monitor", "edge", "keyvault", "auth")
@@ -25,11 +26,7 @@ WORKLOADS = ("trading", "ops", "monitor", "edge", "keyvault", "auth")
 
 @pytest.fixture
 def pki_paths(tmp_path: Path) -> pki.PkiPaths:
-    paths = pki.PkiPaths(tmp_path / "home")
-    pki.init_ca(paths, "tradeguard.test")
-    for name in WORKLOADS:
-        pki.issue(paths, name)
-    return paths
+    return dev_pki(tmp_path / "home", WORKLOADS)
 
 
 @dataclass

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import os
@@ -19,6 +18,7 @@ import pytest
 from psycopg import sql
 
 from tradeguard.mesh import pki
+from tradeguard.testing import eventually  # noqa: F401 - the kit's; tests import it from here too
 
 
 def free_port() -> int:
@@ -26,18 +26,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-async def eventually(condition: Callable[[], bool], within_s: float = 10.0) -> None:
-    """Wait until `condition()` holds (polled each millisecond); fail after `within_s` seconds.
-
-    For tests that must reach a state before acting: they wait for the state itself, not for a guessed delay."""
-    try:
-        async with asyncio.timeout(within_s):
-            while not condition():  # noqa: ASYNC110 - the states polled have no event to wait on
-                await asyncio.sleep(0.001)
-    except TimeoutError:
-        raise AssertionError(f"condition not reached within {within_s} s") from None
 
 
 def openssl_handshake(port: int, paths: pki.PkiPaths, name: str, version: str) -> str:
