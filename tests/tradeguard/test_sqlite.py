@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import eventually
 from tradeguard.storage.migrations import Migration
 from tradeguard.storage.sqlite import SqliteWorker, connect, in_transaction
+from tradeguard.testing import eventually
 
 SCHEMA = (Migration(1, "t", ["CREATE TABLE t (k TEXT PRIMARY KEY, v TEXT NOT NULL)"]),)
 
