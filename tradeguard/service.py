@@ -32,6 +32,7 @@ from tradeguard.mesh.server import MeshServer, ServerConfig, Service
 from tradeguard.observability.logging import configure_logging, get_logger
 from tradeguard.observability.tracing import configure_tracing
 from tradeguard.registry import Registered, env_prefix, lookup
+from tradeguard.rpc.handlers import Layer
 from tradeguard.settings import Env, SettingsError
 from tradeguard.storage import SQLITE, sqlite_path
 
@@ -109,14 +110,18 @@ Closer = Callable[[], Awaitable[None]]
 
 @dataclass
 class Assembly:
-    """What a build function returns: the servicer to mount, background tasks to run while serving (each
-    restarted never: a task that ends with an error is logged), and closers run at shutdown in reverse order
-    (before the store closes)."""
+    """What a build function returns: the servicer to mount, background tasks to run while serving (never
+    restarted: a task that ends with an error is logged; a task that must survive errors loops and catches
+    them itself), closers run at shutdown in reverse order (before the store closes), and the service's own
+    layers for the kit's chain (after authorisation and decoding; they see the raw request bytes)."""
 
     servicer: object
     tasks: Sequence[BackgroundTask] = ()
     closers: Sequence[Closer] = ()
     core: object = None  # the service's core, for in-process callers and tests (`Running.core`)
+    layers: Sequence[
+        Layer
+    ] = ()  # checks of the service's own in the kit's chain (see tradeguard.rpc.handlers)
 
 
 @dataclass(frozen=True)
@@ -217,6 +222,7 @@ async def start(declaration: Declaration[S, St], settings: S) -> Running[S, St]:
         settings.server,
         MethodPolicy(trust_domain, declaration.rules),
         [Service(entry.full_name, lambda grpc_server: declaration.register(servicer, grpc_server))],
+        layers=assembly.layers,
     )
     running = Running(settings, server, store, assembly)
     try:

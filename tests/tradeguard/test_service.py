@@ -23,6 +23,7 @@ from tradeguard.mesh import pki, tls
 from tradeguard.mesh.channel import MeshChannel
 from tradeguard.mesh.server import ServerConfig
 from tradeguard.registry import SERVICES, SUITE
+from tradeguard.rpc.handlers import Layer
 from tradeguard.service import Assembly, Wiring, read_settings, start
 from tradeguard.settings import SettingsError
 from tradeguard.testing import eventually, running_service
@@ -200,3 +201,33 @@ async def test_every_service_exports_traces_when_an_otlp_endpoint_is_set(pki_pat
         await process.wait()
         listener.close()
         await listener.wait_closed()
+
+
+async def test_a_service_layer_sees_the_decoded_request_and_its_raw_bytes(pki_paths: pki.PkiPaths) -> None:
+    seen: list[tuple[object, bytes]] = []
+
+    class Recorder(Layer):
+        async def before(self, context: object, request: object, raw: bytes) -> None:
+            seen.append((request, raw))
+
+    async def build(wiring: Wiring[Settings, OrderStore]) -> Assembly:
+        return replace(await TRADING.build(wiring), layers=[Recorder()])
+
+    request = trading_pb2.GetOrderRequest(account_id="acct-1", order_id="ord_00000000000000000000000001")
+    # Unknown fields survive on the wire: the layer gets the bytes as sent, never a re-serialisation.
+    raw = request.SerializeToString() + b"\xa0\x06\x01"
+    async with running_service(replace(TRADING, build=build), _settings(pki_paths), pki_paths) as service:
+        channel = service.channel("ops")
+        async with channel:
+            call = channel.unary_unary(
+                "/tradeguard.trading.v1.TradingService/GetOrder",
+                request_serializer=None,
+                response_deserializer=None,
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as missing:
+                await call(raw)
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    [(decoded, got)] = seen
+    assert got == raw
+    assert isinstance(decoded, trading_pb2.GetOrderRequest)
+    assert (decoded.account_id, decoded.order_id) == (request.account_id, request.order_id)
