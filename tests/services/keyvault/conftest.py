@@ -23,21 +23,11 @@ from services.keyvault.store import VaultStore
 from services.keyvault.store_postgres import PostgresVaultStore
 from services.keyvault.store_sqlite import SqliteVaultStore
 from tests.support import PG_DSN, Database, open_database
+from tradeguard.testing import FakeClock
 
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 PASSPHRASE = "correct horse battery staple"
 SCRYPT_N = 2**10  # fast in tests; production uses 2**15
-
-
-class FakeClock:
-    def __init__(self, start_us: int = 1_700_000_000_000_000) -> None:
-        self.now_us = start_us
-
-    def __call__(self) -> int:
-        return self.now_us
-
-    def advance(self, us: int) -> None:
-        self.now_us += us
 
 
 class RecordingRandom:

@@ -18,6 +18,7 @@ from services.trading.store import OrderStore
 from services.trading.store_postgres import PostgresOrderStore
 from services.trading.store_sqlite import SqliteOrderStore
 from tests.support import PG_DSN, Database, open_database
+from tradeguard.testing import FakeClock
 
 
 class Backend(Database):
@@ -47,17 +48,6 @@ async def backend(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterat
 @pytest.fixture
 async def store(backend: Backend) -> OrderStore:
     return await backend.open()
-
-
-class FakeClock:
-    def __init__(self, start_us: int = 1_700_000_000_000_000) -> None:
-        self.now_us = start_us
-
-    def __call__(self) -> int:
-        return self.now_us
-
-    def advance(self, us: int = 1) -> None:
-        self.now_us += us
 
 
 def sequential_ids(prefix: str = "") -> Callable[[], str]:
