@@ -16,8 +16,9 @@ from services.keyvault.keyring import KeyType
 from services.keyvault.root import LocalSealedRoot, Pkcs11Root, RootKey
 from services.keyvault.store_sqlite import SqliteVaultStore
 from tests.support import free_port
+from tradeguard.testing import FakeClock
 
-from .conftest import SCRYPT_N, FakeClock
+from .conftest import SCRYPT_N
 
 OLD = "the old passphrase"
 

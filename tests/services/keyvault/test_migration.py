@@ -13,8 +13,9 @@ from services.keyvault.migration import Migrated, NotThisRing, migrate_root
 from services.keyvault.root import ROOT_CHECK_META, LocalSealedRoot, Pkcs11Root, RootKey
 from services.keyvault.store import RootChanged
 from tests.support import open_database
+from tradeguard.testing import FakeClock
 
-from .conftest import SCRYPT_N, Backend, FakeClock, HookedStore
+from .conftest import SCRYPT_N, Backend, HookedStore
 
 AES = KeyType.AES256_GCM
 

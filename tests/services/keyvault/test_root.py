@@ -12,8 +12,7 @@ from services.keyvault.errors import DecryptionFailed, FailedPrecondition, Inval
 from services.keyvault.keyring import KeyType
 from services.keyvault.root import LocalSealedRoot, Pkcs11Root, RootUnwrapError, WrongPassphrase
 from services.keyvault.store_sqlite import SqliteVaultStore
-
-from .conftest import FakeClock
+from tradeguard.testing import FakeClock
 
 AES = KeyType.AES256_GCM
 
