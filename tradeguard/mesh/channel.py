@@ -4,6 +4,9 @@ grpc has no reloadable channel credentials, so `MeshChannel` is a `grpc.aio.Chan
 real channel and, at most once per `check_interval`, looks at its certificate files; when they changed
 (and the new key matches the new certificate) the next calls go to a fresh channel, and the old one is
 closed after a grace period so calls in flight on it finish. Generated stubs work on it unchanged.
+
+Every call goes through the kit's client interceptor (tradeguard.mesh.client): a handler's request id goes out
+with its nested calls as `x-request-id`, and a call without a timeout gets `default_timeout_s`.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import Any
 import grpc
 
 from tradeguard.mesh import tls
+from tradeguard.mesh.client import DEFAULT_TIMEOUT_S, CallDefaults
 from tradeguard.observability import tracing
 
 
@@ -56,8 +60,11 @@ class MeshChannel(grpc.aio.Channel):
         check_interval: float = 1.0,
         close_grace: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        default_timeout_s: float | None = DEFAULT_TIMEOUT_S,
     ) -> None:
+        """`default_timeout_s`: the deadline of a call made without a timeout (None: such calls wait forever)."""
         self.target, self.server_name, self.workload = target, server_name, workload
+        self._defaults = CallDefaults(default_timeout_s)
         self._check_interval, self._close_grace, self._clock = check_interval, close_grace, clock
         self._stamp = workload.stamp()
         self._channel = self._open()
@@ -70,7 +77,10 @@ class MeshChannel(grpc.aio.Channel):
             self.target,
             tls.channel_credentials(self.workload),
             options=_options(self.server_name),
-            interceptors=tracing.client_interceptors() if tracing.enabled() else None,
+            interceptors=[
+                *self._defaults.interceptors(),
+                *(tracing.client_interceptors() if tracing.enabled() else ()),
+            ],
         )
 
     def current(self) -> grpc.aio.Channel:
@@ -142,6 +152,12 @@ def _kw(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def mesh_channel(workload: tls.Workload, target: str, server_name: str) -> MeshChannel:
+def mesh_channel(
+    workload: tls.Workload,
+    target: str,
+    server_name: str,
+    *,
+    default_timeout_s: float | None = DEFAULT_TIMEOUT_S,
+) -> MeshChannel:
     """A channel from this workload to `server_name` at `target` (host:port), over mutual TLS."""
-    return MeshChannel(target, server_name, workload)
+    return MeshChannel(target, server_name, workload, default_timeout_s=default_timeout_s)
