@@ -22,6 +22,7 @@ from tradeguard.errors import (
 
 __all__ = [
     "AlreadyExists",
+    "Code",
     "DecryptionFailed",
     "DomainError",
     "FailedPrecondition",

@@ -10,22 +10,18 @@ failure, is the one opaque `DecryptionFailed`.
 from __future__ import annotations
 
 import base64
-import enum
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from services.keyvault import primitives
 from services.keyvault.errors import DecryptionFailed, InvalidArgument, key_type_mismatch
+from services.keyvault.model import KeyType, StoredKey, VersionRecord
 
 __all__ = [
     "FORMAT_PREFIX",
-    "KeyConfig",
-    "KeyType",
     "LoadedKey",
-    "StoredKey",
     "Token",
-    "VersionRecord",
     "b64url_decode",
     "b64url_encode",
     "check_key_name",
@@ -38,43 +34,6 @@ FORMAT_PREFIX = "tgv1"
 KEY_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._/-]{0,127}")
 _TOKEN_RE = re.compile(r"tgv1:([a-z0-9][a-z0-9._/-]{0,127}):v([1-9][0-9]{0,9}):([A-Za-z0-9_-]*)")
 MAX_VERSION = 2**31 - 1
-
-
-class KeyType(enum.Enum):
-    AES256_GCM = "aes256-gcm"
-    HMAC_SHA256 = "hmac-sha256"
-    ED25519 = "ed25519"
-
-
-@dataclass(frozen=True)
-class KeyConfig:
-    name: str
-    type: KeyType
-    min_decryption_version: int
-    auto_rotate_period_us: int  # 0: no automatic rotation
-    deletion_allowed: bool
-    create_us: int
-    update_us: int
-
-
-@dataclass(frozen=True)
-class VersionRecord:
-    """One version as stored: its material wrapped under the root key; the public key of an Ed25519 version."""
-
-    version: int
-    wrapped: bytes = field(repr=False)
-    public_key: bytes
-    create_us: int
-
-
-@dataclass(frozen=True)
-class StoredKey:
-    config: KeyConfig
-    versions: tuple[VersionRecord, ...]  # ascending by version, never empty
-
-    @property
-    def latest(self) -> VersionRecord:
-        return self.versions[-1]
 
 
 def check_key_name(name: str, field_name: str = "key_name") -> str:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from services.keyvault.keyring import material_ad
 from services.keyvault.root import ROOT_CHECK_META, RootKey, matches_root_check, root_check
-from services.keyvault.secrets import data_key_ad
+from services.keyvault.secret_store import data_key_ad
 from services.keyvault.store import VaultStore
 
 __all__ = ["Migrated", "NotThisRing", "migrate_root"]

@@ -13,8 +13,7 @@ from google.rpc import code_pb2
 
 from services.keyvault.core import KeyVault
 from services.keyvault.errors import DomainError, InvalidArgument
-from services.keyvault.keyring import KeyType, StoredKey
-from services.keyvault.secrets import SecretVersionInfo
+from services.keyvault.model import KeyType, SecretVersionInfo, StoredKey
 from tradeguard.keyvault.v1 import keyvault_pb2 as pb
 from tradeguard.keyvault.v1 import keyvault_pb2_grpc
 from tradeguard.mesh.identity import caller_name

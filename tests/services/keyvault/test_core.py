@@ -9,12 +9,12 @@ import os
 import stat
 from dataclasses import replace
 
-import grpc
 import pytest
 
 from services.keyvault import primitives
 from services.keyvault.core import DEFAULT_KEY_FRESHNESS_US, KeyVault
 from services.keyvault.errors import (
+    Code,
     DecryptionFailed,
     DomainError,
     FailedPrecondition,
@@ -23,7 +23,8 @@ from services.keyvault.errors import (
     PermissionDenied,
     Unavailable,
 )
-from services.keyvault.keyring import KeyType, VersionRecord, b64url_decode, b64url_encode, parse_token
+from services.keyvault.keyring import b64url_decode, b64url_encode, parse_token
+from services.keyvault.model import KeyType, VersionRecord
 from services.keyvault.policy import DEFAULT_POLICY, Operation, Policy, Rule
 from services.keyvault.root import LocalSealedRoot, RootUnwrapError
 from services.keyvault.store_sqlite import SqliteVaultStore
@@ -42,7 +43,7 @@ async def _decrypt_fails(vault: KeyVault, name: str, ciphertext: str, ad: bytes 
         await vault.decrypt(AUTH, name, ciphertext, ad)
     error = info.value
     # One opaque error, whatever the cause.
-    assert error.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert error.code is Code.INVALID_ARGUMENT
     assert error.reason == "DECRYPTION_FAILED"
     assert error.message == "decryption failed"
     assert error.metadata == {}
@@ -207,7 +208,7 @@ async def test_permission_before_existence_and_deny_by_default(vault):
     for caller in (TRADING, "monitor", "", None, "ops"):
         with pytest.raises(PermissionDenied) as info:
             await vault.decrypt(caller, "credentials", ct)
-        assert info.value.code is grpc.StatusCode.PERMISSION_DENIED
+        assert info.value.code is Code.PERMISSION_DENIED
     # A missing key answers PERMISSION_DENIED, not NOT_FOUND, to a caller without the right.
     with pytest.raises(PermissionDenied):
         await vault.decrypt(TRADING, "credentials-missing", ct)
@@ -246,7 +247,7 @@ async def test_sealed_vault_is_unavailable_until_unsealed(vaults):
     ):
         with pytest.raises(Unavailable) as info:
             await call
-        assert info.value.code is grpc.StatusCode.UNAVAILABLE and info.value.reason == "VAULT_SEALED"
+        assert info.value.code is Code.UNAVAILABLE and info.value.reason == "VAULT_SEALED"
     with pytest.raises(PermissionDenied):
         await restarted.unseal(AUTH, "correct horse battery staple")  # only ops unseals
     with pytest.raises(InvalidArgument) as wrong:
@@ -818,10 +819,10 @@ async def test_retiring_versions_waits_until_no_replica_can_encrypt_under_them(v
         with pytest.raises(FailedPrecondition) as refused:
             await a.update_key_config(OPS, "credentials", min_decryption_version=2)
         error = refused.value
-        assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "VERSION_TOO_NEW")
+        assert (error.code, error.reason) == (Code.FAILED_PRECONDITION, "VERSION_TOO_NEW")
         assert error.metadata == {"key_name": "credentials", "version": "2", "retry_after_ms": retry_ms}
         assert "retry in" in error.message
-        assert len(error.details()) == 1  # RetryInfo
+        assert error.retry_after_seconds == (FRESHNESS_US - waited) / 1e6  # RetryInfo
         assert (await a.get_key(OPS, "credentials")).config.min_decryption_version == 1
         # Meanwhile B, inside its window since its last confirmation, still seals under v1: legitimately,
         # v1 is not retired, and cannot be while B might do so.

@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from services.keyvault.errors import DecryptionFailed
-from services.keyvault.keyring import KeyConfig, KeyType, LoadedKey, StoredKey, VersionRecord, parse_token
+from services.keyvault.keyring import LoadedKey, parse_token
+from services.keyvault.model import KeyConfig, KeyType, StoredKey, VersionRecord
 from services.keyvault.settings import Settings
 
 KEY = LoadedKey(

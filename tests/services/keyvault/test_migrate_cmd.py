@@ -12,7 +12,7 @@ import pytest
 
 from services.keyvault import migrate_cmd
 from services.keyvault.core import KeyVault
-from services.keyvault.keyring import KeyType
+from services.keyvault.model import KeyType
 from services.keyvault.root import LocalSealedRoot, Pkcs11Root, RootKey
 from services.keyvault.store_sqlite import SqliteVaultStore
 from tests.support import free_port

@@ -8,8 +8,8 @@ import pytest
 
 from services.keyvault.core import KeyVault
 from services.keyvault.errors import FailedPrecondition
-from services.keyvault.keyring import KeyType
 from services.keyvault.migration import Migrated, NotThisRing, migrate_root
+from services.keyvault.model import KeyType
 from services.keyvault.root import ROOT_CHECK_META, LocalSealedRoot, Pkcs11Root, RootKey
 from services.keyvault.store import RootChanged
 from tests.support import open_database

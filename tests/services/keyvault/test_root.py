@@ -9,7 +9,7 @@ import pytest
 
 from services.keyvault.core import KeyVault
 from services.keyvault.errors import DecryptionFailed, FailedPrecondition, InvalidArgument
-from services.keyvault.keyring import KeyType
+from services.keyvault.model import KeyType
 from services.keyvault.root import LocalSealedRoot, Pkcs11Root, RootUnwrapError, WrongPassphrase
 from services.keyvault.store_sqlite import SqliteVaultStore
 from tradeguard.testing import FakeClock
