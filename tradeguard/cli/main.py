@@ -1,37 +1,68 @@
-"""The `tradeguard` command line: `pki`, `up`, `orders`, `vault`."""
+"""The `tradeguard` command line: `pki`, `up`, `orders`, `vault`.
+
+Every command reads the suite's home (--home, else $TRADEGUARD_HOME, else ./.tradeguard) and the services'
+ports from the same environment the services read (TRADEGUARD_<SERVICE>_PORT). `tradeguard COMMAND --help`
+describes each command.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 import tradeguard  # noqa: F401  (sets the TLS 1.3-only grpc setting before grpc is imported)
-from tradeguard.cli import orders_cmd, pki_cmd, up_cmd, vault_cmd
-from tradeguard.mesh.server import home_from_env
+from tradeguard.cli import common, orders_cmd, pki_cmd, up_cmd, vault_cmd
+
+_SCOPED = {"--as": "orders, vault", "--target": "orders, vault"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """Names the command an option belongs to when it is written before the command (`tradeguard --as auth
+    vault …`), instead of argparse's "unrecognized arguments"."""
+
+    def parse_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> argparse.Namespace:
+        argv = list(sys.argv[1:] if args is None else args)
+        commands = set(_COMMANDS)
+        for word in argv:
+            if word in commands:
+                break
+            option = word.split("=", 1)[0]
+            if option in _SCOPED:
+                self.error(
+                    f"{option} belongs to a command ({_SCOPED[option]}): write it after the command, "
+                    f"e.g. `tradeguard vault {option} … ACTION` or `tradeguard vault ACTION … {option} …`"
+                )
+        return super().parse_args(argv, namespace)
+
+
+_COMMANDS = ("pki", "up", "orders", "vault")
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(prog="tradeguard", description=__doc__)
-    root.add_argument(
-        "--home",
-        type=Path,
-        default=None,
-        help="state directory (PKI, data); default $TRADEGUARD_HOME or ./.tradeguard",
+    root = _Parser(prog="tradeguard", description=__doc__, formatter_class=common.HelpFormatter)
+    common.add_home_option(root, top=True)
+    sub = root.add_subparsers(
+        dest="command", metavar="COMMAND", required=True, parser_class=argparse.ArgumentParser
     )
-    sub = root.add_subparsers(dest="command", required=True)
     pki_cmd.register(sub)
     up_cmd.register(sub)
     orders_cmd.register(sub)
     vault_cmd.register(sub)
+    assert tuple(sub.choices) == _COMMANDS
     return root
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    args.home = (args.home or home_from_env()).resolve()
-    code: int = args.func(args)
+    try:
+        args.home = common.home(args.home)
+        code: int = args.func(args)
+    except common.CliError as error:
+        print(f"tradeguard: error: {error}", file=sys.stderr)
+        return 2
     return code
 
 

@@ -1,4 +1,5 @@
-"""`tradeguard orders …`: place, get, cancel and list orders on the trading service as the ops identity."""
+"""`tradeguard orders …`: place, get, cancel and list orders on the trading service (as `ops` unless --as says
+otherwise). Prints the service's answer as JSON, every field included."""
 
 from __future__ import annotations
 
@@ -6,9 +7,8 @@ import argparse
 import asyncio
 from typing import Any
 
-from google.protobuf import json_format
-
-from tradeguard.cli.mesh_call import call_service
+from tradeguard.cli import common
+from tradeguard.cli.mesh_call import call_service, to_json
 from tradeguard.trading.v1 import trading_pb2, trading_pb2_grpc
 
 SIDES = {"buy": trading_pb2.SIDE_BUY, "sell": trading_pb2.SIDE_SELL}
@@ -16,28 +16,46 @@ TYPES = {"limit": trading_pb2.ORDER_TYPE_LIMIT, "market": trading_pb2.ORDER_TYPE
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    orders = subparsers.add_parser("orders", help="call the trading service")
-    orders.add_argument(
-        "--target", default=None, help="host:port (default 127.0.0.1:$TRADEGUARD_TRADING_PORT)"
+    orders = subparsers.add_parser(
+        "orders",
+        help="place, get, cancel and list orders on the trading service",
+        description=__doc__,
+        formatter_class=common.HelpFormatter,
     )
-    orders.add_argument("--as", dest="identity", default="ops", help="workload certificate to use")
-    sub = orders.add_subparsers(dest="action", required=True)
-    place = sub.add_parser("place")
-    place.add_argument("--account", required=True)
-    place.add_argument("--client-order-id", required=True)
-    place.add_argument("--symbol", required=True)
-    place.add_argument("--side", choices=sorted(SIDES), required=True)
-    place.add_argument("--type", choices=sorted(TYPES), default="limit")
-    place.add_argument("--quantity", required=True)
-    place.add_argument("--price", default="")
-    for name in ("get", "cancel"):
-        one = sub.add_parser(name)
-        one.add_argument("--account", required=True)
-        one.add_argument("--order-id", required=True)
-    listing = sub.add_parser("list")
-    listing.add_argument("--account", required=True)
-    listing.add_argument("--page-size", type=int, default=0)
-    listing.add_argument("--page-token", default="")
+    common.add_identity_options(orders, "trading", top=True)
+    common.add_home_option(orders)
+    sub = orders.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        parser = sub.add_parser(
+            name, help=help_text, description=help_text, formatter_class=common.HelpFormatter
+        )
+        common.add_identity_options(parser, "trading")
+        common.add_home_option(parser)
+        parser.add_argument("--account", required=True, help="the account the order belongs to")
+        return parser
+
+    place = action("place", "place an order (idempotent by --account and --client-order-id); prints it")
+    place.add_argument(
+        "--client-order-id",
+        required=True,
+        help="your id for the order: resending it replays the first answer",
+    )
+    place.add_argument("--symbol", required=True, help="instrument, e.g. BTC-USD")
+    place.add_argument("--side", choices=sorted(SIDES), required=True, help="buy or sell")
+    place.add_argument("--type", choices=sorted(TYPES), default="limit", help="order type")
+    place.add_argument("--quantity", required=True, help="a positive decimal string, e.g. 0.5")
+    place.add_argument(
+        "--price", default="", help="limit price as a decimal string (none for a market order)"
+    )
+    for name, text in (("get", "show one order"), ("cancel", "cancel an open order")):
+        one = action(name, text)
+        one.add_argument("--order-id", required=True, help="the order's id, as `place` printed it")
+    listing = action("list", "list an account's orders, newest first")
+    listing.add_argument(
+        "--page-size", type=int, default=0, help="orders per page (0: the service's default)"
+    )
+    listing.add_argument("--page-token", default="", help="next_page_token of the previous page")
     orders.set_defaults(func=lambda args: asyncio.run(_run(args)))
 
 
@@ -72,9 +90,9 @@ async def _call(stub: trading_pb2_grpc.TradingServiceAsyncStub, args: argparse.N
 
 async def _run(args: argparse.Namespace) -> int:
     reply = await call_service(
-        args, "trading", 50055, lambda channel: _call(trading_pb2_grpc.TradingServiceStub(channel), args)
+        args, "trading", lambda channel: _call(trading_pb2_grpc.TradingServiceStub(channel), args)
     )
     if reply is None:
         return 1
-    print(json_format.MessageToJson(reply, preserving_proto_field_name=True))
+    print(to_json(reply))
     return 0

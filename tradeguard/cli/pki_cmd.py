@@ -6,6 +6,7 @@ import argparse
 import sys
 from datetime import UTC, datetime, timedelta
 
+from tradeguard.cli import common
 from tradeguard.mesh import pki
 
 
@@ -13,10 +14,24 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     """Add ``pki init|issue|renew|rotate-intermediate|status``; each sets ``func``.
 
     ``args.home`` comes from the main parser."""
-    parser = subparsers.add_parser("pki", help="the internal CA and workload certificates")
+    parser = subparsers.add_parser(
+        "pki",
+        help="the internal CA and workload certificates",
+        description="The suite's internal CA ($TRADEGUARD_HOME/pki): a root, an intermediate that signs "
+        "short-lived workload certificates (SPIFFE ID spiffe://<trust-domain>/svc/NAME), and their status.",
+        formatter_class=common.HelpFormatter,
+    )
+    common.add_home_option(parser)
     commands = parser.add_subparsers(dest="pki_command", metavar="COMMAND", required=True)
 
-    init = commands.add_parser("init", help="create the root and intermediate CAs (no-op if they exist)")
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(
+            name, help=help_text, description=help_text, formatter_class=common.HelpFormatter
+        )
+        common.add_home_option(sub)
+        return sub
+
+    init = command("init", "create the root and intermediate CAs (no-op if they exist)")
     init.add_argument(
         "--trust-domain",
         default=None,
@@ -30,28 +45,31 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     init.set_defaults(func=cmd_init)
 
-    issue = commands.add_parser("issue", help="issue (or re-issue) a workload certificate")
+    issue = command("issue", "issue (or re-issue) a workload certificate")
     issue.add_argument("name", metavar="NAME", help="workload name, e.g. auth")
-    issue.add_argument("--hours", type=float, default=24.0, help="lifetime in hours (default 24)")
+    issue.add_argument("--hours", type=float, default=24.0, help="lifetime in hours")
     issue.set_defaults(func=cmd_issue)
 
-    renew = commands.add_parser(
+    renew = command(
         "renew",
-        help="re-issue the named certificates that are past half their lifetime, missing or mismatched "
+        "re-issue the named certificates that are past half their lifetime, missing or mismatched "
         "(for workloads outside `tradeguard up`, e.g. the Envoy edge: run it from a timer)",
     )
     renew.add_argument("names", metavar="NAME", nargs="+", help="workload names, e.g. edge")
-    renew.add_argument("--hours", type=float, default=24.0, help="lifetime of a new certificate (default 24)")
+    renew.add_argument("--hours", type=float, default=24.0, help="lifetime of a new certificate, in hours")
     renew.set_defaults(func=cmd_renew)
 
-    rotate = commands.add_parser(
+    rotate = command(
         "rotate-intermediate",
-        help="replace the intermediate CA (signed by the root); workload certificates are then due for renewal",
+        "replace the intermediate CA (signed by the root); workload certificates are then due for renewal",
     )
-    rotate.add_argument("--days", type=float, default=365.0, help="lifetime in days (default 365)")
+    rotate.add_argument("--days", type=float, default=365.0, help="lifetime in days")
     rotate.set_defaults(func=cmd_rotate_intermediate)
 
-    status = commands.add_parser("status", help="list the CA and workload certificates and their expiry")
+    status = command(
+        "status",
+        "list the CA and workload certificates, their expiry and whether they are due for renewal (and why)",
+    )
     status.set_defaults(func=cmd_status)
 
 
@@ -140,36 +158,49 @@ def _human(delta: timedelta) -> str:
     return f"{sign}{hours}h{minutes:02d}m"
 
 
+def _state(paths: pki.PkiPaths, info: pki.CertInfo, now: datetime) -> tuple[str, str]:
+    """(STATE, why): ok, RENEW or EXPIRED, by the rule the renewal itself applies."""
+    if info.expired(now):
+        return "EXPIRED", ""
+    if info.name == pki.ROOT_NAME:
+        due = info.past_half_life(now)
+        return (
+            ("RENEW", "past half its lifetime: a new PKI is needed before it expires") if due else ("ok", "")
+        )
+    if info.name == pki.INTERMEDIATE_NAME:
+        if pki.intermediate_due(paths, now):
+            return "RENEW", "past half its lifetime: tradeguard pki rotate-intermediate"
+        return "ok", ""
+    reason = pki.renewal_reason(paths, info.name, now)
+    return ("ok", "") if reason is None else ("RENEW", reason)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     paths = _paths(args)
     now = datetime.now(UTC)
     try:
         infos = pki.status(paths)
+        if not infos:
+            return _fail(f"no certificates in {paths.dir} (run: tradeguard pki init)")
+        rows = [("NAME", "SPIFFE ID", "NOT AFTER (UTC)", "REMAINING", "STATE", "WHY")]
+        for info in infos:
+            state, why = _state(paths, info, now)
+            rows.append(
+                (
+                    info.name,
+                    info.spiffe_id or "-",
+                    f"{info.not_after:%Y-%m-%d %H:%M:%S}",
+                    _human(info.remaining(now)),
+                    state,
+                    why,
+                )
+            )
     except (OSError, ValueError) as exc:
         return _fail(str(exc))
-    if not infos:
-        return _fail(f"no certificates in {paths.dir} (run: tradeguard pki init)")
-    rows = [("NAME", "SPIFFE ID", "NOT AFTER (UTC)", "REMAINING", "STATE")]
-    for info in infos:
-        if info.expired(now):
-            state = "EXPIRED"
-        elif info.past_half_life(now):
-            state = "RENEW"
-        else:
-            state = "ok"
-        rows.append(
-            (
-                info.name,
-                info.spiffe_id or "-",
-                f"{info.not_after:%Y-%m-%d %H:%M:%S}",
-                _human(info.remaining(now)),
-                state,
-            )
-        )
     listed = {info.name for info in infos}
     for path in sorted(paths.dir.glob("*.crt")):
         if path.stem not in listed and path != paths.ca_bundle:
-            rows.append((path.stem, "-", "-", "-", "UNREADABLE"))
+            rows.append((path.stem, "-", "-", "-", "UNREADABLE", ""))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())

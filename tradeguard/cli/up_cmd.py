@@ -1,9 +1,12 @@
 """`tradeguard up`: the whole suite as separate processes on a dev PKI, with certificate rotation.
 
-The supervisor makes the PKI on first run (and reuses it after), issues each workload's certificate,
-starts every service, waits until each answers its health check over mutual TLS, prints how to call
-them, renews certificates at half their lifetime while running (the servers pick the new files up
-without restarting), and on Ctrl-C or SIGTERM stops every service gracefully.
+The supervisor makes the PKI on first run (and reuses it after), issues a certificate to every workload the
+command line can act as (ops and each registered service), checks that every port it will use is free,
+starts the services of the registry's SUITE in order, and reports the suite up once each of its own children
+answers its health check over mutual TLS. While running it renews certificates at half their lifetime (also
+during start-up, before each health check: a certificate that expires while a slow machine starts the suite is
+renewed, not waited on), notices at once when a service exits and restarts it with exponential backoff (and
+stops the suite when a service keeps crashing), and on Ctrl-C or SIGTERM stops every service gracefully.
 """
 
 from __future__ import annotations
@@ -15,99 +18,258 @@ import importlib.util
 import os
 import secrets
 import signal
-import subprocess
+import socket
 import sys
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tradeguard import registry
+from tradeguard.cli import common
 from tradeguard.mesh import pki, tls
+from tradeguard.observability.logging import configure_logging, get_logger
+
+_log = get_logger("tradeguard.up")
+
+# Every workload the command line can act as: the operators and each registered service (so that the README's
+# `tradeguard vault --as auth encrypt …` works before the auth service exists).
+WORKLOADS: tuple[str, ...] = (common.OPERATOR, *registry.SERVICES)
 
 
-@dataclass(frozen=True)
-class Component:
-    name: str
-    module: str
-    port: int
-
-
-# Start order: what others depend on first. Services not built yet are skipped.
-COMPONENTS = (
-    Component("keyvault", "services.keyvault", 50054),
-    Component("trading", "services.trading", 50055),
-)
-OPERATOR = "ops"
-
-
-def metrics_port(component: Component, port: int) -> int:
-    """Prometheus on loopback: TRADEGUARD_<NAME>_METRICS_PORT, by default the service port + 1000."""
-    raw = os.environ.get(f"TRADEGUARD_{component.name.upper()}_METRICS_PORT")
-    return int(raw) if raw else port + 1000
-
-
-def available(components: tuple[Component, ...] = COMPONENTS) -> list[Component]:
-    return [c for c in components if importlib.util.find_spec(f"{c.module}.__main__") is not None]
+def available(names: Sequence[str] = registry.SUITE) -> list[registry.Registered]:
+    """The suite's services in start order, skipping any whose module is not built yet."""
+    out = []
+    for name in names:
+        entry = registry.lookup(name)
+        built = importlib.util.find_spec(entry.module) is not None
+        if built and importlib.util.find_spec(f"{entry.module}.__main__") is not None:
+            out.append(entry)
+    return out
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    up = subparsers.add_parser("up", help="start the whole suite on embedded defaults")
-    up.add_argument(
-        "--cert-hours", type=float, default=24.0, help="workload certificate lifetime (default 24)"
+    up = subparsers.add_parser(
+        "up",
+        help="start the whole suite on embedded defaults (SQLite, dev PKI)",
+        description=__doc__,
+        formatter_class=common.HelpFormatter,
     )
-    up.add_argument("--check-seconds", type=float, default=30.0, help="how often to look for due renewals")
-    up.add_argument("--ready-timeout", type=float, default=30.0)
+    common.add_home_option(up)
+    up.add_argument(
+        "--cert-hours",
+        type=float,
+        default=24.0,
+        help="lifetime of the workload certificates it issues, in hours",
+    )
+    up.add_argument(
+        "--check-seconds", type=float, default=30.0, help="how often to look for certificates due for renewal"
+    )
+    up.add_argument(
+        "--ready-timeout",
+        type=float,
+        default=60.0,
+        help="seconds each service may take to answer its health check, at start and after a restart",
+    )
+    up.add_argument(
+        "--max-fast-crashes",
+        type=int,
+        default=5,
+        help="stop the suite when one service crashes this many times in a row, each time less than "
+        "--stable-seconds after its start",
+    )
+    up.add_argument(
+        "--stable-seconds",
+        type=float,
+        default=60.0,
+        help="a service running this long has its crash count and restart delay reset",
+    )
     up.set_defaults(func=lambda args: asyncio.run(Supervisor(args).run()))
 
 
+@dataclass(frozen=True)
+class Backoff:
+    """Restart delays: `first_s`, doubling per crash in a row, at most `max_s`. A crash counts as "in a row"
+    when the service ran less than `stable_s`; after `max_fast_crashes` of those the supervisor gives up."""
+
+    first_s: float = 0.5
+    max_s: float = 30.0
+    stable_s: float = 60.0
+    max_fast_crashes: int = 5
+
+    def delay(self, crashes_in_a_row: int) -> float:
+        return float(min(self.max_s, self.first_s * 2 ** max(0, crashes_in_a_row - 1)))
+
+
+class NotReady(Exception):
+    """A service did not come up (exited, or no health answer from it in time)."""
+
+
+class GaveUp(Exception):
+    """A service kept crashing: the suite stops."""
+
+
+class Stopping(Exception):
+    """Ctrl-C or SIGTERM arrived while waiting."""
+
+
+@dataclass
+class Child:
+    """One service: its registry entry, where it listens, and its current process."""
+
+    service: registry.Registered
+    port: int
+    metrics_port: int
+    process: asyncio.subprocess.Process | None = None
+    started_at: float = 0.0
+    ready: bool = False  # answered its health check since its last start
+    crashes_in_a_row: int = 0
+    restarts: int = 0
+    env_extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.service.name
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """True when something listens on host:port (a socket in TIME_WAIT does not count)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host.strip("[]"), port))
+        except OSError:
+            return True
+    return False
+
+
+def listens_on(pid: int, port: int) -> bool | None:
+    """Whether process `pid` itself holds the listening socket of `port` (Linux /proc); None when unknown.
+
+    So that a health answer from some other process on the port (another suite) is never taken for ours."""
+    inodes: set[str] = set()
+    try:
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(FileNotFoundError), open(table, encoding="ascii") as rows:
+                next(rows, None)
+                for row in rows:
+                    cols = row.split()
+                    local, state, inode = cols[1], cols[3], cols[9]
+                    if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:
+                        inodes.add(f"socket:[{inode}]")
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                return True
+    return False
+
+
 class Supervisor:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(
+        self, args: argparse.Namespace, services: Sequence[registry.Registered] | None = None
+    ) -> None:
         self.home: Path = args.home
         self.paths = pki.PkiPaths(self.home)
         self.lifetime = timedelta(hours=args.cert_hours)
         self.check_seconds: float = args.check_seconds
         self.ready_timeout: float = args.ready_timeout
-        self.components = available()
-        self.children: dict[str, subprocess.Popen[bytes]] = {}
+        self.backoff = Backoff(stable_s=args.stable_seconds, max_fast_crashes=args.max_fast_crashes)
+        self.services = list(services) if services is not None else available()
+        self.children: dict[str, Child] = {}
+        self.stop = asyncio.Event()
 
-    def ports(self) -> dict[str, int]:
-        out = {}
-        for c in self.components:
-            raw = os.environ.get(f"TRADEGUARD_{c.name.upper()}_PORT")
-            out[c.name] = int(raw) if raw else c.port
-        return out
+    # --- the PKI ----------------------------------------------------------------------------------------------
 
     def prepare_pki(self) -> None:
         if pki.init_ca(self.paths):
-            print(f"created a dev PKI in {self.paths.dir}")
-        self.rotate_intermediate_if_due()
-        names = [c.name for c in self.components] + [OPERATOR]
-        renewed = pki.renew_due(self.paths, names, lifetime=self.lifetime)
-        if renewed:
-            print(f"issued certificates for: {', '.join(renewed)}")
+            print(f"created a dev PKI in {self.paths.dir}", flush=True)
+        self.renew()
 
-    def rotate_intermediate_if_due(self) -> None:
-        """The dev PKI keeps its root key, so the supervisor replaces the intermediate CA itself once half
-        its life is gone; the workload certificates are then all due and renewed right after."""
+    def renew(self) -> list[str]:
+        """Rotate a due intermediate (the dev PKI keeps its root key), then re-issue every workload
+        certificate that is due (past half-life, expired, missing, or under an older intermediate)."""
         if pki.intermediate_due(self.paths):
             expiry = pki.rotate_intermediate(self.paths)
+            _log.info("intermediate CA rotated", not_after=f"{expiry:%Y-%m-%dT%H:%M:%SZ}")
             print(f"rotated the intermediate CA (new one valid until {expiry:%Y-%m-%d}Z)", flush=True)
+        renewed = pki.renew_due(self.paths, WORKLOADS, lifetime=self.lifetime)
+        if renewed:
+            _log.info("certificates renewed", workloads=renewed)
+        return renewed
 
-    def start(self, component: Component, port: int) -> None:
+    async def keep_renewing(self) -> None:
+        while True:
+            await asyncio.sleep(self.check_seconds)
+            try:
+                self.renew()
+            except (OSError, ValueError) as error:  # logged and retried: the current certificates still serve
+                _log.error("certificate renewal failed", error=str(error))
+
+    # --- ports ------------------------------------------------------------------------------------------------
+
+    def plan(self) -> list[Child]:
+        """Each service's port and metrics port from the environment, refused when two coincide or one is
+        taken (naming the variable that moves it)."""
+        children = []
+        owners: dict[int, str] = {}
+        bound = common.host()
+        for service in self.services:
+            port = common.service_port(service.name)
+            metrics = common.metrics_port(service.name, port)
+            child = Child(service, port, metrics)
+            prefix = registry.env_prefix(service.name)
+            for number, variable, where in (
+                (port, f"{prefix}_PORT", bound),
+                (metrics, f"{prefix}_METRICS_PORT", "127.0.0.1"),
+            ):
+                if number in owners:
+                    raise common.CliError(
+                        f"port {number} is set for both {owners[number]} and {variable}: set {variable} to "
+                        "another port"
+                    )
+                owners[number] = variable
+                if port_in_use(where, number):
+                    raise common.CliError(
+                        f"port {number} on {where} ({service.name}) is already in use, by another Tradeguard "
+                        f"suite or another program: stop it, or set {variable} to a free port"
+                    )
+            children.append(child)
+        return children
+
+    # --- children ---------------------------------------------------------------------------------------------
+
+    def child_env(self, child: Child) -> dict[str, str]:
         env = dict(os.environ)
+        prefix = registry.env_prefix(child.name)
         env["TRADEGUARD_HOME"] = str(self.home)
-        env[f"TRADEGUARD_{component.name.upper()}_PORT"] = str(port)
-        env.setdefault(
-            f"TRADEGUARD_{component.name.upper()}_METRICS_PORT", str(metrics_port(component, port))
-        )
+        env[f"{prefix}_PORT"] = str(child.port)
+        env[f"{prefix}_METRICS_PORT"] = str(child.metrics_port)
         env.setdefault("PYTHONUNBUFFERED", "1")
         operator_set = ("TRADEGUARD_VAULT_PASSPHRASE", "TRADEGUARD_VAULT_PASSPHRASE_FILE")
-        if component.name == "keyvault" and not any(env.get(name) for name in operator_set):
+        if child.name == "keyvault" and not any(env.get(name) for name in operator_set):
             # a file the vault reads once, not the environment (which /proc/<pid>/environ keeps showing)
             env["TRADEGUARD_VAULT_PASSPHRASE_FILE"] = str(self.dev_vault_passphrase_file())
-        self.children[component.name] = subprocess.Popen([sys.executable, "-m", component.module], env=env)
+        env.update(child.env_extra)
+        return env
+
+    def command(self, child: Child) -> list[str]:
+        return [sys.executable, "-m", child.service.module]
+
+    async def spawn(self, child: Child) -> None:
+        child.process = await asyncio.create_subprocess_exec(*self.command(child), env=self.child_env(child))
+        child.started_at = asyncio.get_running_loop().time()
+        child.ready = False
+        _log.info("service started", service=child.name, pid=child.process.pid, port=child.port)
 
     def dev_vault_passphrase_file(self) -> Path:
         """The embedded default's sealing passphrase: made once, kept 0600 beside the data. In production the
@@ -120,98 +282,205 @@ class Supervisor:
                 out.write(secrets.token_urlsafe(32))
         return path
 
-    async def wait_ready(self, name: str, port: int) -> None:
-        workload = tls.Workload.of(self.paths, OPERATOR)
-        options = [("grpc.ssl_target_name_override", name)]
-        deadline = asyncio.get_running_loop().time() + self.ready_timeout
-        while True:
-            child = self.children[name]
-            if child.poll() is not None:
-                raise RuntimeError(f"{name} exited with code {child.returncode} during start-up")
-            try:
-                async with grpc.aio.secure_channel(
-                    f"127.0.0.1:{port}", tls.channel_credentials(workload), options=options
-                ) as channel:
-                    reply = await health_pb2_grpc.HealthStub(channel).Check(
-                        health_pb2.HealthCheckRequest(), timeout=1.0
-                    )
-                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-            except grpc.aio.AioRpcError:
-                pass
-            if asyncio.get_running_loop().time() > deadline:
-                raise RuntimeError(f"{name} was not ready within {self.ready_timeout:.0f}s")
-            await asyncio.sleep(0.2)
+    async def health(self, child: Child) -> bool:
+        """One health check of `child` over mutual TLS, as ops."""
+        workload = tls.Workload.of(self.paths, common.OPERATOR)
+        options = [("grpc.ssl_target_name_override", child.name)]
+        try:
+            credentials = tls.channel_credentials(workload)
+        except (OSError, ValueError):
+            return False  # mid-renewal: the next attempt reads the new files
+        target = f"{common.connect_host()}:{child.port}"
+        try:
+            async with grpc.aio.secure_channel(target, credentials, options=options) as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=2.0
+                )
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
 
-    def stop_all(self, timeout: float = 15.0) -> None:
-        for child in self.children.values():
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for name, child in self.children.items():
+    async def wait_ready(self, child: Child) -> None:
+        """Until `child`'s own process answers its health check: alive, holding its port's listening socket
+        (when /proc says), SERVING. Due certificates are renewed before every attempt."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.ready_timeout
+        while True:
+            if self.stop.is_set():
+                raise Stopping
+            process = child.process
+            assert process is not None
+            if process.returncode is not None:
+                raise NotReady(f"{child.name} exited with code {process.returncode} during start-up")
             try:
-                child.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                print(f"{name} did not stop within {timeout:.0f}s; killing it", file=sys.stderr)
-                child.kill()
-                child.wait()
+                self.renew()
+            except (OSError, ValueError) as error:
+                _log.error("certificate renewal failed", error=str(error))
+            answered = await self.health(child)
+            if answered and process.returncode is None and listens_on(process.pid, child.port) is not False:
+                child.ready = True
+                return
+            if loop.time() > deadline:
+                raise NotReady(
+                    f"{child.name} did not answer its health check within {self.ready_timeout:.0f}s"
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), 0.2)
+
+    async def keep_running(self, child: Child) -> None:
+        """Wait for `child`'s exit (noticed at once), restart it after a backoff delay, wait until it answers
+        again; raise GaveUp once it has crashed `max_fast_crashes` times in a row."""
+        loop = asyncio.get_running_loop()
+        while True:
+            assert child.process is not None
+            code = await child.process.wait()
+            if self.stop.is_set():
+                return
+            ran_s = loop.time() - child.started_at
+            fast = ran_s < self.backoff.stable_s or not child.ready
+            child.crashes_in_a_row = child.crashes_in_a_row + 1 if fast else 1
+            if child.crashes_in_a_row >= self.backoff.max_fast_crashes:
+                _log.error(
+                    "service keeps crashing; stopping the suite",
+                    service=child.name,
+                    code=code,
+                    crashes_in_a_row=child.crashes_in_a_row,
+                )
+                raise GaveUp(
+                    f"{child.name} exited {child.crashes_in_a_row} times in a row, each within "
+                    f"{self.backoff.stable_s:.0f}s of its start (last exit code {code}); stopping the suite "
+                    "(its own log lines above say why)"
+                )
+            delay = self.backoff.delay(child.crashes_in_a_row)
+            _log.warning(
+                "service exited; restarting",
+                service=child.name,
+                pid=child.process.pid,
+                code=code,
+                ran_s=round(ran_s, 3),
+                restart_in_s=delay,
+                crashes_in_a_row=child.crashes_in_a_row,
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), delay)
+            if self.stop.is_set():
+                return
+            await self.spawn(child)
+            child.restarts += 1
+            try:
+                await self.wait_ready(child)
+            except NotReady as error:
+                _log.error("restarted service not ready", service=child.name, error=str(error))
+                await self.terminate(child, grace_s=5.0)
+                continue
+            except Stopping:
+                return
+            _log.info(
+                "service restarted",
+                service=child.name,
+                pid=child.process.pid,
+                port=child.port,
+                restarts=child.restarts,
+            )
+
+    async def terminate(self, child: Child, grace_s: float = 15.0) -> None:
+        process = child.process
+        if process is None or process.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), grace_s)
+        except TimeoutError:
+            print(f"{child.name} did not stop within {grace_s:.0f}s; killing it", file=sys.stderr, flush=True)
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
+
+    async def stop_all(self, grace_s: float = 15.0) -> None:
+        self.stop.set()
+        await asyncio.gather(*(self.terminate(child, grace_s) for child in reversed(self.children.values())))
+
+    # --- the run ----------------------------------------------------------------------------------------------
 
     async def run(self) -> int:
-        stop = asyncio.Event()
+        configure_logging()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        self.prepare_pki()
-        ports = self.ports()
+            loop.add_signal_handler(sig, self.stop.set)
         try:
-            for component in self.components:
-                self.start(component, ports[component.name])
-                await self.wait_ready(component.name, ports[component.name])
-            self.banner(ports)
-            return await self.supervise(stop)
-        except RuntimeError as error:
-            print(f"tradeguard up: {error}", file=sys.stderr)
+            self.prepare_pki()
+            children = self.plan()
+        except (OSError, ValueError) as error:
+            raise common.CliError(str(error)) from None
+        tasks: list[asyncio.Task[None]] = [loop.create_task(self.keep_renewing())]
+        try:
+            for child in children:
+                self.children[child.name] = child
+                await self.spawn(child)
+                await self.wait_ready(child)
+            self.banner()
+            _log.info("suite up", services=[child.name for child in children])
+            tasks += [loop.create_task(self.keep_running(child)) for child in children]
+            stopped = loop.create_task(self.stop.wait())
+            done, _ = await asyncio.wait([stopped, *tasks], return_when=asyncio.FIRST_COMPLETED)
+            stopped.cancel()
+            for task in done:
+                if task is not stopped:
+                    task.result()  # GaveUp, or an unexpected error: raised here
+            return 0
+        except (NotReady, GaveUp) as error:
+            print(f"tradeguard up: {error}", file=sys.stderr, flush=True)
             return 1
+        except Stopping:
+            return 0
         finally:
-            self.stop_all()
-            print("all services stopped")
+            for task in tasks:
+                task.cancel()
+            await self.stop_all()
+            print("all services stopped", flush=True)
 
-    async def supervise(self, stop: asyncio.Event) -> int:
-        names = [c.name for c in self.components] + [OPERATOR]
-        while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=self.check_seconds)
-            self.rotate_intermediate_if_due()
-            renewed = pki.renew_due(self.paths, names, lifetime=self.lifetime)
-            if renewed:
-                print(f"renewed certificates: {', '.join(renewed)}", flush=True)
-            for name, child in self.children.items():
-                if child.poll() is not None:
-                    print(f"{name} exited with code {child.returncode}; stopping the suite", file=sys.stderr)
-                    return 1
-        return 0
-
-    def banner(self, ports: dict[str, int]) -> None:
+    def banner(self) -> None:
+        """Where each service listens and how to call it: commands that work as printed, from this
+        directory, with the ports and home this suite actually uses."""
         d = self.paths
+        exports = []
+        if self.home != common.DEFAULT_HOME.resolve():
+            exports.append(f"TRADEGUARD_HOME={self.home}")
+        if common.host() != "127.0.0.1":
+            exports.append(f"TRADEGUARD_HOST={common.host()}")
+        for child in self.children.values():
+            if child.port != child.service.port:
+                exports.append(f"{registry.env_prefix(child.name)}_PORT={child.port}")
         lines = ["", "Tradeguard is up (Ctrl-C stops it):"]
         lines += [
-            f"  {c.name:<9} 127.0.0.1:{ports[c.name]}   metrics http://127.0.0.1:{metrics_port(c, ports[c.name])}/metrics"
-            for c in self.components
+            f"  {c.name:<9} {common.connect_host()}:{c.port}   metrics http://127.0.0.1:{c.metrics_port}/metrics"
+            for c in self.children.values()
         ]
+        lines.append("")
+        if exports:
+            lines += [
+                "In another shell, first (the commands below read the same settings):",
+                f"  export {' '.join(exports)}",
+                "",
+            ]
         lines += [
-            "",
             "Place an order with the CLI (it uses the ops certificate):",
             "  .venv/bin/tradeguard orders place --account acct-1 --client-order-id demo-1 \\",
             "      --symbol BTC-USD --side buy --type limit --quantity 0.5 --price 64000.25",
+            "  .venv/bin/tradeguard orders list --account acct-1",
             "",
             "The key vault (administration as ops, key use as a service the policy allows, e.g. auth):",
             "  .venv/bin/tradeguard vault status",
             "  .venv/bin/tradeguard vault create-key credentials",
-            "  .venv/bin/tradeguard pki issue auth     # a certificate to act as the auth service",
             "  printf 's3cret' | .venv/bin/tradeguard vault --as auth encrypt credentials --context user-1",
-            "",
-            "Or with grpcurl:",
-            f"  grpcurl -cacert {d.ca_bundle} -cert {d.cert(OPERATOR)} -key {d.key(OPERATOR)} \\",
-            f"      -authority trading 127.0.0.1:{ports.get('trading', 50055)} list",
-            "",
         ]
-        print("\n".join(lines), flush=True)
+        trading = self.children.get("trading")
+        if trading is not None:
+            lines += [
+                "",
+                "Or with grpcurl:",
+                f"  grpcurl -cacert {d.ca_bundle} -cert {d.cert(common.OPERATOR)} -key {d.key(common.OPERATOR)} \\",
+                f"      -authority trading {common.connect_host()}:{trading.port} list",
+            ]
+        print("\n".join([*lines, ""]), flush=True)

@@ -1,8 +1,8 @@
 """`tradeguard vault …`: operate the key vault (seal status, unseal, keys, encrypt/decrypt) over the mesh.
 
 Key administration runs as `ops`; the key vault's policy decides who may use key material, so `encrypt` and
-`decrypt` take `--as` (for example `--as auth`). Passphrases are read from the terminal or stdin, never
-from the command line (where `ps` would show them).
+`decrypt` take `--as` (for example `--as auth`, before or after the action). Passphrases are read from the
+terminal or stdin, never from the command line (where `ps` would show them).
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ import getpass
 import sys
 from typing import Any
 
-from google.protobuf import duration_pb2, json_format
+from google.protobuf import duration_pb2
 
-from tradeguard.cli.mesh_call import call_service
+from tradeguard.cli import common
+from tradeguard.cli.mesh_call import call_service, to_json
 from tradeguard.keyvault.v1 import keyvault_pb2 as pb
 from tradeguard.keyvault.v1 import keyvault_pb2_grpc
 
@@ -27,30 +28,39 @@ KEY_TYPES = {
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    vault = subparsers.add_parser("vault", help="operate the key vault")
-    vault.add_argument(
-        "--target", default=None, help="host:port (default 127.0.0.1:$TRADEGUARD_KEYVAULT_PORT)"
+    vault = subparsers.add_parser(
+        "vault", help="operate the key vault", description=__doc__, formatter_class=common.HelpFormatter
     )
-    vault.add_argument(
-        "--as", dest="identity", default="ops", help="workload certificate to use (default ops)"
-    )
-    sub = vault.add_subparsers(dest="action", required=True)
-    sub.add_parser("status", help="sealed or not, and the root key's kind")
-    sub.add_parser("unseal", help="unseal with the passphrase (local root) or PIN (HSM), read from stdin/tty")
-    sub.add_parser("keys", help="list keys (metadata only)")
-    create = sub.add_parser("create-key")
-    create.add_argument("name")
-    create.add_argument("--type", choices=sorted(KEY_TYPES), default="aes256-gcm")
+    common.add_identity_options(vault, "keyvault", top=True)
+    common.add_home_option(vault)
+    sub = vault.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        parser = sub.add_parser(
+            name, help=help_text, description=help_text, formatter_class=common.HelpFormatter
+        )
+        common.add_identity_options(parser, "keyvault")
+        common.add_home_option(parser)
+        return parser
+
+    action("status", "sealed or not, and the root key's kind (every field printed)")
+    action("unseal", "unseal with the passphrase (local root) or PIN (HSM), read from the terminal or stdin")
+    action("keys", "list keys (metadata only, never material)")
+    create = action("create-key", "create a named key (version 1)")
+    create.add_argument("name", help="the key's name, e.g. credentials")
+    create.add_argument("--type", choices=sorted(KEY_TYPES), default="aes256-gcm", help="key type")
     create.add_argument("--rotate-days", type=float, default=0.0, help="automatic rotation period (0: off)")
-    rotate = sub.add_parser("rotate-key")
-    rotate.add_argument("name")
-    encrypt = sub.add_parser("encrypt", help="encrypt stdin; prints the ciphertext")
-    encrypt.add_argument("name")
-    encrypt.add_argument("--context", default="", help="associated data (bound to the ciphertext)")
-    decrypt = sub.add_parser("decrypt", help="decrypt CIPHERTEXT; writes the plaintext to stdout")
-    decrypt.add_argument("name")
-    decrypt.add_argument("ciphertext")
-    decrypt.add_argument("--context", default="")
+    rotate = action("rotate-key", "add a new version of a key; new data is encrypted under it")
+    rotate.add_argument("name", help="the key's name")
+    encrypt = action("encrypt", "encrypt stdin under a key; prints the ciphertext (tgv1:<key>:v<n>:…)")
+    encrypt.add_argument("name", help="the key's name")
+    encrypt.add_argument(
+        "--context", default="", help="associated data: bound to the ciphertext, needed again to decrypt"
+    )
+    decrypt = action("decrypt", "decrypt CIPHERTEXT; writes the plaintext to stdout")
+    decrypt.add_argument("name", help="the key's name")
+    decrypt.add_argument("ciphertext", help="as `encrypt` printed it")
+    decrypt.add_argument("--context", default="", help="the associated data given to `encrypt`")
     vault.set_defaults(func=lambda args: asyncio.run(_run(args)))
 
 
@@ -89,7 +99,7 @@ async def _call(stub: keyvault_pb2_grpc.KeyVaultServiceAsyncStub, args: argparse
 
 async def _run(args: argparse.Namespace) -> int:
     reply = await call_service(
-        args, "keyvault", 50054, lambda channel: _call(keyvault_pb2_grpc.KeyVaultServiceStub(channel), args)
+        args, "keyvault", lambda channel: _call(keyvault_pb2_grpc.KeyVaultServiceStub(channel), args)
     )
     if reply is None:
         return 1
@@ -98,5 +108,5 @@ async def _run(args: argparse.Namespace) -> int:
     elif isinstance(reply, pb.DecryptResponse):
         sys.stdout.buffer.write(reply.plaintext)
     else:
-        print(json_format.MessageToJson(reply, preserving_proto_field_name=True) or "{}")
+        print(to_json(reply))
     return 0

@@ -47,6 +47,7 @@ __all__ = [
     "peer_spiffe_id_from_pem",
     "read_cert_info",
     "renew_due",
+    "renewal_reason",
     "spiffe_id",
     "status",
     "trust_domain",
@@ -599,21 +600,36 @@ def status(paths: PkiPaths) -> list[CertInfo]:
 def needs_renewal(paths: PkiPaths, name: str, now: datetime | None = None) -> bool:
     """True when the certificate or key is missing or unreadable, they do not match, the certificate was not
     signed by the current intermediate or is not for the current trust domain, or it is past half its life."""
+    return renewal_reason(paths, name, now) is not None
+
+
+def renewal_reason(paths: PkiPaths, name: str, now: datetime | None = None) -> str | None:
+    """Why the workload certificate ``name`` is due for renewal (see :func:`needs_renewal`), or None when it
+    is not: what ``tradeguard pki status`` shows, so that it never says ``ok`` for a certificate that the next
+    renewal would replace (for example one issued by an intermediate that has since been rotated)."""
     at = _utc(now)
     try:
         cert = _load_cert(paths.cert(name))
         key = _load_key(paths.key(name), private_only=False)
     except (OSError, ValueError):
-        return True
+        return "missing or unreadable"
     if _spki(key.public_key()) != _spki(cert.public_key()):
-        return True
+        return "key does not match"
     try:
         cert.verify_directly_issued_by(_load_cert(paths.intermediate_cert))
-        if _spiffe_of(cert) != spiffe_id(trust_domain(paths), name):
-            return True
     except (OSError, ValueError, TypeError, InvalidSignature):
-        return True
-    return _info(cert, name, paths.cert(name)).past_half_life(at)
+        return "not issued by the current intermediate CA"
+    try:
+        if _spiffe_of(cert) != spiffe_id(trust_domain(paths), name):
+            return "not for this trust domain"
+    except (OSError, ValueError):
+        return "not for this trust domain"
+    info = _info(cert, name, paths.cert(name))
+    if info.expired(at):
+        return "expired"
+    if info.past_half_life(at):
+        return "past half its lifetime"
+    return None
 
 
 def renew_due(

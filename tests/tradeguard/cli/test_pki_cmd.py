@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -38,15 +39,55 @@ def test_init_issue_status(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -
     pki.issue(paths, "aging", now=datetime.now(UTC) - timedelta(hours=13))
 
     assert _run(tmp_path, "pki", "status") == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["NAME", "SPIFFE", "ID", "NOT", "AFTER", "(UTC)", "REMAINING", "STATE"]
-    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    header, rows = _table(capsys.readouterr().out)
+    assert header == ["NAME", "SPIFFE ID", "NOT AFTER (UTC)", "REMAINING", "STATE", "WHY"]
     assert set(rows) == {"root-ca", "intermediate-ca", "auth", "audit", "old", "aging"}
-    assert rows["old"][-1] == "EXPIRED"
-    assert rows["aging"][-1] == "RENEW"
-    assert rows["auth"][-1] == "ok" and rows["auth"][1] == "spiffe://corp.example/svc/auth"
-    assert rows["root-ca"][1] == "-"
-    assert [line.split()[0] for line in lines[1:3]] == ["old", "audit"]  # soonest expiry first
+    assert rows["old"]["STATE"] == "EXPIRED"
+    assert rows["aging"]["STATE"] == "RENEW" and rows["aging"]["WHY"] == "past half its lifetime"
+    assert rows["auth"]["STATE"] == "ok" and rows["auth"]["SPIFFE ID"] == "spiffe://corp.example/svc/auth"
+    assert rows["root-ca"]["SPIFFE ID"] == "-" and rows["root-ca"]["STATE"] == "ok"
+    assert list(rows)[:2] == ["old", "audit"]  # soonest expiry first
+
+
+def _table(out: str) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """`pki status`'s columns, cut where the header's titles start."""
+    lines = out.splitlines()
+    titles = re.findall(r"\S+(?: \S+)*", lines[0])
+    starts = [lines[0].index(title) for title in titles]
+    rows: dict[str, dict[str, str]] = {}
+    for line in lines[1:]:
+        cells = [line[a:b].strip() for a, b in zip(starts, [*starts[1:], None], strict=True)]
+        rows[cells[0]] = dict(zip(titles, cells, strict=True))
+    return titles, rows
+
+
+def test_status_says_renew_for_certificates_an_intermediate_rotation_made_due(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Newcomer 6: after `pki rotate-intermediate`, `pki status` said `ok` for every workload certificate,
+    although each was due (issued by the old intermediate) and the next renewal replaced it."""
+    assert _run(tmp_path, "pki", "init") == 0
+    assert _run(tmp_path, "pki", "issue", "auth") == 0
+    assert _run(tmp_path, "pki", "issue", "edge") == 0
+    assert _run(tmp_path, "pki", "rotate-intermediate") == 0
+    assert _run(tmp_path, "pki", "issue", "edge") == 0  # re-issued under the new intermediate
+    capsys.readouterr()
+    assert _run(tmp_path, "pki", "status") == 0
+    _, rows = _table(capsys.readouterr().out)
+    assert rows["auth"]["STATE"] == "RENEW"
+    assert rows["auth"]["WHY"] == "not issued by the current intermediate CA"
+    assert rows["edge"]["STATE"] == "ok" and rows["intermediate-ca"]["STATE"] == "ok"
+    assert _run(tmp_path, "pki", "renew", "auth") == 0
+    capsys.readouterr()
+    assert _run(tmp_path, "pki", "status") == 0
+    assert _table(capsys.readouterr().out)[1]["auth"]["STATE"] == "ok"
+
+
+def test_status_says_renew_for_a_due_intermediate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pki.init_ca(pki.PkiPaths(tmp_path), now=datetime.now(UTC) - timedelta(days=250))
+    assert _run(tmp_path, "pki", "status") == 0
+    row = _table(capsys.readouterr().out)[1]["intermediate-ca"]
+    assert row["STATE"] == "RENEW" and "tradeguard pki rotate-intermediate" in row["WHY"]
 
 
 def test_errors_go_to_stderr_with_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

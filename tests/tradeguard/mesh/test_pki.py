@@ -283,6 +283,27 @@ def test_needs_renewal_when_unreadable_or_from_another_ca(
     assert pki.needs_renewal(paths, "gateway", NOW)
 
 
+def test_renewal_reason_says_why_a_certificate_is_due(paths: pki.PkiPaths, constrained: pki.PkiPaths) -> None:
+    """What `pki status` shows beside RENEW: the rule `needs_renewal` applies, with its reason."""
+    assert pki.renewal_reason(paths, "auth", NOW) == "missing or unreadable"
+    pki.issue(paths, "auth", now=NOW)
+    assert pki.renewal_reason(paths, "auth", NOW) is None
+    assert pki.renewal_reason(paths, "auth", NOW + timedelta(hours=12)) == "past half its lifetime"
+    assert pki.renewal_reason(paths, "auth", NOW + timedelta(hours=25)) == "expired"
+    pki.issue(paths, "gateway", now=NOW)
+    paths.key("gateway").write_bytes(paths.key("auth").read_bytes())
+    assert pki.renewal_reason(paths, "gateway", NOW) == "key does not match"
+    pki.rotate_intermediate(paths, now=NOW + timedelta(hours=1))
+    assert (
+        pki.renewal_reason(paths, "auth", NOW + timedelta(hours=2))
+        == "not issued by the current intermediate CA"
+    )
+    pki.issue(constrained, "other")
+    for suffix in ("crt", "key"):
+        (paths.dir / f"other.{suffix}").write_bytes((constrained.dir / f"other.{suffix}").read_bytes())
+    assert pki.renewal_reason(paths, "other") == "not issued by the current intermediate CA"
+
+
 def test_renew_due_renews_only_due_names(paths: pki.PkiPaths) -> None:
     pki.issue(paths, "auth", now=NOW)
     pki.issue(paths, "audit", now=NOW - timedelta(hours=13))  # past half-life at NOW
