@@ -28,6 +28,7 @@ __all__ = [
     "material_ad",
     "new_material",
     "parse_token",
+    "segments_violation",
 ]
 
 FORMAT_PREFIX = "tgv1"
@@ -36,11 +37,25 @@ _TOKEN_RE = re.compile(r"tgv1:([a-z0-9][a-z0-9._/-]{0,127}):v([1-9][0-9]{0,9}):(
 MAX_VERSION = 2**31 - 1
 
 
+SEGMENTS_RULE = "must not have an empty, '.' or '..' segment between '/', nor end with '/'"
+
+
+def segments_violation(value: str) -> str | None:
+    """Why a `/`-separated name is not a plain path (None if it is): an empty segment (`a//b`, a trailing `/`)
+    or a `.` / `..` segment would let two spellings name one thing, or `a/../b` match a policy glob of `a/*`."""
+    if any(segment in ("", ".", "..") for segment in value.split("/")):
+        return SEGMENTS_RULE
+    return None
+
+
 def check_key_name(name: str, field_name: str = "key_name") -> str:
     if not KEY_NAME_RE.fullmatch(name):
         raise InvalidArgument.field(
             field_name, "must be 1-128 characters of a-z 0-9 . _ / -, starting with a letter or digit"
         )
+    problem = segments_violation(name)
+    if problem is not None:
+        raise InvalidArgument.field(field_name, problem)
     return name
 
 

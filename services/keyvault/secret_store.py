@@ -23,6 +23,7 @@ from services.keyvault.errors import (
     secret_not_found,
     secret_version_destroyed,
 )
+from services.keyvault.keyring import segments_violation
 from services.keyvault.model import Clock, Random, SecretVersionInfo
 from services.keyvault.policy import Operation
 from services.keyvault.root import RootKey, RootUnwrapError
@@ -61,6 +62,9 @@ def check_owner(owner: str) -> str:
 def check_path(path: str) -> str:
     if not PATH_RE.fullmatch(path):
         raise InvalidArgument.field("path", "must be 1-256 characters of a-z 0-9 . _ / -")
+    problem = segments_violation(path)
+    if problem is not None:
+        raise InvalidArgument.field("path", problem)
     return path
 
 
