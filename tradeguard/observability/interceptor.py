@@ -25,6 +25,7 @@ from tradeguard.mesh.identity import peer_spiffe_id
 from tradeguard.observability.annotations import close_scope, open_scope
 from tradeguard.observability.logging import configuration_generation
 from tradeguard.observability.metrics import RpcMetrics
+from tradeguard.observability.redact import Trusted
 from tradeguard.rpc.handlers import WrappingInterceptor, rebuild
 
 __all__ = ["TelemetryInterceptor"]
@@ -32,7 +33,11 @@ __all__ = ["TelemetryInterceptor"]
 _REQUEST_ID_RE: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _REQUEST_ID_HEADER: Final = "x-request-id"
 _SERVER_FAULT_CODES: Final = frozenset({"INTERNAL", "UNKNOWN", "DATA_LOSS"})
-_CODE_NAMES: Final = {code: code.name for code in grpc.StatusCode}
+# The kit's own fields are Trusted: the log's redactor does not scan them (a caller's request id is not).
+_CODE_NAMES: Final = {code: Trusted(code.name) for code in grpc.StatusCode}
+_CANCELLED: Final = Trusted("CANCELLED")
+_OK: Final = Trusted("OK")
+_UNKNOWN: Final = Trusted("UNKNOWN")
 _LOGGER_NAME: Final = "tradeguard.rpc"
 
 # Generic only in the type stubs.
@@ -53,7 +58,7 @@ class _RequestIds:
 
     @classmethod
     def next(cls) -> str:
-        return f"{cls.prefix}{next(cls.counter) & 0xFFFFFFFFFFFFFFFF:016x}"
+        return Trusted(f"{cls.prefix}{next(cls.counter) & 0xFFFFFFFFFFFFFFFF:016x}")
 
 
 os.register_at_fork(after_in_child=_RequestIds.reseed)
@@ -70,20 +75,24 @@ def _request_id(context: _Context) -> str:
     return _RequestIds.next()
 
 
+def _trusted(value: str | None) -> str | None:
+    return None if value is None else Trusted(value)
+
+
 def _code_after_return(context: _Context) -> str:
     code = context.code()
     if code is None:
         # A handler that returns after the client went away (its request stream just ends) did not succeed.
-        return "CANCELLED" if context.cancelled() else "OK"
+        return _CANCELLED if context.cancelled() else _OK
     return _CODE_NAMES.get(code) or str(code)
 
 
 def _code_after_exception(context: _Context, exc: BaseException) -> str:
     if isinstance(exc, asyncio.CancelledError | GeneratorExit):
-        return "CANCELLED"
+        return _CANCELLED
     code = context.code()
     if code is None or code is grpc.StatusCode.OK:
-        return "UNKNOWN"
+        return _UNKNOWN
     return _CODE_NAMES.get(code) or str(code)
 
 
@@ -137,8 +146,8 @@ class TelemetryInterceptor(WrappingInterceptor):
             "method": method,
             "code": code,
             "latency_ms": round(seconds * 1000.0, 3),
-            "caller": peer_spiffe_id(context),
-            "peer": context.peer(),
+            "caller": _trusted(peer_spiffe_id(context)),  # from the certificate our CA issued
+            "peer": _trusted(context.peer()),  # grpc's address of the connection
             "request_id": request_id,
         }
         if code == "OK":
@@ -153,6 +162,7 @@ class TelemetryInterceptor(WrappingInterceptor):
     # -- wrapping -------------------------------------------------------------------------------------------
 
     def wrap(self, handler: _Handler, method: str) -> _Handler:
+        method = Trusted(method)  # a registered method's name: unknown methods never reach a wrapper
         return rebuild(
             handler,
             unary_response=lambda behavior: self._wrap_unary_response(behavior, method),

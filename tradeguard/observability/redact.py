@@ -10,6 +10,12 @@ Two independent nets, applied to every log event:
   secrets registered with :func:`register_secret`.
 
 Long hex or base64url strings on their own (order ids, hashes) are deliberately left visible.
+
+One exception, for what the kit writes itself: a top-level field whose value is exactly a :class:`Trusted`
+string (the request id the kit generated, the registered method name, the status code, the verified peer
+identity and address) is not scanned by content (scanning a generated request id ran the full card-number
+check, ~15 µs, on every RPC line). Its key is still checked. Nothing a caller sends is ever made `Trusted`:
+a caller's ``x-request-id`` or a handler's annotation is a plain ``str`` and is scanned like any other.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any, Final
 
 __all__ = [
     "REDACTED",
+    "Trusted",
     "forget_secret",
     "is_sensitive_key",
     "redact",
@@ -99,6 +106,14 @@ _STATIC_PATTERNS: Final = (
 
 _lock = threading.Lock()
 _registered: set[str] = set()
+
+
+class Trusted(str):
+    """A string the kit produced itself, never caller data: the log processor passes it through unscanned
+    (only as the direct value of an event field; nested, or once transformed into a plain ``str``, it is
+    scanned again). Never wrap anything a caller sent."""
+
+    __slots__ = ()
 
 
 _master: Final = re.compile("|".join(_STATIC_PATTERNS), re.IGNORECASE)
@@ -332,7 +347,8 @@ def redact(value: object) -> object:
 
 
 def redact_processor(logger: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> Any:
-    """structlog processor: redact every field except the timestamp and the level (in place)."""
+    """structlog processor: redact every field except the timestamp and the level (in place); a field whose
+    value is a :class:`Trusted` string is checked by key only."""
     for key, value in event_dict.items():
         if key in _PASSTHROUGH_KEYS:
             continue
@@ -340,6 +356,8 @@ def redact_processor(logger: Any, method_name: str, event_dict: MutableMapping[s
             event_dict[key] = REDACTED
         elif type(value) is str:
             event_dict[key] = redact_text(value)
+        elif type(value) is Trusted:
+            continue
         elif not isinstance(value, _SAFE_SCALARS):
             event_dict[key] = _redact(value, 0)
     return event_dict

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
 
+from tradeguard.echo import ECHO, RunningEcho, running_echo
+from tradeguard.echo.v1 import echo_pb2
+from tradeguard.mesh import pki
 from tradeguard.mesh.authz import MethodPolicy
 from tradeguard.rpc.status import rich_status
-from tradeguard.trading.v1 import trading_pb2
 
 TD = "tradeguard.test"
-PLACE = "/tradeguard.trading.v1.TradingService/PlaceOrder"
+PLACE = "/tradeguard.trading.v1.TradingService/PlaceOrder"  # a rule names any method, served or not
 
 
 def test_policy_exact_wildcard_and_default_deny() -> None:
@@ -44,47 +47,52 @@ def test_malformed_rule_rejected() -> None:
         MethodPolicy(TD, {"PlaceOrder": {"ops"}})
 
 
-def _order(coid: str) -> trading_pb2.PlaceOrderRequest:
-    return trading_pb2.PlaceOrderRequest(
-        account_id="acct-1",
-        client_order_id=coid,
-        symbol="BTC-USD",
-        side=trading_pb2.SIDE_BUY,
-        type=trading_pb2.ORDER_TYPE_LIMIT,
-        quantity="0.5",
-        price="100.25",
-    )
+# the echo service as the vehicle: Echo for ops only, Expand for ops and monitor
+RULES = {f"/{ECHO}/Echo": frozenset({"ops"}), f"/{ECHO}/Expand": frozenset({"ops", "monitor"})}
 
 
-async def test_valid_client_not_on_the_list_gets_permission_denied(trading) -> None:
-    async with trading.channel("monitor") as channel:  # monitor may read orders, not place them
-        stub = trading.stub(channel)
+@pytest.fixture
+async def echo(pki_paths: pki.PkiPaths) -> AsyncIterator[RunningEcho]:
+    async with running_echo(pki_paths, rules=RULES, tls12_self_probe=False) as running:
+        yield running
+
+
+async def test_valid_client_not_on_the_list_gets_permission_denied(echo: RunningEcho) -> None:
+    async with echo.channel("monitor") as channel:  # monitor may call Expand, not Echo
+        stub = echo.stub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await stub.PlaceOrder(_order("c-1"), timeout=5)
+            await stub.Echo(echo_pb2.EchoRequest(text="x"), timeout=5)
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
         assert rich_status(err.value).reason == "CALLER_NOT_ALLOWED"
-        listed = await stub.ListOrders(trading_pb2.ListOrdersRequest(account_id="acct-1"), timeout=5)
-        assert list(listed.orders) == []
+        expanded = [r async for r in stub.Expand(echo_pb2.ExpandRequest(text="y", count=2), timeout=5)]
+        assert [r.index for r in expanded] == [0, 1]
 
 
-async def test_allowed_client_places_order(trading) -> None:
-    async with trading.channel("ops") as channel:
-        reply = await trading.stub(channel).PlaceOrder(_order("c-2"), timeout=5)
-        assert reply.order.status == trading_pb2.ORDER_STATUS_OPEN
+async def test_allowed_client_is_served(echo: RunningEcho) -> None:
+    async with echo.channel("ops") as channel:
+        reply = await echo.stub(channel).Echo(echo_pb2.EchoRequest(text="hi"), timeout=5)
+        assert reply.text == "hi"
 
 
-async def test_interleaved_callers_are_each_judged_by_their_own_certificate(trading) -> None:
+async def test_workload_of_another_trust_domain_or_unlisted_is_denied(echo: RunningEcho) -> None:
+    async with echo.channel("auth") as channel:  # a workload of ours with no rule at all
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await echo.stub(channel).Echo(echo_pb2.EchoRequest(text="x"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_interleaved_callers_are_each_judged_by_their_own_certificate(echo: RunningEcho) -> None:
     # the peer identity is read once per call and shared by the interceptors: it must never leak across calls
-    async with trading.channel("ops") as ops_channel, trading.channel("monitor") as monitor_channel:
-        ops, monitor = trading.stub(ops_channel), trading.stub(monitor_channel)
+    async with echo.channel("ops") as ops_channel, echo.channel("monitor") as monitor_channel:
+        ops, monitor = echo.stub(ops_channel), echo.stub(monitor_channel)
 
         async def as_ops(i: int) -> bool:
-            await ops.PlaceOrder(_order(f"mix-{i}"), timeout=5)
+            await ops.Echo(echo_pb2.EchoRequest(text=f"ops-{i}"), timeout=5)
             return True
 
         async def as_monitor(i: int) -> bool:
             try:
-                await monitor.PlaceOrder(_order(f"mon-{i}"), timeout=5)
+                await monitor.Echo(echo_pb2.EchoRequest(text=f"mon-{i}"), timeout=5)
             except grpc.aio.AioRpcError as error:
                 return error.code() != grpc.StatusCode.PERMISSION_DENIED
             return True

@@ -3,38 +3,44 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import grpc
 import pytest
+from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from tradeguard.mesh import tls
+from tradeguard.echo import ECHO, RunningEcho, running_echo
+from tradeguard.mesh import pki, tls
 
 
-def _reflect(target: str, workload: tls.Workload) -> tuple[list[str], list[str]]:
+def _reflect(target: str, workload: tls.Workload, server_name: str) -> tuple[list[str], list[str]]:
     creds = tls.channel_credentials(workload)
     with grpc.secure_channel(
-        target, creds, options=[("grpc.ssl_target_name_override", "trading")]
+        target, creds, options=[("grpc.ssl_target_name_override", server_name)]
     ) as channel:
         db = ProtoReflectionDescriptorDatabase(channel)
         services = list(db.get_services())
-        from google.protobuf.descriptor_pool import DescriptorPool
-
-        pool = DescriptorPool(db)
-        trading = pool.FindServiceByName("tradeguard.trading.v1.TradingService")
-        return services, [m.name for m in trading.methods]
+        echo = DescriptorPool(db).FindServiceByName(ECHO)
+        return services, [m.name for m in echo.methods]
 
 
-async def test_reflection_lists_trading_service_and_methods(trading) -> None:
+@pytest.fixture
+async def echo(pki_paths: pki.PkiPaths) -> AsyncIterator[RunningEcho]:
+    async with running_echo(pki_paths, tls12_self_probe=False) as running:
+        yield running
+
+
+async def test_reflection_lists_the_service_and_its_methods(echo: RunningEcho) -> None:
     services, methods = await asyncio.to_thread(
-        _reflect, trading.target, tls.Workload.of(trading.paths, "ops")
+        _reflect, echo.target, tls.Workload.of(echo.paths, "ops"), echo.name
     )
-    assert "tradeguard.trading.v1.TradingService" in services
+    assert ECHO in services
     assert "grpc.health.v1.Health" in services
-    assert methods == ["PlaceOrder", "CancelOrder", "GetOrder", "ListOrders"]
+    assert methods == ["Echo", "Expand", "Collect"]
 
 
-async def test_reflection_denied_to_other_workloads(trading) -> None:
+async def test_reflection_denied_to_other_workloads(echo: RunningEcho) -> None:
     with pytest.raises(grpc.RpcError) as err:
-        await asyncio.to_thread(_reflect, trading.target, tls.Workload.of(trading.paths, "monitor"))
-    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[attr-defined]
+        await asyncio.to_thread(_reflect, echo.target, tls.Workload.of(echo.paths, "monitor"), echo.name)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED

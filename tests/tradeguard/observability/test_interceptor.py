@@ -15,6 +15,7 @@ from tradeguard.observability.annotations import annotate
 from tradeguard.observability.interceptor import TelemetryInterceptor, _RequestIds
 from tradeguard.observability.logging import configure_logging, get_logger
 from tradeguard.observability.metrics import RpcMetrics
+from tradeguard.observability.redact import REDACTED, Trusted
 
 SERVICE = "test.Svc"
 handler_log = get_logger("test.handler")
@@ -358,3 +359,16 @@ def test_request_ids_are_reseeded_as_a_forked_child_does() -> None:
     _RequestIds.reseed()  # registered with os.register_at_fork(after_in_child=...)
     after = _RequestIds.next()
     assert before[:16] != after[:16] and after[16:] == "0" * 16
+
+
+async def test_a_caller_request_id_is_scanned_and_the_kit_own_fields_are_trusted(harness: Harness) -> None:
+    card = "4111111111111111"  # a valid request id by its pattern, and a card number
+    await _unary(harness, "Ok")(b"x", metadata=(("x-request-id", card),))
+    await _unary(harness, "Ok")(b"x")
+    caller_line, kit_line = await harness.settled_rpc_lines(2)
+    assert caller_line["request_id"] == REDACTED  # what a caller sends is always scanned
+    inner = [e["request_id"] for e in harness.lines() if e["event"] == "inside handler"]
+    assert inner[0] == REDACTED  # the handler's own line carries it from the context variables, masked too
+    assert card not in harness.out.getvalue()
+    assert len(kit_line["request_id"]) == 32  # the generated id: the kit's own, passed through
+    assert isinstance(_RequestIds.next(), Trusted)

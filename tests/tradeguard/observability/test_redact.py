@@ -13,9 +13,11 @@ from hypothesis import strategies as st
 from tradeguard.observability.logging import configure_logging, get_logger
 from tradeguard.observability.redact import (
     REDACTED,
+    Trusted,
     forget_secret,
     is_sensitive_key,
     redact,
+    redact_processor,
     redact_text,
     register_secret,
 )
@@ -491,3 +493,26 @@ def test_key_value_pairs_as_in_grpc_metadata_are_masked() -> None:
         "order_id",
         "ord_01ARZ3NDEKTSV4RRFFQ69G5FAV",
     )
+
+
+# ---------------------------------------------------------------------------------- the kit's own fields
+
+
+def test_trusted_fields_are_passed_through_unscanned_but_only_those() -> None:
+    kit_id = Trusted(
+        "0123456789abcdef" + "4111111111111111"
+    )  # looks like a card: the kit made it, not a caller
+    event = {
+        "request_id": kit_id,
+        "caller_request_id": "4111111111111111",  # a plain str, as anything a caller sent is
+        "token": Trusted("not really trusted: the key says secret"),
+        "nested": [Trusted(VISA)],  # only a field's own value is passed through
+        "event": "rpc",
+    }
+    out = redact_processor(None, "info", dict(event))
+    assert out["request_id"] is kit_id
+    assert out["caller_request_id"] == REDACTED
+    assert out["token"] == REDACTED
+    assert out["nested"] == [REDACTED]
+    assert redact_text(Trusted(f"card {VISA}")) == f"card {REDACTED}"  # scanning a Trusted string still works
+    assert str(Trusted("x")) == "x" and json.dumps({"k": Trusted("x")}) == '{"k": "x"}'

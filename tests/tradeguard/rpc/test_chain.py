@@ -10,7 +10,6 @@ from typing import Any
 
 import grpc
 import pytest
-from google.rpc import error_details_pb2, status_pb2
 
 from tests.support import eventually
 from tradeguard.echo import ECHO, RunningEcho, running_echo
@@ -19,6 +18,7 @@ from tradeguard.errors import PermissionDenied
 from tradeguard.mesh import pki
 from tradeguard.observability.logging import configure_logging
 from tradeguard.rpc.handlers import Context, Layer, RequestCheck
+from tradeguard.rpc.status import rich_status
 
 ECHO_METHOD = f"/{ECHO}/Echo"
 EXPAND_METHOD = f"/{ECHO}/Expand"
@@ -73,18 +73,11 @@ async def settled(log: io.StringIO, count: int) -> list[dict[str, Any]]:
     return rpc_lines(log)
 
 
-def status_of(err: grpc.aio.AioRpcError) -> tuple[str, list[str]]:
+def status_of(err: grpc.aio.AioRpcError) -> tuple[str | None, list[str]]:
     """(ErrorInfo reason, BadRequest field paths) of a rich status."""
-    raw = dict(err.trailing_metadata() or ())["grpc-status-details-bin"]
-    status = status_pb2.Status.FromString(raw)  # type: ignore[arg-type]
-    info = error_details_pb2.ErrorInfo()
-    assert status.details[0].Unpack(info)
-    fields: list[str] = []
-    for detail in status.details[1:]:
-        bad = error_details_pb2.BadRequest()
-        if detail.Unpack(bad):
-            fields += [v.field for v in bad.field_violations]
-    return info.reason, fields
+    status = rich_status(err)
+    assert status.details_problem is None
+    return status.reason, [v.field for v in status.field_violations]
 
 
 def count(echo: RunningEcho, method: str, code: str) -> float:

@@ -1,0 +1,196 @@
+"""The kit's per-call server chain against a bare grpc.aio echo over mutual TLS, in one run.
+
+Six echo servers (tradeguard.echo.v1 `Echo`, unary), each in its own process, same options, same TLS
+credentials, the client in this process on one mTLS channel per server:
+
+  bare       no interceptor at all (grpc deserialises the request)
+  full       the kit's chain as MeshServer mounts it: telemetry → authorisation → error mapping → decoding
+             (one JSON log line per RPC, written to a file on tmpfs; counted at the end)
+  telemetry  TelemetryInterceptor alone (request id, log line, metrics)
+  authz      AuthzInterceptor alone (SPIFFE ID in the method's allow-list)
+  errors     ErrorInterceptor alone (exception → rich status)
+  decode     the chain with no wrapping layer: raw bytes in, decoded (and enum-checked) after the interceptor
+
+Rounds rotate the order so that drift hits every mode alike. Printed: throughput per round, then the median
+ratio of each mode's throughput to the bare echo's, and the CPU per call (client + server, from /proc) that
+each mode adds to the bare echo's (the client's share is the same in every mode and cancels out).
+Aim (issue 6): `full`, still writing one log line per RPC, keeps 0.85 or more of the bare throughput.
+"""
+
+from __future__ import annotations
+
+import tradeguard  # noqa: F401  (first: grpc must load with the TLS 1.3-only setting)
+
+# isort: split
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from bench.loadgen import Result, closed_loop, free_port, load_arguments, median_ratio
+from tradeguard.echo import ECHO, ECHO_RULES, EchoServicer
+from tradeguard.echo.v1 import echo_pb2, echo_pb2_grpc
+from tradeguard.mesh import pki, tls
+from tradeguard.mesh.authz import AuthzInterceptor, MethodPolicy
+from tradeguard.mesh.server import HANDSHAKE_TIMEOUT_S, interceptors
+from tradeguard.observability.interceptor import TelemetryInterceptor
+from tradeguard.observability.logging import configure_logging
+from tradeguard.observability.metrics import RpcMetrics
+from tradeguard.rpc.handlers import ChainInterceptor
+from tradeguard.rpc.interceptor import ErrorInterceptor
+
+MODES = ("bare", "full", "telemetry", "authz", "errors", "decode")
+NAME = "echo"
+
+
+def _interceptors(mode: str, trust_domain: str) -> list[Any]:
+    metrics = RpcMetrics(NAME, registry=CollectorRegistry())
+    policy = MethodPolicy(trust_domain, ECHO_RULES)
+    if mode == "bare":
+        return []
+    if mode == "full":
+        return interceptors(NAME, metrics, policy)
+    if mode == "telemetry":
+        return [TelemetryInterceptor(NAME, metrics)]
+    if mode == "authz":
+        return [AuthzInterceptor(policy)]
+    if mode == "errors":
+        return [ErrorInterceptor()]
+    if mode == "decode":
+        return [ChainInterceptor([])]
+    raise ValueError(mode)
+
+
+async def serve(mode: str, port: int, home: Path, log_path: Path) -> None:
+    paths = pki.PkiPaths(home)
+    with log_path.open("a", encoding="utf-8") as log:
+        configure_logging(json=True, stream=log, level="info")
+        server = grpc.aio.server(
+            interceptors=_interceptors(mode, pki.trust_domain(paths)),
+            options=[
+                ("grpc.server_handshake_timeout_ms", int(HANDSHAKE_TIMEOUT_S * 1000)),
+                ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        echo_pb2_grpc.add_EchoServiceServicer_to_server(EchoServicer(), server)
+        creds, _reloader = tls.server_credentials(tls.Workload.of(paths, NAME))
+        server.add_secure_port(f"127.0.0.1:{port}", creds)
+        await server.start()
+        await server.wait_for_termination()
+
+
+def start(mode: str, port: int, home: Path) -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "bench.kit_chain", "--serve", mode, "--port", str(port), "--home", str(home)]
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+async def ready(stub: echo_pb2_grpc.EchoServiceAsyncStub) -> None:
+    for _ in range(200):
+        try:
+            await stub.Echo(echo_pb2.EchoRequest(text="ready"), timeout=1)
+            return
+        except grpc.aio.AioRpcError:
+            await asyncio.sleep(0.1)
+    raise RuntimeError("server not ready")
+
+
+def _tmpfs() -> str | None:
+    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+
+
+async def run(concurrency: int, duration: float, rounds: int) -> None:
+    with tempfile.TemporaryDirectory(dir=_tmpfs()) as tmp:
+        home = Path(tmp)
+        paths = pki.PkiPaths(home)
+        pki.init_ca(paths)
+        for name in (NAME, "ops"):
+            pki.issue(paths, name)
+        ports = {mode: free_port() for mode in MODES}
+        procs = {mode: start(mode, port, home) for mode, port in ports.items()}
+        try:
+            ops = tls.Workload.of(paths, "ops")
+            channels = {
+                mode: grpc.aio.secure_channel(
+                    f"127.0.0.1:{port}",
+                    tls.channel_credentials(ops),
+                    options=[("grpc.ssl_target_name_override", NAME)],
+                )
+                for mode, port in ports.items()
+            }
+            stubs = {mode: echo_pb2_grpc.EchoServiceStub(channel) for mode, channel in channels.items()}
+            for stub in stubs.values():
+                await ready(stub)
+            request = echo_pb2.EchoRequest(text="hello", tone=echo_pb2.TONE_PLAIN)
+            results: dict[str, list[Result]] = {mode: [] for mode in MODES}
+            print(
+                f"{ECHO}/Echo over mTLS, {concurrency} concurrent callers, {duration:.0f} s per round, "
+                f"{rounds} rounds, one server process per mode ({os.cpu_count()} CPUs)"
+            )
+            for r in range(rounds):
+                shift = r % len(MODES)
+                for mode in MODES[shift:] + MODES[:shift]:
+                    stub = stubs[mode]
+
+                    async def call(i: int, stub: echo_pb2_grpc.EchoServiceAsyncStub = stub) -> object:
+                        return await stub.Echo(request, timeout=10)
+
+                    res = await closed_loop(
+                        call, concurrency=concurrency, duration=duration, cpu_of=[procs[mode].pid]
+                    )
+                    results[mode].append(res)
+                    print(res.line(f"round {r + 1} {mode}"))
+            print("\nagainst the bare echo (median of rounds):")
+            print(f"  {'mode':<10} {'throughput':>10}   {'CPU/call added (client+server)':>32}")
+            bare = results["bare"]
+            for mode in MODES[1:]:
+                ratio = median_ratio(results[mode], bare)
+                added = statistics.median(
+                    (a.cpu_us_per_call or 0.0) - (b.cpu_us_per_call or 0.0)
+                    for a, b in zip(results[mode], bare, strict=True)
+                )
+                print(f"  {mode:<10} {ratio:10.3f}   {added:+29.1f} us")
+            bare_cpu = statistics.median(b.cpu_us_per_call or 0.0 for b in bare)
+            print(f"  (bare echo: {bare_cpu:.0f} us of CPU per call, client and server together)")
+            for channel in channels.values():
+                await channel.close(None)
+        finally:
+            for proc in procs.values():
+                proc.terminate()
+                proc.wait(20)
+        lines = _count_rpc_lines(home / "full.log")
+        calls = sum(res.calls + res.errors for res in results["full"])
+        print(f"full chain: {lines} rpc log lines written for at least {calls} measured calls (+ warm-up)")
+
+
+def _count_rpc_lines(path: Path) -> int:
+    if not path.exists():
+        return 0
+    with path.open(encoding="utf-8") as f:
+        return sum(1 for line in f if '"event": "rpc"' in line)
+
+
+def main() -> None:
+    parser = load_arguments(__doc__, rounds=3)
+    parser.set_defaults(concurrency=64)
+    parser.add_argument("--serve", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--home", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        asyncio.run(serve(args.serve, args.port, args.home, args.home / f"{args.serve}.log"))
+    else:
+        asyncio.run(run(args.concurrency, args.duration, args.rounds))
+
+
+if __name__ == "__main__":
+    main()
