@@ -4,6 +4,9 @@ errors a newcomer meets, ports from the registry and the environment, and JSON w
 from __future__ import annotations
 
 import argparse
+import os
+import re
+import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -168,3 +171,22 @@ def test_json_output_keeps_default_values() -> None:
     text = to_json(keyvault_pb2.GetSealStatusResponse(sealed=False, root_kind=keyvault_pb2.ROOT_KIND_LOCAL))
     assert '"sealed": false' in text and '"root_kind": "ROOT_KIND_LOCAL"' in text
     assert '"sealed": false' in to_json(keyvault_pb2.UnsealResponse())
+
+
+def test_the_readme_grpcurl_lines_use_the_ports_and_home_set(tmp_path: Path) -> None:
+    """Newcomer 3: the README's grpcurl lines hard-coded 127.0.0.1:50055 and .tradeguard/pki. Run as a shell
+    would (grpcurl replaced by echo), they follow TRADEGUARD_TRADING_PORT and TRADEGUARD_HOME, and fall back to
+    the registry's defaults."""
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    blocks = re.findall(r"```sh\n(.*?)```", readme, re.DOTALL)
+    (block,) = [b for b in blocks if "grpcurl " in b]
+    assert not re.search(r":500\d\d", block)
+    script = block.replace("grpcurl ", "echo grpcurl ")
+    env = {"PATH": os.environ["PATH"], "TRADEGUARD_TRADING_PORT": "6123", "TRADEGUARD_HOME": str(tmp_path)}
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.count("echo") == 0 and out.count("grpcurl ") == 2 and out.count("127.0.0.1:6123 ") == 2
+    assert out.count(f"-cacert {tmp_path}/pki/ca.crt -cert {tmp_path}/pki/ops.crt") == 2
+    env = {"PATH": os.environ["PATH"]}
+    out = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, check=True).stdout
+    assert "-cacert .tradeguard/pki/ca.crt" in out
+    assert f"127.0.0.1:{registry.lookup('trading').port} list" in out
