@@ -59,6 +59,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.trading_mtls
 	$(BIN)/python -m bench.trading_store
 	$(BIN)/python -m bench.keyvault_crypto
+	$(BIN)/python -m bench.kit_chain
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

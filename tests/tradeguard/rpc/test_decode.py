@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from tradeguard.echo.v1 import echo_pb2
 from tradeguard.errors import InvalidArgument
+from tradeguard.keyvault.v1 import keyvault_pb2
 from tradeguard.rpc.handlers import enum_plan, request_decoder, undefined_enum_paths
 
 DEFINED = sorted(echo_pb2.Tone.values())
@@ -100,3 +101,12 @@ def test_malformed_bodies_are_invalid_argument(body: bytes) -> None:
         decode(body)
     assert err.value.reason == "MALFORMED_REQUEST"
     assert [v.field for v in err.value.violations] == ["request"]
+
+
+def test_the_probed_case_keyvault_generate_data_key_format_7() -> None:
+    decode = request_decoder(keyvault_pb2.GenerateDataKeyRequest.FromString)
+    assert decode is not None
+    raw = keyvault_pb2.GenerateDataKeyRequest(key_name="k", format=7).SerializeToString()  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument) as err:
+        decode(raw)
+    assert [v.field for v in err.value.violations] == ["format"]
