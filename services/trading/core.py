@@ -45,6 +45,7 @@ _ACCOUNT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _CLIENT_ORDER_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 _SYMBOL = re.compile(r"[A-Z0-9]{1,12}(?:[-/][A-Z0-9]{1,12})?")
 _PLAIN_DECIMAL = re.compile(r"(?:0|[1-9][0-9]*)(?:\.[0-9]+)?")
+_NEGATIVE_DECIMAL = re.compile(r"-[0-9]+(?:\.[0-9]+)?")  # a number, just not a positive one
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 _ORDER_ID = re.compile(r"ord_[0-9A-HJKMNP-TV-Z]{26}")
 _MAX_DECIMAL_CHARS = 64
@@ -85,7 +86,10 @@ def parse_decimal(value: str) -> Decimal:
     if len(value) > _MAX_DECIMAL_CHARS:
         raise ValueError(f"must be at most {_MAX_DECIMAL_CHARS} characters")
     if _PLAIN_DECIMAL.fullmatch(value) is None:
-        raise ValueError("must be a plain decimal number such as 12.5")
+        raise ValueError(
+            "must be a plain decimal number such as 12.5: digits with at most one '.', "
+            "no sign, exponent, spaces or leading zeros"
+        )
     return Decimal(format_decimal(Decimal(value)))
 
 
@@ -100,6 +104,9 @@ def _check_amount(
 ) -> Decimal | None:
     if not value:
         violations.append(FieldViolation(field, "required"))
+        return None
+    if _NEGATIVE_DECIMAL.fullmatch(value) is not None:  # "-1" is a number: the same answer as for "0"
+        violations.append(FieldViolation(field, "must be greater than zero"))
         return None
     try:
         amount = parse_decimal(value)

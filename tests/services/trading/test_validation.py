@@ -183,3 +183,26 @@ def test_all_violations_reported_at_once():
         "quantity",
         "price",
     ]
+
+
+def descriptions(**overrides: Any) -> dict[str, str]:
+    with pytest.raises(InvalidArgument) as info:
+        parse_new_order(**request(**overrides))
+    return {v.field: v.description for v in info.value.violations}
+
+
+@pytest.mark.parametrize("field", ["quantity", "price"])
+@pytest.mark.parametrize("value", ["0", "0.0", "-1", "-0", "-0.5", "-12.50", "-01"])
+def test_zero_and_negative_numbers_get_the_same_answer(field: str, value: str) -> None:
+    # A negative number is a number: it is refused for its value, as zero is, not for its spelling.
+    assert descriptions(**{field: value}) == {field: "must be greater than zero"}
+
+
+@pytest.mark.parametrize("field", ["quantity", "price"])
+@pytest.mark.parametrize(
+    "value", ["+1", "1e3", " 1", "1 ", "01", "1.", ".5", "abc", "NaN", "--1", "-1e3", "- 1"]
+)
+def test_malformed_numbers_say_what_a_plain_decimal_is(field: str, value: str) -> None:
+    (description,) = descriptions(**{field: value}).values()
+    assert description.startswith("must be a plain decimal number such as 12.5")
+    assert "no sign, exponent, spaces or leading zeros" in description
