@@ -294,7 +294,7 @@ class Supervisor:
         try:
             async with grpc.aio.secure_channel(target, credentials, options=options) as channel:
                 reply = await health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=2.0
+                    health_pb2.HealthCheckRequest(), timeout=5.0
                 )
         except grpc.aio.AioRpcError:
             return False
@@ -419,6 +419,9 @@ class Supervisor:
                 self.children[child.name] = child
                 await self.spawn(child)
                 await self.wait_ready(child)
+            for child in children:  # one that died while the next was starting is not "up"
+                if not child.alive():
+                    raise NotReady(f"{child.name} exited during start-up")
             self.banner()
             _log.info("suite up", services=[child.name for child in children])
             tasks += [loop.create_task(self.keep_running(child)) for child in children]
