@@ -180,7 +180,7 @@ def add_identity_options(parser: argparse.ArgumentParser, service: str, *, top: 
         metavar="WORKLOAD",
         default=OPERATOR if top else argparse.SUPPRESS,
         help=f"the workload certificate to present ($TRADEGUARD_HOME/pki/WORKLOAD.crt); "
-        f"the {service} service's policy decides what it may do" + ("" if top else f" (default {OPERATOR})"),
+        f"the {service} service's policy decides what it may do" + ("" if top else f" (default: {OPERATOR})"),
     )
     parser.add_argument(
         "--target",

@@ -21,7 +21,7 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -128,7 +128,6 @@ class Child:
     ready: bool = False  # answered its health check since its last start
     crashes_in_a_row: int = 0
     restarts: int = 0
-    env_extra: dict[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -259,7 +258,6 @@ class Supervisor:
         if child.name == "keyvault" and not any(env.get(name) for name in operator_set):
             # a file the vault reads once, not the environment (which /proc/<pid>/environ keeps showing)
             env["TRADEGUARD_VAULT_PASSPHRASE_FILE"] = str(self.dev_vault_passphrase_file())
-        env.update(child.env_extra)
         return env
 
     def command(self, child: Child) -> list[str]:
