@@ -18,7 +18,10 @@ from typing import cast
 
 import grpc
 
-from tradeguard.mesh import pki
+from tradeguard.mesh import handshake_log, pki
+from tradeguard.observability.logging import get_logger
+
+_log = get_logger("tradeguard.tls")
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,9 @@ def assert_tls12_refused(
 ) -> None:
     """Connect as a TLS 1.2-only client presenting a valid client certificate; raise if it succeeds.
 
-    Blocking: run it in a thread. A refused handshake (no shared cipher) is the expected outcome.
+    Blocking: run it in a thread. A refused handshake (no shared cipher) is the expected outcome, logged as one
+    `tls12_self_probe_refused` info event; with `handshake_log` installed, grpc core's own line about it is
+    recognised and dropped, so a start reads as healthy.
     `server_name` is the SNI sent: the server's own name keeps grpc from logging an unknown-name error."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -119,10 +124,12 @@ def assert_tls12_refused(
     ctx.load_cert_chain(certfile=str(workload.cert), keyfile=str(workload.key))
     ctx.check_hostname = False
     ctx.set_alpn_protocols(["h2"])
-    with socket.create_connection((host, port), timeout=timeout) as raw:
+    with handshake_log.self_probe(), socket.create_connection((host, port), timeout=timeout) as raw:
         try:
             with ctx.wrap_socket(raw, server_hostname=server_name) as tls:
                 version = tls.version()
-        except (ssl.SSLError, ConnectionError):
+        except (ssl.SSLError, ConnectionError) as refused:
+            reason = getattr(refused, "reason", None) or type(refused).__name__
+            _log.info("tls12_self_probe_refused", address=f"{host}:{port}", client_saw=reason)
             return
     raise Tls12Accepted(f"{host}:{port} accepted a {version} handshake")
