@@ -11,6 +11,8 @@ blob to what it wraps.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import threading
@@ -37,6 +39,8 @@ _LOCAL_KIND = b"\x01"
 _PKCS11_KIND = b"\x02"
 _SEAL_AD = b"tradeguard/keyvault/sealed-root/v1"
 _WRAP_INFO = b"tradeguard/keyvault/keyring-wrap/v1"
+_FINGERPRINT_INFO = b"tradeguard/keyvault/root-fingerprint/v1"
+_PIN_CHECK_N = 2**14  # scrypt cost of the in-memory check of a PKCS#11 PIN
 
 
 ROOT_CHECK_META = "root_check"  # the store's meta entry: a known value wrapped by the ring's root key
@@ -72,6 +76,10 @@ class RootKey(Protocol):
 
     def unwrap(self, blob: bytes, associated_data: bytes) -> bytes: ...
 
+    def accepts(self, secret: str) -> bool:
+        """Whether `secret` (a passphrase or PIN) opens this root key. Blocking (a KDF): off the event loop."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -90,9 +98,11 @@ def _seal(root: bytes, passphrase: str, random: Callable[[int], bytes], scrypt_n
 class LocalSealedRoot:
     kind = "local"
 
-    def __init__(self, root: bytes, random: Callable[[int], bytes]) -> None:
+    def __init__(self, root: bytes, random: Callable[[int], bytes], path: Path | None = None) -> None:
         self._aead = primitives.Aead(primitives.hkdf_sha256(root, _WRAP_INFO))
         self._random = random
+        self._path = path  # the sealed file it came from: `accepts` asks it
+        self._fingerprint = hashlib.sha256(_FINGERPRINT_INFO + root).digest()
 
     @staticmethod
     def exists(path: Path) -> bool:
@@ -119,7 +129,7 @@ class LocalSealedRoot:
             json.dump(document, out)
             out.flush()
             os.fsync(out.fileno())
-        return cls(root, random)
+        return cls(root, random, path)
 
     @classmethod
     def change_passphrase(
@@ -145,7 +155,18 @@ class LocalSealedRoot:
     def unseal(
         cls, path: Path, passphrase: str, random: Callable[[int], bytes] = os.urandom
     ) -> LocalSealedRoot:
-        return cls(cls._open(path, passphrase), random)
+        return cls(cls._open(path, passphrase), random, path)
+
+    def accepts(self, secret: str) -> bool:
+        """Whether `secret` is the passphrase the sealed file holds this root key under now (after a
+        change-passphrase, the new one)."""
+        if self._path is None:
+            return False
+        try:
+            root = self._open(self._path, secret)
+        except WrongPassphrase:
+            return False
+        return hmac.compare_digest(hashlib.sha256(_FINGERPRINT_INFO + root).digest(), self._fingerprint)
 
     @staticmethod
     def _open(path: Path, passphrase: str) -> bytes:
@@ -188,12 +209,23 @@ class Pkcs11Root:
 
     kind = "pkcs11"
 
-    def __init__(self, session: Any, key: Any, random: Callable[[int], bytes]) -> None:
+    def __init__(self, session: Any, key: Any, random: Callable[[int], bytes], pin: str = "") -> None:
         self._session = session
         self._key = key
         self._random = random
         self._lock = threading.Lock()  # one PKCS#11 session: one operation at a time
         self._closed = False
+        # The token cannot check a PIN while this process is logged in to it (C_Login: already logged in), so
+        # the PIN that opened it is remembered as a salted scrypt digest, for `accepts`.
+        self._pin_salt = random(16)
+        self._pin_check = self._pin_digest(pin) if pin else b""
+
+    def _pin_digest(self, pin: str) -> bytes:
+        return primitives.scrypt_derive(pin.encode(), self._pin_salt, n=_PIN_CHECK_N)
+
+    def accepts(self, secret: str) -> bool:
+        """Whether `secret` is the PIN this root was opened with."""
+        return bool(self._pin_check) and hmac.compare_digest(self._pin_digest(secret), self._pin_check)
 
     @classmethod
     def open(
@@ -247,7 +279,7 @@ class Pkcs11Root:
         except BaseException:
             session.close()
             raise
-        return cls(session, key, random)
+        return cls(session, key, random, pin)
 
     def _mechanism(self, nonce: bytes, associated_data: bytes) -> tuple[Any, Any]:
         from pkcs11 import Mechanism

@@ -81,11 +81,18 @@ class Sealing:
         return root
 
     async def unseal(self, caller: str | None, passphrase: str) -> SealStatus:
+        """Unseal with the passphrase (or PIN). The passphrase is checked whether or not the vault is unsealed
+        already: a wrong one gets the same refusal either way, a right one on an unsealed vault a plain OK."""
         if not passphrase:
             raise InvalidArgument.field("passphrase", "is required")
         self._access.authorize(caller, Operation.UNSEAL, "vault")
         async with self._unseal_lock:
-            if self._root is not None:
+            current = self._root
+            if current is not None:
+                if not await asyncio.to_thread(current.accepts, passphrase):
+                    self._access.record("unseal", caller, warning=True, outcome="wrong_passphrase")
+                    raise unseal_failed()
+                self._access.record("unseal", caller, outcome="already_unsealed", root_kind=current.kind)
                 return self.status()
             if self._unsealer is None:
                 raise FailedPrecondition("this vault cannot be unsealed by passphrase", reason="NO_UNSEALER")
