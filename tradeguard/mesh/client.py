@@ -17,6 +17,7 @@ All four call kinds; `MeshChannel` mounts it on every channel it opens. Any grpc
 from __future__ import annotations
 
 import contextvars
+import math
 import re
 from collections.abc import AsyncIterable, Callable, Iterable
 from typing import Any, Final
@@ -74,8 +75,10 @@ class CallDefaults:
     no timeout (`None`: calls without a timeout stay unbounded). `interceptors()` mounts it on a channel."""
 
     def __init__(self, default_timeout_s: float | None = DEFAULT_TIMEOUT_S) -> None:
-        if default_timeout_s is not None and not default_timeout_s > 0:
-            raise ValueError(f"default_timeout_s must be positive or None, got {default_timeout_s}")
+        if default_timeout_s is not None and not 0 < default_timeout_s < math.inf:
+            raise ValueError(
+                f"default_timeout_s must be positive and finite, or None, got {default_timeout_s}"
+            )
         self.default_timeout_s = default_timeout_s
 
     def details(self, details: ClientCallDetails) -> ClientCallDetails:

@@ -185,7 +185,7 @@ async def test_any_grpc_aio_channel_can_mount_the_interceptors(probe: Probe) -> 
 
 
 def test_default_timeout_must_be_positive() -> None:
-    for bad in (0.0, -1.0, float("nan")):
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="default_timeout_s"):
             CallDefaults(bad)
 
