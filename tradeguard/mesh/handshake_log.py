@@ -26,7 +26,8 @@ Python's own `sys.stderr` is pointed at the original stderr directly (and faulth
 native writers go through the pipe; the events are written by a second thread so that the reader never
 writes into the pipe it drains (which could block it forever). `uninstall()` (also run at exit) restores
 file descriptor 2 and forwards whatever is still in the pipe. A process that aborts in native code can lose
-the native lines still in the pipe at that moment.
+the native lines still in the pipe at that moment. With `GRPC_VERBOSITY=ERROR` (or `NONE`) grpc writes no such
+line, and there is nothing to turn into an event.
 """
 
 from __future__ import annotations
