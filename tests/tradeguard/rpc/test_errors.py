@@ -7,6 +7,7 @@ the errors became plain (ErrorInfo first, then BadRequest / RetryInfo / QuotaFai
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -205,7 +206,7 @@ def test_every_code_name_is_a_grpc_status_code() -> None:
 
 
 def _everything_sent(status: status_pb2.Status, trailers: list[tuple[str, str]]) -> bytes:
-    return status.SerializeToString() + repr(trailers).encode()
+    return bytes(status.SerializeToString()) + repr(trailers).encode()
 
 
 @pytest.mark.parametrize(
@@ -259,8 +260,18 @@ async def target() -> AsyncIterator[str]:
 async def _call(target: str, kind: bytes) -> grpc.aio.AioRpcError:
     async with grpc.aio.insecure_channel(target) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await channel.unary_unary("/t.T/Call")(kind, timeout=5)
+            await channel.unary_unary("/t.T/Call", None, None)(kind, timeout=5)
     return err.value
+
+
+def _trailers(err: grpc.aio.AioRpcError) -> dict[str, str | bytes]:
+    return {str(item[0]): item[1] for item in cast(Any, err.trailing_metadata() or ())}
+
+
+def _details_bin(err: grpc.aio.AioRpcError) -> bytes:
+    value = _trailers(err)["grpc-status-details-bin"]
+    assert isinstance(value, bytes)
+    return value
 
 
 class _SlowDown(FailedPrecondition):
@@ -271,18 +282,17 @@ async def test_an_opaque_error_over_the_wire_carries_no_cause(target: str) -> No
     with capture_logs() as logs:
         err = await _call(target, b"opaque")
     assert err.code() == grpc.StatusCode.UNAVAILABLE and err.details() == "try again"
-    trailers = dict(err.trailing_metadata() or ())
-    assert SECRET not in str(err) and SECRET.encode() not in trailers["grpc-status-details-bin"]  # type: ignore[operator]
+    assert SECRET not in str(err) and SECRET.encode() not in _details_bin(err)
+    assert SECRET not in repr(_trailers(err))
     assert any(line.get("cause") == f"tag mismatch; key material {SECRET}" for line in logs)
 
 
 async def test_a_retry_delay_over_the_wire(target: str) -> None:
     err = await _call(target, b"version")
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
-    trailers = dict(err.trailing_metadata() or ())
-    status = status_pb2.Status.FromString(trailers["grpc-status-details-bin"])  # type: ignore[arg-type]
+    status = status_pb2.Status.FromString(_details_bin(err))
     retry = error_details_pb2.RetryInfo()
     assert status.details[1].Unpack(retry) and retry.retry_delay == duration_pb2.Duration(
         seconds=1, nanos=500_000_000
     )
-    assert "retry-after" not in trailers
+    assert "retry-after" not in _trailers(err)
