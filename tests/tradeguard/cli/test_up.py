@@ -26,7 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support import eventually, free_port, openssl_handshake
+from tests.support import free_port, openssl_handshake
 from tradeguard import registry
 from tradeguard.cli import common, main
 from tradeguard.cli.up_cmd import (
@@ -41,6 +41,7 @@ from tradeguard.cli.up_cmd import (
 )
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.channel import MeshChannel
+from tradeguard.testing import eventually
 from tradeguard.trading.v1 import trading_pb2, trading_pb2_grpc
 
 ROOT = Path(__file__).resolve().parents[3]
