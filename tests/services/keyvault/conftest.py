@@ -17,6 +17,9 @@ import pytest
 from psycopg import sql
 
 from services.keyvault.core import KeyVault
+from services.keyvault.errors import Code, DecryptionFailed
+from services.keyvault.key_cache import DEFAULT_KEY_FRESHNESS_US
+from services.keyvault.model import KeyType
 from services.keyvault.policy import DEFAULT_POLICY, Policy
 from services.keyvault.root import LocalSealedRoot, RootKey
 from services.keyvault.store import VaultStore
@@ -28,6 +31,22 @@ from tradeguard.testing import FakeClock
 SOFTHSM_MODULE = "/usr/lib/softhsm/libsofthsm2.so"
 PASSPHRASE = "correct horse battery staple"
 SCRYPT_N = 2**10  # fast in tests; production uses 2**15
+AES = KeyType.AES256_GCM
+OPS, AUTH, TRADING = "ops", "auth", "trading"
+HOUR_US = 3600 * 1_000_000
+FRESHNESS_US = DEFAULT_KEY_FRESHNESS_US  # the vault's default window (0.5 s)
+
+
+async def decrypt_fails(vault: KeyVault, name: str, ciphertext: str, ad: bytes = b"") -> DecryptionFailed:
+    """The decryption fails with the one opaque error, whatever the cause."""
+    with pytest.raises(DecryptionFailed) as info:
+        await vault.decrypt(AUTH, name, ciphertext, ad)
+    error = info.value
+    assert error.code is Code.INVALID_ARGUMENT
+    assert error.reason == "DECRYPTION_FAILED"
+    assert error.message == "decryption failed"
+    assert error.metadata == {}
+    return error
 
 
 class RecordingRandom:
@@ -189,3 +208,13 @@ def softhsm(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[st
 
     pkcs11.lib(SOFTHSM_MODULE).reinitialize()  # C_Finalize + C_Initialize: read this test's configuration
     yield {"module": SOFTHSM_MODULE, "token": label, "pin": pin}
+
+
+def wrap_hooked(into: list[HookedStore]) -> Callable[[VaultStore], VaultStore]:
+    """A `VaultFactory.open(wrap=...)` that puts a HookedStore around the real store and appends it to `into`."""
+
+    def wrap(store: VaultStore) -> VaultStore:
+        into.append(HookedStore(store))
+        return into[-1]  # type: ignore[return-value]  # it forwards every VaultStore method
+
+    return wrap

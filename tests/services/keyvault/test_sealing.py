@@ -12,15 +12,14 @@ from pathlib import Path
 import pytest
 
 from services.keyvault.core import KeyVault
-from services.keyvault.errors import FieldViolation, InvalidArgument, PermissionDenied
+from services.keyvault.errors import Code, FieldViolation, InvalidArgument, PermissionDenied, Unavailable
 from services.keyvault.model import KeyType, SealStatus
 from services.keyvault.root import LocalSealedRoot, Pkcs11Root
 from services.keyvault.store_sqlite import SqliteVaultStore
 from tradeguard.testing import FakeClock
 
-from .conftest import PASSPHRASE, SCRYPT_N, VaultFactory
+from .conftest import AES, AUTH, OPS, PASSPHRASE, SCRYPT_N, VaultFactory
 
-OPS, AUTH = "ops", "auth"
 WRONG = [FieldViolation("passphrase", "does not unseal the vault")]
 
 
@@ -115,3 +114,33 @@ async def test_an_hsm_pin_is_checked_on_an_unsealed_vault(softhsm: dict[str, str
     finally:
         await vault.close()
         await store.close()
+
+
+async def test_sealed_vault_is_unavailable_until_unsealed(vaults):
+    vault = await vaults.open()
+    await vault.create_key(OPS, "credentials", AES)
+    ct = await vault.encrypt(AUTH, "credentials", b"secret")
+    restarted = await vaults.open(unsealed=False)
+    assert restarted.seal_status().sealed
+    for call in (
+        restarted.encrypt(AUTH, "credentials", b"x"),
+        restarted.decrypt(AUTH, "credentials", ct),
+        restarted.get_key(OPS, "credentials"),
+        restarted.create_key(OPS, "k2", AES),
+        restarted.put_secret(AUTH, "alice", "auth/totp", b"seed"),
+    ):
+        with pytest.raises(Unavailable) as info:
+            await call
+        assert info.value.code is Code.UNAVAILABLE and info.value.reason == "VAULT_SEALED"
+    with pytest.raises(PermissionDenied):
+        await restarted.unseal(AUTH, "correct horse battery staple")  # only ops unseals
+    with pytest.raises(InvalidArgument) as wrong:
+        await restarted.unseal(OPS, "wrong passphrase")
+    assert "passphrase" in wrong.value.message
+    assert restarted.seal_status().sealed
+    status = await restarted.unseal(OPS, "correct horse battery staple")
+    assert not status.sealed and status.root_kind == "local"
+    assert await restarted.decrypt(AUTH, "credentials", ct) == b"secret"
+    restarted.seal()
+    with pytest.raises(Unavailable):
+        await restarted.decrypt(AUTH, "credentials", ct)
