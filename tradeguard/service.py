@@ -26,7 +26,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 
-from tradeguard.mesh import pki
+from tradeguard.mesh import handshake_log, pki
 from tradeguard.mesh.authz import MethodPolicy
 from tradeguard.mesh.server import MeshServer, ServerConfig, Service
 from tradeguard.observability.logging import configure_logging, get_logger
@@ -283,6 +283,7 @@ def main(declaration: Declaration[Any, Any], argv: Sequence[str] | None = None) 
             return 0
         print(f"{usage(declaration)}\n\nerror: unknown argument {args[0]!r}", file=sys.stderr)
         return 2
+    handshake_log.install()  # grpc core's refused handshakes become structured events (before logging)
     configure_logging()
     try:
         settings = read_settings(declaration)

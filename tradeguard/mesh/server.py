@@ -3,15 +3,14 @@
 One `MeshServer` = grpc.aio server on mutual TLS (client certificates required, TLS 1.3 only, hot-reloaded
 certificates, bounded connection age) + health + reflection + the interceptor chain
 (tracing → telemetry → authorisation → error mapping) + Prometheus metrics on loopback.
-`serve()` runs it until SIGTERM/SIGINT and shuts down gracefully: health goes NOT_SERVING, new calls
-are refused, in-flight calls finish (up to `grace` seconds), then the service's own resources close.
+`stop()` shuts down gracefully: health goes NOT_SERVING, new calls are refused after the drain, in-flight calls
+finish (up to `grace` seconds). Services are not started by hand: tradeguard.service runs them.
 """
 
 from __future__ import annotations
 
 import asyncio
-import signal
-from collections.abc import Awaitable, Callable, MutableMapping, Sequence
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from tradeguard.mesh.authz import AuthzInterceptor, MethodPolicy
 from tradeguard.observability import tracing
 from tradeguard.observability.interceptor import TelemetryInterceptor
 from tradeguard.observability.logging import get_logger
-from tradeguard.observability.metrics import RpcMetrics, start_metrics_server
+from tradeguard.observability.metrics import MetricsServer, RpcMetrics, start_metrics_server
 from tradeguard.registry import env_prefix
 from tradeguard.rpc.handlers import ChainInterceptor, Layer, WrappingInterceptor
 from tradeguard.rpc.interceptor import ErrorInterceptor
@@ -145,6 +144,7 @@ class MeshServer:
         self.metrics = RpcMetrics(config.name, registry=self.registry)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self.reloader: tls.CertificateReloader | None = None
+        self.metrics_server: MetricsServer | None = None  # Prometheus on loopback, plain HTTP
         self._server: grpc.aio.Server | None = None
         self.port = 0
         self.draining = False  # health says NOT_SERVING; new calls are refused once the drain is over
@@ -183,7 +183,7 @@ class MeshServer:
                 _log.error("tls12_accepted_refusing_to_serve", port=self.port)
                 raise
         if cfg.metrics_port is not None:
-            start_metrics_server(cfg.metrics_port, registry=self.registry)
+            self.metrics_server = start_metrics_server(cfg.metrics_port, registry=self.registry)
         for name in ["", *names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         _log.info(
@@ -203,31 +203,11 @@ class MeshServer:
             await asyncio.sleep(drain)
         await self._server.stop(self.config.grace_s if grace is None else grace)
         self._server = None
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+            self.metrics_server = None
         _log.info("stopped", service=self.config.name)
 
     async def wait(self) -> None:
         if self._server is not None:
             await self._server.wait_for_termination()
-
-
-async def serve(
-    server: MeshServer,
-    *,
-    on_stop: Callable[[], Awaitable[None]] | None = None,
-    stop_event: asyncio.Event | None = None,
-) -> None:
-    """Run until SIGTERM/SIGINT (or `stop_event`), then shut down gracefully and run `on_stop`."""
-    stop = stop_event or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    try:
-        await server.start()
-        await stop.wait()
-        _log.info("shutting_down", service=server.config.name)
-        await server.stop()
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        if on_stop is not None:
-            await on_stop()
