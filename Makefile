@@ -12,6 +12,9 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
+	@# xds-protos ships an older copy of OpenTelemetry's protos over opentelemetry-proto's files, which breaks
+	@# the OTLP exporter's import; the pinned opentelemetry-proto goes back on top.
+	$(BIN)/pip install -q --force-reinstall --no-deps "$$(grep -o 'opentelemetry-proto==[0-9.]*' pyproject.toml)"
 	touch $(STAMP)
 
 setup: $(STAMP)

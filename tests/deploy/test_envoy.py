@@ -28,8 +28,8 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import descriptor_pb2, json_format
 
 from services.trading import policy as trading_policy
-from services.trading import settings as trading_settings
 from tradeguard.mesh import pki
+from tradeguard.registry import SERVICES
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy" / "envoy"
 MOUNT = Path("/etc/tradeguard")  # where deploy/README.md mounts things in the Envoy container
@@ -236,8 +236,11 @@ def test_trading_upstream_is_the_trading_service_and_lets_the_edge_call_every_ro
     edge: bootstrap_pb2.Bootstrap,
 ) -> None:
     clusters = {c.name: c for c in edge.static_resources.clusters}
-    [endpoint] = clusters["trading"].load_assignment.endpoints[0].lb_endpoints
-    assert endpoint.endpoint.address.socket_address.port_value == trading_settings.DEFAULT_PORT
+    assert "trading" in clusters
+    for name, cluster in clusters.items():  # every upstream of ours is at its registered port
+        if name in SERVICES:
+            [endpoint] = cluster.load_assignment.endpoints[0].lb_endpoints
+            assert endpoint.endpoint.address.socket_address.port_value == SERVICES[name].port, name
     hcm = _hcm(edge)
     routed = {r.match.prefix for h in hcm.route_config.virtual_hosts for r in h.routes if r.HasField("route")}
     assert routed == {f"/{TRADING_SERVICE}/"}
