@@ -34,7 +34,7 @@ from tradeguard.observability.tracing import configure_tracing
 from tradeguard.registry import Registered, env_prefix, lookup
 from tradeguard.rpc.handlers import Layer
 from tradeguard.settings import Env, SettingsError
-from tradeguard.storage import SQLITE, sqlite_path
+from tradeguard.storage import database_url, open_store
 
 __all__ = [
     "Assembly",
@@ -54,7 +54,6 @@ _log = get_logger("tradeguard.service")
 
 St = TypeVar("St", bound="Closable")
 S = TypeVar("S", bound="ServiceSettings")
-_POSTGRES = ("postgresql://", "postgres://")
 
 
 class Closable(Protocol):
@@ -89,10 +88,7 @@ class Stores(Generic[St]):
     postgres: Callable[[str], Awaitable[St]]
 
     async def open(self, url: str) -> St:
-        path = sqlite_path(url)
-        if path is not None:
-            return await self.sqlite(path)
-        return await self.postgres(url)
+        return await open_store(url, sqlite=self.sqlite, postgres=self.postgres)
 
 
 @dataclass(frozen=True)
@@ -147,9 +143,7 @@ def read_settings(declaration: Declaration[S, St], environ: MutableMapping[str, 
     entry = declaration.registered
     own = Env(env_prefix(entry.name), environ)
     server = ServerConfig.from_env(entry.name, entry.port, environ)
-    url = own.text("DATABASE_URL", f"{SQLITE}{server.home / 'data' / f'{entry.name}.db'}")
-    if not url.startswith((SQLITE, *_POSTGRES)):
-        raise SettingsError(f"{own.name('DATABASE_URL')} must start with {SQLITE} or postgresql://")
+    url = database_url(own, server.home / "data" / f"{entry.name}.db")
     return declaration.settings(own, CommonSettings(server=server, database_url=url))
 
 

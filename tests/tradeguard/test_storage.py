@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 
+from tradeguard.settings import Env
 from tradeguard.storage import database_url, sqlite_path
 
 
 def test_default_is_sqlite_and_its_directory_is_owner_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.delenv("TG_TEST_DB", raising=False)
-    url = database_url("TG_TEST_DB", tmp_path / "data" / "x.db")
+    url = database_url(Env("TG_TEST", {}), tmp_path / "data" / "x.db")
     assert url == f"sqlite:///{tmp_path / 'data' / 'x.db'}"
     path = sqlite_path(url)
     assert path == tmp_path / "data" / "x.db"
@@ -21,8 +21,8 @@ def test_default_is_sqlite_and_its_directory_is_owner_only(
 
 
 def test_postgres_by_configuration(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv("TG_TEST_DB", "postgresql://127.0.0.1:5432/test?user=postgres")
-    url = database_url("TG_TEST_DB", tmp_path / "x.db")
+    env = Env("TG_TEST", {"TG_TEST_DATABASE_URL": "postgresql://127.0.0.1:5432/test?user=postgres"})
+    url = database_url(env, tmp_path / "x.db")
     assert url.startswith("postgresql://")
     assert sqlite_path(url) is None
 
@@ -31,6 +31,6 @@ def test_postgres_by_configuration(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 def test_other_urls_are_refused_naming_the_variable(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, bad: str
 ) -> None:
-    monkeypatch.setenv("TG_TEST_DB", bad)
-    with pytest.raises(ValueError, match="TG_TEST_DB"):
-        database_url("TG_TEST_DB", tmp_path / "x.db")
+    with pytest.raises(ValueError, match="TG_TEST_DATABASE_URL must start with") as refused:
+        database_url(Env("TG_TEST", {"TG_TEST_DATABASE_URL": bad}), tmp_path / "x.db")
+    assert bad not in str(refused.value)

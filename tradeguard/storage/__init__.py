@@ -9,11 +9,12 @@ embedded connection and `SqliteWorker`, one thread per database), `postgres` (th
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
+
+from tradeguard.settings import Env, SettingsError
 
 __all__ = ["SQLITE", "clock_us", "database_url", "open_store", "sqlite_path"]
 
@@ -23,11 +24,12 @@ SQLITE = "sqlite:///"
 _POSTGRES = ("postgresql://", "postgres://")
 
 
-def database_url(variable: str, default_path: Path) -> str:
-    """The URL in environment `variable`, or SQLite at `default_path`; anything else is refused."""
-    url = os.environ.get(variable) or f"{SQLITE}{default_path}"
+def database_url(env: Env, default_path: Path) -> str:
+    """The URL in `<prefix>_DATABASE_URL`, or SQLite at `default_path`; anything else is refused (SettingsError
+    naming the variable, never the URL: a DSN may carry a password)."""
+    url = env.text("DATABASE_URL", f"{SQLITE}{default_path}")
     if not url.startswith((SQLITE, *_POSTGRES)):
-        raise ValueError(f"{variable} must start with {SQLITE} or postgresql://")
+        raise SettingsError(f"{env.name('DATABASE_URL')} must start with {SQLITE} or postgresql://")
     return url
 
 
