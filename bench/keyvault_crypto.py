@@ -4,7 +4,7 @@ The real key vault service (services.keyvault.service.SERVICE: mTLS, interceptor
 runs in its own process; the client runs in this one. The round trip without crypto is GetSealStatus on the
 same server, channel and interceptor chain (it touches neither keys nor store). Rounds alternate between the
 three calls so that drift hits all alike; the ratios are medians over rounds.
-The server takes the environment: TRADEGUARD_VAULT_KEY_FRESHNESS_S=0 measures the strict mode (a store read of
+The server takes the environment: TRADEGUARD_KEYVAULT_KEY_FRESHNESS_S=0 measures the strict mode (a store read of
 the key's stamp before every use) instead of the default 0.5 s window.
 Aim (issue 3): 5k Encrypt/s or more at 32 concurrent callers (HashiCorp's published Transit sample: ~1.8k/s).
 
@@ -44,7 +44,7 @@ def start_server(port: int, home: Path) -> subprocess.Popen[bytes]:
         **os.environ,
         "TRADEGUARD_HOME": str(home),
         "TRADEGUARD_KEYVAULT_PORT": str(port),
-        "TRADEGUARD_VAULT_PASSPHRASE": PASSPHRASE,
+        "TRADEGUARD_KEYVAULT_PASSPHRASE": PASSPHRASE,
     }
     return subprocess.Popen(
         [sys.executable, "-m", "bench.keyvault_crypto", "--serve"],

@@ -2,7 +2,7 @@
 
 Key material is unwrapped once per key (when first used after unseal) and kept in memory; a rotation adds the
 new version to the live key without re-reading the others. Replicas may share one store. A cached key is trusted
-for `key_freshness_us` (TRADEGUARD_VAULT_KEY_FRESHNESS_S, default 0.5 s) after the store last confirmed it; the
+for `key_freshness_us` (TRADEGUARD_KEYVAULT_KEY_FRESHNESS_S, default 0.5 s) after the store last confirmed it; the
 next use after that reads the key's stamp (create_us, update_us: one indexed row, `VaultStore.key_stamp`, one
 read shared by concurrent operations) and reloads the key if another replica changed it. Changes made by this
 replica update its cache at once. With a freshness of 0 every operation reads the stamp: a change made anywhere

@@ -3,7 +3,7 @@
     python -m services.keyvault migrate-root --to local --new-root PATH
     python -m services.keyvault migrate-root --to pkcs11 --token LABEL [--module LIB] [--key-label LABEL]
 
-The current root is the vault's, from the same environment the vault runs with (TRADEGUARD_VAULT_ROOT, …, and
+The current root is the vault's, from the same environment the vault runs with (TRADEGUARD_KEYVAULT_ROOT, …, and
 its passphrase or PIN file, else asked for). Then the new root's passphrase (typed twice) or PIN is asked for; on
 stdin, one line each. Stop every replica of the vault first: the command refuses while the vault's own port
 answers, and a replica elsewhere that was left running refuses its next write or key load (ROOT_KEY_MOVED) and
@@ -23,7 +23,6 @@ from pathlib import Path
 from services.keyvault.migration import NotThisRing, migrate_root
 from services.keyvault.prompt import MIN_PASSPHRASE_LEN, read_secret
 from services.keyvault.root import LocalSealedRoot, Pkcs11Root, RootKey, WrongPassphrase
-from services.keyvault.server import open_store
 from services.keyvault.settings import DEFAULT_KEY_LABEL, DEFAULT_PKCS11_MODULE, Settings
 from services.keyvault.store import RootChanged
 
@@ -51,14 +50,14 @@ def _new_root(args: argparse.Namespace, settings: Settings) -> tuple[RootKey, st
         if len(passphrase) < MIN_PASSPHRASE_LEN:
             raise ValueError(f"the new passphrase must have at least {MIN_PASSPHRASE_LEN} characters")
         local = LocalSealedRoot.create(args.new_root, passphrase, scrypt_n=settings.scrypt_n)
-        return local, f"TRADEGUARD_VAULT_ROOT=local TRADEGUARD_VAULT_ROOT_PATH={args.new_root}"
+        return local, f"TRADEGUARD_KEYVAULT_ROOT=local TRADEGUARD_KEYVAULT_ROOT_PATH={args.new_root}"
     if not args.token:
         raise ValueError("--to pkcs11 needs --token LABEL")
     pin = read_secret("new token PIN: ")
     hsm = Pkcs11Root.open(args.module, args.token, pin, args.key_label)
     return hsm, (
-        f"TRADEGUARD_VAULT_ROOT=pkcs11 TRADEGUARD_VAULT_PKCS11_MODULE={args.module} "
-        f"TRADEGUARD_VAULT_PKCS11_TOKEN={args.token} TRADEGUARD_VAULT_PKCS11_KEY_LABEL={args.key_label}"
+        f"TRADEGUARD_KEYVAULT_ROOT=pkcs11 TRADEGUARD_KEYVAULT_PKCS11_MODULE={args.module} "
+        f"TRADEGUARD_KEYVAULT_PKCS11_TOKEN={args.token} TRADEGUARD_KEYVAULT_PKCS11_KEY_LABEL={args.key_label}"
     )
 
 
@@ -74,7 +73,9 @@ def _current_root(settings: Settings, secret: str) -> RootKey:
 
 
 async def _migrate(settings: Settings, old: RootKey, new: RootKey) -> str:
-    store = await open_store(settings.database_url)
+    from services.keyvault.service import SERVICE  # the declaration names this command: import late
+
+    store = await SERVICE.stores.open(settings.database_url)
     try:
         moved = await migrate_root(store, old, new)
     finally:

@@ -2,20 +2,20 @@
 
 - TRADEGUARD_KEYVAULT_DATABASE_URL: `sqlite:///<path>` (default `$TRADEGUARD_HOME/data/keyvault.db`) or
   `postgresql://…`.
-- TRADEGUARD_VAULT_ROOT: `local` (default) or `pkcs11`.
-- local: TRADEGUARD_VAULT_ROOT_PATH (default `$TRADEGUARD_HOME/data/keyvault.root`), the passphrase (without it
-  the vault starts sealed; the first passphrase creates the root key), TRADEGUARD_VAULT_SCRYPT_N.
-  The passphrase: preferably TRADEGUARD_VAULT_PASSPHRASE_FILE, a file readable by its owner only (0600 or 0400,
-  owned by the vault's user; anything else is refused), read once; or TRADEGUARD_VAULT_PASSPHRASE (weaker: the
+- TRADEGUARD_KEYVAULT_ROOT: `local` (default) or `pkcs11`.
+- local: TRADEGUARD_KEYVAULT_ROOT_PATH (default `$TRADEGUARD_HOME/data/keyvault.root`), the passphrase (without it
+  the vault starts sealed; the first passphrase creates the root key), TRADEGUARD_KEYVAULT_SCRYPT_N.
+  The passphrase: preferably TRADEGUARD_KEYVAULT_PASSPHRASE_FILE, a file readable by its owner only (0600 or 0400,
+  owned by the vault's user; anything else is refused), read once; or TRADEGUARD_KEYVAULT_PASSPHRASE (weaker: the
   value stays readable in /proc/<pid>/environ for the life of the process, whatever the process does).
-- pkcs11: TRADEGUARD_VAULT_PKCS11_MODULE (default SoftHSM2), TRADEGUARD_VAULT_PKCS11_TOKEN (token label),
-  the PIN as TRADEGUARD_VAULT_PKCS11_PIN_FILE (preferred, same rules) or TRADEGUARD_VAULT_PKCS11_PIN (without it
-  the vault starts sealed; Unseal takes the PIN), TRADEGUARD_VAULT_PKCS11_KEY_LABEL.
-- TRADEGUARD_VAULT_POLICY: a JSON policy file replacing the default per-key policy.
-- TRADEGUARD_VAULT_ROTATION_CHECK_S: how often automatic rotation is checked (default 60).
-- TRADEGUARD_VAULT_MAX_ENCRYPTIONS_PER_VERSION: encryptions under one key version before the vault rotates the
+- pkcs11: TRADEGUARD_KEYVAULT_PKCS11_MODULE (default SoftHSM2), TRADEGUARD_KEYVAULT_PKCS11_TOKEN (token label),
+  the PIN as TRADEGUARD_KEYVAULT_PKCS11_PIN_FILE (preferred, same rules) or TRADEGUARD_KEYVAULT_PKCS11_PIN (without it
+  the vault starts sealed; Unseal takes the PIN), TRADEGUARD_KEYVAULT_PKCS11_KEY_LABEL.
+- TRADEGUARD_KEYVAULT_POLICY: a JSON policy file replacing the default per-key policy.
+- TRADEGUARD_KEYVAULT_ROTATION_CHECK_S: how often automatic rotation is checked (default 60).
+- TRADEGUARD_KEYVAULT_MAX_ENCRYPTIONS_PER_VERSION: encryptions under one key version before the vault rotates the
   key by itself (default 2^31; random 96-bit AES-GCM nonces allow about 2^32).
-- TRADEGUARD_VAULT_KEY_FRESHNESS_S: how long (seconds, default 0.5, at most 60) a replica uses a cached key
+- TRADEGUARD_KEYVAULT_KEY_FRESHNESS_S: how long (seconds, default 0.5, at most 60) a replica uses a cached key
   without asking the shared store whether another replica changed it; 0 asks before every use (one store read
   per operation). Security: min_decryption_version can only be raised to a version at least this old (so no
   replica ever encrypts under a retired version), but a replica may go on decrypting a version retired, or
@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tradeguard.mesh.server import ServerConfig
+from tradeguard.registry import env_prefix
 from tradeguard.service import CommonSettings, read_settings
 from tradeguard.settings import Env, SettingsError
 
@@ -42,7 +43,8 @@ DEFAULT_KEY_LABEL = "tradeguard-keyvault-root"
 DEFAULT_MAX_ENCRYPTIONS = 2**31
 DEFAULT_KEY_FRESHNESS_S = 0.5
 MAX_KEY_FRESHNESS_S = 60.0
-VAULT_PREFIX = "TRADEGUARD_VAULT"
+PREFIX = env_prefix(NAME)  # TRADEGUARD_KEYVAULT: one prefix for all of the vault's settings
+_RENAMED_FROM = "TRADEGUARD_VAULT_"  # the vault's own settings' prefix before 0.2
 
 
 class StartupSecret:
@@ -78,9 +80,9 @@ class Settings:
     key_freshness_s: float = DEFAULT_KEY_FRESHNESS_S
 
     @classmethod
-    def read(cls, _own: Env, common: CommonSettings) -> Settings:
+    def read(cls, env: Env, common: CommonSettings) -> Settings:
         """The vault's own settings (see the module docstring) on top of the common ones."""
-        env = Env(VAULT_PREFIX, _own.environ)
+        _refuse_old_names(env)
         mode = env.choice("ROOT", "local", ("local", "pkcs11"))
         try:
             secret = env.secret("PKCS11_PIN" if mode == "pkcs11" else "PASSPHRASE")
@@ -118,13 +120,25 @@ class Settings:
 
 
 def local_root_path(env: Mapping[str, str], home: Path) -> Path:
-    """Where the local sealed root key lives (TRADEGUARD_VAULT_ROOT_PATH, else under the data directory)."""
-    return Path(env.get(f"{VAULT_PREFIX}_ROOT_PATH") or home / "data" / "keyvault.root")
+    """Where the local sealed root key lives (TRADEGUARD_KEYVAULT_ROOT_PATH, else under the data directory)."""
+    return Path(env.get(f"{PREFIX}_ROOT_PATH") or home / "data" / "keyvault.root")
 
 
 def scrypt_n(env: Mapping[str, str]) -> int:
-    """scrypt's cost for sealing the local root key (TRADEGUARD_VAULT_SCRYPT_N, a power of two, default 2^15)."""
-    value = Env(VAULT_PREFIX, dict(env)).integer("SCRYPT_N", 2**15, low=2**10, high=2**22)
+    """scrypt's cost for sealing the local root key (TRADEGUARD_KEYVAULT_SCRYPT_N, a power of two, default 2^15)."""
+    value = Env(PREFIX, dict(env)).integer("SCRYPT_N", 2**15, low=2**10, high=2**22)
     if value & (value - 1):
-        raise SettingsError(f"{VAULT_PREFIX}_SCRYPT_N must be a power of two, got {value}")
+        raise SettingsError(f"{PREFIX}_SCRYPT_N must be a power of two, got {value}")
     return value
+
+
+def _refuse_old_names(env: Env) -> None:
+    """A setting under the old TRADEGUARD_VAULT_ prefix is refused by name rather than silently ignored (a vault
+    whose passphrase file went unread would start sealed). A plain secret under an old name still leaves the
+    environment first."""
+    old = sorted(name for name in env.environ if name.startswith(_RENAMED_FROM))
+    for secret in ("PASSPHRASE", "PKCS11_PIN"):
+        env.environ.pop(_RENAMED_FROM + secret, None)
+    if old:
+        renamed = ", ".join(f"{name} → {PREFIX}_{name.removeprefix(_RENAMED_FROM)}" for name in old)
+        raise SettingsError(f"the key vault's settings were renamed: {renamed}")

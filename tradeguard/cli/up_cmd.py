@@ -254,10 +254,10 @@ class Supervisor:
         env[f"{prefix}_PORT"] = str(child.port)
         env[f"{prefix}_METRICS_PORT"] = str(child.metrics_port)
         env.setdefault("PYTHONUNBUFFERED", "1")
-        operator_set = ("TRADEGUARD_VAULT_PASSPHRASE", "TRADEGUARD_VAULT_PASSPHRASE_FILE")
+        operator_set = ("TRADEGUARD_KEYVAULT_PASSPHRASE", "TRADEGUARD_KEYVAULT_PASSPHRASE_FILE")
         if child.name == "keyvault" and not any(env.get(name) for name in operator_set):
             # a file the vault reads once, not the environment (which /proc/<pid>/environ keeps showing)
-            env["TRADEGUARD_VAULT_PASSPHRASE_FILE"] = str(self.dev_vault_passphrase_file())
+            env["TRADEGUARD_KEYVAULT_PASSPHRASE_FILE"] = str(self.dev_vault_passphrase_file())
         return env
 
     def command(self, child: Child) -> list[str]:
@@ -271,7 +271,7 @@ class Supervisor:
 
     def dev_vault_passphrase_file(self) -> Path:
         """The embedded default's sealing passphrase: made once, kept 0600 beside the data. In production the
-        passphrase comes from the operator (TRADEGUARD_VAULT_PASSPHRASE_FILE or `tradeguard vault unseal`)."""
+        passphrase comes from the operator (TRADEGUARD_KEYVAULT_PASSPHRASE_FILE or `tradeguard vault unseal`)."""
         path = self.home / "data" / "dev-vault-passphrase"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

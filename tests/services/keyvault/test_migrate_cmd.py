@@ -27,8 +27,8 @@ OLD = "the old passphrase"
 def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("TRADEGUARD_HOME", str(tmp_path))
     monkeypatch.setenv("TRADEGUARD_KEYVAULT_PORT", str(free_port()))
-    monkeypatch.setenv("TRADEGUARD_VAULT_SCRYPT_N", str(SCRYPT_N))
-    for name in ("TRADEGUARD_VAULT_PASSPHRASE", "TRADEGUARD_VAULT_PASSPHRASE_FILE", "TRADEGUARD_VAULT_ROOT"):
+    monkeypatch.setenv("TRADEGUARD_KEYVAULT_SCRYPT_N", str(SCRYPT_N))
+    for name in ("TRADEGUARD_KEYVAULT_PASSPHRASE", "TRADEGUARD_KEYVAULT_PASSPHRASE_FILE", "TRADEGUARD_KEYVAULT_ROOT"):
         monkeypatch.delenv(name, raising=False)
     (tmp_path / "data").mkdir()
     return tmp_path
@@ -66,7 +66,7 @@ async def test_moves_to_a_new_local_root(
     )
     out = capsys.readouterr().out
     assert "re-wrapped 1 key versions and 0 secret data keys" in out
-    assert f"TRADEGUARD_VAULT_ROOT_PATH={new_path}" in out
+    assert f"TRADEGUARD_KEYVAULT_ROOT_PATH={new_path}" in out
     vault = await _vault(home, LocalSealedRoot.unseal(new_path, "a new passphrase"))
     assert await vault.decrypt("auth", "credentials", ciphertext, b"user-1") == b"api secret"
     await vault.close()
@@ -126,7 +126,7 @@ async def test_moves_into_an_hsm(
         "tg-root",
     ]
     assert await _run(monkeypatch, f"{OLD}\n{softhsm['pin']}\n", *argv) == 0
-    assert "TRADEGUARD_VAULT_ROOT=pkcs11" in capsys.readouterr().out
+    assert "TRADEGUARD_KEYVAULT_ROOT=pkcs11" in capsys.readouterr().out
     vault = await _vault(
         home, Pkcs11Root.open(softhsm["module"], softhsm["token"], softhsm["pin"], "tg-root")
     )

@@ -22,7 +22,7 @@ def home(tmp_path: Path) -> Path:
 
 
 def _run(home: Path, stdin: str, *argv: str) -> int:
-    env = {"TRADEGUARD_HOME": str(home), "TRADEGUARD_VAULT_SCRYPT_N": str(2**10)}
+    env = {"TRADEGUARD_HOME": str(home), "TRADEGUARD_KEYVAULT_SCRYPT_N": str(2**10)}
     saved = sys.stdin
     sys.stdin = io.StringIO(stdin)
     try:

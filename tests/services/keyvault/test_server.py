@@ -282,14 +282,14 @@ async def test_concurrent_encrypts_over_rpc_survive_rotation(start_vault) -> Non
 async def test_server_takes_the_passphrase_file_once(
     pki_paths: pki.PkiPaths, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Unsealed at start-up from TRADEGUARD_VAULT_PASSPHRASE_FILE; afterwards the settings hold no passphrase."""
+    """Unsealed at start-up from TRADEGUARD_KEYVAULT_PASSPHRASE_FILE; afterwards the settings hold no passphrase."""
     monkeypatch.setenv("TRADEGUARD_HOME", str(pki_paths.home))
     monkeypatch.setenv("TRADEGUARD_KEYVAULT_PORT", "0")
-    monkeypatch.setenv("TRADEGUARD_VAULT_SCRYPT_N", str(2**10))
+    monkeypatch.setenv("TRADEGUARD_KEYVAULT_SCRYPT_N", str(2**10))
     secret = pki_paths.home / "vault-passphrase"
     secret.write_text(PASSPHRASE + "\n")
     secret.chmod(0o600)
-    monkeypatch.setenv("TRADEGUARD_VAULT_PASSPHRASE_FILE", str(secret))
+    monkeypatch.setenv("TRADEGUARD_KEYVAULT_PASSPHRASE_FILE", str(secret))
     settings = Settings.from_env()
     store = await SERVICE.stores.open(settings.database_url)
     assembly = await SERVICE.build(Wiring(settings, store, pki.trust_domain(pki_paths)))
