@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import functools
 import os
@@ -10,15 +11,17 @@ import socket
 import sqlite3
 import subprocess
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import psycopg
 import pytest
+import redis
 from psycopg import sql
 
 from tradeguard.mesh import pki
-from tradeguard.testing import eventually  # noqa: F401 - the kit's; tests import it from here too
+from tradeguard.testing import eventually  # the kit's; tests import it from here too
 
 
 def free_port() -> int:
@@ -132,3 +135,108 @@ async def open_database(make: Callable[[str, Path], B], kind: str, tmp_path: Pat
         yield database
     finally:
         await database.aclose()
+
+
+# --- Redis: servers a test starts itself (the machine's own Redis is at 127.0.0.1:6379) ---------------------
+
+
+@dataclass
+class RedisServer:
+    """One `redis-server` process on a loopback port, started by a test and stopped by it."""
+
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    def answers(self, **options: Any) -> bool:
+        """PING answered (options go to redis.Redis: ssl settings for a TLS-only server); a server that exited
+        fails the test at once, with the end of its log."""
+        if self.process.poll() is not None:
+            tail = self.log.read_text(errors="replace")[-1500:] if self.log.exists() else "(no log)"
+            raise AssertionError(
+                f"redis-server on port {self.port} exited ({self.process.returncode}): {tail}"
+            )
+        try:
+            with redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5, **options) as r:
+                return bool(r.ping())
+        except (redis.RedisError, OSError):
+            return False
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_redis(directory: Path, *args: str, port: int | None = None, tls: bool = False) -> RedisServer:
+    """Start `redis-server` on 127.0.0.1 (`port`, or a free one; with `tls` it is the TLS port and there is no
+    plain one, and `args` must give the certificates) with no persistence, plus `args`; the caller waits until
+    it `answers` and always calls `stop`."""
+    port = free_port() if port is None else port
+    directory.mkdir(parents=True, exist_ok=True)
+    log = directory / f"redis-{port}.log"
+    ports = ["--port", "0", "--tls-port", str(port)] if tls else ["--port", str(port)]
+    command = ["redis-server", "--bind", "127.0.0.1", *ports, "--dir", str(directory)]
+    command += ["--save", "", "--appendonly", "no", "--logfile", str(log), *args]
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    return RedisServer(port, process, log)
+
+
+def free_cluster_port() -> int:
+    """A free loopback port for a cluster node: at most 55535, with its cluster bus port (+10000) free too."""
+    while True:
+        port = free_port()
+        if port > 55535:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
+@contextlib.asynccontextmanager
+async def redis_cluster(directory: Path, nodes: int = 3) -> AsyncIterator[list[RedisServer]]:
+    """A real Redis Cluster of `nodes` primaries on free loopback ports, `cluster_state:ok` on every node before
+    it is yielded; every server stopped afterwards."""
+    servers: list[RedisServer] = []
+    try:
+        for _ in range(nodes):
+            port = free_cluster_port()
+            servers.append(
+                start_redis(
+                    directory,
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    f"nodes-{port}.conf",
+                    port=port,
+                )
+            )
+        await eventually(lambda: all(server.answers() for server in servers), within_s=30)
+        create = ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{s.port}" for s in servers)]
+        create += ["--cluster-replicas", "0", "--cluster-yes"]
+        done = await asyncio.to_thread(subprocess.run, create, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed: {done.stdout}{done.stderr}")
+
+        def cluster_ok() -> bool:
+            for server in servers:
+                try:
+                    with redis.Redis(port=server.port, socket_timeout=0.5) as r:
+                        if r.cluster("INFO").get("cluster_state") != "ok":
+                            return False
+                except (redis.RedisError, OSError):
+                    return False
+            return True
+
+        await eventually(cluster_ok, within_s=30)
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
