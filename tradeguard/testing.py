@@ -24,9 +24,19 @@ from typing import Any, Generic, TypeVar
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.channel import MeshChannel
 from tradeguard.observability.logging import configure_logging
+from tradeguard.rpc.status import RichStatus, rich_status
 from tradeguard.service import Declaration, Running, ServiceSettings, start
 
-__all__ = ["FakeClock", "LogCapture", "RunningService", "dev_pki", "eventually", "running_service"]
+__all__ = [
+    "FakeClock",
+    "LogCapture",
+    "RichStatus",
+    "RunningService",
+    "dev_pki",
+    "eventually",
+    "rich_status",
+    "running_service",
+]
 
 S = TypeVar("S", bound=ServiceSettings)
 St = TypeVar("St")
