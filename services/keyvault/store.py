@@ -29,6 +29,8 @@ __all__ = [
     "version_from_row",
 ]
 
+# The version both backends' MIGRATIONS lead to (store_sqlite.py, store_postgres.py; see
+# tradeguard.storage.migrations): a change of the tables is a new migration in each backend and a bump here.
 SCHEMA_VERSION = 1
 
 RewrapMaterial = Callable[[str, int, bytes], bytes]

@@ -18,7 +18,8 @@ from services.trading.model import (
 
 __all__ = ["ORDER_COLUMNS", "SCHEMA_VERSION", "OrderStore", "order_from_row", "order_to_row"]
 
-# Bump with a migration when the tables change; both backends record it in `schema_version`.
+# The version both backends' MIGRATIONS lead to (store_sqlite.py, store_postgres.py; see
+# tradeguard.storage.migrations): a change of the tables is a new migration in each backend and a bump here.
 SCHEMA_VERSION = 1
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from services.trading import store_postgres, store_sqlite
 from services.trading.core import (
     Order,
     OrderStatus,
@@ -18,9 +19,11 @@ from services.trading.core import (
     TradingCore,
 )
 from services.trading.errors import AlreadyExists, FailedPrecondition, NotFound
+from services.trading.store import SCHEMA_VERSION
 from services.trading.store_postgres import PostgresOrderStore
 from services.trading.store_sqlite import SqliteOrderStore
 from tests.support import eventually
+from tradeguard.storage.migrations import SchemaTooNew, latest_version
 
 
 async def test_insert_get_round_trip(store, make_order):
@@ -244,6 +247,30 @@ def test_postgres_schema_name_is_validated():
     for bad in ["", "Bad", "a-b", 'x"; DROP TABLE y; --', "1abc", "a" * 64]:
         with pytest.raises(ValueError, match="schema"):
             asyncio.run(PostgresOrderStore.open("postgresql://invalid", schema=bad))
+
+
+def test_both_backends_migrate_to_the_schema_version():
+    assert (
+        latest_version(store_sqlite.MIGRATIONS) == latest_version(store_postgres.MIGRATIONS) == SCHEMA_VERSION
+    )
+
+
+async def test_a_v1_database_is_recognised_and_keeps_its_orders(backend, make_order):
+    """Databases written before migrations existed recorded `schema_version` 1: opened as they are, not recreated."""
+    store = await backend.open()
+    await store.insert_if_absent(make_order())
+    await store.close()
+    assert backend.execute("SELECT version FROM {schema}.schema_version") == [(1,)]
+    reopened = await backend.open()
+    assert await reopened.get("acct-1", make_order().order_id) == make_order()
+    assert backend.execute("SELECT version FROM {schema}.schema_version") == [(1,)]
+
+
+async def test_a_newer_schema_is_refused(backend):
+    await (await backend.open()).close()
+    backend.execute("INSERT INTO {schema}.schema_version (version) VALUES (%s)", (SCHEMA_VERSION + 1,))
+    with pytest.raises(SchemaTooNew, match="newer than this code"):
+        await backend.open()
 
 
 async def test_sqlite_durability_settings(backend, store):
