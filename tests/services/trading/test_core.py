@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import AsyncIterator, Callable
 from decimal import Decimal
 from pathlib import Path
 
@@ -12,19 +13,20 @@ import pytest
 import services.trading.core as core_module
 from services.trading.core import TradingCore, encode_page_token, new_order_id, validate_account_and_order_id
 from services.trading.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from services.trading.model import OrderStatus, PageCursor
+from services.trading.model import NewOrder, Order, OrderStatus, PageCursor
 from services.trading.store_sqlite import SqliteOrderStore
+from tradeguard.testing import FakeClock
 
 
 @pytest.fixture
-async def sqlite_store(tmp_path: Path):
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteOrderStore]:
     store = await SqliteOrderStore.open(tmp_path / "orders.sqlite3")
     yield store
     await store.close()
 
 
 @pytest.fixture
-def core(sqlite_store, clock, ids) -> TradingCore:
+def core(sqlite_store: SqliteOrderStore, clock: FakeClock, ids: Callable[[], str]) -> TradingCore:
     return TradingCore(sqlite_store, clock_us=clock, new_order_id=ids)
 
 
@@ -32,7 +34,9 @@ def _fields(error: InvalidArgument) -> list[str]:
     return [v.field for v in error.violations]
 
 
-async def test_place_and_replay(core, clock, make_new):
+async def test_place_and_replay(
+    core: TradingCore, clock: FakeClock, make_new: Callable[..., NewOrder]
+) -> None:
     order, replayed = await core.place(make_new())
     assert not replayed
     assert order.order_id == "ord_00000000000000000000000001"
@@ -46,14 +50,16 @@ async def test_place_and_replay(core, clock, make_new):
     assert again == order  # the stored order, its original time, no new id consumed into the store
 
 
-async def test_replay_after_cancel_returns_the_canceled_order(core, make_new):
+async def test_replay_after_cancel_returns_the_canceled_order(
+    core: TradingCore, make_new: Callable[..., NewOrder]
+) -> None:
     order, _ = await core.place(make_new())
     await core.cancel("acct-1", order.order_id)
     again, replayed = await core.place(make_new())
     assert replayed and again.status is OrderStatus.CANCELED
 
 
-async def test_reused_client_order_id(core, make_new):
+async def test_reused_client_order_id(core: TradingCore, make_new: Callable[..., NewOrder]) -> None:
     await core.place(make_new())
     for change in ({"quantity": Decimal("2")}, {"price": Decimal("101")}, {"symbol": "ETH-USD"}):
         with pytest.raises(AlreadyExists) as info:
@@ -62,7 +68,7 @@ async def test_reused_client_order_id(core, make_new):
         assert info.value.metadata == {"client_order_id": "c-1"}
 
 
-async def test_cancel(core, clock, make_new):
+async def test_cancel(core: TradingCore, clock: FakeClock, make_new: Callable[..., NewOrder]) -> None:
     order, _ = await core.place(make_new())
     clock.advance(7)
     canceled = await core.cancel("acct-1", order.order_id)
@@ -74,7 +80,12 @@ async def test_cancel(core, clock, make_new):
 
 
 @pytest.mark.parametrize("final", [OrderStatus.FILLED, OrderStatus.REJECTED])
-async def test_cancel_not_open(core, sqlite_store, make_new, final):
+async def test_cancel_not_open(
+    core: TradingCore,
+    sqlite_store: SqliteOrderStore,
+    make_new: Callable[..., NewOrder],
+    final: OrderStatus,
+) -> None:
     order, _ = await core.place(make_new())
     await sqlite_store.transition("acct-1", order.order_id, OrderStatus.OPEN, final, 1)
     with pytest.raises(FailedPrecondition) as info:
@@ -83,9 +94,11 @@ async def test_cancel_not_open(core, sqlite_store, make_new, final):
     assert info.value.metadata["status"] == final.name
 
 
-async def test_missing_and_other_account_are_the_same_not_found(core, make_new):
+async def test_missing_and_other_account_are_the_same_not_found(
+    core: TradingCore, make_new: Callable[..., NewOrder]
+) -> None:
     order, _ = await core.place(make_new())
-    errors = []
+    errors: list[tuple[str, str]] = []
     for account, order_id in [("acct-2", order.order_id), ("acct-1", "ord_00000000000000000000000077")]:
         for call in (core.get, core.cancel):
             with pytest.raises(NotFound) as info:
@@ -94,7 +107,7 @@ async def test_missing_and_other_account_are_the_same_not_found(core, make_new):
     assert len(set(errors)) == 1
 
 
-async def test_get_and_cancel_validate_ids(core):
+async def test_get_and_cancel_validate_ids(core: TradingCore) -> None:
     for call in (core.get, core.cancel):
         with pytest.raises(InvalidArgument) as info:
             await call("", "nope")
@@ -104,8 +117,8 @@ async def test_get_and_cancel_validate_ids(core):
         assert _fields(info.value) == ["order_id"]
 
 
-async def test_list_paging(core, clock, make_new):
-    placed = []
+async def test_list_paging(core: TradingCore, clock: FakeClock, make_new: Callable[..., NewOrder]) -> None:
+    placed: list[Order] = []
     for i in range(23):
         order, _ = await core.place(make_new(client_order_id=f"c-{i}"))
         placed.append(order)
@@ -114,7 +127,8 @@ async def test_list_paging(core, clock, make_new):
     await core.place(make_new(account_id="acct-2", client_order_id="x"))
     expected = sorted(placed, key=lambda o: (o.create_time_us, o.order_id), reverse=True)
 
-    seen, token, pages = [], "", 0
+    seen: list[Order] = []
+    token, pages = "", 0
     while True:
         page, token = await core.list("acct-1", 5, token)
         seen.extend(page)
@@ -128,7 +142,7 @@ async def test_list_paging(core, clock, make_new):
     assert len(exact) == 23 and token == ""
 
 
-async def test_list_default_and_max_page_size(core, make_new):
+async def test_list_default_and_max_page_size(core: TradingCore, make_new: Callable[..., NewOrder]) -> None:
     for i in range(51):
         await core.place(make_new(client_order_id=f"c-{i}"))
     page, token = await core.list("acct-1", 0, "")
@@ -138,13 +152,15 @@ async def test_list_default_and_max_page_size(core, make_new):
 
 
 @pytest.mark.parametrize("size", [-1, 501, 2**31 - 1])
-async def test_list_rejects_page_size(core, size):
+async def test_list_rejects_page_size(core: TradingCore, size: int) -> None:
     with pytest.raises(InvalidArgument) as info:
         await core.list("acct-1", size, "")
     assert _fields(info.value) == ["page_size"]
 
 
-async def test_list_rejects_foreign_and_garbage_tokens(core, make_new):
+async def test_list_rejects_foreign_and_garbage_tokens(
+    core: TradingCore, make_new: Callable[..., NewOrder]
+) -> None:
     for i in range(3):
         await core.place(make_new(client_order_id=f"c-{i}"))
     _, token = await core.list("acct-1", 1, "")
@@ -161,13 +177,13 @@ async def test_list_rejects_foreign_and_garbage_tokens(core, make_new):
         await core.list("acct-1", 1, forged)
 
 
-async def test_list_reports_all_violations(core):
+async def test_list_reports_all_violations(core: TradingCore) -> None:
     with pytest.raises(InvalidArgument) as info:
         await core.list("", 501, "")
     assert _fields(info.value) == ["account_id", "page_size"]
 
 
-def test_new_order_id_format_and_order():
+def test_new_order_id_format_and_order() -> None:
     pattern = re.compile(r"ord_[0-9A-HJKMNP-TV-Z]{26}")
     ids = [new_order_id(now_ms=ms) for ms in (1, 2, 10**12, 2**48 - 1)]
     for order_id in ids:
@@ -179,9 +195,9 @@ def test_new_order_id_format_and_order():
     assert len(many) == 2000
 
 
-def test_core_imports_no_grpc_or_protobuf():
+def test_core_imports_no_grpc_or_protobuf() -> None:
     tree = ast.parse(Path(core_module.__file__).read_text())
-    imported = set()
+    imported: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             imported.update(alias.name for alias in node.names)

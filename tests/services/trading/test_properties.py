@@ -25,7 +25,7 @@ any_decimals = st.builds(
 
 
 @given(plain_decimals)
-def test_parse_is_exact_and_canonical(text):
+def test_parse_is_exact_and_canonical(text: str) -> None:
     value = parse_decimal(text)
     assert value == Decimal(text)  # same number, nothing rounded
     canonical = format_decimal(value)
@@ -36,7 +36,7 @@ def test_parse_is_exact_and_canonical(text):
 
 
 @given(any_decimals)
-def test_format_decimal_never_uses_exponents(value):
+def test_format_decimal_never_uses_exponents(value: Decimal) -> None:
     text = format_decimal(value)
     assert "e" not in text.lower()
     assert Decimal(text) == value
@@ -49,20 +49,20 @@ def test_format_decimal_never_uses_exponents(value):
 
 
 @given(plain_decimals, st.sampled_from(["+", "-", " ", "\t", "\n", "\u00a0"]))
-def test_rejects_signs_and_whitespace(text, extra):
+def test_rejects_signs_and_whitespace(text: str, extra: str) -> None:
     for mutated in (extra + text, text + extra) if extra in " \t\n\u00a0" else (extra + text,):
         with pytest.raises(ValueError):
             parse_decimal(mutated)
 
 
 @given(plain_decimals, st.sampled_from(["e", "E"]), st.sampled_from(["", "+", "-"]), st.integers(0, 99))
-def test_rejects_exponents(text, e, sign, exponent):
+def test_rejects_exponents(text: str, e: str, sign: str, exponent: int) -> None:
     with pytest.raises(ValueError):
         parse_decimal(f"{text}{e}{sign}{exponent}")
 
 
 @given(st.text(max_size=80))
-def test_parse_decimal_accepts_only_plain_strings(text):
+def test_parse_decimal_accepts_only_plain_strings(text: str) -> None:
     try:
         value = parse_decimal(text)
     except ValueError:
@@ -73,7 +73,7 @@ def test_parse_decimal_accepts_only_plain_strings(text):
 
 
 @given(st.text(max_size=40), st.text(max_size=40))
-def test_parse_new_order_only_raises_invalid_argument(quantity, price):
+def test_parse_new_order_only_raises_invalid_argument(quantity: str, price: str) -> None:
     try:
         parse_new_order(
             account_id="acct-1",
@@ -100,14 +100,14 @@ cursors = st.builds(
 
 
 @given(cursors)
-def test_page_token_round_trip(cursor):
+def test_page_token_round_trip(cursor: PageCursor) -> None:
     token = encode_page_token(cursor)
     assert re.fullmatch(r"[A-Za-z0-9_-]+", token)
     assert decode_page_token(cursor.account_id, token) == cursor
 
 
 @given(cursors, accounts)
-def test_page_token_is_bound_to_its_account(cursor, other):
+def test_page_token_is_bound_to_its_account(cursor: PageCursor, other: str) -> None:
     token = encode_page_token(cursor)
     if other != cursor.account_id:
         with pytest.raises(InvalidArgument):
@@ -124,12 +124,12 @@ def _decode_or_invalid(token: str) -> None:
 
 
 @given(st.text(max_size=600))
-def test_garbage_text_tokens(token):
+def test_garbage_text_tokens(token: str) -> None:
     _decode_or_invalid(token)
 
 
 @given(st.binary(max_size=400))
-def test_garbage_base64_tokens(raw):
+def test_garbage_base64_tokens(raw: bytes) -> None:
     _decode_or_invalid(base64.urlsafe_b64encode(raw).decode().rstrip("="))
 
 
@@ -143,7 +143,7 @@ def test_garbage_base64_tokens(raw):
         st.tuples(st.integers(-2, 2), st.just("acct-1"), st.integers(), st.text(max_size=40)).map(list),
     )
 )
-def test_garbage_json_tokens(payload):
+def test_garbage_json_tokens(payload: object) -> None:
     import json
 
     raw = json.dumps(payload).encode()
@@ -151,7 +151,7 @@ def test_garbage_json_tokens(payload):
 
 
 @given(cursors, st.data())
-def test_mutated_tokens(cursor, data):
+def test_mutated_tokens(cursor: PageCursor, data: st.DataObject) -> None:
     token = encode_page_token(cursor)
     index = data.draw(st.integers(0, len(token) - 1))
     char = data.draw(st.sampled_from("ABCabc019_-=+/ "))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import TYPE_CHECKING
 
 import grpc
 import pytest
@@ -10,8 +11,11 @@ import pytest
 from tradeguard.rpc.status import rich_status
 from tradeguard.trading.v1 import trading_pb2
 
+if TYPE_CHECKING:
+    from tests.conftest import RunningTrading
 
-def order(coid: str = "c-1", **over: object) -> trading_pb2.PlaceOrderRequest:
+
+def order(coid: str = "c-1", /, **over: object) -> trading_pb2.PlaceOrderRequest:
     fields: dict[str, object] = dict(
         account_id="acct-1",
         client_order_id=coid,
@@ -25,7 +29,7 @@ def order(coid: str = "c-1", **over: object) -> trading_pb2.PlaceOrderRequest:
     return trading_pb2.PlaceOrderRequest(**fields)  # type: ignore[arg-type]
 
 
-async def test_place_get_cancel_list(trading) -> None:
+async def test_place_get_cancel_list(trading: RunningTrading) -> None:
     async with trading.channel() as channel:
         stub = trading.stub(channel)
         placed = await stub.PlaceOrder(order(), timeout=5)
@@ -46,7 +50,7 @@ async def test_place_get_cancel_list(trading) -> None:
         assert [x.order_id for x in listed.orders] == [o.order_id]
 
 
-async def test_place_is_idempotent_by_client_order_id(trading) -> None:
+async def test_place_is_idempotent_by_client_order_id(trading: RunningTrading) -> None:
     async with trading.channel() as channel:
         stub = trading.stub(channel)
         replies = await asyncio.gather(*(stub.PlaceOrder(order("same"), timeout=5) for _ in range(20)))
@@ -71,7 +75,9 @@ async def test_place_is_idempotent_by_client_order_id(trading) -> None:
         ({"account_id": "a b"}, "account_id"),
     ],
 )
-async def test_invalid_input_is_invalid_argument_naming_the_field(trading, override, field) -> None:
+async def test_invalid_input_is_invalid_argument_naming_the_field(
+    trading: RunningTrading, override: dict[str, object], field: str
+) -> None:
     async with trading.channel() as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await trading.stub(channel).PlaceOrder(order(**override), timeout=5)
@@ -82,7 +88,7 @@ async def test_invalid_input_is_invalid_argument_naming_the_field(trading, overr
     assert field in [v.field for v in status.field_violations]
 
 
-async def test_unknown_order_is_not_found(trading) -> None:
+async def test_unknown_order_is_not_found(trading: RunningTrading) -> None:
     async with trading.channel() as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await trading.stub(channel).GetOrder(
