@@ -19,6 +19,8 @@ The schema's version is the last migration's. On open (`sqlite.connect`, `postgr
 A step is SQL text, in which `{schema}.` names the store's own PostgreSQL schema (dropped for SQLite, so one
 spelling serves both), or a function for data migrations: called with the `sqlite3.Connection` for SQLite, and
 with the psycopg `AsyncConnection` and the schema name (and awaited) for PostgreSQL. Steps must not commit.
+SQLite cannot switch `foreign_keys` inside a transaction: a step that rebuilds a table (the SQLite way to change
+a column) starts with `PRAGMA defer_foreign_keys = ON`, so the keys are checked at the COMMIT instead.
 
 Databases written before migrations existed have a `schema_version` table holding their version (1): they are
 recognised by it and migrated forward from there, never recreated. Migrations are append-only: a released
