@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -42,7 +43,7 @@ async def _fill(backend: Backend, root: RootKey) -> dict[str, object]:
     return {"old_ct": old_ct, "new_ct": new_ct, "mac": mac, "store": store}
 
 
-async def _snapshot(backend: Backend) -> tuple[object, ...]:
+async def _snapshot(backend: Backend) -> tuple[list[bytes], bytes | None, bytes | None]:
     """What the ring stores under the root: every wrapped blob and the root check."""
     store = await backend.open()
     keys = [await store.get_key(name) for name in ("credentials", "auth/api-signing")]
@@ -105,6 +106,9 @@ async def test_a_failure_midway_changes_nothing(backend: Backend, tmp_path: Path
 
         def unwrap(self, blob: bytes, associated_data: bytes) -> bytes:
             return self.inner.unwrap(blob, associated_data)
+
+        def accepts(self, secret: str) -> bool:
+            return self.inner.accepts(secret)
 
         def close(self) -> None:
             self.inner.close()
@@ -180,7 +184,7 @@ async def test_a_vault_left_on_the_old_root_writes_nothing_and_seals_itself(
     await migrate_root(await backend.open(), old, new)
     before = await _snapshot_after_move(backend)
 
-    attempts = {
+    attempts: dict[str, Callable[[], Awaitable[object]]] = {
         "create_key": lambda: stale.create_key("ops", "credentials-2", AES),
         "rotate_key": lambda: stale.rotate_key("ops", "credentials"),
         "put_secret": lambda: stale.put_secret("auth", "alice", "auth/totp", b"third seed"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +18,7 @@ from tradeguard.testing import FakeClock
 AES = KeyType.AES256_GCM
 
 
-def test_local_root_seal_unseal(tmp_path):
+def test_local_root_seal_unseal(tmp_path: Path) -> None:
     path = tmp_path / "root.json"
     root = LocalSealedRoot.create(path, "passphrase", scrypt_n=2**10)
     assert oct(path.stat().st_mode & 0o777) == "0o600"
@@ -39,7 +40,7 @@ def test_local_root_seal_unseal(tmp_path):
         other.unwrap(blob, b"ad")  # same passphrase, another random root
 
 
-def test_change_passphrase_reseals_the_same_root(tmp_path):
+def test_change_passphrase_reseals_the_same_root(tmp_path: Path) -> None:
     path = tmp_path / "root.json"
     root = LocalSealedRoot.create(path, "old passphrase", scrypt_n=2**10)
     blob = root.wrap(b"material", b"ad")
@@ -58,7 +59,7 @@ def test_change_passphrase_reseals_the_same_root(tmp_path):
     assert LocalSealedRoot.unseal(path, "new passphrase").unwrap(blob, b"ad") == b"material"
 
 
-def test_pkcs11_root_key_never_leaves_the_token(softhsm):
+def test_pkcs11_root_key_never_leaves_the_token(softhsm: dict[str, str]) -> None:
     import pkcs11
     from pkcs11 import Attribute, ObjectClass
     from pkcs11 import KeyType as P11KeyType
@@ -93,7 +94,7 @@ def test_pkcs11_root_key_never_leaves_the_token(softhsm):
         Pkcs11Root.open(softhsm["module"], softhsm["token"], "wrong-pin", "tg-root")
 
 
-async def test_vault_on_an_hsm_root_survives_restart(softhsm, tmp_path):
+async def test_vault_on_an_hsm_root_survives_restart(softhsm: dict[str, str], tmp_path: Path) -> None:
     clock = FakeClock()
 
     def unsealer(pin: str) -> Pkcs11Root:
@@ -129,7 +130,7 @@ async def test_vault_on_an_hsm_root_survives_restart(softhsm, tmp_path):
         await store.close()
 
 
-async def test_another_root_key_is_refused(softhsm, tmp_path):
+async def test_another_root_key_is_refused(softhsm: dict[str, str], tmp_path: Path) -> None:
     store = await SqliteVaultStore.open(tmp_path / "kv.db")
     try:
         first = Pkcs11Root.open(softhsm["module"], softhsm["token"], softhsm["pin"], "tg-root")
@@ -150,7 +151,7 @@ async def test_another_root_key_is_refused(softhsm, tmp_path):
         await store.close()
 
 
-def test_pkcs11_open_without_create_never_makes_a_key(softhsm):
+def test_pkcs11_open_without_create_never_makes_a_key(softhsm: dict[str, str]) -> None:
     """What migrate-root uses to open the vault's current HSM root: a missing key is an error, not a new key."""
     with pytest.raises(ValueError, match="holds no key 'absent'"):
         Pkcs11Root.open(softhsm["module"], softhsm["token"], softhsm["pin"], "absent", create=False)
