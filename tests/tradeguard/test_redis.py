@@ -90,7 +90,7 @@ def test_the_password_is_masked_everywhere() -> None:
     ("url", "message"),
     [
         ("http://h", "scheme must be one of"),
-        ("redis://:hunter2@h:99999", "Port out of range"),
+        ("redis://:hunter2@h:99999", "port must be a number from 1 to 65535"),
         ("redis://:hunter2@h?colour=blue", "unknown option 'colour'"),
         ("redis://:hunter2@h?timeout=1&timeout=2", "option 'timeout' given twice"),
         ("redis://:hunter2@h?timeout=-1", "option timeout must be between"),
@@ -105,12 +105,14 @@ def test_the_password_is_masked_everywhere() -> None:
         ("rediss://:hunter2@h?tls_min=1.1", "tls_min must be 1.2 or 1.3"),
         ("redis://:hunter2@h/db", "invalid literal"),
         ("redis://:hunter2@h#frag", "fragment"),
+        ("redis://u:hun/ter2@h:99999", "redis://u:\\*\\*\\*@h:99999"),  # an unencoded "/" in the password
+        ("redis://u:hunter2@x@h:99999", "redis://u:\\*\\*\\*@h:99999"),  # an unencoded "@" in the password
     ],
 )
 def test_bad_urls_are_refused_naming_the_problem_never_the_password(url: str, message: str) -> None:
     with pytest.raises(ValueError, match=message) as refused:
         RedisConfig.from_url(url)
-    assert "hunter2" not in str(refused.value)
+    assert "hunter2" not in str(refused.value) and "hun" not in str(refused.value)
 
 
 def test_a_password_in_the_url_and_another_given_is_refused() -> None:

@@ -125,8 +125,8 @@ class RedisConfig:
             host, port = parts.hostname, parts.port
         except KeyError:
             raise ValueError(f"{masked}: the scheme must be one of {', '.join(_SCHEMES)}") from None
-        except ValueError as error:
-            raise ValueError(f"{masked}: {error}") from None
+        except ValueError:  # urllib's message may quote a piece of a malformed password: never shown
+            raise ValueError(f"{masked}: the port must be a number from 1 to 65535") from None
         if host is None:
             raise ValueError(f"{masked}: no host")
         if parts.fragment:
@@ -208,13 +208,14 @@ def _mask(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         return "(not a URL)"
-    authority, slash, tail = rest.partition("/")
-    userinfo, at, hostport = authority.rpartition("@")
-    if at and ":" in userinfo:
-        authority = userinfo.split(":", 1)[0] + ":***@" + hostport
-    elif at:
-        authority = userinfo + "@" + hostport
-    return f"{scheme}://{authority}{slash}{tail}"
+    # Up to the LAST "@": a password may hold unencoded "@" or "/" (masking too much is safe, too little not).
+    userinfo, at, after = rest.rpartition("@")
+    if not at:
+        return url
+    user = userinfo.split(":", 1)[0] if ":" in userinfo else userinfo
+    if "/" in user or "?" in user:  # not a user name: the "@" was further on; hide everything before it
+        user = ""
+    return f"{scheme}://{user}:***@{after}"
 
 
 def _flag(name: str, value: str) -> bool:
