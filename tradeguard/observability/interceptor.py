@@ -23,7 +23,7 @@ import structlog
 
 from tradeguard.mesh.identity import peer_spiffe_id
 from tradeguard.observability.annotations import close_scope, open_scope
-from tradeguard.observability.logging import configuration_generation
+from tradeguard.observability.logging import configuration_generation, json_lines
 from tradeguard.observability.metrics import RpcMetrics
 from tradeguard.observability.redact import Trusted
 from tradeguard.rpc.handlers import WrappingInterceptor, rebuild
@@ -39,6 +39,8 @@ _CANCELLED: Final = Trusted("CANCELLED")
 _OK: Final = Trusted("OK")
 _UNKNOWN: Final = Trusted("UNKNOWN")
 _LOGGER_NAME: Final = "tradeguard.rpc"
+_LOGGER: Final = Trusted(_LOGGER_NAME)
+_EVENT: Final = Trusted("rpc")
 
 # Generic only in the type stubs.
 _Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
@@ -139,7 +141,19 @@ class TelemetryInterceptor(WrappingInterceptor):
         seconds = time.perf_counter() - started
         code = _code_after_return(context) if exc is None else _code_after_exception(context, exc)
         self._metrics.observe(method, code, seconds)
-        log = self._log()
+        if code == "OK":
+            level = "info"
+        elif code in _SERVER_FAULT_CODES:
+            level = "error"
+        else:
+            level = "warning"
+        if exc is not None and level == "error" and not isinstance(exc, grpc.aio.AbortError):
+            error: BaseException | None = exc
+        else:
+            error = None
+        lines = json_lines() if self._fixed_logger is None and error is None else None
+        if lines is not None and not lines.enabled(level):
+            return
         # what the handler annotated first: the interceptor's own fields are never overridden by it
         fields: dict[str, Any] = {
             **(annotations or {}),
@@ -150,14 +164,15 @@ class TelemetryInterceptor(WrappingInterceptor):
             "peer": _trusted(context.peer()),  # grpc's address of the connection
             "request_id": request_id,
         }
-        if code == "OK":
-            log.info("rpc", **fields)
-        elif code in _SERVER_FAULT_CODES:
-            if exc is not None and not isinstance(exc, grpc.aio.AbortError):
-                fields["exc_info"] = exc
-            log.error("rpc", **fields)
-        else:
-            log.warning("rpc", **fields)
+        if lines is not None:  # the fast path: the same line, without structlog's bound-logger machinery
+            fields["logger"] = _LOGGER
+            fields["event"] = _EVENT
+            lines.write(level, fields)
+            return
+        fields.pop("event", None)
+        if error is not None:
+            fields["exc_info"] = error
+        getattr(self._log(), level)(_EVENT, **fields)
 
     # -- wrapping -------------------------------------------------------------------------------------------
 

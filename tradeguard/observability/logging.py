@@ -2,25 +2,94 @@
 
 Pipeline: context variables (request id, method), level, ISO-8601 UTC timestamp, exceptions rendered to text,
 *then* redaction (so that exception messages and tracebacks are redacted too), then the renderer.
+
+The per-RPC line has a fast path (:func:`json_lines`): while the configuration is the JSON one this module
+installed, the telemetry interceptor renders its line through :class:`JsonLines` — the same steps (context
+variables, level filter, level, timestamp, redaction, JSON, one write) without structlog's bound-logger
+machinery, which measured about as much per RPC as everything else the line costs. Lines with an exception,
+a console rendering, or a configuration someone else installed (``structlog.testing.capture_logs``) go
+through structlog as before.
 """
 
 from __future__ import annotations
 
+import json as _json
 import logging as _stdlib_logging
 import sys
-from typing import Any, TextIO, cast
+import threading
+import time
+from typing import Any, Final, TextIO, cast
 
 import structlog
+from structlog import _config as _structlog_config
 from structlog._config import BoundLoggerLazyProxy  # public as structlog.get_logger()'s return type
 from structlog.typing import FilteringBoundLogger, Processor
 
 from tradeguard.observability.redact import redact_processor
 
-__all__ = ["configuration_generation", "configure_logging", "get_logger"]
+__all__ = ["JsonLines", "configuration_generation", "configure_logging", "get_logger", "json_lines"]
+
+_LEVEL_NUMBERS: Final = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+
+
+class JsonLines:
+    """Writes one event as one JSON line, as the pipeline `configure_logging(json=True)` installs would
+    (context variables under the event's own fields, level, ISO-8601 UTC timestamp with microseconds,
+    redaction, JSON), for events without exception info. Thread-safe; one write and one flush per line."""
+
+    def __init__(self, stream: TextIO, min_level: int) -> None:
+        self._stream = stream
+        self._min_level = min_level
+        self._lock = threading.Lock()
+        self._second = -1
+        self._prefix = ""
+
+    def enabled(self, level: str) -> bool:
+        return _LEVEL_NUMBERS[level] >= self._min_level
+
+    def _timestamp(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:  # the date and time to the second, formatted once per second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+
+    def write(self, level: str, event: dict[str, Any]) -> None:
+        """Write `event` (its "event" key set, no exc_info) at `level` ("info", "warning", ...), filtered by
+        the configured level. `event` is consumed (redacted in place)."""
+        if _LEVEL_NUMBERS[level] < self._min_level:
+            return
+        structlog.contextvars.merge_contextvars(None, level, event)
+        event["level"] = level
+        event["timestamp"] = self._timestamp()
+        redact_processor(None, level, event)
+        line = _json.dumps(event, default=repr) + "\n"
+        with self._lock:
+            self._stream.write(line)
+            self._stream.flush()
 
 
 class _State:
     generation = 0
+    # what configure_logging installed: the fast path is valid only while structlog still has exactly these
+    # (a copy: structlog.testing.capture_logs changes the installed list in place)
+    processors: list[Processor] | None = None
+    factory: Any = None
+    json_lines: JsonLines | None = None
+
+
+def json_lines() -> JsonLines | None:
+    """The fast JSON line writer, or None when the current structlog configuration is not the JSON one that
+    :func:`configure_logging` installed (a console rendering, or reconfigured since, e.g. by a test's
+    ``capture_logs``): then log through structlog."""
+    writer = _State.json_lines
+    if writer is None:
+        return None
+    config = _structlog_config._CONFIG  # read directly: structlog.get_config() builds a dict per call
+    if config.logger_factory is not _State.factory or config.default_processors != _State.processors:
+        return None
+    return writer
 
 
 def _is_tty(stream: TextIO) -> bool:
@@ -57,16 +126,19 @@ def configure_logging(*, json: bool | None = None, level: str = "info", stream: 
         redact_processor,
         renderer,
     ]
+    factory = structlog.WriteLoggerFactory(file=out)
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_level_number(level)),
         context_class=dict,
-        logger_factory=structlog.WriteLoggerFactory(file=out),
+        logger_factory=factory,
         # Not cached: module-level loggers must follow a later reconfiguration (tests, CLI flags).
         # Hot paths bind a concrete logger and refresh it when configuration_generation() changes.
         cache_logger_on_first_use=False,
     )
     _State.generation += 1
+    _State.processors, _State.factory = list(processors), factory
+    _State.json_lines = JsonLines(out, _level_number(level)) if use_json else None
 
 
 def configuration_generation() -> int:

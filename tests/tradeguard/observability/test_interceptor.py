@@ -1,19 +1,23 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import io
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import pytest
+import structlog
+import structlog.testing
 from prometheus_client import CollectorRegistry
 
 from tests.support import eventually
 from tradeguard.observability.annotations import annotate
 from tradeguard.observability.interceptor import TelemetryInterceptor, _RequestIds
-from tradeguard.observability.logging import configure_logging, get_logger
+from tradeguard.observability.logging import configure_logging, get_logger, json_lines
 from tradeguard.observability.metrics import RpcMetrics
 from tradeguard.observability.redact import REDACTED, Trusted
 
@@ -372,3 +376,62 @@ async def test_a_caller_request_id_is_scanned_and_the_kit_own_fields_are_trusted
     assert card not in harness.out.getvalue()
     assert len(kit_line["request_id"]) == 32  # the generated id: the kit's own, passed through
     assert isinstance(_RequestIds.next(), Trusted)
+
+
+# -- the rpc line's fast path (tradeguard.observability.logging.JsonLines) ----------------------------------
+
+
+def test_the_fast_line_is_the_line_structlog_would_write() -> None:
+    out = io.StringIO()
+    configure_logging(json=True, stream=out, level="debug")
+    lines = json_lines()
+    assert lines is not None
+    token = structlog.contextvars.bind_contextvars(tenant="t-1", code="from-context")
+    try:
+        fields = {"resource": "password=hunter2hunter2", "code": Trusted("OK"), "request_id": VISA_ID}
+        lines.write("info", {**fields, "logger": Trusted("tradeguard.rpc"), "event": Trusted("rpc")})
+        get_logger("tradeguard.rpc").info("rpc", **fields)
+    finally:
+        structlog.contextvars.reset_contextvars(**token)
+    fast, slow = (json.loads(line) for line in out.getvalue().splitlines())
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", fast["timestamp"])
+    assert abs(_seconds(fast["timestamp"]) - _seconds(slow["timestamp"])) < 5
+    del fast["timestamp"], slow["timestamp"]
+    assert fast == slow
+    assert fast["resource"] == "password=[REDACTED]" and fast["request_id"] == REDACTED
+    assert (fast["tenant"], fast["code"]) == ("t-1", "OK")  # context variables under the event's own fields
+
+
+VISA_ID = "4111111111111111"
+
+
+def _seconds(stamp: str) -> float:
+    return dt.datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+async def test_capture_logs_sees_the_rpc_line_while_it_is_installed(harness: Harness) -> None:
+    with structlog.testing.capture_logs() as captured:
+        assert json_lines() is None  # someone else's configuration: the line goes through structlog
+        await _unary(harness, "Ok")(b"x")
+        await eventually(lambda: any(entry["event"] == "rpc" for entry in captured))
+    assert json_lines() is not None  # restored
+    [entry] = [entry for entry in captured if entry["event"] == "rpc"]
+    assert entry["code"] == "OK" and entry["method"] == f"/{SERVICE}/Ok"
+    assert harness.rpc_lines() == []  # not written twice
+
+
+async def test_the_configured_level_filters_rpc_lines() -> None:
+    harness = Harness()
+    await harness.start()
+    try:
+        configure_logging(json=True, stream=harness.out, level="warning")
+        await _unary(harness, "Ok")(b"x")
+        with pytest.raises(grpc.aio.AioRpcError):
+            await _unary(harness, "NotFound")(b"x")
+        [line] = await harness.settled_rpc_lines(1)
+        assert (line["code"], line["level"]) == ("NOT_FOUND", "warning")
+        await _unary(harness, "Ok")(b"x")
+        assert harness.sample("tradeguard_rpc_requests_total", method=f"/{SERVICE}/Ok", code="OK") == 2.0
+        assert len(harness.rpc_lines()) == 1  # OK lines below the level, still counted
+    finally:
+        await harness.stop()
