@@ -1,7 +1,7 @@
 """SQLite order store: WAL, synchronous=FULL, writes grouped into BEGIN IMMEDIATE transactions (group commit).
 
 All database work runs on the kit's `SqliteWorker` (one thread owns the connection), so the event loop never
-blocks on disk. Writes go through the kit's `Batcher` (group commit): while one
+blocks on disk. Writes go through the kit's `Batcher` over `SqliteWorker.write_batch` (group commit): while one
 transaction is being written, the next writes queue up and then go together in one transaction, each inside its
 own SAVEPOINT (a failing write rolls back only itself); a lone write goes at once. A caller is answered only
 after the COMMIT that includes its write returned. A write whose batch has started runs to COMMIT or ROLLBACK
