@@ -39,20 +39,21 @@ def violations(**overrides: Any) -> list[str]:
     return [v.field for v in info.value.violations]
 
 
-def test_valid_limit_order():
+def test_valid_limit_order() -> None:
     new = parse_new_order(**request(quantity="1.500", price="0.10000000"))
     assert new.side is Side.BUY and new.type is OrderType.LIMIT and new.time_in_force is TimeInForce.GTC
-    assert format_decimal(new.quantity) == "1.5" and format_decimal(new.price) == "0.1"  # type: ignore[arg-type]
+    assert new.price is not None
+    assert format_decimal(new.quantity) == "1.5" and format_decimal(new.price) == "0.1"
 
 
-def test_valid_market_order():
+def test_valid_market_order() -> None:
     new = parse_new_order(**request(type=2, time_in_force=0, price="", side=2))
     assert new.side is Side.SELL and new.type is OrderType.MARKET
     assert new.time_in_force is TimeInForce.IOC and new.price is None
     assert parse_new_order(**request(type=2, time_in_force=3, price="")).time_in_force is TimeInForce.FOK
 
 
-def test_limit_defaults_to_gtc():
+def test_limit_defaults_to_gtc() -> None:
     assert parse_new_order(**request(time_in_force=0)).time_in_force is TimeInForce.GTC
     assert parse_new_order(**request(time_in_force=2)).time_in_force is TimeInForce.IOC
 
@@ -69,13 +70,13 @@ def test_limit_defaults_to_gtc():
         ("10.0", "10"),
     ],
 )
-def test_quantity_canonical(text, canonical):
+def test_quantity_canonical(text: str, canonical: str) -> None:
     new = parse_new_order(**request(quantity=text, price="1"))
     assert format_decimal(new.quantity) == canonical
     assert new.quantity.as_tuple() == Decimal(canonical).as_tuple()  # same digits and exponent
 
 
-def test_identifiers_at_their_limits():
+def test_identifiers_at_their_limits() -> None:
     parse_new_order(
         **request(account_id="a" * 64, client_order_id="x" * 64, symbol="A" * 12 + "/" + "B" * 12)
     )
@@ -145,16 +146,16 @@ def test_identifiers_at_their_limits():
         ("price", "0.000000001"),
     ],
 )
-def test_each_field_is_validated(field, value):
+def test_each_field_is_validated(field: str, value: str | int) -> None:
     assert violations(**{field: value}) == [field]
 
 
-def test_market_order_rules():
+def test_market_order_rules() -> None:
     assert violations(type=2, price="100", time_in_force=2) == ["price"]
     assert violations(type=2, price="", time_in_force=1) == ["time_in_force"]
 
 
-def test_notional_limit():
+def test_notional_limit() -> None:
     limits = OrderLimits(max_notional=Decimal("1000"))
     assert violations(quantity="10", price="100.00000001", limits=limits) == ["quantity"]
     parse_new_order(**request(quantity="10", price="100", limits=limits))  # exactly the max is fine
@@ -162,7 +163,7 @@ def test_notional_limit():
     assert violations(quantity="1000000.00000001", price="1000000000") == ["quantity"]
 
 
-def test_all_violations_reported_at_once():
+def test_all_violations_reported_at_once() -> None:
     fields = violations(
         account_id="",
         client_order_id="bad id",
