@@ -19,6 +19,7 @@ from psycopg import sql
 from services.keyvault.core import KeyVault
 from services.keyvault.errors import Code, DecryptionFailed
 from services.keyvault.key_cache import DEFAULT_KEY_FRESHNESS_US
+from services.keyvault.keyring import parse_token
 from services.keyvault.model import KeyType
 from services.keyvault.policy import DEFAULT_POLICY, Policy
 from services.keyvault.root import LocalSealedRoot, RootKey
@@ -47,6 +48,13 @@ async def decrypt_fails(vault: KeyVault, name: str, ciphertext: str, ad: bytes =
     assert error.message == "decryption failed"
     assert error.metadata == {}
     return error
+
+
+def version_of(token: str) -> int:
+    """The key version a `tgv1:` ciphertext, signature or MAC names (the test fails if it names none)."""
+    parsed = parse_token(token)
+    assert parsed is not None, token
+    return parsed.version
 
 
 class RecordingRandom:

@@ -7,6 +7,7 @@ import json
 import os
 import stat
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -21,11 +22,12 @@ from services.keyvault.model import KeyType, VersionRecord
 from services.keyvault.root import LocalSealedRoot
 from services.keyvault.store_sqlite import SqliteVaultStore
 from tradeguard.observability.logging import configure_logging
+from tradeguard.testing import FakeClock
 
-from .conftest import AES, AUTH, OPS, PASSPHRASE, SCRYPT_N, TRADING
+from .conftest import AES, AUTH, OPS, PASSPHRASE, SCRYPT_N, TRADING, Backend, RecordingRandom, VaultFactory
 
 
-async def test_permission_before_existence_and_deny_by_default(vault):
+async def test_permission_before_existence_and_deny_by_default(vault: KeyVault) -> None:
     await vault.create_key(OPS, "credentials", AES)
     await vault.create_key(OPS, "trading/orders", AES)
     ct = await vault.encrypt(AUTH, "credentials", b"secret")
@@ -58,7 +60,7 @@ async def test_permission_before_existence_and_deny_by_default(vault):
     assert [k.config.name for k in keys] == ["credentials", "trading/orders"]
 
 
-async def test_restart_keeps_every_key_and_secret(vaults):
+async def test_restart_keeps_every_key_and_secret(vaults: VaultFactory) -> None:
     vault = await vaults.open()
     await vault.create_key(OPS, "credentials", AES)
     await vault.create_key(OPS, "auth/jwt", KeyType.ED25519)
@@ -82,7 +84,9 @@ async def test_restart_keeps_every_key_and_secret(vaults):
     assert (await again.get_key(OPS, "credentials")).latest.version == 2
 
 
-async def test_database_holds_no_plaintext_and_no_key_material(vaults, backend, random):
+async def test_database_holds_no_plaintext_and_no_key_material(
+    vaults: VaultFactory, backend: Backend, random: RecordingRandom
+) -> None:
     vault = await vaults.open()
     known = b"KNOWN-PLAINTEXT-4f1d9a7c"
     secret = b"KNOWN-SECRET-VALUE-77e3b1"
@@ -108,7 +112,7 @@ async def test_database_holds_no_plaintext_and_no_key_material(vaults, backend, 
         assert value.hex().encode() not in data
 
 
-async def test_every_operation_is_logged_without_material(vault):
+async def test_every_operation_is_logged_without_material(vault: KeyVault) -> None:
     out = io.StringIO()
     configure_logging(json=True, stream=out, level="debug")
     try:
@@ -137,12 +141,15 @@ async def test_every_operation_is_logged_without_material(vault):
         assert marker not in text
 
 
-async def test_store_writes_are_compare_and_swap_and_all_or_nothing(vaults, backend, clock):
+async def test_store_writes_are_compare_and_swap_and_all_or_nothing(
+    vaults: VaultFactory, backend: Backend, clock: FakeClock
+) -> None:
     vault = await vaults.open()
     await vault.create_key(OPS, "credentials", AES)
     await vault.rotate_key(OPS, "credentials")
     store = await backend.open()
     before = await store.get_key("credentials")
+    assert before is not None
     assert await store.key_stamp("credentials") == (before.config.create_us, before.config.update_us)
     assert await store.key_stamp("missing") is None
     # A configuration written from a stale read changes nothing.
@@ -164,7 +171,9 @@ async def test_store_writes_are_compare_and_swap_and_all_or_nothing(vaults, back
     assert second is not None and second > first
 
 
-async def test_sqlite_files_are_owner_only_and_keep_no_destroyed_secret(tmp_path, clock, random):
+async def test_sqlite_files_are_owner_only_and_keep_no_destroyed_secret(
+    tmp_path: Path, clock: FakeClock, random: RecordingRandom
+) -> None:
     """After DestroySecretVersion (and DeleteKey) neither the database nor its -wal and -shm files, read while
     the store is open, hold the sealed value or its wrapped data key; every file is 0600."""
     old_umask = os.umask(0o022)
@@ -181,6 +190,8 @@ async def test_sqlite_files_are_owner_only_and_keep_no_destroyed_secret(tmp_path
         kept = await store.get_secret_version("u1", "auth/totp", 2)
         doomed = await store.get_key("doomed")
         assert destroyed is not None and kept is not None and doomed is not None
+        assert kept.ciphertext is not None and destroyed.ciphertext is not None
+        assert destroyed.wrapped_data_key is not None
 
         def files() -> dict[str, bytes]:
             return {p.name: p.read_bytes() for p in sorted(tmp_path.glob("kv.db*"))}
@@ -202,7 +213,7 @@ async def test_sqlite_files_are_owner_only_and_keep_no_destroyed_secret(tmp_path
         path.chmod(0o644)
         store = await SqliteVaultStore.open(path)
         await store.put_meta_if_absent("probe", b"x")
-        for p in tmp_path.glob("kv.db*"):
+        for p in tmp_path.glob("kv.db*"):  # noqa: ASYNC240 - a listing of the test's own tmp_path
             assert stat.S_IMODE(p.stat().st_mode) == 0o600, p.name
         await store.close()
     finally:

@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from services.keyvault.core import KeyVault
 from services.keyvault.errors import (
     Code,
     DecryptionFailed,
@@ -14,13 +15,25 @@ from services.keyvault.errors import (
     InvalidArgument,
     NotFound,
 )
-from services.keyvault.keyring import parse_token
 from services.keyvault.policy import DEFAULT_POLICY, Operation, Policy, Rule
+from tradeguard.testing import FakeClock
 
-from .conftest import AES, AUTH, FRESHNESS_US, HOUR_US, OPS, TRADING, HookedStore, decrypt_fails, wrap_hooked
+from .conftest import (
+    AES,
+    AUTH,
+    FRESHNESS_US,
+    HOUR_US,
+    OPS,
+    TRADING,
+    HookedStore,
+    VaultFactory,
+    decrypt_fails,
+    version_of,
+    wrap_hooked,
+)
 
 
-async def test_rotation_min_decryption_version_and_rewrap(vault, clock):
+async def test_rotation_min_decryption_version_and_rewrap(vault: KeyVault, clock: FakeClock) -> None:
     await vault.create_key(OPS, "credentials", AES)
     v1 = await vault.encrypt(AUTH, "credentials", b"one", b"ad")
     info = await vault.rotate_key(OPS, "credentials")
@@ -47,7 +60,7 @@ async def test_rotation_min_decryption_version_and_rewrap(vault, clock):
     assert await vault.decrypt(AUTH, "credentials", v2, b"ad") == b"two"
 
 
-async def test_rotation_and_rewrap_under_concurrent_encryption_lose_nothing(vault):
+async def test_rotation_and_rewrap_under_concurrent_encryption_lose_nothing(vault: KeyVault) -> None:
     await vault.create_key(OPS, "credentials", AES)
     sealed: list[tuple[bytes, bytes, str]] = []  # (plaintext, associated data, ciphertext)
     rotating = True
@@ -69,7 +82,7 @@ async def test_rotation_and_rewrap_under_concurrent_encryption_lose_nothing(vaul
             rotating = False
 
     await asyncio.gather(rotate(10), *(encryptor(w) for w in range(32)))
-    versions = {parse_token(ct).version for _, _, ct in sealed}  # type: ignore[union-attr]
+    versions = {version_of(ct) for _, _, ct in sealed}
     assert len(sealed) >= 32 * 5 and len(versions) >= 5  # encryption really ran across the rotations
     # Rewrap everything concurrently with more rotations; then every old and new ciphertext decrypts.
     rotating = True
@@ -82,7 +95,7 @@ async def test_rotation_and_rewrap_under_concurrent_encryption_lose_nothing(vaul
     assert (await vault.get_key(OPS, "credentials")).latest.version == 21
 
 
-async def test_concurrent_rotations_by_two_replicas(vaults):
+async def test_concurrent_rotations_by_two_replicas(vaults: VaultFactory) -> None:
     """Two vault processes over one database rotate at once: versions stay dense, both decrypt everything."""
     a = await vaults.open()
     await a.create_key(OPS, "credentials", AES)
@@ -94,7 +107,7 @@ async def test_concurrent_rotations_by_two_replicas(vaults):
     assert await a.decrypt(AUTH, "credentials", ct_b) == b"from b"  # a reloads the newer version it lacked
 
 
-async def test_automatic_rotation_with_fake_clock(vault, clock):
+async def test_automatic_rotation_with_fake_clock(vault: KeyVault, clock: FakeClock) -> None:
     await vault.create_key(OPS, "credentials", AES, auto_rotate_period_us=24 * HOUR_US)
     await vault.create_key(OPS, "static", AES)
     clock.advance(23 * HOUR_US)
@@ -109,7 +122,7 @@ async def test_automatic_rotation_with_fake_clock(vault, clock):
     assert await vault.rotate_due() == []
 
 
-async def test_deletion_only_when_allowed(vault):
+async def test_deletion_only_when_allowed(vault: KeyVault) -> None:
     await vault.create_key(OPS, "credentials", AES)
     with pytest.raises(FailedPrecondition) as info:
         await vault.delete_key(OPS, "credentials")
@@ -122,7 +135,7 @@ async def test_deletion_only_when_allowed(vault):
         await vault.encrypt(AUTH, "credentials", b"x")
 
 
-async def test_create_key_validation(vault):
+async def test_create_key_validation(vault: KeyVault) -> None:
     await vault.create_key(OPS, "credentials", AES)
     with pytest.raises(DomainError) as info:
         await vault.create_key(OPS, "credentials", AES)
@@ -134,7 +147,9 @@ async def test_create_key_validation(vault):
         await vault.create_key(OPS, "k", AES, auto_rotate_period_us=-1)
 
 
-async def test_config_change_never_overwrites_a_concurrent_one(vaults, clock):
+async def test_config_change_never_overwrites_a_concurrent_one(
+    vaults: VaultFactory, clock: FakeClock
+) -> None:
     """B reads the key, A raises min_decryption_version, B writes: B's write is retried on the new state."""
     a = await vaults.open()
     await a.create_key(OPS, "credentials", AES)
@@ -149,7 +164,9 @@ async def test_config_change_never_overwrites_a_concurrent_one(vaults, clock):
     assert stored.config.min_decryption_version == 2 and stored.config.deletion_allowed
 
 
-async def test_automatic_rotation_once_per_period_across_replicas(vaults, clock):
+async def test_automatic_rotation_once_per_period_across_replicas(
+    vaults: VaultFactory, clock: FakeClock
+) -> None:
     a = await vaults.open()
     await a.create_key(OPS, "credentials", AES, auto_rotate_period_us=24 * HOUR_US)
     hooked: list[HookedStore] = []
@@ -164,7 +181,7 @@ async def test_automatic_rotation_once_per_period_across_replicas(vaults, clock)
     assert (await b.get_key(OPS, "credentials")).latest.version == 3
 
 
-async def test_list_keys_page_tokens_name_only_keys_the_caller_may_read(vaults):
+async def test_list_keys_page_tokens_name_only_keys_the_caller_may_read(vaults: VaultFactory) -> None:
     names = ["audit/tree", "auth/jwt", "credentials", "secret-admin-key", "trading/a", "trading/b", "zzz"]
     policy = Policy(
         [*DEFAULT_POLICY.rules, Rule("key/trading/*", frozenset({Operation.READ_KEY}), frozenset({TRADING}))]
@@ -174,7 +191,9 @@ async def test_list_keys_page_tokens_name_only_keys_the_caller_may_read(vaults):
         await vault.create_key(OPS, name, AES)
 
     async def pages(caller: str, size: int) -> tuple[list[list[str]], list[str]]:
-        out, tokens, token = [], [], ""
+        out: list[list[str]] = []
+        tokens: list[str] = []
+        token = ""
         while True:
             keys, token = await vault.list_keys(caller, size, token)
             out.append([k.config.name for k in keys])
@@ -193,7 +212,7 @@ async def test_list_keys_page_tokens_name_only_keys_the_caller_may_read(vaults):
         assert [n for page in seen for n in page] == names
 
 
-async def test_auto_rotate_period_is_bounded(vault):
+async def test_auto_rotate_period_is_bounded(vault: KeyVault) -> None:
     for bad in (1, 30 * 60 * 1_000_000, 11 * 366 * 24 * HOUR_US, 2**62 * 1_000_000):
         with pytest.raises(InvalidArgument) as info:
             await vault.create_key(OPS, "k", AES, auto_rotate_period_us=bad)
@@ -207,7 +226,9 @@ async def test_auto_rotate_period_is_bounded(vault):
     assert info2.config.auto_rotate_period_us == 3653 * 24 * HOUR_US
 
 
-async def test_retiring_versions_waits_until_no_replica_can_encrypt_under_them(vaults, clock):
+async def test_retiring_versions_waits_until_no_replica_can_encrypt_under_them(
+    vaults: VaultFactory, clock: FakeClock
+) -> None:
     """(c) min_decryption_version may be raised to N only once N is a whole window old: by then every replica's
     cache holds N. A stale replica may go on opening retired versions for at most one window after the raise
     (the documented bound); it never seals anything under a retired version."""

@@ -12,11 +12,15 @@ from services.keyvault.errors import (
     Unavailable,
 )
 from services.keyvault.model import KeyType
+from tradeguard.errors import DomainError
+from tradeguard.testing import FakeClock
 
-from .conftest import AES, AUTH, FRESHNESS_US, OPS, HookedStore, decrypt_fails, wrap_hooked
+from .conftest import AES, AUTH, FRESHNESS_US, OPS, HookedStore, VaultFactory, decrypt_fails, wrap_hooked
 
 
-async def test_replicas_sharing_a_store_see_each_others_changes_at_once(vaults, clock):
+async def test_replicas_sharing_a_store_see_each_others_changes_at_once(
+    vaults: VaultFactory, clock: FakeClock
+) -> None:
     """With a freshness window of 0, a rotation, a raised min_decryption_version or a deletion on replica A
     holds on replica B from B's very next operation (B had the key cached)."""
     a = await vaults.open(key_freshness_us=0)
@@ -34,7 +38,8 @@ async def test_replicas_sharing_a_store_see_each_others_changes_at_once(vaults, 
     assert "below min_decryption_version" in (await decrypt_fails(b, "credentials", ct_v1, b"ad")).cause
     with pytest.raises(DecryptionFailed):
         await b.rewrap(AUTH, "credentials", ct_v1, b"ad")
-    assert (await b.batch_decrypt(AUTH, "credentials", [(ct_v1, b"ad")]))[0].message == "decryption failed"
+    failed = (await b.batch_decrypt(AUTH, "credentials", [(ct_v1, b"ad")]))[0]
+    assert isinstance(failed, DomainError) and failed.message == "decryption failed"
     # B encrypts under the new version only: nothing A refuses.
     ct_b = await b.encrypt(AUTH, "credentials", b"new", b"ad")
     assert ct_b.startswith("tgv1:credentials:v2:")
@@ -66,7 +71,9 @@ async def test_replicas_sharing_a_store_see_each_others_changes_at_once(vaults, 
 
 
 @pytest.mark.parametrize("freshness_us", [0, FRESHNESS_US])
-async def test_a_recreated_key_is_never_mixed_with_the_cached_one(vaults, clock, freshness_us):
+async def test_a_recreated_key_is_never_mixed_with_the_cached_one(
+    vaults: VaultFactory, clock: FakeClock, freshness_us: int
+) -> None:
     a = await vaults.open(key_freshness_us=freshness_us)
     await a.create_key(OPS, "credentials", AES, deletion_allowed=True)
     b = await vaults.open(key_freshness_us=freshness_us)
@@ -80,7 +87,9 @@ async def test_a_recreated_key_is_never_mixed_with_the_cached_one(vaults, clock,
     await decrypt_fails(b, "credentials", old)
 
 
-async def test_a_load_racing_a_local_rotation_returns_the_rotation(vaults, clock):
+async def test_a_load_racing_a_local_rotation_returns_the_rotation(
+    vaults: VaultFactory, clock: FakeClock
+) -> None:
     hooked: list[HookedStore] = []
     vault = await vaults.open(wrap=wrap_hooked(hooked))
     await vault.create_key(OPS, "credentials", AES)
@@ -94,7 +103,9 @@ async def test_a_load_racing_a_local_rotation_returns_the_rotation(vaults, clock
     assert (await vault.encrypt(AUTH, "credentials", b"y")).startswith("tgv1:credentials:v3:")
 
 
-async def test_a_replica_trusts_its_cached_key_for_the_freshness_window_then_sees_changes(vaults, clock):
+async def test_a_replica_trusts_its_cached_key_for_the_freshness_window_then_sees_changes(
+    vaults: VaultFactory, clock: FakeClock
+) -> None:
     """Within the window B serves from its cache without a single store read (it may still use v1 that A has
     rotated away from); from the window's end B's next use reads the stamp once, sees A's rotation and
     reloads. Concurrent uses after the window share one stamp read."""
@@ -130,7 +141,9 @@ async def test_a_replica_trusts_its_cached_key_for_the_freshness_window_then_see
     assert (await b.encrypt(AUTH, "credentials", b"x")).startswith("tgv1:credentials:v3:")
 
 
-async def test_freshness_zero_reads_the_stamp_before_every_use_and_retires_at_once(vaults, clock):
+async def test_freshness_zero_reads_the_stamp_before_every_use_and_retires_at_once(
+    vaults: VaultFactory, clock: FakeClock
+) -> None:
     """(d) key_freshness_us=0 is the strict mode: a stamp read per operation, every change visible on the next
     operation, and versions may be retired as soon as they exist."""
     a = await vaults.open(key_freshness_us=0)
@@ -149,7 +162,9 @@ async def test_freshness_zero_reads_the_stamp_before_every_use_and_retires_at_on
     assert calls["key_stamp"] == 7
 
 
-async def test_a_stamp_read_slower_than_the_window_is_not_trusted(vaults, clock):
+async def test_a_stamp_read_slower_than_the_window_is_not_trusted(
+    vaults: VaultFactory, clock: FakeClock
+) -> None:
     """A confirmation counts from when its read began: a read that outlasts the window is read again, and a
     store that is always that slow makes the operation fail UNAVAILABLE rather than use an unconfirmed key."""
     a = await vaults.open()
@@ -181,7 +196,9 @@ async def test_a_stamp_read_slower_than_the_window_is_not_trusted(vaults, clock)
         await vaults.open(key_freshness_us=-1)
 
 
-async def test_a_rotation_never_caches_a_configuration_changed_concurrently(vaults, clock):
+async def test_a_rotation_never_caches_a_configuration_changed_concurrently(
+    vaults: VaultFactory, clock: FakeClock
+) -> None:
     """B reads the key to rotate it, A raises min_decryption_version, B appends its version: the append is
     compare-and-swap on update_us, so B retries on the new state rather than cache the old minimum under the
     store's new stamp (which no later stamp read would ever catch)."""

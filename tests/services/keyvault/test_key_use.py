@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from services.keyvault import primitives
+from services.keyvault.core import KeyVault
 from services.keyvault.errors import (
     DecryptionFailed,
     FailedPrecondition,
@@ -12,11 +13,12 @@ from services.keyvault.errors import (
 )
 from services.keyvault.keyring import b64url_decode, b64url_encode, parse_token
 from services.keyvault.model import KeyType
+from tradeguard.testing import FakeClock
 
-from .conftest import AES, AUTH, FRESHNESS_US, OPS, TRADING, decrypt_fails
+from .conftest import AES, AUTH, FRESHNESS_US, OPS, TRADING, VaultFactory, decrypt_fails
 
 
-async def test_encrypt_decrypt_round_trip_and_format(vault):
+async def test_encrypt_decrypt_round_trip_and_format(vault: KeyVault) -> None:
     await vault.create_key(OPS, "credentials", AES)
     ct = await vault.encrypt(AUTH, "credentials", b"api-secret", b"user-1")
     assert ct.startswith("tgv1:credentials:v1:")
@@ -28,7 +30,7 @@ async def test_encrypt_decrypt_round_trip_and_format(vault):
     assert await vault.decrypt(AUTH, "credentials", await vault.encrypt(AUTH, "credentials", b""), b"") == b""
 
 
-async def test_tampering_with_any_character_byte_prefix_or_ad_fails_opaquely(vault):
+async def test_tampering_with_any_character_byte_prefix_or_ad_fails_opaquely(vault: KeyVault) -> None:
     await vault.create_key(OPS, "credentials", AES)
     await vault.create_key(OPS, "credentials-other", AES)
     ct = await vault.encrypt(AUTH, "credentials", b"0123456789abcdef", b"owner=alice")
@@ -78,7 +80,7 @@ async def test_tampering_with_any_character_byte_prefix_or_ad_fails_opaquely(vau
     assert await vault.decrypt(AUTH, "credentials", ct, b"owner=alice") == b"0123456789abcdef"
 
 
-async def test_wrong_key_of_the_right_name_fails(vaults):
+async def test_wrong_key_of_the_right_name_fails(vaults: VaultFactory) -> None:
     """The same ciphertext under a vault whose key ring is another one (a key of the same name)."""
     vault = await vaults.open()
     await vault.create_key(OPS, "credentials", AES)
@@ -89,7 +91,7 @@ async def test_wrong_key_of_the_right_name_fails(vaults):
     await decrypt_fails(vault, "credentials", ct)
 
 
-async def test_sign_verify_and_hmac(vault, clock):
+async def test_sign_verify_and_hmac(vault: KeyVault, clock: FakeClock) -> None:
     await vault.create_key(OPS, "auth/jwt", KeyType.ED25519)
     await vault.create_key(OPS, "auth/ids", KeyType.HMAC_SHA256)
     sig1 = await vault.sign(AUTH, "auth/jwt", b"message")
@@ -126,7 +128,7 @@ async def test_sign_verify_and_hmac(vault, clock):
         await vault.sign(AUTH, "auth/ids", b"x")
 
 
-async def test_generate_data_key_and_batches(vault):
+async def test_generate_data_key_and_batches(vault: KeyVault) -> None:
     await vault.create_key(OPS, "credentials", AES)
     both = await vault.generate_data_key(AUTH, "credentials", b"file-1")
     assert both.plaintext is not None and len(both.plaintext) == 32
@@ -151,7 +153,7 @@ async def test_generate_data_key_and_batches(vault):
         await vault.batch_decrypt(TRADING, "credentials", requests)
 
 
-async def test_only_hmac_holders_may_verify_an_hmac(vault):
+async def test_only_hmac_holders_may_verify_an_hmac(vault: KeyVault) -> None:
     """Verify on an HMAC key is an HMAC computation: it needs the HMAC right; signatures stay open to all."""
     await vault.create_key(OPS, "credentials", KeyType.HMAC_SHA256)
     await vault.create_key(OPS, "auth/jwt", KeyType.ED25519)

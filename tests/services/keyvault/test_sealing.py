@@ -116,7 +116,7 @@ async def test_an_hsm_pin_is_checked_on_an_unsealed_vault(softhsm: dict[str, str
         await store.close()
 
 
-async def test_sealed_vault_is_unavailable_until_unsealed(vaults):
+async def test_sealed_vault_is_unavailable_until_unsealed(vaults: VaultFactory) -> None:
     vault = await vaults.open()
     await vault.create_key(OPS, "credentials", AES)
     ct = await vault.encrypt(AUTH, "credentials", b"secret")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from services.keyvault.core import KeyVault
 from services.keyvault.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -11,10 +12,10 @@ from services.keyvault.errors import (
 )
 from services.keyvault.root import RootUnwrapError
 
-from .conftest import AUTH, OPS
+from .conftest import AUTH, OPS, Backend
 
 
-async def test_secret_store(vault, backend):
+async def test_secret_store(vault: KeyVault, backend: Backend) -> None:
     v1 = await vault.put_secret(AUTH, "alice", "auth/totp", b"seed-1")
     assert v1.version == 1
     v2 = await vault.put_secret(AUTH, "alice", "auth/totp", b"seed-2", cas_version=1)

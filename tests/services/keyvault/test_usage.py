@@ -5,20 +5,19 @@ from __future__ import annotations
 import io
 import json
 
-from services.keyvault.keyring import parse_token
 from tradeguard.observability.logging import configure_logging
 
-from .conftest import AES, AUTH, OPS
+from .conftest import AES, AUTH, OPS, VaultFactory, version_of
 
 
-async def test_a_version_is_rotated_once_it_reaches_its_encryption_limit(vaults):
+async def test_a_version_is_rotated_once_it_reaches_its_encryption_limit(vaults: VaultFactory) -> None:
     out = io.StringIO()
     configure_logging(json=True, stream=out, level="debug")
     try:
         a = await vaults.open(max_encryptions_per_version=5)
         await a.create_key(OPS, "credentials", AES)
         sealed = [(b"%d" % i, await a.encrypt(AUTH, "credentials", b"%d" % i)) for i in range(5)]
-        assert {parse_token(ct).version for _, ct in sealed} == {1}
+        assert {version_of(ct) for _, ct in sealed} == {1}
         assert (await a.get_key(OPS, "credentials")).latest.version == 2  # the 5th encryption rotated it
         ct = await a.encrypt(AUTH, "credentials", b"v2")
         assert ct.startswith("tgv1:credentials:v2:")
