@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass, replace
+from typing import Protocol
 
 import grpc
 import pytest
@@ -16,7 +17,6 @@ from services.keyvault.core import KeyVault
 from services.keyvault.service import SERVICE
 from services.keyvault.settings import Settings, StartupSecret
 from services.keyvault.store import VaultStore
-from tests.support import eventually
 from tradeguard.keyvault.v1 import keyvault_pb2 as pb
 from tradeguard.keyvault.v1 import keyvault_pb2_grpc
 from tradeguard.mesh import pki, tls
@@ -26,6 +26,7 @@ from tradeguard.observability.logging import configure_logging
 from tradeguard.rpc.status import rich_status
 from tradeguard.service import Running, Wiring
 from tradeguard.service import start as start_service
+from tradeguard.testing import eventually
 
 PASSPHRASE = "server test passphrase"
 
@@ -44,11 +45,17 @@ class RunningVault:
 
     def stub(self, caller: str) -> tuple[MeshChannel, keyvault_pb2_grpc.KeyVaultServiceAsyncStub]:
         channel = MeshChannel(f"127.0.0.1:{self.port}", "keyvault", tls.Workload.of(self.paths, caller))
-        return channel, keyvault_pb2_grpc.KeyVaultServiceStub(channel)  # type: ignore[return-value]
+        return channel, keyvault_pb2_grpc.KeyVaultServiceStub(channel)
+
+
+class StartVault(Protocol):
+    """The `start_vault` fixture: a key vault on a free port; `overrides` replace fields of its Settings."""
+
+    def __call__(self, **overrides: object) -> Awaitable[RunningVault]: ...
 
 
 @pytest.fixture
-async def start_vault(pki_paths: pki.PkiPaths) -> AsyncIterator[Callable[..., object]]:
+async def start_vault(pki_paths: pki.PkiPaths) -> AsyncIterator[StartVault]:
     running: list[RunningVault] = []
     home = pki_paths.home
     for name in ("audit",):
@@ -72,7 +79,7 @@ async def start_vault(pki_paths: pki.PkiPaths) -> AsyncIterator[Callable[..., ob
         await r.running.stop(0, drain=0)
 
 
-async def test_keys_encrypt_decrypt_and_policy_over_mtls(start_vault) -> None:
+async def test_keys_encrypt_decrypt_and_policy_over_mtls(start_vault: StartVault) -> None:
     vault = await start_vault(key_freshness_s=0.0)  # strict: v2 may retire v1 at once (no waiting in tests)
     ops_channel, ops = vault.stub("ops")
     auth_channel, auth = vault.stub("auth")
@@ -162,7 +169,7 @@ async def test_keys_encrypt_decrypt_and_policy_over_mtls(start_vault) -> None:
         assert [k.name for k in listed.keys] == ["credentials"]
 
 
-async def test_signing_hmac_and_secrets_over_mtls(start_vault) -> None:
+async def test_signing_hmac_and_secrets_over_mtls(start_vault: StartVault) -> None:
     vault = await start_vault()
     ops_channel, ops = vault.stub("ops")
     auth_channel, auth = vault.stub("auth")
@@ -199,7 +206,7 @@ async def test_signing_hmac_and_secrets_over_mtls(start_vault) -> None:
         assert _error(gone.value)[1] == "SECRET_VERSION_DESTROYED"
 
 
-async def test_sealed_vault_answers_unavailable_until_unsealed(start_vault) -> None:
+async def test_sealed_vault_answers_unavailable_until_unsealed(start_vault: StartVault) -> None:
     vault = await start_vault(startup=StartupSecret())
     ops_channel, ops = vault.stub("ops")
     auth_channel, auth = vault.stub("auth")
@@ -219,7 +226,7 @@ async def test_sealed_vault_answers_unavailable_until_unsealed(start_vault) -> N
         assert (await auth.Encrypt(pb.EncryptRequest(key_name="credentials", plaintext=b"x"))).ciphertext
 
 
-async def test_wrong_passphrase_and_restart(start_vault) -> None:
+async def test_wrong_passphrase_and_restart(start_vault: StartVault) -> None:
     first = await start_vault()
     ops_channel, ops = first.stub("ops")
     async with ops_channel:
@@ -242,7 +249,7 @@ async def test_wrong_passphrase_and_restart(start_vault) -> None:
         ).plaintext == b"kept"
 
 
-async def test_concurrent_encrypts_over_rpc_survive_rotation(start_vault) -> None:
+async def test_concurrent_encrypts_over_rpc_survive_rotation(start_vault: StartVault) -> None:
     vault = await start_vault()
     ops_channel, ops = vault.stub("ops")
     auth_channel, auth = vault.stub("auth")
@@ -294,8 +301,9 @@ async def test_server_takes_the_passphrase_file_once(
     store = await SERVICE.stores.open(settings.database_url)
     assembly = await SERVICE.build(Wiring(settings, store, pki.trust_domain(pki_paths)))
     vault = assembly.core
+    assert isinstance(vault, KeyVault)
     try:
-        assert isinstance(vault, KeyVault) and not vault.sealed
+        assert not vault.sealed
         assert settings.startup.take() is None
     finally:
         await vault.close()
@@ -305,7 +313,7 @@ async def test_server_takes_the_passphrase_file_once(
         Settings.from_env()
 
 
-async def test_oversized_rotation_period_is_invalid_argument_not_internal(start_vault) -> None:
+async def test_oversized_rotation_period_is_invalid_argument_not_internal(start_vault: StartVault) -> None:
     vault = await start_vault()
     ops_channel, ops = vault.stub("ops")
     async with ops_channel:
@@ -332,7 +340,7 @@ async def test_oversized_rotation_period_is_invalid_argument_not_internal(start_
         assert "auto_rotate_period" in _error(bad.value)[2]
 
 
-async def test_hmac_verify_needs_the_hmac_right_over_mtls(start_vault) -> None:
+async def test_hmac_verify_needs_the_hmac_right_over_mtls(start_vault: StartVault) -> None:
     vault = await start_vault()
     ops_channel, ops = vault.stub("ops")
     auth_channel, auth = vault.stub("auth")
@@ -348,7 +356,7 @@ async def test_hmac_verify_needs_the_hmac_right_over_mtls(start_vault) -> None:
 
 
 async def test_retiring_a_version_younger_than_the_freshness_window_is_refused_with_retry_info(
-    start_vault,
+    start_vault: StartVault,
 ) -> None:
     vault = await start_vault(key_freshness_s=60.0)
     ops_channel, ops = vault.stub("ops")
@@ -368,7 +376,9 @@ async def test_retiring_a_version_younger_than_the_freshness_window_is_refused_w
         assert key.min_decryption_version == 1
 
 
-async def test_each_operation_is_one_log_line_with_what_it_did_and_no_material(start_vault) -> None:
+async def test_each_operation_is_one_log_line_with_what_it_did_and_no_material(
+    start_vault: StartVault,
+) -> None:
     out = io.StringIO()
     configure_logging(json=True, stream=out)
     vault = await start_vault()
