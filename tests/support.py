@@ -21,7 +21,7 @@ import redis
 from psycopg import sql
 
 from tradeguard.mesh import pki
-from tradeguard.testing import eventually  # the kit's; tests import it from here too
+from tradeguard.testing import eventually  # the kit's (tests import it from tradeguard.testing)
 
 
 def free_port() -> int:
@@ -113,7 +113,7 @@ class Database:
             finally:
                 conn.close()
         with psycopg.connect(PG_DSN, autocommit=True) as pg:
-            query = sql.SQL(statement).format(schema=sql.Identifier(self.schema))  # type: ignore[arg-type]
+            query = sql.SQL(statement).format(schema=sql.Identifier(self.schema))
             cur = pg.execute(query, params or None)
             return cur.fetchall() if cur.description else []
 
