@@ -4,29 +4,29 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Awaitable, Callable
 from decimal import Decimal
-from typing import Any
+from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from services.trading import store_postgres, store_sqlite
-from services.trading.core import (
-    Order,
-    OrderStatus,
-    OrderType,
-    PageCursor,
-    TimeInForce,
-    TradingCore,
-)
+from services.trading.core import TradingCore
 from services.trading.errors import AlreadyExists, FailedPrecondition, NotFound
-from services.trading.store import SCHEMA_VERSION
+from services.trading.model import NewOrder, Order, OrderStatus, OrderType, PageCursor, TimeInForce
+from services.trading.store import SCHEMA_VERSION, OrderStore
 from services.trading.store_postgres import PostgresOrderStore
 from services.trading.store_sqlite import SqliteOrderStore
-from tests.support import eventually
 from tradeguard.storage.migrations import SchemaTooNew, latest_version
+from tradeguard.testing import FakeClock, eventually
+
+from .conftest import Backend
+
+T = TypeVar("T")
 
 
-async def test_insert_get_round_trip(store, make_order):
+async def test_insert_get_round_trip(store: OrderStore, make_order: Callable[..., Order]) -> None:
     order = make_order(quantity=Decimal("1.50000000"), price=Decimal("123.4500"))
     stored, created = await store.insert_if_absent(order)
     assert created
@@ -37,13 +37,13 @@ async def test_insert_get_round_trip(store, make_order):
     assert await store.get("acct-2", order.order_id) is None  # another account never sees it
 
 
-async def test_market_order_without_price(store, make_order):
+async def test_market_order_without_price(store: OrderStore, make_order: Callable[..., Order]) -> None:
     order = make_order(type=OrderType.MARKET, time_in_force=TimeInForce.IOC, price=None)
     await store.insert_if_absent(order)
     assert (await store.get("acct-1", order.order_id)) == order
 
 
-async def test_insert_if_absent_returns_existing(store, make_order):
+async def test_insert_if_absent_returns_existing(store: OrderStore, make_order: Callable[..., Order]) -> None:
     first = make_order()
     await store.insert_if_absent(first)
     second = make_order(order_id="ord_00000000000000000000000002", quantity=Decimal("7"))
@@ -56,7 +56,7 @@ async def test_insert_if_absent_returns_existing(store, make_order):
     assert (await store.insert_if_absent(other))[1]
 
 
-async def test_transition(backend, store, make_order):
+async def test_transition(backend: Backend, store: OrderStore, make_order: Callable[..., Order]) -> None:
     order = make_order()
     await store.insert_if_absent(order)
     assert await store.transition("acct-2", order.order_id, OrderStatus.OPEN, OrderStatus.CANCELED, 5) is None
@@ -77,7 +77,7 @@ async def test_transition(backend, store, make_order):
     assert backend.count("order_events") == 2  # OPEN, then CANCELED
 
 
-async def test_list_pages_newest_first(store, make_order):
+async def test_list_pages_newest_first(store: OrderStore, make_order: Callable[..., Order]) -> None:
     orders: list[Order] = []
     for i in range(11):
         order = make_order(
@@ -104,7 +104,9 @@ async def test_list_pages_newest_first(store, make_order):
     assert await store.list("acct-3", 10, None) == []
 
 
-async def test_restart_keeps_orders(backend, store, make_order):
+async def test_restart_keeps_orders(
+    backend: Backend, store: OrderStore, make_order: Callable[..., Order]
+) -> None:
     order = make_order()
     await store.insert_if_absent(order)
     await store.transition("acct-1", order.order_id, OrderStatus.OPEN, OrderStatus.FILLED, 42)
@@ -117,13 +119,13 @@ async def test_restart_keeps_orders(backend, store, make_order):
     ] is False
 
 
-async def test_closed_store_refuses_work(store, make_order):
+async def test_closed_store_refuses_work(store: OrderStore, make_order: Callable[..., Order]) -> None:
     await store.close()
     with pytest.raises(Exception):
         await store.get("acct-1", make_order().order_id)
 
 
-def _install_failing_event_trigger(backend) -> None:
+def _install_failing_event_trigger(backend: Backend) -> None:
     if backend.kind == "sqlite":
         backend.execute(
             "CREATE TRIGGER fail_events BEFORE INSERT ON order_events BEGIN SELECT RAISE(ABORT, 'boom'); END"
@@ -139,14 +141,16 @@ def _install_failing_event_trigger(backend) -> None:
         )
 
 
-def _drop_failing_event_trigger(backend) -> None:
+def _drop_failing_event_trigger(backend: Backend) -> None:
     if backend.kind == "sqlite":
         backend.execute("DROP TRIGGER fail_events")
     else:
         backend.execute("DROP TRIGGER fail_events ON {schema}.order_events")
 
 
-async def test_error_mid_write_leaves_nothing_half_written(backend, store, make_order):
+async def test_error_mid_write_leaves_nothing_half_written(
+    backend: Backend, store: OrderStore, make_order: Callable[..., Order]
+) -> None:
     """The order row is written first, its event second; when the second fails the first is rolled back."""
     kept = make_order(order_id="ord_00000000000000000000000001", client_order_id="kept")
     await store.insert_if_absent(kept)
@@ -170,7 +174,9 @@ async def test_error_mid_write_leaves_nothing_half_written(backend, store, make_
     assert backend.count("order_events") == 3
 
 
-async def test_rejects_invalid_rows(backend, store, make_order):
+async def test_rejects_invalid_rows(
+    backend: Backend, store: OrderStore, make_order: Callable[..., Order]
+) -> None:
     with pytest.raises(Exception):
         await store.insert_if_absent(make_order(status=OrderStatus.UNSPECIFIED))
     assert backend.count("orders") == 0
@@ -184,7 +190,9 @@ async def test_rejects_invalid_rows(backend, store, make_order):
 # --- the core over each real store ---------------------------------------------------------------------
 
 
-async def test_concurrent_identical_places_create_one_order(store, clock, ids, make_new):
+async def test_concurrent_identical_places_create_one_order(
+    store: OrderStore, clock: FakeClock, ids: Callable[[], str], make_new: Callable[..., NewOrder]
+) -> None:
     core = TradingCore(store, clock_us=clock, new_order_id=ids)
     results = await asyncio.gather(*(core.place(make_new()) for _ in range(50)))
     order_ids = {order.order_id for order, _ in results}
@@ -194,8 +202,11 @@ async def test_concurrent_identical_places_create_one_order(store, clock, ids, m
 
 
 async def test_concurrent_places_through_two_stores_create_one_order(
-    backend, clock, make_new, sequential_ids
-):
+    backend: Backend,
+    clock: FakeClock,
+    make_new: Callable[..., NewOrder],
+    sequential_ids: Callable[..., Callable[[], str]],
+) -> None:
     """Two stores (two connections or pools) on one database: the database, not a lock in Python, decides."""
     first, second = await backend.open(), await backend.open()
     core_a = TradingCore(first, clock_us=clock, new_order_id=sequential_ids("A"))
@@ -207,7 +218,13 @@ async def test_concurrent_places_through_two_stores_create_one_order(
     assert backend.count("orders") == 1
 
 
-async def test_concurrent_cancels(backend, store, clock, ids, make_new):
+async def test_concurrent_cancels(
+    backend: Backend,
+    store: OrderStore,
+    clock: FakeClock,
+    ids: Callable[[], str],
+    make_new: Callable[..., NewOrder],
+) -> None:
     core = TradingCore(store, clock_us=clock, new_order_id=ids)
     order, _ = await core.place(make_new())
     clock.advance(5)
@@ -217,7 +234,9 @@ async def test_concurrent_cancels(backend, store, clock, ids, make_new):
     assert backend.count("order_events") == 2
 
 
-async def test_reused_client_order_id_with_other_params(store, clock, ids, make_new):
+async def test_reused_client_order_id_with_other_params(
+    store: OrderStore, clock: FakeClock, ids: Callable[[], str], make_new: Callable[..., NewOrder]
+) -> None:
     core = TradingCore(store, clock_us=clock, new_order_id=ids)
     await core.place(make_new())
     with pytest.raises(AlreadyExists) as info:
@@ -225,7 +244,9 @@ async def test_reused_client_order_id_with_other_params(store, clock, ids, make_
     assert info.value.reason == "CLIENT_ORDER_ID_REUSED"
 
 
-async def test_cross_account_is_not_found(store, clock, ids, make_new):
+async def test_cross_account_is_not_found(
+    store: OrderStore, clock: FakeClock, ids: Callable[[], str], make_new: Callable[..., NewOrder]
+) -> None:
     core = TradingCore(store, clock_us=clock, new_order_id=ids)
     order, _ = await core.place(make_new())
     with pytest.raises(NotFound) as hidden:
@@ -243,19 +264,21 @@ async def test_cross_account_is_not_found(store, clock, ids, make_new):
         await core.cancel("acct-1", order.order_id)
 
 
-def test_postgres_schema_name_is_validated():
+def test_postgres_schema_name_is_validated() -> None:
     for bad in ["", "Bad", "a-b", 'x"; DROP TABLE y; --', "1abc", "a" * 64]:
         with pytest.raises(ValueError, match="schema"):
             asyncio.run(PostgresOrderStore.open("postgresql://invalid", schema=bad))
 
 
-def test_both_backends_migrate_to_the_schema_version():
+def test_both_backends_migrate_to_the_schema_version() -> None:
     assert (
         latest_version(store_sqlite.MIGRATIONS) == latest_version(store_postgres.MIGRATIONS) == SCHEMA_VERSION
     )
 
 
-async def test_a_v1_database_is_recognised_and_keeps_its_orders(backend, make_order):
+async def test_a_v1_database_is_recognised_and_keeps_its_orders(
+    backend: Backend, make_order: Callable[..., Order]
+) -> None:
     """Databases written before migrations existed recorded `schema_version` 1: opened as they are, not recreated."""
     store = await backend.open()
     await store.insert_if_absent(make_order())
@@ -266,16 +289,17 @@ async def test_a_v1_database_is_recognised_and_keeps_its_orders(backend, make_or
     assert backend.execute("SELECT version FROM {schema}.schema_version") == [(1,)]
 
 
-async def test_a_newer_schema_is_refused(backend):
+async def test_a_newer_schema_is_refused(backend: Backend) -> None:
     await (await backend.open()).close()
     backend.execute("INSERT INTO {schema}.schema_version (version) VALUES (%s)", (SCHEMA_VERSION + 1,))
     with pytest.raises(SchemaTooNew, match="newer than this code"):
         await backend.open()
 
 
-async def test_sqlite_durability_settings(backend, store):
+async def test_sqlite_durability_settings(backend: Backend, store: OrderStore) -> None:
     if backend.kind != "sqlite":
         pytest.skip("SQLite pragmas")
+    assert isinstance(store, SqliteOrderStore)
     assert backend.execute("PRAGMA journal_mode") == [("wal",)]
     assert backend.execute("SELECT version FROM schema_version") == [(1,)]
     # the store's own connection: synchronous=FULL (2), foreign keys on
@@ -296,15 +320,15 @@ def oid(i: int) -> str:
     return f"ord_{i:026d}"
 
 
-def orders(make_order, n: int, start: int = 1) -> list[Order]:
+def orders(make_order: Callable[..., Order], n: int, start: int = 1) -> list[Order]:
     return [make_order(order_id=oid(i), client_order_id=f"c-{i}") for i in range(start, start + n)]
 
 
-async def settle(*calls: Any) -> list[Any]:
+async def settle(*calls: Awaitable[T]) -> list[T | BaseException]:
     return await asyncio.gather(*calls, return_exceptions=True)
 
 
-def _install_write_failure(backend, order_id: str) -> None:
+def _install_write_failure(backend: Backend, order_id: str) -> None:
     """The event row of `order_id` fails to insert (after its order row was written): that write must fail."""
     if backend.kind == "sqlite":
         backend.execute(
@@ -322,7 +346,7 @@ def _install_write_failure(backend, order_id: str) -> None:
         )
 
 
-def _install_commit_failure(backend) -> None:
+def _install_commit_failure(backend: Backend) -> None:
     """Inserting client_order_id 'poison' succeeds as a statement but makes the COMMIT fail (a deferred check)."""
     if backend.kind == "sqlite":
         backend.execute(
@@ -343,12 +367,16 @@ def _install_commit_failure(backend) -> None:
         )
 
 
-async def test_lone_write_is_its_own_transaction(store, make_order):
+async def test_lone_write_is_its_own_transaction(store: OrderStore, make_order: Callable[..., Order]) -> None:
+    assert isinstance(store, SqliteOrderStore | PostgresOrderStore)  # the group-commit counters are theirs
     assert (await store.insert_if_absent(make_order()))[1]
     assert (store.transactions, store.writes) == (1, 1)
 
 
-async def test_concurrent_writes_share_transactions_and_survive_restart(backend, store, make_order):
+async def test_concurrent_writes_share_transactions_and_survive_restart(
+    backend: Backend, store: OrderStore, make_order: Callable[..., Order]
+) -> None:
+    assert isinstance(store, SqliteOrderStore | PostgresOrderStore)  # the group-commit counters are theirs
     batch = orders(make_order, 600)
     results = await asyncio.gather(*(store.insert_if_absent(order) for order in batch))
     assert all(created for _, created in results)
@@ -376,14 +404,20 @@ async def test_concurrent_writes_share_transactions_and_survive_restart(backend,
     assert len(await reopened.list("acct-1", 2000, None)) == 1240
 
 
-async def test_max_batch_1_is_one_transaction_per_write(backend, make_order):
+async def test_max_batch_1_is_one_transaction_per_write(
+    backend: Backend, make_order: Callable[..., Order]
+) -> None:
     store = await backend.open(max_batch=1)
+    assert isinstance(store, SqliteOrderStore | PostgresOrderStore)
     await asyncio.gather(*(store.insert_if_absent(order) for order in orders(make_order, 40)))
     assert store.transactions == store.writes == 40
     assert backend.count("orders") == 40
 
 
-async def test_same_key_twice_in_one_batch_creates_one_order(backend, store, make_order):
+async def test_same_key_twice_in_one_batch_creates_one_order(
+    backend: Backend, store: OrderStore, make_order: Callable[..., Order]
+) -> None:
+    assert isinstance(store, SqliteOrderStore | PostgresOrderStore)  # the group-commit counters are theirs
     first = make_order(order_id=oid(1), client_order_id="dup")
     second = make_order(order_id=oid(2), client_order_id="dup")
     other = make_order(order_id=oid(3), client_order_id="other")
@@ -391,19 +425,22 @@ async def test_same_key_twice_in_one_batch_creates_one_order(backend, store, mak
         store.insert_if_absent(first), store.insert_if_absent(other), store.insert_if_absent(second)
     )
     assert (store.transactions, store.writes) == (1, 3)
-    assert results == [(first, True), (other, True), (first, False)]  # the second sees the first
+    assert list(results) == [(first, True), (other, True), (first, False)]  # the second sees the first
     assert await store.get("acct-1", second.order_id) is None
     assert backend.count("orders") == 2
     assert backend.count("order_events") == 2
 
     # Fifty identical places in one batch: exactly one creates, all see it.
     copies = [make_order(order_id=oid(100 + i), client_order_id="many") for i in range(50)]
-    results = await asyncio.gather(*(store.insert_if_absent(order) for order in copies))
-    assert sum(created for _, created in results) == 1
-    assert {stored for stored, _ in results} == {copies[0]}
+    many = await asyncio.gather(*(store.insert_if_absent(order) for order in copies))
+    assert sum(created for _, created in many) == 1
+    assert {stored for stored, _ in many} == {copies[0]}
 
 
-async def test_failing_write_fails_only_its_caller(backend, store, make_order):
+async def test_failing_write_fails_only_its_caller(
+    backend: Backend, store: OrderStore, make_order: Callable[..., Order]
+) -> None:
+    assert isinstance(store, SqliteOrderStore | PostgresOrderStore)  # the group-commit counters are theirs
     kept = make_order(order_id=oid(1), client_order_id="kept")
     await store.insert_if_absent(kept)
     batch = orders(make_order, 9, start=10)
@@ -439,11 +476,15 @@ async def test_failing_write_fails_only_its_caller(backend, store, make_order):
     )
     assert isinstance(results[0], Order) and results[0].status is OrderStatus.FILLED
     assert isinstance(results[1], Exception) and "boom" in str(results[1])
-    assert results[2][1] is True
+    third = results[2]
+    assert isinstance(third, tuple) and third[1] is True
     assert backend.count("orders") == 1 + 8 + 1
 
 
-async def test_commit_failure_fails_the_whole_batch(backend, store, make_order):
+async def test_commit_failure_fails_the_whole_batch(
+    backend: Backend, store: OrderStore, make_order: Callable[..., Order]
+) -> None:
+    assert isinstance(store, SqliteOrderStore | PostgresOrderStore)  # the group-commit counters are theirs
     kept = make_order(order_id=oid(1), client_order_id="kept")
     await store.insert_if_absent(kept)
     _install_commit_failure(backend)
@@ -466,12 +507,14 @@ async def test_commit_failure_fails_the_whole_batch(backend, store, make_order):
     assert backend.count("orders") == 1
     assert backend.count("order_events") == 1
     assert await store.get("acct-1", kept.order_id) == kept
-    results = await asyncio.gather(*(store.insert_if_absent(order) for order in batch))
-    assert all(created for _, created in results)
+    retried = await asyncio.gather(*(store.insert_if_absent(order) for order in batch))
+    assert all(created for _, created in retried)
     assert backend.count("orders") == 7
 
 
-async def test_close_commits_queued_writes_then_refuses(backend, store, make_order):
+async def test_close_commits_queued_writes_then_refuses(
+    backend: Backend, store: OrderStore, make_order: Callable[..., Order]
+) -> None:
     batch = orders(make_order, 300)
     writes = [asyncio.ensure_future(store.insert_if_absent(order)) for order in batch]
     await asyncio.sleep(0)  # the writes are queued
@@ -483,7 +526,7 @@ async def test_close_commits_queued_writes_then_refuses(backend, store, make_ord
     assert backend.count("orders") == 300
 
 
-async def test_sqlite_cancelled_callers(tmp_path, make_order):
+async def test_sqlite_cancelled_callers(tmp_path: Path, make_order: Callable[..., Order]) -> None:
     """A caller cancelled while queued is never written; one whose transaction started is written anyway."""
     store = await SqliteOrderStore.open(tmp_path / "orders.sqlite3")
     release, entered = threading.Event(), threading.Event()
