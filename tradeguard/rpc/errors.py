@@ -20,9 +20,10 @@ from tradeguard.errors import DomainError, InvalidArgument, OpaqueError, Resourc
 from tradeguard.observability.annotations import annotate
 from tradeguard.observability.logging import get_logger
 
-__all__ = ["DOMAIN", "details", "grpc_code", "to_rpc_status", "trailers"]
+__all__ = ["DOMAIN", "STATUS_DETAILS_KEY", "details", "grpc_code", "to_rpc_status", "trailers"]
 
 DOMAIN = "tradeguard.dev"
+STATUS_DETAILS_KEY = "grpc-status-details-bin"  # the trailer that carries the google.rpc.Status
 _log = get_logger("tradeguard.rpc")
 
 

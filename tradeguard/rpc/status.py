@@ -28,6 +28,9 @@ import grpc
 from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
+from tradeguard.errors import FieldViolation, QuotaViolation
+from tradeguard.rpc.errors import STATUS_DETAILS_KEY
+
 __all__ = [
     "STATUS_DETAILS_KEY",
     "ErrorInfo",
@@ -38,7 +41,6 @@ __all__ = [
     "rich_status",
 ]
 
-STATUS_DETAILS_KEY: Final = "grpc-status-details-bin"
 RETRY_AFTER_KEY: Final = "retry-after"
 
 #: Bounds on what a server can make a client hold: the whole details trailer, and each list's length.
@@ -57,22 +59,6 @@ class ErrorInfo:
     reason: str
     domain: str
     metadata: Mapping[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class FieldViolation:
-    """One field of a request and what was wrong with it (google.rpc.BadRequest)."""
-
-    field: str
-    description: str
-
-
-@dataclass(frozen=True)
-class QuotaViolation:
-    """Which quota was exceeded (google.rpc.QuotaFailure)."""
-
-    subject: str
-    description: str
 
 
 @dataclass(frozen=True)
