@@ -118,6 +118,9 @@ class Assembly:
     layers: Sequence[
         Layer
     ] = ()  # checks of the service's own in the kit's chain (see tradeguard.rpc.handlers)
+    # more gRPC services on the same server, behind the same chain and the declaration's rules (e.g. the auth
+    # service's envoy.service.auth.v3.Authorization beside its own)
+    extra_services: Sequence[Service] = ()
 
 
 @dataclass(frozen=True)
@@ -215,7 +218,10 @@ async def start(declaration: Declaration[S, St], settings: S) -> Running[S, St]:
     server = MeshServer(
         settings.server,
         MethodPolicy(trust_domain, declaration.rules),
-        [Service(entry.full_name, lambda grpc_server: declaration.register(servicer, grpc_server))],
+        [
+            Service(entry.full_name, lambda grpc_server: declaration.register(servicer, grpc_server)),
+            *assembly.extra_services,
+        ],
         layers=assembly.layers,
     )
     running = Running(settings, server, store, assembly)
