@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-__all__ = ["JwtSigner", "Sealer"]
+from services.auth.model import TokenPair, User
+
+__all__ = ["JwtSigner", "Sealer", "TokenIssuer"]
 
 
 class Sealer(Protocol):
@@ -29,4 +31,20 @@ class JwtSigner(Protocol):
     async def public_keys(self) -> list[tuple[str, bytes]]:
         """(kid, raw 32-byte public key) of every version that may still have signed a live token (the overlap
         that lets tokens signed before a rotation verify)."""
+        ...
+
+
+class TokenIssuer(Protocol):
+    """Issues and revokes a user's tokens (services/auth/tokens.py): what the user core needs once a user has
+    authenticated, or when their roles change."""
+
+    async def issue(
+        self, user: User, permissions: frozenset[str], amr: tuple[str, ...], cnf_thumbprint: str | None
+    ) -> TokenPair:
+        """A new access token (scope = `permissions`, `amr` as given, bound to the client certificate whose RFC 8705
+        x5t#S256 is `cnf_thumbprint` when set) and a refresh token of a new family."""
+        ...
+
+    async def revoke_user(self, user_id: str) -> None:
+        """Revoke every token of the user issued so far (access tokens and refresh families)."""
         ...
