@@ -31,7 +31,8 @@ Second factor:
 Lockout (failures counted per (account, source IP), per account, per API key and per source IP, within
 LOCKOUT_WINDOW_S; at a threshold the subject is locked for LOCKOUT_BASE_S, doubling per further lock up to
 LOCKOUT_MAX_S): LOCKOUT_PAIR_THRESHOLD (default 5), LOCKOUT_ACCOUNT_THRESHOLD (default 20: higher than the
-pair's, so one address cannot cheaply lock a user out), LOCKOUT_KEY_THRESHOLD (default 20), LOCKOUT_IP_THRESHOLD
+pair's, so one address cannot cheaply lock a user out), LOCKOUT_KEY_THRESHOLD (default 20, also above the
+pair's), LOCKOUT_IP_THRESHOLD
 (default 100), LOCKOUT_WINDOW_S (default 900), LOCKOUT_BASE_S (default 30), LOCKOUT_MAX_S (default 3600).
 
 The HTTP edge (Envoy's ext_authz Check):
@@ -144,12 +145,16 @@ class Settings:
             base_s=env.number("LOCKOUT_BASE_S", 30.0, low=0.1, high=86400.0),
             max_s=env.number("LOCKOUT_MAX_S", 3600.0, low=0.1, high=7 * 86400.0),
         )
-        if lockout.account_threshold <= lockout.pair_threshold:
-            raise SettingsError(
-                f"{env.name('LOCKOUT_ACCOUNT_THRESHOLD')} ({lockout.account_threshold}) must be greater than "
-                f"{env.name('LOCKOUT_PAIR_THRESHOLD')} ({lockout.pair_threshold}): one source address must not "
-                "lock a user out of every address"
-            )
+        for key, threshold in (
+            ("LOCKOUT_ACCOUNT_THRESHOLD", lockout.account_threshold),
+            ("LOCKOUT_KEY_THRESHOLD", lockout.key_threshold),
+        ):
+            if threshold <= lockout.pair_threshold:
+                raise SettingsError(
+                    f"{env.name(key)} ({threshold}) must be greater than {env.name('LOCKOUT_PAIR_THRESHOLD')} "
+                    f"({lockout.pair_threshold}): one source address must not lock a user or a key out of "
+                    "every address"
+                )
         if lockout.max_s < lockout.base_s:
             raise SettingsError(
                 f"{env.name('LOCKOUT_MAX_S')} ({lockout.max_s:g}) must be at least "
