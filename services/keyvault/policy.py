@@ -117,9 +117,13 @@ _SECRETS = frozenset(
 DEFAULT_POLICY = Policy(
     [
         # The auth service encrypts, decrypts and MACs credentials (API-key signing secrets, TOTP seeds), signs
-        # its JWTs, and keeps its secrets in the secret store.
+        # its JWTs (reading the JWT key's public versions for its JWKS), and keeps its secrets in the secret store.
         Rule("key/credentials*", _USE_CREDENTIALS, frozenset({"auth"})),
-        Rule("key/auth/*", _USE_CREDENTIALS | {Operation.SIGN, Operation.VERIFY}, frozenset({"auth"})),
+        Rule(
+            "key/auth/*",
+            _USE_CREDENTIALS | {Operation.SIGN, Operation.VERIFY, Operation.READ_KEY},
+            frozenset({"auth"}),
+        ),
         Rule("secret/auth/*", _SECRETS, frozenset({"auth"})),
         # The trading service may seal credentials for the auth service, never open them; it may use its own keys.
         Rule("key/credentials*", frozenset({Operation.ENCRYPT}), frozenset({"trading"})),

@@ -205,7 +205,9 @@ async def test_list_keys_page_tokens_name_only_keys_the_caller_may_read(vaults: 
     seen, tokens = await pages(TRADING, 1)
     assert [n for page in seen for n in page] == ["trading/a", "trading/b"]
     assert all(t.startswith("trading/") for t in tokens)
-    seen, tokens = await pages(AUTH, 1)  # may read nothing: no token at all
+    seen, tokens = await pages(AUTH, 1)  # reads only its own auth/* keys (the JWT key's public versions)
+    assert [n for page in seen for n in page] == ["auth/jwt"] and tokens == ["auth/jwt"]
+    seen, tokens = await pages("monitor", 1)  # may read nothing: no token at all
     assert seen == [[]] and tokens == []
     for size in (1, 2, 3, 100):
         seen, _ = await pages(OPS, size)
