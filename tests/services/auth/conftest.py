@@ -15,6 +15,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -25,9 +26,15 @@ from services.auth.hot_redis import RedisHotState
 from services.auth.store import AuthStore
 from services.auth.store_postgres import PostgresAuthStore
 from services.auth.store_sqlite import SqliteAuthStore
+from services.auth.vault_client import VaultClient, ensure_keys
+from services.keyvault.service import SERVICE as KEYVAULT
+from services.keyvault.settings import Settings as KeyVaultSettings
+from services.keyvault.settings import StartupSecret
 from tests.support import PG_DSN, Database, open_database
+from tradeguard.mesh import pki
+from tradeguard.mesh.server import ServerConfig
 from tradeguard.storage.redis import RedisConfig
-from tradeguard.testing import FakeClock
+from tradeguard.testing import FakeClock, RunningService, running_service
 
 LOCAL_REDIS = "redis://127.0.0.1:6379?timeout=5&client_name=tg-test-auth"
 
@@ -120,3 +127,32 @@ async def hot_backend(request: pytest.FixtureRequest, clock: FakeClock) -> Async
 @pytest.fixture
 async def hot_state(hot_backend: HotBackend) -> HotState:
     return await hot_backend.open()
+
+
+# --- the real key vault, for the auth service's vault client (tests/services/auth/test_vault_client.py) --------
+# Reconstructed: an earlier version of these two fixtures was overwritten by accident while this file was written.
+
+
+@pytest.fixture
+async def keyvault(pki_paths: pki.PkiPaths) -> AsyncIterator[RunningService[KeyVaultSettings, Any]]:
+    """The real key vault over mutual TLS, with the auth service's keys created (as `ops`)."""
+    home = pki_paths.home
+    settings = KeyVaultSettings(
+        server=ServerConfig(name="keyvault", port=0, home=home, grace_s=1.0),
+        database_url=f"sqlite:///{home / 'data' / 'keyvault.db'}",
+        root_path=home / "data" / "keyvault.root",
+        startup=StartupSecret("auth test passphrase"),
+        scrypt_n=2**10,
+        key_freshness_s=0.0,  # strict: a rotated key may retire its previous version at once
+    )
+    async with running_service(KEYVAULT, settings, pki_paths) as service:
+        async with service.channel("ops") as ops:
+            await ensure_keys(ops)
+        yield service
+
+
+@pytest.fixture
+async def vault(keyvault: RunningService[KeyVaultSettings, Any]) -> AsyncIterator[VaultClient]:
+    """The auth service's vault client, as workload `auth`."""
+    async with keyvault.channel("auth") as channel:
+        yield VaultClient(channel)
