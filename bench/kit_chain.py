@@ -36,7 +36,7 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry
 
-from bench.loadgen import Result, closed_loop, free_port, load_arguments, median_ratio
+from bench.loadgen import Result, closed_loop, free_port, load_arguments, median_ratio, process_cpu_s
 from tradeguard.echo import ECHO, ECHO_RULES, EchoServicer
 from tradeguard.echo.v1 import echo_pb2, echo_pb2_grpc
 from tradeguard.mesh import pki, tls
@@ -132,6 +132,7 @@ async def run(concurrency: int, duration: float, rounds: int) -> None:
                 await ready(stub)
             request = echo_pb2.EchoRequest(text="hello", tone=echo_pb2.TONE_PLAIN)
             results: dict[str, list[Result]] = {mode: [] for mode in MODES}
+            server_us: dict[str, list[float]] = {mode: [] for mode in MODES}  # the server process's CPU alone
             print(
                 f"{ECHO}/Echo over mTLS, {concurrency} concurrent callers, {duration:.0f} s per round, "
                 f"{rounds} rounds, one server process per mode ({os.cpu_count()} CPUs)"
@@ -144,13 +145,19 @@ async def run(concurrency: int, duration: float, rounds: int) -> None:
                     async def call(i: int, stub: echo_pb2_grpc.EchoServiceAsyncStub = stub) -> object:
                         return await stub.Echo(request, timeout=10)
 
+                    pid = procs[mode].pid
+                    await closed_loop(call, concurrency=concurrency, duration=0.5, warmup=0)  # warm up
+                    server_before = process_cpu_s(pid)
                     res = await closed_loop(
-                        call, concurrency=concurrency, duration=duration, cpu_of=[procs[mode].pid]
+                        call, concurrency=concurrency, duration=duration, warmup=0, cpu_of=[pid]
                     )
+                    server_us[mode].append((process_cpu_s(pid) - server_before) / max(1, res.calls) * 1e6)
                     results[mode].append(res)
-                    print(res.line(f"round {r + 1} {mode}"))
+                    print(res.line(f"round {r + 1} {mode}") + f"   server {server_us[mode][-1]:4.0f} us/call")
             print("\nagainst the bare echo (median of rounds):")
-            print(f"  {'mode':<10} {'throughput':>10}   {'CPU/call added (client+server)':>32}")
+            print(
+                f"  {'mode':<10} {'throughput':>10}   {'CPU/call added: server':>22}   {'client+server':>13}"
+            )
             bare = results["bare"]
             for mode in MODES[1:]:
                 ratio = median_ratio(results[mode], bare)
@@ -158,9 +165,15 @@ async def run(concurrency: int, duration: float, rounds: int) -> None:
                     (a.cpu_us_per_call or 0.0) - (b.cpu_us_per_call or 0.0)
                     for a, b in zip(results[mode], bare, strict=True)
                 )
-                print(f"  {mode:<10} {ratio:10.3f}   {added:+29.1f} us")
+                server = statistics.median(
+                    a - b for a, b in zip(server_us[mode], server_us["bare"], strict=True)
+                )
+                print(f"  {mode:<10} {ratio:10.3f}   {server:+19.1f} us   {added:+10.1f} us")
             bare_cpu = statistics.median(b.cpu_us_per_call or 0.0 for b in bare)
-            print(f"  (bare echo: {bare_cpu:.0f} us of CPU per call, client and server together)")
+            print(
+                f"  (bare echo: {statistics.median(server_us['bare']):.0f} us of server CPU per call, "
+                f"{bare_cpu:.0f} us with the client's)"
+            )
             for channel in channels.values():
                 await channel.close(None)
         finally:
@@ -168,7 +181,7 @@ async def run(concurrency: int, duration: float, rounds: int) -> None:
                 proc.terminate()
                 proc.wait(20)
         lines = _count_rpc_lines(home / "full.log")
-        calls = sum(res.calls + res.errors for res in results["full"])
+        calls = sum(res.calls + res.errors for res in results.get("full", []))
         print(f"full chain: {lines} rpc log lines written for at least {calls} measured calls (+ warm-up)")
 
 
