@@ -100,9 +100,17 @@ def normalize_password(password: str) -> str:
     return unicodedata.normalize("NFKC", password)
 
 
+def _step(a: str, b: str) -> int:
+    """From one character to the next, in code points; between digits, around the dial ("9" → "0" is +1)."""
+    if a.isdecimal() and b.isdecimal() and a.isascii() and b.isascii():
+        step = (ord(b) - ord(a)) % 10
+        return -1 if step == 9 else step
+    return ord(b) - ord(a)
+
+
 def _is_run(text: str) -> bool:
-    """One character repeated, or consecutive code points up or down ("abcd…", "9876…")."""
-    steps = {ord(b) - ord(a) for a, b in itertools.pairwise(text)}
+    """One character repeated, or consecutive characters up or down ("abcd…", "9876…", "1234567890123")."""
+    steps = {_step(a, b) for a, b in itertools.pairwise(text)}
     return len(steps) <= 1 and steps <= {-1, 0, 1}
 
 
