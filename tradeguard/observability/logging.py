@@ -29,6 +29,8 @@ from tradeguard.observability.redact import redact_processor
 
 __all__ = ["JsonLines", "configuration_generation", "configure_logging", "get_logger", "json_lines"]
 
+# One encoder, as json.dumps(default=...) would build per call; the same output as structlog's JSONRenderer.
+_ENCODER: Final = _json.JSONEncoder(default=repr)
 _LEVEL_NUMBERS: Final = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 
 
@@ -64,7 +66,7 @@ class JsonLines:
         event["level"] = level
         event["timestamp"] = self._timestamp()
         redact_processor(None, level, event)
-        line = _json.dumps(event, default=repr) + "\n"
+        line = _ENCODER.encode(event) + "\n"
         with self._lock:
             self._stream.write(line)
             self._stream.flush()
