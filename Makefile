@@ -36,8 +36,11 @@ proto: $(STAMP)
 	  --python_out=. --grpc_python_out=. --mypy_out=. --mypy_grpc_out=. \
 	  --plugin=protoc-gen-mypy=$(BIN)/protoc-gen-mypy --plugin=protoc-gen-mypy_grpc=$(BIN)/protoc-gen-mypy_grpc \
 	  $(PROTO_FILES)
-	$(BIN)/python -m grpc_tools.protoc -I protos --include_imports \
-	  --descriptor_set_out=deploy/envoy/tradeguard.pb protos/tradeguard/trading/v1/trading.proto
+	@# the edge's transcoder descriptor: the trading API, and google.rpc.Status with its error details (from
+	@# googleapis-common-protos) so that a gRPC error reaches a JSON client as a JSON body
+	$(BIN)/python -m grpc_tools.protoc -I protos -I "$$($(BIN)/python -c 'import google.rpc.status_pb2 as m, pathlib; print(pathlib.Path(m.__file__).parents[2])')" \
+	  --include_imports --descriptor_set_out=deploy/envoy/tradeguard.pb \
+	  protos/tradeguard/trading/v1/trading.proto google/rpc/status.proto google/rpc/error_details.proto
 
 ## Fails when the committed generated code differs from a fresh `make proto`.
 proto-check: proto

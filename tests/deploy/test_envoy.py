@@ -1,14 +1,16 @@
 """The Envoy edge (deploy/envoy): parsed into Envoy's own messages (xds-protos), then held to our security rules.
 
-No Envoy binary can run here, so the config is checked the way Envoy would first check it (every field and every
-typed_config must exist in Envoy's API) and then against the rules a security reviewer would read it for.
-`violations()` is the reviewer; the misuse tests show that it catches each weakened variant.
+The fast checks: the config is checked the way Envoy would first check it (every field and every typed_config
+must exist in Envoy's API) and then against the rules a security reviewer would read it for. `violations()` is
+the reviewer; the misuse tests show that it catches each weakened variant. The renderer (`tradeguard edge
+render`) is held to the same rules. The real Envoy runs it in test_edge_api.py and test_edge_process.py.
 """
 
 from __future__ import annotations
 
 import copy
 import importlib
+import json
 import pkgutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +19,7 @@ from typing import Any
 import pytest
 import yaml
 from envoy.config.bootstrap.v3 import bootstrap_pb2
+from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import protocol_pb2
 from envoy.extensions.filters.http.ext_authz.v3 import ext_authz_pb2
 from envoy.extensions.filters.http.grpc_json_transcoder.v3 import transcoder_pb2
@@ -28,6 +31,8 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import descriptor_pb2, json_format
 
 from services.trading import policy as trading_policy
+from tradeguard import edge as edge_render
+from tradeguard.cli.main import main as cli_main
 from tradeguard.mesh import pki
 from tradeguard.registry import SERVICES
 
@@ -91,6 +96,8 @@ def _hsts_strong(value: str) -> bool:
 def violations(bootstrap: bootstrap_pb2.Bootstrap) -> list[str]:
     """Every rule of the edge that `bootstrap` breaks (empty when it keeps them all)."""
     found: list[str] = []
+    if not bootstrap.node.id or not bootstrap.node.cluster:
+        found.append("no node id and cluster: Envoy refuses to start with file-based SDS")
     admin = bootstrap.admin.address.socket_address
     if admin.address not in ("127.0.0.1", "::1"):
         found.append(f"admin listens on {admin.address}, not loopback")
@@ -208,13 +215,17 @@ def _sds_refs(bootstrap: bootstrap_pb2.Bootstrap) -> Iterator[Any]:
             yield context.combined_validation_context.validation_context_sds_secret_config
 
 
-def test_every_sds_secret_is_shipped_and_points_at_the_pki_layout(edge: bootstrap_pb2.Bootstrap) -> None:
-    mounted = pki.PkiPaths(home=MOUNT)
+def test_every_sds_secret_is_shipped_and_reads_only_the_published_edge_bundle(
+    edge: bootstrap_pb2.Bootstrap,
+) -> None:
+    identity = MOUNT / "edge"  # $TRADEGUARD_HOME/edge: `current` -> ca.crt, edge.crt, edge.key
     secrets: dict[str, secret_pb2.Secret] = {}
     refs = list(_sds_refs(edge))
     for ref in refs:
         source = ref.sds_config.path_config_source
-        response = json_format.ParseDict(_load(_local(source.path)), discovery_pb2.DiscoveryResponse())
+        config = _load(_local(source.path))
+        assert not [f for f in edge_render.referenced_files(config) if f.startswith(str(MOUNT / "pki"))]
+        response = json_format.ParseDict(config, discovery_pb2.DiscoveryResponse())
         [resource] = response.resources
         secret = _unpack(resource, secret_pb2.Secret())
         assert secret.name == ref.name
@@ -223,13 +234,13 @@ def test_every_sds_secret_is_shipped_and_points_at_the_pki_layout(edge: bootstra
     assert {r.name for r in refs} == {"edge-public", "edge-mesh", "mesh-ca"}
     mesh = secrets["edge-mesh"].tls_certificate
     assert (mesh.certificate_chain.filename, mesh.private_key.filename) == (
-        str(mounted.cert("edge")),
-        str(mounted.key("edge")),
+        str(identity / pki.CURRENT / "edge.crt"),
+        str(identity / pki.CURRENT / "edge.key"),
     )
-    assert mesh.watched_directory.path == str(mounted.dir)
+    assert mesh.watched_directory.path == str(identity)  # where `current` is swapped
     ca = secrets["mesh-ca"].validation_context
-    assert ca.trusted_ca.filename == str(mounted.ca_bundle)
-    assert ca.watched_directory.path == str(mounted.dir)
+    assert ca.trusted_ca.filename == str(identity / pki.CURRENT / "ca.crt")
+    assert ca.watched_directory.path == str(identity)
 
 
 def test_trading_upstream_is_the_trading_service_and_lets_the_edge_call_every_routed_method(
@@ -318,6 +329,7 @@ def _unlimited_route(c: Any) -> None:
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
+        (lambda c: c.pop("node"), "node id"),
         (lambda c: c["admin"]["address"]["socket_address"].update(address="0.0.0.0"), "admin listens"),
         (_downstream_tls12, "listener edge_https: TLS minimum below 1.3"),
         (
@@ -357,3 +369,174 @@ def test_a_misspelt_field_is_refused_as_envoy_would(edge_config: Any) -> None:
     _hcm_dict(weakened)["use_remote_adress"] = True
     with pytest.raises(json_format.ParseError, match="use_remote_adress"):
         parse_bootstrap(weakened)
+
+
+# --- the renderer: deploy/envoy for other addresses, ports, paths and trust domain ----------------------------
+
+
+def _rendered(layout: edge_render.EdgeLayout) -> dict[str, Any]:
+    rendered = edge_render.render(layout)
+    return {name: yaml.safe_load(text) for name, text in rendered.items()}
+
+
+def _plain(config: Any) -> Any:
+    return json.loads(json.dumps(config))  # YAML anchors as plain copies, as the renderer writes them
+
+
+def test_rendering_the_defaults_gives_deploy_envoy_back() -> None:
+    rendered = _rendered(edge_render.EdgeLayout())
+    assert rendered == {
+        name: _plain(yaml.safe_load((DEPLOY / name).read_text())) for name in edge_render.FILES
+    }
+
+
+def test_a_rendered_edge_keeps_every_rule_and_changes_only_places() -> None:
+    layout = edge_render.EdgeLayout(
+        config_dir=Path("/srv/edge/envoy"),
+        identity_dir=Path("/srv/edge/identity"),
+        public_dir=Path("/srv/edge/public"),
+        listen=edge_render.Endpoint("127.0.0.1", 18443),
+        admin=edge_render.Endpoint("::1", 19901),
+        upstreams={
+            "trading": edge_render.Endpoint("trading.internal", 7000),
+            "auth": edge_render.Endpoint("10.1.2.3", 7001),
+        },
+        trust_domain="example.org",
+    )
+    rendered = _rendered(layout)
+    config = rendered["edge.yaml"]
+    _import_types(config)
+    bootstrap = parse_bootstrap(config)
+    clusters = {c.name: c for c in bootstrap.static_resources.clusters}
+    addresses = {
+        name: (
+            cluster.type,
+            cluster.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.address,
+            cluster.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.port_value,
+        )
+        for name, cluster in clusters.items()
+    }
+    static, dns = cluster_pb2.Cluster.STATIC, cluster_pb2.Cluster.STRICT_DNS
+    assert addresses == {
+        "trading": (dns, "trading.internal", 7000),
+        "auth": (static, "10.1.2.3", 7001),
+        "ratelimit": (static, "127.0.0.1", SERVICES["ratelimit"].port),  # not given: the registry's
+    }
+    assert bootstrap.admin.address.socket_address.address == "::1"
+    assert bootstrap.static_resources.listeners[0].address.socket_address.port_value == 18443
+    # the rules hold, with the upstreams pinned to the other trust domain
+    found = violations(bootstrap)
+    assert found == [f"cluster {n}: upstream not pinned to spiffe://{TRUST_DOMAIN}/svc/{n}" for n in clusters]
+    for name, cluster in clusters.items():
+        tls = _unpack(cluster.transport_socket.typed_config, tls_pb2.UpstreamTlsContext())
+        sans = tls.common_tls_context.combined_validation_context.default_validation_context
+        assert [m.matcher.exact for m in sans.match_typed_subject_alt_names] == [
+            f"spiffe://example.org/svc/{name}"
+        ]
+    # every file Envoy will read is under the three directories given, none under the defaults
+    files = [f for text in rendered.values() for f in edge_render.referenced_files(text)]
+    assert files and all(f.startswith("/srv/edge/") for f in files), files
+    # and nothing else changed
+    reference = _plain(yaml.safe_load((DEPLOY / "edge.yaml").read_text()))
+    assert _without_places(config) == _without_places(_plain(edge_render._strings(reference, _unplace)))
+
+
+def _unplace(value: str) -> str:
+    for old, new in (
+        ("/etc/tradeguard/envoy", "/srv/edge/envoy"),
+        ("/etc/tradeguard/edge", "/srv/edge/identity"),
+        ("/etc/tradeguard/public", "/srv/edge/public"),
+        (f"spiffe://{TRUST_DOMAIN}/", "spiffe://example.org/"),
+    ):
+        if value.startswith(old):
+            return new + value[len(old) :]
+    return value
+
+
+def _without_places(config: Any) -> Any:
+    config = copy.deepcopy(config)
+    del config["admin"]["address"]
+    del config["static_resources"]["listeners"][0]["address"]
+    for cluster in config["static_resources"]["clusters"]:
+        del cluster["type"], cluster["load_assignment"]
+    return config
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"admin": edge_render.Endpoint("0.0.0.0", 9901)}, "loopback"),
+        ({"admin": edge_render.Endpoint("localhost", 9901)}, "loopback"),
+        ({"upstreams": {"keyvault": edge_render.Endpoint("127.0.0.1", 1)}}, "unknown upstream"),
+        ({"trust_domain": "Not A Domain"}, "trust domain"),
+    ],
+)
+def test_the_renderer_refuses_an_exposed_admin_an_unknown_upstream_and_a_bad_trust_domain(
+    change: dict[str, Any], expected: str
+) -> None:
+    with pytest.raises(ValueError, match=expected):
+        edge_render.EdgeLayout(**change)
+
+
+def test_endpoints_parse_hosts_and_ports() -> None:
+    assert edge_render.Endpoint.parse("trading:50055") == edge_render.Endpoint("trading", 50055)
+    assert edge_render.Endpoint.parse("[::1]:9901") == edge_render.Endpoint("::1", 9901)
+    for bad in ("trading", "trading:", "trading:x", ":1", "a b:1", "h:70000"):
+        with pytest.raises(ValueError):
+            edge_render.Endpoint.parse(bad)
+
+
+def test_tradeguard_edge_render_takes_the_suites_ports_and_trust_domain(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "home"
+    pki.init_ca(pki.PkiPaths(home), "corp.example")
+    monkeypatch.setenv("TRADEGUARD_TRADING_PORT", "6055")
+    out = tmp_path / "out"
+    code = cli_main(
+        [
+            "edge",
+            "render",
+            str(out),
+            "--home",
+            str(home),
+            "--upstream-host",
+            "host.internal",
+            "--upstream",
+            "auth=10.0.0.5:6051",
+            "--config-dir",
+            str(out),
+            "--listen",
+            "127.0.0.1:8443",
+        ]
+    )
+    assert code == 0
+    config = yaml.safe_load((out / "edge.yaml").read_text())
+    _import_types(config)
+    bootstrap = parse_bootstrap(config)
+    ports = {
+        c.name: c.load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address
+        for c in bootstrap.static_resources.clusters
+    }
+    assert {n: (a.address, a.port_value) for n, a in ports.items()} == {
+        "trading": ("host.internal", 6055),
+        "auth": ("10.0.0.5", 6051),
+        "ratelimit": ("host.internal", SERVICES["ratelimit"].port),
+    }
+    assert (out / "tradeguard.pb").read_bytes() == (DEPLOY / "tradeguard.pb").read_bytes()
+    hcm = _hcm(bootstrap)
+    transcoder = _unpack(
+        {f.name: f.typed_config for f in hcm.http_filters}["envoy.filters.http.grpc_json_transcoder"],
+        transcoder_pb2.GrpcJsonTranscoder(),
+    )
+    assert transcoder.proto_descriptor == str(out / "tradeguard.pb")
+    assert "spiffe://corp.example/svc/trading" in (out / "edge.yaml").read_text()
+    assert cli_main(["edge", "render", str(out), "--admin", "0.0.0.0:9901"]) == 2
+
+
+def test_the_descriptor_holds_google_rpc_status_and_its_details_for_json_errors() -> None:
+    files = descriptor_pb2.FileDescriptorSet.FromString((DEPLOY / "tradeguard.pb").read_bytes())
+    names = {f.name for f in files.file}
+    assert {"google/rpc/status.proto", "google/rpc/error_details.proto"} <= names
+    messages = {f"{f.package}.{m.name}" for f in files.file for m in f.message_type}
+    assert {"google.rpc.Status", "google.rpc.ErrorInfo", "google.rpc.BadRequest"} <= messages

@@ -1,4 +1,4 @@
-"""The `tradeguard` command line: `pki`, `up`, `orders`, `vault`.
+"""The `tradeguard` command line: `pki`, `up`, `orders`, `vault`, `edge`.
 
 Every command reads the suite's home (--home, else $TRADEGUARD_HOME, else ./.tradeguard) and the services'
 ports from the same environment the services read (TRADEGUARD_<SERVICE>_PORT). `tradeguard COMMAND --help`
@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 import tradeguard  # noqa: F401  (sets the TLS 1.3-only grpc setting before grpc is imported)
-from tradeguard.cli import common, orders_cmd, pki_cmd, up_cmd, vault_cmd
+from tradeguard.cli import common, edge_cmd, orders_cmd, pki_cmd, up_cmd, vault_cmd
 
 _SCOPED = {"--as": "orders, vault", "--target": "orders, vault"}
 
@@ -38,7 +38,7 @@ class _Parser(argparse.ArgumentParser):
         return super().parse_args(argv, namespace)
 
 
-_COMMANDS = ("pki", "up", "orders", "vault")
+_COMMANDS = ("pki", "up", "orders", "vault", "edge")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -51,6 +51,7 @@ def parser() -> argparse.ArgumentParser:
     up_cmd.register(sub)
     orders_cmd.register(sub)
     vault_cmd.register(sub)
+    edge_cmd.register(sub)
     assert tuple(sub.choices) == _COMMANDS
     return root
 

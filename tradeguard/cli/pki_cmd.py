@@ -53,7 +53,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     renew = command(
         "renew",
         "re-issue the named certificates that are past half their lifetime, missing or mismatched "
-        "(for workloads outside `tradeguard up`, e.g. the Envoy edge: run it from a timer)",
+        "(for workloads outside `tradeguard up`, e.g. the Envoy edge: run it from a timer); `edge` is also "
+        "published to $TRADEGUARD_HOME/edge, the only PKI files the edge's Envoy sees",
     )
     renew.add_argument("names", metavar="NAME", nargs="+", help="workload names, e.g. edge")
     renew.add_argument("--hours", type=float, default=24.0, help="lifetime of a new certificate, in hours")
@@ -116,6 +117,19 @@ def cmd_issue(args: argparse.Namespace) -> int:
     print(f"  certificate: {info.path}")
     print(f"  key:         {paths.key(args.name)}")
     print(f"  not after:   {info.not_after:%Y-%m-%d %H:%M:%S}Z")
+    return _publish_edge(paths, [args.name])
+
+
+def _publish_edge(paths: pki.PkiPaths, names: list[str]) -> int:
+    """The edge's certificate, key and ca.crt, published as one unit where Envoy reads them (and nothing else
+    of the PKI): after every issue or renewal of `edge`."""
+    if pki.EDGE not in names:
+        return 0
+    try:
+        published = pki.publish_bundle(paths, pki.EDGE, paths.edge_dir)
+    except (OSError, ValueError) as exc:
+        return _fail(str(exc))
+    print(f"edge bundle {'published' if published else 'up to date'} in {paths.edge_dir}/current")
     return 0
 
 
@@ -127,7 +141,7 @@ def cmd_renew(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     for name in args.names:
         print(f"{name}: {'renewed' if name in renewed else 'still fresh'}")
-    return 0
+    return _publish_edge(paths, args.names)
 
 
 def cmd_rotate_intermediate(args: argparse.Namespace) -> int:

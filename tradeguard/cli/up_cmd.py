@@ -196,14 +196,17 @@ class Supervisor:
 
     def renew(self) -> list[str]:
         """Rotate a due intermediate (the dev PKI keeps its root key), then re-issue every workload
-        certificate that is due (past half-life, expired, missing, or under an older intermediate)."""
+        certificate that is due (past half-life, expired, missing, or under an older intermediate), the Envoy
+        edge's included, whose bundle is then published to $TRADEGUARD_HOME/edge."""
         if pki.intermediate_due(self.paths):
             expiry = pki.rotate_intermediate(self.paths)
             _log.info("intermediate CA rotated", not_after=f"{expiry:%Y-%m-%dT%H:%M:%SZ}")
             print(f"rotated the intermediate CA (new one valid until {expiry:%Y-%m-%d}Z)", flush=True)
-        renewed = pki.renew_due(self.paths, WORKLOADS, lifetime=self.lifetime)
+        renewed = pki.renew_due(self.paths, (*WORKLOADS, pki.EDGE), lifetime=self.lifetime)
         if renewed:
             _log.info("certificates renewed", workloads=renewed)
+        if pki.publish_bundle(self.paths, pki.EDGE, self.paths.edge_dir):  # what the Envoy edge mounts
+            _log.info("edge bundle published", directory=str(self.paths.edge_dir))
         return renewed
 
     async def keep_renewing(self) -> None:

@@ -9,6 +9,9 @@ Layout under ``$TRADEGUARD_HOME/pki`` (directory mode 0700)::
     trust-domain                               the SPIFFE trust domain, one line
     <name>.crt / <name>.key                    workload leaf followed by the intermediate / its key
 
+and, for the Envoy edge (which must never see the CA keys), ``$TRADEGUARD_HOME/edge`` from
+:func:`publish_bundle`: ``current`` -> a versioned directory holding only ``ca.crt``, ``edge.crt``, ``edge.key``.
+
 Every key is ECDSA P-256, PEM PKCS#8, unencrypted (dev), created with mode 0600 from the first byte. Every
 write is atomic (temporary file in the same directory, fsync, ``os.replace``). When issuing, the key is
 written before the certificate, so a reader that catches the two mid-rotation sees a key that does not match
@@ -38,6 +41,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from tradeguard.files import atomic_write
 
 __all__ = [
+    "EDGE",
     "NAME_RE",
     "CertInfo",
     "PkiPaths",
@@ -45,6 +49,7 @@ __all__ = [
     "issue",
     "needs_renewal",
     "peer_spiffe_id_from_pem",
+    "publish_bundle",
     "read_cert_info",
     "renew_due",
     "renewal_reason",
@@ -67,6 +72,8 @@ INTERMEDIATE_NAME = "intermediate-ca"
 _BUNDLE_NAME = "ca"
 # Names whose files belong to the CA itself; a workload may not take them.
 RESERVED_NAMES = frozenset({ROOT_NAME, INTERMEDIATE_NAME, _BUNDLE_NAME})
+EDGE = "edge"  # the Envoy edge's workload name: its files are published apart (see publish_bundle)
+CURRENT = "current"  # the symlink a published bundle is read through
 
 _KEY_MODE = 0o600
 _CERT_MODE = 0o644
@@ -113,6 +120,11 @@ class PkiPaths:
 
     def key(self, name: str) -> Path:
         return self.dir / f"{_check_name(name)}.key"
+
+    @property
+    def edge_dir(self) -> Path:
+        """Where the edge's bundle is published (mounted into the Envoy container instead of ``dir``)."""
+        return self.home / EDGE
 
 
 @dataclass(frozen=True)
@@ -669,3 +681,59 @@ def key_pair_matches(cert_pem: bytes, key_pem: bytes) -> bool:
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         return False
     return _spki(key.public_key()) == _spki(cert.public_key())
+
+
+def publish_bundle(paths: PkiPaths, name: str, directory: Path) -> bool:
+    """Publish ``ca.crt``, ``<name>.crt`` and ``<name>.key`` into ``directory`` as one unit; True when a new
+    version was published, False when the current one already holds exactly these files.
+
+    For a reader that must not see the rest of the PKI (the internet-facing Envoy: no CA key) and that reloads
+    whenever something is moved into ``directory`` (Envoy's SDS ``watched_directory``). The three files are
+    written into a new versioned directory (``.v-<random>``), fsynced, and only then does one rename of the
+    symlink ``directory/current`` make them current: a reader following ``current`` sees the old three files
+    or the new three, never a key beside another certificate. The pair is read under the PKI lock (so never
+    mid-issue) and checked to match. The previous version is kept (a reader may still be in it), older ones
+    are removed.
+    """
+    _check_name(name)
+    with _locked(paths):
+        files = {
+            _BUNDLE_NAME + ".crt": (paths.ca_bundle.read_bytes(), _CERT_MODE),
+            f"{name}.crt": (paths.cert(name).read_bytes(), _CERT_MODE),
+            f"{name}.key": (paths.key(name).read_bytes(), _KEY_MODE),
+        }
+    if not key_pair_matches(files[f"{name}.crt"][0], files[f"{name}.key"][0]):
+        raise ValueError(f"{paths.cert(name)} and {paths.key(name)} do not match: not published")
+    directory.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
+    os.chmod(directory, _DIR_MODE)
+    link = directory / CURRENT
+    previous = Path(os.readlink(link)).name if link.is_symlink() else None
+    if previous is not None and all(
+        _read_or_none(directory / previous / file) == data for file, (data, _) in files.items()
+    ):
+        return False
+    version = directory / f".v-{secrets.token_hex(8)}"
+    version.mkdir(mode=_DIR_MODE)
+    for file, (data, mode) in files.items():
+        atomic_write(version / file, data, mode)
+    staged = directory / f".{CURRENT}.{secrets.token_hex(8)}.tmp"
+    os.symlink(version.name, staged)  # relative: the link works wherever the directory is mounted
+    os.replace(staged, link)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    for old in directory.glob(".v-*"):
+        if old.name not in (version.name, previous):
+            for stale in old.iterdir():
+                stale.unlink()
+            old.rmdir()
+    return True
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
