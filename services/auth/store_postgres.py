@@ -187,7 +187,7 @@ def statements(schema: str) -> dict[str, sql.Composed]:
         "get_refresh": "SELECT {r} FROM {tokens} WHERE token_hash = %s",
         "revoke_family": "UPDATE {tokens} SET revoke_time_us = %s WHERE family_id = %s AND revoke_time_us IS NULL",
         "revoke_user": "UPDATE {tokens} SET revoke_time_us = %s WHERE user_id = %s AND revoke_time_us IS NULL "
-        "RETURNING family_id, used_time_us IS NULL AND expire_time_us > %s",
+        "RETURNING family_id, used_time_us, expire_time_us",
     }
     return {name: sql.SQL(text).format(**fmt) for name, text in q.items()}
 
@@ -459,9 +459,10 @@ class PostgresAuthStore:
 
     async def revoke_user_families(self, user_id: str, now_us: int) -> builtins.list[str]:
         async with self._pool.connection() as conn:
-            cur = await conn.execute(self.sql["revoke_user"], (now_us, user_id, now_us))
+            cur = await conn.execute(self.sql["revoke_user"], (now_us, user_id))
             rows = await cur.fetchall()
-        return sorted({family for family, live in rows if live})
+        # Live: neither used nor expired (nor revoked before: those rows were not updated).
+        return sorted({family for family, used, expire in rows if used is None and expire > now_us})
 
     async def close(self) -> None:
         """Close the pool; later calls are refused (psycopg_pool.PoolClosed)."""

@@ -168,7 +168,7 @@ SQL = {
     "revoke_family": "UPDATE refresh_tokens SET revoke_time_us = ? "
     "WHERE family_id = ? AND revoke_time_us IS NULL",
     "revoke_user": "UPDATE refresh_tokens SET revoke_time_us = ? WHERE user_id = ? AND revoke_time_us IS NULL "
-    "RETURNING family_id, used_time_us IS NULL AND expire_time_us > ?",
+    "RETURNING family_id, used_time_us, expire_time_us",
 }
 
 
@@ -451,10 +451,9 @@ class SqliteAuthStore:
         await self._write(lambda conn: conn.execute(SQL["revoke_family"], (now_us, family_id)))
 
     async def revoke_user_families(self, user_id: str, now_us: int) -> builtins.list[str]:
-        rows = await self._write(
-            lambda conn: conn.execute(SQL["revoke_user"], (now_us, user_id, now_us)).fetchall()
-        )
-        return sorted({str(family) for family, live in rows if live})
+        rows = await self._write(lambda conn: conn.execute(SQL["revoke_user"], (now_us, user_id)).fetchall())
+        # Live: neither used nor expired (nor revoked before: those rows were not updated).
+        return sorted({str(family) for family, used, expire in rows if used is None and int(expire) > now_us})
 
     async def close(self) -> None:
         """Close the connection after the work already handed over; later calls are refused."""
