@@ -1,0 +1,193 @@
+"""A guard in a few lines: its settings, what it guards, and `guard_for` that wires it all.
+
+    guard = guard_for(
+        GuardConfig(services=["acme.desk.v1.DeskService"],
+                    permissions={"/acme.desk.v1.DeskService/Quote": "orders:read"}),
+        workload=tls.Workload.of(paths, "desk"), trust_domain=pki.trust_domain(paths))
+    server = MeshServer(config, policy, services, layers=[guard.layer])
+    async with guard:          # the revocation stream and JWKS refresh run while the server serves
+        await server.start(); ...
+
+A service run by the kit's runner only declares `permissions=` (tradeguard.service.Declaration) and has a `guard`
+field in its settings (`GuardSettings.read(env, trust_domain)`): `start()` mounts the guard itself.
+
+Settings, under the service's own prefix (`TRADEGUARD_<NAME>_`): `AUTH_TARGET` (host:port of the auth service,
+default 127.0.0.1:50051), `JWT_ISSUER` (default `spiffe://<trust domain>/svc/auth`), `JWT_AUDIENCE` (default
+`tradeguard`), `JWT_LEEWAY_S` (default 5, at most 60), `REVOCATION_MAX_OUTAGE_S` (default 5, at most 60: how long
+verified JWTs are still accepted while the revocation stream is down), `TOKEN_CACHE_SIZE` (default 10,000).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Final
+
+from tradeguard.guard.auth_client import AuthClient
+from tradeguard.guard.jwt import (
+    DEFAULT_ALGORITHMS,
+    DEFAULT_CACHE_SIZE,
+    DEFAULT_LEEWAY_S,
+    JwksCache,
+    JwtVerifier,
+)
+from tradeguard.guard.layer import Guard
+from tradeguard.guard.revocations import (
+    DEFAULT_MAX_ENTRIES,
+    DEFAULT_MAX_OUTAGE_S,
+    MAX_OUTAGE_S,
+    RevocationSet,
+    RevocationWatcher,
+)
+from tradeguard.guard.signed import SignedVerifier
+from tradeguard.mesh import tls
+from tradeguard.mesh.channel import MeshChannel
+from tradeguard.registry import lookup
+from tradeguard.settings import Env
+
+__all__ = ["GuardConfig", "GuardSettings", "MountedGuard", "guard_for"]
+
+DEFAULT_AUDIENCE: Final = "tradeguard"
+JWKS_REFRESH_S: Final = 300.0
+
+
+def default_issuer(trust_domain: str) -> str:
+    """The issuer the auth service writes into its tokens by default: its own SPIFFE ID."""
+    return f"spiffe://{trust_domain}/svc/auth"
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    """How a guard reaches and trusts the auth service (see the module for the variables)."""
+
+    auth_target: str = f"127.0.0.1:{lookup('auth').port}"
+    issuer: str | None = None  # None: default_issuer(trust domain)
+    audience: str = DEFAULT_AUDIENCE
+    algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
+    leeway_s: float = DEFAULT_LEEWAY_S
+    max_outage_s: float = DEFAULT_MAX_OUTAGE_S
+    token_cache_size: int = DEFAULT_CACHE_SIZE
+    max_revocations: int = DEFAULT_MAX_ENTRIES
+    auth_server_name: str = "auth"
+
+    @classmethod
+    def read(cls, env: Env) -> GuardSettings:
+        return cls(
+            auth_target=env.text("AUTH_TARGET", cls.auth_target),
+            issuer=env.optional_text("JWT_ISSUER"),
+            audience=env.text("JWT_AUDIENCE", DEFAULT_AUDIENCE),
+            leeway_s=env.number("JWT_LEEWAY_S", DEFAULT_LEEWAY_S, low=0.0, high=60.0),
+            max_outage_s=env.number(
+                "REVOCATION_MAX_OUTAGE_S", DEFAULT_MAX_OUTAGE_S, low=0.0, high=MAX_OUTAGE_S
+            ),
+            token_cache_size=env.integer("TOKEN_CACHE_SIZE", DEFAULT_CACHE_SIZE, low=0, high=1_000_000),
+        )
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """What a guard guards: its services (full gRPC names), each method's permission, the public methods."""
+
+    services: Collection[str]
+    permissions: Mapping[str, str]
+    public: Collection[str] = ()
+    settings: GuardSettings = field(default_factory=GuardSettings)
+
+
+class MountedGuard:
+    """A guard with what it runs on: `layer` for the server's chain, `run()` (the revocation stream and the
+    periodic JWKS refresh) as a background task, `close()` at shutdown. Also an async context manager that
+    runs and closes it."""
+
+    def __init__(
+        self,
+        layer: Guard,
+        *,
+        channel: MeshChannel,
+        auth: AuthClient,
+        jwks: JwksCache,
+        revocations: RevocationSet,
+        watcher: RevocationWatcher,
+        signed: SignedVerifier,
+    ) -> None:
+        self.layer = layer
+        self.channel = channel
+        self.auth = auth
+        self.jwks = jwks
+        self.revocations = revocations
+        self.watcher = watcher
+        self.signed = signed
+        self._task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        """The guard's background work, until cancelled: the revocation stream, and the JWKS refreshed at once
+        and every 5 minutes (so a withdrawn key stops verifying; new kids also refresh on first sight)."""
+        watching = asyncio.create_task(self.watcher.run(), name="guard-revocations")
+        try:
+            while True:
+                await self.jwks.refresh()
+                await asyncio.sleep(JWKS_REFRESH_S)
+        finally:
+            watching.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watching
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.signed.close()
+        await self.channel.close()
+
+    async def __aenter__(self) -> MountedGuard:
+        self._task = asyncio.create_task(self.run(), name="guard")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+def guard_for(
+    config: GuardConfig,
+    *,
+    workload: tls.Workload,
+    trust_domain: str,
+    clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
+) -> MountedGuard:
+    """A guard for `config`, calling the auth service as `workload` (the guarded service's own certificate)."""
+    settings = config.settings
+    channel = MeshChannel(settings.auth_target, settings.auth_server_name, workload)
+    auth = AuthClient(channel)
+    revocations = RevocationSet(
+        clock_us, max_entries=settings.max_revocations, max_outage_s=settings.max_outage_s
+    )
+    jwks = JwksCache(auth.jwks, algorithms=settings.algorithms)
+    verifier = JwtVerifier(
+        jwks,
+        settings.issuer or default_issuer(trust_domain),
+        settings.audience,
+        revocations=revocations,
+        algorithms=settings.algorithms,
+        leeway_s=settings.leeway_s,
+        clock_us=clock_us,
+        cache_size=settings.token_cache_size,
+    )
+    signed = SignedVerifier(auth.verify_batch, revocations)
+    layer = Guard(
+        trust_domain=trust_domain,
+        services=config.services,
+        permissions=config.permissions,
+        public=config.public,
+        jwt=verifier,
+        signed=signed,
+        revocations=revocations,
+    )
+    watcher = RevocationWatcher(revocations, auth)
+    return MountedGuard(
+        layer, channel=channel, auth=auth, jwks=jwks, revocations=revocations, watcher=watcher, signed=signed
+    )
