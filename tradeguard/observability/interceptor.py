@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import inspect
 import itertools
 import os
@@ -78,15 +79,17 @@ def _request_id(context: _Context) -> str:
     return _RequestIds.next()
 
 
-# The request id and method, as structlog's merge_contextvars finds context variables (by the name prefix, so
-# structlog's get/clear_contextvars see them too): two ContextVar.set() per call instead of
-# bind_contextvars' dict and lookups.
-_REQUEST_ID_VAR: Final[ContextVar[Any]] = ContextVar(
-    f"{structlog.contextvars.STRUCTLOG_KEY_PREFIX}request_id", default=Ellipsis
-)
-_METHOD_VAR: Final[ContextVar[Any]] = ContextVar(
-    f"{structlog.contextvars.STRUCTLOG_KEY_PREFIX}method", default=Ellipsis
-)
+# The request id and method are bound in structlog's own context variables (the ones bind_contextvars uses,
+# found once through the tokens it returns): two ContextVar.set() per call instead of bind_contextvars' dict
+# and lookups, and everything that reads structlog's context (merge_contextvars, a client interceptor
+# forwarding the id) sees them as before.
+def _structlog_var(key: str) -> ContextVar[Any]:
+    tokens = contextvars.Context().run(structlog.contextvars.bind_contextvars, **{key: Ellipsis})
+    return tokens[key].var
+
+
+_REQUEST_ID_VAR: Final = _structlog_var("request_id")
+_METHOD_VAR: Final = _structlog_var("method")
 _Tokens: TypeAlias = "tuple[Token[Any], Token[Any]]"
 
 
