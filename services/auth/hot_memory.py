@@ -133,6 +133,7 @@ class MemoryHotState:
         self._revocations: ExpiringMap[int, Revocation] = ExpiringMap(max_entries)
         self._last_sequence: int | None = None
         self._published: asyncio.Event | None = None
+        self._waiting = 0
         self._closed = False
 
     def sizes(self) -> dict[str, int]:
@@ -145,6 +146,11 @@ class MemoryHotState:
             "challenges": len(self._challenges),
             "revocations": len(self._revocations),
         }
+
+    @property
+    def waiting(self) -> int:
+        """Callers of `revocations_after` waiting now for a publication."""
+        return self._waiting
 
     @property
     def evictions(self) -> int:
@@ -241,6 +247,7 @@ class MemoryHotState:
         found = self._after(sequence)
         if found or wait_s <= 0:
             return found
+        self._waiting += 1
         try:
             async with asyncio.timeout(wait_s):
                 while not found:
@@ -250,6 +257,8 @@ class MemoryHotState:
                     found = self._after(sequence)
         except TimeoutError:
             pass
+        finally:
+            self._waiting -= 1
         return found
 
     async def close(self) -> None:

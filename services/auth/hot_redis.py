@@ -215,6 +215,11 @@ class RedisHotState:
         return f"{self.prefix}challenge:{{{challenge_hash}}}"
 
     @property
+    def waiting(self) -> int:
+        """Callers of `revocations_after` waiting now for a publication (all served by one blocked XREAD)."""
+        return self._waiters
+
+    @property
     def revocation_keys(self) -> tuple[str, str, str, str]:
         """(sequence counter, live by sequence, live by expiry, wake stream): one slot ({rev})."""
         return self._rev_keys
@@ -336,7 +341,8 @@ class RedisHotState:
                 reply: Any = await self.client.xread(
                     {wake: f"{self._seen}-0"}, count=64, block=self._block_ms
                 )
-                for _stream, entries in reply or ():
+                streams = reply.items() if isinstance(reply, dict) else (reply or ())  # RESP3 or RESP2
+                for _stream, entries in streams:
                     if entries:
                         self._advance(entries[-1][0])
         except Exception as error:  # reported to the waiters, which raise it
