@@ -198,7 +198,7 @@ class TokenService:
         if record is None:
             raise Unauthenticated("refresh token unknown")
         if not spent:
-            if record.revoke_time_us is not None and record.used_time_us is None:
+            if record.revoke_time_us is not None:  # its family was revoked already (reuse, logout, by hand)
                 raise Unauthenticated(f"refresh token of revoked family {record.family_id}")
             await self.revoke_family(record.family_id)
             log.warning("auth.refresh_reuse", family_id=record.family_id, user_id=record.user_id)
