@@ -17,7 +17,8 @@ O(6 * max_entries + max_entries * max_failures_per_subject) entries.
 
 **Revocation sequences** start at the clock's microseconds at the first publication and then go up by one, so a
 restarted process never reuses a sequence a guard has already seen (a guard resuming after 500 still gets the new
-ones), and are gap-free within one store's life.
+ones; this holds while fewer than one revocation per microsecond is published), and are gap-free within one
+store's life.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ across replicas:
 - `take_challenge`: `GETDEL` (taken once); `put_challenge`: `SET PX`.
 - revocations: `publish_revocation` is one script: the next sequence (`INCR`; the counter starts at the
   publisher's clock in microseconds when absent, so a flushed or expired counter never goes back below a
-  sequence a guard has seen), the revocation in a sorted set scored by sequence (`live`) and in one scored by its
+  sequence a guard has seen, as long as fewer than one revocation per microsecond was published), the revocation in a sorted set scored by sequence (`live`) and in one scored by its
   expiry (`expiry`; expired revocations are removed as later ones are published), and an entry with the ID
   `<sequence>-0` on a capped stream (`wake`, MAXLEN ~256) that exists only to wake waiters.
   `revocations_after` reads `live` after the sequence (one ZRANGEBYSCORE); when there is nothing it waits

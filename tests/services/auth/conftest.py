@@ -72,7 +72,8 @@ async def auth_store(auth_db: AuthDatabase) -> AuthStore:
 
 class HotBackend:
     """One test's hot state: in process (one map set, shared by every `open()`) or under a Redis prefix of its
-    own; `open()` gives another `HotState` on the same state (for Redis a second client: a second replica)."""
+    own; `open()` gives another `HotState` on the same state (for Redis a second client: a second replica).
+    `open(**options)` with options starts a new in-process state (a restart) with them."""
 
     def __init__(self, kind: str, clock: FakeClock) -> None:
         self.kind = kind
