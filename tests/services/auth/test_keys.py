@@ -17,8 +17,11 @@ from structlog.testing import capture_logs
 
 from services.auth.hot import HotState
 from services.auth.keys import MAX_UNBOUND_LIFETIME_US, ApiKeyService, Verdict
+from services.auth.keys import KeySettings as KeySettingsProtocol
 from services.auth.model import ApiKey, ApiKeyKind, RevocationKind, User
+from services.auth.settings import Settings
 from services.auth.store import AuthStore
+from services.auth.tokens import TokenSettings
 from services.auth.vault_client import VaultClient
 from tests.services.auth.conftest import HotBackend
 from tradeguard import signing
@@ -489,3 +492,8 @@ async def test_a_revoked_or_expired_key_is_not_rotated(env: Env) -> None:
     env.clock.advance(1_000_000)
     with pytest.raises(Exception, match="expired"):
         await env.service.rotate(short.key_id, 0, None)
+
+
+def _the_service_settings_fit(settings: Settings) -> tuple[KeySettingsProtocol, TokenSettings]:
+    """Checked by mypy, never run: the auth service's Settings is what ApiKeyService and TokenService read."""
+    return settings, settings

@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from services.auth.hot import HotState
 from services.auth.model import RevocationKind, User
+from services.auth.ports import TokenIssuer
 from services.auth.store import AuthStore
 from services.auth.tokens import TokenService, refresh_token_hash
 from services.auth.vault_client import VaultClient
@@ -73,6 +74,8 @@ async def env(auth_store: AuthStore, hot_state: HotState, vault: VaultClient, cl
     clock.advance(int(time.time() * 1_000_000) - clock())  # PyJWT checks exp/nbf against the real time
     user = User("u1", "alice", "acct-1", ("trader",), "$argon2id$x", clock())
     tokens = TokenService(auth_store, hot_state, vault, clock, os.urandom, TokenSettings())
+    issuer: TokenIssuer = tokens  # what the user core is given (checked by mypy)
+    assert issuer is tokens
     return Env(tokens, auth_store, hot_state, clock, user, {"u1": user})
 
 
