@@ -130,6 +130,8 @@ def _place(config: Any, layout: EdgeLayout) -> None:
     for cluster in config["static_resources"]["clusters"]:
         endpoint = upstreams[cluster["name"]]
         cluster["type"] = "STATIC" if endpoint.is_ip else "STRICT_DNS"
+        if not endpoint.is_ip:  # services that listen on IPv4 only (the default) are still reached
+            cluster["dns_lookup_family"] = "V4_PREFERRED"
         [locality] = cluster["load_assignment"]["endpoints"]
         [lb_endpoint] = locality["lb_endpoints"]
         lb_endpoint["endpoint"]["address"]["socket_address"] = endpoint.socket_address()

@@ -242,15 +242,30 @@ class Authorizer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[
 
     verdict: str = "allow"
     seen: list[Any] = field(default_factory=list)
+    # what the auth service's ext_authz hands the guard behind the edge (services/auth/ext_authz.py)
+    principal_headers: dict[str, str] = field(
+        default_factory=lambda: {
+            "x-tg-principal": PRINCIPAL,
+            "x-tg-account": "acct-1",
+            "x-tg-scopes": "orders:read orders:write",
+        }
+    )
 
     async def Check(self, request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         self.seen.append(request)
+        overwrite = base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
         if self.verdict == "allow":
             metadata = struct_pb2.Struct()
             metadata.update({"principal": PRINCIPAL})
+            upstream = [
+                base_pb2.HeaderValueOption(
+                    header=base_pb2.HeaderValue(key=key, value=value), append_action=overwrite
+                )
+                for key, value in self.principal_headers.items()
+            ]
             return ext.CheckResponse(
                 status=status_pb2.Status(code=code_pb2.OK),
-                ok_response=ext.OkHttpResponse(),
+                ok_response=ext.OkHttpResponse(headers=upstream),
                 dynamic_metadata=metadata,
             )
         unauthenticated = self.verdict == "401"

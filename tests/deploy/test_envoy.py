@@ -459,6 +459,7 @@ def _without_places(config: Any) -> Any:
     del config["static_resources"]["listeners"][0]["address"]
     for cluster in config["static_resources"]["clusters"]:
         del cluster["type"], cluster["load_assignment"]
+        cluster.pop("dns_lookup_family", None)
     return config
 
 

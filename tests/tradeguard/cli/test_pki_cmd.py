@@ -116,7 +116,12 @@ def test_renew_reissues_only_what_is_due(tmp_path: Path, capsys: pytest.CaptureF
     aging = paths.cert("edge").read_bytes()
     capsys.readouterr()
     assert _run(tmp_path, "pki", "renew", "edge", "ops", "monitor") == 0
-    assert capsys.readouterr().out.splitlines() == ["edge: renewed", "ops: still fresh", "monitor: renewed"]
+    assert capsys.readouterr().out.splitlines() == [
+        "edge: renewed",
+        "ops: still fresh",
+        "monitor: renewed",
+        f"edge bundle published in {paths.edge_dir}/current",  # what the Envoy edge reads (deploy/README.md)
+    ]
     assert paths.cert("ops").read_bytes() == fresh
     assert paths.cert("edge").read_bytes() != aging
     assert not pki.needs_renewal(paths, "edge") and not pki.needs_renewal(paths, "monitor")
