@@ -32,8 +32,8 @@ Lockout (failures counted per (account, source IP), per account, per API key and
 LOCKOUT_WINDOW_S; at a threshold the subject is locked for LOCKOUT_BASE_S, doubling per further lock up to
 LOCKOUT_MAX_S): LOCKOUT_PAIR_THRESHOLD (default 5), LOCKOUT_ACCOUNT_THRESHOLD (default 20: higher than the
 pair's, so one address cannot cheaply lock a user out), LOCKOUT_KEY_THRESHOLD (default 20, also above the
-pair's), LOCKOUT_IP_THRESHOLD
-(default 100), LOCKOUT_WINDOW_S (default 900), LOCKOUT_BASE_S (default 30), LOCKOUT_MAX_S (default 3600).
+pair's), LOCKOUT_IP_THRESHOLD (default 100), LOCKOUT_WINDOW_S (default 900), LOCKOUT_BASE_S (default 30),
+LOCKOUT_MAX_S (default 3600).
 
 The HTTP edge (Envoy's ext_authz Check):
 - ROUTE_PERMISSIONS: the permission each HTTP route needs, comma-separated `<route>=<permission>` entries; a
@@ -122,7 +122,7 @@ class Settings:
     mfa_required_permissions: frozenset[str] = frozenset({"orders:write", "withdraw"})
     totp_issuer: str = "Tradeguard"
     lockout: LockoutSettings = field(default_factory=LockoutSettings)
-    route_permissions: Mapping[str, str] = DEFAULT_ROUTE_PERMISSIONS
+    route_permissions: Mapping[str, str] = field(default_factory=lambda: DEFAULT_ROUTE_PERMISSIONS)
     hsts: str = DEFAULT_HSTS
 
     @property

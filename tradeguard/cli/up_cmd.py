@@ -30,10 +30,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tradeguard import registry
 from tradeguard.cli import common
+from tradeguard.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from tradeguard.mesh import pki, tls
 from tradeguard.observability.logging import configure_logging, get_logger
 
 _log = get_logger("tradeguard.up")
+
+# The key vault keys the auth service uses (services/auth/settings.py): only ops may create them, so the
+# supervisor does, idempotently, before it starts auth.
+AUTH_KEYS: tuple[tuple[str, keyvault_pb2.KeyType.ValueType], ...] = (
+    ("credentials", keyvault_pb2.KEY_TYPE_AES256_GCM),
+    ("auth/jwt", keyvault_pb2.KEY_TYPE_ED25519),
+)
 
 # Every workload the command line can act as: the operators and each registered service (so that the README's
 # `tradeguard vault --as auth encrypt …` works before the auth service exists).
@@ -258,6 +266,9 @@ class Supervisor:
         env[f"{prefix}_METRICS_PORT"] = str(child.metrics_port)
         env.setdefault("PYTHONUNBUFFERED", "1")
         operator_set = ("TRADEGUARD_KEYVAULT_PASSPHRASE", "TRADEGUARD_KEYVAULT_PASSPHRASE_FILE")
+        vault = self.children.get("keyvault")
+        if child.name == "auth" and vault is not None and not env.get("TRADEGUARD_AUTH_KEYVAULT_TARGET"):
+            env["TRADEGUARD_AUTH_KEYVAULT_TARGET"] = f"{common.connect_host()}:{vault.port}"
         if child.name == "keyvault" and not any(env.get(name) for name in operator_set):
             # a file the vault reads once, not the environment (which /proc/<pid>/environ keeps showing)
             env["TRADEGUARD_KEYVAULT_PASSPHRASE_FILE"] = str(self.dev_vault_passphrase_file())
@@ -282,6 +293,35 @@ class Supervisor:
             with os.fdopen(fd, "w") as out:
                 out.write(secrets.token_urlsafe(32))
         return path
+
+    async def ensure_auth_keys(self) -> None:
+        """Create the auth service's key vault keys as ops unless they exist (ALREADY_EXISTS is success). A
+        failure is reported, not fatal: auth starts, and its calls that need the vault fail until it is fixed."""
+        vault = self.children.get("keyvault")
+        if vault is None:
+            return
+        workload = tls.Workload.of(self.paths, common.OPERATOR)
+        options = [("grpc.ssl_target_name_override", vault.name)]
+        target = f"{common.connect_host()}:{vault.port}"
+        async with grpc.aio.secure_channel(
+            target, tls.channel_credentials(workload), options=options
+        ) as channel:
+            stub = keyvault_pb2_grpc.KeyVaultServiceStub(channel)
+            for name, key_type in AUTH_KEYS:
+                try:
+                    await stub.CreateKey(
+                        keyvault_pb2.CreateKeyRequest(name=name, type=key_type), timeout=10.0
+                    )
+                    _log.info("auth key created", key=name)
+                except grpc.aio.AioRpcError as error:
+                    if error.code() != grpc.StatusCode.ALREADY_EXISTS:
+                        _log.error("auth key not created", key=name, code=error.code().name)
+                        print(
+                            f"could not create the key vault key {name!r} for auth ({error.code().name}): "
+                            "auth will fail to sign tokens and seal secrets until it exists",
+                            file=sys.stderr,
+                            flush=True,
+                        )
 
     async def health(self, child: Child) -> bool:
         """One health check of `child` over mutual TLS, as ops."""
@@ -418,6 +458,8 @@ class Supervisor:
         try:
             for child in children:
                 self.children[child.name] = child
+                if child.name == "auth":
+                    await self.ensure_auth_keys()
                 await self.spawn(child)
                 await self.wait_ready(child)
             for child in children:  # one that died while the next was starting is not "up"
