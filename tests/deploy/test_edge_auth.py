@@ -1,0 +1,228 @@
+"""Through the real Envoy to the real auth service's ext_authz and on to the real trading service (with its guard),
+everything over mutual TLS on a dev PKI, the key vault holding the auth service's keys: a signed JSON order and a
+Bearer order pass; a bad signature, a replayed nonce and a missing credential are 401 with WWW-Authenticate and
+HSTS, before the trading service sees anything.
+
+The rate-limit service is not built yet: its place is taken by `RateLimiter` (Envoy's RLS API, letting through),
+which also shows the principal the auth service handed on.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import pyotp
+import pytest
+from envoy.service.ratelimit.v3 import rls_pb2_grpc
+from google.protobuf import duration_pb2
+
+from services.auth.service import SERVICE as AUTH
+from services.auth.settings import Settings as AuthSettings
+from services.auth.vault_client import ensure_keys
+from services.keyvault.service import SERVICE as KEYVAULT
+from services.keyvault.settings import Settings as KeyVaultSettings
+from services.keyvault.settings import StartupSecret
+from services.trading.service import SERVICE as TRADING
+from tests.deploy.edge_support import Edge, RateLimiter, public_tls, running_edge, serving
+from tradeguard import edge, signing
+from tradeguard.auth.v1 import auth_pb2 as pb
+from tradeguard.auth.v1 import auth_pb2_grpc
+from tradeguard.mesh import pki
+from tradeguard.mesh.server import ServerConfig
+from tradeguard.service import read_settings
+from tradeguard.testing import dev_pki, running_service
+
+pytestmark = pytest.mark.slow
+
+PLACE = "/tradeguard.trading.v1.TradingService/PlaceOrder"
+HSTS = "max-age=63072000; includeSubDomains; preload"
+PASSWORD = "correct horse trading staple"
+WORKLOADS = ("ops", "trading", "edge", "auth", "ratelimit", "keyvault")
+
+
+@dataclass
+class Suite:
+    edge: Edge
+    limiter: RateLimiter
+    user: Any  # pb.User
+    key_id: str
+    secret: str
+    access_token: str
+
+
+def _order(client_order_id: str) -> bytes:
+    return json.dumps(
+        {
+            "account_id": "acct-alice",
+            "client_order_id": client_order_id,
+            "symbol": "BTC-USD",
+            "side": "SIDE_BUY",
+            "type": "ORDER_TYPE_LIMIT",
+            "quantity": "0.5",
+            "price": "64000.25",
+        }
+    ).encode()
+
+
+def _signed_headers(key_id: str, secret: str, path: str, body: bytes, **override: str) -> dict[str, str]:
+    stamp = int(time.time() * 1000)
+    nonce = secrets.token_urlsafe(24)
+    signature = signing.sign_hmac(secret, key_id, stamp, nonce, path, signing.body_digest(body))
+    headers = {
+        "content-type": "application/json",
+        "x-tg-key": key_id,
+        "x-tg-timestamp": str(stamp),
+        "x-tg-nonce": nonce,
+        "x-tg-signature": signature,
+    }
+    return {**headers, **override}
+
+
+async def _people(channel: Any, ops_channel: Any) -> tuple[Any, str, str, str]:
+    """A trader with TOTP, logged in (as the edge forwards a login: tokens not bound to a mesh certificate), and
+    an HMAC API key for it: (user, key id, secret, access token)."""
+    ops = auth_pb2_grpc.AuthServiceStub(ops_channel)
+    people = auth_pb2_grpc.AuthServiceStub(channel)
+    user = (
+        await ops.CreateUser(
+            pb.CreateUserRequest(
+                username="alice", password=PASSWORD, account_id="acct-alice", roles=["trader"]
+            ),
+            timeout=10,
+        )
+    ).user
+    begun = await people.BeginTotpEnrollment(
+        pb.BeginTotpEnrollmentRequest(username="alice", password=PASSWORD), timeout=10
+    )
+    totp = pyotp.TOTP(pyotp.parse_uri(begun.otpauth_uri).secret)
+    await people.ConfirmTotpEnrollment(
+        pb.ConfirmTotpEnrollmentRequest(username="alice", password=PASSWORD, code=totp.now()), timeout=10
+    )
+    first = await people.Login(pb.LoginRequest(username="alice", password=PASSWORD), timeout=10)
+    second = await people.VerifyMfa(
+        pb.VerifyMfaRequest(mfa_token=first.mfa_token, totp_code=totp.at(time.time() + 30)), timeout=10
+    )
+    created = await ops.CreateApiKey(
+        pb.CreateApiKeyRequest(
+            user_id=user.user_id,
+            kind=pb.API_KEY_KIND_HMAC,
+            scopes=["orders:write", "orders:read"],
+            ip_allow_list=["127.0.0.0/8"],
+            tier="pro",
+            lifetime=duration_pb2.Duration(seconds=86400),
+            label="edge test",
+        ),
+        timeout=10,
+    )
+    return user, created.key.key_id, created.secret, second.tokens.access_token
+
+
+@pytest.fixture
+async def suite(tmp_path: Path) -> AsyncIterator[Suite]:
+    home = tmp_path / "home"
+    paths = dev_pki(home, WORKLOADS)
+    pki.publish_bundle(paths, pki.EDGE, paths.edge_dir)
+    vault_settings = KeyVaultSettings(
+        server=ServerConfig(name="keyvault", port=0, home=home, grace_s=1.0),
+        database_url=f"sqlite:///{home / 'data' / 'keyvault.db'}",
+        root_path=home / "data" / "keyvault.root",
+        startup=StartupSecret("edge test passphrase"),
+        scrypt_n=2**10,
+    )
+    async with running_service(KEYVAULT, vault_settings, paths) as keyvault:
+        async with keyvault.channel("ops") as ops:
+            await ensure_keys(ops)
+        auth_settings = AuthSettings(
+            server=ServerConfig(name="auth", port=0, home=home, grace_s=1.0),
+            database_url=f"sqlite:///{home / 'data' / 'auth.db'}",
+            keyvault_target=keyvault.target,
+        )
+        async with running_service(AUTH, auth_settings, paths) as auth:
+            environ = {
+                "TRADEGUARD_HOME": str(home),
+                "TRADEGUARD_TRADING_PORT": "0",
+                "TRADEGUARD_TRADING_AUTH_TARGET": auth.target,
+            }
+            trading_settings = read_settings(TRADING, environ)
+            trading_settings = replace(trading_settings, server=replace(trading_settings.server, grace_s=1.0))
+            limiter = RateLimiter()
+            add = rls_pb2_grpc.add_RateLimitServiceServicer_to_server
+            async with (
+                running_service(TRADING, trading_settings, paths) as trading,
+                serving(paths, "ratelimit", add, limiter) as ratelimit,
+                auth.channel("edge") as as_edge,
+                auth.channel("ops") as as_ops,
+            ):
+                user, key_id, secret, token = await _people(as_edge, as_ops)
+                upstreams = {
+                    "trading": edge.Endpoint("127.0.0.1", trading.port),
+                    "auth": edge.Endpoint("127.0.0.1", auth.port),
+                    "ratelimit": ratelimit,
+                }
+                with public_tls(tmp_path / "public") as (public, _):
+                    async with running_edge(tmp_path, paths, public, upstreams) as running:
+                        yield Suite(running, limiter, user, key_id, secret, token)
+
+
+@pytest.mark.parametrize("http2", [True, False], ids=["http2", "http1.1"])
+async def test_a_signed_json_order_and_a_bearer_order_pass_through_the_edge(
+    suite: Suite, http2: bool
+) -> None:
+    async with suite.edge.client(http2=http2) as client:
+        body = _order(f"signed-{http2}")
+        signed = await client.post(
+            PLACE, content=body, headers=_signed_headers(suite.key_id, suite.secret, PLACE, body)
+        )
+        assert signed.status_code == 200, signed.text
+        assert signed.headers["strict-transport-security"] == HSTS
+        order = signed.json()["order"]
+        assert (order["account_id"], order["client_order_id"]) == ("acct-alice", f"signed-{http2}")
+
+        bearer = await client.post(
+            PLACE,
+            content=_order(f"bearer-{http2}"),
+            headers={"content-type": "application/json", "authorization": f"Bearer {suite.access_token}"},
+        )
+        assert bearer.status_code == 200, bearer.text
+        assert bearer.headers["strict-transport-security"] == HSTS
+        assert bearer.json()["order"]["account_id"] == "acct-alice"
+    principals = {d["principal"] for descriptors in suite.limiter.seen for d in descriptors}
+    assert principals == {suite.user.user_id}  # the rate limiter keys on who the auth service said it is
+
+
+async def test_a_bad_signature_a_replay_and_no_credential_are_401_with_www_authenticate(suite: Suite) -> None:
+    body = _order("refused")
+    good = _signed_headers(suite.key_id, suite.secret, PLACE, body)
+    async with suite.edge.client(http2=True) as client:
+        passed = await client.post(PLACE, content=body, headers=good)
+        answers = {
+            "bad signature": await client.post(
+                PLACE,
+                content=body,
+                headers=_signed_headers(
+                    suite.key_id, suite.secret, PLACE, body, **{"x-tg-signature": "0" * 64}
+                ),
+            ),
+            "altered body": await client.post(PLACE, content=body.replace(b"0.5", b"5.0"), headers=good),
+            "replayed nonce": await client.post(PLACE, content=body, headers=good),
+            "no credential": await client.post(
+                PLACE, content=body, headers={"content-type": "application/json"}
+            ),
+            "bad token": await client.post(
+                PLACE, content=body, headers={"authorization": f"Bearer {suite.access_token[:-4]}AAAA"}
+            ),
+        }
+    assert passed.status_code == 200, passed.text
+    for name, answer in answers.items():
+        assert answer.status_code == 401, (name, answer.status_code, answer.text)
+        assert "TG1-HMAC-SHA256" in answer.headers["www-authenticate"], name
+        assert answer.headers["strict-transport-security"] == HSTS, name
+        assert answer.json()["code"] == 16, name  # UNAUTHENTICATED, as a JSON error body
+    status, stats = suite.edge.admin("/stats?filter=^cluster.trading.upstream_rq_total$")
+    assert status == 200 and stats.strip().endswith(": 1")  # only the good one reached the trading service
