@@ -98,6 +98,12 @@ def validate_permissions(permissions: Iterable[str], field: str = "permissions")
     return frozenset(result)
 
 
+def _index_order(violation: FieldViolation) -> tuple[int, str]:
+    """Violations in the order of the items they name (`roles[2]` after `roles[1]`; the whole list last)."""
+    _, bracket, rest = violation.field.partition("[")
+    return (int(rest.rstrip("]")) if bracket else 1 << 30, violation.field)
+
+
 class Rbac:
     """The role table of one replica, loaded from the store (seeded with `DEFAULT_ROLES` when empty)."""
 
@@ -157,11 +163,13 @@ class Rbac:
         """Well-formed role names that all exist; InvalidArgument naming `field[i]` otherwise."""
         names = list(names)
         seen, violations = _role_violations(names, field)
-        for index, name in enumerate(names):
-            if _ROLE.fullmatch(name) and name not in self._roles:
-                violations.append(FieldViolation(f"{field}[{index}]", f"no role named {name!r}"))
-        if violations:
-            raise InvalidArgument(violations)
+        unknown = [
+            FieldViolation(f"{field}[{index}]", f"no role named {name!r}")
+            for index, name in enumerate(names)
+            if _ROLE.fullmatch(name) and name not in self._roles
+        ]
+        if violations or unknown:
+            raise InvalidArgument(sorted([*violations, *unknown], key=_index_order))
         return tuple(seen)
 
     def permissions_of(self, roles: Iterable[str]) -> frozenset[str]:

@@ -351,8 +351,9 @@ class UserService:
         lock = await self._lockout.locked(principal, epoch, source_ip)
         matches = await self._passwords.verify(user.password_hash if user is not None else None, password)
         if user is None:
-            await self._lockout.record_failure(principal, epoch, source_ip, "unknown user", lock=lock)
-            raise Unauthenticated("unknown user")
+            cause = "unknown user" if name is not None else "malformed username"
+            await self._lockout.record_failure(principal, epoch, source_ip, cause, lock=lock)
+            raise Unauthenticated(cause)
         if not matches:
             await self._fail(user, source_ip, "wrong password", lock)
         if lock is not None:
