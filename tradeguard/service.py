@@ -20,12 +20,13 @@ import contextlib
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
 
+from tradeguard.guard.config import GuardConfig, GuardSettings, guard_for
 from tradeguard.mesh import handshake_log, pki
 from tradeguard.mesh.authz import MethodPolicy
 from tradeguard.mesh.server import MeshServer, ServerConfig, Service
@@ -135,6 +136,11 @@ class Declaration(Generic[S, St]):
     build: Callable[[Wiring[S, St]], Awaitable[Assembly]]
     summary: str = ""
     commands: Mapping[str, Callable[[list[str]], int]] = field(default_factory=dict)  # operator subcommands
+    # method → the permission it needs: `start()` mounts the guard (tradeguard.guard) in front of the handlers,
+    # deny by default (a method of the service not listed here nor in `public_methods` is refused). The
+    # settings then need a `guard: GuardSettings` field.
+    permissions: Mapping[str, str] | None = None
+    public_methods: frozenset[str] = frozenset()  # methods of a guarded service open without credentials
 
     @property
     def registered(self) -> Registered:
@@ -211,6 +217,8 @@ async def start(declaration: Declaration[S, St], settings: S) -> Running[S, St]:
     try:
         trust_domain = pki.trust_domain(settings.server.pki)
         assembly = await declaration.build(Wiring(settings, store, trust_domain))
+        if declaration.permissions is not None:
+            assembly = _guarded(declaration, settings, trust_domain, assembly)
     except BaseException:
         await store.close()
         raise
@@ -233,6 +241,31 @@ async def start(declaration: Declaration[S, St], settings: S) -> Running[S, St]:
     running.port = server.port
     running._start_tasks()
     return running
+
+
+def _guarded(declaration: Declaration[S, St], settings: S, trust_domain: str, assembly: Assembly) -> Assembly:
+    """`assembly` with the guard first among its layers, its background work and its closer."""
+    guard_settings = getattr(settings, "guard", None)
+    if not isinstance(guard_settings, GuardSettings):
+        raise TypeError(
+            f"{declaration.name} declares permissions: its settings need a `guard: GuardSettings`"
+        )
+    guard = guard_for(
+        GuardConfig(
+            services=[declaration.registered.full_name],
+            permissions=declaration.permissions or {},
+            public=declaration.public_methods,
+            settings=guard_settings,
+        ),
+        workload=settings.server.workload,
+        trust_domain=trust_domain,
+    )
+    return replace(
+        assembly,
+        layers=[guard.layer, *assembly.layers],
+        tasks=[*assembly.tasks, guard.run],
+        closers=[guard.close, *assembly.closers],
+    )
 
 
 async def serve(

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from services.trading.errors import (
     FieldViolation,
     InvalidArgument,
+    account_not_allowed,
     client_order_id_reused,
     order_not_found,
     order_not_open,
@@ -34,9 +35,26 @@ from services.trading.model import (
     TimeInForce,
     format_decimal,
 )
+from tradeguard.errors import Unauthenticated
 
 if TYPE_CHECKING:
     from services.trading.store import OrderStore
+    from tradeguard.principal import Principal
+
+
+# --- whose orders -----------------------------------------------------------------------------------------
+
+
+def account_of(principal: Principal | None, requested: str) -> str:
+    """The account a call acts for: always the calling principal's own (every order belongs to it). An empty
+    `account_id` in the request means the principal's account; any other account is PERMISSION_DENIED before
+    anything is looked up (permission before existence). No principal (the service is not behind the guard):
+    UNAUTHENTICATED — the core never acts for nobody."""
+    if principal is None:
+        raise Unauthenticated("no principal: the service is not behind the guard")
+    if requested and requested != principal.account_id:
+        raise account_not_allowed()
+    return principal.account_id
 
 
 # --- validation -----------------------------------------------------------------------------------------

@@ -13,9 +13,11 @@ from tradeguard.errors import (
     FieldViolation,
     InvalidArgument,
     NotFound,
+    PermissionDenied,
 )
 
 __all__ = [
+    "ACCOUNT_NOT_ALLOWED",
     "CLIENT_ORDER_ID_REUSED",
     "ORDER_NOT_FOUND",
     "ORDER_NOT_OPEN",
@@ -25,6 +27,8 @@ __all__ = [
     "FieldViolation",
     "InvalidArgument",
     "NotFound",
+    "PermissionDenied",
+    "account_not_allowed",
     "client_order_id_reused",
     "order_not_found",
     "order_not_open",
@@ -33,6 +37,12 @@ __all__ = [
 CLIENT_ORDER_ID_REUSED = "CLIENT_ORDER_ID_REUSED"
 ORDER_NOT_OPEN = "ORDER_NOT_OPEN"
 ORDER_NOT_FOUND = "ORDER_NOT_FOUND"
+ACCOUNT_NOT_ALLOWED = "ACCOUNT_NOT_ALLOWED"
+
+
+def account_not_allowed() -> PermissionDenied:
+    # Whatever the account or order: nothing of another account is looked up (permission before existence).
+    return PermissionDenied("the caller may act only for its own account", reason=ACCOUNT_NOT_ALLOWED)
 
 
 def client_order_id_reused(client_order_id: str) -> AlreadyExists:

@@ -24,6 +24,7 @@ SERVICE: Declaration[Settings, OrderStore] = Declaration(
     summary="The reference trading service: orders, idempotent by (account_id, client_order_id).",
     register=trading_pb2_grpc.add_TradingServiceServicer_to_server,
     rules=policy.RULES,
+    permissions=policy.PERMISSIONS,
     settings=Settings.read,
     stores=Stores(sqlite=SqliteOrderStore.open, postgres=PostgresOrderStore.open),
     build=build,

@@ -1,4 +1,7 @@
-"""TradingService over gRPC: proto ↔ core, nothing else. Errors are raised as DomainErrors."""
+"""TradingService over gRPC: proto ↔ core, nothing else. Errors are raised as DomainErrors.
+
+Every call acts for the principal the guard verified (`current_principal()`): its account, whatever account the
+request names (another one is PERMISSION_DENIED, checked before anything is looked up; empty means its own)."""
 
 from __future__ import annotations
 
@@ -6,8 +9,9 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2
 
-from services.trading.core import TradingCore, parse_new_order
+from services.trading.core import TradingCore, account_of, parse_new_order
 from services.trading.model import Order, format_decimal
+from tradeguard.principal import current_principal
 from tradeguard.trading.v1 import trading_pb2, trading_pb2_grpc
 
 Context = Any  # grpc.aio.ServicerContext; the servicer never touches it
@@ -43,7 +47,7 @@ class TradingServicer(trading_pb2_grpc.TradingServiceServicer):
         self, request: trading_pb2.PlaceOrderRequest, context: Context
     ) -> trading_pb2.PlaceOrderResponse:
         new = parse_new_order(
-            account_id=request.account_id,
+            account_id=account_of(current_principal(), request.account_id),
             client_order_id=request.client_order_id,
             symbol=request.symbol,
             side=request.side,
@@ -59,19 +63,22 @@ class TradingServicer(trading_pb2_grpc.TradingServiceServicer):
     async def CancelOrder(
         self, request: trading_pb2.CancelOrderRequest, context: Context
     ) -> trading_pb2.CancelOrderResponse:
-        order = await self._core.cancel(request.account_id, request.order_id)
+        account = account_of(current_principal(), request.account_id)
+        order = await self._core.cancel(account, request.order_id)
         return trading_pb2.CancelOrderResponse(order=order_to_proto(order))
 
     async def GetOrder(
         self, request: trading_pb2.GetOrderRequest, context: Context
     ) -> trading_pb2.GetOrderResponse:
-        order = await self._core.get(request.account_id, request.order_id)
+        account = account_of(current_principal(), request.account_id)
+        order = await self._core.get(account, request.order_id)
         return trading_pb2.GetOrderResponse(order=order_to_proto(order))
 
     async def ListOrders(
         self, request: trading_pb2.ListOrdersRequest, context: Context
     ) -> trading_pb2.ListOrdersResponse:
-        orders, token = await self._core.list(request.account_id, request.page_size, request.page_token)
+        account = account_of(current_principal(), request.account_id)
+        orders, token = await self._core.list(account, request.page_size, request.page_token)
         return trading_pb2.ListOrdersResponse(
             orders=[order_to_proto(o) for o in orders], next_page_token=token
         )

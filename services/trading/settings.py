@@ -1,13 +1,15 @@
 """Trading service settings, read once at start-up through the kit's reader (tradeguard.service.read_settings).
 
 TRADEGUARD_TRADING_DATABASE_URL: `sqlite:///<path>` (default `$TRADEGUARD_HOME/data/trading.db`) or
-`postgresql://…`; plus the shared server settings (tradeguard.mesh.server.ServerConfig.from_env).
+`postgresql://…`; plus the shared server settings (tradeguard.mesh.server.ServerConfig.from_env) and the guard's
+(tradeguard.guard.config.GuardSettings: TRADEGUARD_TRADING_AUTH_TARGET, _JWT_ISSUER, _JWT_AUDIENCE, ...).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from tradeguard.guard.config import GuardSettings
 from tradeguard.mesh.server import ServerConfig
 from tradeguard.service import CommonSettings
 from tradeguard.settings import Env
@@ -17,7 +19,8 @@ from tradeguard.settings import Env
 class Settings:
     server: ServerConfig
     database_url: str
+    guard: GuardSettings = field(default_factory=GuardSettings)
 
     @classmethod
-    def read(cls, _own: Env, common: CommonSettings) -> Settings:
-        return cls(server=common.server, database_url=common.database_url)
+    def read(cls, own: Env, common: CommonSettings) -> Settings:
+        return cls(server=common.server, database_url=common.database_url, guard=GuardSettings.read(own))

@@ -155,7 +155,8 @@ async def test_the_servicer_is_what_build_returned(pki_paths: pki.PkiPaths) -> N
             stub = trading_pb2_grpc.TradingServiceStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as missing:
                 await stub.GetOrder(trading_pb2.GetOrderRequest(account_id="acct-1", order_id="ord_x"))
-            assert missing.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            # the declaration's permissions mounted the guard: a call without credentials never reaches the core
+            assert missing.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_every_service_exports_traces_when_an_otlp_endpoint_is_set(pki_paths: pki.PkiPaths) -> None:
@@ -216,7 +217,9 @@ async def test_a_service_layer_sees_the_decoded_request_and_its_raw_bytes(pki_pa
     request = trading_pb2.GetOrderRequest(account_id="acct-1", order_id="ord_00000000000000000000000001")
     # Unknown fields survive on the wire: the layer gets the bytes as sent, never a re-serialisation.
     raw = request.SerializeToString() + b"\xa0\x06\x01"
-    async with running_service(replace(TRADING, build=build), _settings(pki_paths), pki_paths) as service:
+    # without the guard (permissions=None) the layer runs first; the servicer then refuses to act for nobody
+    unguarded = replace(TRADING, build=build, permissions=None)
+    async with running_service(unguarded, _settings(pki_paths), pki_paths) as service:
         channel = service.channel("ops")
         async with channel:
             call = channel.unary_unary(
@@ -226,7 +229,7 @@ async def test_a_service_layer_sees_the_decoded_request_and_its_raw_bytes(pki_pa
             )
             with pytest.raises(grpc.aio.AioRpcError) as missing:
                 await call(raw)
-            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+            assert missing.value.code() == grpc.StatusCode.UNAUTHENTICATED
     [(decoded, got)] = seen
     assert got == raw
     assert isinstance(decoded, trading_pb2.GetOrderRequest)

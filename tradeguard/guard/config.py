@@ -9,10 +9,10 @@
         await server.start(); ...
 
 A service run by the kit's runner only declares `permissions=` (tradeguard.service.Declaration) and has a `guard`
-field in its settings (`GuardSettings.read(env, trust_domain)`): `start()` mounts the guard itself.
+field in its settings (`GuardSettings.read(env)`): `start()` mounts the guard itself.
 
 Settings, under the service's own prefix (`TRADEGUARD_<NAME>_`): `AUTH_TARGET` (host:port of the auth service,
-default 127.0.0.1:50051), `JWT_ISSUER` (default `spiffe://<trust domain>/svc/auth`), `JWT_AUDIENCE` (default
+default 127.0.0.1:50051), `JWT_ISSUER` (default `tradeguard-auth`), `JWT_AUDIENCE` (default
 `tradeguard`), `JWT_LEEWAY_S` (default 5, at most 60), `REVOCATION_MAX_OUTAGE_S` (default 5, at most 60: how long
 verified JWTs are still accepted while the revocation stream is down), `TOKEN_CACHE_SIZE` (default 10,000).
 """
@@ -50,13 +50,9 @@ from tradeguard.settings import Env
 
 __all__ = ["GuardConfig", "GuardSettings", "MountedGuard", "guard_for"]
 
+DEFAULT_ISSUER: Final = "tradeguard-auth"  # the auth service's defaults (services/auth/settings.py)
 DEFAULT_AUDIENCE: Final = "tradeguard"
 JWKS_REFRESH_S: Final = 300.0
-
-
-def default_issuer(trust_domain: str) -> str:
-    """The issuer the auth service writes into its tokens by default: its own SPIFFE ID."""
-    return f"spiffe://{trust_domain}/svc/auth"
 
 
 @dataclass(frozen=True)
@@ -64,7 +60,7 @@ class GuardSettings:
     """How a guard reaches and trusts the auth service (see the module for the variables)."""
 
     auth_target: str = f"127.0.0.1:{lookup('auth').port}"
-    issuer: str | None = None  # None: default_issuer(trust domain)
+    issuer: str = DEFAULT_ISSUER
     audience: str = DEFAULT_AUDIENCE
     algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
     leeway_s: float = DEFAULT_LEEWAY_S
@@ -77,7 +73,7 @@ class GuardSettings:
     def read(cls, env: Env) -> GuardSettings:
         return cls(
             auth_target=env.text("AUTH_TARGET", cls.auth_target),
-            issuer=env.optional_text("JWT_ISSUER"),
+            issuer=env.text("JWT_ISSUER", DEFAULT_ISSUER),
             audience=env.text("JWT_AUDIENCE", DEFAULT_AUDIENCE),
             leeway_s=env.number("JWT_LEEWAY_S", DEFAULT_LEEWAY_S, low=0.0, high=60.0),
             max_outage_s=env.number(
@@ -169,7 +165,7 @@ def guard_for(
     jwks = JwksCache(auth.jwks, algorithms=settings.algorithms)
     verifier = JwtVerifier(
         jwks,
-        settings.issuer or default_issuer(trust_domain),
+        settings.issuer,
         settings.audience,
         revocations=revocations,
         algorithms=settings.algorithms,

@@ -120,7 +120,7 @@ class Guard(Layer):
         self.public = frozenset(public)
         self._jwt = jwt
         self._signed = signed
-        self._revocations = revocations
+        self.revocations = revocations  # what this guard knows was revoked, and its stream's state
         self._edge_id = f"spiffe://{trust_domain}/svc/{edge_workload}"
         self._thumbprints: dict[bytes, str] = {}
 
@@ -206,7 +206,7 @@ class Guard(Layer):
             raise _fail("edge call without principal headers")
         key = headers.get(HEADER_KEY)
         key_id = key if key is not None and key_id_valid(key) else None
-        if key_id is not None and self._revocations.key_revoked(key_id):
+        if key_id is not None and self.revocations.key_revoked(key_id):
             raise _fail("key revoked")
         return Principal(
             user_id=user,

@@ -1,4 +1,5 @@
-"""Real databases for the trading tests: SQLite in tmp_path and PostgreSQL in a fresh schema per test.
+"""Real databases for the trading tests: SQLite in tmp_path and PostgreSQL in a fresh schema per test; the
+service itself behind its guard (`trading`, overriding tests/conftest.py's), with an auth service to verify tokens.
 
 PostgreSQL comes from TRADEGUARD_TEST_PG_DSN, or the local default; when the variable is unset and the default
 server is unreachable the PostgreSQL cases are skipped, when it is set they fail.
@@ -7,18 +8,30 @@ server is unreachable the PostgreSQL cases are skipped, when it is set they fail
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
 from services.trading.model import NewOrder, Order, OrderStatus, OrderType, Side, TimeInForce
+from services.trading.service import SERVICE
+from services.trading.settings import Settings
 from services.trading.store import OrderStore
 from services.trading.store_postgres import PostgresOrderStore
 from services.trading.store_sqlite import SqliteOrderStore
 from tests.support import PG_DSN, Database, open_database
-from tradeguard.testing import FakeClock
+from tests.tradeguard.guard.fake_auth import AUDIENCE, ISSUER, RunningAuth, small_auth
+from tradeguard.guard import Guard, GuardSettings
+from tradeguard.guard.client import authenticated_channel, bearer_interceptors
+from tradeguard.mesh import pki, tls
+from tradeguard.mesh.channel import MeshChannel
+from tradeguard.mesh.server import ServerConfig
+from tradeguard.service import start
+from tradeguard.testing import FakeClock, eventually
+from tradeguard.trading.v1 import trading_pb2_grpc
 
 
 class Backend(Database):
@@ -117,3 +130,64 @@ def make_order_fixture() -> Callable[..., Order]:
 @pytest.fixture(name="sequential_ids")
 def sequential_ids_fixture() -> Callable[..., Callable[[], str]]:
     return sequential_ids
+
+
+# --- the service behind its guard ---------------------------------------------------------------------------
+
+
+@dataclass
+class GuardedTrading:
+    """The trading service behind its guard (an auth service beside it) and how to call it as a principal."""
+
+    port: int
+    paths: pki.PkiPaths
+    auth: RunningAuth
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def token(self, account: str = "acct-1", scope: str = "orders:read orders:write", **claims: Any) -> str:
+        return self.auth.servicer.issuer.token(acct=account, scope=scope, **claims)
+
+    def channel(
+        self, account: str = "acct-1", scope: str = "orders:read orders:write", caller: str = "ops"
+    ) -> grpc.aio.Channel:
+        """A channel whose calls carry a bearer token of a user of `account` holding `scope`."""
+        return authenticated_channel(
+            self.target,
+            "trading",
+            tls.Workload.of(self.paths, caller),
+            bearer_interceptors(self.token(account, scope)),
+        )
+
+    def unauthenticated(self, caller: str = "ops") -> MeshChannel:
+        return MeshChannel(self.target, "trading", tls.Workload.of(self.paths, caller))
+
+    @staticmethod
+    def stub(channel: grpc.aio.Channel) -> trading_pb2_grpc.TradingServiceAsyncStub:
+        return trading_pb2_grpc.TradingServiceStub(channel)
+
+
+def guard_settings(auth: RunningAuth) -> GuardSettings:
+    return GuardSettings(auth_target=auth.target, issuer=ISSUER, audience=AUDIENCE)
+
+
+@pytest.fixture
+async def trading(pki_paths: pki.PkiPaths) -> AsyncIterator[GuardedTrading]:
+    """Overrides tests/conftest.py's: the real trading service, guarded, with an auth service to verify tokens."""
+    home = pki_paths.home
+    async with small_auth(pki_paths) as auth:
+        settings = Settings(
+            server=ServerConfig(name="trading", port=0, home=home, grace_s=2.0),
+            database_url=f"sqlite:///{home / 'data' / 'trading.db'}",
+            guard=guard_settings(auth),
+        )
+        running = await start(SERVICE, settings)
+        try:
+            guard = running.assembly.layers[0]
+            assert isinstance(guard, Guard)
+            await eventually(lambda: guard.revocations.is_up)  # tokens are accepted once revocations flow
+            yield GuardedTrading(running.port, pki_paths, auth)
+        finally:
+            await running.stop(grace=0, drain=0)

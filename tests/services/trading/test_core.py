@@ -204,3 +204,21 @@ def test_core_imports_no_grpc_or_protobuf() -> None:
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module)
     assert not {name for name in imported if name.startswith(("grpc", "google.protobuf"))}
+
+
+# --- whose orders ---------------------------------------------------------------------------------------------
+
+
+def test_a_call_acts_only_for_its_principals_account() -> None:
+    from services.trading.core import account_of
+    from tradeguard.errors import PermissionDenied, Unauthenticated
+    from tradeguard.principal import Principal
+
+    alice = Principal(user_id="usr_a", account_id="acct-a", scopes=frozenset({"orders:read"}))
+    assert account_of(alice, "acct-a") == "acct-a"
+    assert account_of(alice, "") == "acct-a"  # empty: the caller's own
+    with pytest.raises(PermissionDenied) as denied:
+        account_of(alice, "acct-b")
+    assert denied.value.reason == "ACCOUNT_NOT_ALLOWED"
+    with pytest.raises(Unauthenticated):
+        account_of(None, "acct-a")  # never for nobody, whatever the request names

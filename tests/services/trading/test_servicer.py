@@ -12,7 +12,7 @@ from tradeguard.rpc.status import rich_status
 from tradeguard.trading.v1 import trading_pb2
 
 if TYPE_CHECKING:
-    from tests.conftest import RunningTrading
+    from tests.services.trading.conftest import GuardedTrading as RunningTrading
 
 
 def order(coid: str = "c-1", /, **over: object) -> trading_pb2.PlaceOrderRequest:
@@ -72,7 +72,6 @@ async def test_place_is_idempotent_by_client_order_id(trading: RunningTrading) -
         ({"quantity": "1e3"}, "quantity"),
         ({"price": "1.123456789"}, "price"),
         ({"client_order_id": ""}, "client_order_id"),
-        ({"account_id": "a b"}, "account_id"),
     ],
 )
 async def test_invalid_input_is_invalid_argument_naming_the_field(
@@ -96,3 +95,63 @@ async def test_unknown_order_is_not_found(trading: RunningTrading) -> None:
                 timeout=5,
             )
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+# --- every order belongs to the caller's account ------------------------------------------------------------
+
+
+async def test_another_accounts_orders_are_permission_denied_before_anything_is_looked_up(
+    trading: RunningTrading,
+) -> None:
+    async with trading.channel("acct-1") as mine, trading.channel("acct-2") as theirs:
+        placed = (await trading.stub(mine).PlaceOrder(order(), timeout=5)).order
+        other = trading.stub(theirs)
+        for call in (
+            other.PlaceOrder(order("c-9", account_id="acct-1"), timeout=5),
+            other.GetOrder(
+                trading_pb2.GetOrderRequest(account_id="acct-1", order_id=placed.order_id), timeout=5
+            ),
+            # an order that does not exist: the same answer (permission before existence)
+            other.GetOrder(
+                trading_pb2.GetOrderRequest(account_id="acct-1", order_id="ord_01ARZ3NDEKTSV4RRFFQ69G5FAV"),
+                timeout=5,
+            ),
+            other.CancelOrder(
+                trading_pb2.CancelOrderRequest(account_id="acct-1", order_id=placed.order_id), timeout=5
+            ),
+            other.ListOrders(trading_pb2.ListOrdersRequest(account_id="acct-1"), timeout=5),
+            other.PlaceOrder(order("c-9", account_id="a b"), timeout=5),
+        ):
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert rich_status(err.value).reason == "ACCOUNT_NOT_ALLOWED"
+        # the order's own id under the caller's account: not theirs, so not found
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await other.GetOrder(trading_pb2.GetOrderRequest(order_id=placed.order_id), timeout=5)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert (await other.ListOrders(trading_pb2.ListOrdersRequest(), timeout=5)).orders == []
+        # an empty account_id means the caller's own
+        mine_listed = await trading.stub(mine).ListOrders(trading_pb2.ListOrdersRequest(), timeout=5)
+        assert [o.order_id for o in mine_listed.orders] == [placed.order_id]
+        assert (
+            await trading.stub(mine).PlaceOrder(order("c-2", account_id=""), timeout=5)
+        ).order.account_id == "acct-1"
+
+
+async def test_each_method_needs_its_permission(trading: RunningTrading) -> None:
+    async with trading.channel(scope="orders:read") as reader, trading.unauthenticated() as nobody:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await trading.stub(reader).PlaceOrder(order(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await trading.stub(reader).CancelOrder(
+                trading_pb2.CancelOrderRequest(order_id="ord_01ARZ3NDEKTSV4RRFFQ69G5FAV"), timeout=5
+            )
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert (
+            await trading.stub(reader).ListOrders(trading_pb2.ListOrdersRequest(), timeout=5)
+        ).orders == []
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await trading.stub(nobody).ListOrders(trading_pb2.ListOrdersRequest(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED

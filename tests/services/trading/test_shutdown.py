@@ -14,13 +14,21 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support import free_port
+from tests.tradeguard.guard.fake_auth import AUDIENCE, ISSUER, RunningAuth, small_auth
+from tradeguard.guard.client import authenticated_channel, bearer_interceptors
 from tradeguard.mesh import pki, tls
-from tradeguard.mesh.channel import MeshChannel
 from tradeguard.trading.v1 import trading_pb2, trading_pb2_grpc
 
 
-def start_trading(home: Path, port: int) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, TRADEGUARD_HOME=str(home), TRADEGUARD_TRADING_PORT=str(port))
+def start_trading(home: Path, port: int, auth: RunningAuth) -> subprocess.Popen[bytes]:
+    env = dict(
+        os.environ,
+        TRADEGUARD_HOME=str(home),
+        TRADEGUARD_TRADING_PORT=str(port),
+        TRADEGUARD_TRADING_AUTH_TARGET=auth.target,  # the guard verifies tokens against this auth service
+        TRADEGUARD_TRADING_JWT_ISSUER=ISSUER,
+        TRADEGUARD_TRADING_JWT_AUDIENCE=AUDIENCE,
+    )
     with open(home / "trading.log", "ab") as log:  # a file, not a pipe: a full pipe would block the service
         return subprocess.Popen([sys.executable, "-m", "services.trading"], env=env, stdout=log, stderr=log)
 
@@ -43,19 +51,39 @@ async def wait_serving(target: str, workload: tls.Workload, proc: subprocess.Pop
     raise AssertionError("trading service did not become ready")
 
 
+async def wait_guarded(stub: trading_pb2_grpc.TradingServiceAsyncStub) -> None:
+    """Until the guard accepts tokens (its revocation stream is up, moments after the server is)."""
+    for _ in range(150):
+        try:
+            await stub.ListOrders(trading_pb2.ListOrdersRequest(page_size=1), timeout=5)
+            return
+        except grpc.aio.AioRpcError as error:
+            if error.code() != grpc.StatusCode.UNAUTHENTICATED:
+                raise
+        await asyncio.sleep(0.1)
+    raise AssertionError("the guard never accepted the token")
+
+
 @pytest.mark.slow
 async def test_sigterm_during_load_loses_no_acknowledged_order(pki_paths: pki.PkiPaths) -> None:
+    async with small_auth(pki_paths) as auth:
+        await _sigterm_during_load(pki_paths, auth)
+
+
+async def _sigterm_during_load(pki_paths: pki.PkiPaths, auth: RunningAuth) -> None:
     port = free_port()
     target = f"127.0.0.1:{port}"
     ops = tls.Workload.of(pki_paths, "ops")
-    proc = start_trading(pki_paths.home, port)
+    jwt = auth.servicer.issuer.token(acct="acct-load", scope="orders:read orders:write")
+    proc = start_trading(pki_paths.home, port, auth)
     acked: list[str] = []
     refused: list[grpc.StatusCode] = []
     unanswered: list[trading_pb2.PlaceOrderRequest] = []
     try:
         await wait_serving(target, ops, proc)
-        async with MeshChannel(target, "trading", ops) as channel:
+        async with authenticated_channel(target, "trading", ops, bearer_interceptors(jwt)) as channel:
             stub = trading_pb2_grpc.TradingServiceStub(channel)
+            await wait_guarded(stub)
             stop = asyncio.Event()
 
             async def worker(w: int) -> None:
@@ -100,11 +128,12 @@ async def test_sigterm_during_load_loses_no_acknowledged_order(pki_paths: pki.Pk
             proc.kill()
             proc.wait()
 
-    proc = start_trading(pki_paths.home, port)
+    proc = start_trading(pki_paths.home, port, auth)
     try:
         await wait_serving(target, ops, proc)
-        async with MeshChannel(target, "trading", ops) as channel:
+        async with authenticated_channel(target, "trading", ops, bearer_interceptors(jwt)) as channel:
             stub = trading_pb2_grpc.TradingServiceStub(channel)
+            await wait_guarded(stub)
             stored: set[str] = set()
             token = ""
             while True:

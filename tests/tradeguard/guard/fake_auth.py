@@ -30,7 +30,7 @@ from tradeguard.mesh import pki
 from tradeguard.mesh.authz import MethodPolicy
 from tradeguard.mesh.server import MeshServer, ServerConfig, Service
 
-ISSUER = "spiffe://tradeguard.test/svc/auth"
+ISSUER = "tradeguard-auth"
 AUDIENCE = "tradeguard"
 AUTH = "tradeguard.auth.v1.AuthService"
 
