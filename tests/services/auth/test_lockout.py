@@ -4,10 +4,13 @@ password spraying, unlock, and every failure, lock and unlock logged with its ca
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import MutableMapping, Sequence
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from services.auth.hot import HotState
@@ -273,3 +276,13 @@ async def test_every_failure_lock_and_unlock_is_logged_with_its_cause(
             "cause": "operator unlock",
         }
     ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.text(max_size=60), st.ip_addresses().map(str)))
+def test_source_key_never_crashes(text: str) -> None:
+    key = source_key(text)
+    if key.endswith("/64"):
+        assert ipaddress.IPv6Network(key).prefixlen == 64  # strict: the host bits are cleared
+    elif key != "unknown":
+        assert str(ipaddress.IPv4Address(key)) == key

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import os
 import statistics
 import time
@@ -23,6 +24,8 @@ import argon2
 import jwt
 import pytest
 from argon2 import PasswordHasher, Type
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from services.auth import recovery
@@ -56,7 +59,7 @@ ATTACKER_IP = "203.0.113.66"
 THUMBPRINT = "Zr0Fj0Ab0Qz8m1nq7bGmQ2Yw9e0c3xk4E5t6U7v8W9A"
 
 
-def settings(tmp_path: Path) -> Settings:
+def auth_settings(tmp_path: Path) -> Settings:
     return Settings(server=ServerConfig(name="auth", port=0, home=tmp_path), database_url="sqlite:///unused")
 
 
@@ -75,7 +78,7 @@ class Replica:
 async def replica(
     store: AuthStore, hot: HotState, vault: VaultClient, clock: FakeClock, tmp_path: Path
 ) -> Replica:
-    config = settings(tmp_path)
+    config = auth_settings(tmp_path)
     tokens = TokenService(store, hot, vault, clock, os.urandom, config)
     rbac = Rbac(store, clock, mfa_permissions=config.mfa_required_permissions)
     await rbac.load()
@@ -545,3 +548,51 @@ async def test_logs_hold_causes_and_never_a_secret(one: Replica, clock: FakeCloc
 async def test_login_result_repr_hides_tokens() -> None:
     result = LoginResult(mfa_token="secret-token-value", mfa_expires_in_us=1)
     assert "secret-token-value" not in repr(result)
+
+
+# --- recovery codes and usernames, pure ------------------------------------------------------------------------
+
+
+def test_recovery_codes_have_80_bits_in_crockford_base32() -> None:
+    codes = recovery.generate_codes(os.urandom)
+    assert len(codes) == 10 and len(set(codes)) == 10
+    for code in codes:
+        groups = code.split("-")
+        assert [len(g) for g in groups] == [4, 4, 4, 4]
+        assert set("".join(groups)) <= set("0123456789abcdefghjkmnpqrstvwxyz")
+    # all 80 bits land in the code: the all-zero and all-one inputs are the two ends of the alphabet
+    assert recovery.generate_codes(lambda n: b"\x00" * n, count=1) == ["0000-0000-0000-0000"]
+    assert recovery.generate_codes(lambda n: b"\xff" * n, count=1) == ["zzzz-zzzz-zzzz-zzzz"]
+    digest = recovery.hash_code("zzzz-zzzz-zzzz-zzzz")
+    assert digest == hashlib.sha256(b"zzzzzzzzzzzzzzzz").hexdigest()
+
+
+def test_recovery_codes_are_read_forgivingly() -> None:
+    assert recovery.normalize_code("AB1C-DE0F-GH1J-KMNP") == "ab1cde0fgh1jkmnp"
+    assert recovery.normalize_code("abic delo ghlj kmnp") == "ab1cde10gh1jkmnp"  # i, l → 1; o → 0
+    assert recovery.normalize_code("abcd-efgh-jkmn-pqru") is None  # u is not in the alphabet
+    assert recovery.normalize_code("abcd-efgh-jkmn") is None
+    assert recovery.normalize_code("a" * 100) is None
+    with pytest.raises(ValueError):
+        recovery.stored_hash("not a code")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=80))
+def test_recovery_code_parsing_never_crashes(text: str) -> None:
+    normalized = recovery.normalize_code(text)
+    if normalized is not None:
+        assert len(normalized) == 16 and normalized.isascii()
+        assert recovery.normalize_code(normalized) == normalized
+        assert recovery.hash_code(text) == hashlib.sha256(normalized.encode()).hexdigest()
+    else:
+        assert recovery.hash_code(text) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=300))
+def test_username_normalisation_never_crashes(text: str) -> None:
+    name = normalize_username(text)
+    if name is not None:
+        assert 3 <= len(name) <= 64 and name.isascii()
+        assert normalize_username(name) == name
