@@ -118,8 +118,8 @@ class Guard(Layer):
             raise ValueError(f"methods both public and guarded: {sorted(overlap)}")
         self.permissions = dict(permissions)
         self.public = frozenset(public)
-        self._jwt = jwt
-        self._signed = signed
+        self.jwt = jwt
+        self.signed = signed
         self.revocations = revocations  # what this guard knows was revoked, and its stream's state
         self._edge_id = f"spiffe://{trust_domain}/svc/{edge_workload}"
         self._thumbprints: dict[bytes, str] = {}
@@ -181,7 +181,7 @@ class Guard(Layer):
             if scheme.lower() != "bearer" or not token.strip():
                 raise _fail("authorization is not a bearer token")
             thumbprint = functools.partial(self._thumbprint, context)
-            return await self._jwt.verify(token.strip(), thumbprint), "jwt"
+            return await self.jwt.verify(token.strip(), thumbprint), "jwt"
         if signed:
             if len(signed) != len(SIGNED_HEADERS):
                 raise _fail("signed request lacks a header")
@@ -197,7 +197,7 @@ class Guard(Layer):
                 source_ip=peer_ip(context),
                 required_permission=permission,
             )
-            return await self._signed.verify(request), "signed"
+            return await self.signed.verify(request), "signed"
         raise _fail("no credentials")
 
     def _edge(self, headers: Mapping[str, str]) -> Principal:

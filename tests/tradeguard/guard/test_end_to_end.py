@@ -1,0 +1,189 @@
+"""The guard end to end with the real services over mutual TLS: key vault → auth → trading behind its guard.
+
+A trader enrols TOTP and logs in (a certificate-bound JWT), an operator creates them an HMAC API key; orders are
+placed with both, only for the trader's own account; a token or key revoked at the auth service is refused by the
+running trading guard within one second (measured).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import jwt
+import pytest
+
+from services.auth.service import SERVICE as AUTH
+from services.auth.vault_client import ensure_keys
+from services.keyvault.service import SERVICE as KEYVAULT
+from services.keyvault.settings import Settings as KeyVaultSettings
+from services.keyvault.settings import StartupSecret
+from services.trading.service import SERVICE as TRADING
+from services.trading.settings import Settings as TradingSettings
+from tests.services.auth.auth_support import auth_settings, create_user, enrol, login
+from tradeguard.auth.v1 import auth_pb2 as pb
+from tradeguard.auth.v1 import auth_pb2_grpc
+from tradeguard.guard import Guard, GuardSettings
+from tradeguard.guard.client import (
+    ApiKeyCredentials,
+    authenticated_channel,
+    bearer_interceptors,
+    signing_interceptors,
+)
+from tradeguard.mesh import pki, tls
+from tradeguard.mesh.server import ServerConfig
+from tradeguard.testing import RunningService, eventually, running_service
+from tradeguard.trading.v1 import trading_pb2, trading_pb2_grpc
+
+
+@dataclass
+class Suite:
+    paths: pki.PkiPaths
+    auth: RunningService[Any, Any]
+    trading: RunningService[TradingSettings, Any]
+    guard: Guard
+
+    def trading_channel(
+        self, authentication: list[grpc.aio.ClientInterceptor], caller: str = "ops"
+    ) -> grpc.aio.Channel:
+        return authenticated_channel(
+            self.trading.target, "trading", tls.Workload.of(self.paths, caller), authentication
+        )
+
+
+@pytest.fixture
+async def suite(pki_paths: pki.PkiPaths) -> AsyncIterator[Suite]:
+    pki.issue(pki_paths, "trading-client")
+    home = pki_paths.home
+    vault_settings = KeyVaultSettings(
+        server=ServerConfig(name="keyvault", port=0, home=home, grace_s=1.0),
+        database_url=f"sqlite:///{home / 'data' / 'keyvault.db'}",
+        root_path=home / "data" / "keyvault.root",
+        startup=StartupSecret("guard test passphrase"),
+        scrypt_n=2**10,
+    )
+    async with running_service(KEYVAULT, vault_settings, pki_paths) as keyvault:
+        async with keyvault.channel("ops") as ops:
+            await ensure_keys(ops)
+        async with running_service(AUTH, auth_settings(keyvault), pki_paths) as auth:
+            trading_settings = TradingSettings(
+                server=ServerConfig(name="trading", port=0, home=home, grace_s=1.0),
+                database_url=f"sqlite:///{home / 'data' / 'trading.db'}",
+                guard=GuardSettings(
+                    auth_target=auth.target
+                ),  # issuer and audience: the auth service's defaults
+            )
+            async with running_service(TRADING, trading_settings, pki_paths) as trading:
+                guard = trading.running.assembly.layers[0]
+                assert isinstance(guard, Guard)
+                await eventually(lambda: guard.revocations.is_up, 10)
+                yield Suite(pki_paths, auth, trading, guard)
+
+
+def order(coid: str, account: str = "") -> trading_pb2.PlaceOrderRequest:
+    return trading_pb2.PlaceOrderRequest(
+        account_id=account,
+        client_order_id=coid,
+        symbol="BTC-USD",
+        side=trading_pb2.SIDE_BUY,
+        type=trading_pb2.ORDER_TYPE_LIMIT,
+        quantity="1",
+        price="100",
+    )
+
+
+async def code_of(call: Any) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as failed:
+        await call
+    return failed.value.code()
+
+
+async def test_a_trader_places_orders_with_a_jwt_and_a_signed_key_for_their_account_only(
+    suite: Suite,
+) -> None:
+    async with suite.auth.channel("ops") as ops_channel:
+        ops = auth_pb2_grpc.AuthServiceStub(ops_channel)
+        alice = await create_user(ops, "alice")
+        await create_user(ops, "bob")
+        totp, _ = await enrol(ops, "alice")
+        tokens = await login(ops, "alice", totp)  # bound to the ops certificate that logged in
+        created = await ops.CreateApiKey(
+            pb.CreateApiKeyRequest(
+                user_id=alice.user_id,
+                kind=pb.API_KEY_KIND_HMAC,
+                scopes=["orders:read", "orders:write"],
+                ip_allow_list=["127.0.0.1/32"],
+            ),
+            timeout=10,
+        )
+    key = ApiKeyCredentials(created.key.key_id, secret=created.secret)
+    async with (
+        suite.trading_channel(bearer_interceptors(tokens.access_token)) as by_token,
+        suite.trading_channel(signing_interceptors(key), caller="trading-client") as by_key,
+        suite.trading_channel(bearer_interceptors(tokens.access_token), caller="monitor") as other_cert,
+    ):
+        with_token = trading_pb2_grpc.TradingServiceStub(by_token)
+        with_key = trading_pb2_grpc.TradingServiceStub(by_key)
+        first = (await with_token.PlaceOrder(order("jwt-1"), timeout=10)).order
+        second = (await with_key.PlaceOrder(order("key-1", alice.account_id), timeout=10)).order
+        assert first.account_id == second.account_id == alice.account_id
+        listed = await with_key.ListOrders(trading_pb2.ListOrdersRequest(), timeout=10)
+        assert {o.order_id for o in listed.orders} == {first.order_id, second.order_id}
+        assert await code_of(with_key.PlaceOrder(order("key-2", "acct-bob"), timeout=10)) == (
+            grpc.StatusCode.PERMISSION_DENIED
+        )
+        # the token is bound to the certificate that logged in: from another workload's it is refused
+        stolen = trading_pb2_grpc.TradingServiceStub(other_cert).ListOrders(
+            trading_pb2.ListOrdersRequest(), timeout=10
+        )
+        assert await code_of(stolen) == grpc.StatusCode.UNAUTHENTICATED
+    assert suite.guard.signed.batcher.batches >= 1  # signed calls went through the guard's batcher
+
+
+async def test_revoked_tokens_and_keys_are_refused_by_the_running_guard_within_one_second(
+    suite: Suite,
+) -> None:
+    async with suite.auth.channel("ops") as ops_channel:
+        ops = auth_pb2_grpc.AuthServiceStub(ops_channel)
+        carol = await create_user(ops, "carol")
+        totp, _ = await enrol(ops, "carol")
+        tokens = await login(ops, "carol", totp)
+        created = await ops.CreateApiKey(
+            pb.CreateApiKeyRequest(
+                user_id=carol.user_id,
+                kind=pb.API_KEY_KIND_HMAC,
+                scopes=["orders:read"],
+                ip_allow_list=["127.0.0.1/32"],
+            ),
+            timeout=10,
+        )
+        jti = jwt.decode(tokens.access_token, options={"verify_signature": False})["jti"]
+        key = ApiKeyCredentials(created.key.key_id, secret=created.secret)
+        async with (
+            suite.trading_channel(bearer_interceptors(tokens.access_token)) as by_token,
+            suite.trading_channel(signing_interceptors(key), caller="trading-client") as by_key,
+        ):
+            with_token = trading_pb2_grpc.TradingServiceStub(by_token)
+            with_key = trading_pb2_grpc.TradingServiceStub(by_key)
+            await with_token.ListOrders(trading_pb2.ListOrdersRequest(), timeout=10)  # verified, now cached
+            await with_key.ListOrders(trading_pb2.ListOrdersRequest(), timeout=10)
+            revocations = suite.guard.revocations
+
+            started = time.monotonic()
+            await ops.RevokeTokens(pb.RevokeTokensRequest(jti=jti), timeout=10)
+            await eventually(lambda: revocations.token_revoked(jti, None, carol.user_id, 0) is not None, 5)
+            measured = time.monotonic() - started
+            assert measured < 1.0, f"the token's revocation took {measured:.3f} s to reach the guard"
+            refused = with_token.ListOrders(trading_pb2.ListOrdersRequest(), timeout=10)
+            assert await code_of(refused) == grpc.StatusCode.UNAUTHENTICATED
+
+            started = time.monotonic()
+            await ops.RevokeApiKey(pb.RevokeApiKeyRequest(key_id=key.key_id), timeout=10)
+            await eventually(lambda: revocations.key_revoked(key.key_id), 5)
+            measured = time.monotonic() - started
+            assert measured < 1.0, f"the key's revocation took {measured:.3f} s to reach the guard"
+            refused = with_key.ListOrders(trading_pb2.ListOrdersRequest(), timeout=10)
+            assert await code_of(refused) == grpc.StatusCode.UNAUTHENTICATED
