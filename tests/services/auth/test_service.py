@@ -1,0 +1,241 @@
+"""The auth service as the runner starts it: `python -m services.auth`, its settings from the environment, both
+gRPC services (its own and Envoy's Authorization) on one mutual-TLS port, two replicas sharing Redis (nonces and
+revocations across replicas), closers at shutdown, and `tradeguard up`'s key creation before auth starts."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from argparse import Namespace
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from services.auth.hot_memory import MemoryHotState
+from services.auth.hot_redis import RedisHotState
+from services.auth.service import SERVICE
+from services.keyvault.service import SERVICE as KEYVAULT
+from services.keyvault.settings import Settings as KeyVaultSettings
+from services.keyvault.settings import StartupSecret
+from tests.services.auth.auth_support import (
+    AuthService,
+    auth,
+    auth_settings,
+    create_user,
+    signed_request,
+    stub,
+)
+from tests.support import RedisServer, start_redis
+from tradeguard import registry
+from tradeguard.auth.v1 import auth_pb2 as pb
+from tradeguard.cli.up_cmd import Child, Supervisor
+from tradeguard.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
+from tradeguard.mesh import pki
+from tradeguard.mesh.server import ServerConfig
+from tradeguard.service import read_settings
+from tradeguard.settings import SettingsError
+from tradeguard.storage.redis import RedisConfig, RedisUnavailable
+from tradeguard.testing import RunningService, eventually, running_service
+
+__all__ = ["auth"]  # the fixture, imported for pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+
+
+def python_m(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "services.auth", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_help_prints_usage_and_starts_nothing() -> None:
+    done = python_m("--help")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m services.auth")
+    assert "tradeguard.auth.v1.AuthService" in done.stdout and "TRADEGUARD_AUTH_PORT" in done.stdout
+    refused = python_m("--port", "1")
+    assert refused.returncode == 2 and "unknown argument '--port'" in refused.stderr
+
+
+def test_a_bad_setting_stops_the_service_naming_the_variable(tmp_path: Path) -> None:
+    done = python_m(env={"TRADEGUARD_HOME": str(tmp_path), "TRADEGUARD_AUTH_REPLAY_WINDOW_S": "120"})
+    assert done.returncode == 2
+    assert "TRADEGUARD_AUTH_REPLAY_WINDOW_S must be a finite number between 0.001 and 60" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_settings_from_the_environment(tmp_path: Path) -> None:
+    environ = {"TRADEGUARD_HOME": str(tmp_path), "TRADEGUARD_AUTH_ISSUER": "https://auth.example"}
+    settings = read_settings(SERVICE, environ)
+    assert settings.server.name == "auth" and settings.server.port == registry.lookup("auth").port == 50051
+    assert settings.database_url == f"sqlite:///{tmp_path / 'data' / 'auth.db'}"
+    assert settings.issuer == "https://auth.example" and settings.redis is None
+    with pytest.raises(SettingsError, match="TRADEGUARD_AUTH_DATABASE_URL"):
+        read_settings(
+            SERVICE, {"TRADEGUARD_HOME": str(tmp_path), "TRADEGUARD_AUTH_DATABASE_URL": "mysql://x"}
+        )
+
+
+def test_auth_is_in_the_suite_after_the_key_vault() -> None:
+    assert registry.SUITE.index("keyvault") < registry.SUITE.index("auth") < registry.SUITE.index("trading")
+
+
+async def test_both_services_on_one_port_with_health_and_reflection(auth: AuthService) -> None:
+    async with auth.channel("ops") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("tradeguard.auth.v1.AuthService", "envoy.service.auth.v3.Authorization"):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, name
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        answers = reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+        )
+        names = set()
+        async for answer in answers:
+            names |= {service.name for service in answer.list_services_response.service}
+        assert {"tradeguard.auth.v1.AuthService", "envoy.service.auth.v3.Authorization"} <= names
+
+
+@pytest.fixture
+async def redis_server(tmp_path: Path) -> AsyncIterator[RedisServer]:
+    server = start_redis(tmp_path / "redis")
+    try:
+        await eventually(server.answers, within_s=10)
+        yield server
+    finally:
+        server.stop()
+
+
+async def test_two_replicas_share_redis_nonces_and_revocations(
+    keyvault: RunningService[KeyVaultSettings, Any], pki_paths: pki.PkiPaths, redis_server: RedisServer
+) -> None:
+    """Two auth replicas on one record store and one Redis: a nonce spent at one is a replay at the other, and a
+    key revoked at one is streamed by the other at once."""
+    shared = auth_settings(keyvault, redis=RedisConfig.from_url(f"redis://127.0.0.1:{redis_server.port}"))
+    async with (
+        running_service(SERVICE, shared, pki_paths) as one,
+        running_service(SERVICE, replace(shared), pki_paths) as two,
+    ):
+        assert isinstance(one.running.assembly.closers[0].__self__, RedisHotState)  # type: ignore[attr-defined]
+        async with (
+            one.channel("ops") as ops_one,
+            one.channel("trading") as guard_one,
+            two.channel("trading") as guard_two,
+        ):
+            user = await create_user(stub(ops_one), "lena")
+            created = await stub(ops_one).CreateApiKey(
+                pb.CreateApiKeyRequest(
+                    user_id=user.user_id, kind=pb.API_KEY_KIND_HMAC, scopes=["orders:write"]
+                ),
+                timeout=10,
+            )
+            key_id, secret = created.key.key_id, created.secret
+            stream = stub(guard_two).WatchRevocations(pb.WatchRevocationsRequest(), timeout=60)
+            await asyncio.wait_for(stream.initial_metadata(), 10)
+
+            request = signed_request(key_id, secret)
+            at_one = await stub(guard_one).VerifySignedRequests(
+                pb.VerifySignedRequestsRequest(requests=[request]), timeout=10
+            )
+            at_two = await stub(guard_two).VerifySignedRequests(
+                pb.VerifySignedRequestsRequest(requests=[request]), timeout=10
+            )
+            assert at_one.results[0].HasField("principal")
+            assert not at_two.results[0].HasField("principal")  # the nonce was spent at the other replica
+
+            started = time.monotonic()
+            await stub(ops_one).RevokeApiKey(pb.RevokeApiKeyRequest(key_id=key_id), timeout=10)
+            while True:
+                message = await asyncio.wait_for(stream.read(), 10)
+                assert isinstance(message, pb.WatchRevocationsResponse)
+                if message.WhichOneof("revoked") is not None:
+                    break
+            assert message.key_id == key_id and time.monotonic() - started < 1.0
+            stream.cancel()
+
+
+async def test_in_process_hot_state_by_default_and_closed_at_shutdown(
+    keyvault: RunningService[KeyVaultSettings, Any], pki_paths: pki.PkiPaths
+) -> None:
+    async with running_service(SERVICE, auth_settings(keyvault), pki_paths) as running:
+        hot = running.running.assembly.closers[0].__self__  # type: ignore[attr-defined]
+        assert isinstance(hot, MemoryHotState)
+        await hot.claim_nonce("k", "n" * 16, 1_000_000)
+    with pytest.raises(RuntimeError, match="closed"):  # the closer ran
+        await hot.claim_nonce("k", "m" * 16, 1_000_000)
+
+
+async def test_an_unreachable_redis_stops_the_start_and_leaks_nothing(
+    keyvault: RunningService[KeyVaultSettings, Any], pki_paths: pki.PkiPaths, tmp_path: Path
+) -> None:
+    settings = auth_settings(keyvault, redis=RedisConfig.from_url("redis://127.0.0.1:1?connect_timeout=0.5"))
+    tasks = len(asyncio.all_tasks())
+    with pytest.raises(RedisUnavailable):
+        async with running_service(SERVICE, settings, pki_paths):
+            pytest.fail("started without its Redis")
+    assert len(asyncio.all_tasks()) == tasks
+    # the store was closed: the same database opens again
+    async with (
+        running_service(SERVICE, auth_settings(keyvault), pki_paths) as running,
+        running.channel("ops") as ops,
+    ):
+        assert (await stub(ops).ListRoles(pb.ListRolesRequest(), timeout=10)).roles
+
+
+async def test_up_creates_the_auth_keys_as_ops_idempotently(
+    pki_paths: pki.PkiPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tradeguard up` creates the auth service's keys on a fresh key vault before starting auth (and a second
+    run leaves them as they are), and tells auth where the vault listens."""
+    monkeypatch.delenv("TRADEGUARD_AUTH_KEYVAULT_TARGET", raising=False)
+    home = pki_paths.home
+    fresh = KeyVaultSettings(
+        server=ServerConfig(name="keyvault", port=0, home=home, grace_s=1.0),
+        database_url=f"sqlite:///{home / 'data' / 'fresh-keyvault.db'}",
+        root_path=home / "data" / "fresh-keyvault.root",
+        startup=StartupSecret("a fresh vault for tradeguard up"),
+        scrypt_n=2**10,
+    )
+    args = Namespace(
+        home=home,
+        cert_hours=24.0,
+        check_seconds=30.0,
+        ready_timeout=60.0,
+        max_fast_crashes=5,
+        stable_seconds=60.0,
+    )
+    async with running_service(KEYVAULT, fresh, pki_paths) as keyvault:
+        supervisor = Supervisor(args, [registry.lookup("keyvault"), registry.lookup("auth")])
+        supervisor.children["keyvault"] = Child(registry.lookup("keyvault"), keyvault.port, 0)
+        async with keyvault.channel("ops") as channel:
+            keys = keyvault_pb2_grpc.KeyVaultServiceStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as missing:
+                await keys.GetKey(keyvault_pb2.GetKeyRequest(name="auth/jwt"), timeout=10)
+            assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+            await supervisor.ensure_auth_keys()
+            await supervisor.ensure_auth_keys()  # again: ALREADY_EXISTS is success
+            for name, kind in (
+                ("credentials", keyvault_pb2.KEY_TYPE_AES256_GCM),
+                ("auth/jwt", keyvault_pb2.KEY_TYPE_ED25519),
+            ):
+                key = (await keys.GetKey(keyvault_pb2.GetKeyRequest(name=name), timeout=10)).key
+                assert (
+                    key.type == kind and key.latest_version == 1
+                )  # created once, not rotated by a second run
+        env = supervisor.child_env(Child(registry.lookup("auth"), 50051, 51051))
+        assert env["TRADEGUARD_AUTH_KEYVAULT_TARGET"] == f"127.0.0.1:{keyvault.port}"
