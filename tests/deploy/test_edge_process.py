@@ -26,7 +26,6 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 
 from services.trading.service import SERVICE as TRADING
-from services.trading.settings import Settings
 from tests.deploy.edge_support import (
     ENVOY,
     PUBLIC_NAME,
@@ -38,12 +37,12 @@ from tests.deploy.edge_support import (
     public_tls,
     running_edge,
     serving,
+    trading_settings,
 )
 from tradeguard import edge
 from tradeguard.cli import up_cmd
 from tradeguard.cli.main import main as cli_main
 from tradeguard.mesh import pki
-from tradeguard.mesh.server import ServerConfig
 from tradeguard.testing import dev_pki, eventually, running_service
 
 pytestmark = pytest.mark.slow
@@ -67,13 +66,6 @@ def _paths(tmp_path: Path) -> pki.PkiPaths:
     paths = dev_pki(tmp_path / "home", WORKLOADS)
     pki.publish_bundle(paths, pki.EDGE, paths.edge_dir)
     return paths
-
-
-def _trading_settings(paths: pki.PkiPaths) -> Settings:
-    return Settings(
-        server=ServerConfig(name="trading", port=0, home=paths.home, grace_s=1.0, drain_s=0.0),
-        database_url=f"sqlite:///{paths.home / 'data' / 'trading.db'}",
-    )
 
 
 def _stat(edge_: Edge, name: str) -> int:
@@ -101,7 +93,7 @@ async def start(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
         async def starting(*, auth: bool, ratelimit: bool, trading_host: str = "127.0.0.1") -> Started:
             paths = _paths(tmp_path)
             trading = await stack.enter_async_context(
-                running_service(TRADING, _trading_settings(paths), paths)
+                running_service(TRADING, trading_settings(paths), paths)
             )
             authorizer = Authorizer() if auth else None
             limiter = RateLimiter() if ratelimit else None
