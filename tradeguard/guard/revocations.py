@@ -11,7 +11,8 @@ longer verifies anyway). Forgetting a revocation is never an option.
 sequence after the last one it applied whenever the stream ends or breaks, reconnecting with capped exponential
 backoff (0.05 s doubling to 2 s, with jitter; reset once a stream is up). A response without a `revoked` field is
 a heartbeat (the stream is up, nothing new). The stream counts as up once the server sent its initial metadata or
-a message.
+a message; a stream silent for `idle_timeout_s` (default 15 s: three of the auth service's 5 s heartbeats) is taken
+as broken (a hung server or a dead link) and reopened.
 
 Fail-closed rule for verified JWTs (`RevocationSet.unusable()`), stated once here and applied by the verifier:
 
@@ -52,6 +53,7 @@ DEFAULT_MAX_OUTAGE_S: Final = 5.0
 MAX_OUTAGE_S: Final = 60.0
 BACKOFF_FIRST_S: Final = 0.05
 BACKOFF_MAX_S: Final = 2.0
+DEFAULT_IDLE_TIMEOUT_S: Final = 15.0  # the auth service sends a heartbeat every 5 s
 
 
 class Kind(enum.StrEnum):
@@ -226,9 +228,11 @@ class RevocationWatcher:
         backoff_first_s: float = BACKOFF_FIRST_S,
         backoff_max_s: float = BACKOFF_MAX_S,
         rng: Callable[[], float] = random.random,
+        idle_timeout_s: float | None = DEFAULT_IDLE_TIMEOUT_S,
     ) -> None:
         self.revocations = revocations
         self._stream = stream
+        self._idle_s = idle_timeout_s
         self._first, self._max, self._rng = backoff_first_s, backoff_max_s, rng
         self.connects = 0  # streams that came up
 
@@ -237,11 +241,18 @@ class RevocationWatcher:
         while True:
             call = self._stream.open(self.revocations.last_sequence + 1)
             try:
-                await call.ready()
+                async with asyncio.timeout(self._idle_s):
+                    await call.ready()
                 self.revocations.stream_up()
                 self.connects += 1
                 delay = self._first
-                async for revoked in call:
+                items = aiter(call)
+                while True:
+                    try:
+                        async with asyncio.timeout(self._idle_s):  # silent too long: a hung server or link
+                            revoked = await anext(items)
+                    except StopAsyncIteration:
+                        break
                     self.revocations.stream_up()
                     self.revocations.apply(revoked)
                 # the server ended the stream (a restart): resume after a short pause
