@@ -7,7 +7,8 @@
 With an API key, each call gets the four signed-request headers (tradeguard.signing.signed_headers: the scheme of
 the key, its id, the current Unix milliseconds, a fresh random nonce, the full method and the SHA-256 of the request
 message as serialized for the wire), so client developers never build the signed string by hand. A client-streaming
-call is signed over its FIRST request message (read before the call starts; an empty stream signs the empty body).
+call is signed over its FIRST request message (read before the call starts, so a bidirectional call whose first
+request waits for a response cannot be signed; an empty stream signs the empty body).
 A protobuf request is serialized with `SerializeToString()`, the very function the stub's serializer calls; a
 request given as `bytes` is signed as is. Do not mutate a request while its call starts.
 
@@ -140,7 +141,7 @@ async def _first_then_rest(
 
         return first, chained_async()
     sync_iterator = iter(requests)
-    head = [item for item in _take_one(sync_iterator)]
+    head = [item for item, _ in zip(sync_iterator, range(1), strict=False)]
 
     async def chained() -> AsyncIterator[Any]:
         for item in head:
@@ -149,12 +150,6 @@ async def _first_then_rest(
             yield item
 
     return head, chained()
-
-
-def _take_one(iterator: Any) -> list[Any]:
-    for item in iterator:
-        return [item]
-    return []
 
 
 class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
@@ -240,7 +235,8 @@ def authenticated_channel(
 ) -> grpc.aio.Channel:
     """A mutual-TLS channel to `server_name` at `target` as `workload` whose every call is authenticated by
     `authentication` (`signing_interceptors(...)` or `bearer_interceptors(...)`), with the kit's call defaults
-    (request id, default deadline)."""
+    (request id, default deadline). Unlike `MeshChannel` it does not follow a rotated client certificate: open a
+    new one after a rotation."""
     return grpc.aio.secure_channel(
         target,
         tls.channel_credentials(workload),

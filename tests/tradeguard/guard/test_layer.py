@@ -163,6 +163,8 @@ async def test_hmac_and_ed25519_signed_calls_in_all_call_kinds(guarded: Guarded)
             assert (await echo.Echo(echo_pb2.EchoRequest(text="x"))).text == who
             assert [r.text async for r in echo.Expand(echo_pb2.ExpandRequest(count=1))] == [who]
             assert (await echo.Collect(_texts(["a", "b"]))).text == who  # type: ignore[arg-type]
+            plain = iter([echo_pb2.CollectRequest(text="a")])  # a plain iterable of requests is signed too
+            assert (await echo.Collect(plain)).text == who
     paths = {item.path for item in guarded.auth.servicer.verified}
     assert paths == {ECHO_METHOD, EXPAND, COLLECT}
     assert repr(ApiKeyCredentials(hmac_key, secret=secret)).count(secret) == 0
