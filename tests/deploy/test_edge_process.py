@@ -14,6 +14,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -191,8 +192,7 @@ async def test_rotations_under_a_running_envoy_log_no_mismatch_and_serve_the_new
         assert old_mesh in edge_.loaded_serials()
         assert _served_public_serial(edge_) == old_public
 
-        pki.issue(paths, pki.EDGE)  # what `tradeguard pki renew edge` does: issue, then publish
-        assert pki.publish_bundle(paths, pki.EDGE, paths.edge_dir)
+        assert cli_main(["pki", "issue", "edge", "--home", str(paths.home)]) == 0  # issues, then publishes
         started.rotate_public()
         new_mesh, new_public = _serial(paths.cert(pki.EDGE)), public.serial()
         assert new_mesh != old_mesh and new_public != old_public
@@ -276,6 +276,49 @@ def test_tradeguard_up_issues_and_publishes_the_edge_bundle(tmp_path: Path) -> N
     assert (current / "edge.crt").read_bytes() == paths.cert("edge").read_bytes()
     assert supervisor.renew() == []  # nothing due: nothing re-issued, nothing re-published
     assert len([p for p in paths.edge_dir.iterdir() if p.name.startswith(".v-")]) == 1
+
+
+def test_concurrent_publishers_always_leave_a_complete_matching_bundle_behind_current(tmp_path: Path) -> None:
+    """`tradeguard up` renewing while a timer runs `tradeguard pki renew edge`: `current` always names a complete
+    version whose key matches its certificate, and no publisher removes the version another made current."""
+    paths = dev_pki(tmp_path / "home", ("edge",))
+    pki.publish_bundle(paths, pki.EDGE, paths.edge_dir)
+    current = paths.edge_dir / "current"
+    stop = threading.Event()
+    broken: list[str] = []
+
+    def read() -> None:  # as a reader that resolves `current` once per reload
+        while not stop.is_set():
+            version = paths.edge_dir / os.readlink(current)
+            try:
+                cert, key = (version / "edge.crt").read_bytes(), (version / "edge.key").read_bytes()
+            except FileNotFoundError:  # gone only once two newer versions followed it
+                if paths.edge_dir / os.readlink(current) == version:
+                    broken.append(f"current -> {version.name}, which is incomplete or gone")
+                continue
+            if not pki.key_pair_matches(cert, key):
+                broken.append(f"{version.name}: key and certificate do not match")
+
+    def publish() -> None:
+        try:
+            for _ in range(8):
+                pki.issue(paths, pki.EDGE)
+                pki.publish_bundle(paths, pki.EDGE, paths.edge_dir)
+        except Exception as error:  # one publisher removing what another is writing
+            broken.append(f"publisher failed: {error!r}")
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    publishers = [threading.Thread(target=publish) for _ in range(2)]
+    for thread in publishers:
+        thread.start()
+    for thread in publishers:
+        thread.join()
+    stop.set()
+    reader.join()
+    assert broken == []
+    assert (current / "edge.crt").read_bytes() == paths.cert(pki.EDGE).read_bytes()
+    assert len(list(paths.edge_dir.glob(".v-*"))) == 2 and not list(paths.edge_dir.glob(".current.*"))
 
 
 def test_a_mismatched_pair_is_never_published(tmp_path: Path) -> None:

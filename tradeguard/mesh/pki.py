@@ -691,9 +691,9 @@ def publish_bundle(paths: PkiPaths, name: str, directory: Path) -> bool:
     whenever something is moved into ``directory`` (Envoy's SDS ``watched_directory``). The three files are
     written into a new versioned directory (``.v-<random>``), fsynced, and only then does one rename of the
     symlink ``directory/current`` make them current: a reader following ``current`` sees the old three files
-    or the new three, never a key beside another certificate. The pair is read under the PKI lock (so never
-    mid-issue) and checked to match. The previous version is kept (a reader may still be in it), older ones
-    are removed.
+    or the new three, never a key beside another certificate. All of it happens under the PKI lock (so never
+    mid-issue, and two publishers never remove each other's version); the pair is checked to match. The
+    previous version is kept (a reader may still be in it), older ones and leftovers of a crash are removed.
     """
     _check_name(name)
     with _locked(paths):
@@ -702,33 +702,35 @@ def publish_bundle(paths: PkiPaths, name: str, directory: Path) -> bool:
             f"{name}.crt": (paths.cert(name).read_bytes(), _CERT_MODE),
             f"{name}.key": (paths.key(name).read_bytes(), _KEY_MODE),
         }
-    if not key_pair_matches(files[f"{name}.crt"][0], files[f"{name}.key"][0]):
-        raise ValueError(f"{paths.cert(name)} and {paths.key(name)} do not match: not published")
-    directory.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
-    os.chmod(directory, _DIR_MODE)
-    link = directory / CURRENT
-    previous = Path(os.readlink(link)).name if link.is_symlink() else None
-    if previous is not None and all(
-        _read_or_none(directory / previous / file) == data for file, (data, _) in files.items()
-    ):
-        return False
-    version = directory / f".v-{secrets.token_hex(8)}"
-    version.mkdir(mode=_DIR_MODE)
-    for file, (data, mode) in files.items():
-        atomic_write(version / file, data, mode)
-    staged = directory / f".{CURRENT}.{secrets.token_hex(8)}.tmp"
-    os.symlink(version.name, staged)  # relative: the link works wherever the directory is mounted
-    os.replace(staged, link)
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    for old in directory.glob(".v-*"):
-        if old.name not in (version.name, previous):
-            for stale in old.iterdir():
-                stale.unlink()
-            old.rmdir()
+        if not key_pair_matches(files[f"{name}.crt"][0], files[f"{name}.key"][0]):
+            raise ValueError(f"{paths.cert(name)} and {paths.key(name)} do not match: not published")
+        directory.mkdir(parents=True, exist_ok=True, mode=_DIR_MODE)
+        os.chmod(directory, _DIR_MODE)
+        link = directory / CURRENT
+        previous = Path(os.readlink(link)).name if link.is_symlink() else None
+        if previous is not None and all(
+            _read_or_none(directory / previous / file) == data for file, (data, _) in files.items()
+        ):
+            return False
+        version = directory / f".v-{secrets.token_hex(8)}"
+        version.mkdir(mode=_DIR_MODE)
+        for file, (data, mode) in files.items():
+            atomic_write(version / file, data, mode)
+        staged = directory / f".{CURRENT}.{secrets.token_hex(8)}.tmp"
+        os.symlink(version.name, staged)  # relative: the link works wherever the directory is mounted
+        os.replace(staged, link)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        for old in directory.glob(f".{CURRENT}.*.tmp"):
+            old.unlink()
+        for old in directory.glob(".v-*"):
+            if old.name not in (version.name, previous):
+                for stale in old.iterdir():
+                    stale.unlink()
+                old.rmdir()
     return True
 
 
