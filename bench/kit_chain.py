@@ -11,9 +11,14 @@ credentials, the client in this process on one mTLS channel per server:
   errors     ErrorInterceptor alone (exception → rich status)
   decode     the chain with no wrapping layer: raw bytes in, decoded (and enum-checked) after the interceptor
 
-Rounds rotate the order so that drift hits every mode alike. Printed: throughput per round, then the median
-ratio of each mode's throughput to the bare echo's, and the CPU per call (client + server, from /proc) that
-each mode adds to the bare echo's (the client's share is the same in every mode and cancels out).
+Each round measures every mode twice: saturated (closed loop, `--concurrency` callers: throughput and CPU per
+call) and at a fixed arrival rate (open loop, `--rate` calls/s: the server's CPU per call under the same load
+for every mode, so that what a layer adds is not mixed with how a saturated server batches its work).
+Rounds rotate the order so that drift hits every mode alike. Printed: each round, then the median ratio of
+each mode's throughput to the bare echo's, and the CPU per call (server alone, and client + server, from
+/proc) that each mode adds to the bare echo's (the client's share is the same in every mode and cancels out).
+On a machine shared with other work the saturated figures move by tens of percent between rounds; the
+fixed-rate CPU per call is the steadier figure per layer.
 Aim (issue 6): `full`, still writing one log line per RPC, keeps 0.85 or more of the bare throughput.
 """
 
@@ -30,6 +35,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -108,7 +115,23 @@ def _tmpfs() -> str | None:
     return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 
 
-async def run(concurrency: int, duration: float, rounds: int) -> None:
+async def fixed_rate_server_cpu(
+    call: Callable[[int], Awaitable[object]], pid: int, rate: int, seconds: float
+) -> float:
+    """Server CPU per call (µs) with calls started at a fixed rate (open loop): the same load for every mode,
+    so what a layer adds is not mixed with how a saturated server batches its work."""
+    tasks: list[asyncio.Future[object]] = []
+    before = process_cpu_s(pid)
+    start = time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        while len(tasks) < int(elapsed * rate):
+            tasks.append(asyncio.ensure_future(call(len(tasks))))
+        await asyncio.sleep(0.001)
+    await asyncio.gather(*tasks, return_exceptions=True)
+    return (process_cpu_s(pid) - before) / max(1, len(tasks)) * 1e6
+
+
+async def run(concurrency: int, duration: float, rounds: int, rate: int) -> None:
     with tempfile.TemporaryDirectory(dir=_tmpfs()) as tmp:
         home = Path(tmp)
         paths = pki.PkiPaths(home)
@@ -133,6 +156,9 @@ async def run(concurrency: int, duration: float, rounds: int) -> None:
             request = echo_pb2.EchoRequest(text="hello", tone=echo_pb2.TONE_PLAIN)
             results: dict[str, list[Result]] = {mode: [] for mode in MODES}
             server_us: dict[str, list[float]] = {mode: [] for mode in MODES}  # the server process's CPU alone
+            fixed_us: dict[str, list[float]] = {
+                mode: [] for mode in MODES
+            }  # the same at a fixed arrival rate
             print(
                 f"{ECHO}/Echo over mTLS, {concurrency} concurrent callers, {duration:.0f} s per round, "
                 f"{rounds} rounds, one server process per mode ({os.cpu_count()} CPUs)"
@@ -153,10 +179,15 @@ async def run(concurrency: int, duration: float, rounds: int) -> None:
                     )
                     server_us[mode].append((process_cpu_s(pid) - server_before) / max(1, res.calls) * 1e6)
                     results[mode].append(res)
-                    print(res.line(f"round {r + 1} {mode}") + f"   server {server_us[mode][-1]:4.0f} us/call")
+                    fixed_us[mode].append(await fixed_rate_server_cpu(call, pid, rate, min(duration, 2.0)))
+                    print(
+                        res.line(f"round {r + 1} {mode}")
+                        + f"   server {server_us[mode][-1]:4.0f} us/call, {fixed_us[mode][-1]:4.0f} at {rate}/s"
+                    )
             print("\nagainst the bare echo (median of rounds):")
             print(
                 f"  {'mode':<10} {'throughput':>10}   {'CPU/call added: server':>22}   {'client+server':>13}"
+                f"   {f'server at {rate}/s':>17}"
             )
             bare = results["bare"]
             for mode in MODES[1:]:
@@ -168,11 +199,16 @@ async def run(concurrency: int, duration: float, rounds: int) -> None:
                 server = statistics.median(
                     a - b for a, b in zip(server_us[mode], server_us["bare"], strict=True)
                 )
-                print(f"  {mode:<10} {ratio:10.3f}   {server:+19.1f} us   {added:+10.1f} us")
+                fixed = statistics.median(
+                    a - b for a, b in zip(fixed_us[mode], fixed_us["bare"], strict=True)
+                )
+                print(
+                    f"  {mode:<10} {ratio:10.3f}   {server:+19.1f} us   {added:+10.1f} us   {fixed:+14.1f} us"
+                )
             bare_cpu = statistics.median(b.cpu_us_per_call or 0.0 for b in bare)
             print(
                 f"  (bare echo: {statistics.median(server_us['bare']):.0f} us of server CPU per call, "
-                f"{bare_cpu:.0f} us with the client's)"
+                f"{bare_cpu:.0f} us with the client's; {statistics.median(fixed_us['bare']):.0f} us at {rate}/s)"
             )
             for channel in channels.values():
                 await channel.close(None)
@@ -195,6 +231,9 @@ def _count_rpc_lines(path: Path) -> int:
 def main() -> None:
     parser = load_arguments(__doc__, rounds=3)
     parser.set_defaults(concurrency=64)
+    parser.add_argument(
+        "--rate", type=int, default=1000, help="calls/s of the fixed-rate CPU measurement (default 1000)"
+    )
     parser.add_argument("--serve", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--home", type=Path, help=argparse.SUPPRESS)
@@ -202,7 +241,7 @@ def main() -> None:
     if args.serve:
         asyncio.run(serve(args.serve, args.port, args.home, args.home / f"{args.serve}.log"))
     else:
-        asyncio.run(run(args.concurrency, args.duration, args.rounds))
+        asyncio.run(run(args.concurrency, args.duration, args.rounds, args.rate))
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import structlog
 
 from tradeguard.mesh.identity import peer_spiffe_id
 from tradeguard.observability.annotations import close_scope, open_scope
-from tradeguard.observability.logging import configuration_generation, json_lines
+from tradeguard.observability.logging import configuration_generation, json_lines, json_string
 from tradeguard.observability.metrics import RpcMetrics
 from tradeguard.observability.redact import Trusted
 from tradeguard.rpc.handlers import WrappingInterceptor, rebuild
@@ -41,8 +41,24 @@ _CANCELLED: Final = Trusted("CANCELLED")
 _OK: Final = Trusted("OK")
 _UNKNOWN: Final = Trusted("UNKNOWN")
 _LOGGER_NAME: Final = "tradeguard.rpc"
-_LOGGER: Final = Trusted(_LOGGER_NAME)
 _EVENT: Final = Trusted("rpc")
+# The fields the telemetry layer writes itself on the rpc line: a handler's annotation cannot override them.
+_KIT_KEYS: Final = frozenset(
+    {"method", "code", "latency_ms", "caller", "peer", "logger", "event", "request_id", "level", "timestamp"}
+)
+_KIT_KEYS_BUT_REQUEST_ID: Final = _KIT_KEYS - {"request_id"}
+_method_json_cache: dict[str, str] = {}
+
+
+def _method_json(method: str) -> str:
+    """A registered method's name as a JSON string (rendered once per method)."""
+    rendered = _method_json_cache.get(method)
+    if rendered is None:
+        rendered = json_string(method)
+        if len(_method_json_cache) < 4096:
+            _method_json_cache[method] = rendered
+    return rendered
+
 
 # Generic only in the type stubs.
 _Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
@@ -177,23 +193,38 @@ class TelemetryInterceptor(WrappingInterceptor):
         else:
             error = None
         lines = json_lines() if self._fixed_logger is None and error is None else None
-        if lines is not None and not lines.enabled(level):
+        latency_ms = round(seconds * 1000.0, 3)
+        caller = peer_spiffe_id(context)  # from the certificate our CA issued
+        peer = context.peer()  # grpc's address of the connection
+        if lines is not None:
+            # The fast path: the kit's own fields rendered here, once (never caller data: they are not scanned);
+            # what the handler annotated, a caller's request id and context variables go through redaction.
+            if not lines.enabled(level):
+                return
+            event: dict[str, Any] = annotations if annotations is not None else {}
+            trusted = (
+                f'"method": {_method_json(method)}, "code": {json_string(code)}, "latency_ms": {latency_ms!r}, '
+                f'"caller": {"null" if caller is None else json_string(caller)}, '
+                f'"peer": {"null" if peer is None else json_string(peer)}, '
+                f'"logger": "{_LOGGER_NAME}", "event": "rpc"'
+            )
+            if type(request_id) is Trusted:  # generated here
+                trusted += f', "request_id": {json_string(request_id)}'
+                lines.write(level, event, trusted, _KIT_KEYS)
+            else:  # the caller's x-request-id: caller data, scanned
+                event["request_id"] = request_id
+                lines.write(level, event, trusted, _KIT_KEYS_BUT_REQUEST_ID)
             return
         # what the handler annotated first: the interceptor's own fields are never overridden by it
         fields: dict[str, Any] = {
             **(annotations or {}),
             "method": method,
             "code": code,
-            "latency_ms": round(seconds * 1000.0, 3),
-            "caller": _trusted(peer_spiffe_id(context)),  # from the certificate our CA issued
-            "peer": _trusted(context.peer()),  # grpc's address of the connection
+            "latency_ms": latency_ms,
+            "caller": _trusted(caller),
+            "peer": _trusted(peer),
             "request_id": request_id,
         }
-        if lines is not None:  # the fast path: the same line, without structlog's bound-logger machinery
-            fields["logger"] = _LOGGER
-            fields["event"] = _EVENT
-            lines.write(level, fields)
-            return
         fields.pop("event", None)
         if error is not None:
             fields["exc_info"] = error

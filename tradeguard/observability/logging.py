@@ -27,10 +27,18 @@ from structlog.typing import FilteringBoundLogger, Processor
 
 from tradeguard.observability.redact import redact_processor
 
-__all__ = ["JsonLines", "configuration_generation", "configure_logging", "get_logger", "json_lines"]
+__all__ = [
+    "JsonLines",
+    "configuration_generation",
+    "configure_logging",
+    "get_logger",
+    "json_lines",
+    "json_string",
+]
 
 # One encoder, as json.dumps(default=...) would build per call; the same output as structlog's JSONRenderer.
 _ENCODER: Final = _json.JSONEncoder(default=repr)
+_encode_string: Final = _json.encoder.encode_basestring_ascii
 _LEVEL_NUMBERS: Final = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 
 
@@ -57,19 +65,41 @@ class JsonLines:
             self._second = second
         return f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
 
-    def write(self, level: str, event: dict[str, Any]) -> None:
-        """Write `event` (its "event" key set, no exc_info) at `level` ("info", "warning", ...), filtered by
-        the configured level. `event` is consumed (redacted in place)."""
+    def write(
+        self,
+        level: str,
+        event: dict[str, Any],
+        trusted_json: str = "",
+        trusted_keys: frozenset[str] = frozenset(),
+    ) -> None:
+        """Write `event` (no exc_info) at `level` ("info", "warning", ...), filtered by the configured level.
+        `event` is consumed (redacted in place).
+
+        `trusted_json`: fields the kit rendered itself, as the inside of a JSON object (``"code": "OK", ...``),
+        written as they are — only for values the kit produced (never caller data) and rendered with
+        :func:`json_string`; `trusted_keys` are their keys, which win over the same keys in `event` and in
+        the context variables."""
         if _LEVEL_NUMBERS[level] < self._min_level:
             return
         structlog.contextvars.merge_contextvars(None, level, event)
-        event["level"] = level
-        event["timestamp"] = self._timestamp()
-        redact_processor(None, level, event)
-        line = _ENCODER.encode(event) + "\n"
+        parts = [trusted_json] if trusted_json else []
+        if event:
+            for key in trusted_keys.intersection(event):
+                del event[key]
+            redact_processor(None, level, event)
+            body = _ENCODER.encode(event)
+            if len(body) > 2:
+                parts.append(body[1:-1])
+        parts.append(f'"level": "{level}", "timestamp": "{self._timestamp()}"')
+        line = "{" + ", ".join(parts) + "}\n"
         with self._lock:
             self._stream.write(line)
             self._stream.flush()
+
+
+def json_string(value: str) -> str:
+    """`value` as a JSON string literal, exactly as the JSON renderer writes it (ASCII, escaped)."""
+    return _encode_string(value)
 
 
 class _State:

@@ -435,3 +435,25 @@ async def test_the_configured_level_filters_rpc_lines() -> None:
         assert len(harness.rpc_lines()) == 1  # OK lines below the level, still counted
     finally:
         await harness.stop()
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    keys = [key for key, _ in pairs]
+    assert len(keys) == len(set(keys)), f"duplicate keys in {keys}"
+    return dict(pairs)
+
+
+async def test_the_rpc_line_has_each_key_once_and_the_kit_fields_win(harness: Harness) -> None:
+    # the Annotated handler annotates method="/forged" and code="FORGED" besides its own fields
+    await _unary(harness, "Annotated")(b"x", metadata=(("x-request-id", "caller-7"),))
+    await _unary(harness, "Annotated")(b"x")
+    await harness.settled_rpc_lines(2)
+    raw = [line for line in harness.out.getvalue().splitlines() if '"event": "rpc"' in line]
+    for line in (json.loads(text, object_pairs_hook=_no_duplicates) for text in raw):
+        assert (line["method"], line["code"]) == (f"/{SERVICE}/Annotated", "OK")
+        assert (line["resource"], line["level"], line["logger"]) == (
+            "key/credentials",
+            "info",
+            "tradeguard.rpc",
+        )
+    assert [json.loads(text)["request_id"] == "caller-7" for text in raw] == [True, False]
