@@ -1,5 +1,5 @@
 """Real databases for the trading tests: SQLite in tmp_path and PostgreSQL in a fresh schema per test; the
-service itself behind its guard (`trading`, overriding tests/conftest.py's), with an auth service to verify tokens.
+service itself behind its guard (`trading`, overriding tests/conftest.py's), with the real auth service.
 
 PostgreSQL comes from TRADEGUARD_TEST_PG_DSN, or the local default; when the variable is unset and the default
 server is unreachable the PostgreSQL cases are skipped, when it is set they fail.
@@ -23,14 +23,14 @@ from services.trading.store import OrderStore
 from services.trading.store_postgres import PostgresOrderStore
 from services.trading.store_sqlite import SqliteOrderStore
 from tests.support import PG_DSN, Database, open_database
-from tests.tradeguard.guard.fake_auth import AUDIENCE, ISSUER, RunningAuth, small_auth
+from tests.tradeguard.guard.real_auth import RealAuth, real_auth
 from tradeguard.guard import Guard, GuardSettings
-from tradeguard.guard.client import authenticated_channel, bearer_interceptors
+from tradeguard.guard.client import authenticated_channel, signing_interceptors
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.channel import MeshChannel
 from tradeguard.mesh.server import ServerConfig
 from tradeguard.service import start
-from tradeguard.testing import FakeClock, eventually
+from tradeguard.testing import FakeClock
 from tradeguard.trading.v1 import trading_pb2_grpc
 
 
@@ -137,28 +137,24 @@ def sequential_ids_fixture() -> Callable[..., Callable[[], str]]:
 
 @dataclass
 class GuardedTrading:
-    """The trading service behind its guard (an auth service beside it) and how to call it as a principal."""
+    """The trading service behind its guard, beside the real auth service and key vault; calls are signed with
+    API keys of users that an operator created there."""
 
     port: int
     paths: pki.PkiPaths
-    auth: RunningAuth
+    auth: RealAuth
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def token(self, account: str = "acct-1", scope: str = "orders:read orders:write", **claims: Any) -> str:
-        return self.auth.servicer.issuer.token(acct=account, scope=scope, **claims)
-
-    def channel(
+    async def channel(
         self, account: str = "acct-1", scope: str = "orders:read orders:write", caller: str = "ops"
     ) -> grpc.aio.Channel:
-        """A channel whose calls carry a bearer token of a user of `account` holding `scope`."""
+        """A channel whose calls are signed with an API key (holding `scope`) of a user of `account`."""
+        key = await self.auth.api_key(account, scope)
         return authenticated_channel(
-            self.target,
-            "trading",
-            tls.Workload.of(self.paths, caller),
-            bearer_interceptors(self.token(account, scope)),
+            self.target, "trading", tls.Workload.of(self.paths, caller), signing_interceptors(key)
         )
 
     def unauthenticated(self, caller: str = "ops") -> MeshChannel:
@@ -169,25 +165,21 @@ class GuardedTrading:
         return trading_pb2_grpc.TradingServiceStub(channel)
 
 
-def guard_settings(auth: RunningAuth) -> GuardSettings:
-    return GuardSettings(auth_target=auth.target, issuer=ISSUER, audience=AUDIENCE)
-
-
 @pytest.fixture
 async def trading(pki_paths: pki.PkiPaths) -> AsyncIterator[GuardedTrading]:
-    """Overrides tests/conftest.py's: the real trading service, guarded, with an auth service to verify tokens."""
+    """Overrides tests/conftest.py's: the real trading service behind its guard, the real auth service (and key
+    vault) verifying its callers."""
     home = pki_paths.home
-    async with small_auth(pki_paths) as auth:
+    async with real_auth(pki_paths) as auth:
         settings = Settings(
             server=ServerConfig(name="trading", port=0, home=home, grace_s=2.0),
             database_url=f"sqlite:///{home / 'data' / 'trading.db'}",
-            guard=guard_settings(auth),
+            guard=GuardSettings(auth_target=auth.target),
         )
         running = await start(SERVICE, settings)
         try:
             guard = running.assembly.layers[0]
             assert isinstance(guard, Guard)
-            await eventually(lambda: guard.revocations.is_up)  # tokens are accepted once revocations flow
             yield GuardedTrading(running.port, pki_paths, auth)
         finally:
             await running.stop(grace=0, drain=0)

@@ -30,7 +30,7 @@ def order(coid: str = "c-1", /, **over: object) -> trading_pb2.PlaceOrderRequest
 
 
 async def test_place_get_cancel_list(trading: RunningTrading) -> None:
-    async with trading.channel() as channel:
+    async with await trading.channel() as channel:
         stub = trading.stub(channel)
         placed = await stub.PlaceOrder(order(), timeout=5)
         assert not placed.replayed
@@ -51,7 +51,7 @@ async def test_place_get_cancel_list(trading: RunningTrading) -> None:
 
 
 async def test_place_is_idempotent_by_client_order_id(trading: RunningTrading) -> None:
-    async with trading.channel() as channel:
+    async with await trading.channel() as channel:
         stub = trading.stub(channel)
         replies = await asyncio.gather(*(stub.PlaceOrder(order("same"), timeout=5) for _ in range(20)))
         assert len({r.order.order_id for r in replies}) == 1
@@ -77,7 +77,7 @@ async def test_place_is_idempotent_by_client_order_id(trading: RunningTrading) -
 async def test_invalid_input_is_invalid_argument_naming_the_field(
     trading: RunningTrading, override: dict[str, object], field: str
 ) -> None:
-    async with trading.channel() as channel:
+    async with await trading.channel() as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await trading.stub(channel).PlaceOrder(order(**override), timeout=5)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -88,7 +88,7 @@ async def test_invalid_input_is_invalid_argument_naming_the_field(
 
 
 async def test_unknown_order_is_not_found(trading: RunningTrading) -> None:
-    async with trading.channel() as channel:
+    async with await trading.channel() as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await trading.stub(channel).GetOrder(
                 trading_pb2.GetOrderRequest(account_id="acct-1", order_id="ord_01ARZ3NDEKTSV4RRFFQ69G5FAV"),
@@ -103,7 +103,7 @@ async def test_unknown_order_is_not_found(trading: RunningTrading) -> None:
 async def test_another_accounts_orders_are_permission_denied_before_anything_is_looked_up(
     trading: RunningTrading,
 ) -> None:
-    async with trading.channel("acct-1") as mine, trading.channel("acct-2") as theirs:
+    async with await trading.channel("acct-1") as mine, await trading.channel("acct-2") as theirs:
         placed = (await trading.stub(mine).PlaceOrder(order(), timeout=5)).order
         other = trading.stub(theirs)
         for call in (
@@ -140,7 +140,7 @@ async def test_another_accounts_orders_are_permission_denied_before_anything_is_
 
 
 async def test_each_method_needs_its_permission(trading: RunningTrading) -> None:
-    async with trading.channel(scope="orders:read") as reader, trading.unauthenticated() as nobody:
+    async with await trading.channel(scope="orders:read") as reader, trading.unauthenticated() as nobody:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await trading.stub(reader).PlaceOrder(order(), timeout=5)
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -16,14 +16,10 @@ import grpc
 import jwt
 import pytest
 
-from services.auth.service import SERVICE as AUTH
-from services.auth.vault_client import ensure_keys
-from services.keyvault.service import SERVICE as KEYVAULT
-from services.keyvault.settings import Settings as KeyVaultSettings
-from services.keyvault.settings import StartupSecret
 from services.trading.service import SERVICE as TRADING
 from services.trading.settings import Settings as TradingSettings
-from tests.services.auth.auth_support import auth_settings, create_user, enrol, login
+from tests.services.auth.auth_support import create_user, enrol, login
+from tests.tradeguard.guard.real_auth import real_auth
 from tradeguard.auth.v1 import auth_pb2 as pb
 from tradeguard.auth.v1 import auth_pb2_grpc
 from tradeguard.guard import Guard, GuardSettings
@@ -58,29 +54,17 @@ class Suite:
 async def suite(pki_paths: pki.PkiPaths) -> AsyncIterator[Suite]:
     pki.issue(pki_paths, "trading-client")
     home = pki_paths.home
-    vault_settings = KeyVaultSettings(
-        server=ServerConfig(name="keyvault", port=0, home=home, grace_s=1.0),
-        database_url=f"sqlite:///{home / 'data' / 'keyvault.db'}",
-        root_path=home / "data" / "keyvault.root",
-        startup=StartupSecret("guard test passphrase"),
-        scrypt_n=2**10,
-    )
-    async with running_service(KEYVAULT, vault_settings, pki_paths) as keyvault:
-        async with keyvault.channel("ops") as ops:
-            await ensure_keys(ops)
-        async with running_service(AUTH, auth_settings(keyvault), pki_paths) as auth:
-            trading_settings = TradingSettings(
-                server=ServerConfig(name="trading", port=0, home=home, grace_s=1.0),
-                database_url=f"sqlite:///{home / 'data' / 'trading.db'}",
-                guard=GuardSettings(
-                    auth_target=auth.target
-                ),  # issuer and audience: the auth service's defaults
-            )
-            async with running_service(TRADING, trading_settings, pki_paths) as trading:
-                guard = trading.running.assembly.layers[0]
-                assert isinstance(guard, Guard)
-                await eventually(lambda: guard.revocations.is_up, 10)
-                yield Suite(pki_paths, auth, trading, guard)
+    async with real_auth(pki_paths) as real:
+        trading_settings = TradingSettings(
+            server=ServerConfig(name="trading", port=0, home=home, grace_s=1.0),
+            database_url=f"sqlite:///{home / 'data' / 'trading.db'}",
+            guard=GuardSettings(auth_target=real.target),  # issuer and audience: the auth service's defaults
+        )
+        async with running_service(TRADING, trading_settings, pki_paths) as trading:
+            guard = trading.running.assembly.layers[0]
+            assert isinstance(guard, Guard)
+            await eventually(lambda: guard.revocations.is_up, 10)
+            yield Suite(pki_paths, real.auth, trading, guard)
 
 
 def order(coid: str, account: str = "") -> trading_pb2.PlaceOrderRequest:
