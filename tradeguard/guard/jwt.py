@@ -20,7 +20,9 @@ EC/P-256 → ES256); at most 64 keys, a JWKS document of at most 64 KiB.
 
 Verified tokens are cached by the SHA-256 of the token until their `exp` (bounded LRU, `cache_size` entries,
 default 10,000, about 5 MB): a cached token skips the signature check, never the certificate binding, the
-revocation check or the expiry. Revocations and the fail-closed rule: `tradeguard.guard.revocations`.
+revocation check or the expiry; a cached token whose key has left the JWKS (withdrawn at a refresh, every 5 minutes
+and on an unknown kid) is verified again, and refused. Revocations and the fail-closed rule:
+`tradeguard.guard.revocations`.
 """
 
 from __future__ import annotations
@@ -123,6 +125,10 @@ class JwksCache:
     def kids(self) -> frozenset[str]:
         return frozenset(self._keys)
 
+    def has(self, kid: str) -> bool:
+        """Whether `kid` is in the key set now (no refresh)."""
+        return kid in self._keys
+
     async def get(self, kid: str) -> _Key | None:
         """The key for `kid`; an unknown one triggers a refresh (shared, rate-limited) and is looked up again."""
         key = self._keys.get(kid)
@@ -191,6 +197,7 @@ class _Verified:
     issued_at_us: int
     family: str | None
     thumbprint: str | None  # cnf.x5t#S256 when the token is certificate-bound
+    kid: str  # the key that verified it: a cached token whose key was withdrawn is verified again
 
 
 def _fail(cause: str) -> Unauthenticated:
@@ -256,6 +263,9 @@ class JwtVerifier:
         digest = hashlib.sha256(token.encode("utf-8", "surrogatepass")).digest()
         verified = self._cache.get(digest)
         now = self._clock()
+        if verified is not None and not self._jwks.has(verified.kid):
+            del self._cache[digest]  # its key was withdrawn from the JWKS: verify again (and refuse)
+            verified = None
         if verified is not None:
             if now >= verified.expires_us:
                 del self._cache[digest]
@@ -332,9 +342,9 @@ class JwtVerifier:
             raise _fail(f"token lacks claim {error.claim}") from None
         except pyjwt.PyJWTError as error:
             raise _fail(f"token invalid ({type(error).__name__})") from None
-        return self._claims(claims, now_us)
+        return self._claims(claims, now_us, kid)
 
-    def _claims(self, claims: dict[str, Any], now_us: int) -> _Verified:
+    def _claims(self, claims: dict[str, Any], now_us: int, kid: str) -> _Verified:
         leeway = self._leeway_us
         exp_us = round(_numeric(claims, "exp") * 1_000_000)
         nbf_us = round(_numeric(claims, "nbf") * 1_000_000)
@@ -367,4 +377,4 @@ class JwtVerifier:
             token_id=jti,
             amr=tuple(amr),
         )
-        return _Verified(principal, exp_us + leeway, iat_us, family, thumbprint)
+        return _Verified(principal, exp_us + leeway, iat_us, family, thumbprint, kid)

@@ -290,3 +290,13 @@ def test_configuration_cannot_allow_hmac_algorithms(s: Setup) -> None:
         JwksCache(fetch, algorithms=("HS256",))
     with pytest.raises(ValueError, match="algorithms"):
         JwksCache(fetch, algorithms=("none", "EdDSA"))
+
+
+async def test_a_cached_token_of_a_withdrawn_key_is_refused(s: Setup) -> None:
+    token = s.token()
+    await s.verify(token)  # cached
+    s.issuer.keys.pop("auth/jwt:v1")
+    s.issuer.add_key("auth/jwt:v2")
+    s.monotonic.now += 2
+    await s.jwks.refresh()  # the periodic refresh: v1 is gone
+    await s.refused(token, "kid unknown")
