@@ -266,9 +266,15 @@ class Supervisor:
         env[f"{prefix}_METRICS_PORT"] = str(child.metrics_port)
         env.setdefault("PYTHONUNBUFFERED", "1")
         operator_set = ("TRADEGUARD_KEYVAULT_PASSPHRASE", "TRADEGUARD_KEYVAULT_PASSPHRASE_FILE")
-        vault = self.children.get("keyvault")
-        if child.name == "auth" and vault is not None and not env.get("TRADEGUARD_AUTH_KEYVAULT_TARGET"):
-            env["TRADEGUARD_AUTH_KEYVAULT_TARGET"] = f"{common.connect_host()}:{vault.port}"
+        # where this suite's key vault and auth service listen (the services' own defaults are the registry's)
+        targets: list[tuple[str, Child | None]] = []
+        if child.name == "auth":
+            targets.append(("TRADEGUARD_AUTH_KEYVAULT_TARGET", self.children.get("keyvault")))
+        elif child.name != "keyvault":  # a guarded service's auth service
+            targets.append((f"{prefix}_AUTH_TARGET", self.children.get("auth")))
+        for variable, upstream in targets:
+            if upstream is not None and not env.get(variable):  # an operator's own setting wins
+                env[variable] = f"{common.connect_host()}:{upstream.port}"
         if child.name == "keyvault" and not any(env.get(name) for name in operator_set):
             # a file the vault reads once, not the environment (which /proc/<pid>/environ keeps showing)
             env["TRADEGUARD_KEYVAULT_PASSPHRASE_FILE"] = str(self.dev_vault_passphrase_file())

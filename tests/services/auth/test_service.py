@@ -239,3 +239,11 @@ async def test_up_creates_the_auth_keys_as_ops_idempotently(
                 )  # created once, not rotated by a second run
         env = supervisor.child_env(Child(registry.lookup("auth"), 50051, 51051))
         assert env["TRADEGUARD_AUTH_KEYVAULT_TARGET"] == f"127.0.0.1:{keyvault.port}"
+        # and a guarded service where this suite's auth listens
+        supervisor.children["auth"] = Child(registry.lookup("auth"), 41051, 42051)
+        trading = supervisor.child_env(Child(registry.lookup("trading"), 50055, 51055))
+        assert trading["TRADEGUARD_TRADING_AUTH_TARGET"] == "127.0.0.1:41051"
+        monkeypatch.setenv("TRADEGUARD_TRADING_AUTH_TARGET", "10.0.0.9:50051")  # an operator's setting wins
+        assert supervisor.child_env(Child(registry.lookup("trading"), 1, 2))[
+            "TRADEGUARD_TRADING_AUTH_TARGET"
+        ] == ("10.0.0.9:50051")
