@@ -9,7 +9,8 @@ What `build` wires, in order:
 - the cores: `Rbac` (roles seeded on first start), `TokenService`, `UserService`, `ApiKeyService`;
 - for Envoy's Check (services/auth/ext_authz.py), mounted on the same server (`Assembly.extra_services`): the
   kit's JWT verifier (tradeguard.guard.jwt) over this service's own JWKS and a revocation set fed in process from
-  the hot state by a background task (the same rules as every guard, no RPC to itself).
+  the hot state by a background task, the JWKS refreshed every 5 minutes (the same rules as every guard, no
+  RPC to itself).
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ _log = get_logger("auth.service")
 
 WORKLOAD: Final = "auth"  # who the auth service is to the key vault
 REVOCATION_WAIT_S: Final = 1.0
+JWKS_REFRESH_S: Final = 300.0
 _BACKOFF_FIRST_S: Final = 0.05
 _BACKOFF_MAX_S: Final = 2.0
 
@@ -176,9 +178,16 @@ async def build(wiring: Wiring[Settings, AuthStore]) -> Assembly:
     async def feed_revocations() -> None:
         await feed.run()
 
+    async def refresh_jwks() -> None:
+        """As every guard does: a key the vault retired stops verifying here within `JWKS_REFRESH_S` (an unknown
+        kid refreshes at once)."""
+        while True:
+            await asyncio.sleep(JWKS_REFRESH_S)
+            await jwks.refresh()  # a failure is logged and the keys kept
+
     return Assembly(
         servicer,
-        tasks=[feed_revocations],
+        tasks=[feed_revocations, refresh_jwks],
         closers=closers,
         core=users,
         extra_services=[Service(ext_authz.FULL_NAME, ext_authz.register(check))],

@@ -22,7 +22,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from services.auth.hot_memory import MemoryHotState
 from services.auth.hot_redis import RedisHotState
-from services.auth.service import SERVICE
+from services.auth.model import RevocationKind
+from services.auth.service import SERVICE, RevocationFeed
 from services.keyvault.service import SERVICE as KEYVAULT
 from services.keyvault.settings import Settings as KeyVaultSettings
 from services.keyvault.settings import StartupSecret
@@ -38,13 +39,14 @@ from tests.support import RedisServer, start_redis
 from tradeguard import registry
 from tradeguard.auth.v1 import auth_pb2 as pb
 from tradeguard.cli.up_cmd import Child, Supervisor
+from tradeguard.guard.revocations import RevocationSet
 from tradeguard.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from tradeguard.mesh import pki
 from tradeguard.mesh.server import ServerConfig
 from tradeguard.service import read_settings
 from tradeguard.settings import SettingsError
 from tradeguard.storage.redis import RedisConfig, RedisUnavailable
-from tradeguard.testing import RunningService, eventually, running_service
+from tradeguard.testing import FakeClock, RunningService, eventually, running_service
 
 __all__ = ["auth"]  # the fixture, imported for pytest
 
@@ -247,3 +249,29 @@ async def test_up_creates_the_auth_keys_as_ops_idempotently(
         assert supervisor.child_env(Child(registry.lookup("trading"), 1, 2))[
             "TRADEGUARD_TRADING_AUTH_TARGET"
         ] == ("10.0.0.9:50051")
+
+
+async def test_the_check_revocation_feed_applies_revocations_and_fails_closed() -> None:
+    """The revocation set behind Check is fed from the hot state in process; when the hot state fails, the set
+    counts as down, so tokens are refused once the outage budget has passed (the guards' rule)."""
+    clock = FakeClock()
+    hot = MemoryHotState(clock)
+    revocations = RevocationSet(clock, max_outage_s=1.0)
+    feed = RevocationFeed(hot, revocations, wait_s=0.01)
+    assert revocations.unusable() == "revocation stream never connected"
+    await feed.sync()
+    assert revocations.unusable() is None
+    issued = clock.now_us
+    clock.advance_s(1)
+    await hot.publish_revocation(RevocationKind.USER, "usr_1", clock.now_us, clock.now_us + 300_000_000)
+    await feed.sync()
+    assert revocations.token_revoked("jti-1", None, "usr_1", issued) == "user's tokens revoked"
+    assert revocations.token_revoked("jti-2", None, "usr_1", clock.now_us + 1) is None  # issued afterwards
+    await hot.close()  # the hot state fails from now on
+    running = asyncio.create_task(feed.run())
+    await eventually(lambda: not revocations.is_up)
+    clock.advance_s(2)
+    assert revocations.unusable() == "revocation stream down too long"
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
