@@ -10,13 +10,11 @@ RFC 8705 thumbprint (`x5t#S256`, the base64url SHA-256 of the certificate's DER,
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import ipaddress
-import ssl
 from typing import Any
 from urllib.parse import unquote
 
+from tradeguard.guard.jwt import cert_thumbprint
 from tradeguard.mesh.identity import caller_name
 
 __all__ = ["EDGE", "FORWARDED_ADDRESS", "address_of", "peer_ip", "peer_thumbprint", "source_ip", "x5t_s256"]
@@ -26,9 +24,9 @@ FORWARDED_ADDRESS = "x-envoy-external-address"
 
 
 def x5t_s256(pem: str) -> str:
-    """RFC 8705 §3.1: base64url (no padding) of the SHA-256 of the certificate's DER encoding."""
-    der = ssl.PEM_cert_to_DER_cert(pem.strip())
-    return base64.urlsafe_b64encode(hashlib.sha256(der).digest()).rstrip(b"=").decode("ascii")
+    """RFC 8705 §3.1: base64url (no padding) of the SHA-256 of the certificate's DER encoding (the kit's
+    `cert_thumbprint`, which the guards compare tokens' `cnf` with)."""
+    return cert_thumbprint(pem.strip())
 
 
 def url_encoded_x5t_s256(encoded_pem: str) -> str | None:

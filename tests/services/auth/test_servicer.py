@@ -19,6 +19,7 @@ import jwt
 import pytest
 from google.protobuf import duration_pb2
 
+from services.auth import peer
 from tests.services.auth.auth_support import (
     GET_ORDER,
     PASSWORD,
@@ -33,7 +34,7 @@ from tests.services.auth.auth_support import (
 )
 from tradeguard.auth.v1 import auth_pb2 as pb
 from tradeguard.auth.v1 import auth_pb2_grpc
-from tradeguard.testing import rich_status
+from tradeguard.testing import LogCapture, rich_status
 
 __all__ = ["auth"]  # the fixture, imported for pytest
 
@@ -426,3 +427,29 @@ async def test_verify_batches_are_bounded(auth: AuthService) -> None:
                 pb.VerifySignedRequestsRequest(requests=[item] * 1025), timeout=10
             )
         assert status_of(big.value) == (grpc.StatusCode.INVALID_ARGUMENT, "INVALID_ARGUMENT")
+
+
+async def test_the_source_address_is_the_edges_forwarded_one_only_from_the_edge(auth: AuthService) -> None:
+    capture = LogCapture()
+    forwarded = (("x-envoy-external-address", "198.51.100.20"),)
+    async with auth.channel("ops") as ops_channel:
+        await create_user(stub(ops_channel), "omar", roles=("viewer",))
+    for caller, expected in (("edge", "198.51.100.20"), ("trading-client", "127.0.0.1")):
+        capture.clear()
+        async with auth.channel(caller) as channel:
+            await stub(channel).Login(
+                pb.LoginRequest(username="omar", password=PASSWORD), metadata=forwarded, timeout=10
+            )
+        logins = [line for line in capture.lines() if line.get("event") == "auth.login"]
+        assert [line["source"] for line in logins] == [expected], caller
+
+
+def test_peer_addresses() -> None:
+    assert peer.peer_ip("ipv4:127.0.0.1:5555") == "127.0.0.1"
+    assert peer.peer_ip("ipv6:[::1]:5555") == "::1"
+    assert peer.peer_ip("ipv6:[fe80::1%25eth0]:5555") == "fe80::1"
+    assert peer.peer_ip("ipv6:[::ffff:10.0.0.1]:1") == "::ffff:a00:1"
+    for bad in ("unix:/tmp/sock", "ipv4:not-an-ip:1", "", "ipv4:"):
+        assert peer.peer_ip(bad) == ""
+    assert peer.address_of(" 2001:DB8::1 ") == "2001:db8::1" and peer.address_of("x") == ""
+    assert peer.url_encoded_x5t_s256("") is None and peer.url_encoded_x5t_s256("not%20a%20cert") is None
