@@ -24,19 +24,25 @@ from envoy.service.auth.v3 import external_auth_pb2_grpc
 from google.protobuf import json_format, timestamp_pb2
 
 from services.auth.ext_authz import Routes, request_headers
+from services.auth.service import SERVICE
 from services.auth.settings import DEFAULT_HSTS, DEFAULT_ROUTE_PERMISSIONS
+from services.keyvault.settings import Settings as KeyVaultSettings
 from tests.services.auth.auth_support import (
     PASSWORD,
     PLACE_ORDER,
     AuthService,
     auth,
+    auth_settings,
     create_user,
     enrol,
     next_code,
     stub,
 )
+from tests.support import free_port
 from tradeguard import signing
 from tradeguard.auth.v1 import auth_pb2 as pb
+from tradeguard.mesh import pki
+from tradeguard.testing import RunningService, running_service
 
 __all__ = ["auth"]  # the fixture, imported for pytest
 
@@ -471,3 +477,19 @@ def test_headers_from_the_map_or_the_raw_header_map() -> None:
     http.header_map.headers.add(key="x-tg-nonce", raw_value=b"n1")
     http.header_map.headers.add(key="x-tg-nonce", raw_value=b"n2")
     assert request_headers(http) == {"x-tg-key": "a", "x-tg-nonce": "n1,n2"}
+
+
+async def test_a_key_vault_outage_is_a_503_and_envoy_fails_closed(
+    edge: Edge, keyvault: RunningService[KeyVaultSettings, Any], pki_paths: pki.PkiPaths
+) -> None:
+    """A replica that cannot reach its key vault cannot open an HMAC secret: it answers 503 (with HSTS and a JSON
+    body), never OK."""
+    cut_off = auth_settings(keyvault, keyvault_target=f"127.0.0.1:{free_port()}")
+    async with running_service(SERVICE, cut_off, pki_paths) as replica, replica.channel("edge") as channel:
+        check = external_auth_pb2_grpc.AuthorizationStub(channel)
+        request = envoy_check(
+            "POST", PLACE_ORDER, signed_headers(edge.key_id, edge.secret, PLACE_ORDER, ORDER), ORDER
+        )
+        response = await check.Check(request, timeout=10)
+        body = assert_denied(response, 503)
+        assert body["code"] == 14 and response.status.code == 14
