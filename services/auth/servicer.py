@@ -10,7 +10,9 @@ servicer adds from the call itself:
 WatchRevocations is a server stream over `HotState.revocations_after` in a loop: first every unexpired
 revocation at or after `since_sequence`, then each new one as it is published; a message without `revoked`
 every `heartbeat_s` when nothing happened (the guards count it as the stream being up). It ends when the caller
-cancels or its deadline passes (the guards resume from the sequence after the last one they applied).
+cancels or its deadline passes (the guards resume from the sequence after the last one they applied), or with
+UNAVAILABLE when the hot state fails. Known limit: at shutdown an open stream is ended only by the server's grace
+period (`TRADEGUARD_AUTH_GRACE_S`), as the runner has no drain hook for long-lived streams.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from services.auth.tokens import TokenService
 from services.auth.users import UserService
 from tradeguard.auth.v1 import auth_pb2 as pb
 from tradeguard.auth.v1 import auth_pb2_grpc
-from tradeguard.errors import FieldViolation, InvalidArgument
+from tradeguard.errors import FieldViolation, InvalidArgument, Unavailable
 from tradeguard.mesh.identity import caller_name
 from tradeguard.observability.annotations import annotate
 from tradeguard.signing import SignedRequest
@@ -382,7 +384,11 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         sent = 0
         try:
             while True:
-                found = await self._hot.revocations_after(sequence, wait_s=self._heartbeat_s)
+                try:
+                    found = await self._hot.revocations_after(sequence, wait_s=self._heartbeat_s)
+                except Exception as error:  # Redis unreachable: retryable for the guard, the cause logged
+                    annotate(revocations_sent=sent, cause=type(error).__name__)
+                    raise Unavailable("revocations unavailable", reason="HOT_STATE_UNAVAILABLE") from None
                 if not found:
                     yield pb.WatchRevocationsResponse(sequence=sequence)  # a heartbeat
                     continue

@@ -453,3 +453,14 @@ def test_peer_addresses() -> None:
         assert peer.peer_ip(bad) == ""
     assert peer.address_of(" 2001:DB8::1 ") == "2001:db8::1" and peer.address_of("x") == ""
     assert peer.url_encoded_x5t_s256("") is None and peer.url_encoded_x5t_s256("not%20a%20cert") is None
+
+
+async def test_a_failing_hot_state_ends_the_stream_with_unavailable(auth: AuthService) -> None:
+    async with auth.channel("trading") as channel:
+        stream = stub(channel).WatchRevocations(pb.WatchRevocationsRequest(), timeout=60)
+        await asyncio.wait_for(stream.initial_metadata(), 10)
+        await auth.running.assembly.closers[0]()  # the hot state's close: every read fails from now on
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            while True:
+                await asyncio.wait_for(stream.read(), 10)
+        assert status_of(ended.value) == (grpc.StatusCode.UNAVAILABLE, "HOT_STATE_UNAVAILABLE")
