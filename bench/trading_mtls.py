@@ -3,6 +3,9 @@
 Three servers, each in its own process (the client in this one), on the same SQLite-backed trading service
 (see bench/trading_server.py): plain TCP, mTLS with the same interceptor chain, and the real mesh service
 (mTLS + SPIFFE authorisation, called through MeshChannel). Rounds alternate so that drift hits all alike.
+All three are UNGUARDED: the trading guard is replaced by a layer naming one fixed principal
+(bench/trading_server.py `FixedPrincipal`), so this measures the transport and the mesh, as it did before the guard;
+bench/guard.py measures the guard (JWT, signed API keys) against this same unguarded mesh service.
 The databases live on tmpfs (/dev/shm) where there is one: the same code path commits, but the disk's fsync
 latency, which varied by more than the cost measured here from round to round, is left out (bench/trading_store.py
 measures durable commits).
@@ -94,7 +97,8 @@ async def run(concurrency: int, duration: float, rounds: int) -> None:
                 await ready(stub)
             results: dict[str, list[Result]] = {mode: [] for mode in modes}
             print(
-                f"PlaceOrder, {concurrency} concurrent callers, {duration:.0f} s per round, {rounds} rounds"
+                f"PlaceOrder, {concurrency} concurrent callers, {duration:.0f} s per round, {rounds} rounds "
+                "(every mode unguarded: a fixed principal; bench/guard.py measures the guard)"
             )
             for r in range(rounds):
                 for mode in modes[r % 3 :] + modes[: r % 3]:  # rotate the order: drift hits every mode alike
@@ -112,7 +116,9 @@ async def run(concurrency: int, duration: float, rounds: int) -> None:
             print(
                 f"  mTLS transport, same chain:       {transport:.3f}  -> mTLS costs {(1 - transport) * 100:.1f} %"
             )
-            print(f"  full mesh (mTLS + SPIFFE authz):  {full:.3f}  -> costs {(1 - full) * 100:.1f} %")
+            print(
+                f"  full mesh (mTLS + SPIFFE authz):  {full:.3f}  -> costs {(1 - full) * 100:.1f} %  (no guard)"
+            )
             cpu_transport = median_cpu_ratio(results["mtls"], results["plain"])
             cpu_full = median_cpu_ratio(results["mesh"], results["plain"])
             print(

@@ -1,10 +1,16 @@
-"""The trading service for benchmarks, in its own process, in three modes:
+"""The trading service for benchmarks, in its own process, in four modes:
 
 - `plain`: the servicer, store and interceptor chain (minus caller authorisation: there is no peer
   identity without TLS) on plain TCP;
 - `mtls`: exactly the same on a mutual-TLS port (the transport's cost alone);
-- `mesh`: the real service (services.trading.service.SERVICE, run by the kit's runner): mTLS plus SPIFFE
-  authorisation.
+- `mesh`: the real service (services.trading.service.SERVICE, run by the kit's runner: mTLS plus SPIFFE
+  authorisation) with its guard left out;
+- `guarded`: the real service exactly as declared, its guard included (`--auth-target`: the auth service).
+
+UNGUARDED modes (plain, mtls, mesh): the trading handlers act only for a verified principal (every order belongs
+to the principal's account, services/trading/core.py `account_of`), so in place of the guard these modes mount
+`FixedPrincipal`, a layer that names one fixed principal (account `--account`, orders:read and orders:write)
+for every call and checks nothing: a baseline for benchmarks, never a way to run a service.
 """
 
 from __future__ import annotations
@@ -15,7 +21,9 @@ import tradeguard  # noqa: F401  (first: grpc must load with the TLS 1.3-only se
 
 import argparse
 import asyncio
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry
@@ -24,19 +32,39 @@ from services.trading.core import TradingCore, new_order_id
 from services.trading.service import SERVICE
 from services.trading.servicer import TradingServicer
 from services.trading.settings import Settings
+from tradeguard.guard.config import GuardSettings
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.server import ServerConfig, interceptors
 from tradeguard.observability.metrics import RpcMetrics
-from tradeguard.service import serve
+from tradeguard.principal import Principal, set_principal
+from tradeguard.rpc.handlers import Context, Layer
+from tradeguard.service import Assembly, Wiring, serve
 from tradeguard.storage import clock_us
 from tradeguard.trading.v1 import trading_pb2_grpc
 
+MODES = ("plain", "mtls", "mesh", "guarded")
+BENCH_ACCOUNT = "bench"
 
-async def unguarded(port: int, db: str, home: Path, secure: bool) -> None:
+
+class FixedPrincipal(Layer):
+    """The unguarded baseline: every call acts for one fixed principal (nothing is checked)."""
+
+    def __init__(self, account: str) -> None:
+        self.principal = Principal(
+            user_id="bench-user", account_id=account, scopes=frozenset({"orders:read", "orders:write"})
+        )
+
+    async def before(self, context: Context, request: Any, raw: bytes) -> None:
+        set_principal(self.principal)
+
+
+async def unguarded(port: int, db: str, home: Path, secure: bool, account: str) -> None:
     store = await SERVICE.stores.open(db)
     servicer = TradingServicer(TradingCore(store, clock_us=clock_us, new_order_id=new_order_id))
     metrics = RpcMetrics("trading", CollectorRegistry())
-    server = grpc.aio.server(interceptors=interceptors("trading", metrics, None))
+    server = grpc.aio.server(
+        interceptors=interceptors("trading", metrics, None, layers=[FixedPrincipal(account)])
+    )
     trading_pb2_grpc.add_TradingServiceServicer_to_server(servicer, server)
     if secure:
         creds, _ = tls.server_credentials(tls.Workload.of(pki.PkiPaths(home), "trading"))
@@ -47,25 +75,43 @@ async def unguarded(port: int, db: str, home: Path, secure: bool) -> None:
     await server.wait_for_termination()
 
 
-async def mesh(port: int, db: str, home: Path) -> None:
-    settings = Settings(server=ServerConfig(name="trading", port=port, home=home), database_url=db)
-    await serve(SERVICE, settings)
+async def mesh(port: int, db: str, home: Path, account: str, auth_target: str | None) -> None:
+    """The real declaration run by the kit's runner: with its guard (`auth_target` given), or with the guard
+    replaced by `FixedPrincipal` (None)."""
+    declaration = SERVICE
+    if auth_target is None:
+        build = SERVICE.build
+
+        async def unguarded_build(wiring: Wiring[Settings, Any]) -> Assembly:
+            assembly = await build(wiring)
+            return replace(assembly, layers=[FixedPrincipal(account), *assembly.layers])
+
+        declaration = replace(SERVICE, permissions=None, build=unguarded_build)
+    guard = GuardSettings() if auth_target is None else GuardSettings(auth_target=auth_target)
+    settings = Settings(
+        server=ServerConfig(name="trading", port=port, home=home), database_url=db, guard=guard
+    )
+    await serve(declaration, settings)
 
 
 def main() -> None:
     from tradeguard.observability.logging import configure_logging
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--mode", choices=["plain", "mtls", "mesh"], required=True)
+    parser.add_argument("--mode", choices=MODES, required=True)
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--db", required=True)
     parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("--account", default=BENCH_ACCOUNT, help="the fixed principal's account (unguarded)")
+    parser.add_argument("--auth-target", help="host:port of the auth service (guarded mode)")
     args = parser.parse_args()
+    if (args.mode == "guarded") != (args.auth_target is not None):
+        parser.error("--auth-target is required by, and only by, --mode guarded")
     configure_logging(json=True)
-    if args.mode == "mesh":
-        asyncio.run(mesh(args.port, args.db, args.home))
+    if args.mode in ("mesh", "guarded"):
+        asyncio.run(mesh(args.port, args.db, args.home, args.account, args.auth_target))
     else:
-        asyncio.run(unguarded(args.port, args.db, args.home, secure=args.mode == "mtls"))
+        asyncio.run(unguarded(args.port, args.db, args.home, args.mode == "mtls", args.account))
 
 
 if __name__ == "__main__":
