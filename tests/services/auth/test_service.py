@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -24,18 +25,23 @@ from services.auth.hot_memory import MemoryHotState
 from services.auth.hot_redis import RedisHotState
 from services.auth.model import RevocationKind
 from services.auth.service import SERVICE, RevocationFeed
+from services.auth.store_postgres import PostgresAuthStore
+from services.auth.store_sqlite import SqliteAuthStore
 from services.keyvault.service import SERVICE as KEYVAULT
 from services.keyvault.settings import Settings as KeyVaultSettings
 from services.keyvault.settings import StartupSecret
 from tests.services.auth.auth_support import (
+    PASSWORD,
     AuthService,
     auth,
     auth_settings,
     create_user,
+    enrol,
+    next_code,
     signed_request,
     stub,
 )
-from tests.support import RedisServer, start_redis
+from tests.support import PG_DSN, RedisServer, drop_pg_schema, require_pg, start_redis
 from tradeguard import registry
 from tradeguard.auth.v1 import auth_pb2 as pb
 from tradeguard.cli.up_cmd import Child, Supervisor
@@ -43,7 +49,7 @@ from tradeguard.guard.revocations import RevocationSet
 from tradeguard.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from tradeguard.mesh import pki
 from tradeguard.mesh.server import ServerConfig
-from tradeguard.service import read_settings
+from tradeguard.service import Stores, read_settings
 from tradeguard.settings import SettingsError
 from tradeguard.storage.redis import RedisConfig, RedisUnavailable
 from tradeguard.testing import FakeClock, RunningService, eventually, running_service
@@ -275,3 +281,62 @@ async def test_the_check_revocation_feed_applies_revocations_and_fails_closed() 
     running.cancel()
     with pytest.raises(asyncio.CancelledError):
         await running
+
+
+async def test_production_backends_postgresql_and_redis_shared_by_two_replicas(
+    keyvault: RunningService[KeyVaultSettings, Any], pki_paths: pki.PkiPaths, redis_server: RedisServer
+) -> None:
+    """Records in PostgreSQL and hot state in Redis, two replicas: a user made at one logs in at the other, a
+    TOTP code accepted at one is refused at the other, and a refresh token spent at one and reused at the other
+    revokes its family for both."""
+    require_pg()
+    schema = f"tg_auth_svc_{secrets.token_hex(4)}"
+    declaration = replace(
+        SERVICE,
+        stores=Stores(
+            sqlite=SqliteAuthStore.open,
+            postgres=lambda dsn: PostgresAuthStore.open(dsn, schema=schema),
+        ),
+    )
+    settings = auth_settings(
+        keyvault,
+        database_url=PG_DSN,
+        redis=RedisConfig.from_url(f"redis://127.0.0.1:{redis_server.port}"),
+    )
+    try:
+        async with (
+            running_service(declaration, settings, pki_paths) as one,
+            running_service(declaration, replace(settings), pki_paths) as two,
+            one.channel("ops") as ops_channel,
+            two.channel("ops") as other_channel,
+        ):
+            assert isinstance(one.running.store, PostgresAuthStore)
+            ops, other = stub(ops_channel), stub(other_channel)
+            await create_user(ops, "pat")
+            totp, _ = await enrol(other, "pat")  # enrolled at the other replica
+            code = next_code(totp)
+            first = await ops.Login(pb.LoginRequest(username="pat", password=PASSWORD), timeout=10)
+            tokens = (
+                await ops.VerifyMfa(
+                    pb.VerifyMfaRequest(mfa_token=first.mfa_token, totp_code=code), timeout=10
+                )
+            ).tokens
+            again = await other.Login(pb.LoginRequest(username="pat", password=PASSWORD), timeout=10)
+            with pytest.raises(grpc.aio.AioRpcError) as reused_code:  # the same code at the other replica
+                await other.VerifyMfa(
+                    pb.VerifyMfaRequest(mfa_token=again.mfa_token, totp_code=code), timeout=10
+                )
+            assert reused_code.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            fresh = (
+                await ops.RefreshToken(pb.RefreshTokenRequest(refresh_token=tokens.refresh_token), timeout=10)
+            ).tokens
+            with pytest.raises(grpc.aio.AioRpcError) as reused:
+                await other.RefreshToken(
+                    pb.RefreshTokenRequest(refresh_token=tokens.refresh_token), timeout=10
+                )
+            assert reused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.aio.AioRpcError) as family:
+                await ops.RefreshToken(pb.RefreshTokenRequest(refresh_token=fresh.refresh_token), timeout=10)
+            assert family.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        drop_pg_schema(schema)
