@@ -65,13 +65,13 @@ __all__ = [
     "ALGORITHMS",
     "DEFAULT_HSTS",
     "DEFAULT_ROUTE_PERMISSIONS",
-    "PERMISSIONS",
     "LockoutSettings",
     "Settings",
 ]
 
-#: The permissions the platform knows (roles grant them; methods and routes require them).
-PERMISSIONS: Final = frozenset({"orders:read", "orders:write", "withdraw", "keys:manage", "users:manage"})
+#: A permission's form (services/auth/rbac.py): "<resource>:<action>" or one word; a firm's own service may
+#: declare permissions beyond the platform's (rbac.PERMISSIONS), so any well-formed name is accepted.
+_PERMISSION: Final = re.compile(r"[a-z][a-z0-9_]{0,31}(:[a-z][a-z0-9_]{0,31})?")
 #: The JWT algorithms a deployment may allow (RFC 8725: a fixed list, never `none`, never HS* with a public key).
 ALGORITHMS: Final = ("EdDSA", "ES256")
 DEFAULT_HSTS: Final = "max-age=63072000; includeSubDomains; preload"
@@ -234,9 +234,10 @@ def _algorithms(env: Env) -> tuple[str, ...]:
 
 
 def _permission(env: Env, key: str, name: str) -> str:
-    if name not in PERMISSIONS:
+    if _PERMISSION.fullmatch(name) is None:
         raise SettingsError(
-            f"{env.name(key)}: unknown permission {name!r} (known: {', '.join(sorted(PERMISSIONS))})"
+            f"{env.name(key)}: {name!r} is not a permission (<resource>:<action> or one word, lowercase, e.g. "
+            "orders:write)"
         )
     return name
 

@@ -67,6 +67,10 @@ def test_values_are_read(tmp_path: Path) -> None:
         "/v1/*": "orders:read",
     }
     assert read(tmp_path, MFA_REQUIRED_PERMISSIONS="none").mfa_required_permissions == frozenset()
+    # a firm's own service may declare permissions beyond the platform's
+    assert read(tmp_path, ROUTE_PERMISSIONS="/firm.Svc/Transfer=treasury:move").route_permissions == {
+        "/firm.Svc/Transfer": "treasury:move"
+    }
 
 
 @pytest.mark.parametrize(
@@ -87,12 +91,12 @@ def test_values_are_read(tmp_path: Path) -> None:
         ("KEYVAULT_SERVER_NAME", "Key Vault", "DNS name"),
         ("JWT_KEY", "../jwt", "key vault key name"),
         ("ISSUER", " padded", "printable"),
-        ("MFA_REQUIRED_PERMISSIONS", "orders:write,trade", "unknown permission 'trade'"),
+        ("MFA_REQUIRED_PERMISSIONS", "orders:write,Trade", "'Trade' is not a permission"),
         ("ROUTE_PERMISSIONS", "/v1/orders", "<path>=<permission>"),
         ("ROUTE_PERMISSIONS", "v1/orders=orders:read", "<path>=<permission>"),
         ("ROUTE_PERMISSIONS", "/v1/*/x=orders:read", "<path>=<permission>"),
         ("ROUTE_PERMISSIONS", "/a=orders:read,/a=withdraw", "given twice"),
-        ("ROUTE_PERMISSIONS", "/a=admin", "unknown permission 'admin'"),
+        ("ROUTE_PERMISSIONS", "/a=orders:write:all", "'orders:write:all' is not a permission"),
         ("HSTS", "max-age=60", "one year"),
         ("HSTS", "includeSubDomains", "max-age"),
         ("LOCKOUT_PAIR_THRESHOLD", "0", "between 1 and 1000"),
