@@ -66,6 +66,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.trading_store
 	$(BIN)/python -m bench.keyvault_crypto
 	$(BIN)/python -m bench.kit_chain
+	$(BIN)/python -m bench.guard
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
