@@ -39,7 +39,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 __all__ = [
@@ -64,6 +65,8 @@ __all__ = [
     "check_ed25519_public_key",
     "check_window",
     "ed25519_public_key",
+    "ed25519_public_key_from_pem",
+    "ed25519_seed_from_pem",
     "hmac_secret_valid",
     "key_id_valid",
     "new_hmac_secret",
@@ -261,6 +264,29 @@ def check_ed25519_public_key(raw: bytes) -> bytes:
     except ValueError:
         raise MalformedRequest("public_key", "not an Ed25519 public key") from None
     return raw
+
+
+def ed25519_seed_from_pem(pem: bytes) -> bytes:
+    """The 32-byte seed of an unencrypted PEM PKCS#8 Ed25519 private key, as `openssl genpkey -algorithm ed25519`
+    writes it. ValueError (never naming the content) for anything else."""
+    try:
+        key = serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ValueError("not an unencrypted PEM Ed25519 private key") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError("not an Ed25519 private key")
+    return key.private_bytes_raw()
+
+
+def ed25519_public_key_from_pem(pem: bytes) -> bytes:
+    """The raw 32-byte public key of a PEM Ed25519 public key (`openssl pkey -pubout`). ValueError otherwise."""
+    try:
+        key = serialization.load_pem_public_key(pem)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
+        raise ValueError("not a PEM Ed25519 public key") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ValueError("not an Ed25519 public key")
+    return key.public_bytes_raw()
 
 
 def _private_key(seed: bytes) -> Ed25519PrivateKey:
