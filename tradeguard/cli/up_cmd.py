@@ -15,8 +15,10 @@ import argparse
 import asyncio
 import contextlib
 import importlib.util
+import ipaddress
 import os
 import secrets
+import shlex
 import signal
 import socket
 import sys
@@ -492,6 +494,36 @@ class Supervisor:
             await self.stop_all()
             print("all services stopped", flush=True)
 
+    def signed_order_lines(self) -> list[str]:
+        """How to place a SIGNED order, as commands that run as printed: an operator creates a trader (with a
+        random password in a 0600 file) and an HMAC API key for them (its secret saved 0600, shown nowhere), then
+        `orders place` signs with it. Users and keys stay in auth's data: run twice, pick another username."""
+        password = shlex.quote(str(self.home / "alice.password"))
+        secret = f'{shlex.quote(str(self.home / "credentials"))}/"$TG_KEY".secret'
+        try:
+            address = ipaddress.ip_address(common.connect_host().strip("[]"))
+            allow = f" --ip {address}/{address.max_prefixlen}"
+        except ValueError:
+            allow = ""
+        return [
+            "Place a SIGNED order: an operator creates a trader and an API key for them (the secret goes to a",
+            "0600 file, shown nowhere); every order call is then signed with it (README: Signed requests):",
+            f"  printf '' > {password} && chmod 600 {password} && \\",
+            f"      printf '%s\\n' \"$(head -c 24 /dev/urandom | base64)\" >> {password}",
+            "  export TG_USER=$(.venv/bin/tradeguard auth user create alice --account acct-1 --role trader \\",
+            f"      --password-file {password} --quiet)",
+            '  export TG_KEY=$(.venv/bin/tradeguard auth key create "$TG_USER" --scope orders:read \\',
+            f"      --scope orders:write{allow} --save --quiet)",
+            "  .venv/bin/tradeguard orders place --account acct-1 --client-order-id demo-1 \\",
+            "      --symbol BTC-USD --side buy --type limit --quantity 0.5 --price 64000.25 \\",
+            f'      --key-id "$TG_KEY" --secret-file {secret}',
+            '  .venv/bin/tradeguard orders list --account acct-1 --key-id "$TG_KEY"',
+            "",
+            "Or as the trader in person: enrol TOTP (`tradeguard auth totp enroll alice`, then `… totp confirm alice",
+            "CODE`), log in (`tradeguard auth login alice`) and add `--login alice` to the orders commands.",
+            "",
+        ]
+
     def banner(self) -> None:
         """Where each service listens and how to call it: commands that work as printed, from this
         directory, with the ports and home this suite actually uses."""
@@ -516,15 +548,12 @@ class Supervisor:
                 f"  export {' '.join(exports)}",
                 "",
             ]
+        if "auth" in self.children and "trading" in self.children:
+            lines += self.signed_order_lines()
         lines += [
-            "Place an order with the CLI (it uses the ops certificate):",
-            "  .venv/bin/tradeguard orders place --account acct-1 --client-order-id demo-1 \\",
-            "      --symbol BTC-USD --side buy --type limit --quantity 0.5 --price 64000.25",
-            "  .venv/bin/tradeguard orders list --account acct-1",
-            "",
             "The key vault (administration as ops, key use as a service the policy allows, e.g. auth):",
             "  .venv/bin/tradeguard vault status",
-            "  .venv/bin/tradeguard vault create-key credentials",
+            "  .venv/bin/tradeguard vault keys",
             "  printf 's3cret' | .venv/bin/tradeguard vault --as auth encrypt credentials --context user-1",
         ]
         trading = self.children.get("trading")
