@@ -520,3 +520,34 @@ async def test_the_signed_order_tradeguard_up_prints_runs_as_printed(
     assert _mode(suite.home / "alice.password") == 0o600
     secrets = list((suite.home / "credentials").glob("tgk_*.secret"))
     assert len(secrets) == 1 and _text(secrets[0]) not in out.decode() + err.decode()
+
+
+def _readme_block(after: str) -> str:
+    text = _text(ROOT / "README.md")
+    match = re.compile(r"```sh\n(.*?)```", re.S).search(text, text.index(after))
+    assert match is not None
+    return match.group(1)
+
+
+async def test_the_readmes_signed_order_and_grpcurl_lines_work_as_written(suite: Suite) -> None:
+    """README "Calling it": the trader, the saved key and the signed order with the CLI, then the grpcurl lines
+    (signing the protoc-encoded request by hand) with the real grpcurl (.venv/bin/grpcurl)."""
+    cli_block = _readme_block("`tradeguard up` prints these commands")
+    grpcurl_block = _readme_block("With [grpcurl]")
+    env = dict(suite.env, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    shell = await asyncio.create_subprocess_exec(
+        *("bash", "-euo", "pipefail", "-c", cli_block + grpcurl_block),
+        env=env,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(shell.communicate(), 180)
+    assert shell.returncode == 0, err.decode()
+    text = out.decode()
+    assert '"client_order_id": "demo-1"' in text and '"account_id": "acct-1"' in text  # the CLI's JSON
+    assert "tradeguard.trading.v1.TradingService" in text.split()  # grpcurl list
+    assert 'client_order_id: "demo-2"' in text and "ORDER_STATUS_OPEN" in text  # grpcurl's text-format answer
+    assert _mode(suite.home / "alice.password") == 0o600
+    (secret,) = (suite.home / "credentials").glob("tgk_*.secret")
+    assert _text(secret) not in text + err.decode()
