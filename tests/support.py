@@ -21,7 +21,7 @@ import redis
 from psycopg import sql
 
 from tradeguard.mesh import pki
-from tradeguard.testing import eventually  # the kit's (tests import it from tradeguard.testing)
+from tradeguard.testing import eventually
 
 
 def free_port() -> int:

@@ -69,15 +69,9 @@ def echo_server(
     rules: Mapping[str, frozenset[str]] = ECHO_RULES,
     layers: Sequence[Layer] = (),
     servicer: echo_pb2_grpc.EchoServiceServicer | None = None,
-    handshake_timeout_s: float | None = None,
 ) -> MeshServer:
     """A MeshServer serving the echo service with the kit's whole chain (call `start()` on it)."""
-    extra: dict[str, Any] = (
-        {} if handshake_timeout_s is None else {"handshake_timeout_s": handshake_timeout_s}
-    )
-    return MeshServer(
-        config, MethodPolicy(trust_domain, rules), [echo_service(servicer)], layers=layers, **extra
-    )
+    return MeshServer(config, MethodPolicy(trust_domain, rules), [echo_service(servicer)], layers=layers)
 
 
 @dataclass
@@ -113,7 +107,6 @@ async def running_echo(
     rules: Mapping[str, frozenset[str]] = ECHO_RULES,
     layers: Sequence[Layer] = (),
     servicer: echo_pb2_grpc.EchoServiceServicer | None = None,
-    handshake_timeout_s: float | None = None,
     **config: Any,
 ) -> AsyncIterator[RunningEcho]:
     """Serve the echo service as workload `name` of the PKI at `paths` (its certificate is issued when missing)
@@ -127,7 +120,6 @@ async def running_echo(
         rules=rules,
         layers=layers,
         servicer=servicer,
-        handshake_timeout_s=handshake_timeout_s,
     )
     await server.start()
     try:

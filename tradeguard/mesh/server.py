@@ -40,6 +40,11 @@ def home_from_env() -> Path:
     return Env("TRADEGUARD").path("HOME", DEFAULT_HOME).resolve()
 
 
+#: How long a new connection may take to complete its TLS handshake before the server closes it (grpc's
+#: default is 120 s: a connection that never starts TLS held a file descriptor and memory that long).
+HANDSHAKE_TIMEOUT_S = 10.0
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     """Settings every service shares, read once at start-up."""
@@ -54,13 +59,19 @@ class ServerConfig:
     drain_s: float = 1.0
     grace_s: float = 10.0
     tls12_self_probe: bool = True
+    handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S
+
+    def __post_init__(self) -> None:
+        if not self.handshake_timeout_s > 0:
+            raise ValueError(f"handshake_timeout_s must be positive, got {self.handshake_timeout_s}")
 
     @classmethod
     def from_env(
         cls, name: str, default_port: int, environ: MutableMapping[str, str] | None = None
     ) -> ServerConfig:
         """TRADEGUARD_HOME, TRADEGUARD_HOST, TRADEGUARD_<NAME>_PORT, TRADEGUARD_<NAME>_METRICS_PORT,
-        TRADEGUARD_<NAME>_MAX_CONNECTION_AGE_S, TRADEGUARD_<NAME>_GRACE_S, TRADEGUARD_OTLP_ENDPOINT (tracing
+        TRADEGUARD_<NAME>_MAX_CONNECTION_AGE_S, TRADEGUARD_<NAME>_GRACE_S, TRADEGUARD_<NAME>_HANDSHAKE_TIMEOUT_S,
+        TRADEGUARD_OTLP_ENDPOINT (tracing
         export is off unless it is set). Invalid values raise `SettingsError` naming the variable."""
         shared = Env("TRADEGUARD", environ)
         own = Env(env_prefix(name), environ)
@@ -73,6 +84,7 @@ class ServerConfig:
             otlp_endpoint=shared.optional_text("OTLP_ENDPOINT"),
             max_connection_age_s=own.number("MAX_CONNECTION_AGE_S", 1800.0, low=1.0, high=7 * 86400.0),
             grace_s=own.number("GRACE_S", 10.0, low=0.0, high=3600.0),
+            handshake_timeout_s=own.number("HANDSHAKE_TIMEOUT_S", HANDSHAKE_TIMEOUT_S, low=0.1, high=120.0),
         )
 
     @property
@@ -114,15 +126,10 @@ def interceptors(
     return [*traces, ChainInterceptor(wrapping, layers)]
 
 
-#: How long a new connection may take to complete its TLS handshake before the server closes it (grpc's
-#: default is 120 s: a connection that never starts TLS held a file descriptor and memory that long).
-HANDSHAKE_TIMEOUT_S = 10.0
-
-
 class MeshServer:
     """A service's grpc.aio server on the mesh. `layers`: the service's own request layers
-    (`tradeguard.rpc.handlers.Layer`), run after authorisation and decoding, in order. `handshake_timeout_s`
-    bounds the TLS handshake of every new connection."""
+    (`tradeguard.rpc.handlers.Layer`), run after authorisation and decoding, in order. The config's
+    `handshake_timeout_s` bounds the TLS handshake of every new connection."""
 
     def __init__(
         self,
@@ -131,15 +138,11 @@ class MeshServer:
         services: Sequence[Service],
         *,
         layers: Sequence[Layer] = (),
-        handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
     ) -> None:
-        if not handshake_timeout_s > 0:
-            raise ValueError(f"handshake_timeout_s must be positive, got {handshake_timeout_s}")
         self.config = config
         self.policy = policy
         self.services = list(services)
         self.layers = list(layers)
-        self.handshake_timeout_s = handshake_timeout_s
         self.registry = CollectorRegistry()
         self.metrics = RpcMetrics(config.name, registry=self.registry)
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -157,7 +160,7 @@ class MeshServer:
                 cfg.name, self.metrics, self.policy, traced=cfg.otlp_endpoint is not None, layers=self.layers
             ),
             options=[
-                ("grpc.server_handshake_timeout_ms", max(1, round(self.handshake_timeout_s * 1000))),
+                ("grpc.server_handshake_timeout_ms", max(1, round(cfg.handshake_timeout_s * 1000))),
                 ("grpc.max_connection_age_ms", age_ms),
                 ("grpc.max_connection_age_grace_ms", int(cfg.grace_s * 1000)),
                 ("grpc.max_receive_message_length", 4 * 1024 * 1024),

@@ -6,12 +6,11 @@ from typing import Any
 
 import grpc
 
-from tradeguard.errors import DomainError, Unauthenticated
+from tradeguard.errors import DomainError
 from tradeguard.observability.logging import get_logger
-from tradeguard.rpc.errors import to_rpc_status
+from tradeguard.rpc.errors import STATUS_DETAILS_KEY, to_rpc_status
 from tradeguard.rpc.handlers import Context, WrappingInterceptor, wrap_handler
 
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
 _log = get_logger("tradeguard.rpc")
 
 
@@ -26,9 +25,7 @@ async def abort_with(error: BaseException, context: Context) -> None:
 async def _map_error(exc: BaseException, context: Context) -> None:
     if isinstance(exc, grpc.aio.AbortError):
         raise exc  # already aborted with a status of its own
-    if isinstance(exc, Unauthenticated):
-        _log.warning("unauthenticated", cause=exc.cause)
-    elif not isinstance(exc, DomainError):
+    if not isinstance(exc, DomainError):  # an opaque error's cause goes on the RPC's line (rpc.errors)
         _log.error("unhandled_exception", exc_info=exc)
     await abort_with(exc, context)
 

@@ -6,12 +6,11 @@ import socket
 
 import pytest
 
-from tests.support import eventually
 from tradeguard.echo import running_echo
 from tradeguard.echo.v1 import echo_pb2
 from tradeguard.mesh import pki
-from tradeguard.mesh.authz import MethodPolicy
-from tradeguard.mesh.server import HANDSHAKE_TIMEOUT_S, MeshServer, ServerConfig
+from tradeguard.mesh.server import HANDSHAKE_TIMEOUT_S, ServerConfig
+from tradeguard.testing import eventually
 
 
 def _closed_by_peer(sock: socket.socket) -> bool:
@@ -24,7 +23,7 @@ def _closed_by_peer(sock: socket.socket) -> bool:
 
 
 async def test_silent_connections_are_closed_after_the_handshake_timeout(pki_paths: pki.PkiPaths) -> None:
-    async with running_echo(pki_paths, handshake_timeout_s=0.5, tls12_self_probe=False) as echo:
+    async with running_echo(pki_paths, handshake_timeout_s=2.0, tls12_self_probe=False) as echo:
         silent = [socket.create_connection(("127.0.0.1", echo.port)) for _ in range(20)]
         try:
             # well before grpc's default of 120 s; `eventually` fails after 10 s
@@ -39,8 +38,14 @@ async def test_silent_connections_are_closed_after_the_handshake_timeout(pki_pat
 
 
 def test_the_bound_is_a_positive_setting_of_the_server(pki_paths: pki.PkiPaths) -> None:
-    config = ServerConfig(name="echo", port=0, home=pki_paths.home)
-    policy = MethodPolicy("tradeguard.test", {})
-    assert MeshServer(config, policy, []).handshake_timeout_s == HANDSHAKE_TIMEOUT_S == 10.0
+    assert (
+        ServerConfig(name="echo", port=0, home=pki_paths.home).handshake_timeout_s
+        == HANDSHAKE_TIMEOUT_S
+        == 10.0
+    )
     with pytest.raises(ValueError, match="handshake_timeout_s"):
-        MeshServer(config, policy, [], handshake_timeout_s=0)
+        ServerConfig(name="echo", port=0, home=pki_paths.home, handshake_timeout_s=0)
+    environ = {"TRADEGUARD_HOME": str(pki_paths.home), "TRADEGUARD_ECHO_HANDSHAKE_TIMEOUT_S": "3.5"}
+    assert ServerConfig.from_env("echo", 0, environ).handshake_timeout_s == 3.5
+    with pytest.raises(ValueError, match="TRADEGUARD_ECHO_HANDSHAKE_TIMEOUT_S"):
+        ServerConfig.from_env("echo", 0, {**environ, "TRADEGUARD_ECHO_HANDSHAKE_TIMEOUT_S": "0"})

@@ -11,11 +11,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support import eventually, free_port
+from tests.support import free_port
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.authz import MethodPolicy
 from tradeguard.mesh.channel import MeshChannel
 from tradeguard.mesh.server import MeshServer, ServerConfig, Service
+from tradeguard.testing import eventually
 
 STARTED: list[bytes] = []  # requests the slow handler has begun
 

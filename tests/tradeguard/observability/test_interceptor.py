@@ -14,12 +14,12 @@ import structlog
 import structlog.testing
 from prometheus_client import CollectorRegistry
 
-from tests.support import eventually
 from tradeguard.observability.annotations import annotate
 from tradeguard.observability.interceptor import TelemetryInterceptor, _RequestIds
 from tradeguard.observability.logging import configure_logging, get_logger, json_lines
 from tradeguard.observability.metrics import RpcMetrics
 from tradeguard.observability.redact import REDACTED, Trusted
+from tradeguard.testing import eventually
 
 SERVICE = "test.Svc"
 handler_log = get_logger("test.handler")

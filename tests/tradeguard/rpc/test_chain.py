@@ -11,7 +11,6 @@ from typing import Any
 import grpc
 import pytest
 
-from tests.support import eventually
 from tradeguard.echo import ECHO, RunningEcho, running_echo
 from tradeguard.echo.v1 import echo_pb2
 from tradeguard.errors import PermissionDenied
@@ -19,6 +18,7 @@ from tradeguard.mesh import pki
 from tradeguard.observability.logging import configure_logging
 from tradeguard.rpc.handlers import Context, Layer, RequestCheck
 from tradeguard.rpc.status import rich_status
+from tradeguard.testing import eventually
 
 ECHO_METHOD = f"/{ECHO}/Echo"
 EXPAND_METHOD = f"/{ECHO}/Expand"
