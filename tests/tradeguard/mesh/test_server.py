@@ -54,7 +54,9 @@ def _channel(server: MeshServer, paths: pki.PkiPaths) -> MeshChannel:
     return MeshChannel(f"127.0.0.1:{server.port}", "trading", tls.Workload.of(paths, "ops"))
 
 
-async def test_shutdown_drains_then_finishes_in_flight_calls(slow_server: MeshServer, pki_paths) -> None:
+async def test_shutdown_drains_then_finishes_in_flight_calls(
+    slow_server: MeshServer, pki_paths: pki.PkiPaths
+) -> None:
     async with _channel(slow_server, pki_paths) as channel:
         wait = channel.unary_unary("/t.Slow/Wait")
         health = health_pb2_grpc.HealthStub(channel)
@@ -77,7 +79,9 @@ async def test_shutdown_drains_then_finishes_in_flight_calls(slow_server: MeshSe
         await stopping
 
 
-async def test_metrics_served_on_loopback_per_method(slow_server: MeshServer, pki_paths) -> None:
+async def test_metrics_served_on_loopback_per_method(
+    slow_server: MeshServer, pki_paths: pki.PkiPaths
+) -> None:
     async with _channel(slow_server, pki_paths) as channel:
         assert await channel.unary_unary("/t.Slow/Wait")(b"0", timeout=5) == b"done"
     port = slow_server.config.metrics_port

@@ -129,7 +129,7 @@ class Harness:
 
     async def stop(self) -> None:
         assert self.channel is not None and self.server is not None
-        await self.channel.close()
+        await self.channel.close(None)
         await self.server.stop(None)
 
     def lines(self) -> list[dict[str, Any]]:
@@ -159,7 +159,7 @@ async def harness() -> AsyncIterator[Harness]:
 
 def _unary(h: Harness, name: str) -> grpc.aio.UnaryUnaryMultiCallable[bytes, bytes]:
     assert h.channel is not None
-    return h.channel.unary_unary(f"/{SERVICE}/{name}")
+    return h.channel.unary_unary(f"/{SERVICE}/{name}", request_serializer=None, response_deserializer=None)
 
 
 def _check_common(line: dict[str, Any], method: str) -> None:
@@ -244,7 +244,9 @@ async def test_exception_in_handler(harness: Harness) -> None:
 
 async def test_unary_stream(harness: Harness) -> None:
     assert harness.channel is not None
-    call = harness.channel.unary_stream(f"/{SERVICE}/Stream")(b"x", metadata=(("x-request-id", "s1"),))
+    call = harness.channel.unary_stream(
+        f"/{SERVICE}/Stream", request_serializer=None, response_deserializer=None
+    )(b"x", metadata=(("x-request-id", "s1"),))
     assert [msg async for msg in call] == [b"\x00", b"\x01", b"\x02"]
     [line] = await harness.settled_rpc_lines(1)
     _check_common(line, "Stream")
@@ -257,7 +259,9 @@ async def test_unary_stream(harness: Harness) -> None:
 
 async def test_unary_stream_writer_api(harness: Harness) -> None:
     assert harness.channel is not None
-    call = harness.channel.unary_stream(f"/{SERVICE}/WriterStream")(b"x")
+    call = harness.channel.unary_stream(
+        f"/{SERVICE}/WriterStream", request_serializer=None, response_deserializer=None
+    )(b"x")
     assert [msg async for msg in call] == [b"\x00", b"\x01"]
     [line] = await harness.settled_rpc_lines(1)
     assert line["code"] == "OK"
@@ -270,8 +274,15 @@ async def test_stream_unary_and_stream_stream(harness: Harness) -> None:
         for chunk in (b"ab", b"cd"):
             yield chunk
 
-    assert await harness.channel.stream_unary(f"/{SERVICE}/ClientStream")(chunks()) == b"abcd"
-    bidi_call = harness.channel.stream_stream(f"/{SERVICE}/Bidi")(chunks())
+    assert (
+        await harness.channel.stream_unary(
+            f"/{SERVICE}/ClientStream", request_serializer=None, response_deserializer=None
+        )(chunks())
+        == b"abcd"
+    )
+    bidi_call = harness.channel.stream_stream(
+        f"/{SERVICE}/Bidi", request_serializer=None, response_deserializer=None
+    )(chunks())
     assert [msg async for msg in bidi_call] == [b"AB", b"CD"]
     lines = await harness.settled_rpc_lines(2)
     assert [(line["method"], line["code"]) for line in lines] == [
@@ -316,7 +327,9 @@ async def test_explicit_logger_is_used() -> None:
     await server.start()
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            await channel.unary_unary(f"/{SERVICE}/Ok")(b"x")
+            await channel.unary_unary(f"/{SERVICE}/Ok", request_serializer=None, response_deserializer=None)(
+                b"x"
+            )
     finally:
         await server.stop(None)
     [line] = [json.loads(raw) for raw in out.getvalue().splitlines() if '"rpc"' in raw]
@@ -342,7 +355,12 @@ async def test_annotations_go_on_the_rpc_line_and_never_override_it(harness: Har
 
 async def test_streaming_annotations_and_none_outside_an_rpc(harness: Harness) -> None:
     assert harness.channel is not None
-    assert [r async for r in harness.channel.unary_stream(f"/{SERVICE}/StreamedAnnotations")(b"")] == [
+    assert [
+        r
+        async for r in harness.channel.unary_stream(
+            f"/{SERVICE}/StreamedAnnotations", request_serializer=None, response_deserializer=None
+        )(b"")
+    ] == [
         b"\0",
         b"\1",
     ]

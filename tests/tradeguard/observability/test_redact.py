@@ -159,6 +159,7 @@ def test_false_positives_stay_visible(text: str) -> None:
 
 
 def test_sensitive_keys() -> None:
+    key: object  # str and bytes keys here, an int among the harmless ones below
     for key in [
         "password",
         "Password",

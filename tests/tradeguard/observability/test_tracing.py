@@ -50,9 +50,16 @@ async def test_aio_interceptors_produce_linked_spans() -> None:
         async with grpc.aio.insecure_channel(
             f"127.0.0.1:{port}", interceptors=client_interceptors(provider)
         ) as channel:
-            assert await channel.unary_unary("/test.Trace/Echo")(b"hi") == b"hi"
+            assert (
+                await channel.unary_unary(
+                    "/test.Trace/Echo", request_serializer=None, response_deserializer=None
+                )(b"hi")
+                == b"hi"
+            )
             try:
-                await channel.unary_unary("/test.Trace/Fail")(b"hi")
+                await channel.unary_unary(
+                    "/test.Trace/Fail", request_serializer=None, response_deserializer=None
+                )(b"hi")
             except grpc.aio.AioRpcError as err:
                 assert err.code() == grpc.StatusCode.PERMISSION_DENIED
             else:

@@ -35,7 +35,7 @@ def requests(draw: st.DrawFn) -> tuple[echo_pb2.EchoRequest, set[str]]:
 
     request.tone = tone("tone")  # type: ignore[assignment]
     for i in range(draw(st.integers(0, 3))):
-        request.parts.add(text="p", tone=tone(f"parts[{i}].tone"))  # type: ignore[arg-type]
+        request.parts.add(text="p", tone=tone(f"parts[{i}].tone"))
     for key in draw(st.sets(KEYS, max_size=2)):
         request.tones[key] = tone(f"tones[{json.dumps(key)}]")  # type: ignore[assignment]  # keys as JSON strings
     if draw(st.booleans()):

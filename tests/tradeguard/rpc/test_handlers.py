@@ -53,7 +53,7 @@ async def chained() -> Any:
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     yield channel, layers
-    await channel.close()
+    await channel.close(None)
     await server.stop(0)
 
 
@@ -108,7 +108,7 @@ async def decoding_server() -> Any:
     await server.start()
     channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
     yield channel
-    await channel.close()
+    await channel.close(None)
     await server.stop(0)
 
 

@@ -49,7 +49,9 @@ async def target() -> AsyncIterator[str]:
 async def _call(target: str, kind: str) -> grpc.aio.AioRpcError:
     async with grpc.aio.insecure_channel(target) as channel:
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await channel.unary_unary("/t.T/Call")(kind.encode(), timeout=5)
+            await channel.unary_unary("/t.T/Call", request_serializer=None, response_deserializer=None)(
+                kind.encode(), timeout=5
+            )
     return err.value
 
 
@@ -63,7 +65,9 @@ async def test_unknown_exception_is_opaque_internal(target: str) -> None:
 
 async def test_streaming_failure_is_mapped_too(target: str) -> None:
     async with grpc.aio.insecure_channel(target) as channel:
-        call = channel.unary_stream("/t.T/Stream")(b"", timeout=5)
+        call = channel.unary_stream("/t.T/Stream", request_serializer=None, response_deserializer=None)(
+            b"", timeout=5
+        )
         with pytest.raises(grpc.aio.AioRpcError) as err:
             _ = [item async for item in call]
     assert err.value.code() == grpc.StatusCode.INTERNAL and SECRET not in str(err.value)
@@ -78,7 +82,10 @@ async def test_invalid_argument_has_bad_request(target: str) -> None:
 async def test_rate_limit_has_retry_info_quota_failure_and_retry_after(target: str) -> None:
     err = await _call(target, "limited")
     assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert dict(err.trailing_metadata() or ())["retry-after"] == "2"
+    # grpc-stubs types RpcError's trailers as _Metadatum objects; an AioRpcError's are grpc.aio.Metadata,
+    # a collection of (key, value) tuples
+    trailers: dict[str, str | bytes] = dict(err.trailing_metadata() or ())  # type: ignore[arg-type]
+    assert trailers["retry-after"] == "2"
     status = rich_status(err)
     assert status.retry_after_s == 2
     assert status.retry_delay_s == 1.2
