@@ -15,7 +15,8 @@ Keys:
 with the key id and source address, never a secret or a signature; the caller only ever sees one opaque
 failure):
   1. the key id's format and checksum (a fake is refused without a store lookup);
-  2. the key exists, is not revoked, not expired, and its owner still exists;
+  2. the key exists, is not revoked, not expired, and its owner still exists (each distinct key of a batch is
+     read from the store once per batch, never kept between batches);
   3. the timestamp (strict decimal) within the window (5 s by default, at most 60) and at most 1 s ahead;
   4. the source address in the key's IP allow-list (when it has one);
   5. the signature (strict lowercase hex) by the current secret / public key, or by the previous one while its
@@ -38,7 +39,7 @@ import functools
 import ipaddress
 import re
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Final, Protocol
 
@@ -362,12 +363,20 @@ class ApiKeyService:
 
     async def verify(self, requests: Sequence[signing.SignedRequest]) -> builtins.list[Verdict]:
         """One verdict per request, in order; each request is judged alone (see the module docstring). The key
-        vault being unreachable fails the whole batch (Unavailable): a retryable outage, not a bad request."""
-        return list(await asyncio.gather(*(self._verify_one(request) for request in requests)))
+        vault being unreachable fails the whole batch (Unavailable): a retryable outage, not a bad request.
 
-    async def _verify_one(self, request: signing.SignedRequest) -> Verdict:
+        Each distinct key of the batch is read from the store once, when the batch is verified (a guard's batch
+        usually holds many calls signed with the same few keys); nothing is kept between batches, so a key
+        revoked, rotated or expired before a batch is judged as such by that batch."""
+        key_ids = {request.key_id for request in requests if signing.key_id_valid(request.key_id)}
+        ordered = sorted(key_ids)
+        found = await asyncio.gather(*(self._store.get_api_key(key_id) for key_id in ordered))
+        keys = dict(zip(ordered, found, strict=True))
+        return list(await asyncio.gather(*(self._verify_one(request, keys) for request in requests)))
+
+    async def _verify_one(self, request: signing.SignedRequest, keys: Mapping[str, ApiKey | None]) -> Verdict:
         try:
-            principal, allowed = await self._check(request)
+            principal, allowed = await self._check(request, keys)
         except _Refused as refused:
             cause = str(refused)
             log.warning(
@@ -388,12 +397,14 @@ class ApiKeyService:
             return Verdict(permission_denied=True)
         return Verdict(principal=principal)
 
-    async def _check(self, request: signing.SignedRequest) -> tuple[Principal, bool]:
-        # 1. format and checksum: no lookup for a fake
+    async def _check(
+        self, request: signing.SignedRequest, keys: Mapping[str, ApiKey | None]
+    ) -> tuple[Principal, bool]:
+        # 1. format and checksum: no lookup for a fake (`verify` read only the keys of well-formed ids)
         if not signing.key_id_valid(request.key_id):
             raise _Refused("key id malformed or checksum wrong")
-        # 2. the key and its owner
-        key = await self._store.get_api_key(request.key_id)
+        # 2. the key (read for this batch) and its owner
+        key = keys.get(request.key_id)
         now_us = self._clock()
         if key is None:
             raise _Refused("key unknown")

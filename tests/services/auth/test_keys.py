@@ -277,6 +277,28 @@ async def test_a_bad_checksum_is_refused_without_a_store_lookup(env: Env) -> Non
 
 
 @sqlite_only
+async def test_a_batch_reads_each_key_once_and_the_next_batch_reads_it_again(env: Env) -> None:
+    """A guard's batch of calls signed with the same keys costs one store read per distinct key; nothing is kept
+    between batches, so a key revoked after one batch is refused by the next."""
+    key, secret = await env.hmac_key()
+    other, other_secret = await env.hmac_key()
+    batch = [env.request(key.key_id, secret) for _ in range(5)] + [env.request(other.key_id, other_secret)]
+    batch.append(env.request(key.key_id[:-1] + ("x" if key.key_id[-1] != "x" else "y"), secret))  # a fake
+    lookups = env.store.lookups
+    verdicts = await env.service.verify(batch)
+    assert [v.principal is not None for v in verdicts] == [True] * 6 + [False]
+    failed(verdicts[-1], "key id malformed or checksum wrong")
+    assert env.store.lookups == lookups + 2
+    await env.service.revoke(key.key_id)
+    verdicts = await env.service.verify(
+        [env.request(key.key_id, secret), env.request(other.key_id, other_secret)]
+    )
+    failed(verdicts[0], "key revoked")
+    assert verdicts[1].principal is not None
+    assert env.store.lookups == lookups + 2 + 1 + 2  # the revocation's own read, then this batch's two
+
+
+@sqlite_only
 async def test_an_expired_key_fails(env: Env) -> None:
     key, secret = await env.hmac_key(lifetime_us=DAY_US)
     env.clock.advance(DAY_US - 10_000_000)
