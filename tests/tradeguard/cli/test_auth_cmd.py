@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
+import jwt
 import pyotp
 import pytest
 import zxingcpp
@@ -366,6 +367,21 @@ async def test_totp_enrolment_from_the_qr_code_login_and_orders_with_the_stored_
     )
     assert json.loads(out)["credentials_file"] == str(session_file)
     await suite.ok("orders", "list", "--login", "bob")
+    before = json.loads(_text(session_file))
+    assert "refreshes it" in await suite.ok("auth", "refresh", "bob")
+    after = json.loads(_text(session_file))
+    assert (
+        after["refresh_token"] != before["refresh_token"] and after["access_token"] != before["access_token"]
+    )
+    # revoking the login's family (the fam claim) ends it at the guard, and its refresh is refused
+    family = jwt.decode(after["access_token"], options={"verify_signature": False})["fam"]
+    await suite.ok("auth", "revoke", "--family", family)
+    await eventually(lambda: suite.guard.revocations.token_revoked("", family, "", 0) is not None, 5)
+    line = await suite.refused("orders", "list", "--login", "bob")
+    assert line.startswith("UNAUTHENTICATED: ")
+    line = await suite.refused("auth", "refresh", "bob", code=2)
+    assert "has ended" in line and "tradeguard auth login bob" in line
+    assert not session_file.exists()
     # a revoked login refuses at the guard, then its refresh ends it
     user_id = json.loads(
         await suite.ok(
