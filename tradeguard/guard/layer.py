@@ -21,8 +21,8 @@ or signature). The principal is set in the call's own context: grpc.aio runs eac
 starts from the server's (where it is never set), so it cannot reach another call; a handler of a public method sees
 None.
 
-Known limit: a client-streaming call that sends no message at all never reaches a request layer, so its handler
-runs with no principal: such handlers must treat `current_principal() is None` as unauthenticated.
+A client-streaming or bidirectional call is checked on its first message before its handler starts (the kit's
+chain refuses a checked stream that ends before its first message), so a guarded handler always has a principal.
 """
 
 from __future__ import annotations

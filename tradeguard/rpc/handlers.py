@@ -464,23 +464,46 @@ def _streamed_requests(
     *,
     generator: bool,
 ) -> Behaviour:
+    async def checked(raw: bytes, context: Context) -> Any:
+        request = decode(raw)
+        for check in checks:
+            await check(context, request, raw)
+        return request
+
     async def requests(raws: AsyncIterator[bytes], context: Context) -> AsyncIterator[Any]:
         async for raw in raws:
-            request = decode(raw)
-            for check in checks:
-                await check(context, request, raw)
-            yield request
+            yield await checked(raw, context)
+
+    async def opened(raws: AsyncIterator[bytes], context: Context) -> AsyncIterator[Any]:
+        """With checks, the handler starts only once the first message has passed them: a stream that ends
+        before its first message is refused, so no handler of a checked method ever runs unchecked (a guard's
+        principal is always set)."""
+        if not checks:
+            return requests(raws, context)
+        iterator = aiter(raws)
+        try:
+            first_raw = await anext(iterator)
+        except StopAsyncIteration:
+            raise InvalidArgument.field("request", "at least one request message is required") from None
+        first = await checked(first_raw, context)
+
+        async def rest() -> AsyncIterator[Any]:
+            yield first
+            async for request in requests(iterator, context):
+                yield request
+
+        return rest()
 
     if generator and inspect.isasyncgenfunction(behavior):
 
         async def stream(raws: AsyncIterator[bytes], context: Context) -> AsyncIterator[Any]:
-            async for item in behavior(requests(raws, context), context):
+            async for item in behavior(await opened(raws, context), context):
                 yield item
 
         return stream
 
     async def run(raws: AsyncIterator[bytes], context: Context) -> Any:
-        return await behavior(requests(raws, context), context)
+        return await behavior(await opened(raws, context), context)
 
     return run
 

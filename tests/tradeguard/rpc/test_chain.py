@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 import pytest
 
-from tradeguard.echo import ECHO, RunningEcho, running_echo
+from tradeguard.echo import ECHO, EchoServicer, RunningEcho, running_echo
 from tradeguard.echo.v1 import echo_pb2
 from tradeguard.errors import PermissionDenied
 from tradeguard.mesh import pki
@@ -223,3 +223,35 @@ async def test_client_streaming_decodes_and_checks_each_message(
         "INVALID_ARGUMENT",
         "PERMISSION_DENIED",
     ]
+
+
+async def test_a_checked_client_stream_with_no_message_is_refused_before_its_handler_runs(
+    pki_paths: pki.PkiPaths, recorder: Recorder, log: io.StringIO
+) -> None:
+    """A layer checks each message; a stream that ends before its first message would reach the handler
+    unchecked (for the guard: with no principal), so the chain refuses it and the handler never starts."""
+    started: list[str] = []
+
+    class Counting(EchoServicer):
+        async def Collect(self, request_iterator: Any, context: Any) -> echo_pb2.CollectResponse:
+            started.append("collect")
+            return await super().Collect(request_iterator, context)
+
+    async def nothing() -> AsyncIterator[echo_pb2.CollectRequest]:
+        return
+        yield  # an async generator that yields nothing
+
+    serving = running_echo(pki_paths, layers=[recorder], servicer=Counting(), tls12_self_probe=False)
+    async with serving as echo, echo.channel("ops") as channel:
+        stub = echo.stub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Collect(nothing(), timeout=5)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert status_of(err.value)[1] == ["request"]
+        assert started == [] and recorder.seen == []
+        reply = await stub.Collect(_one(echo_pb2.CollectRequest(text="x")), timeout=5)
+        assert (reply.text, started) == ("x", ["collect"])
+
+
+async def _one(item: echo_pb2.CollectRequest) -> AsyncIterator[echo_pb2.CollectRequest]:
+    yield item
