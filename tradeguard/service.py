@@ -130,7 +130,8 @@ class Declaration(Generic[S, St]):
 
     name: str
     register: Callable[[Any, grpc.aio.Server], None]  # the generated add_<Service>Servicer_to_server
-    rules: Mapping[str, Iterable[str]]  # method → workload names allowed (deny by default)
+    # method → workload names allowed (deny by default); or computed from the settings, once, at start-up
+    rules: Mapping[str, Iterable[str]] | Callable[[S], Mapping[str, Iterable[str]]]
     settings: Callable[[Env, CommonSettings], S]  # reads the service's own settings (its prefix)
     stores: Stores[St]
     build: Callable[[Wiring[S, St]], Awaitable[Assembly]]
@@ -145,6 +146,9 @@ class Declaration(Generic[S, St]):
     @property
     def registered(self) -> Registered:
         return lookup(self.name)
+
+    def rules_for(self, settings: S) -> Mapping[str, Iterable[str]]:
+        return self.rules(settings) if callable(self.rules) else self.rules
 
 
 def read_settings(declaration: Declaration[S, St], environ: MutableMapping[str, str] | None = None) -> S:
@@ -225,7 +229,7 @@ async def start(declaration: Declaration[S, St], settings: S) -> Running[S, St]:
     servicer = assembly.servicer
     server = MeshServer(
         settings.server,
-        MethodPolicy(trust_domain, declaration.rules),
+        MethodPolicy(trust_domain, declaration.rules_for(settings)),
         [
             Service(entry.full_name, lambda grpc_server: declaration.register(servicer, grpc_server)),
             *assembly.extra_services,

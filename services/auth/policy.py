@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Final
 
-__all__ = ["ADMIN", "EXT_AUTHZ", "GUARDS", "PEOPLE", "RULES", "SERVICE"]
+__all__ = ["ADMIN", "EXT_AUTHZ", "GUARDS", "PEOPLE", "RULES", "SERVICE", "rules"]
 
 SERVICE: Final = "/tradeguard.auth.v1.AuthService"
 EXT_AUTHZ: Final = "/envoy.service.auth.v3.Authorization/Check"
@@ -53,3 +53,14 @@ RULES: Final[dict[str, frozenset[str]]] = {
     f"{SERVICE}/GetJwks": PEOPLE | GUARDS,
     EXT_AUTHZ: frozenset({"edge"}),
 }
+
+
+def rules(guard_workloads: frozenset[str] = frozenset()) -> dict[str, frozenset[str]]:
+    """RULES, with more workloads allowed the guards' methods: a firm's own guarded services (their names from
+    the settings: TRADEGUARD_AUTH_GUARD_WORKLOADS)."""
+    if not guard_workloads:
+        return dict(RULES)
+    guards = GUARDS | guard_workloads
+    extended = {f"{SERVICE}/{m}": guards for m in _GUARD_METHODS}
+    extended[f"{SERVICE}/GetJwks"] = PEOPLE | guards
+    return {**RULES, **extended}

@@ -198,7 +198,7 @@ SERVICE: Declaration[Settings, AuthStore] = Declaration(
     name="auth",
     summary="The auth service: users, TOTP, JWTs, signed API keys, RBAC, lockout, revocation; Envoy's ext_authz.",
     register=auth_pb2_grpc.add_AuthServiceServicer_to_server,
-    rules=policy.RULES,
+    rules=lambda settings: policy.rules(settings.guard_workloads),
     settings=Settings.read,
     stores=Stores(sqlite=SqliteAuthStore.open, postgres=PostgresAuthStore.open),
     build=build,

@@ -44,6 +44,10 @@ The HTTP edge (Envoy's ext_authz Check):
 - HSTS: the Strict-Transport-Security value on every Check answer (default
   `max-age=63072000; includeSubDomains; preload`; max-age at least one year).
 
+Guards:
+- GUARD_WORKLOADS: workload names (comma-separated) allowed to run a guard against this service (GetJwks,
+  WatchRevocations, VerifySignedRequests) besides the suite's own services: a firm's own guarded services.
+
 Plus the shared server settings (ServerConfig.from_env).
 """
 
@@ -124,6 +128,7 @@ class Settings:
     lockout: LockoutSettings = field(default_factory=LockoutSettings)
     route_permissions: Mapping[str, str] = field(default_factory=lambda: DEFAULT_ROUTE_PERMISSIONS)
     hsts: str = DEFAULT_HSTS
+    guard_workloads: frozenset[str] = frozenset()  # besides the suite's own services, who may run a guard
 
     @property
     def replay_window_ms(self) -> int:
@@ -181,7 +186,16 @@ class Settings:
             lockout=lockout,
             route_permissions=_routes(env),
             hsts=_hsts(env),
+            guard_workloads=_workloads(env, "GUARD_WORKLOADS"),
         )
+
+
+def _workloads(env: Env, key: str) -> frozenset[str]:
+    names = frozenset(part.strip() for part in env.text(key, "").split(",") if part.strip())
+    for name in names:
+        if re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", name) is None:
+            raise SettingsError(f"{env.name(key)} must be workload names separated by commas, got {name!r}")
+    return names
 
 
 def _target(env: Env, key: str, default: str) -> str:
