@@ -12,7 +12,8 @@ Run it (after `tradeguard pki init` and `tradeguard pki issue desk`, with the au
 
 Settings (the kit's reader, prefix TRADEGUARD_DESK_): PORT (default 50100), AUTH_TARGET (default 127.0.0.1:50051),
 JWT_ISSUER, JWT_AUDIENCE and the other guard settings (tradeguard.guard.config); TRADEGUARD_HOME for the PKI. The
-auth service must let the `desk` workload call its guard methods (GetJwks, WatchRevocations, VerifySignedRequests).
+auth service must let the `desk` workload call its guard methods: start it with
+TRADEGUARD_AUTH_GUARD_WORKLOADS=desk.
 Clients sign with `tradeguard.guard.client.signing_interceptors(ApiKeyCredentials(key_id, secret=...))` or send a
 token with `bearer_interceptors(token)`.
 """
