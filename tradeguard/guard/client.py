@@ -55,23 +55,29 @@ class ApiKeyCredentials:
     key_id: str
     secret: str | None = field(default=None, repr=False)
     ed25519_seed: bytes | None = field(default=None, repr=False)
+    # the seed loaded once (loading it derives the public key: about half of each signature's CPU)
+    _ed25519_key: signing.Ed25519PrivateKey | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         if (self.secret is None) == (self.ed25519_seed is None):
             raise ValueError("an API key signs with its HMAC secret or its Ed25519 seed: give exactly one")
         if not signing.key_id_valid(self.key_id):
             raise ValueError("not an API key id (tgk_… with a valid checksum)")
-        if self.ed25519_seed is not None and len(self.ed25519_seed) != 32:
-            raise ValueError("an Ed25519 private key seed is 32 bytes")
+        if self.ed25519_seed is not None:
+            if len(self.ed25519_seed) != 32:
+                raise ValueError("an Ed25519 private key seed is 32 bytes")
+            object.__setattr__(self, "_ed25519_key", signing.ed25519_private_key(self.ed25519_seed))
 
     def headers(self, timestamp_ms: int, nonce: str, path: str, body: bytes) -> tuple[tuple[str, str], ...]:
         if self.secret is not None:
             return signing.signed_headers(
                 signing.Scheme.HMAC_SHA256, self.secret, self.key_id, timestamp_ms, nonce, path, body
             )
-        assert self.ed25519_seed is not None
+        assert self._ed25519_key is not None
         return signing.signed_headers(
-            signing.Scheme.ED25519, self.ed25519_seed, self.key_id, timestamp_ms, nonce, path, body
+            signing.Scheme.ED25519, self._ed25519_key, self.key_id, timestamp_ms, nonce, path, body
         )
 
 
