@@ -1,6 +1,8 @@
-"""`tradeguard up`: the suite starts on its own ports, prints commands that work as printed, refuses ports that
-are taken, restarts a killed service, renews certificates (also before it waits for health) with no failed call,
-and stops cleanly. Every suite runs on free ports in its own home and is stopped even when a test fails."""
+"""`tradeguard up`: the suite starts on its own ports, prints commands that work as printed (a trader, an API key
+saved 0600 and a SIGNED order), refuses ports that are taken, restarts a killed service, renews certificates (also
+before it waits for health) with no failed call, and stops cleanly. Every suite runs on free ports in its own home
+and is stopped even when a test fails. Every order call carries a person's credentials (the trading service's
+guard): an API key created the way the banner prints it, then `--key-id "$TG_KEY"` (or its signed headers)."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
@@ -27,8 +30,8 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support import free_port, openssl_handshake
-from tradeguard import registry
-from tradeguard.cli import common, main
+from tradeguard import registry, signing
+from tradeguard.cli import common, credentials, main
 from tradeguard.cli.up_cmd import (
     WORKLOADS,
     Backoff,
@@ -39,6 +42,7 @@ from tradeguard.cli.up_cmd import (
     available,
     listens_on,
 )
+from tradeguard.guard.client import ApiKeyCredentials
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.channel import MeshChannel
 from tradeguard.testing import eventually
@@ -135,6 +139,30 @@ def cli(env: dict[str, str], *args: str, stdin: str = "") -> subprocess.Complete
     )
 
 
+def trader_key(suite: Suite, username: str, account: str = "acct-1") -> str:
+    """A trader in `account` and an HMAC API key for them (orders:read, orders:write), created as the banner
+    prints it (`auth user create … --password-file F --quiet`, `auth key create "$TG_USER" … --save --quiet`):
+    the key id; its secret is in $TRADEGUARD_HOME/credentials/KEY_ID.secret (0600), where `orders` finds it."""
+    password = suite.home / f"{username}.password"
+    password.write_text("a long and private passphrase\n")
+    password.chmod(0o600)
+    user = cli(
+        suite.env,
+        *("auth", "user", "create", username, "--account", account, "--role", "trader"),
+        *("--password-file", str(password), "--quiet"),
+    )
+    assert user.returncode == 0, user.stderr
+    key = cli(
+        suite.env,
+        *("auth", "key", "create", user.stdout.strip(), "--scope", "orders:read", "--scope", "orders:write"),
+        *("--ip", "127.0.0.1/32", "--save", "--quiet"),
+    )
+    assert key.returncode == 0, key.stderr
+    key_id = key.stdout.strip()
+    assert signing.key_id_valid(key_id), key.stdout
+    return key_id
+
+
 def printed_commands(banner: str) -> list[str]:
     """The shell lines the banner prints (export, tradeguard and printf lines, continuations joined)."""
     commands: list[str] = []
@@ -189,7 +217,12 @@ async def test_up_prints_commands_that_work_as_printed_refuses_a_second_suite_an
         assert f"TRADEGUARD_TRADING_PORT={suite.ports['trading']}" in commands[0]
         assert any("vault --as auth encrypt credentials" in c for c in commands)
         assert not any("pki issue" in c for c in commands)  # nothing left to issue by hand
+        assert any(c.startswith("export TG_KEY=") and "--save --quiet" in c for c in commands)
+        assert any("orders place" in c and '--key-id "$TG_KEY"' in c for c in commands)  # a SIGNED order
         script = "set -e\n" + "".join(f"echo '>>> {c.replace(chr(39), '')}'\n{c}\n" for c in commands)
+        script += (
+            'printf "TG_KEY=%s\\n" "$TG_KEY"\n'  # the key the printed commands created, for what follows
+        )
         (ROOT / ".venv" / "bin" / "tradeguard").stat()  # the printed path exists in this checkout
         shell = await asyncio.to_thread(
             subprocess.run,
@@ -203,6 +236,12 @@ async def test_up_prints_commands_that_work_as_printed_refuses_a_second_suite_an
         )
         assert shell.returncode == 0, shell.stdout + shell.stderr
         assert '"status": "ORDER_STATUS_OPEN"' in shell.stdout
+        key_lines = re.findall(r"^TG_KEY=(\S+)$", shell.stdout, re.MULTILINE)
+        assert len(key_lines) == 1 and signing.key_id_valid(key_lines[0]), shell.stdout
+        key_id = key_lines[0]
+        secret = credentials.secret_path(home, key_id)
+        assert oct(secret.stat().st_mode & 0o777) == "0o600"
+        assert secret.read_text().strip() not in shell.stdout + shell.stderr  # saved, shown nowhere
         assert '"sealed": false' in shell.stdout
         assert re.search(r"^tgv1:credentials:v1:\S+$", shell.stdout, re.MULTILINE), shell.stdout
         paths = pki.PkiPaths(home)
@@ -235,15 +274,18 @@ async def test_up_prints_commands_that_work_as_printed_refuses_a_second_suite_an
         assert "Tradeguard is up" not in second.stdout and "service started" not in second.stderr
         assert f"port {suite.ports[first]} on 127.0.0.1 ({first}) is already in use" in second.stderr
         assert f"set {registry.env_prefix(first)}_PORT to a free port" in second.stderr
-        listed = cli(suite.env, "orders", "list", "--account", "acct-1")  # the first suite still serves
-        assert listed.returncode == 0 and "demo-1" in listed.stdout
+        listed = cli(suite.env, "orders", "list", "--account", "acct-1", "--key-id", key_id)
+        assert listed.returncode == 0, listed.stderr  # the first suite still serves
+        assert "demo-1" in listed.stdout
     assert oct(os.stat(pki.PkiPaths(home).root_key).st_mode & 0o777) == "0o600"
 
     with running(home, ports=suite.ports) as again:
         await again.wait_for("Tradeguard is up")
         assert "created a dev PKI" not in again.output()
-        listed = cli(again.env, "orders", "list", "--account", "acct-1")
-        assert "demo-1" in listed.stdout  # the data survived the restart
+        listed = cli(again.env, "orders", "list", "--account", "acct-1", "--key-id", key_id)
+        # the user and the key survived the restart (auth's data), and so did the order
+        assert listed.returncode == 0, listed.stderr
+        assert "demo-1" in listed.stdout
 
 
 @pytest.mark.slow
@@ -253,6 +295,7 @@ async def test_a_killed_service_is_restarted_at_once_and_the_suite_stays_up(tmp_
     with running(home) as suite:
         await suite.wait_for("Tradeguard is up")
         victim = "trading" if "trading" in suite.services else suite.services[-1]
+        key_id = trader_key(suite, "kim") if victim == "trading" else ""
         others = {name: suite.pid(name) for name in suite.services if name != victim}
         old = suite.pid(victim)
         os.kill(old, signal.SIGKILL)
@@ -268,10 +311,11 @@ async def test_a_killed_service_is_restarted_at_once_and_the_suite_stays_up(tmp_
         if victim == "trading":
             placed = cli(
                 suite.env,
-                *("orders", "place", "--account", "a", "--client-order-id", "after-kill", "--symbol", "X"),
-                *("--side", "buy", "--quantity", "1", "--price", "1"),
+                *("orders", "place", "--account", "acct-1", "--client-order-id", "after-kill"),
+                *("--symbol", "X", "--side", "buy", "--quantity", "1", "--price", "1", "--key-id", key_id),
             )
-            assert placed.returncode == 0, placed.stderr
+            assert placed.returncode == 0, placed.stderr  # the restarted trading service's guard reaches auth
+            assert '"client_order_id": "after-kill"' in placed.stdout
 
 
 def _leaf(path: Path) -> bytes:
@@ -303,6 +347,12 @@ async def test_running_suite_renews_due_certificates_with_no_failed_call(tmp_pat
         await suite.wait_for("Tradeguard is up")
         paths = pki.PkiPaths(home)
         port = suite.ports["trading"]
+        key_id = trader_key(suite, "rene")
+        key = ApiKeyCredentials(
+            key_id, secret=credentials.read_secret_file(str(credentials.secret_path(home, key_id)))
+        )
+        method = "/tradeguard.trading.v1.TradingService/ListOrders"
+        request = trading_pb2.ListOrdersRequest(account_id="acct-1")
         calls, failures = 0, []
         done = asyncio.Event()
         async with MeshChannel(f"127.0.0.1:{port}", "trading", tls.Workload.of(paths, "ops")) as channel:
@@ -311,8 +361,14 @@ async def test_running_suite_renews_due_certificates_with_no_failed_call(tmp_pat
             async def call_all_along() -> None:
                 nonlocal calls
                 while not done.is_set():
+                    signed = key.headers(  # signed per call: fresh timestamp and nonce, as the guard requires
+                        time.time_ns() // 1_000_000,
+                        signing.new_nonce(os.urandom),
+                        method,
+                        request.SerializeToString(),
+                    )
                     try:
-                        await stub.ListOrders(trading_pb2.ListOrdersRequest(account_id="acct-1"), timeout=30)
+                        await stub.ListOrders(request, timeout=30, metadata=signed)
                     except grpc.aio.AioRpcError as error:
                         failures.append(error)
                     calls += 1
