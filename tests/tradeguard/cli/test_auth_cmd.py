@@ -564,6 +564,7 @@ async def test_the_readmes_signed_order_and_grpcurl_lines_work_as_written(suite:
     assert '"client_order_id": "demo-1"' in text and '"account_id": "acct-1"' in text  # the CLI's JSON
     assert "tradeguard.trading.v1.TradingService" in text.split()  # grpcurl list
     assert 'client_order_id: "demo-2"' in text and "ORDER_STATUS_OPEN" in text  # grpcurl's text-format answer
+    assert 'quantity: "0.5"' in text and 'price: "64000.25"' in text  # the order as signed and sent
     assert _mode(suite.home / "alice.password") == 0o600
     (secret,) = (suite.home / "credentials").glob("tgk_*.secret")
     assert _text(secret) not in text + err.decode()
