@@ -6,8 +6,9 @@ Every method runs to its end without awaiting, so each is atomic on the event lo
 
 **The bound.** Each of the six maps — nonces, TOTP steps, failure windows, locks, challenges, revocations — holds
 at most `max_entries` entries, and each failure window at most `max_failures_per_subject` failure times (the count
-then saturates at that number, far above any lockout threshold). When a map is full, a new entry first evicts the
-expired entries, and if none has expired, the oldest entry (least recently written). Evicting a live entry is
+then saturates at that number, far above any lockout threshold). Every write also removes up to two expired
+entries, so a map holds about its live entries. When a map is full, a new entry first evicts the expired
+entries, and if none has expired, the oldest entry (least recently written). Evicting a live entry is
 counted in `evictions` and is the price of the bound: a live nonce evicted could be replayed — but the oldest nonce
 is the one closest to leaving the signed-request window, where the timestamp check refuses it anyway; an evicted
 failure window or lock forgets a count (it saturates the other way: an attacker flooding distinct subjects cannot
@@ -39,6 +40,7 @@ V = TypeVar("V")
 
 DEFAULT_MAX_ENTRIES = 100_000
 DEFAULT_MAX_FAILURES_PER_SUBJECT = 1000
+_SWEEP = 2  # expired entries removed per write: more than the one a write adds, so expired ones never pile up
 
 
 class ExpiringMap(Generic[K, V]):
@@ -74,7 +76,11 @@ class ExpiringMap(Generic[K, V]):
         return None if entry is None or entry[0] <= now_us else entry[0]
 
     def put(self, key: K, value: V, expire_us: int, now_us: int) -> None:
-        """Write `key` (it becomes the newest entry), evicting first if a new key finds the map full."""
+        """Write `key` (it becomes the newest entry), evicting first if a new key finds the map full. Each write
+        also removes up to `_SWEEP` expired entries, so that under a steady flow the map holds about its live
+        entries rather than filling up to `capacity` with expired ones (memory: a busy auth service's nonce map
+        stays near rate x window instead of growing to the bound)."""
+        self._sweep(now_us)
         if key in self._items:
             del self._items[key]
         elif len(self._items) >= self.capacity:
@@ -96,6 +102,16 @@ class ExpiringMap(Generic[K, V]):
             expiry, _, value = self._items[key]
             if expiry > now_us:
                 yield key, value
+
+    def _sweep(self, now_us: int) -> None:
+        heap, items = self._heap, self._items
+        for _ in range(_SWEEP):
+            if not heap or heap[0][0] > now_us:
+                return
+            _, serial, key = heapq.heappop(heap)
+            entry = items.get(key)
+            if entry is not None and entry[1] == serial:
+                del items[key]  # expired (a heap entry of a key written again since is just dropped)
 
     def _make_room(self, now_us: int) -> None:
         heap, items = self._heap, self._items

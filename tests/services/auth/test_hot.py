@@ -363,6 +363,21 @@ async def test_the_memory_bound_evicts_expired_entries_before_live_ones(clock: F
         assert not await state.claim_nonce("tgk_a", f"long-{i:013d}", MINUTE)
 
 
+async def test_memory_writes_sweep_expired_entries_so_a_steady_flow_stays_near_its_live_size(
+    clock: FakeClock,
+) -> None:
+    state = MemoryHotState(clock, max_entries=100_000)
+    for i in range(20_000):  # 1,000 nonces a second for 20 s, each remembered 2 s
+        assert await state.claim_nonce("tgk_a", f"nonce-{i:016d}", 2 * SECOND)
+        clock.advance(SECOND // 1000)
+    assert state.sizes()["nonces"] <= 2_100  # about rate x lifetime, far below the bound
+    assert state.evictions == 0
+    # the live ones are all still refused; an expired one is gone
+    for i in range(20_000 - 1_900, 20_000):
+        assert not await state.claim_nonce("tgk_a", f"nonce-{i:016d}", 2 * SECOND)
+    assert await state.claim_nonce("tgk_a", f"nonce-{0:016d}", 2 * SECOND)
+
+
 async def test_a_memory_failure_window_never_grows_past_its_cap(clock: FakeClock) -> None:
     state = MemoryHotState(clock, max_failures_per_subject=3)
     counts = []
