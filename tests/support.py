@@ -10,17 +10,27 @@ import secrets
 import socket
 import sqlite3
 import subprocess
-from collections.abc import AsyncIterator, Callable
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
+from urllib.parse import parse_qs, urlparse
 
+import grpc
 import psycopg
 import pytest
 import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psycopg import sql
 
-from tradeguard.mesh import pki
+from tradeguard import signing
+from tradeguard.auth.v1 import auth_pb2 as auth_pb
+from tradeguard.auth.v1 import auth_pb2_grpc
+from tradeguard.guard.client import ApiKeyCredentials
+from tradeguard.mesh import pki, tls
+from tradeguard.mesh.channel import MeshChannel
 from tradeguard.testing import eventually
 
 
@@ -240,3 +250,247 @@ async def redis_cluster(directory: Path, nodes: int = 3) -> AsyncIterator[list[R
     finally:
         for server in servers:
             server.stop()
+
+
+# --- the real key vault and auth service, started once per session as processes ------------------------------
+
+AUTH_PASSWORD = "correct horse trading staple"
+# The workloads of the session's PKI: tests/conftest.py's, a firm's trading bot, the guard tests' echo service.
+SESSION_WORKLOADS = ("trading", "ops", "monitor", "edge", "keyvault", "auth", "trading-client", "echo")
+# Workloads beyond the suite's own services that the session's auth service lets run a guard.
+GUARD_WORKLOADS = ("echo", "desk")
+
+
+def _service_env(home: Path, **own: str) -> dict[str, str]:
+    """The process environment of a service under `home`: ours minus any inherited TRADEGUARD_ setting."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRADEGUARD_")}
+    env["TRADEGUARD_HOME"] = str(home)
+    env.update(own)
+    return env
+
+
+def _spawn(module: str, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as out:  # a file, not a pipe: a full pipe would block the service
+        return subprocess.Popen([sys.executable, "-m", module], env=env, stdout=out, stderr=out)
+
+
+async def wait_healthy(
+    proc: subprocess.Popen[bytes], target: str, name: str, workload: tls.Workload, log: Path
+) -> None:
+    """Until the service at `target` (certificate name `name`) reports SERVING over mutual TLS; fails at once
+    (with its log) if the process exits."""
+
+    async def serving() -> bool:
+        try:
+            async with MeshChannel(target, name, workload) as channel:
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(), timeout=1
+                )
+                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+        except grpc.aio.AioRpcError:
+            return False
+
+    state = {"up": False}
+    checking: set[asyncio.Task[None]] = set()
+
+    async def check() -> None:
+        state["up"] = await serving()
+
+    def up() -> bool:
+        assert proc.poll() is None, f"{name} exited during start-up: {log.read_text()[-4000:]}"
+        if not state["up"] and not checking:
+            task = asyncio.ensure_future(check())
+            checking.add(task)
+            task.add_done_callback(checking.discard)
+        return state["up"]
+
+    await eventually(up, 60)
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within 10 s."""
+    stop_processes([proc])
+
+
+def stop_processes(procs: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM to each (together: their drains overlap), then SIGKILL to any not exited within 10 s."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass
+class AuthServices:
+    """The real key vault and auth service running as processes (as production starts them) under `paths.home`;
+    the PKI of `paths` is the one every per-test copy (tests/conftest.py `pki_paths`) shares."""
+
+    paths: pki.PkiPaths
+    keyvault_target: str
+    auth_target: str
+    keyvault: subprocess.Popen[bytes]
+    auth: subprocess.Popen[bytes]
+
+    def channel(self, caller: str = "ops") -> MeshChannel:
+        """A mutual-TLS channel to the auth service as workload `caller`."""
+        return MeshChannel(self.auth_target, "auth", tls.Workload.of(self.paths, caller))
+
+    def vault_channel(self, caller: str = "ops") -> MeshChannel:
+        return MeshChannel(self.keyvault_target, "keyvault", tls.Workload.of(self.paths, caller))
+
+    def start_auth(
+        self,
+        name: str,
+        extra: dict[str, str] | None = None,
+        *,
+        module: str = "services.auth",
+        port: int | None = None,
+    ) -> tuple[subprocess.Popen[bytes], str]:
+        """Another auth process (`python -m <module>`) on this key vault: its own database `<name>.db`, `port` or
+        a free one, GUARD_WORKLOADS allowed to run a guard, `extra` environment; the process and its target. The caller waits for it (`wait_healthy`)
+        and stops it (`stop_process`)."""
+        home = self.paths.home
+        port = free_port() if port is None else port
+        env = _service_env(
+            home,
+            TRADEGUARD_AUTH_PORT=str(port),
+            TRADEGUARD_AUTH_KEYVAULT_TARGET=self.keyvault_target,
+            TRADEGUARD_AUTH_DATABASE_URL=f"sqlite:///{home / 'data' / f'{name}.db'}",
+            TRADEGUARD_AUTH_GRACE_S="0",
+            # a firm's own guarded services: the guard tests' echo service, examples/guarded_service.py's desk
+            TRADEGUARD_AUTH_GUARD_WORKLOADS=",".join(GUARD_WORKLOADS),
+            **(extra or {}),
+        )
+        return _spawn(module, env, home / f"{name}.log"), f"127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def auth_processes(paths: pki.PkiPaths) -> Iterator[AuthServices]:
+    """`python -m services.keyvault` (its passphrase a 0600 _FILE secret, the auth service's keys created as
+    `ops`) and `python -m services.auth` (GUARD_WORKLOADS may run a guard against it) on free loopback ports
+    under `paths.home`, each waited for until its health is SERVING; both terminated on exit, whatever
+    happened."""
+    from services.auth.vault_client import ensure_keys
+
+    home = paths.home
+    (home / "data").mkdir(parents=True, exist_ok=True)
+    passphrase = home / "keyvault.passphrase"
+    passphrase.write_text(secrets.token_urlsafe(24))
+    passphrase.chmod(0o600)
+    vault_port = free_port()
+    started: list[subprocess.Popen[bytes]] = []
+    try:
+        vault_env = _service_env(
+            home,
+            TRADEGUARD_KEYVAULT_PORT=str(vault_port),
+            TRADEGUARD_KEYVAULT_PASSPHRASE_FILE=str(passphrase),
+            TRADEGUARD_KEYVAULT_SCRYPT_N=str(2**10),
+            TRADEGUARD_KEYVAULT_GRACE_S="0",
+            # strict: a rotated key may retire its previous version at once (tests/tradeguard/guard/test_jwt.py)
+            TRADEGUARD_KEYVAULT_KEY_FRESHNESS_S="0",
+        )
+        vault_log = home / "keyvault.log"
+        vault = _spawn("services.keyvault", vault_env, vault_log)
+        started.append(vault)
+        vault_target = f"127.0.0.1:{vault_port}"
+        # the auth service starts meanwhile: it calls the vault only once asked to seal or sign
+        auth, auth_target = AuthServices(paths, vault_target, "", vault, vault).start_auth("auth")
+        started.append(auth)
+        ops = tls.Workload.of(paths, "ops")
+
+        async def ready() -> None:
+            await wait_healthy(vault, vault_target, "keyvault", ops, vault_log)
+            async with MeshChannel(vault_target, "keyvault", ops) as channel:
+                await ensure_keys(channel)
+            await wait_healthy(auth, auth_target, "auth", ops, home / "auth.log")
+
+        asyncio.run(ready())
+        yield AuthServices(paths, vault_target, auth_target, vault, auth)
+    finally:
+        stop_processes(started)
+
+
+def unique_name(prefix: str = "user") -> str:
+    """A username no other test of the session uses (the session's auth service is shared)."""
+    return f"{prefix}{secrets.token_hex(6)}"
+
+
+async def create_auth_user(
+    auth: AuthServices, account: str | None = None, roles: tuple[str, ...] = ("trader",)
+) -> auth_pb.User:
+    """A user (unique name, `AUTH_PASSWORD`) of `account` (default: an account of its own), created by `ops`."""
+    username = unique_name()
+    async with auth.channel("ops") as channel:
+        reply = await auth_pb2_grpc.AuthServiceStub(channel).CreateUser(
+            auth_pb.CreateUserRequest(
+                username=username,
+                password=AUTH_PASSWORD,
+                account_id=account or f"acct-{username}",
+                roles=roles,
+            ),
+            timeout=10,
+        )
+    return reply.user
+
+
+async def create_api_key(
+    auth: AuthServices,
+    user_id: str,
+    scopes: str = "orders:read orders:write",
+    *,
+    ed25519_seed: bytes | None = None,
+    tier: str = "",
+) -> ApiKeyCredentials:
+    """An API key of `user_id` with `scopes`, usable from 127.0.0.1: HMAC, or Ed25519 for `ed25519_seed`'s public
+    key; created by `ops`."""
+    request = auth_pb.CreateApiKeyRequest(
+        user_id=user_id,
+        kind=auth_pb.API_KEY_KIND_HMAC if ed25519_seed is None else auth_pb.API_KEY_KIND_ED25519,
+        scopes=scopes.split(),
+        ip_allow_list=["127.0.0.1/32"],
+        tier=tier,
+    )
+    if ed25519_seed is not None:
+        request.ed25519_public_key = signing.ed25519_public_key(ed25519_seed)
+    async with auth.channel("ops") as channel:
+        created = await auth_pb2_grpc.AuthServiceStub(channel).CreateApiKey(request, timeout=10)
+    if ed25519_seed is not None:
+        return ApiKeyCredentials(created.key.key_id, ed25519_seed=ed25519_seed)
+    return ApiKeyCredentials(created.key.key_id, secret=created.secret)
+
+
+async def log_in(auth: AuthServices, user: auth_pb.User, caller: str = "ops") -> str:
+    """An access token of `user`, logged in for real as workload `caller` (the token is bound to its
+    certificate): password, and for a user whose roles need a second factor, TOTP enrolment and a code."""
+    import pyotp
+
+    async with auth.channel(caller) as channel:
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        if not user.mfa_required:
+            reply = await stub.Login(
+                auth_pb.LoginRequest(username=user.username, password=AUTH_PASSWORD), timeout=10
+            )
+            return str(reply.tokens.access_token)
+        begun = await stub.BeginTotpEnrollment(
+            auth_pb.BeginTotpEnrollmentRequest(username=user.username, password=AUTH_PASSWORD), timeout=10
+        )
+        totp = pyotp.TOTP(parse_qs(urlparse(begun.otpauth_uri).query)["secret"][0])
+        await stub.ConfirmTotpEnrollment(
+            auth_pb.ConfirmTotpEnrollmentRequest(
+                username=user.username, password=AUTH_PASSWORD, code=totp.now()
+            ),
+            timeout=10,
+        )
+        first = await stub.Login(
+            auth_pb.LoginRequest(username=user.username, password=AUTH_PASSWORD), timeout=10
+        )
+        second = await stub.VerifyMfa(
+            auth_pb.VerifyMfaRequest(mfa_token=first.mfa_token, totp_code=totp.at(time.time() + 30)),
+            timeout=10,
+        )
+        return str(second.tokens.access_token)

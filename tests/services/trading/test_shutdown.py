@@ -1,4 +1,7 @@
-"""SIGTERM under load: every order the service acknowledged is still there after a restart."""
+"""SIGTERM under load: every order the service acknowledged is still there after a restart.
+
+The trading service runs as a process whose guard verifies tokens at the session's real auth service
+(tests/conftest.py `auth_services`); the load is placed with the access token of a trader who logged in there."""
 
 from __future__ import annotations
 
@@ -13,21 +16,19 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support import free_port
-from tests.tradeguard.guard.fake_auth import AUDIENCE, ISSUER, RunningAuth, small_auth
+from tests.support import AuthServices, create_auth_user, free_port, log_in
 from tradeguard.guard.client import authenticated_channel, bearer_interceptors
 from tradeguard.mesh import pki, tls
 from tradeguard.trading.v1 import trading_pb2, trading_pb2_grpc
 
 
-def start_trading(home: Path, port: int, auth: RunningAuth) -> subprocess.Popen[bytes]:
+def start_trading(home: Path, port: int, auth: AuthServices) -> subprocess.Popen[bytes]:
     env = dict(
         os.environ,
         TRADEGUARD_HOME=str(home),
         TRADEGUARD_TRADING_PORT=str(port),
-        TRADEGUARD_TRADING_AUTH_TARGET=auth.target,  # the guard verifies tokens against this auth service
-        TRADEGUARD_TRADING_JWT_ISSUER=ISSUER,
-        TRADEGUARD_TRADING_JWT_AUDIENCE=AUDIENCE,
+        # the guard verifies tokens against this auth service (issuer and audience: its defaults)
+        TRADEGUARD_TRADING_AUTH_TARGET=auth.auth_target,
     )
     with open(home / "trading.log", "ab") as log:  # a file, not a pipe: a full pipe would block the service
         return subprocess.Popen([sys.executable, "-m", "services.trading"], env=env, stdout=log, stderr=log)
@@ -65,16 +66,18 @@ async def wait_guarded(stub: trading_pb2_grpc.TradingServiceAsyncStub) -> None:
 
 
 @pytest.mark.slow
-async def test_sigterm_during_load_loses_no_acknowledged_order(pki_paths: pki.PkiPaths) -> None:
-    async with small_auth(pki_paths) as auth:
-        await _sigterm_during_load(pki_paths, auth)
+async def test_sigterm_during_load_loses_no_acknowledged_order(
+    pki_paths: pki.PkiPaths, auth_services: AuthServices
+) -> None:
+    await _sigterm_during_load(pki_paths, auth_services)
 
 
-async def _sigterm_during_load(pki_paths: pki.PkiPaths, auth: RunningAuth) -> None:
+async def _sigterm_during_load(pki_paths: pki.PkiPaths, auth: AuthServices) -> None:
     port = free_port()
     target = f"127.0.0.1:{port}"
     ops = tls.Workload.of(pki_paths, "ops")
-    jwt = auth.servicer.issuer.token(acct="acct-load", scope="orders:read orders:write")
+    trader = await create_auth_user(auth, "acct-load")  # a trader: orders:read, orders:write
+    jwt = await log_in(auth, trader, "ops")  # bound to the ops certificate the calls present
     proc = start_trading(pki_paths.home, port, auth)
     acked: list[str] = []
     refused: list[grpc.StatusCode] = []

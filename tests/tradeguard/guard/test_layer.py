@@ -1,22 +1,26 @@
-"""The guard in a real server's chain (the echo service over mutual TLS) with a small in-test auth service."""
+"""The guard in a real server's chain (the echo service over mutual TLS) with the real auth service: users, tokens
+(real logins) and API keys made per test through its RPCs; revocations published by it."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import os
+import secrets
 import time
+from pathlib import Path
 
 import grpc
 import jwt
 import pytest
 
+from tests.support import AuthServices, start_redis, stop_process, wait_healthy
 from tests.tradeguard.guard.conftest import COLLECT, ECHO_METHOD, EXPAND, Guarded, guarded_echo
-from tests.tradeguard.guard.fake_auth import RunningAuth, small_auth
+from tests.tradeguard.guard.tokens import RealKeySigner
 from tradeguard import signing
 from tradeguard.echo.v1 import echo_pb2, echo_pb2_grpc
 from tradeguard.guard.client import ApiKeyCredentials, bearer_interceptors, signing_interceptors
-from tradeguard.mesh import pki
+from tradeguard.mesh import pki, tls
 from tradeguard.testing import LogCapture, eventually
 
 Metadata = tuple[tuple[str, str], ...]
@@ -43,10 +47,10 @@ async def code_of(call: object) -> grpc.StatusCode:
 async def test_a_bearer_token_reaches_the_handler_as_its_principal_in_all_call_kinds(
     guarded: Guarded,
 ) -> None:
-    token = guarded.auth.servicer.issuer.token(sub="usr_7", acct="acct-7", scope="orders:read orders:write")
+    user, token = await guarded.token(("trader",))
     async with guarded.channel(bearer_interceptors(token)) as channel:
         echo = stub(channel)
-        expected = "usr_7|acct-7|-|orders:read,orders:write|"
+        expected = f"{user.user_id}|{user.account_id}|-|orders:read,orders:write|"
         assert (await echo.Echo(echo_pb2.EchoRequest(text="hi"))).text == expected
         assert [r.text async for r in echo.Expand(echo_pb2.ExpandRequest(count=2))] == [expected] * 2
         collected = await echo.Collect(_texts(["a", "b", "c"]))  # type: ignore[arg-type]
@@ -54,10 +58,10 @@ async def test_a_bearer_token_reaches_the_handler_as_its_principal_in_all_call_k
 
 
 async def test_no_credentials_is_one_opaque_unauthenticated_with_the_cause_in_the_log(
-    guarded: Guarded,
+    guarded: Guarded, signer: RealKeySigner
 ) -> None:
     logs = LogCapture()
-    token = guarded.auth.servicer.issuer.token(exp=int(time.time()) - 60)
+    token = await signer.token(exp=int(time.time()) - 60)  # signed with the real key, expired
     async with guarded.echo.channel("ops") as plain, guarded.channel(bearer_interceptors(token)) as expired:
         for channel, cause in ((plain, "no credentials"), (expired, "token expired")):
             with pytest.raises(grpc.aio.AioRpcError) as failed:
@@ -71,17 +75,17 @@ async def test_no_credentials_is_one_opaque_unauthenticated_with_the_cause_in_th
 
 
 async def test_a_scope_short_of_the_permission_is_permission_denied(guarded: Guarded) -> None:
-    token = guarded.auth.servicer.issuer.token(scope="orders:read")
+    user, token = await guarded.token(("viewer",))  # scope orders:read
     async with guarded.channel(bearer_interceptors(token)) as channel:
-        assert (await stub(channel).Echo(echo_pb2.EchoRequest())).text.startswith("usr_1|")
+        assert (await stub(channel).Echo(echo_pb2.EchoRequest())).text.startswith(f"{user.user_id}|")
         denied = stub(channel).Collect(_texts(["a"]))  # type: ignore[arg-type]
         assert await code_of(denied) == grpc.StatusCode.PERMISSION_DENIED
 
 
 async def test_two_kinds_of_credentials_or_a_repeated_header_are_refused(guarded: Guarded) -> None:
-    token = guarded.auth.servicer.issuer.token()
-    key_id, secret = guarded.auth.servicer.add_hmac_key()
-    both = [*bearer_interceptors(token), *signing_interceptors(ApiKeyCredentials(key_id, secret=secret))]
+    user, token = await guarded.token(("viewer",))
+    _, key = await guarded.key()
+    both = [*bearer_interceptors(token), *signing_interceptors(key)]
     async with guarded.channel(both) as channel:
         assert await code_of(stub(channel).Echo(echo_pb2.EchoRequest())) == grpc.StatusCode.UNAUTHENTICATED
     twice: Metadata = (("authorization", f"Bearer {token}"), ("authorization", f"Bearer {token}"))
@@ -89,74 +93,95 @@ async def test_two_kinds_of_credentials_or_a_repeated_header_are_refused(guarded
         call = stub(channel).Echo(echo_pb2.EchoRequest(), metadata=twice)
         assert await code_of(call) == grpc.StatusCode.UNAUTHENTICATED
         once = await stub(channel).Echo(echo_pb2.EchoRequest(), metadata=twice[:1])
-        assert once.text.startswith("usr_1|")
+        assert once.text.startswith(f"{user.user_id}|")
 
 
 # --- revocation ----------------------------------------------------------------------------------------------
 
 
 async def test_a_revocation_reaches_a_running_guard_within_one_second(guarded: Guarded) -> None:
-    issuer = guarded.auth.servicer.issuer
-    token = issuer.token()
+    user, token = await guarded.token(("viewer",))
     jti = jwt.decode(token, options={"verify_signature": False})["jti"]
     revocations = guarded.guard.revocations
     async with guarded.channel(bearer_interceptors(token)) as channel:
-        assert (await stub(channel).Echo(echo_pb2.EchoRequest())).text.startswith("usr_1|")  # now cached
-        started = time.monotonic()
-        guarded.auth.servicer.revoke(jti=jti)
-        await eventually(lambda: revocations.token_revoked(jti, None, "usr_1", 0) is not None, 5)
+        assert (await stub(channel).Echo(echo_pb2.EchoRequest())).text.startswith(
+            f"{user.user_id}|"
+        )  # cached
+        started = time.monotonic()  # from the operator's RevokeTokens call to the running guard
+        await guarded.revoke(jti=jti)
+        await eventually(lambda: revocations.token_revoked(jti, None, user.user_id, 0) is not None, 5)
         measured = time.monotonic() - started
         assert measured < 1.0, f"the revocation took {measured:.3f} s to reach the guard"
         assert await code_of(stub(channel).Echo(echo_pb2.EchoRequest())) == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_a_revoked_key_is_refused_even_if_auth_answered_for_it(guarded: Guarded) -> None:
-    key_id, secret = guarded.auth.servicer.add_hmac_key()
-    async with guarded.channel(signing_interceptors(ApiKeyCredentials(key_id, secret=secret))) as channel:
+    _, key = await guarded.key(tier="pro")
+    key_id = key.key_id
+    async with guarded.channel(signing_interceptors(key)) as channel:
         assert (await stub(channel).Echo(echo_pb2.EchoRequest())).text.endswith("|pro")
-        guarded.auth.servicer.revoke(
-            key_id=key_id
-        )  # this small auth still verifies the key: the guard must not
+        await guarded.revoke(key_id=key_id)  # the guard learns it from the stream, whatever auth answers
         await eventually(lambda: guarded.guard.revocations.key_revoked(key_id), 5)
         assert await code_of(stub(channel).Echo(echo_pb2.EchoRequest())) == grpc.StatusCode.UNAUTHENTICATED
 
 
 async def test_the_stream_resumes_after_the_last_sequence_when_auth_comes_back(
-    pki_paths: pki.PkiPaths,
+    pki_paths: pki.PkiPaths, auth: AuthServices, tmp_path: Path
 ) -> None:
-    async with small_auth(pki_paths) as first:
-        port = first.server.port
-        first.servicer.revoke(jti="a")
-        first.servicer.revoke(jti="b")
-        async with guarded_echo(pki_paths, first, max_outage_s=30.0) as guarded:
-            await eventually(lambda: guarded.guard.revocations.last_sequence == 2, 5)
-            token = first.servicer.issuer.token()
-            await first.server.stop(grace=0, drain=0)
+    # An auth service of its own on the session's key vault, its hot state in a Redis of this test's own: its
+    # revocation log outlives the restart on the same port.
+    redis = start_redis(tmp_path / "redis")
+    name = f"auth-resume-{secrets.token_hex(4)}"
+    extra = {"TRADEGUARD_AUTH_REDIS_URL": f"redis://127.0.0.1:{redis.port}"}
+    ops = tls.Workload.of(auth.paths, "ops")
+    first, target = auth.start_auth(name, extra)
+    log = auth.paths.home / f"{name}.log"
+    port = int(target.rsplit(":", 1)[1])
+    second = None
+    try:
+        await eventually(redis.answers, 10)
+        await wait_healthy(first, target, "auth", ops, log)
+        async with guarded_echo(pki_paths, auth, auth_target=target, max_outage_s=30.0) as guarded:
+            revocations = guarded.guard.revocations
+            await guarded.revoke(jti="a")
+            await guarded.revoke(jti="b")
+            # sequences in Redis start at the publisher's clock (µs): the second one is the first one's next
+            await eventually(lambda: revocations.token_revoked("b", None, "u", 0) is not None, 5)
+            second_sequence = revocations.last_sequence
+            assert revocations.token_revoked("a", None, "u", 0) is not None
+            user, token = await guarded.token(("viewer",))
+            await asyncio.to_thread(stop_process, first)
             await eventually(lambda: not guarded.guard.revocations.is_up, 5)
             async with guarded.channel(
                 bearer_interceptors(token)
             ) as channel:  # within the outage bound: served
-                assert (await stub(channel).Echo(echo_pb2.EchoRequest())).text.startswith("usr_1|")
-            second = first.servicer  # the same revocation log, served again on the same port
-            second.revoke(jti="c")
-            async with small_auth(pki_paths, second, port=port):
-                await eventually(lambda: guarded.guard.revocations.last_sequence == 3, 10)
-            assert second.watch_since[0] == 1 and second.watch_since[-1] == 3  # resumed after 2
+                assert (await stub(channel).Echo(echo_pb2.EchoRequest())).text.startswith(f"{user.user_id}|")
+            # the same revocation log (Redis) and records, served again on the same port
+            second, _ = auth.start_auth(name, extra, port=port)
+            await wait_healthy(second, target, "auth", ops, log)
+            await guarded.revoke(jti="c")
+            await eventually(lambda: revocations.last_sequence == second_sequence + 1, 10)
+            assert guarded.since[0] == 1 and guarded.since[-1] == second_sequence + 1  # resumed after b
             assert guarded.guard.revocations.token_revoked("c", None, "u", 0) is not None
+    finally:
+        for process in (first, second):
+            if process is not None:
+                await asyncio.to_thread(stop_process, process)
+        redis.stop()
 
 
 # --- signed API keys ---------------------------------------------------------------------------------------
 
 
 async def test_hmac_and_ed25519_signed_calls_in_all_call_kinds(guarded: Guarded) -> None:
-    hmac_key, secret = guarded.auth.servicer.add_hmac_key()
-    ed_key, seed = guarded.auth.servicer.add_ed25519_key()
+    first, hmac_credentials = await guarded.key(tier="pro")
+    second, ed_credentials = await guarded.key(tier="basic", ed25519_seed=os.urandom(32))
+    hmac_key, ed_key = hmac_credentials.key_id, ed_credentials.key_id
+    secret = hmac_credentials.secret
+    assert secret is not None
     for credentials, who in (
-        (ApiKeyCredentials(hmac_key, secret=secret), f"usr_1|acct-1|{hmac_key}|orders:read,orders:write|pro"),
-        (
-            ApiKeyCredentials(ed_key, ed25519_seed=seed),
-            f"usr_2|acct-2|{ed_key}|orders:read,orders:write|basic",
-        ),
+        (hmac_credentials, f"{first.user_id}|{first.account_id}|{hmac_key}|orders:read,orders:write|pro"),
+        (ed_credentials, f"{second.user_id}|{second.account_id}|{ed_key}|orders:read,orders:write|basic"),
     ):
         async with guarded.channel(signing_interceptors(credentials)) as channel:
             echo = stub(channel)
@@ -165,7 +190,7 @@ async def test_hmac_and_ed25519_signed_calls_in_all_call_kinds(guarded: Guarded)
             assert (await echo.Collect(_texts(["a", "b"]))).text == who  # type: ignore[arg-type]
             plain = iter([echo_pb2.CollectRequest(text="a")])  # a plain iterable of requests is signed too
             assert (await echo.Collect(plain)).text == who
-    paths = {item.path for item in guarded.auth.servicer.verified}
+    paths = {item.path for item in guarded.sent}
     assert paths == {ECHO_METHOD, EXPAND, COLLECT}
     assert repr(ApiKeyCredentials(hmac_key, secret=secret)).count(secret) == 0
 
@@ -178,7 +203,9 @@ def _signed(key_id: str, secret: str, body: bytes, path: str = ECHO_METHOD) -> M
 
 
 async def test_the_signature_covers_the_raw_bytes_as_received(guarded: Guarded) -> None:
-    key_id, secret = guarded.auth.servicer.add_hmac_key()
+    user, key = await guarded.key()
+    key_id, secret = key.key_id, key.secret
+    assert secret is not None
     sent = echo_pb2.EchoRequest(text="buy 1").SerializeToString()
     altered = echo_pb2.EchoRequest(text="buy 9").SerializeToString()
     # the same message twice over: parses to text "a", re-serialises to different bytes
@@ -192,13 +219,14 @@ async def test_the_signature_covers_the_raw_bytes_as_received(guarded: Guarded) 
             ECHO_METHOD, request_serializer=None, response_deserializer=echo_pb2.EchoResponse.FromString
         )
         ok = await raw(sent, metadata=_signed(key_id, secret, sent))
-        assert ok.text.startswith("usr_1|")
+        assert ok.text.startswith(f"{user.user_id}|")
         assert (
             await code_of(raw(altered, metadata=_signed(key_id, secret, sent)))
             == grpc.StatusCode.UNAUTHENTICATED
         )
-        assert guarded.auth.servicer.verified[-1].body_sha256 == hashlib.sha256(altered).hexdigest()
-        assert (await raw(duplicated, metadata=_signed(key_id, secret, duplicated))).text.startswith("usr_1|")
+        assert guarded.sent[-1].body_sha256 == hashlib.sha256(altered).hexdigest()
+        reply = await raw(duplicated, metadata=_signed(key_id, secret, duplicated))
+        assert reply.text.startswith(f"{user.user_id}|")
         wrong_path = _signed(key_id, secret, sent, path=EXPAND)
         assert await code_of(raw(sent, metadata=wrong_path)) == grpc.StatusCode.UNAUTHENTICATED
         replayed = _signed(key_id, secret, sent)
@@ -207,36 +235,37 @@ async def test_the_signature_covers_the_raw_bytes_as_received(guarded: Guarded) 
 
 
 async def test_a_key_whose_scopes_lack_the_permission_is_permission_denied(guarded: Guarded) -> None:
-    key_id, secret = guarded.auth.servicer.add_hmac_key(scopes="orders:read")
-    async with guarded.channel(signing_interceptors(ApiKeyCredentials(key_id, secret=secret))) as channel:
-        assert (await stub(channel).Echo(echo_pb2.EchoRequest())).text.startswith("usr_1|")
+    user, key = await guarded.key(scopes="orders:read")
+    async with guarded.channel(signing_interceptors(key)) as channel:
+        assert (await stub(channel).Echo(echo_pb2.EchoRequest())).text.startswith(f"{user.user_id}|")
         assert await code_of(stub(channel).Collect(_texts(["a"]))) == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[arg-type]
 
 
 async def test_a_key_id_with_a_bad_checksum_never_reaches_auth(guarded: Guarded) -> None:
-    key_id, secret = guarded.auth.servicer.add_hmac_key()
+    _, key = await guarded.key()
+    key_id, secret = key.key_id, key.secret
+    assert secret is not None
     forged = key_id[:-1] + ("A" if key_id[-1] != "A" else "B")
     body = echo_pb2.EchoRequest().SerializeToString()
     metadata = tuple((k, forged if k == signing.HEADER_KEY else v) for k, v in _signed(key_id, secret, body))
-    before = len(guarded.auth.servicer.verified)
+    before = len(guarded.sent)
     async with guarded.echo.channel("ops") as channel:
         assert (
             await code_of(stub(channel).Echo(echo_pb2.EchoRequest(), metadata=metadata))
             == grpc.StatusCode.UNAUTHENTICATED
         )
-    assert len(guarded.auth.servicer.verified) == before
+    assert len(guarded.sent) == before
 
 
 async def test_concurrent_signed_calls_share_batch_rpcs(guarded: Guarded) -> None:
-    guarded.auth.servicer.verify_latency_s = 0.02  # the auth service takes its time: calls queue meanwhile
-    key_id, secret = guarded.auth.servicer.add_hmac_key()
-    async with guarded.channel(signing_interceptors(ApiKeyCredentials(key_id, secret=secret))) as channel:
+    user, key = await guarded.key()  # calls queue while a verification RPC to the real auth is in flight
+    async with guarded.channel(signing_interceptors(key)) as channel:
         echo = stub(channel)
         await echo.Echo(echo_pb2.EchoRequest())
-        calls_before = guarded.auth.servicer.verify_calls
+        calls_before = guarded.guard.auth.verify_calls
         replies = await asyncio.gather(*(echo.Echo(echo_pb2.EchoRequest(text=str(i))) for i in range(64)))
-    assert all(r.text.startswith("usr_1|") for r in replies)
-    rpcs = guarded.auth.servicer.verify_calls - calls_before
+    assert all(r.text.startswith(f"{user.user_id}|") for r in replies)
+    rpcs = guarded.guard.auth.verify_calls - calls_before
     batcher = guarded.guard.signed.batcher
     assert rpcs < 64 / 4, f"{rpcs} verification RPCs for 64 concurrent calls"
     assert batcher.largest_batch > 4
@@ -258,10 +287,11 @@ async def test_edge_headers_are_trusted_only_from_the_edge(guarded: Guarded) -> 
         assert reply.text == "usr_5|acct-5|-|orders:read,orders:write|gold"
         bare = stub(edge).Echo(echo_pb2.EchoRequest())
         assert await code_of(bare) == grpc.StatusCode.UNAUTHENTICATED
-    token = guarded.auth.servicer.issuer.token()
+    # a token of a real login from the trading bot's certificate, presented with that certificate
+    _, token = await guarded.token(("viewer",), caller="trading-client")
     async with (
         guarded.echo.channel("ops") as ops,
-        guarded.channel(bearer_interceptors(token), "monitor") as monitor,
+        guarded.channel(bearer_interceptors(token), "trading-client") as monitor,
     ):
         assert (
             await code_of(stub(ops).Echo(echo_pb2.EchoRequest(), metadata=EDGE))
@@ -276,15 +306,15 @@ async def test_edge_headers_are_trusted_only_from_the_edge(guarded: Guarded) -> 
 
 
 async def test_undeclared_methods_are_denied_and_public_ones_see_no_principal(
-    pki_paths: pki.PkiPaths, auth: RunningAuth
+    pki_paths: pki.PkiPaths, auth: AuthServices
 ) -> None:
-    token = auth.servicer.issuer.token()
     async with guarded_echo(
         pki_paths, auth, permissions={ECHO_METHOD: "orders:read"}, public=[EXPAND]
     ) as guarded:
+        user, token = await guarded.token(("trader",))
         async with guarded.channel(bearer_interceptors(token)) as channel:
             echo = stub(channel)
-            assert (await echo.Echo(echo_pb2.EchoRequest())).text.startswith("usr_1|")
+            assert (await echo.Echo(echo_pb2.EchoRequest())).text.startswith(f"{user.user_id}|")
             assert await code_of(echo.Collect(_texts(["a"]))) == grpc.StatusCode.PERMISSION_DENIED  # type: ignore[arg-type]
             # after an authenticated call on the same connection, a public method sees nobody
             assert [r.text async for r in echo.Expand(echo_pb2.ExpandRequest(count=1))] == ["nobody"]
@@ -295,15 +325,14 @@ async def test_undeclared_methods_are_denied_and_public_ones_see_no_principal(
 
 
 async def test_concurrent_calls_each_see_their_own_principal(guarded: Guarded) -> None:
-    issuer = guarded.auth.servicer.issuer
-    channels = [
-        guarded.channel(bearer_interceptors(issuer.token(sub=f"usr_{i}", acct=f"acct-{i}"))) for i in range(8)
-    ]
+    logged_in = [await guarded.token(("viewer",)) for _ in range(8)]
+    users = [user.user_id for user, _ in logged_in]
+    channels = [guarded.channel(bearer_interceptors(token)) for _, token in logged_in]
     try:
         replies = await asyncio.gather(
             *(stub(channels[i % 8]).Echo(echo_pb2.EchoRequest()) for i in range(64))
         )
-        assert [r.text.split("|")[0] for r in replies] == [f"usr_{i % 8}" for i in range(64)]
+        assert [r.text.split("|")[0] for r in replies] == [users[i % 8] for i in range(64)]
     finally:
         for channel in channels:
             await channel.close(None)
