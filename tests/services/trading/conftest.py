@@ -1,5 +1,6 @@
 """Real databases for the trading tests: SQLite in tmp_path and PostgreSQL in a fresh schema per test; the
-service itself behind its guard (`trading`, overriding tests/conftest.py's), with the real auth service.
+service itself behind its guard (`trading`, overriding tests/conftest.py's), verified by the session's real auth
+service (tests/conftest.py `auth_services`).
 
 PostgreSQL comes from TRADEGUARD_TEST_PG_DSN, or the local default; when the variable is unset and the default
 server is unreachable the PostgreSQL cases are skipped, when it is set they fail.
@@ -8,7 +9,7 @@ server is unreachable the PostgreSQL cases are skipped, when it is set they fail
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,9 @@ from services.trading.settings import Settings
 from services.trading.store import OrderStore
 from services.trading.store_postgres import PostgresOrderStore
 from services.trading.store_sqlite import SqliteOrderStore
-from tests.support import PG_DSN, Database, open_database
-from tests.tradeguard.guard.real_auth import RealAuth, real_auth
+from tests.support import PG_DSN, AuthServices, Database, create_api_key, create_auth_user, open_database
 from tradeguard.guard import Guard, GuardSettings
-from tradeguard.guard.client import authenticated_channel, signing_interceptors
+from tradeguard.guard.client import ApiKeyCredentials, authenticated_channel, signing_interceptors
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.channel import MeshChannel
 from tradeguard.mesh.server import ServerConfig
@@ -137,22 +137,31 @@ def sequential_ids_fixture() -> Callable[..., Callable[[], str]]:
 
 @dataclass
 class GuardedTrading:
-    """The trading service behind its guard, beside the real auth service and key vault; calls are signed with
-    API keys of users that an operator created there."""
+    """The trading service behind its guard, verified by the session's real auth service (and key vault); calls
+    are signed with API keys of users an operator created there for this test."""
 
     port: int
     paths: pki.PkiPaths
-    auth: RealAuth
+    auth: AuthServices
+    keys: dict[tuple[str, str], ApiKeyCredentials] = field(default_factory=dict)  # by (account, scopes)
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    async def api_key(self, account: str, scopes: str = "orders:read orders:write") -> ApiKeyCredentials:
+        """An HMAC API key with `scopes` of a trader of `account` (made once per pair in a test)."""
+        credentials = self.keys.get((account, scopes))
+        if credentials is None:
+            user = await create_auth_user(self.auth, account)
+            credentials = self.keys[account, scopes] = await create_api_key(self.auth, user.user_id, scopes)
+        return credentials
+
     async def channel(
         self, account: str = "acct-1", scope: str = "orders:read orders:write", caller: str = "ops"
     ) -> grpc.aio.Channel:
         """A channel whose calls are signed with an API key (holding `scope`) of a user of `account`."""
-        key = await self.auth.api_key(account, scope)
+        key = await self.api_key(account, scope)
         return authenticated_channel(
             self.target, "trading", tls.Workload.of(self.paths, caller), signing_interceptors(key)
         )
@@ -166,20 +175,19 @@ class GuardedTrading:
 
 
 @pytest.fixture
-async def trading(pki_paths: pki.PkiPaths) -> AsyncIterator[GuardedTrading]:
-    """Overrides tests/conftest.py's: the real trading service behind its guard, the real auth service (and key
-    vault) verifying its callers."""
+async def trading(pki_paths: pki.PkiPaths, auth_services: AuthServices) -> AsyncIterator[GuardedTrading]:
+    """Overrides tests/conftest.py's: the real trading service behind its guard, the session's real auth service
+    (and key vault) verifying its callers."""
     home = pki_paths.home
-    async with real_auth(pki_paths) as auth:
-        settings = Settings(
-            server=ServerConfig(name="trading", port=0, home=home, grace_s=2.0),
-            database_url=f"sqlite:///{home / 'data' / 'trading.db'}",
-            guard=GuardSettings(auth_target=auth.target),
-        )
-        running = await start(SERVICE, settings)
-        try:
-            guard = running.assembly.layers[0]
-            assert isinstance(guard, Guard)
-            yield GuardedTrading(running.port, pki_paths, auth)
-        finally:
-            await running.stop(grace=0, drain=0)
+    settings = Settings(
+        server=ServerConfig(name="trading", port=0, home=home, grace_s=2.0),
+        database_url=f"sqlite:///{home / 'data' / 'trading.db'}",
+        guard=GuardSettings(auth_target=auth_services.auth_target),
+    )
+    running = await start(SERVICE, settings)
+    try:
+        guard = running.assembly.layers[0]
+        assert isinstance(guard, Guard)
+        yield GuardedTrading(running.port, pki_paths, auth_services)
+    finally:
+        await running.stop(grace=0, drain=0)
