@@ -20,6 +20,9 @@ alike; each mode is warmed up before it is measured. Printed per round: throughp
 at 64 callers latency is mostly queueing), CPU per call (the client and every server, from /proc) and where it
 went, and for the signed modes the average VerifySignedRequests batch (from auth's one log line per RPC); then the
 median ratio of each mode to no guard, and each service's RSS before and after the load.
+On a machine shared with other work a round's throughput moves by tens of percent, and the signed modes' average
+batch with it (each VerifySignedRequests costs roughly 1 ms of CPU between the guard and auth, shared by its
+batch): read the ratios of one run and the CPU per call, the steadier figure.
 Aim (issue 7): a JWT costs under 10 % of throughput, a signed key under 35 %.
 """
 
@@ -47,7 +50,7 @@ import grpc
 import pyotp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.loadgen import Result, closed_loop, free_port, load_arguments, median_ratio, process_cpu_s
+from bench.loadgen import Call, Result, closed_loop, free_port, load_arguments, median_ratio, process_cpu_s
 from services.auth.vault_client import ensure_keys
 from tradeguard import signing
 from tradeguard.auth.v1 import auth_pb2 as pb
@@ -264,7 +267,9 @@ def interceptors_of(mode: str, creds: Credentials) -> list[grpc.aio.ClientInterc
     return []
 
 
-def place_order(stub: trading_pb2_grpc.TradingServiceAsyncStub, tag: str):  # type: ignore[no-untyped-def]
+def place_order(stub: trading_pb2_grpc.TradingServiceAsyncStub, tag: str) -> Call:
+    """PlaceOrder calls, the same request in every mode (a new client order id each call)."""
+
     async def call(i: int) -> object:
         return await stub.PlaceOrder(
             trading_pb2.PlaceOrderRequest(
