@@ -70,7 +70,9 @@ class Desk(echo_pb2_grpc.EchoServiceServicer):
 
     async def Collect(self, request_iterator: Any, context: Any) -> echo_pb2.CollectResponse:
         principal = current_principal()
-        assert principal is not None  # the chain starts a guarded stream's handler only after its first message
+        assert (
+            principal is not None
+        )  # the chain starts a guarded stream's handler only after its first message
         texts = [request.text async for request in request_iterator]
         return echo_pb2.CollectResponse(text=f"{principal.account_id}: {' '.join(texts)}", count=len(texts))
 

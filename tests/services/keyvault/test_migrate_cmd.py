@@ -28,7 +28,11 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.setenv("TRADEGUARD_HOME", str(tmp_path))
     monkeypatch.setenv("TRADEGUARD_KEYVAULT_PORT", str(free_port()))
     monkeypatch.setenv("TRADEGUARD_KEYVAULT_SCRYPT_N", str(SCRYPT_N))
-    for name in ("TRADEGUARD_KEYVAULT_PASSPHRASE", "TRADEGUARD_KEYVAULT_PASSPHRASE_FILE", "TRADEGUARD_KEYVAULT_ROOT"):
+    for name in (
+        "TRADEGUARD_KEYVAULT_PASSPHRASE",
+        "TRADEGUARD_KEYVAULT_PASSPHRASE_FILE",
+        "TRADEGUARD_KEYVAULT_ROOT",
+    ):
         monkeypatch.delenv(name, raising=False)
     (tmp_path / "data").mkdir()
     return tmp_path
