@@ -33,6 +33,7 @@ from services.auth.users import UserService
 from tradeguard.auth.v1 import auth_pb2 as pb
 from tradeguard.auth.v1 import auth_pb2_grpc
 from tradeguard.errors import FieldViolation, InvalidArgument, Unavailable
+from tradeguard.guard.auth_client import STREAM_READY
 from tradeguard.mesh.identity import caller_name
 from tradeguard.observability.annotations import annotate
 from tradeguard.signing import SignedRequest
@@ -380,7 +381,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         self, request: pb.WatchRevocationsRequest, context: Context
     ) -> AsyncIterator[pb.WatchRevocationsResponse]:
         sequence = max(request.since_sequence, 1) - 1  # "at or after since_sequence"
-        await context.send_initial_metadata(())  # the guard counts the stream up from here
+        await context.send_initial_metadata((STREAM_READY,))  # the guard counts the stream up only on this
         sent = 0
         try:
             while True:

@@ -24,7 +24,12 @@ from tradeguard.guard.revocations import Kind, Revoked
 from tradeguard.principal import Principal
 from tradeguard.signing import SignedRequest
 
-__all__ = ["AuthClient", "principal_from_proto"]
+__all__ = ["STREAM_READY", "AuthClient", "StreamRefused", "principal_from_proto"]
+
+#: The initial metadata the auth service sends when a revocation stream is really open. A refused call (a caller
+#: the policy denies, a failure before the handler) also ends `initial_metadata()`, with no such entry: the guard
+#: counts the stream up only on this one, so a stream refused again and again never passes for a live one.
+STREAM_READY: Final = ("x-tg-revocations", "open")
 
 DEFAULT_TIMEOUT_S: Final = 2.0
 DEFAULT_STREAM_TIMEOUT_S: Final = 300.0
@@ -59,12 +64,21 @@ def revoked_from_proto(message: auth_pb2.WatchRevocationsResponse) -> Revoked:
     )
 
 
+class StreamRefused(ConnectionError):
+    """The revocation stream ended or was refused before the auth service opened it."""
+
+
 class _Stream:
     def __init__(self, call: Any) -> None:
         self._call = call
 
     async def ready(self) -> None:
-        await self._call.initial_metadata()
+        metadata = await self._call.initial_metadata()
+        if STREAM_READY in tuple(metadata or ()) and not self._call.done():
+            return
+        code = (await self._call.code()).name if self._call.done() else "no open marker"
+        self._call.cancel()
+        raise StreamRefused(f"the revocation stream was not opened ({code})")
 
     async def _items(self) -> AsyncIterator[Revoked]:
         async for message in self._call:

@@ -7,6 +7,8 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from tests.support import AuthServices
+from tradeguard.guard.auth_client import AuthClient, StreamRefused
 from tradeguard.guard.revocations import Kind, RevocationSet, RevocationWatcher, Revoked
 from tradeguard.testing import FakeClock, eventually
 
@@ -166,3 +168,19 @@ async def test_a_silent_stream_is_reopened(clock: FakeClock) -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+async def test_a_refused_stream_never_counts_as_up(auth_services: AuthServices) -> None:
+    """A WatchRevocations call the auth service refuses (here: a caller its policy does not list) ends
+    `initial_metadata()` too; only the open marker the servicer sends makes the stream count as up, so a guard
+    whose stream is refused again and again cannot go on accepting tokens while it learns no revocation."""
+    ops = auth_services.channel("ops")
+    async with ops:
+        refused = AuthClient(ops).open(1)
+        with pytest.raises(StreamRefused, match="PERMISSION_DENIED"):
+            await refused.ready()
+    trading = auth_services.channel("trading")
+    async with trading:
+        opened = AuthClient(trading).open(1)
+        await opened.ready()  # a guard's workload: the stream opens
+        opened.cancel()
