@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +29,7 @@ from grpc.aio import ClientCallDetails, Metadata
 
 from tradeguard import signing
 from tradeguard.mesh import tls
-from tradeguard.mesh.client import DEFAULT_TIMEOUT_S, CallDefaults
+from tradeguard.mesh.client import DEFAULT_TIMEOUT_S, CallDefaults, details_interceptors
 
 __all__ = [
     "ApiKeyCredentials",
@@ -87,6 +87,11 @@ def _serialize(request: Any) -> bytes:
     return bytes(request.SerializeToString())
 
 
+def _body(first: Sequence[Any]) -> bytes:
+    """What a call is signed over: its first request as serialized for the wire (an empty stream: no bytes)."""
+    return _serialize(first[0]) if first else b""
+
+
 def _method(details: ClientCallDetails) -> str:
     method: Any = details.method
     return method.decode("ascii") if isinstance(method, bytes) else str(method)
@@ -107,9 +112,9 @@ class _Signer:
     ) -> None:
         self._credentials, self._clock_ms, self._random = credentials, clock_ms, random
 
-    def details(self, details: ClientCallDetails, body: bytes) -> ClientCallDetails:
+    def details(self, details: ClientCallDetails, first: Sequence[Any]) -> ClientCallDetails:
         headers = self._credentials.headers(
-            self._clock_ms(), signing.new_nonce(self._random), _method(details), body
+            self._clock_ms(), signing.new_nonce(self._random), _method(details), _body(first)
         )
         return _with(details, headers, _SIGNED)
 
@@ -118,100 +123,11 @@ class _Bearer:
     def __init__(self, token: Callable[[], str]) -> None:
         self._token = token
 
-    def details(self, details: ClientCallDetails, body: bytes) -> ClientCallDetails:
+    def details(self, details: ClientCallDetails, first: Sequence[Any]) -> ClientCallDetails:
         token = self._token()
         if not token or any(c in token for c in "\r\n "):
             raise ValueError("a bearer token is one non-empty word")
         return _with(details, [("authorization", f"Bearer {token}")], frozenset({"authorization"}))
-
-
-_Authenticator = _Signer | _Bearer
-
-
-async def _first_then_rest(
-    requests: AsyncIterable[Any] | Iterable[Any],
-) -> tuple[list[Any], AsyncIterator[Any]]:
-    """The first message (or none) and an iterator of all messages, first included."""
-    if isinstance(requests, AsyncIterable):
-        iterator = aiter(requests)
-        try:
-            first = [await anext(iterator)]
-        except StopAsyncIteration:
-            first = []
-
-        async def chained_async() -> AsyncIterator[Any]:
-            for item in first:
-                yield item
-            async for item in iterator:
-                yield item
-
-        return first, chained_async()
-    sync_iterator = iter(requests)
-    head = [item for item, _ in zip(sync_iterator, range(1), strict=False)]
-
-    async def chained() -> AsyncIterator[Any]:
-        for item in head:
-            yield item
-        for item in sync_iterator:
-            yield item
-
-    return head, chained()
-
-
-class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
-    def __init__(self, auth: _Authenticator) -> None:
-        self._auth = auth
-
-    async def intercept_unary_unary(
-        self, continuation: Callable[..., Any], client_call_details: ClientCallDetails, request: Any
-    ) -> Any:
-        return await continuation(self._auth.details(client_call_details, _serialize(request)), request)
-
-
-class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
-    def __init__(self, auth: _Authenticator) -> None:
-        self._auth = auth
-
-    async def intercept_unary_stream(
-        self, continuation: Callable[..., Any], client_call_details: ClientCallDetails, request: Any
-    ) -> Any:
-        return await continuation(self._auth.details(client_call_details, _serialize(request)), request)
-
-
-class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[type-arg]
-    def __init__(self, auth: _Authenticator) -> None:
-        self._auth = auth
-
-    async def intercept_stream_unary(
-        self,
-        continuation: Callable[..., Any],
-        client_call_details: ClientCallDetails,
-        request_iterator: AsyncIterable[Any] | Iterable[Any],
-    ) -> Any:
-        first, requests = await _first_then_rest(request_iterator)
-        body = _serialize(first[0]) if first else b""
-        return await continuation(self._auth.details(client_call_details, body), requests)
-
-
-class _StreamStream(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[type-arg]
-    def __init__(self, auth: _Authenticator) -> None:
-        self._auth = auth
-
-    async def intercept_stream_stream(
-        self,
-        continuation: Callable[..., Any],
-        client_call_details: ClientCallDetails,
-        request_iterator: AsyncIterable[Any] | Iterable[Any],
-    ) -> Any:
-        first, requests = await _first_then_rest(request_iterator)
-        body = _serialize(first[0]) if first else b""
-        return await continuation(self._auth.details(client_call_details, body), requests)
-
-
-def _all_kinds(auth: _Authenticator) -> list[grpc.aio.ClientInterceptor]:
-    # grpc.aio files an interceptor under the first call kind it is an instance of: one object per kind
-    kinds: list[Any] = [_UnaryUnary(auth), _UnaryStream(auth), _StreamUnary(auth), _StreamStream(auth)]
-    return kinds
 
 
 def signing_interceptors(
@@ -221,14 +137,14 @@ def signing_interceptors(
     random: signing.Random = os.urandom,
 ) -> list[grpc.aio.ClientInterceptor]:
     """Interceptors (all four call kinds) that sign every call with `credentials` (see the module)."""
-    return _all_kinds(_Signer(credentials, clock_ms, random))
+    return details_interceptors(_Signer(credentials, clock_ms, random).details, with_first_request=True)
 
 
 def bearer_interceptors(token: Callable[[], str] | str) -> list[grpc.aio.ClientInterceptor]:
     """Interceptors (all four call kinds) that send `authorization: Bearer <token>` with every call; `token` is
     the token or a provider called per call."""
     provider = token if callable(token) else (lambda: token)
-    return _all_kinds(_Bearer(provider))
+    return details_interceptors(_Bearer(provider).details, with_first_request=True)
 
 
 def authenticated_channel(

@@ -19,8 +19,8 @@ from __future__ import annotations
 import contextvars
 import math
 import re
-from collections.abc import AsyncIterable, Callable, Iterable
-from typing import Any, Final
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Sequence
+from typing import Any, Final, Literal, cast, overload
 
 import grpc
 from grpc.aio import ClientCallDetails, Metadata
@@ -31,6 +31,7 @@ __all__ = [
     "CallDefaults",
     "call_defaults_interceptors",
     "current_request_id",
+    "details_interceptors",
 ]
 
 DEFAULT_TIMEOUT_S: Final = 10.0
@@ -96,10 +97,8 @@ class CallDefaults:
         )
 
     def interceptors(self) -> list[grpc.aio.ClientInterceptor]:
-        """One interceptor per call kind: grpc.aio files an interceptor object under the first kind it is an
-        instance of, so a single object subclassing all four would intercept unary-unary calls only."""
-        kinds: list[Any] = [_UnaryUnary(self), _UnaryStream(self), _StreamUnary(self), _StreamStream(self)]
-        return kinds
+        """The four interceptors (one per call kind) that apply these defaults to every call."""
+        return details_interceptors(self.details, with_first_request=False)
 
 
 def call_defaults_interceptors(
@@ -109,47 +108,147 @@ def call_defaults_interceptors(
     return CallDefaults(default_timeout_s).interceptors()
 
 
+DetailsRewrite = Callable[[ClientCallDetails], ClientCallDetails]
+"""Rewrites a call's details (metadata, timeout, ...) before the call starts."""
+FirstRequestRewrite = Callable[[ClientCallDetails, Sequence[Any]], ClientCallDetails]
+"""Rewrites a call's details given its first request message: a one-item sequence, or an empty one for a
+client stream that ends before its first message."""
+
+
+@overload
+def details_interceptors(
+    rewrite: DetailsRewrite, *, with_first_request: Literal[False]
+) -> list[grpc.aio.ClientInterceptor]: ...
+@overload
+def details_interceptors(
+    rewrite: FirstRequestRewrite, *, with_first_request: Literal[True]
+) -> list[grpc.aio.ClientInterceptor]: ...
+def details_interceptors(
+    rewrite: DetailsRewrite | FirstRequestRewrite, *, with_first_request: bool
+) -> list[grpc.aio.ClientInterceptor]:
+    """Interceptors for all four call kinds that only rewrite each call's ClientCallDetails with `rewrite`.
+
+    `with_first_request=False`: `rewrite(details)`, requests pass through untouched. `with_first_request=True`:
+    `rewrite(details, first)` where `first` is `(request,)` for a unary request, and for a client stream its first
+    message, read before the call starts (`[]` if the stream is empty; the call then gets every message, first
+    included, from an async iterator).
+
+    One interceptor per call kind: grpc.aio files an interceptor object under the first kind it is an
+    instance of, so a single object subclassing all four would intercept unary-unary calls only."""
+    kit: _Plain | _WithFirst
+    if with_first_request:
+        kit = _WithFirst(cast(FirstRequestRewrite, rewrite))
+    else:
+        kit = _Plain(cast(DetailsRewrite, rewrite))
+    kinds: list[Any] = [_UnaryUnary(kit), _UnaryStream(kit), _StreamUnary(kit), _StreamStream(kit)]
+    return kinds
+
+
+async def _first_then_rest(
+    requests: AsyncIterable[Any] | Iterable[Any],
+) -> tuple[list[Any], AsyncIterator[Any]]:
+    """The first message (or none) and an iterator of all messages, first included."""
+    if isinstance(requests, AsyncIterable):
+        iterator = aiter(requests)
+        try:
+            first = [await anext(iterator)]
+        except StopAsyncIteration:
+            first = []
+
+        async def chained_async() -> AsyncIterator[Any]:
+            for item in first:
+                yield item
+            async for item in iterator:
+                yield item
+
+        return first, chained_async()
+    sync_iterator = iter(requests)
+    head = [item for item, _ in zip(sync_iterator, range(1), strict=False)]
+
+    async def chained() -> AsyncIterator[Any]:
+        for item in head:
+            yield item
+        for item in sync_iterator:
+            yield item
+
+    return head, chained()
+
+
+_Requests = AsyncIterable[Any] | Iterable[Any]
+
+
+class _Plain:
+    """Details rewritten alone; requests untouched."""
+
+    def __init__(self, rewrite: DetailsRewrite) -> None:
+        self._rewrite = rewrite
+
+    def unary(self, details: ClientCallDetails, request: Any) -> ClientCallDetails:
+        return self._rewrite(details)
+
+    async def stream(
+        self, details: ClientCallDetails, requests: _Requests
+    ) -> tuple[ClientCallDetails, _Requests]:
+        return self._rewrite(details), requests
+
+
+class _WithFirst:
+    """Details rewritten from the first request (a client stream's first message read ahead)."""
+
+    def __init__(self, rewrite: FirstRequestRewrite) -> None:
+        self._rewrite = rewrite
+
+    def unary(self, details: ClientCallDetails, request: Any) -> ClientCallDetails:
+        return self._rewrite(details, (request,))
+
+    async def stream(
+        self, details: ClientCallDetails, requests: _Requests
+    ) -> tuple[ClientCallDetails, _Requests]:
+        first, rest = await _first_then_rest(requests)
+        return self._rewrite(details, first), rest
+
+
 class _UnaryUnary(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
-    def __init__(self, defaults: CallDefaults) -> None:
-        self._details = defaults.details
+    def __init__(self, kit: _Plain | _WithFirst) -> None:
+        self._unary = kit.unary
 
     async def intercept_unary_unary(
         self, continuation: Callable[..., Any], client_call_details: ClientCallDetails, request: Any
     ) -> Any:
-        return await continuation(self._details(client_call_details), request)
+        return await continuation(self._unary(client_call_details, request), request)
 
 
 class _UnaryStream(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
-    def __init__(self, defaults: CallDefaults) -> None:
-        self._details = defaults.details
+    def __init__(self, kit: _Plain | _WithFirst) -> None:
+        self._unary = kit.unary
 
     async def intercept_unary_stream(
         self, continuation: Callable[..., Any], client_call_details: ClientCallDetails, request: Any
     ) -> Any:
-        return await continuation(self._details(client_call_details), request)
+        return await continuation(self._unary(client_call_details, request), request)
 
 
 class _StreamUnary(grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[type-arg]
-    def __init__(self, defaults: CallDefaults) -> None:
-        self._details = defaults.details
+    def __init__(self, kit: _Plain | _WithFirst) -> None:
+        self._stream = kit.stream
 
     async def intercept_stream_unary(
         self,
         continuation: Callable[..., Any],
         client_call_details: ClientCallDetails,
-        request_iterator: AsyncIterable[Any] | Iterable[Any],
+        request_iterator: _Requests,
     ) -> Any:
-        return await continuation(self._details(client_call_details), request_iterator)
+        return await continuation(*await self._stream(client_call_details, request_iterator))
 
 
 class _StreamStream(grpc.aio.StreamStreamClientInterceptor):  # type: ignore[type-arg]
-    def __init__(self, defaults: CallDefaults) -> None:
-        self._details = defaults.details
+    def __init__(self, kit: _Plain | _WithFirst) -> None:
+        self._stream = kit.stream
 
     async def intercept_stream_stream(
         self,
         continuation: Callable[..., Any],
         client_call_details: ClientCallDetails,
-        request_iterator: AsyncIterable[Any] | Iterable[Any],
+        request_iterator: _Requests,
     ) -> Any:
-        return await continuation(self._details(client_call_details), request_iterator)
+        return await continuation(*await self._stream(client_call_details, request_iterator))
