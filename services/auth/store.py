@@ -8,11 +8,23 @@ stated below; concurrent callers on several replicas sharing one PostgreSQL see 
 from __future__ import annotations
 
 import builtins
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from services.auth.model import ApiKey, RefreshToken, Role, User
 
-__all__ = ["SCHEMA_VERSION", "AuthStore"]
+__all__ = [
+    "API_KEY_COLUMNS",
+    "REFRESH_COLUMNS",
+    "SCHEMA_VERSION",
+    "USER_COLUMNS",
+    "AuthStore",
+    "ListEncoding",
+    "check_next_version",
+    "key_to_row",
+    "refresh_to_row",
+    "user_to_row",
+]
 
 SCHEMA_VERSION = 1
 
@@ -82,3 +94,110 @@ class AuthStore(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+# The tables' columns in the order both backends write and read them (store_sqlite.py, store_postgres.py).
+USER_COLUMNS = (
+    "user_id",
+    "username",
+    "account_id",
+    "roles",
+    "password_hash",
+    "create_time_us",
+    "totp_seed",
+    "totp_pending_seed",
+    "version",
+)
+API_KEY_COLUMNS = (
+    "key_id",
+    "user_id",
+    "account_id",
+    "kind",
+    "scopes",
+    "ip_allow_list",
+    "tier",
+    "create_time_us",
+    "expire_time_us",
+    "secret",
+    "public_key",
+    "previous_secret",
+    "previous_public_key",
+    "previous_expire_time_us",
+    "revoke_time_us",
+    "label",
+    "version",
+)
+REFRESH_COLUMNS = (
+    "token_hash",
+    "family_id",
+    "user_id",
+    "issue_time_us",
+    "expire_time_us",
+    "amr",
+    "cnf_thumbprint",
+    "used_time_us",
+    "revoke_time_us",
+)
+
+
+def check_next_version(current: int, expected_version: int, what: str) -> None:
+    """A compare-and-swap writes version `expected_version + 1`; anything else is the caller's mistake."""
+    if current != expected_version + 1:
+        raise ValueError(f"the new {what} version must be {expected_version + 1}, not {current}")
+
+
+# A list column's encoding: SQLite stores JSON text, PostgreSQL a text[] array.
+ListEncoding = Callable[[Sequence[str]], object]
+
+
+def user_to_row(user: User, encode_list: ListEncoding) -> tuple[object, ...]:
+    """A row of USER_COLUMNS for `user`."""
+    return (
+        user.user_id,
+        user.username,
+        user.account_id,
+        encode_list(user.roles),
+        user.password_hash,
+        user.create_time_us,
+        user.totp_seed,
+        user.totp_pending_seed,
+        user.version,
+    )
+
+
+def key_to_row(key: ApiKey, encode_list: ListEncoding) -> tuple[object, ...]:
+    """A row of API_KEY_COLUMNS for `key` (scopes sorted)."""
+    return (
+        key.key_id,
+        key.user_id,
+        key.account_id,
+        key.kind.value,
+        encode_list(sorted(key.scopes)),
+        encode_list(key.ip_allow_list),
+        key.tier,
+        key.create_time_us,
+        key.expire_time_us,
+        key.secret,
+        key.public_key,
+        key.previous_secret,
+        key.previous_public_key,
+        key.previous_expire_time_us,
+        key.revoke_time_us,
+        key.label,
+        key.version,
+    )
+
+
+def refresh_to_row(token: RefreshToken, encode_list: ListEncoding) -> tuple[object, ...]:
+    """A row of REFRESH_COLUMNS for `token`."""
+    return (
+        token.token_hash,
+        token.family_id,
+        token.user_id,
+        token.issue_time_us,
+        token.expire_time_us,
+        encode_list(token.amr),
+        token.cnf_thumbprint,
+        token.used_time_us,
+        token.revoke_time_us,
+    )

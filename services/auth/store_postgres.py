@@ -22,61 +22,21 @@ from typing import Any
 from psycopg import sql
 
 from services.auth.model import ApiKey, ApiKeyKind, RefreshToken, Role, User
+from services.auth.store import (
+    API_KEY_COLUMNS,
+    REFRESH_COLUMNS,
+    USER_COLUMNS,
+    check_next_version,
+    key_to_row,
+    refresh_to_row,
+    user_to_row,
+)
 from tradeguard.storage.migrations import Migration
 from tradeguard.storage.postgres import Pool, open_pool
 
-__all__ = [
-    "API_KEY_COLUMNS",
-    "DEFAULT_SCHEMA",
-    "MIGRATIONS",
-    "REFRESH_COLUMNS",
-    "USER_COLUMNS",
-    "PostgresAuthStore",
-]
+__all__ = ["DEFAULT_SCHEMA", "MIGRATIONS", "PostgresAuthStore"]
 
 DEFAULT_SCHEMA = "tg_auth"
-
-USER_COLUMNS = (
-    "user_id",
-    "username",
-    "account_id",
-    "roles",
-    "password_hash",
-    "create_time_us",
-    "totp_seed",
-    "totp_pending_seed",
-    "version",
-)
-API_KEY_COLUMNS = (
-    "key_id",
-    "user_id",
-    "account_id",
-    "kind",
-    "scopes",
-    "ip_allow_list",
-    "tier",
-    "create_time_us",
-    "expire_time_us",
-    "secret",
-    "public_key",
-    "previous_secret",
-    "previous_public_key",
-    "previous_expire_time_us",
-    "revoke_time_us",
-    "label",
-    "version",
-)
-REFRESH_COLUMNS = (
-    "token_hash",
-    "family_id",
-    "user_id",
-    "issue_time_us",
-    "expire_time_us",
-    "amr",
-    "cnf_thumbprint",
-    "used_time_us",
-    "revoke_time_us",
-)
 
 # Append-only: a released migration is never edited (see tradeguard.storage.migrations).
 _V1 = (
@@ -192,20 +152,6 @@ def statements(schema: str) -> dict[str, sql.Composed]:
     return {name: sql.SQL(text).format(**fmt) for name, text in q.items()}
 
 
-def _user_params(user: User) -> tuple[object, ...]:
-    return (
-        user.user_id,
-        user.username,
-        user.account_id,
-        list(user.roles),
-        user.password_hash,
-        user.create_time_us,
-        user.totp_seed,
-        user.totp_pending_seed,
-        user.version,
-    )
-
-
 def _user(row: Sequence[Any]) -> User:
     user_id, username, account_id, roles, password_hash, create, seed, pending, version = row
     return User(
@@ -218,28 +164,6 @@ def _user(row: Sequence[Any]) -> User:
         totp_seed=seed,
         totp_pending_seed=pending,
         version=version,
-    )
-
-
-def _key_params(key: ApiKey) -> tuple[object, ...]:
-    return (
-        key.key_id,
-        key.user_id,
-        key.account_id,
-        key.kind.value,
-        sorted(key.scopes),
-        list(key.ip_allow_list),
-        key.tier,
-        key.create_time_us,
-        key.expire_time_us,
-        key.secret,
-        key.public_key,
-        key.previous_secret,
-        key.previous_public_key,
-        key.previous_expire_time_us,
-        key.revoke_time_us,
-        key.label,
-        key.version,
     )
 
 
@@ -288,20 +212,6 @@ def _key(row: Sequence[Any]) -> ApiKey:
     )
 
 
-def _refresh_params(token: RefreshToken) -> tuple[object, ...]:
-    return (
-        token.token_hash,
-        token.family_id,
-        token.user_id,
-        token.issue_time_us,
-        token.expire_time_us,
-        list(token.amr),
-        token.cnf_thumbprint,
-        token.used_time_us,
-        token.revoke_time_us,
-    )
-
-
 def _refresh(row: Sequence[Any]) -> RefreshToken:
     token_hash, family_id, user_id, issue, expire, amr, cnf, used, revoke = row
     return RefreshToken(
@@ -315,12 +225,6 @@ def _refresh(row: Sequence[Any]) -> RefreshToken:
         used_time_us=used,
         revoke_time_us=revoke,
     )
-
-
-def _check_next_version(current: int, expected_version: int, what: str) -> None:
-    """A compare-and-swap writes version `expected_version + 1`; anything else is the caller's mistake."""
-    if current != expected_version + 1:
-        raise ValueError(f"the new {what} version must be {expected_version + 1}, not {current}")
 
 
 class PostgresAuthStore:
@@ -353,7 +257,7 @@ class PostgresAuthStore:
 
     # --- users -------------------------------------------------------------------------------------------------
     async def insert_user(self, user: User) -> bool:
-        return await self._count("insert_user", _user_params(user)) == 1
+        return await self._count("insert_user", user_to_row(user, list)) == 1
 
     async def get_user(self, user_id: str) -> User | None:
         row = await self._one("get_user", (user_id,))
@@ -365,7 +269,7 @@ class PostgresAuthStore:
 
     @staticmethod
     def _update_params(user: User, expected_version: int) -> tuple[object, ...]:
-        _check_next_version(user.version, expected_version, "user")
+        check_next_version(user.version, expected_version, "user")
         return (
             list(user.roles),
             user.password_hash,
@@ -408,7 +312,7 @@ class PostgresAuthStore:
 
     # --- API keys ----------------------------------------------------------------------------------------------
     async def insert_api_key(self, key: ApiKey) -> bool:
-        return await self._count("insert_key", _key_params(key)) == 1
+        return await self._count("insert_key", key_to_row(key, list)) == 1
 
     async def get_api_key(self, key_id: str) -> ApiKey | None:
         row = await self._one("get_key", (key_id,))
@@ -421,7 +325,7 @@ class PostgresAuthStore:
         return [_key(row) for row in rows]
 
     async def update_api_key(self, key: ApiKey, expected_version: int) -> bool:
-        _check_next_version(key.version, expected_version, "API key")
+        check_next_version(key.version, expected_version, "API key")
         params = (
             sorted(key.scopes),
             key.expire_time_us,
@@ -439,7 +343,7 @@ class PostgresAuthStore:
 
     # --- refresh tokens ----------------------------------------------------------------------------------------
     async def insert_refresh_token(self, token: RefreshToken) -> None:
-        if await self._count("insert_refresh", _refresh_params(token)) != 1:
+        if await self._count("insert_refresh", refresh_to_row(token, list)) != 1:
             raise ValueError("a refresh token with this hash is already stored")
 
     async def use_refresh_token(self, token_hash: str, now_us: int) -> tuple[RefreshToken | None, bool]:

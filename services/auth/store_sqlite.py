@@ -23,54 +23,21 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from services.auth.model import ApiKey, ApiKeyKind, RefreshToken, Role, User
+from services.auth.store import (
+    API_KEY_COLUMNS,
+    REFRESH_COLUMNS,
+    USER_COLUMNS,
+    check_next_version,
+    key_to_row,
+    refresh_to_row,
+    user_to_row,
+)
 from tradeguard.storage.migrations import Migration
 from tradeguard.storage.sqlite import SqliteWorker
 
-__all__ = ["API_KEY_COLUMNS", "MIGRATIONS", "REFRESH_COLUMNS", "USER_COLUMNS", "SqliteAuthStore"]
+__all__ = ["MIGRATIONS", "SqliteAuthStore"]
 
 T = TypeVar("T")
-
-USER_COLUMNS = (
-    "user_id",
-    "username",
-    "account_id",
-    "roles",
-    "password_hash",
-    "create_time_us",
-    "totp_seed",
-    "totp_pending_seed",
-    "version",
-)
-API_KEY_COLUMNS = (
-    "key_id",
-    "user_id",
-    "account_id",
-    "kind",
-    "scopes",
-    "ip_allow_list",
-    "tier",
-    "create_time_us",
-    "expire_time_us",
-    "secret",
-    "public_key",
-    "previous_secret",
-    "previous_public_key",
-    "previous_expire_time_us",
-    "revoke_time_us",
-    "label",
-    "version",
-)
-REFRESH_COLUMNS = (
-    "token_hash",
-    "family_id",
-    "user_id",
-    "issue_time_us",
-    "expire_time_us",
-    "amr",
-    "cnf_thumbprint",
-    "used_time_us",
-    "revoke_time_us",
-)
 
 # Append-only: a released migration is never edited (see tradeguard.storage.migrations).
 _V1 = (
@@ -195,20 +162,6 @@ def _opt_bytes(value: object) -> bytes | None:
     return None if value is None else bytes(value)  # type: ignore[call-overload]
 
 
-def _user_row(user: User) -> tuple[object, ...]:
-    return (
-        user.user_id,
-        user.username,
-        user.account_id,
-        _list(user.roles),
-        user.password_hash,
-        user.create_time_us,
-        user.totp_seed,
-        user.totp_pending_seed,
-        user.version,
-    )
-
-
 def _user(row: Sequence[Any]) -> User:
     user_id, username, account_id, roles, password_hash, create, seed, pending, version = row
     return User(
@@ -221,28 +174,6 @@ def _user(row: Sequence[Any]) -> User:
         totp_seed=_opt_str(seed),
         totp_pending_seed=_opt_str(pending),
         version=int(version),
-    )
-
-
-def _key_row(key: ApiKey) -> tuple[object, ...]:
-    return (
-        key.key_id,
-        key.user_id,
-        key.account_id,
-        key.kind.value,
-        _list(sorted(key.scopes)),
-        _list(key.ip_allow_list),
-        key.tier,
-        key.create_time_us,
-        key.expire_time_us,
-        key.secret,
-        key.public_key,
-        key.previous_secret,
-        key.previous_public_key,
-        key.previous_expire_time_us,
-        key.revoke_time_us,
-        key.label,
-        key.version,
     )
 
 
@@ -287,20 +218,6 @@ def _key(row: Sequence[Any]) -> ApiKey:
     )
 
 
-def _refresh_row(token: RefreshToken) -> tuple[object, ...]:
-    return (
-        token.token_hash,
-        token.family_id,
-        token.user_id,
-        token.issue_time_us,
-        token.expire_time_us,
-        _list(token.amr),
-        token.cnf_thumbprint,
-        token.used_time_us,
-        token.revoke_time_us,
-    )
-
-
 def _refresh(row: Sequence[Any]) -> RefreshToken:
     token_hash, family_id, user_id, issue, expire, amr, cnf, used, revoke = row
     return RefreshToken(
@@ -314,12 +231,6 @@ def _refresh(row: Sequence[Any]) -> RefreshToken:
         used_time_us=_opt_int(used),
         revoke_time_us=_opt_int(revoke),
     )
-
-
-def check_next_version(current: int, expected_version: int, what: str) -> None:
-    """A compare-and-swap writes version `expected_version + 1`; anything else is the caller's mistake."""
-    if current != expected_version + 1:
-        raise ValueError(f"the new {what} version must be {expected_version + 1}, not {current}")
 
 
 class SqliteAuthStore:
@@ -342,7 +253,7 @@ class SqliteAuthStore:
 
     # --- users -------------------------------------------------------------------------------------------------
     async def insert_user(self, user: User) -> bool:
-        row = _user_row(user)
+        row = user_to_row(user, _list)
         return await self._write(lambda conn: conn.execute(SQL["insert_user"], row).rowcount == 1)
 
     async def get_user(self, user_id: str) -> User | None:
@@ -402,7 +313,7 @@ class SqliteAuthStore:
 
     # --- API keys ----------------------------------------------------------------------------------------------
     async def insert_api_key(self, key: ApiKey) -> bool:
-        row = _key_row(key)
+        row = key_to_row(key, _list)
         return await self._write(lambda conn: conn.execute(SQL["insert_key"], row).rowcount == 1)
 
     async def get_api_key(self, key_id: str) -> ApiKey | None:
@@ -432,7 +343,7 @@ class SqliteAuthStore:
 
     # --- refresh tokens ----------------------------------------------------------------------------------------
     async def insert_refresh_token(self, token: RefreshToken) -> None:
-        row = _refresh_row(token)
+        row = refresh_to_row(token, _list)
         inserted = await self._write(lambda conn: conn.execute(SQL["insert_refresh"], row).rowcount == 1)
         if not inserted:
             raise ValueError("a refresh token with this hash is already stored")
