@@ -17,24 +17,18 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import pyotp
 import pytest
 from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from google.protobuf import duration_pb2
 
 from services.auth.service import SERVICE as AUTH
-from services.auth.settings import Settings as AuthSettings
-from services.auth.vault_client import ensure_keys
-from services.keyvault.service import SERVICE as KEYVAULT
-from services.keyvault.settings import Settings as KeyVaultSettings
-from services.keyvault.settings import StartupSecret
 from services.trading.service import SERVICE as TRADING
 from tests.deploy.edge_support import Edge, RateLimiter, public_tls, running_edge, serving
+from tests.services.auth.auth_support import auth_settings, create_user, enrol, login
+from tests.support_auth import create_hmac_key, keyvault_settings, running_keyvault
 from tradeguard import edge, signing
-from tradeguard.auth.v1 import auth_pb2 as pb
 from tradeguard.auth.v1 import auth_pb2_grpc
 from tradeguard.mesh import pki
-from tradeguard.mesh.server import ServerConfig
 from tradeguard.service import read_settings
 from tradeguard.testing import dev_pki, running_service
 
@@ -42,7 +36,6 @@ pytestmark = pytest.mark.slow
 
 PLACE = "/tradeguard.trading.v1.TradingService/PlaceOrder"
 HSTS = "max-age=63072000; includeSubDomains; preload"
-PASSWORD = "correct horse trading staple"
 WORKLOADS = ("ops", "trading", "edge", "auth", "ratelimit", "keyvault")
 
 
@@ -89,38 +82,20 @@ async def _people(channel: Any, ops_channel: Any) -> tuple[Any, str, str, str]:
     an HMAC API key for it: (user, key id, secret, access token)."""
     ops = auth_pb2_grpc.AuthServiceStub(ops_channel)
     people = auth_pb2_grpc.AuthServiceStub(channel)
-    user = (
-        await ops.CreateUser(
-            pb.CreateUserRequest(
-                username="alice", password=PASSWORD, account_id="acct-alice", roles=["trader"]
-            ),
-            timeout=10,
-        )
-    ).user
-    begun = await people.BeginTotpEnrollment(
-        pb.BeginTotpEnrollmentRequest(username="alice", password=PASSWORD), timeout=10
+    user = await create_user(ops, "alice")
+    totp, _ = await enrol(people, "alice")
+    tokens = await login(people, "alice", totp)
+    key = await create_hmac_key(
+        ops,
+        user.user_id,
+        ["orders:write", "orders:read"],
+        ip_allow_list=["127.0.0.0/8"],
+        tier="pro",
+        lifetime=duration_pb2.Duration(seconds=86400),
+        label="edge test",
     )
-    totp = pyotp.TOTP(pyotp.parse_uri(begun.otpauth_uri).secret)
-    await people.ConfirmTotpEnrollment(
-        pb.ConfirmTotpEnrollmentRequest(username="alice", password=PASSWORD, code=totp.now()), timeout=10
-    )
-    first = await people.Login(pb.LoginRequest(username="alice", password=PASSWORD), timeout=10)
-    second = await people.VerifyMfa(
-        pb.VerifyMfaRequest(mfa_token=first.mfa_token, totp_code=totp.at(time.time() + 30)), timeout=10
-    )
-    created = await ops.CreateApiKey(
-        pb.CreateApiKeyRequest(
-            user_id=user.user_id,
-            kind=pb.API_KEY_KIND_HMAC,
-            scopes=["orders:write", "orders:read"],
-            ip_allow_list=["127.0.0.0/8"],
-            tier="pro",
-            lifetime=duration_pb2.Duration(seconds=86400),
-            label="edge test",
-        ),
-        timeout=10,
-    )
-    return user, created.key.key_id, created.secret, second.tokens.access_token
+    assert key.secret is not None
+    return user, key.key_id, key.secret, tokens.access_token
 
 
 @pytest.fixture
@@ -128,46 +103,35 @@ async def suite(tmp_path: Path) -> AsyncIterator[Suite]:
     home = tmp_path / "home"
     paths = dev_pki(home, WORKLOADS)
     pki.publish_bundle(paths, pki.EDGE, paths.edge_dir)
-    vault_settings = KeyVaultSettings(
-        server=ServerConfig(name="keyvault", port=0, home=home, grace_s=1.0),
-        database_url=f"sqlite:///{home / 'data' / 'keyvault.db'}",
-        root_path=home / "data" / "keyvault.root",
-        startup=StartupSecret("edge test passphrase"),
-        scrypt_n=2**10,
-    )
-    async with running_service(KEYVAULT, vault_settings, paths) as keyvault:
-        async with keyvault.channel("ops") as ops:
-            await ensure_keys(ops)
-        auth_settings = AuthSettings(
-            server=ServerConfig(name="auth", port=0, home=home, grace_s=1.0),
-            database_url=f"sqlite:///{home / 'data' / 'auth.db'}",
-            keyvault_target=keyvault.target,
-        )
-        async with running_service(AUTH, auth_settings, paths) as auth:
-            environ = {
-                "TRADEGUARD_HOME": str(home),
-                "TRADEGUARD_TRADING_PORT": "0",
-                "TRADEGUARD_TRADING_AUTH_TARGET": auth.target,
+    vault_settings = keyvault_settings(home, "edge test passphrase")
+    async with (
+        running_keyvault(paths, vault_settings) as keyvault,
+        running_service(AUTH, auth_settings(keyvault), paths) as auth,
+    ):
+        environ = {
+            "TRADEGUARD_HOME": str(home),
+            "TRADEGUARD_TRADING_PORT": "0",
+            "TRADEGUARD_TRADING_AUTH_TARGET": auth.target,
+        }
+        trading_settings = read_settings(TRADING, environ)
+        trading_settings = replace(trading_settings, server=replace(trading_settings.server, grace_s=1.0))
+        limiter = RateLimiter()
+        add = rls_pb2_grpc.add_RateLimitServiceServicer_to_server
+        async with (
+            running_service(TRADING, trading_settings, paths) as trading,
+            serving(paths, "ratelimit", add, limiter) as ratelimit,
+            auth.channel("edge") as as_edge,
+            auth.channel("ops") as as_ops,
+        ):
+            user, key_id, secret, token = await _people(as_edge, as_ops)
+            upstreams = {
+                "trading": edge.Endpoint("127.0.0.1", trading.port),
+                "auth": edge.Endpoint("127.0.0.1", auth.port),
+                "ratelimit": ratelimit,
             }
-            trading_settings = read_settings(TRADING, environ)
-            trading_settings = replace(trading_settings, server=replace(trading_settings.server, grace_s=1.0))
-            limiter = RateLimiter()
-            add = rls_pb2_grpc.add_RateLimitServiceServicer_to_server
-            async with (
-                running_service(TRADING, trading_settings, paths) as trading,
-                serving(paths, "ratelimit", add, limiter) as ratelimit,
-                auth.channel("edge") as as_edge,
-                auth.channel("ops") as as_ops,
-            ):
-                user, key_id, secret, token = await _people(as_edge, as_ops)
-                upstreams = {
-                    "trading": edge.Endpoint("127.0.0.1", trading.port),
-                    "auth": edge.Endpoint("127.0.0.1", auth.port),
-                    "ratelimit": ratelimit,
-                }
-                with public_tls(tmp_path / "public") as (public, _):
-                    async with running_edge(tmp_path, paths, public, upstreams) as running:
-                        yield Suite(running, limiter, user, key_id, secret, token)
+            with public_tls(tmp_path / "public") as (public, _):
+                async with running_edge(tmp_path, paths, public, upstreams) as running:
+                    yield Suite(running, limiter, user, key_id, secret, token)
 
 
 @pytest.mark.parametrize("http2", [True, False], ids=["http2", "http1.1"])

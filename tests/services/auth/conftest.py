@@ -26,15 +26,13 @@ from services.auth.hot_redis import RedisHotState
 from services.auth.store import AuthStore
 from services.auth.store_postgres import PostgresAuthStore
 from services.auth.store_sqlite import SqliteAuthStore
-from services.auth.vault_client import VaultClient, ensure_keys
-from services.keyvault.service import SERVICE as KEYVAULT
+from services.auth.vault_client import VaultClient
 from services.keyvault.settings import Settings as KeyVaultSettings
-from services.keyvault.settings import StartupSecret
 from tests.support import PG_DSN, Database, open_database
+from tests.support_auth import keyvault_settings, running_keyvault
 from tradeguard.mesh import pki
-from tradeguard.mesh.server import ServerConfig
 from tradeguard.storage.redis import RedisConfig
-from tradeguard.testing import FakeClock, RunningService, running_service
+from tradeguard.testing import FakeClock, RunningService
 
 LOCAL_REDIS = "redis://127.0.0.1:6379?timeout=5&client_name=tg-test-auth"
 
@@ -137,18 +135,12 @@ async def hot_state(hot_backend: HotBackend) -> HotState:
 @pytest.fixture
 async def keyvault(pki_paths: pki.PkiPaths) -> AsyncIterator[RunningService[KeyVaultSettings, Any]]:
     """The real key vault over mutual TLS, with the auth service's keys created (as `ops`)."""
-    home = pki_paths.home
-    settings = KeyVaultSettings(
-        server=ServerConfig(name="keyvault", port=0, home=home, grace_s=1.0),
-        database_url=f"sqlite:///{home / 'data' / 'keyvault.db'}",
-        root_path=home / "data" / "keyvault.root",
-        startup=StartupSecret("auth test passphrase"),
-        scrypt_n=2**10,
+    settings = keyvault_settings(
+        pki_paths.home,
+        "auth test passphrase",
         key_freshness_s=0.0,  # strict: a rotated key may retire its previous version at once
     )
-    async with running_service(KEYVAULT, settings, pki_paths) as service:
-        async with service.channel("ops") as ops:
-            await ensure_keys(ops)
+    async with running_keyvault(pki_paths, settings) as service:
         yield service
 
 

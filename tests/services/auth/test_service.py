@@ -29,7 +29,6 @@ from services.auth.store_postgres import PostgresAuthStore
 from services.auth.store_sqlite import SqliteAuthStore
 from services.keyvault.service import SERVICE as KEYVAULT
 from services.keyvault.settings import Settings as KeyVaultSettings
-from services.keyvault.settings import StartupSecret
 from tests.services.auth.auth_support import (
     PASSWORD,
     AuthService,
@@ -42,13 +41,13 @@ from tests.services.auth.auth_support import (
     stub,
 )
 from tests.support import PG_DSN, RedisServer, drop_pg_schema, require_pg, start_redis
+from tests.support_auth import keyvault_settings
 from tradeguard import registry
 from tradeguard.auth.v1 import auth_pb2 as pb
 from tradeguard.cli.up_cmd import Child, Supervisor
 from tradeguard.guard.revocations import RevocationSet
 from tradeguard.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from tradeguard.mesh import pki
-from tradeguard.mesh.server import ServerConfig
 from tradeguard.service import Stores, read_settings
 from tradeguard.settings import SettingsError
 from tradeguard.storage.redis import RedisConfig, RedisUnavailable
@@ -212,13 +211,7 @@ async def test_up_creates_the_auth_keys_as_ops_idempotently(
     run leaves them as they are), and tells auth where the vault listens."""
     monkeypatch.delenv("TRADEGUARD_AUTH_KEYVAULT_TARGET", raising=False)
     home = pki_paths.home
-    fresh = KeyVaultSettings(
-        server=ServerConfig(name="keyvault", port=0, home=home, grace_s=1.0),
-        database_url=f"sqlite:///{home / 'data' / 'fresh-keyvault.db'}",
-        root_path=home / "data" / "fresh-keyvault.root",
-        startup=StartupSecret("a fresh vault for tradeguard up"),
-        scrypt_n=2**10,
-    )
+    fresh = keyvault_settings(home, "a fresh vault for tradeguard up", name="fresh-keyvault")
     args = Namespace(
         home=home,
         cert_hours=24.0,

@@ -32,7 +32,7 @@ import zxingcpp
 
 from services.trading.service import SERVICE as TRADING
 from services.trading.settings import Settings as TradingSettings
-from tests.tradeguard.guard.real_auth import real_auth
+from tests.support_auth import printed_commands, real_auth
 from tradeguard import registry, signing
 from tradeguard.cli.up_cmd import Child, Supervisor
 from tradeguard.guard import Guard, GuardSettings
@@ -480,25 +480,6 @@ async def test_refusals_are_one_line_with_the_reason_and_the_field(suite: Suite)
     assert "orders need a person's credentials" in line and "tradeguard auth key create" in line
 
 
-def _printed_commands(banner: str) -> list[str]:
-    commands: list[str] = []
-    pending = ""
-    for raw in banner.splitlines():
-        line = raw.strip()
-        if pending:
-            pending += " " + line
-        elif line.startswith(("export ", ".venv/bin/tradeguard ", "printf ")):
-            pending = line
-        else:
-            continue
-        if pending.endswith("\\"):
-            pending = pending[:-1].rstrip()
-        else:
-            commands.append(pending)
-            pending = ""
-    return commands
-
-
 async def test_the_signed_order_tradeguard_up_prints_runs_as_printed(
     suite: Suite, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -515,7 +496,7 @@ async def test_the_signed_order_tradeguard_up_prints_runs_as_printed(
         supervisor.children[name] = Child(registry.lookup(name), port, port + 1)
     supervisor.banner()
     banner = capsys.readouterr().out
-    commands = [c for c in _printed_commands(banner) if "vault" not in c]
+    commands = [c for c in printed_commands(banner) if "vault" not in c]
     assert commands[0].startswith("export ") and f"TRADEGUARD_HOME={suite.home}" in commands[0]
     signed = [c for c in commands if "orders place" in c]
     assert signed and "--key-id" in signed[0] and "--secret-file" in signed[0]

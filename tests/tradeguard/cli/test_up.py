@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support import free_port, openssl_handshake
+from tests.support_auth import printed_commands
 from tradeguard import registry, signing
 from tradeguard.cli import common, credentials, main
 from tradeguard.cli.up_cmd import (
@@ -161,26 +162,6 @@ def trader_key(suite: Suite, username: str, account: str = "acct-1") -> str:
     key_id = key.stdout.strip()
     assert signing.key_id_valid(key_id), key.stdout
     return key_id
-
-
-def printed_commands(banner: str) -> list[str]:
-    """The shell lines the banner prints (export, tradeguard and printf lines, continuations joined)."""
-    commands: list[str] = []
-    pending = ""
-    for raw in banner.splitlines():
-        line = raw.strip()
-        if pending:
-            pending += " " + line
-        elif line.startswith(("export ", ".venv/bin/tradeguard ", "printf ")):
-            pending = line
-        else:
-            continue
-        if pending.endswith("\\"):
-            pending = pending[:-1].rstrip()
-        else:
-            commands.append(pending)
-            pending = ""
-    return commands
 
 
 async def health(paths: pki.PkiPaths, name: str, port: int) -> bool:

@@ -19,12 +19,11 @@ import pytest
 from services.trading.service import SERVICE as TRADING
 from services.trading.settings import Settings as TradingSettings
 from tests.services.auth.auth_support import create_user, enrol, login
-from tests.tradeguard.guard.real_auth import real_auth
+from tests.support_auth import create_hmac_key, real_auth
 from tradeguard.auth.v1 import auth_pb2 as pb
 from tradeguard.auth.v1 import auth_pb2_grpc
 from tradeguard.guard import Guard, GuardSettings
 from tradeguard.guard.client import (
-    ApiKeyCredentials,
     authenticated_channel,
     bearer_interceptors,
     signing_interceptors,
@@ -94,16 +93,7 @@ async def test_a_trader_places_orders_with_a_jwt_and_a_signed_key_for_their_acco
         await create_user(ops, "bob")
         totp, _ = await enrol(ops, "alice")
         tokens = await login(ops, "alice", totp)  # bound to the ops certificate that logged in
-        created = await ops.CreateApiKey(
-            pb.CreateApiKeyRequest(
-                user_id=alice.user_id,
-                kind=pb.API_KEY_KIND_HMAC,
-                scopes=["orders:read", "orders:write"],
-                ip_allow_list=["127.0.0.1/32"],
-            ),
-            timeout=10,
-        )
-    key = ApiKeyCredentials(created.key.key_id, secret=created.secret)
+        key = await create_hmac_key(ops, alice.user_id, ["orders:read", "orders:write"])
     async with (
         suite.trading_channel(bearer_interceptors(tokens.access_token)) as by_token,
         suite.trading_channel(signing_interceptors(key), caller="trading-client") as by_key,
@@ -135,17 +125,8 @@ async def test_revoked_tokens_and_keys_are_refused_by_the_running_guard_within_o
         carol = await create_user(ops, "carol")
         totp, _ = await enrol(ops, "carol")
         tokens = await login(ops, "carol", totp)
-        created = await ops.CreateApiKey(
-            pb.CreateApiKeyRequest(
-                user_id=carol.user_id,
-                kind=pb.API_KEY_KIND_HMAC,
-                scopes=["orders:read"],
-                ip_allow_list=["127.0.0.1/32"],
-            ),
-            timeout=10,
-        )
+        key = await create_hmac_key(ops, carol.user_id, ["orders:read"])
         jti = jwt.decode(tokens.access_token, options={"verify_signature": False})["jti"]
-        key = ApiKeyCredentials(created.key.key_id, secret=created.secret)
         async with (
             suite.trading_channel(bearer_interceptors(tokens.access_token)) as by_token,
             suite.trading_channel(signing_interceptors(key), caller="trading-client") as by_key,
