@@ -11,12 +11,17 @@ Keys:
 - `rotate`: a new secret (or public key); the previous one still verifies for `grace_us` (at most 7 days).
 - `revoke`: the key stops verifying at once here, and a KEY revocation is published to every guard.
 
+A key locked out (see "Lockout" below) has no unlock of its own: rotating it (a new secret, a new version, so a
+new lockout epoch, and its principal lock lifted) or revoking it is the way out.
+
 `verify(requests)` answers each request alone, checking in this order (the first failure is the cause, logged
 with the key id and source address, never a secret or a signature; the caller only ever sees one opaque
 failure):
+  0. the source address is not locked out ("source locked");
   1. the key id's format and checksum (a fake is refused without a store lookup);
-  2. the key exists, is not revoked, not expired, and its owner still exists (each distinct key of a batch is
-     read from the store once per batch, never kept between batches);
+  2. the key exists, is not revoked, not expired; it is not locked out from this source ("key locked for this
+     source": the (key, address) pair) nor altogether ("key locked"); its owner still exists (each distinct key
+     of a batch is read from the store once per batch, never kept between batches);
   3. the timestamp (strict decimal) within the window (5 s by default, at most 60) and at most 1 s ahead;
   4. the source address in the key's IP allow-list (when it has one);
   5. the signature (strict lowercase hex) by the current secret / public key, or by the previous one while its
@@ -25,6 +30,19 @@ failure):
      skew) — only after the signature verified, so nobody can burn the nonces of others;
   7. the method's permission in the key's effective scopes (its scopes that its owner still holds): otherwise
      the request is authentic but `permission_denied`.
+
+Lockout (services/auth/lockout.py; principal `key_principal(key id)`, epoch the key's record version): the
+locks of a batch are read before any signature is checked, with one `locked_until` per distinct source address,
+per distinct key found and per distinct (key, address) pair, all in one concurrent round. A request refused by a
+lock is logged but not counted. A failure after the key was found (a malformed, stale or future timestamp, a
+source outside the allow-list, a malformed nonce, digest or signature, a wrong signature, a replayed nonce)
+counts for the key and its source as a login failure does for a user (the pair first; the key's own count takes
+only a source's first pair-threshold failures, so one address cannot lock a key out); a malformed or unknown key
+id, a revoked or expired key or one whose owner is gone counts for the source address only (still without a
+store lookup for a bad checksum); a stored secret that does not open is the service's fault and counts for
+nobody. An authentic request (allowed or permission-denied) clears only its (key, address) pair's failures, once
+per distinct pair of the batch: the key's and the address's counts stand, so the owner's traffic never resets
+what a distributed attacker accumulated.
 
 Bounded state: the owner-permission cache holds at most 10,000 owners for 5 s each (so a role change reaches
 keys within 5 s); the parsed allow-lists are memoised for at most 4,096 distinct lists; decrypted secrets are
@@ -41,11 +59,13 @@ import re
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from enum import Enum
 from typing import Final, Protocol
 
 import structlog
 
 from services.auth.hot import HotState
+from services.auth.lockout import Lock, Lockout, LockoutPolicy, LockoutSettingsView, key_principal
 from services.auth.model import ApiKey, ApiKeyKind, RevocationKind, User
 from services.auth.ports import Sealer
 from services.auth.store import AuthStore
@@ -96,6 +116,9 @@ class KeySettings(Protocol):
     @property
     def future_skew_ms(self) -> int: ...
 
+    @property
+    def lockout(self) -> LockoutSettingsView: ...
+
 
 class SecretSealer(Sealer, Protocol):
     """The vault client's cached opener of API-key secrets (services/auth/vault_client.py)."""
@@ -123,8 +146,30 @@ class Verdict:
         return self.principal is not None
 
 
+class _Counts(Enum):
+    """What a failed verification step counts against (lockout)."""
+
+    KEY = "key"  # the key (its pair with the source first) and the source address
+    SOURCE = "source"  # the source address only
+    NOBODY = "nobody"  # not the caller's fault
+
+
 class _Refused(Exception):
-    """A verification step failed: its cause (internal)."""
+    """A verification step failed: its cause (internal), what it counts against, and the lock that refused it
+    (a locked refusal is logged, never counted)."""
+
+    def __init__(
+        self,
+        cause: str,
+        counts: _Counts = _Counts.KEY,
+        *,
+        key: ApiKey | None = None,
+        lock: Lock | None = None,
+    ) -> None:
+        super().__init__(cause)
+        self.counts = counts
+        self.key = key
+        self.lock = lock
 
 
 @functools.lru_cache(maxsize=4096)
@@ -204,6 +249,11 @@ class ApiKeyService:
         signing.check_window(0, 0, self._window_ms, self._future_ms)  # refuses a window beyond the standard's
         self._nonce_ttl_us = (self._window_ms + self._future_ms) * 1000
         self._owners = _OwnerCache(OWNER_CACHE_SIZE, OWNER_CACHE_TTL_US)
+        self._lockout = Lockout(hot, clock, LockoutPolicy.from_settings(settings.lockout))
+
+    @property
+    def lockout(self) -> Lockout:
+        return self._lockout
 
     # --- administration --------------------------------------------------------------------------------------
 
@@ -272,7 +322,11 @@ class ApiKeyService:
 
     async def rotate(self, key_id: str, grace_us: int, public_key: bytes | None) -> tuple[ApiKey, str | None]:
         """A new secret (HMAC; returned once) or public key (Ed25519); the previous one verifies for `grace_us`
-        more (0: not at all). A revoked or expired key is not rotated."""
+        more (0: not at all). A revoked or expired key is not rotated.
+
+        Rotation is also the operator's unlock of a locked-out key (with revocation the only one): the new
+        version is a new lockout epoch, which releases every (key, address) pair lock, and the key's own lock
+        and failures are lifted (logged `auth.unlocked`, cause "key rotated"). Source address locks stand."""
         if not 0 <= grace_us <= MAX_GRACE_US:
             raise InvalidArgument.field("grace_period", "between 0 and 7 days")
         for _ in range(_UPDATE_ATTEMPTS):
@@ -303,6 +357,7 @@ class ApiKeyService:
                 )
             if await self._store.update_api_key(rotated, key.version):
                 self._sealer.forget(key_id)
+                await self._lockout.unlock_principal(key_principal(key_id), cause="key rotated")
                 log.info("auth.api_key_rotated", key_id=key_id, grace_us=grace_us)
                 return rotated, secret
         raise FailedPrecondition("the key kept changing; try again", reason="CONCURRENT_UPDATE")
@@ -367,16 +422,39 @@ class ApiKeyService:
 
         Each distinct key of the batch is read from the store once, when the batch is verified (a guard's batch
         usually holds many calls signed with the same few keys); nothing is kept between batches, so a key
-        revoked, rotated or expired before a batch is judged as such by that batch."""
+        revoked, rotated or expired before a batch is judged as such by that batch. The lockout's locks are read
+        after the keys, once per distinct address, key and (key, address) pair, before any signature is checked;
+        an authentic request's pair failures are cleared once per distinct pair after the batch."""
         key_ids = {request.key_id for request in requests if signing.key_id_valid(request.key_id)}
         ordered = sorted(key_ids)
         found = await asyncio.gather(*(self._store.get_api_key(key_id) for key_id in ordered))
         keys = dict(zip(ordered, found, strict=True))
-        return list(await asyncio.gather(*(self._verify_one(request, keys) for request in requests)))
+        subjects: set[str] = set()
+        for request in requests:
+            subjects.add(Lockout.source_subject(request.source_ip))
+            key = keys.get(request.key_id)
+            if key is not None:
+                principal = key_principal(key.key_id)
+                subjects.update((principal, Lockout.pair_subject(principal, key.version, request.source_ip)))
+        locks = await self._lockout.locks(subjects)
+        verdicts = await asyncio.gather(*(self._verify_one(request, keys, locks) for request in requests))
+        authentic: dict[
+            str, tuple[str, int, str]
+        ] = {}  # pair subject -> (principal, epoch, a source address)
+        for request, verdict in zip(requests, verdicts, strict=True):
+            key = keys.get(request.key_id)
+            if key is not None and (verdict.ok or verdict.permission_denied):
+                principal = key_principal(key.key_id)
+                pair = Lockout.pair_subject(principal, key.version, request.source_ip)
+                authentic.setdefault(pair, (principal, key.version, request.source_ip))
+        await asyncio.gather(*(self._lockout.record_success(*success) for success in authentic.values()))
+        return list(verdicts)
 
-    async def _verify_one(self, request: signing.SignedRequest, keys: Mapping[str, ApiKey | None]) -> Verdict:
+    async def _verify_one(
+        self, request: signing.SignedRequest, keys: Mapping[str, ApiKey | None], locks: Mapping[str, int]
+    ) -> Verdict:
         try:
-            principal, allowed = await self._check(request, keys)
+            principal, allowed = await self._check(request, keys, locks)
         except _Refused as refused:
             cause = str(refused)
             log.warning(
@@ -386,6 +464,7 @@ class ApiKeyService:
                 source_ip=request.source_ip[:64],
                 path=request.path[:256],
             )
+            await self._count(request, refused)
             return Verdict.failed(cause)
         if not allowed:
             log.info(
@@ -397,37 +476,72 @@ class ApiKeyService:
             return Verdict(permission_denied=True)
         return Verdict(principal=principal)
 
+    async def _count(self, request: signing.SignedRequest, refused: _Refused) -> None:
+        """The lockout's count and log of a refusal (see the module docstring)."""
+        cause, key = str(refused), refused.key
+        if refused.lock is not None:
+            await self._lockout.record_failure(
+                key_principal(request.key_id[:64]),
+                0 if key is None else key.version,
+                request.source_ip,
+                cause,
+                lock=refused.lock,
+                count=False,
+                key_id=request.key_id[:64],
+            )
+        elif refused.counts is _Counts.KEY and key is not None:
+            await self._lockout.record_failure(
+                key_principal(key.key_id), key.version, request.source_ip, cause, key_id=key.key_id
+            )
+        elif refused.counts is not _Counts.NOBODY:
+            await self._lockout.record_source_failure(request.source_ip, cause)
+
     async def _check(
-        self, request: signing.SignedRequest, keys: Mapping[str, ApiKey | None]
+        self, request: signing.SignedRequest, keys: Mapping[str, ApiKey | None], locks: Mapping[str, int]
     ) -> tuple[Principal, bool]:
+        # 0. the source address's lock (read for this batch)
+        until = locks.get(Lockout.source_subject(request.source_ip))
+        if until is not None:
+            raise _Refused("source locked", lock=Lock("source", until))
         # 1. format and checksum: no lookup for a fake (`verify` read only the keys of well-formed ids)
         if not signing.key_id_valid(request.key_id):
-            raise _Refused("key id malformed or checksum wrong")
-        # 2. the key (read for this batch) and its owner
+            raise _Refused("key id malformed or checksum wrong", _Counts.SOURCE)
+        # 2. the key (read for this batch), its locks (read for this batch) and its owner
         key = keys.get(request.key_id)
         now_us = self._clock()
         if key is None:
-            raise _Refused("key unknown")
+            raise _Refused("key unknown", _Counts.SOURCE)
         if key.revoke_time_us is not None:
-            raise _Refused("key revoked")
+            raise _Refused("key revoked", _Counts.SOURCE)
         if key.expire_time_us <= now_us:
-            raise _Refused("key expired")
+            raise _Refused("key expired", _Counts.SOURCE)
+        principal_subject = key_principal(key.key_id)
+        until = locks.get(Lockout.pair_subject(principal_subject, key.version, request.source_ip))
+        if until is not None:
+            raise _Refused("key locked for this source", key=key, lock=Lock("pair", until))
+        until = locks.get(principal_subject)
+        if until is not None:
+            raise _Refused("key locked", key=key, lock=Lock("principal", until))
         permissions = await self._owner_permissions(key.user_id, now_us)
         if permissions is None:
-            raise _Refused("key owner no longer exists")
+            raise _Refused("key owner no longer exists", _Counts.SOURCE)
         # 3. the timestamp and the window
         try:
             timestamp_ms = signing.parse_timestamp(request.timestamp)
         except signing.MalformedRequest:
-            raise _Refused("timestamp malformed") from None
+            raise _Refused("timestamp malformed", key=key) from None
         window = signing.check_window(timestamp_ms, now_us // 1000, self._window_ms, self._future_ms)
         if window is signing.Window.STALE:
-            raise _Refused("timestamp outside the window (stale)")
+            raise _Refused("timestamp outside the window (stale)", key=key)
         if window is signing.Window.FUTURE:
-            raise _Refused("timestamp too far in the future")
+            raise _Refused("timestamp too far in the future", key=key)
         # 4. the source address
-        if key.ip_allow_list and not _address_allowed(request.source_ip, key.ip_allow_list):
-            raise _Refused("source address outside the key's allow-list")
+        try:
+            allowed_from = not key.ip_allow_list or _address_allowed(request.source_ip, key.ip_allow_list)
+        except _Refused as refused:
+            raise _Refused(str(refused), key=key) from None
+        if not allowed_from:
+            raise _Refused("source address outside the key's allow-list", key=key)
         # 5. the signature (the nonce's and body digest's format first: they are part of the signed string)
         try:
             signing.parse_nonce(request.nonce)
@@ -435,14 +549,14 @@ class ApiKeyService:
             scheme = signing.Scheme.HMAC_SHA256 if key.kind is ApiKeyKind.HMAC else signing.Scheme.ED25519
             signing.parse_signature(request.signature, scheme)
         except signing.MalformedRequest as error:
-            raise _Refused(f"{error.field} malformed") from None
+            raise _Refused(f"{error.field} malformed", key=key) from None
         if "\n" in request.path or "\r" in request.path:
-            raise _Refused("path malformed")
+            raise _Refused("path malformed", key=key)
         if not await self._signature_valid(key, request, now_us):
-            raise _Refused("signature wrong")
+            raise _Refused("signature wrong", key=key)
         # 6. the nonce, once (only now: an unsigned request cannot spend a nonce of someone else's)
         if not await self._hot.claim_nonce(key.key_id, request.nonce, self._nonce_ttl_us):
-            raise _Refused("nonce replayed")
+            raise _Refused("nonce replayed", key=key)
         # 7. the permission
         scopes = key.scopes & permissions
         principal = Principal(
@@ -460,7 +574,7 @@ class ApiKeyService:
                 try:
                     secret = await self._sealer.open_secret(key.key_id, ciphertext)
                 except OpaqueError as error:  # a stored ciphertext that does not open: this key fails alone
-                    raise _Refused(f"key secret did not open ({error.cause})") from None
+                    raise _Refused(f"key secret did not open ({error.cause})", _Counts.NOBODY) from None
                 if signing.verify_hmac(secret, request.signature, *fields):
                     return True
             return False

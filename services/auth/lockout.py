@@ -29,9 +29,10 @@ token; an unknown username is not logged either (people type passwords into it).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import ipaddress
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -183,8 +184,27 @@ class Lockout:
 
     @staticmethod
     def _subjects(principal: str, epoch: int, source_ip: str) -> _Subjects:
-        source = source_key(source_ip)
-        return _Subjects(f"pair:{principal}#{epoch}|{source}", principal, f"ip:{source}")
+        return _Subjects(
+            Lockout.pair_subject(principal, epoch, source_ip), principal, Lockout.source_subject(source_ip)
+        )
+
+    @staticmethod
+    def pair_subject(principal: str, epoch: int, source_ip: str) -> str:
+        """The hot-state subject of (`principal` at `epoch`, `source_ip`'s address)."""
+        return f"pair:{principal}#{epoch}|{source_key(source_ip)}"
+
+    @staticmethod
+    def source_subject(source_ip: str) -> str:
+        """The hot-state subject of `source_ip`'s address."""
+        return f"ip:{source_key(source_ip)}"
+
+    async def locks(self, subjects: Iterable[str]) -> dict[str, int]:
+        """The subjects among `subjects` (principals, `pair_subject`s, `source_subject`s) locked now, with when
+        each lock ends: each distinct subject read once, all concurrently (a batch's lock check in one round)."""
+        ordered = sorted(set(subjects))
+        now = self._clock()
+        ends = await asyncio.gather(*(self._hot.locked_until(subject, now) for subject in ordered))
+        return {subject: until for subject, until in zip(ordered, ends, strict=True) if until is not None}
 
     async def locked(self, principal: str, epoch: int, source_ip: str) -> Lock | None:
         """The lock that refuses `principal` from `source_ip` now (pair first, then address, then principal),

@@ -6,7 +6,8 @@ What `build` wires, in order:
   shared by replicas); closed by a closer;
 - the key vault: a `MeshChannel` to it as workload `auth` (closed by a closer) and the `VaultClient` on it
   (sealing, JWT signing); its keys must exist (`tradeguard up` and the tests create them as ops);
-- the cores: `Rbac` (roles seeded on first start), `TokenService`, `UserService`, `ApiKeyService`;
+- the cores: `Rbac` (roles seeded on first start), `TokenService`, `UserService`, `ApiKeyService` (the
+  users' and the keys' lockouts count in the same hot state under the same `settings.lockout`);
 - for Envoy's Check (services/auth/ext_authz.py), mounted on the same server (`Assembly.extra_services`): the
   kit's JWT verifier (tradeguard.guard.jwt) over this service's own JWKS and a revocation set fed in process from
   the hot state by a background task, the JWKS refreshed every 5 minutes (the same rules as every guard, no

@@ -7,6 +7,7 @@ and the cross-replica replay runs on Redis (two services sharing one hot state).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -19,7 +20,7 @@ from services.auth.hot import HotState
 from services.auth.keys import MAX_UNBOUND_LIFETIME_US, ApiKeyService, Verdict
 from services.auth.keys import KeySettings as KeySettingsProtocol
 from services.auth.model import ApiKey, ApiKeyKind, RevocationKind, User
-from services.auth.settings import Settings
+from services.auth.settings import LockoutSettings, Settings
 from services.auth.store import AuthStore
 from services.auth.tokens import TokenSettings
 from services.auth.vault_client import VaultClient
@@ -41,6 +42,13 @@ sqlite_only = pytest.mark.parametrize("auth_db", ["sqlite"], indirect=True)
 class KeySettings:
     replay_window_ms: int = 5000
     future_skew_ms: int = 1000
+    # The misuse suite sends many failures from one address to one key: thresholds out of its way (the lockout
+    # tests below build services with small ones).
+    lockout: LockoutSettings = dataclasses.field(
+        default_factory=lambda: LockoutSettings(
+            pair_threshold=50, account_threshold=100, key_threshold=100, ip_threshold=1000
+        )
+    )
 
 
 class CountingStore:
@@ -67,7 +75,7 @@ class Env:
     permissions: dict[str, frozenset[str]]
     service: ApiKeyService
 
-    def another_service(self, hot: HotState) -> ApiKeyService:
+    def another_service(self, hot: HotState, settings: KeySettings | None = None) -> ApiKeyService:
         """A second replica: its own service on the same store, with `hot` (shared state or not)."""
         return ApiKeyService(
             self.store,
@@ -75,7 +83,7 @@ class Env:
             self.vault,
             self.clock,
             os.urandom,
-            KeySettings(),
+            settings or KeySettings(),
             self.load_owner,
         )
 
@@ -519,3 +527,210 @@ async def test_a_revoked_or_expired_key_is_not_rotated(env: Env) -> None:
 def _the_service_settings_fit(settings: Settings) -> tuple[KeySettingsProtocol, TokenSettings]:
     """Checked by mypy, never run: the auth service's Settings is what ApiKeyService and TokenService read."""
     return settings, settings
+
+
+# --- lockout: per key (its pair with the source first) and per source address ------------------------------------
+
+STRICT = KeySettings(
+    lockout=LockoutSettings(
+        pair_threshold=3, account_threshold=6, key_threshold=6, ip_threshold=10, base_s=30.0, max_s=3600.0
+    )
+)
+WRONG_SECRET = "tgs_" + "a" * 43
+LOCK_US = 30_000_000
+
+
+def strict(env: Env) -> ApiKeyService:
+    return env.another_service(env.hot, STRICT)
+
+
+async def bad_signatures(
+    env: Env, service: ApiKeyService, key_id: str, source_ip: str, n: int
+) -> list[Verdict]:
+    return await service.verify([env.request(key_id, WRONG_SECRET, source_ip=source_ip) for _ in range(n)])
+
+
+@sqlite_only
+async def test_bad_signatures_lock_the_key_for_every_address_but_one_address_cannot(env: Env) -> None:
+    service = strict(env)
+    key, secret = await env.hmac_key()
+    # One address alone: its first 3 failures lock its pair and count for the key; more are refused, not counted.
+    verdicts = await bad_signatures(env, service, key.key_id, "198.51.100.1", 3)
+    assert {v.cause for v in verdicts} == {"signature wrong"}
+    for verdict in await bad_signatures(env, service, key.key_id, "198.51.100.1", 10):
+        failed(verdict, "key locked for this source")
+    failed(
+        await env.one(env.request(key.key_id, secret, source_ip="198.51.100.1"), service),
+        "key locked for this source",
+    )
+    # ... and the key still works from everywhere else: one address cannot lock a key out.
+    assert (await env.one(env.request(key.key_id, secret), service)).principal is not None
+    # The addresses of one IPv6 /64 are one source: 2 + 1 failures lock that /64's pair.
+    await bad_signatures(env, service, key.key_id, "2001:db8:1:2::1", 2)
+    await bad_signatures(env, service, key.key_id, "2001:db8:1:2::ffff", 1)
+    failed(
+        await env.one(env.request(key.key_id, secret, source_ip="2001:db8:1:2::7"), service),
+        "key locked for this source",
+    )
+    # The second /64 brought the key to 6 failures: locked for every address, the owner's valid requests too.
+    with capture_logs() as logs:
+        failed(await env.one(env.request(key.key_id, secret), service), "key locked")
+        failed(await env.one(env.request(key.key_id, secret, source_ip="192.0.2.77"), service), "key locked")
+    locked = [e for e in logs if e["event"] == "auth.failure"]
+    assert [(e["cause"], e["counted"], e["locked"]) for e in locked] == [
+        ("key locked", False, "principal")
+    ] * 2
+    # Another key of the same owner is not affected; the lock ends after its 30 s.
+    other, other_secret = await env.hmac_key()
+    assert (await env.one(env.request(other.key_id, other_secret), service)).principal is not None
+    env.clock.advance(LOCK_US)
+    assert (await env.one(env.request(key.key_id, secret), service)).principal is not None
+
+
+@sqlite_only
+async def test_the_locks_are_shared_by_replicas_on_one_hot_state(env: Env, hot_backend: HotBackend) -> None:
+    key, secret = await env.hmac_key()
+    replica_a, replica_b = strict(env), env.another_service(await hot_backend.open(), STRICT)
+    await bad_signatures(env, replica_a, key.key_id, "198.51.100.1", 3)
+    await bad_signatures(env, replica_b, key.key_id, "198.51.100.2", 3)
+    failed(await env.one(env.request(key.key_id, secret), replica_a), "key locked")
+    failed(await env.one(env.request(key.key_id, secret), replica_b), "key locked")
+
+
+@sqlite_only
+async def test_every_kind_of_failure_after_the_key_was_found_counts_for_the_key(env: Env) -> None:
+    service = strict(env)
+    key, secret = await env.hmac_key(ip_allow_list=["198.51.100.0/24", "2001:db8::/48"])
+    now = env.now_ms()
+    replayed = env.request(key.key_id, secret, source_ip="198.51.100.9")
+    assert (await env.one(replayed, service)).principal is not None
+    failures = [
+        env.request(key.key_id, secret, timestamp_ms=now - 6000, source_ip="198.51.100.1"),  # stale
+        env.request(key.key_id, secret, timestamp_ms=now + 2000, source_ip="198.51.100.1"),  # future
+        env.request(key.key_id, secret, source_ip="203.0.113.1"),  # outside the allow-list
+        replayed,  # a replayed nonce
+        env.request(key.key_id, WRONG_SECRET, source_ip="2001:db8::1"),  # a wrong signature
+    ]
+    causes = [(await env.one(request, service)).cause for request in failures]
+    assert causes == [
+        "timestamp outside the window (stale)",
+        "timestamp too far in the future",
+        "source address outside the key's allow-list",
+        "nonce replayed",
+        "signature wrong",
+    ]
+    assert await env.hot.locked_until(f"key:{key.key_id}", env.clock()) is None  # 5 of 6
+    assert (await env.one(env.request(key.key_id, WRONG_SECRET, source_ip="2001:db8::2"), service)).cause
+    failed(await env.one(env.request(key.key_id, secret, source_ip="198.51.100.9"), service), "key locked")
+
+
+@sqlite_only
+async def test_the_owners_success_never_clears_the_keys_count_only_its_own_pair(env: Env) -> None:
+    service = strict(env)
+    key, secret = await env.hmac_key()
+    await bad_signatures(env, service, key.key_id, "198.51.100.1", 3)  # key: 3
+    await bad_signatures(env, service, key.key_id, "198.51.100.2", 2)  # key: 5
+    # The owner's traffic from that very address clears its pair (2 more failures do not lock it) ...
+    assert (await env.one(env.request(key.key_id, secret, source_ip="198.51.100.2"), service)).ok
+    for _ in range(5):
+        assert (await env.one(env.request(key.key_id, secret), service)).ok
+    # ... but not the key's count: the next failure, from anywhere, is its 6th.
+    failed((await bad_signatures(env, service, key.key_id, "198.51.100.3", 1))[0], "signature wrong")
+    failed(await env.one(env.request(key.key_id, secret), service), "key locked")
+    assert (
+        await env.hot.locked_until(f"pair:key:{key.key_id}#{key.version}|198.51.100.2", env.clock()) is None
+    )
+
+
+@sqlite_only
+async def test_attempts_refused_while_locked_do_not_extend_the_lock(env: Env) -> None:
+    service = strict(env)
+    key, secret = await env.hmac_key()
+    for source in ("198.51.100.1", "198.51.100.2"):
+        await bad_signatures(env, service, key.key_id, source, 3)
+    start = env.clock()
+    assert await env.hot.locked_until(f"key:{key.key_id}", start) == start + LOCK_US
+    # 20 more bad signatures from 2 fresh addresses during the lock: refused before any signature check, not
+    # counted (for the key, the pairs or the addresses: 10 would lock an address, 3 a pair).
+    for source in ("192.0.2.1", "192.0.2.2"):
+        for verdict in await bad_signatures(env, service, key.key_id, source, 10):
+            failed(verdict, "key locked")
+    assert await env.hot.locked_until(f"key:{key.key_id}", env.clock()) == start + LOCK_US
+    env.clock.advance(LOCK_US)
+    assert (await env.one(env.request(key.key_id, secret, source_ip="192.0.2.1"), service)).ok
+    # The next failure is the key's 7th (not its 27th): a lock of 2 x 30 s, not the maximum.
+    await bad_signatures(env, service, key.key_id, "192.0.2.1", 1)
+    now = env.clock()
+    assert await env.hot.locked_until(f"key:{key.key_id}", now) == now + 2 * LOCK_US
+    # Neither did the refused attempts count for their addresses or pairs.
+    assert await env.hot.locked_until("ip:192.0.2.2", now) is None
+    assert await env.hot.locked_until(f"pair:key:{key.key_id}#{key.version}|192.0.2.2", now) is None
+
+
+@sqlite_only
+async def test_a_rotation_unlocks_a_locked_key(env: Env) -> None:
+    service = strict(env)
+    key, _ = await env.hmac_key()
+    for source in ("198.51.100.1", "198.51.100.2"):
+        await bad_signatures(env, service, key.key_id, source, 3)
+    failed(await env.one(env.request(key.key_id, WRONG_SECRET), service), "key locked")
+    with capture_logs() as logs:
+        rotated, new = await service.rotate(key.key_id, 0, None)
+    assert new is not None and rotated.version == key.version + 1
+    assert [e["cause"] for e in logs if e["event"] == "auth.unlocked"] == ["key rotated"]
+    # Unlocked for every address, including the ones whose pairs were locked (a new epoch).
+    for source in ("198.51.100.1", "198.51.100.2", CLIENT_IP):
+        assert (await env.one(env.request(key.key_id, new, source_ip=source), service)).ok
+
+
+@sqlite_only
+async def test_one_source_hammering_bad_key_ids_locks_that_source_not_others(env: Env) -> None:
+    service = strict(env)
+    key, secret = await env.hmac_key()
+    attacker = "198.51.100.66"
+    lookups = env.store.lookups
+    fakes = [key.key_id[:-1] + ("x" if key.key_id[-1] != "x" else "y"), "tgk_" + "a" * 38, "AKIA" + "A" * 16]
+    bad_checksums = [env.request(fake, secret, source_ip=attacker) for fake in fakes]
+    verdicts = await service.verify(bad_checksums)
+    assert {v.cause for v in verdicts} == {"key id malformed or checksum wrong"}
+    assert env.store.lookups == lookups  # counted for the address, still without a store lookup
+    unknown = [env.request(signing.new_key_id(os.urandom), secret, source_ip=attacker) for _ in range(7)]
+    verdicts = await service.verify(unknown)
+    assert {v.cause for v in verdicts} == {"key unknown"}
+    # 10 failures: the address is locked, for every key, with a real key and a valid signature too.
+    failed(await env.one(env.request(key.key_id, secret, source_ip=attacker), service), "source locked")
+    failed(await env.one(env.request(fakes[0], secret, source_ip=attacker), service), "source locked")
+    # Other addresses, and the key itself, are untouched (unknown key ids never count for a key).
+    assert (await env.one(env.request(key.key_id, secret), service)).ok
+    assert await env.hot.locked_until(f"key:{key.key_id}", env.clock()) is None
+    # Refused while locked: not counted, so the lock is not extended.
+    start = await env.hot.locked_until(f"ip:{attacker}", env.clock())
+    assert start is not None
+    await service.verify([env.request(signing.new_key_id(os.urandom), secret, source_ip=attacker)] * 5)
+    assert await env.hot.locked_until(f"ip:{attacker}", env.clock()) == start
+    env.clock.advance(LOCK_US)
+    assert (await env.one(env.request(key.key_id, secret, source_ip=attacker), service)).ok
+
+
+@sqlite_only
+async def test_a_batch_reads_each_lock_once(env: Env, hot_backend: HotBackend) -> None:
+    """The lock check costs one `locked_until` per distinct address, key and (key, address) pair of a batch,
+    all before any signature is checked; a batch of one key from one address: three."""
+    reads: list[str] = []
+    hot = env.hot
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(hot, name)
+
+        async def locked_until(self, subject: str, now_us: int) -> int | None:
+            reads.append(subject)
+            return await hot.locked_until(subject, now_us)
+
+    service = env.another_service(Counting(), STRICT)
+    key, secret = await env.hmac_key()
+    verdicts = await service.verify([env.request(key.key_id, secret) for _ in range(8)])
+    assert all(v.ok for v in verdicts)
+    assert sorted(reads) == sorted(
+        [f"ip:{CLIENT_IP}", f"key:{key.key_id}", f"pair:key:{key.key_id}#{key.version}|{CLIENT_IP}"]
+    )
