@@ -177,6 +177,8 @@ class TelemetryInterceptor(WrappingInterceptor):
         started: float,
         exc: BaseException | None,
         *,
+        caller: str | None,
+        peer: str | None,
         annotations: dict[str, Any] | None = None,
     ) -> None:
         seconds = time.perf_counter() - started
@@ -194,8 +196,6 @@ class TelemetryInterceptor(WrappingInterceptor):
             error = None
         lines = json_lines() if self._fixed_logger is None and error is None else None
         latency_ms = round(seconds * 1000.0, 3)
-        caller = peer_spiffe_id(context)  # from the certificate our CA issued
-        peer = context.peer()  # grpc's address of the connection
         if lines is not None:
             # The fast path: the kit's own fields rendered here, once (never caller data: they are not scanned);
             # what the handler annotated, a caller's request id and context variables go through redaction.
@@ -247,6 +247,7 @@ class TelemetryInterceptor(WrappingInterceptor):
 
             async def unary_response(request: Any, context: _Context) -> Any:
                 request_id = _request_id(context)
+                caller, peer = peer_spiffe_id(context), context.peer()  # read while the call is alive
                 tokens = _bind(request_id, method)
                 annotations, scope = open_scope()
                 started = time.perf_counter()
@@ -255,11 +256,29 @@ class TelemetryInterceptor(WrappingInterceptor):
                 except BaseException as exc:
                     _reset(tokens)
                     close_scope(scope)
-                    finish(context, method, request_id, started, exc, annotations=annotations)
+                    finish(
+                        context,
+                        method,
+                        request_id,
+                        started,
+                        exc,
+                        caller=caller,
+                        peer=peer,
+                        annotations=annotations,
+                    )
                     raise
                 _reset(tokens)
                 close_scope(scope)
-                finish(context, method, request_id, started, None, annotations=annotations)
+                finish(
+                    context,
+                    method,
+                    request_id,
+                    started,
+                    None,
+                    caller=caller,
+                    peer=peer,
+                    annotations=annotations,
+                )
                 return response
 
             return unary_response
@@ -267,6 +286,7 @@ class TelemetryInterceptor(WrappingInterceptor):
         # A synchronous handler: grpc.aio runs it in its executor thread; keep it synchronous.
         def sync_unary_response(request: Any, context: _Context) -> Any:
             request_id = _request_id(context)
+            caller, peer = peer_spiffe_id(context), context.peer()  # read while the call is alive
             tokens = _bind(request_id, method)
             annotations, scope = open_scope()
             started = time.perf_counter()
@@ -275,11 +295,22 @@ class TelemetryInterceptor(WrappingInterceptor):
             except BaseException as exc:
                 _reset(tokens)
                 close_scope(scope)
-                finish(context, method, request_id, started, exc, annotations=annotations)
+                finish(
+                    context,
+                    method,
+                    request_id,
+                    started,
+                    exc,
+                    caller=caller,
+                    peer=peer,
+                    annotations=annotations,
+                )
                 raise
             _reset(tokens)
             close_scope(scope)
-            finish(context, method, request_id, started, None, annotations=annotations)
+            finish(
+                context, method, request_id, started, None, caller=caller, peer=peer, annotations=annotations
+            )
             return response
 
         return sync_unary_response
@@ -291,6 +322,7 @@ class TelemetryInterceptor(WrappingInterceptor):
 
             async def stream_response(request: Any, context: _Context) -> AsyncIterator[Any]:
                 request_id = _request_id(context)
+                caller, peer = peer_spiffe_id(context), context.peer()  # read while the call is alive
                 tokens = _bind(request_id, method)
                 annotations, scope = open_scope()
                 started = time.perf_counter()
@@ -307,7 +339,16 @@ class TelemetryInterceptor(WrappingInterceptor):
                         _reset(tokens)
                     with contextlib.suppress(ValueError):
                         close_scope(scope)
-                    finish(context, method, request_id, started, error, annotations=annotations)
+                    finish(
+                        context,
+                        method,
+                        request_id,
+                        started,
+                        error,
+                        caller=caller,
+                        peer=peer,
+                        annotations=annotations,
+                    )
 
             return stream_response
 
@@ -319,6 +360,7 @@ class TelemetryInterceptor(WrappingInterceptor):
         # (context variables cannot follow the iteration across threads).
         def sync_stream_response(request: Any, context: _Context) -> Any:
             request_id = _request_id(context)
+            caller, peer = peer_spiffe_id(context), context.peer()  # read while the call is alive
             started = time.perf_counter()
             error: BaseException | None = None
             try:
@@ -327,6 +369,6 @@ class TelemetryInterceptor(WrappingInterceptor):
                 error = exc
                 raise
             finally:
-                finish(context, method, request_id, started, error)
+                finish(context, method, request_id, started, error, caller=caller, peer=peer)
 
         return sync_stream_response
