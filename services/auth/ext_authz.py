@@ -43,6 +43,7 @@ from google.rpc import code_pb2, status_pb2
 
 from services.auth.peer import address_of, url_encoded_x5t_s256
 from tradeguard.errors import DomainError, PermissionDenied, Unauthenticated
+from tradeguard.guard.layer import EDGE_ACCOUNT, EDGE_PRINCIPAL, EDGE_SCOPES, EDGE_TIER
 from tradeguard.observability.annotations import annotate
 from tradeguard.observability.logging import get_logger
 from tradeguard.principal import Principal
@@ -70,10 +71,11 @@ __all__ = [
 
 _log = get_logger("auth.ext_authz")
 
-HEADER_PRINCIPAL: Final = "x-tg-principal"
-HEADER_ACCOUNT: Final = "x-tg-account"
-HEADER_SCOPES: Final = "x-tg-scopes"
-HEADER_TIER: Final = "x-tg-tier"
+# The headers the edge hands upstream are the ones every guard reads from the edge (one definition, the kit's).
+HEADER_PRINCIPAL: Final = EDGE_PRINCIPAL
+HEADER_ACCOUNT: Final = EDGE_ACCOUNT
+HEADER_SCOPES: Final = EDGE_SCOPES
+HEADER_TIER: Final = EDGE_TIER
 WWW_AUTHENTICATE: Final = "TG1-HMAC-SHA256, Bearer"
 _SIGNING_HEADERS: Final = (HEADER_KEY, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_SIGNATURE)
 _PARTIAL_BODY: Final = "x-envoy-auth-partial-body"
