@@ -188,6 +188,41 @@ def key_to_row(key: ApiKey, encode_list: ListEncoding) -> tuple[object, ...]:
     )
 
 
+def user_update_params(user: User, expected_version: int, encode_list: ListEncoding) -> tuple[object, ...]:
+    """The parameters of a user's compare-and-swap update, in its SQL's order: roles, password hash, TOTP seeds,
+    the new version, then the user id and `expected_version` of its WHERE clause (the version is checked)."""
+    check_next_version(user.version, expected_version, "user")
+    return (
+        encode_list(user.roles),
+        user.password_hash,
+        user.totp_seed,
+        user.totp_pending_seed,
+        user.version,
+        user.user_id,
+        expected_version,
+    )
+
+
+def key_update_params(key: ApiKey, expected_version: int, encode_list: ListEncoding) -> tuple[object, ...]:
+    """The parameters of an API key's compare-and-swap update, in its SQL's order: scopes (sorted), expiry,
+    current and previous secrets, revocation, the new version, then the key id and `expected_version` of its
+    WHERE clause (the version is checked)."""
+    check_next_version(key.version, expected_version, "API key")
+    return (
+        encode_list(sorted(key.scopes)),
+        key.expire_time_us,
+        key.secret,
+        key.public_key,
+        key.previous_secret,
+        key.previous_public_key,
+        key.previous_expire_time_us,
+        key.revoke_time_us,
+        key.version,
+        key.key_id,
+        expected_version,
+    )
+
+
 def refresh_to_row(token: RefreshToken, encode_list: ListEncoding) -> tuple[object, ...]:
     """A row of REFRESH_COLUMNS for `token`."""
     return (

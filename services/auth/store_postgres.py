@@ -26,10 +26,11 @@ from services.auth.store import (
     API_KEY_COLUMNS,
     REFRESH_COLUMNS,
     USER_COLUMNS,
-    check_next_version,
     key_to_row,
+    key_update_params,
     refresh_to_row,
     user_to_row,
+    user_update_params,
 )
 from tradeguard.storage.migrations import Migration
 from tradeguard.storage.postgres import Pool, open_pool
@@ -267,24 +268,11 @@ class PostgresAuthStore:
         row = await self._one("get_user_by_name", (username,))
         return None if row is None else _user(row)
 
-    @staticmethod
-    def _update_params(user: User, expected_version: int) -> tuple[object, ...]:
-        check_next_version(user.version, expected_version, "user")
-        return (
-            list(user.roles),
-            user.password_hash,
-            user.totp_seed,
-            user.totp_pending_seed,
-            user.version,
-            user.user_id,
-            expected_version,
-        )
-
     async def update_user(self, user: User, expected_version: int) -> bool:
-        return await self._count("update_user", self._update_params(user, expected_version)) == 1
+        return await self._count("update_user", user_update_params(user, expected_version, list)) == 1
 
     async def confirm_totp(self, user: User, expected_version: int, recovery_code_hashes: list[str]) -> bool:
-        params = self._update_params(user, expected_version)
+        params = user_update_params(user, expected_version, list)
         async with self._pool.connection() as conn, conn.transaction():
             cur = await conn.execute(self.sql["update_user"], params)
             if cur.rowcount != 1:
@@ -325,20 +313,7 @@ class PostgresAuthStore:
         return [_key(row) for row in rows]
 
     async def update_api_key(self, key: ApiKey, expected_version: int) -> bool:
-        check_next_version(key.version, expected_version, "API key")
-        params = (
-            sorted(key.scopes),
-            key.expire_time_us,
-            key.secret,
-            key.public_key,
-            key.previous_secret,
-            key.previous_public_key,
-            key.previous_expire_time_us,
-            key.revoke_time_us,
-            key.version,
-            key.key_id,
-            expected_version,
-        )
+        params = key_update_params(key, expected_version, list)
         return await self._count("update_key", params) == 1
 
     # --- refresh tokens ----------------------------------------------------------------------------------------

@@ -27,10 +27,11 @@ from services.auth.store import (
     API_KEY_COLUMNS,
     REFRESH_COLUMNS,
     USER_COLUMNS,
-    check_next_version,
     key_to_row,
+    key_update_params,
     refresh_to_row,
     user_to_row,
+    user_update_params,
 )
 from tradeguard.storage.migrations import Migration
 from tradeguard.storage.sqlite import SqliteWorker
@@ -264,29 +265,16 @@ class SqliteAuthStore:
         row = await self._read(lambda conn: conn.execute(SQL["get_user_by_name"], (username,)).fetchone())
         return None if row is None else _user(row)
 
-    @staticmethod
-    def _update_user(conn: sqlite3.Connection, user: User, expected_version: int) -> bool:
-        params = (
-            _list(user.roles),
-            user.password_hash,
-            user.totp_seed,
-            user.totp_pending_seed,
-            user.version,
-            user.user_id,
-            expected_version,
-        )
-        return conn.execute(SQL["update_user"], params).rowcount == 1
-
     async def update_user(self, user: User, expected_version: int) -> bool:
-        check_next_version(user.version, expected_version, "user")
-        return await self._write(lambda conn: self._update_user(conn, user, expected_version))
+        params = user_update_params(user, expected_version, _list)  # the version checked before any write
+        return await self._write(lambda conn: conn.execute(SQL["update_user"], params).rowcount == 1)
 
     async def confirm_totp(self, user: User, expected_version: int, recovery_code_hashes: list[str]) -> bool:
-        check_next_version(user.version, expected_version, "user")
+        params = user_update_params(user, expected_version, _list)  # the version checked before any write
         codes = list(recovery_code_hashes)
 
         def work(conn: sqlite3.Connection) -> bool:
-            if not self._update_user(conn, user, expected_version):
+            if conn.execute(SQL["update_user"], params).rowcount != 1:
                 return False
             conn.execute(SQL["delete_codes"], (user.user_id,))
             conn.executemany(SQL["insert_code"], [(user.user_id, code) for code in codes])
@@ -325,20 +313,7 @@ class SqliteAuthStore:
         return [_key(row) for row in rows]
 
     async def update_api_key(self, key: ApiKey, expected_version: int) -> bool:
-        check_next_version(key.version, expected_version, "API key")
-        params = (
-            _list(sorted(key.scopes)),
-            key.expire_time_us,
-            key.secret,
-            key.public_key,
-            key.previous_secret,
-            key.previous_public_key,
-            key.previous_expire_time_us,
-            key.revoke_time_us,
-            key.version,
-            key.key_id,
-            expected_version,
-        )
+        params = key_update_params(key, expected_version, _list)
         return await self._write(lambda conn: conn.execute(SQL["update_key"], params).rowcount == 1)
 
     # --- refresh tokens ----------------------------------------------------------------------------------------
