@@ -59,6 +59,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
 
+from tradeguard.guard.jwt import DEFAULT_ALGORITHMS
 from tradeguard.mesh.server import ServerConfig
 from tradeguard.registry import lookup
 from tradeguard.service import CommonSettings
@@ -77,7 +78,7 @@ __all__ = [
 #: declare permissions beyond the platform's (rbac.PERMISSIONS), so any well-formed name is accepted.
 _PERMISSION: Final = re.compile(r"[a-z][a-z0-9_]{0,31}(:[a-z][a-z0-9_]{0,31})?")
 #: The JWT algorithms a deployment may allow (RFC 8725: a fixed list, never `none`, never HS* with a public key).
-ALGORITHMS: Final = ("EdDSA", "ES256")
+ALGORITHMS: Final = DEFAULT_ALGORITHMS  # what the kit's JWT verifier supports: the allow-list picks from it
 DEFAULT_HSTS: Final = "max-age=63072000; includeSubDomains; preload"
 _TRADING: Final = "/tradeguard.trading.v1.TradingService"
 DEFAULT_ROUTE_PERMISSIONS: Final[Mapping[str, str]] = MappingProxyType(
