@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
 
 import grpc
+from grpc_health.v1 import health_pb2
 
 from tradeguard.guard.config import GuardConfig, GuardSettings, guard_for
 from tradeguard.mesh import handshake_log, pki
@@ -41,6 +42,7 @@ __all__ = [
     "Assembly",
     "CommonSettings",
     "Declaration",
+    "NoStore",
     "Running",
     "ServiceSettings",
     "Stores",
@@ -52,6 +54,8 @@ __all__ = [
 ]
 
 _log = get_logger("tradeguard.service")
+
+HEALTH_PROBE_S = 1.0  # how often an `Assembly.health` probe runs (and how long one may take)
 
 St = TypeVar("St", bound="Closable")
 S = TypeVar("S", bound="ServiceSettings")
@@ -92,6 +96,14 @@ class Stores(Generic[St]):
         return await open_store(url, sqlite=self.sqlite, postgres=self.postgres)
 
 
+class NoStore:
+    """The store of a service that keeps no records of its own (`Declaration.stores=None`: the rate limiter,
+    whose counters live in Redis or in process): nothing to open, nothing to close."""
+
+    async def close(self) -> None:
+        return None
+
+
 @dataclass(frozen=True)
 class Wiring(Generic[S, St]):
     """What a build function is given: its settings, its open store and the mesh's trust domain."""
@@ -122,6 +134,9 @@ class Assembly:
     # more gRPC services on the same server, behind the same chain and the declaration's rules (e.g. the auth
     # service's envoy.service.auth.v3.Authorization beside its own)
     extra_services: Sequence[Service] = ()
+    # what the service's health depends on beyond serving (its Redis, say): probed every `HEALTH_PROBE_S`; the
+    # server's health for the service goes NOT_SERVING while it answers False or fails, SERVING again after
+    health: Callable[[], Awaitable[bool]] | None = None
 
 
 @dataclass(frozen=True)
@@ -133,7 +148,7 @@ class Declaration(Generic[S, St]):
     # method → workload names allowed (deny by default); or computed from the settings, once, at start-up
     rules: Mapping[str, Iterable[str]] | Callable[[S], Mapping[str, Iterable[str]]]
     settings: Callable[[Env, CommonSettings], S]  # reads the service's own settings (its prefix)
-    stores: Stores[St]
+    stores: Stores[St] | None  # None: the service has no database (its store is a `NoStore`)
     build: Callable[[Wiring[S, St]], Awaitable[Assembly]]
     summary: str = ""
     commands: Mapping[str, Callable[[list[str]], int]] = field(default_factory=dict)  # operator subcommands
@@ -174,6 +189,32 @@ class Running(Generic[S, St]):
     @property
     def core(self) -> object:
         return self.assembly.core
+
+    def _watch_health(self, probe: Callable[[], Awaitable[bool]], full_name: str) -> None:
+        async def watch_health() -> None:
+            serving: bool | None = None
+            while True:
+                try:
+                    ok = bool(await asyncio.wait_for(probe(), HEALTH_PROBE_S))
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # a probe that fails or hangs reports the dependency down
+                    ok = False
+                if ok != serving and not self.server.draining:
+                    serving = ok
+                    status = (
+                        health_pb2.HealthCheckResponse.SERVING
+                        if ok
+                        else health_pb2.HealthCheckResponse.NOT_SERVING
+                    )
+                    for name in ("", full_name):
+                        await self.server.health.set(name, status)
+                    _log.info("health", service=self.settings.server.name, serving=ok)
+                await asyncio.sleep(HEALTH_PROBE_S)
+
+        task = asyncio.create_task(watch_health(), name=f"{self.settings.server.name}:health")
+        task.add_done_callback(_report_task_end)
+        self._tasks.append(task)
 
     def _start_tasks(self) -> None:
         for make in self.assembly.tasks:
@@ -217,7 +258,9 @@ async def start(declaration: Declaration[S, St], settings: S) -> Running[S, St]:
     """Open the store, build, start serving (port 0 picks a free port: see `Running.port`), start the tasks.
     Whatever was opened is closed again if a later step fails."""
     entry = declaration.registered
-    store = await declaration.stores.open(settings.database_url)
+    store: Any = (
+        NoStore() if declaration.stores is None else await declaration.stores.open(settings.database_url)
+    )
     try:
         trust_domain = pki.trust_domain(settings.server.pki)
         assembly = await declaration.build(Wiring(settings, store, trust_domain))
@@ -244,6 +287,8 @@ async def start(declaration: Declaration[S, St], settings: S) -> Running[S, St]:
         raise
     running.port = server.port
     running._start_tasks()
+    if assembly.health is not None:
+        running._watch_health(assembly.health, entry.full_name)
     return running
 
 
