@@ -18,8 +18,9 @@ Answers:
 - OK: upstream request headers `x-tg-principal` (user id), `x-tg-account`, `x-tg-scopes` (space-separated,
   sorted), `x-tg-key` (signed calls), `x-tg-tier` (when the principal has one), each overwriting whatever the
   client sent; every other `x-tg-*` header the client sent and its credentials (`authorization`, the signing
-  headers) removed; `dynamic_metadata` {principal, tier, key} for the rate limiter (its descriptor reads
-  `principal`).
+  headers) removed; `dynamic_metadata` for the rate limiter's descriptor (deploy/envoy/edge.yaml): `principal`
+  always, `key` only for a signed call, `tier` only when the principal has one (absent, the route's actions
+  put their default value instead).
 - Denied: 401 with `WWW-Authenticate: TG1-HMAC-SHA256, Bearer`, or 403, or 503 when the auth service cannot
   decide (its key vault or hot store unreachable: Envoy fails closed); the body is JSON in the shape of a
   transcoded gRPC error (`{"code": 16, "message": "authentication failed", "details": [ErrorInfo]}`), so HTTP
@@ -287,10 +288,15 @@ class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: i
             for name in sent
             if name not in upstream and (name.startswith("x-tg-") or name == "authorization")
         )
+        # Only what the principal has: an absent entry is where the route's rate-limit actions put their
+        # default_value (deploy/envoy/edge.yaml), so the rate limiter sees "-" (no key, the default tier).
+        facts = {"principal": principal.user_id}
+        if principal.key_id:
+            facts["key"] = principal.key_id
+        if principal.tier:
+            facts["tier"] = principal.tier
         metadata = struct_pb2.Struct()
-        metadata.update(
-            {"principal": principal.user_id, "tier": principal.tier, "key": principal.key_id or ""}
-        )
+        metadata.update(facts)
         annotate(authz="ok")
         return ext.CheckResponse(
             status=status_pb2.Status(code=code_pb2.OK),
