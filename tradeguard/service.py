@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping, MutableMapping, Sequence
@@ -39,6 +40,7 @@ from tradeguard.settings import Env, SettingsError
 from tradeguard.storage import database_url, open_store
 
 __all__ = [
+    "NO_DATABASE",
     "Assembly",
     "CommonSettings",
     "Declaration",
@@ -85,23 +87,33 @@ class CommonSettings:
     database_url: str
 
 
+class NoStore:
+    """The store of a service that keeps no records of its own (the rate limiter, whose counters live in Redis
+    or in process): nothing to open, nothing to close. Declared with `stores=NO_DATABASE`."""
+
+    async def close(self) -> None:
+        return None
+
+
 @dataclass(frozen=True)
 class Stores(Generic[St]):
     """How a service opens its store: the embedded default (a SQLite file) or PostgreSQL, chosen by URL."""
 
     sqlite: Callable[[Path], Awaitable[St]]
     postgres: Callable[[str], Awaitable[St]]
+    database: bool = True  # False: no database at all; the URL is never looked at (`NO_DATABASE`)
 
     async def open(self, url: str) -> St:
+        if not self.database:
+            return await self.sqlite(Path(os.devnull))
         return await open_store(url, sqlite=self.sqlite, postgres=self.postgres)
 
 
-class NoStore:
-    """The store of a service that keeps no records of its own (`Declaration.stores=None`: the rate limiter,
-    whose counters live in Redis or in process): nothing to open, nothing to close."""
+async def _no_store(_: object) -> NoStore:
+    return NoStore()
 
-    async def close(self) -> None:
-        return None
+
+NO_DATABASE: Stores[NoStore] = Stores(sqlite=_no_store, postgres=_no_store, database=False)
 
 
 @dataclass(frozen=True)
@@ -148,7 +160,7 @@ class Declaration(Generic[S, St]):
     # method → workload names allowed (deny by default); or computed from the settings, once, at start-up
     rules: Mapping[str, Iterable[str]] | Callable[[S], Mapping[str, Iterable[str]]]
     settings: Callable[[Env, CommonSettings], S]  # reads the service's own settings (its prefix)
-    stores: Stores[St] | None  # None: the service has no database (its store is a `NoStore`)
+    stores: Stores[St]  # NO_DATABASE: the service keeps no records (its store is a `NoStore`)
     build: Callable[[Wiring[S, St]], Awaitable[Assembly]]
     summary: str = ""
     commands: Mapping[str, Callable[[list[str]], int]] = field(default_factory=dict)  # operator subcommands
