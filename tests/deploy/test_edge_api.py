@@ -126,7 +126,8 @@ async def test_the_authoriser_gets_the_raw_body_and_the_rate_limiter_the_princip
     assert (http.method, http.path) == ("POST", PLACE)
     assert http.raw_body == body  # the bytes a signature is over, exactly as sent (pack_as_bytes)
     assert hashlib.sha256(http.raw_body).hexdigest() == hashlib.sha256(body).hexdigest()
-    assert fresh.limiter.seen == [[{"principal": PRINCIPAL, "method": PLACE}]]
+    # the authoriser named no API key and no tier: the route's defaults stand in for them
+    assert fresh.limiter.seen == [[{"principal": PRINCIPAL, "key": "-", "tier": "-", "method": PLACE}]]
 
 
 @pytest.mark.parametrize("http2", [True, False], ids=["http2", "http1.1"])

@@ -93,6 +93,31 @@ def _hsts_strong(value: str) -> bool:
     return "includeSubDomains" in directives and max_age.isdigit() and int(max_age) >= HSTS_MIN_AGE_S
 
 
+def _descriptor_key(action: Any) -> str:
+    kind = action.WhichOneof("action_specifier")
+    return str(getattr(action, kind).descriptor_key)
+
+
+def _rate_limit_violations(route: Any) -> list[str]:
+    """A routed path must be rate limited per principal and method, by descriptors Envoy always sends: an action
+    that finds no value and has no default drops its whole descriptor, and the request goes unlimited."""
+    prefix = route.match.prefix
+    if not route.route.rate_limits:
+        return [f"route {prefix} is not rate limited"]
+    found: list[str] = []
+    for limit in route.route.rate_limits:
+        keys = {_descriptor_key(action) for action in limit.actions}
+        if not {"principal", "method"} <= keys:
+            found.append(f"route {prefix}: a rate-limit descriptor not keyed by principal and method")
+        for action in limit.actions:
+            kind = action.WhichOneof("action_specifier")
+            if kind == "metadata" and not action.metadata.default_value:
+                found.append(f"route {prefix}: rate-limit action {_descriptor_key(action)} has no default")
+            elif kind == "request_headers" and action.request_headers.header_name != ":path":
+                found.append(f"route {prefix}: rate-limit action on a header a client may leave out")
+    return found
+
+
 def violations(bootstrap: bootstrap_pb2.Bootstrap) -> list[str]:
     """Every rule of the edge that `bootstrap` breaks (empty when it keeps them all)."""
     found: list[str] = []
@@ -156,8 +181,8 @@ def violations(bootstrap: bootstrap_pb2.Bootstrap) -> list[str]:
 
     for host in hcm.route_config.virtual_hosts:
         for route in host.routes:
-            if route.HasField("route") and not route.route.rate_limits:
-                found.append(f"route {route.match.prefix} is not rate limited")
+            if route.HasField("route"):
+                found.extend(_rate_limit_violations(route))
             elif route.HasField("direct_response") and route.direct_response.status < 400:
                 found.append(f"route {route.match.prefix} answers {route.direct_response.status} itself")
 
@@ -269,6 +294,37 @@ def test_trading_upstream_is_the_trading_service_and_lets_the_edge_call_every_ro
     assert all("edge" in trading_policy.RULES[m] for m in methods)
 
 
+def test_the_rate_limit_descriptor_and_headers_are_what_the_rate_limit_service_reads_and_writes(
+    edge: bootstrap_pb2.Bootstrap,
+) -> None:
+    hcm = _hcm(edge)
+    [route] = [r for h in hcm.route_config.virtual_hosts for r in h.routes if r.HasField("route")]
+    [limit] = route.route.rate_limits
+    entries = {}
+    for action in limit.actions:
+        kind = action.WhichOneof("action_specifier")
+        if kind == "metadata":
+            metadata = action.metadata
+            assert metadata.source == metadata.DYNAMIC
+            assert metadata.metadata_key.key == "envoy.filters.http.ext_authz"
+            [segment] = metadata.metadata_key.path
+            assert segment.key == metadata.descriptor_key  # ext_authz's metadata names (services/auth)
+            entries[metadata.descriptor_key] = metadata.default_value
+        else:
+            assert kind == "request_headers"
+            entries[action.request_headers.descriptor_key] = action.request_headers.header_name
+    # no API key and no tier are "-" (a bearer call: its user; the limits file's default tier)
+    assert entries == {"principal": "unauthenticated", "key": "-", "tier": "-", "method": ":path"}
+    by_name = {f.name: f.typed_config for f in hcm.http_filters}
+    limiter = _unpack(by_name["envoy.filters.http.ratelimit"], rate_limit_pb2.RateLimit())
+    assert limiter.domain == "tradeguard"
+    assert (limiter.failure_mode_deny, limiter.status_on_error.code) == (True, 503)
+    # RateLimit-* and Retry-After come from the service; Envoy's own X-RateLimit-* would repeat them
+    assert limiter.enable_x_ratelimit_headers == rate_limit_pb2.RateLimit.OFF
+    assert limiter.disable_x_envoy_ratelimited_header
+    assert limiter.rate_limited_as_resource_exhausted  # a gRPC client sees what the guard would answer
+
+
 def _mutate(config: Any, change: Callable[[Any], None]) -> bootstrap_pb2.Bootstrap:
     weakened = copy.deepcopy(config)
     change(weakened)
@@ -326,6 +382,27 @@ def _unlimited_route(c: Any) -> None:
     del _hcm_dict(c)["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["rate_limits"]
 
 
+def _limit_actions(c: Any) -> Any:
+    return _hcm_dict(c)["route_config"]["virtual_hosts"][0]["routes"][0]["route"]["rate_limits"][0]["actions"]
+
+
+def _action(c: Any, key: str) -> Any:
+    [found] = [a for a in _limit_actions(c) if next(iter(a.values()))["descriptor_key"] == key]
+    return found
+
+
+def _tier_without_default(c: Any) -> None:
+    del _action(c, "tier")["metadata"]["default_value"]
+
+
+def _limited_per_method_only(c: Any) -> None:
+    _limit_actions(c).remove(_action(c, "principal"))
+
+
+def _limited_by_a_client_header(c: Any) -> None:
+    _action(c, "method")["request_headers"]["header_name"] = "x-client-method"
+
+
 @pytest.mark.parametrize(
     ("change", "expected"),
     [
@@ -352,6 +429,9 @@ def _unlimited_route(c: Any) -> None:
             "no client certificate",
         ),
         (_unlimited_route, "not rate limited"),
+        (_tier_without_default, "rate-limit action tier has no default"),
+        (_limited_per_method_only, "not keyed by principal and method"),
+        (_limited_by_a_client_header, "a header a client may leave out"),
         (lambda c: _hcm_dict(c).update(use_remote_address=False), "X-Forwarded-For"),
         (
             lambda c: _hcm_dict(c)["common_http_protocol_options"].pop("headers_with_underscores_action"),
