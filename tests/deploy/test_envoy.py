@@ -30,6 +30,7 @@ from envoy.extensions.transport_sockets.tls.v3 import common_pb2, secret_pb2, tl
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import descriptor_pb2, json_format
 
+from services.ratelimit import rls
 from services.trading import policy as trading_policy
 from tradeguard import edge as edge_render
 from tradeguard.cli.main import main as cli_main
@@ -313,11 +314,18 @@ def test_the_rate_limit_descriptor_and_headers_are_what_the_rate_limit_service_r
         else:
             assert kind == "request_headers"
             entries[action.request_headers.descriptor_key] = action.request_headers.header_name
-    # no API key and no tier are "-" (a bearer call: its user; the limits file's default tier)
-    assert entries == {"principal": "unauthenticated", "key": "-", "tier": "-", "method": ":path"}
+    # the entries ShouldRateLimit reads (services/ratelimit/rls.py); no API key and no tier are its NO_VALUE (a
+    # bearer call: limited as its user; the limits file's default tier)
+    assert list(entries) == list(rls.ENTRIES)
+    assert entries == {
+        "principal": "unauthenticated",
+        "key": rls.NO_VALUE,
+        "tier": rls.NO_VALUE,
+        "method": ":path",
+    }
     by_name = {f.name: f.typed_config for f in hcm.http_filters}
     limiter = _unpack(by_name["envoy.filters.http.ratelimit"], rate_limit_pb2.RateLimit())
-    assert limiter.domain == "tradeguard"
+    assert limiter.domain == rls.DOMAIN
     assert (limiter.failure_mode_deny, limiter.status_on_error.code) == (True, 503)
     # RateLimit-* and Retry-After come from the service; Envoy's own X-RateLimit-* would repeat them
     assert limiter.enable_x_ratelimit_headers == rate_limit_pb2.RateLimit.OFF
