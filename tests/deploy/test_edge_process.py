@@ -3,7 +3,8 @@ while the auth and rate-limit services are down, certificate rotation under a ru
 it can see, and upstreams named by address or DNS name.
 
 Each test starts its own Envoy (deploy/envoy rendered with test paths and free loopback ports, or deploy/envoy
-itself, unchanged, in a mount and network namespace of its own).
+itself, unchanged, in a mount and network namespace of its own). The rate limiter is the real rate-limit service
+(its packaged limits) when it runs; the authoriser is `Authorizer`, which lets through as told.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from typing import Any
 import pytest
 from cryptography import x509
 from envoy.service.auth.v3 import external_auth_pb2_grpc
-from envoy.service.ratelimit.v3 import rls_pb2_grpc
 
 from services.trading.service import SERVICE as TRADING
 from tests.deploy.edge_support import (
@@ -33,10 +33,10 @@ from tests.deploy.edge_support import (
     Authorizer,
     Edge,
     PublicTls,
-    RateLimiter,
     closed_port,
     public_tls,
     running_edge,
+    running_ratelimit,
     serving,
     trading_settings,
 )
@@ -60,6 +60,7 @@ ORDER = {
     "price": "64000.25",
 }
 REPO = Path(__file__).resolve().parents[2]
+PACKAGED_LIMITS = REPO / "services" / "ratelimit" / "limits.yaml"
 WORKLOADS = ("ops", "trading", "edge", "auth", "ratelimit")
 
 
@@ -82,13 +83,13 @@ class Started:
     paths: pki.PkiPaths
     rotate_public: Callable[[], None]
     authorizer: Authorizer | None
-    limiter: RateLimiter | None
 
 
 @pytest.fixture
 async def start(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    """start(auth=..., ratelimit=..., trading_host=...): the trading service, the stand-ins asked for (None: not
-    running), and Envoy in front of them."""
+    """start(auth=..., ratelimit=..., trading_host=...): the trading service, the authoriser stand-in and the
+    real rate-limit service if asked for (else nothing listens where the edge looks for them), and Envoy in front
+    of them."""
     async with AsyncExitStack() as stack:
 
         async def starting(*, auth: bool, ratelimit: bool, trading_host: str = "127.0.0.1") -> Started:
@@ -97,7 +98,6 @@ async def start(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
                 running_service(TRADING, trading_settings(paths), paths)
             )
             authorizer = Authorizer() if auth else None
-            limiter = RateLimiter() if ratelimit else None
             upstreams = {
                 "trading": edge.Endpoint(trading_host, trading.port),
                 "auth": closed_port(),
@@ -106,14 +106,14 @@ async def start(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
             if authorizer is not None:
                 add = external_auth_pb2_grpc.add_AuthorizationServicer_to_server
                 upstreams["auth"] = await stack.enter_async_context(serving(paths, "auth", add, authorizer))
-            if limiter is not None:
-                add = rls_pb2_grpc.add_RateLimitServiceServicer_to_server
-                upstreams["ratelimit"] = await stack.enter_async_context(
-                    serving(paths, "ratelimit", add, limiter)
+            if ratelimit:
+                limiter = await stack.enter_async_context(
+                    running_ratelimit(paths, PACKAGED_LIMITS.read_text())
                 )
+                upstreams["ratelimit"] = edge.Endpoint("127.0.0.1", limiter.port)
             public, rotate = stack.enter_context(public_tls(tmp_path / "public"))
             running = await stack.enter_async_context(running_edge(tmp_path, paths, public, upstreams))
-            return Started(running, paths, rotate, authorizer, limiter)
+            return Started(running, paths, rotate, authorizer)
 
         yield starting
 
@@ -135,7 +135,8 @@ async def test_while_the_auth_service_is_down_every_request_is_refused(
     assert [a.status_code for a in answers] == [503, 503, 503]
     assert all(a.headers["strict-transport-security"] == HSTS for a in answers)
     assert _stat(started.edge, "cluster.trading.upstream_rq_total") == 0
-    assert started.limiter is not None and started.limiter.seen == []  # refused before the rate limiter
+    answered = [f"cluster.trading.ratelimit.{stat}" for stat in ("ok", "over_limit", "error")]
+    assert [started.edge.counter(name) for name in answered] == [0, 0, 0]  # refused before the rate limiter
 
 
 async def test_while_the_rate_limit_service_is_down_an_authorised_request_is_still_refused(
