@@ -102,16 +102,17 @@ async def suite(tmp_path: Path) -> AsyncIterator[Suite]:
     async with (
         running_keyvault(paths, vault_settings) as keyvault,
         running_service(AUTH, auth_settings(keyvault), paths) as auth,
+        running_ratelimit(paths, PACKAGED_LIMITS.read_text()) as ratelimit,
     ):
         environ = {
             "TRADEGUARD_HOME": str(home),
             "TRADEGUARD_TRADING_PORT": "0",
             "TRADEGUARD_TRADING_AUTH_TARGET": auth.target,
+            "TRADEGUARD_TRADING_RATELIMIT_TARGET": ratelimit.target,  # its guard's (edge calls skip it)
         }
         trading_settings = read_settings(TRADING, environ)
         trading_settings = replace(trading_settings, server=replace(trading_settings.server, grace_s=1.0))
         async with (
-            running_ratelimit(paths, PACKAGED_LIMITS.read_text()) as ratelimit,
             running_service(TRADING, trading_settings, paths) as trading,
             ratelimit.channel("ops") as ratelimit_ops,
             auth.channel("edge") as as_edge,

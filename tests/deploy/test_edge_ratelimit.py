@@ -135,6 +135,8 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
             "TRADEGUARD_HOME": str(home),
             "TRADEGUARD_TRADING_PORT": "0",
             "TRADEGUARD_TRADING_AUTH_TARGET": auth.target,
+            # its guard's quota stage: edge calls skip it (Envoy counted them); the exact counts below would
+            # show a second count
             "TRADEGUARD_TRADING_RATELIMIT_TARGET": ratelimit.target,
         }
         trading_settings = read_settings(TRADING, environ)
