@@ -9,7 +9,7 @@ one `RoundTrip` (one round trip; on a cluster redis-py's pipeline sends each nod
 plus the field `i`, a floor below which no bucket field exists. Pruning at bucket j deletes the fields `i .. j-n-1`
 (at most n+1 HDELs; when more buckets passed, the hash's own fields, HKEYS, which are at most n+2) and raises `i`
 to j-n; so a counter holds at most n+2 fields (n = the limit's buckets) whatever its count. A hash left with no
-bucket is deleted, so a key exists exactly while it holds units. Adding units sets the key's TTL (PEXPIRE) to
+bucket is deleted (so `reset` counts the counters that held units, as the in-process backend does). Adding units sets the key's TTL (PEXPIRE) to
 (n+1) * bucket, the longest any unit can count. Every key of one subject carries the subject as its hash tag
 (`tg:rl:{<subject>}:…`), so one request is one script call on one node.
 
@@ -19,18 +19,27 @@ index is computed with a float division then corrected to the exact floor. Repli
 
 **Time.** `now_us` None: the script reads Redis `TIME`, so every service replica counts on one clock.
 
-**Failure.** An evaluation whose call failed (a script error such as OOM, a slot that could not be reached after
-redirections, ...) is a `StoreUnavailable` in its place; the batch failing as a whole (connection refused or
-timed out, a node down: redis-py's pipeline then fails every command of it) raises `StoreUnavailable`. The
+**Failure.** An evaluation whose call failed (a script error such as OOM or WRONGTYPE, a node's reply lost) is a
+`StoreUnavailable` in its place; the batch failing as a whole (connection refused or timed out; on a cluster a
+node down fails redis-py's whole pipeline) raises `StoreUnavailable`. Either way the evaluation ran entirely or
+not at all (a lost reply may hide a run), and never twice: on a cluster, redis-py's own retries are turned off
+(after a connection error it re-sends a whole pipeline, commands that had already run included), and a failure
+that may mean a node is gone reloads the slot map in the background instead, so that the calls after a failover
+reach the promoted replica (redirections, MOVED and ASK, are still followed: those commands had not run). The
 client reconnects on its own on the next call. Messages never carry the password (masked as `***`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import Any, Final
 
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ClusterError, RedisClusterException, RedisError, ResponseError
 
 from services.ratelimit.counters import counter_key
 from services.ratelimit.model import Count, Counted, Evaluation, Limit, StoreUnavailable
@@ -168,7 +177,14 @@ return reply
     name="ratelimit-evaluate",
 )
 
-_FAILURES = (RedisError, OSError, TimeoutError)
+_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
+
+
+def _topology_suspect(error: BaseException) -> bool:
+    """A failure after which a cluster's map of slots to nodes may be stale (a node down, a failover)."""
+    return isinstance(error, ClusterError | RedisClusterException) or (
+        isinstance(error, RedisError | OSError | TimeoutError) and not isinstance(error, ResponseError)
+    )
 
 
 def _arguments(evaluation: Evaluation, now_us: int) -> list[int]:
@@ -181,7 +197,7 @@ def _arguments(evaluation: Evaluation, now_us: int) -> list[int]:
 
 
 def _decode(evaluation: Evaluation, reply: Any) -> Counted:
-    """The script's integers as a `Counted`; a reply of another shape is an error (ValueError)."""
+    """The script's integers as a `Counted`; a reply of another shape is an error (ValueError, TypeError)."""
     values = [int(v) for v in reply] if isinstance(reply, list) else []
     if len(values) != 2 + 4 * len(evaluation.charges):
         raise ValueError(f"the script answered {reply!r}")
@@ -214,6 +230,12 @@ class RedisCounters:
         self._owns_client = owns_client
         self._password = _password(client)
         self._closed = False
+        self._refreshing: asyncio.Task[None] | None = None
+        self.topology_refreshes = 0  # cluster only: slot maps reloaded after a failure
+        if isinstance(client, RedisCluster):
+            # An evaluation is never sent twice: after a connection error redis-py re-sends a whole cluster
+            # pipeline, commands that had run included (counted twice). No retries; the map is reloaded instead.
+            client.set_retry(Retry(NoBackoff(), 0))
 
     @classmethod
     async def open(cls, config: RedisConfig) -> RedisCounters:
@@ -222,6 +244,16 @@ class RedisCounters:
         return cls(await connect(config))
 
     def _unavailable(self, error: BaseException) -> StoreUnavailable:
+        """The error as a `StoreUnavailable` (password masked); on a cluster, a failure that may mean a node
+        is gone starts reloading the slot map in the background (one reload at a time), so that the calls after
+        a failover reach the promoted replica."""
+        if (
+            isinstance(self.client, RedisCluster)
+            and _topology_suspect(error)
+            and not self._closed
+            and (self._refreshing is None or self._refreshing.done())
+        ):
+            self._refreshing = asyncio.get_running_loop().create_task(self._refresh(self.client))
         text = f"Redis: {type(error).__name__}: {error}"
         if self._password:
             text = text.replace(self._password, "***")
@@ -256,7 +288,7 @@ class RedisCounters:
                 continue
             try:
                 results.append(_decode(evaluation, reply))
-            except ValueError as error:
+            except (ValueError, TypeError) as error:
                 results.append(self._unavailable(error))
         return results
 
@@ -271,6 +303,11 @@ class RedisCounters:
         except _FAILURES as error:
             raise self._unavailable(error) from None
 
+    async def _refresh(self, cluster: RedisCluster) -> None:
+        self.topology_refreshes += 1
+        with contextlib.suppress(Exception):  # unreachable now: the next failure tries again
+            await cluster.nodes_manager.initialize()
+
     async def healthy(self) -> bool:
         return not self._closed and await healthy(self.client)
 
@@ -278,6 +315,10 @@ class RedisCounters:
         if self._closed:
             return
         self._closed = True
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refreshing
         if self._owns_client:
             await self.client.aclose()
 
