@@ -1,14 +1,17 @@
-"""Shared fixtures: one dev PKI per session, the real key vault and auth service started once per session as
-processes, and the real trading service on mutual TLS behind its guard, verified by that auth service.
+"""Shared fixtures: one dev PKI per session, the real key vault, auth and rate-limit services started once per
+session as processes, and the real trading service on mutual TLS behind its guard, verified by that auth service and
+counted by that rate-limit service.
 
 - `session_pki`: the session's CA and workload certificates (tests/support.py SESSION_WORKLOADS).
 - `pki_paths`: a test's own home (`tmp_path/home`) holding a copy of the session's PKI: the same CA, so every
   service a test starts trusts (and is trusted by) the session's auth service; certificates a test issues go
   into its copy, signed by the same intermediate.
-- `auth_services`: the real key vault and auth service (tests/support.py `auth_processes`), started the first
-  time a test asks for them, terminated at the end of the session; a test creates its own users and API keys
-  (unique names) through the auth service's RPCs as `ops`.
-- `trading`: the trading service (in process, per test) whose guard verifies callers at `auth_services`.
+- `auth_services`: the real key vault, auth service and rate-limit service (tests/support.py `auth_processes`,
+  the limits `TEST_LIMITS`: generous by default, a `tight` tier for the quota tests), started the first time a
+  test asks for them, terminated at the end of the session; a test creates its own users and API keys (unique
+  names) through the auth service's RPCs as `ops`.
+- `trading`: the trading service (in process, per test) whose guard verifies callers at `auth_services` and
+  counts their calls at its rate-limit service (the quota stage is on, as in production).
 
 `tradeguard` is imported first so that GRPC_SSL_CIPHER_SUITES is set before anything imports grpc.
 """
@@ -103,7 +106,10 @@ async def trading(pki_paths: pki.PkiPaths, auth_services: AuthServices) -> Async
     settings = Settings(
         server=ServerConfig(name="trading", port=0, home=home, grace_s=2.0),
         database_url=f"sqlite:///{home / 'data' / 'trading.db'}",
-        guard=GuardSettings(auth_target=auth_services.auth_target),  # issuer, audience: the auth's defaults
+        # issuer, audience: the auth's defaults; the quota stage on, at the session's rate-limit service
+        guard=GuardSettings(
+            auth_target=auth_services.auth_target, ratelimit_target=auth_services.ratelimit_target
+        ),
     )
     async with running_service(SERVICE, settings, pki_paths) as running:
         guard = running.running.assembly.layers[0]

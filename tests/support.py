@@ -252,13 +252,62 @@ async def redis_cluster(directory: Path, nodes: int = 3) -> AsyncIterator[list[R
             server.stop()
 
 
-# --- the real key vault and auth service, started once per session as processes ------------------------------
+# --- the real key vault, auth and rate-limit services, started once per session as processes ------------
 
 AUTH_PASSWORD = "correct horse trading staple"
-# The workloads of the session's PKI: tests/conftest.py's, a firm's trading bot, the guard tests' echo service.
-SESSION_WORKLOADS = ("trading", "ops", "monitor", "edge", "keyvault", "auth", "trading-client", "echo")
-# Workloads beyond the suite's own services that the session's auth service lets run a guard.
+# The workloads of the session's PKI: tests/conftest.py's, the rate limiter, a firm's trading bot, the guard tests'
+# echo service.
+SESSION_WORKLOADS = (
+    "trading",
+    "ops",
+    "monitor",
+    "edge",
+    "keyvault",
+    "auth",
+    "ratelimit",
+    "trading-client",
+    "echo",
+)
+# Workloads beyond the suite's own services that the session's auth and rate-limit services let run a guard.
 GUARD_WORKLOADS = ("echo", "desk")
+
+# The limits of the session's rate-limit service (its process reads them from `<home>/config/limits-test.yaml`).
+# `standard` (the default tier: any key without a tier, "default", "pro", ..., and every bearer-token user) is
+# generous, so that no ordinary test ever meets it; its per-day limits count exactly what a test did (nothing
+# leaves a day's window during a test). `tight` (TIGHT_TIER, keys created with that tier) is for the quota tests:
+# hour-long windows, so that a test's count never depends on how fast the machine runs it. Collect weighs 20 in
+# the `heavy` group, beyond `tight`'s limit of 5: a tight key's Collect can never pass.
+TIGHT_TIER = "tight"
+TIGHT_REQUESTS_PER_HOUR = 10
+TIGHT_ORDERS_PER_HOUR = 3
+LIST_ORDERS_WEIGHT = 5
+TEST_LIMITS = f"""\
+version: 1
+default_tier: standard
+operations:
+  default: {{requests: 1}}
+  /tradeguard.trading.v1.TradingService/PlaceOrder: {{requests: 1, orders: 1}}
+  /tradeguard.trading.v1.TradingService/CancelOrder: {{requests: 1, orders: 1}}
+  /tradeguard.trading.v1.TradingService/ListOrders: {{requests: {LIST_ORDERS_WEIGHT}}}
+  /tradeguard.echo.v1.EchoService/Collect: {{requests: 1, heavy: 20}}
+tiers:
+  standard:
+    requests:
+      - {{name: per-second, limit: 1000000, window: 1s}}
+      - {{name: per-day, limit: 1000000000, window: 1d}}
+    orders:
+      - {{name: per-second, limit: 1000000, window: 1s}}
+      - {{name: per-day, limit: 1000000000, window: 1d}}
+    heavy: []
+  {TIGHT_TIER}:
+    requests:
+      - {{name: per-hour, limit: {TIGHT_REQUESTS_PER_HOUR}, window: 1h}}
+      - {{name: per-day, limit: 1000, window: 1d}}
+    orders:
+      - {{name: per-hour, limit: {TIGHT_ORDERS_PER_HOUR}, window: 1h}}
+    heavy:
+      - {{name: per-hour, limit: 5, window: 1h}}
+"""
 
 
 def _service_env(home: Path, **own: str) -> dict[str, str]:
@@ -335,10 +384,42 @@ class AuthServices:
     auth_target: str
     keyvault: subprocess.Popen[bytes]
     auth: subprocess.Popen[bytes]
+    ratelimit_target: str = ""  # the rate-limit service (TEST_LIMITS), in process counters
+    ratelimit: subprocess.Popen[bytes] | None = None
 
     def channel(self, caller: str = "ops") -> MeshChannel:
         """A mutual-TLS channel to the auth service as workload `caller`."""
         return MeshChannel(self.auth_target, "auth", tls.Workload.of(self.paths, caller))
+
+    def ratelimit_channel(self, caller: str = "ops", target: str | None = None) -> MeshChannel:
+        """A mutual-TLS channel to the session's rate-limit service (or the one at `target`) as `caller`."""
+        return MeshChannel(target or self.ratelimit_target, "ratelimit", tls.Workload.of(self.paths, caller))
+
+    def start_ratelimit(
+        self,
+        name: str,
+        *,
+        limits: str = TEST_LIMITS,
+        port: int | None = None,
+        extra: dict[str, str] | None = None,
+    ) -> tuple[subprocess.Popen[bytes], str]:
+        """A rate-limit process (`python -m services.ratelimit`) reading `limits` from `<home>/config/<name>.yaml`,
+        its counters in process, on `port` or a free one, the guard tests' workloads allowed to check quotas;
+        the process and its target. The caller waits for it (`wait_healthy`) and stops it (`stop_process`)."""
+        home = self.paths.home
+        limits_file = home / "config" / f"{name}.yaml"
+        limits_file.parent.mkdir(parents=True, exist_ok=True)
+        limits_file.write_text(limits)
+        port = free_port() if port is None else port
+        env = _service_env(
+            home,
+            TRADEGUARD_RATELIMIT_PORT=str(port),
+            TRADEGUARD_RATELIMIT_LIMITS_FILE=str(limits_file),
+            TRADEGUARD_RATELIMIT_GRACE_S="0",
+            TRADEGUARD_RATELIMIT_GUARD_WORKLOADS=",".join(GUARD_WORKLOADS),
+            **(extra or {}),
+        )
+        return _spawn("services.ratelimit", env, home / f"{name}.log"), f"127.0.0.1:{port}"
 
     def vault_channel(self, caller: str = "ops") -> MeshChannel:
         return MeshChannel(self.keyvault_target, "keyvault", tls.Workload.of(self.paths, caller))
@@ -372,9 +453,9 @@ class AuthServices:
 @contextlib.contextmanager
 def auth_processes(paths: pki.PkiPaths) -> Iterator[AuthServices]:
     """`python -m services.keyvault` (its passphrase a 0600 _FILE secret, the auth service's keys created as
-    `ops`) and `python -m services.auth` (GUARD_WORKLOADS may run a guard against it) on free loopback ports
-    under `paths.home`, each waited for until its health is SERVING; both terminated on exit, whatever
-    happened."""
+    `ops`), `python -m services.auth` (GUARD_WORKLOADS may run a guard against it) and `python -m
+    services.ratelimit` (TEST_LIMITS; GUARD_WORKLOADS may check quotas) on free loopback ports under
+    `paths.home`, each waited for until its health is SERVING; all terminated on exit, whatever happened."""
     from services.auth.vault_client import ensure_keys
 
     home = paths.home
@@ -399,8 +480,11 @@ def auth_processes(paths: pki.PkiPaths) -> Iterator[AuthServices]:
         started.append(vault)
         vault_target = f"127.0.0.1:{vault_port}"
         # the auth service starts meanwhile: it calls the vault only once asked to seal or sign
-        auth, auth_target = AuthServices(paths, vault_target, "", vault, vault).start_auth("auth")
+        starting = AuthServices(paths, vault_target, "", vault, vault)
+        auth, auth_target = starting.start_auth("auth")
         started.append(auth)
+        ratelimit, ratelimit_target = starting.start_ratelimit("ratelimit")
+        started.append(ratelimit)
         ops = tls.Workload.of(paths, "ops")
 
         async def ready() -> None:
@@ -408,9 +492,10 @@ def auth_processes(paths: pki.PkiPaths) -> Iterator[AuthServices]:
             async with MeshChannel(vault_target, "keyvault", ops) as channel:
                 await ensure_keys(channel)
             await wait_healthy(auth, auth_target, "auth", ops, home / "auth.log")
+            await wait_healthy(ratelimit, ratelimit_target, "ratelimit", ops, home / "ratelimit.log")
 
         asyncio.run(ready())
-        yield AuthServices(paths, vault_target, auth_target, vault, auth)
+        yield AuthServices(paths, vault_target, auth_target, vault, auth, ratelimit_target, ratelimit)
     finally:
         stop_processes(started)
 

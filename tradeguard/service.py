@@ -169,6 +169,9 @@ class Declaration(Generic[S, St]):
     # settings then need a `guard: GuardSettings` field.
     permissions: Mapping[str, str] | None = None
     public_methods: frozenset[str] = frozenset()  # methods of a guarded service open without credentials
+    # guarded methods the guard's quota stage does not count (the others are counted by the rate-limit service
+    # when the guard's settings have `quota` on, the default)
+    unmetered_methods: frozenset[str] = frozenset()
 
     @property
     def registered(self) -> Registered:
@@ -316,6 +319,7 @@ def _guarded(declaration: Declaration[S, St], settings: S, trust_domain: str, as
             services=[declaration.registered.full_name],
             permissions=declaration.permissions or {},
             public=declaration.public_methods,
+            unmetered=declaration.unmetered_methods,
             settings=guard_settings,
         ),
         workload=settings.server.workload,

@@ -2,7 +2,9 @@
 
 TRADEGUARD_TRADING_DATABASE_URL: `sqlite:///<path>` (default `$TRADEGUARD_HOME/data/trading.db`) or
 `postgresql://…`; plus the shared server settings (tradeguard.mesh.server.ServerConfig.from_env) and the guard's
-(tradeguard.guard.config.GuardSettings: TRADEGUARD_TRADING_AUTH_TARGET, _JWT_ISSUER, _JWT_AUDIENCE, ...).
+(tradeguard.guard.config.GuardSettings: TRADEGUARD_TRADING_AUTH_TARGET, _JWT_ISSUER, _JWT_AUDIENCE, ...; the quota
+stage is on by default: TRADEGUARD_TRADING_RATELIMIT_TARGET, default 127.0.0.1:50052, and TRADEGUARD_TRADING_QUOTA
+to switch it off).
 """
 
 from __future__ import annotations

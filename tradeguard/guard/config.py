@@ -14,7 +14,11 @@ field in its settings (`GuardSettings.read(env)`): `start()` mounts the guard it
 Settings, under the service's own prefix (`TRADEGUARD_<NAME>_`): `AUTH_TARGET` (host:port of the auth service,
 default 127.0.0.1:50051), `JWT_ISSUER` (default `tradeguard-auth`), `JWT_AUDIENCE` (default
 `tradeguard`), `JWT_LEEWAY_S` (default 5, at most 60), `REVOCATION_MAX_OUTAGE_S` (default 5, at most 60: how long
-verified JWTs are still accepted while the revocation stream is down), `TOKEN_CACHE_SIZE` (default 10,000).
+verified JWTs are still accepted while the revocation stream is down), `TOKEN_CACHE_SIZE` (default 10,000);
+the quota stage (tradeguard.guard.quota): `QUOTA` (default true: every verified call not listed `unmetered` is
+counted by the rate-limit service, fail closed), `RATELIMIT_TARGET` (host:port of the rate-limit service, default
+127.0.0.1:50052). The guard calls the rate-limit service as its own workload, which that service must let call
+CheckQuotaBatch (TRADEGUARD_RATELIMIT_GUARD_WORKLOADS).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from tradeguard.guard.jwt import (
     JwtVerifier,
 )
 from tradeguard.guard.layer import Guard
+from tradeguard.guard.quota import QuotaStage
 from tradeguard.guard.revocations import (
     DEFAULT_MAX_ENTRIES,
     DEFAULT_MAX_OUTAGE_S,
@@ -68,6 +73,9 @@ class GuardSettings:
     token_cache_size: int = DEFAULT_CACHE_SIZE
     max_revocations: int = DEFAULT_MAX_ENTRIES
     auth_server_name: str = "auth"
+    ratelimit_target: str = f"127.0.0.1:{lookup('ratelimit').port}"
+    quota: bool = True
+    ratelimit_server_name: str = "ratelimit"
 
     @classmethod
     def read(cls, env: Env) -> GuardSettings:
@@ -80,23 +88,27 @@ class GuardSettings:
                 "REVOCATION_MAX_OUTAGE_S", DEFAULT_MAX_OUTAGE_S, low=0.0, high=MAX_OUTAGE_S
             ),
             token_cache_size=env.integer("TOKEN_CACHE_SIZE", DEFAULT_CACHE_SIZE, low=0, high=1_000_000),
+            ratelimit_target=env.text("RATELIMIT_TARGET", cls.ratelimit_target),
+            quota=env.flag("QUOTA", True),
         )
 
 
 @dataclass(frozen=True)
 class GuardConfig:
-    """What a guard guards: its services (full gRPC names), each method's permission, the public methods."""
+    """What a guard guards: its services (full gRPC names), each method's permission, the public methods, and the
+    guarded methods its quota stage does not count (`unmetered`)."""
 
     services: Collection[str]
     permissions: Mapping[str, str]
     public: Collection[str] = ()
+    unmetered: Collection[str] = ()
     settings: GuardSettings = field(default_factory=GuardSettings)
 
 
 class MountedGuard:
     """A guard with what it runs on: `layer` for the server's chain, `run()` (the revocation stream and the
-    periodic JWKS refresh) as a background task, `close()` at shutdown. Also an async context manager that
-    runs and closes it."""
+    periodic JWKS refresh) as a background task, `close()` at shutdown (the quota stage's batcher and channel
+    too). Also an async context manager that runs and closes it."""
 
     def __init__(
         self,
@@ -108,6 +120,8 @@ class MountedGuard:
         revocations: RevocationSet,
         watcher: RevocationWatcher,
         signed: SignedVerifier,
+        quota: QuotaStage | None = None,
+        quota_channel: MeshChannel | None = None,
     ) -> None:
         self.layer = layer
         self.channel = channel
@@ -116,6 +130,8 @@ class MountedGuard:
         self.revocations = revocations
         self.watcher = watcher
         self.signed = signed
+        self.quota = quota
+        self.quota_channel = quota_channel
         self._task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
@@ -138,7 +154,11 @@ class MountedGuard:
                 await self._task
             self._task = None
         await self.signed.close()
+        if self.quota is not None:
+            await self.quota.close()
         await self.channel.close()
+        if self.quota_channel is not None:
+            await self.quota_channel.close()
 
     async def __aenter__(self) -> MountedGuard:
         self._task = asyncio.create_task(self.run(), name="guard")
@@ -155,7 +175,8 @@ def guard_for(
     trust_domain: str,
     clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
 ) -> MountedGuard:
-    """A guard for `config`, calling the auth service as `workload` (the guarded service's own certificate)."""
+    """A guard for `config`, calling the auth service (and the rate-limit service, unless `settings.quota` is
+    off) as `workload` (the guarded service's own certificate)."""
     settings = config.settings
     channel = MeshChannel(settings.auth_target, settings.auth_server_name, workload)
     auth = AuthClient(channel)
@@ -174,6 +195,12 @@ def guard_for(
         cache_size=settings.token_cache_size,
     )
     signed = SignedVerifier(auth.verify_batch, revocations)
+    quota_channel = (
+        MeshChannel(settings.ratelimit_target, settings.ratelimit_server_name, workload)
+        if settings.quota
+        else None
+    )
+    quota = QuotaStage(quota_channel) if quota_channel is not None else None
     layer = Guard(
         trust_domain=trust_domain,
         services=config.services,
@@ -182,8 +209,18 @@ def guard_for(
         jwt=verifier,
         signed=signed,
         revocations=revocations,
+        quota=quota,
+        unmetered=config.unmetered,
     )
     watcher = RevocationWatcher(revocations, auth)
     return MountedGuard(
-        layer, channel=channel, auth=auth, jwks=jwks, revocations=revocations, watcher=watcher, signed=signed
+        layer,
+        channel=channel,
+        auth=auth,
+        jwks=jwks,
+        revocations=revocations,
+        watcher=watcher,
+        signed=signed,
+        quota=quota,
+        quota_channel=quota_channel,
     )

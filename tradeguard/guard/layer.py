@@ -1,4 +1,5 @@
-"""The guard: the kit's authentication and authorisation stage, a request `Layer` of the chain (DESIGN.md, "The guard").
+"""The guard: the kit's authentication, authorisation and quota stages, a request `Layer` of the chain (DESIGN.md,
+"The guard").
 
 Per method of the guarded services, from the declaration's mapping method → permission (DENY BY DEFAULT: a method
 of a guarded service with no entry is refused with PERMISSION_DENIED unless it is listed as public; methods of other
@@ -15,7 +16,15 @@ services — health, reflection — are left to the mesh's caller policy). Per c
 - none, both kinds at once, or a credential header given twice → refused.
 
 Every failure is `Unauthenticated(cause)` (one opaque status; the cause on the RPC's log line); a principal without
-the method's permission is `PermissionDenied`. On success the principal is made current for the handler
+the method's permission is `PermissionDenied`.
+
+Then the quota (tradeguard.guard.quota, when the guard has a `QuotaStage`): the verified principal's call is counted
+by the rate-limit service — AFTER authorisation, so a principal refused for permission spends no quota — except
+where Envoy's rate-limit filter already counted it (the edge's calls) and for the methods listed `unmetered`.
+Over the limit → `ResourceExhausted`; the rate-limit service unreachable or failing → `Unavailable` (fail closed).
+For a signed call whose key this guard has verified before from the same caller workload, the check starts beside
+the auth RPC (one round trip, not two); its verdict is used only if authentication and authorisation pass, and a
+refusal by either is what the caller sees. On success the principal is made current for the handler
 (`tradeguard.principal.current_principal()`) and its user, account and key go on the RPC's log line (never a token
 or signature). The principal is set in the call's own context: grpc.aio runs each RPC in its own task whose context
 starts from the server's (where it is never set), so it cannot reach another call; a handler of a public method sees
@@ -31,10 +40,12 @@ import contextvars
 import functools
 import re
 from collections.abc import Collection, Mapping
+from dataclasses import dataclass
 from typing import Any, Final
 
 from tradeguard.errors import PermissionDenied, Unauthenticated
 from tradeguard.guard.jwt import JwtVerifier, cert_thumbprint
+from tradeguard.guard.quota import EarlyCheck, QuotaStage
 from tradeguard.guard.revocations import RevocationSet
 from tradeguard.guard.signed import SignedVerifier
 from tradeguard.mesh.identity import peer_spiffe_id
@@ -77,6 +88,20 @@ def _fail(cause: str) -> Unauthenticated:
     return Unauthenticated(cause)
 
 
+@dataclass(frozen=True, slots=True)
+class _Bearer:
+    token: str  # never logged
+
+
+@dataclass(frozen=True, slots=True)
+class _Rule:
+    """A guarded method: the permission it needs, and the quota stage that counts it (None: not counted)."""
+
+    method: str
+    permission: str
+    quota: QuotaStage | None
+
+
 def peer_ip(context: Context) -> str:
     """The caller's address as grpc reports it ("ipv4:1.2.3.4:5", "ipv6:[::1]:5") without the port."""
     peer = context.peer() or ""
@@ -89,7 +114,7 @@ def peer_ip(context: Context) -> str:
 
 
 class Guard(Layer):
-    """Authenticates and authorises every call to the guarded services' methods (see the module)."""
+    """Authenticates, authorises and counts every call to the guarded services' methods (see the module)."""
 
     def __init__(
         self,
@@ -102,6 +127,8 @@ class Guard(Layer):
         signed: SignedVerifier,
         revocations: RevocationSet,
         edge_workload: str = "edge",
+        quota: QuotaStage | None = None,
+        unmetered: Collection[str] = (),
     ) -> None:
         self.services = frozenset(services)
         if not self.services:
@@ -116,11 +143,16 @@ class Guard(Layer):
         overlap = set(permissions) & set(public)
         if overlap:
             raise ValueError(f"methods both public and guarded: {sorted(overlap)}")
+        strays = set(unmetered) - set(permissions)
+        if strays:
+            raise ValueError(f"unmetered methods that are not guarded ones: {sorted(strays)}")
         self.permissions = dict(permissions)
         self.public = frozenset(public)
         self.jwt = jwt
         self.signed = signed
         self.revocations = revocations  # what this guard knows was revoked, and its stream's state
+        self.quota = quota  # None: no quota stage (every method unmetered)
+        self.unmetered = frozenset(unmetered)
         self._edge_id = f"spiffe://{trust_domain}/svc/{edge_workload}"
         self._thumbprints: dict[bytes, str] = {}
 
@@ -135,7 +167,8 @@ class Guard(Layer):
         permission = self.permissions.get(method)
         if permission is None:
             return functools.partial(self._undeclared, method)
-        return functools.partial(self._check, method, permission)
+        quota = None if method in self.unmetered else self.quota
+        return functools.partial(self._check, _Rule(method, permission, quota))
 
     async def before(self, context: Context, request: Any, raw: bytes) -> None:  # pragma: no cover
         raise AssertionError("the guard is configured per method (for_method)")
@@ -143,22 +176,49 @@ class Guard(Layer):
     async def _undeclared(self, method: str, context: Context, request: Any, raw: bytes) -> None:
         raise PermissionDenied("method not open to any principal", reason="METHOD_NOT_DECLARED")
 
-    async def _check(self, method: str, permission: str, context: Context, request: Any, raw: bytes) -> None:
+    async def _check(self, rule: _Rule, context: Context, request: Any, raw: bytes) -> None:
+        method, permission, quota = rule.method, rule.permission, rule.quota
         done = _CALL.get()
         if done is not None and done[0] is context:
             return  # a later message of a streamed request: the call is authenticated
-        principal, via = await self._authenticate(context, method, permission, raw)
-        annotate(user=principal.user_id, account=principal.account_id, key=principal.key_id, auth=via)
-        if not principal.allows(permission):
-            raise PermissionDenied(f"this method needs the permission {permission}")
+        credentials = self._credentials(context, method, permission, raw)
+        early: EarlyCheck | None = None
+        try:
+            if isinstance(credentials, SignedRequest):
+                caller = peer_spiffe_id(context) or ""
+                if quota is not None:  # beside the auth RPC when the key's tier is known from this caller
+                    early = quota.start_early(credentials.key_id, caller, method, permission)
+                principal, via = await self.signed.verify(credentials), "signed"
+                if quota is not None:
+                    quota.remember(principal, caller)
+            elif isinstance(credentials, _Bearer):
+                thumbprint = functools.partial(self._thumbprint, context)
+                principal, via = await self.jwt.verify(credentials.token, thumbprint), "jwt"
+            else:
+                principal, via = credentials, "edge"
+            annotate(user=principal.user_id, account=principal.account_id, key=principal.key_id, auth=via)
+            if not principal.allows(permission):
+                raise PermissionDenied(f"this method needs the permission {permission}")
+            # after authorisation (a principal without the permission spends no quota); the edge's calls were
+            # counted by Envoy's rate-limit filter
+            if quota is not None and via != "edge":
+                if early is not None:
+                    await quota.finish_early(early, principal, method)
+                else:
+                    await quota.check(principal, method)
+        finally:
+            if early is not None and quota is not None and not early.task.done():
+                await quota.discard(early)  # auth or authorisation refused: their verdict is the call's
         _CALL.set((context, principal))
         set_principal(principal)
 
     # --- authentication -------------------------------------------------------------------------------------
 
-    async def _authenticate(
+    def _credentials(
         self, context: Context, method: str, permission: str, raw: bytes
-    ) -> tuple[Principal, str]:
+    ) -> Principal | _Bearer | SignedRequest:
+        """The call's credentials, checked for shape: the edge's principal (final), a bearer token or a signed
+        request (still to verify)."""
         headers: dict[str, str] = {}
         for key, value in context.invocation_metadata() or ():
             if key not in _WATCHED:
@@ -169,7 +229,7 @@ class Guard(Layer):
                 raise _fail(f"header {key} malformed")
             headers[key] = value
         if peer_spiffe_id(context) == self._edge_id:
-            return self._edge(headers), "edge"
+            return self._edge(headers)
         if EDGE_HEADERS.intersection(headers):
             raise _fail("edge principal headers from a caller that is not the edge")
         bearer = headers.get(AUTHORIZATION)
@@ -180,14 +240,13 @@ class Guard(Layer):
             scheme, _, token = bearer.partition(" ")
             if scheme.lower() != "bearer" or not token.strip():
                 raise _fail("authorization is not a bearer token")
-            thumbprint = functools.partial(self._thumbprint, context)
-            return await self.jwt.verify(token.strip(), thumbprint), "jwt"
+            return _Bearer(token.strip())
         if signed:
             if len(signed) != len(SIGNED_HEADERS):
                 raise _fail("signed request lacks a header")
             if not key_id_valid(headers[HEADER_KEY]):
                 raise _fail("key id malformed or checksum wrong")
-            request = SignedRequest(
+            return SignedRequest(
                 key_id=headers[HEADER_KEY],
                 timestamp=headers[HEADER_TIMESTAMP],
                 nonce=headers[HEADER_NONCE],
@@ -197,7 +256,6 @@ class Guard(Layer):
                 source_ip=peer_ip(context),
                 required_permission=permission,
             )
-            return await self.signed.verify(request), "signed"
         raise _fail("no credentials")
 
     def _edge(self, headers: Mapping[str, str]) -> Principal:

@@ -177,12 +177,15 @@ class GuardedTrading:
 @pytest.fixture
 async def trading(pki_paths: pki.PkiPaths, auth_services: AuthServices) -> AsyncIterator[GuardedTrading]:
     """Overrides tests/conftest.py's: the real trading service behind its guard, the session's real auth service
-    (and key vault) verifying its callers."""
+    (and key vault) verifying its callers, its rate-limit service counting their calls."""
     home = pki_paths.home
     settings = Settings(
         server=ServerConfig(name="trading", port=0, home=home, grace_s=2.0),
         database_url=f"sqlite:///{home / 'data' / 'trading.db'}",
-        guard=GuardSettings(auth_target=auth_services.auth_target),
+        # the quota stage on, as in production, at the session's rate-limit service (generous limits)
+        guard=GuardSettings(
+            auth_target=auth_services.auth_target, ratelimit_target=auth_services.ratelimit_target
+        ),
     )
     running = await start(SERVICE, settings)
     try:

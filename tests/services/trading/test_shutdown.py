@@ -1,7 +1,7 @@
 """SIGTERM under load: every order the service acknowledged is still there after a restart.
 
-The trading service runs as a process whose guard verifies tokens at the session's real auth service
-(tests/conftest.py `auth_services`); the load is placed with the access token of a trader who logged in there."""
+The trading service runs as a process whose guard verifies tokens at the session's real auth service and counts
+calls at its rate-limit service (tests/conftest.py `auth_services`); the load is placed with the access token of a trader who logged in there."""
 
 from __future__ import annotations
 
@@ -29,6 +29,8 @@ def start_trading(home: Path, port: int, auth: AuthServices) -> subprocess.Popen
         TRADEGUARD_TRADING_PORT=str(port),
         # the guard verifies tokens against this auth service (issuer and audience: its defaults)
         TRADEGUARD_TRADING_AUTH_TARGET=auth.auth_target,
+        # and counts calls at the session's rate-limit service (generous limits: the load is never refused)
+        TRADEGUARD_TRADING_RATELIMIT_TARGET=auth.ratelimit_target,
     )
     with open(home / "trading.log", "ab") as log:  # a file, not a pipe: a full pipe would block the service
         return subprocess.Popen([sys.executable, "-m", "services.trading"], env=env, stdout=log, stderr=log)

@@ -1,8 +1,10 @@
-"""The guard in front of the echo service, fed by the session's real auth service (and key vault), all over
-mutual TLS.
+"""The guard in front of the echo service, fed by the session's real auth service (and key vault) and counting
+calls at the session's real rate-limit service, all over mutual TLS.
 
-The guard calls the auth service as the echo service's own workload, `echo`: the session's auth service lists it
-in TRADEGUARD_AUTH_GUARD_WORKLOADS (tests/support.py GUARD_WORKLOADS), as a firm lists its own guarded services.
+The guard calls the auth and rate-limit services as the echo service's own workload, `echo`: the session's services
+list it in TRADEGUARD_AUTH_GUARD_WORKLOADS and TRADEGUARD_RATELIMIT_GUARD_WORKLOADS (tests/support.py
+GUARD_WORKLOADS), as a firm lists its own guarded services. The limits are generous (tests/support.py TEST_LIMITS)
+but for keys of the `tight` tier.
 Users, tokens and API keys are made per test through the
 auth service's RPCs (unique names), tokens by a real login.
 
@@ -152,15 +154,24 @@ async def guarded_echo(
     auth_target: str | None = None,
     permissions: Mapping[str, str] = PERMISSIONS,
     public: Collection[str] = (),
+    unmetered: Collection[str] = (),
     max_outage_s: float = 5.0,
+    ratelimit_target: str | None = None,
 ) -> AsyncIterator[Guarded]:
-    """The echo service behind a guard that verifies callers at `auth_target` (default: the session's auth)."""
+    """The echo service behind a guard that verifies callers at `auth_target` (default: the session's auth) and
+    counts their calls at `ratelimit_target` (default: the session's rate-limit service)."""
     if not paths.cert("echo").exists():
         pki.issue(paths, "echo")
     target = auth_target or auth.auth_target
-    settings = GuardSettings(auth_target=target, max_outage_s=max_outage_s)  # iss, aud: the auth's defaults
+    settings = GuardSettings(  # iss, aud: the auth's defaults
+        auth_target=target,
+        max_outage_s=max_outage_s,
+        ratelimit_target=ratelimit_target or auth.ratelimit_target,
+    )
     guard = guard_for(
-        GuardConfig(services=[ECHO], permissions=permissions, public=public, settings=settings),
+        GuardConfig(
+            services=[ECHO], permissions=permissions, public=public, unmetered=unmetered, settings=settings
+        ),
         workload=tls.Workload.of(paths, "echo"),
         trust_domain=pki.trust_domain(paths),
     )

@@ -19,6 +19,7 @@ import pytest
 from services.trading.service import SERVICE as TRADING
 from services.trading.settings import Settings as TradingSettings
 from tests.services.auth.auth_support import create_user, enrol, login
+from tests.support import AuthServices
 from tests.support_auth import create_hmac_key, real_auth
 from tradeguard.auth.v1 import auth_pb2 as pb
 from tradeguard.auth.v1 import auth_pb2_grpc
@@ -50,14 +51,15 @@ class Suite:
 
 
 @pytest.fixture
-async def suite(pki_paths: pki.PkiPaths) -> AsyncIterator[Suite]:
+async def suite(pki_paths: pki.PkiPaths, auth_services: AuthServices) -> AsyncIterator[Suite]:
     pki.issue(pki_paths, "trading-client")
     home = pki_paths.home
     async with real_auth(pki_paths) as real:
         trading_settings = TradingSettings(
             server=ServerConfig(name="trading", port=0, home=home, grace_s=1.0),
             database_url=f"sqlite:///{home / 'data' / 'trading.db'}",
-            guard=GuardSettings(auth_target=real.target),  # issuer and audience: the auth service's defaults
+            # issuer and audience: the auth service's defaults; calls counted by the session's rate limiter
+            guard=GuardSettings(auth_target=real.target, ratelimit_target=auth_services.ratelimit_target),
         )
         async with running_service(TRADING, trading_settings, pki_paths) as trading:
             guard = trading.running.assembly.layers[0]
