@@ -142,16 +142,16 @@ def write_limits(path: Path, text: str) -> None:
 
 @contextlib.asynccontextmanager
 async def ratelimit_service(
-    paths: pki.PkiPaths, limits: str = LIMITS, **overrides: Any
+    paths: pki.PkiPaths, limits: str = LIMITS, *, clock: FakeClock | None = None, **overrides: Any
 ) -> AsyncIterator[Ratelimit]:
-    """The service (its real declaration, built over `CountingCounters` on a `FakeClock`) on a free port, its
-    limits file written under the PKI's home; `overrides` are Settings fields."""
+    """The service (its real declaration, built over `CountingCounters` on `clock`, by default a new `FakeClock`)
+    on a free port, its limits file written under the PKI's home; `overrides` are Settings fields."""
     if not paths.cert("ratelimit").exists():
         pki.issue(paths, "ratelimit")
     home = paths.home
     limits_file = home / "config" / "limits.yaml"
     write_limits(limits_file, limits)
-    clock = FakeClock()
+    clock = clock or FakeClock()
     counters = CountingCounters(clock)
 
     async def counters_for(_: Settings) -> Counters:
