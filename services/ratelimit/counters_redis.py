@@ -6,12 +6,12 @@ and the contract tests run it and the in-process backend against the same cases.
 one `RoundTrip` (one round trip; on a cluster redis-py's pipeline sends each node its share at once).
 
 **A counter** is a hash per (subject, limit) at `counter_key(subject, limit)`: bucket index (decimal) → units,
-plus the field `i`, a floor below which no bucket field exists. Pruning at bucket j deletes the fields `i .. j-n-1`
-(at most n+1 HDELs; when more buckets passed, the hash's own fields, HKEYS, which are at most n+2) and raises `i`
-to j-n; so a counter holds at most n+2 fields (n = the limit's buckets) whatever its count. A hash left with no
-bucket is deleted (so `reset` counts the counters that held units, as the in-process backend does). Adding units sets the key's TTL (PEXPIRE) to
-(n+1) * bucket, the longest any unit can count. Every key of one subject carries the subject as its hash tag
-(`tg:rl:{<subject>}:…`), so one request is one script call on one node.
+nothing else. The script reads it whole (HGETALL) and deletes the buckets older than j - n (HDEL), as
+`Window.prune` does; so a counter holds at most n + 1 fields (n = the limit's buckets) whatever its count (one
+more per bucket written while a clock had stepped back, until time passes it), and reading it is O(n). A hash whose last bucket is pruned disappears (so `reset` counts the counters that held
+units, as the in-process backend does). Adding units sets the key's TTL (PEXPIRE) to (n+1) * bucket, the longest
+any unit can count. Every key of one subject carries the subject as its hash tag (`tg:rl:{<subject>}:…`), so one
+request is one script call on one node.
 
 **Numbers.** Lua numbers are doubles: every value (µs since the epoch, bucket indices, counts) is an integer below
 2^53 and stays exact; bucket fields are written with `%.0f` (never Lua's 14-digit `tostring`), and the bucket
@@ -61,7 +61,7 @@ local consume = ARGV[2] == '1'
 local m = (#ARGV - 2) / 6
 local function field(k) return string.format('%.0f', k) end
 
--- The charges, and each key's view (its floor `i` and the counted buckets), shared by charges on one key.
+-- The charges, and each key's buckets (read once, shared by charges on one key).
 local charges, windows = {}, {}
 for c = 1, m do
   local a = 2 + (c - 1) * 6
@@ -74,38 +74,15 @@ for c = 1, m do
   ch.j, ch.low = j, j - ch.n
   local w = windows[ch.key]
   if not w then
-    -- window.prune(j, n): drop the buckets older than j - n
-    local floor = redis.call('HGET', ch.key, 'i')
-    if floor then
-      floor = tonumber(floor)
-      if ch.low > floor then
-        local stale = {}
-        if ch.low - floor <= ch.n + 1 then
-          for k = floor, ch.low - 1 do stale[#stale + 1] = field(k) end
-        else
-          for _, f in ipairs(redis.call('HKEYS', ch.key)) do
-            if f ~= 'i' and tonumber(f) < ch.low then stale[#stale + 1] = f end
-          end
-        end
-        if #stale > 0 then redis.call('HDEL', ch.key, unpack(stale)) end
-        if redis.call('HLEN', ch.key) <= 1 then
-          redis.call('DEL', ch.key)
-          floor = nil
-        else
-          redis.call('HSET', ch.key, 'i', field(ch.low))
-          floor = ch.low
-        end
-      end
+    -- window.prune(j, n): drop the buckets older than j - n (the hash holds only buckets: at most n + 1)
+    local flat = redis.call('HGETALL', ch.key)
+    local counts, stale = {}, {}
+    for x = 1, #flat, 2 do
+      local k = tonumber(flat[x])
+      if k < ch.low then stale[#stale + 1] = flat[x] else counts[k] = tonumber(flat[x + 1]) end
     end
-    -- the counted buckets j - n .. j
-    local names = {}
-    for k = ch.low, j do names[#names + 1] = field(k) end
-    local values = redis.call('HMGET', ch.key, unpack(names))
-    local counts = {}
-    for x = 1, #values do
-      if values[x] then counts[ch.low + x - 1] = tonumber(values[x]) end
-    end
-    w = {floor = floor, counts = counts}
+    if #stale > 0 then redis.call('HDEL', ch.key, unpack(stale)) end
+    w = {counts = counts}
     windows[ch.key] = w
   end
   ch.w = w
@@ -134,10 +111,6 @@ for c = 1, m do
   if added and ch.units > 0 then
     redis.call('HINCRBY', ch.key, field(j), ch.units)
     w.counts[j] = (w.counts[j] or 0) + ch.units
-    if not w.floor or w.floor > j then
-      redis.call('HSET', ch.key, 'i', field(ch.low))
-      w.floor = ch.low
-    end
     redis.call('PEXPIRE', ch.key, math.floor(((n + 1) * g + 999) / 1000))
   end
   -- window.reset_us: when the oldest counted units leave the window
