@@ -7,6 +7,11 @@ answers its health check over mutual TLS. While running it renews certificates a
 during start-up, before each health check: a certificate that expires while a slow machine starts the suite is
 renewed, not waited on), notices at once when a service exits and restarts it with exponential backoff (and
 stops the suite when a service keeps crashing), and on Ctrl-C or SIGTERM stops every service gracefully.
+
+The rate-limit service reads its limits from $TRADEGUARD_HOME/config/limits.yaml: the supervisor installs the
+packaged default there (owner-only) when it is absent and TRADEGUARD_RATELIMIT_LIMITS_FILE names no other file;
+it never overwrites an existing one (edit it: the service re-reads it when it changes). Each guarded service is
+told where this suite's auth and rate-limit services listen.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
+from importlib import resources
 from pathlib import Path
 
 import grpc
@@ -268,12 +274,17 @@ class Supervisor:
         env[f"{prefix}_METRICS_PORT"] = str(child.metrics_port)
         env.setdefault("PYTHONUNBUFFERED", "1")
         operator_set = ("TRADEGUARD_KEYVAULT_PASSPHRASE", "TRADEGUARD_KEYVAULT_PASSPHRASE_FILE")
-        # where this suite's key vault and auth service listen (the services' own defaults are the registry's)
+        # where this suite's key vault, auth and rate-limit services listen (the services' own defaults are the
+        # registry's)
         targets: list[tuple[str, Child | None]] = []
         if child.name == "auth":
             targets.append(("TRADEGUARD_AUTH_KEYVAULT_TARGET", self.children.get("keyvault")))
-        elif child.name != "keyvault":  # a guarded service's auth service
+        elif child.name not in (
+            "keyvault",
+            "ratelimit",
+        ):  # a guarded service: its guard's auth and quota stages
             targets.append((f"{prefix}_AUTH_TARGET", self.children.get("auth")))
+            targets.append((f"{prefix}_RATELIMIT_TARGET", self.children.get("ratelimit")))
         for variable, upstream in targets:
             if upstream is not None and not env.get(variable):  # an operator's own setting wins
                 env[variable] = f"{common.connect_host()}:{upstream.port}"
@@ -300,6 +311,28 @@ class Supervisor:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w") as out:
                 out.write(secrets.token_urlsafe(32))
+        return path
+
+    def install_limits(self) -> Path | None:
+        """The packaged default limits file copied to $TRADEGUARD_HOME/config/limits.yaml (0600, its directory
+        0700) when that file is absent, the suite runs the rate-limit service, and the operator has not named
+        another file (TRADEGUARD_RATELIMIT_LIMITS_FILE); the path installed, else None. Never overwrites."""
+        if not any(service.name == "ratelimit" for service in self.services):
+            return None
+        if os.environ.get(f"{registry.env_prefix('ratelimit')}_LIMITS_FILE", "").strip():
+            return None
+        path = self.home / "config" / "limits.yaml"
+        if path.exists() or path.is_symlink():
+            return None
+        packaged = resources.files(registry.lookup("ratelimit").module).joinpath("limits.yaml")
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        try:  # O_EXCL: a file that appeared meanwhile is kept, never replaced
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            return None
+        with os.fdopen(fd, "wb") as out:
+            out.write(packaged.read_bytes())
+        print(f"installed the default rate limits in {path} (edit it; the service re-reads it)", flush=True)
         return path
 
     async def ensure_auth_keys(self) -> None:
@@ -460,6 +493,7 @@ class Supervisor:
         try:
             self.prepare_pki()
             children = self.plan()
+            self.install_limits()
         except (OSError, ValueError) as error:
             raise common.CliError(str(error)) from None
         tasks: list[asyncio.Task[None]] = [loop.create_task(self.keep_renewing())]
@@ -556,6 +590,19 @@ class Supervisor:
             "  .venv/bin/tradeguard vault keys",
             "  printf 's3cret' | .venv/bin/tradeguard vault --as auth encrypt credentials --context user-1",
         ]
+        if "ratelimit" in self.children:
+            limits = os.environ.get(f"{registry.env_prefix('ratelimit')}_LIMITS_FILE", "").strip()
+            lines += [
+                "",
+                f"Rate limits (README: Rate limits; the limits file {limits or self.home / 'config' / 'limits.yaml'}",
+                "is re-read when it changes), as ops:",
+                "  .venv/bin/tradeguard quota limits",
+            ]
+            if "auth" in self.children and "trading" in self.children:
+                lines.append(
+                    '  .venv/bin/tradeguard quota get "key:$TG_KEY" '
+                    "--operation /tradeguard.trading.v1.TradingService/PlaceOrder"
+                )
         trading = self.children.get("trading")
         if trading is not None:
             lines += [
