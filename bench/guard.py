@@ -1,5 +1,5 @@
-"""PlaceOrder through the trading guard (a JWT, a signed HMAC API key, a signed Ed25519 API key) against the same
-service with no guard, in one run, over mutual TLS.
+"""PlaceOrder through the trading guard (a JWT, a signed HMAC API key, a signed Ed25519 API key; and the first two
+again with the quota stage) against the same service with no guard, in one run, over mutual TLS.
 
 Every service in its own process, as production runs them, the load generator (this process) in its own:
 
@@ -13,6 +13,14 @@ Every service in its own process, as production runs them, the load generator (t
               asks auth (VerifySignedRequests, adaptive batches), auth checks key, window, allow-list, signature,
               nonce (claimed once), permission; the guard checks the revocation set too
     ed25519   the same with an Ed25519 API key
+    jwt+quota, hmac+quota
+              jwt and hmac with the guard's quota stage on (the reference trading service's default): every call
+              also counted by the rate-limit service (CheckQuotaBatch through the guard's adaptive batcher; for a
+              signed key already verified, beside the auth RPC), four sliding-window limits per PlaceOrder
+              (requests and orders, per second and per day), far above the load, the counters in the machine's
+              Redis (127.0.0.1:6379). The modes above run with the quota stage off, so that they measure
+              authentication alone, as issue 7 did.
+  ratelimit   python -m services.ratelimit (Redis counters), called by the +quota modes' trading processes
 
 The client calls each trading process as workload `trading-client` through `authenticated_channel` (the same
 channel in every mode, with the mode's interceptors). Rounds rotate the order of the modes so that drift hits all
@@ -23,7 +31,8 @@ median ratio of each mode to no guard, and each service's RSS before and after t
 On a machine shared with other work a round's throughput moves by tens of percent, and the signed modes' average
 batch with it (each VerifySignedRequests costs roughly 1 ms of CPU between the guard and auth, shared by its
 batch): read the ratios of one run and the CPU per call, the steadier figure.
-Aim (issue 7): a JWT costs under 10 % of throughput, a signed key under 35 %.
+Aim (issue 7): a JWT costs under 10 % of throughput, a signed key under 35 %. Aim (issue 8): the quota stage costs
+under 20 % (jwt+quota against jwt, hmac+quota against hmac).
 """
 
 from __future__ import annotations
@@ -64,13 +73,31 @@ from tradeguard.guard.client import (
 from tradeguard.mesh import pki, tls
 from tradeguard.trading.v1 import trading_pb2, trading_pb2_grpc
 
-MODES = ("none", "jwt", "hmac", "ed25519")
-SIGNED = ("hmac", "ed25519")
+MODES = ("none", "jwt", "hmac", "ed25519", "jwt+quota", "hmac+quota")
+SIGNED = ("hmac", "ed25519", "hmac+quota")
+QUOTA = "+quota"
+QUOTA_AIM = 0.20
+REDIS_URL = "redis://127.0.0.1:6379"
+LIMITS = """\
+version: 1
+default_tier: bench
+operations:
+  default: {requests: 1}
+  /tradeguard.trading.v1.TradingService/PlaceOrder: {requests: 1, orders: 1}
+tiers:
+  bench:
+    requests:
+      - {name: per-second, limit: 1000000000, window: 1s}
+      - {name: per-day, limit: 1000000000000, window: 1d}
+    orders:
+      - {name: per-second, limit: 1000000000, window: 1s}
+      - {name: per-day, limit: 1000000000000, window: 1d}
+"""
 ACCOUNT = "acct-bench"
 USERNAME = "bench-trader"
 PASSWORD = "correct horse trading staple"  # a benchmark's throwaway user on a throwaway PKI
 CLIENT = "trading-client"
-WORKLOADS = ("keyvault", "auth", "trading", "ops", CLIENT)
+WORKLOADS = ("keyvault", "auth", "ratelimit", "trading", "ops", CLIENT)
 AIM = {"jwt": 0.10, "hmac": 0.35, "ed25519": 0.35}
 
 
@@ -190,6 +217,20 @@ def start_auth(layout: Layout) -> Proc:
     return layout.spawn("auth", port, [sys.executable, "-m", "services.auth"], env)
 
 
+def start_ratelimit(layout: Layout, limits: str = LIMITS) -> Proc:
+    """The rate-limit service on the machine's Redis, its keys under a subject prefix of this run."""
+    path = layout.home / "config" / "limits.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(limits)
+    port = free_port()
+    env = layout.env(
+        TRADEGUARD_RATELIMIT_PORT=str(port),
+        TRADEGUARD_RATELIMIT_LIMITS_FILE=str(path),
+        TRADEGUARD_RATELIMIT_REDIS_URL=REDIS_URL,
+    )
+    return layout.spawn("ratelimit", port, [sys.executable, "-m", "services.ratelimit"], env)
+
+
 def start_trading(layout: Layout, mode: str) -> Proc:
     port = free_port()
     cmd = [sys.executable, "-m", "bench.trading_server", "--port", str(port), "--home", str(layout.home)]
@@ -198,6 +239,8 @@ def start_trading(layout: Layout, mode: str) -> Proc:
         cmd += ["--mode", "mesh"]
     else:
         cmd += ["--mode", "guarded", "--auth-target", f"127.0.0.1:{layout.procs['auth'].port}"]
+    if mode.endswith(QUOTA):
+        cmd += ["--ratelimit-target", f"127.0.0.1:{layout.procs['ratelimit'].port}"]
     return layout.spawn(f"trading-{mode}", port, cmd, layout.env())
 
 
@@ -206,6 +249,12 @@ class Credentials:
     token: str
     hmac: ApiKeyCredentials
     ed25519: ApiKeyCredentials
+    user_id: str = ""
+
+    @property
+    def subjects(self) -> tuple[str, ...]:
+        """What the rate limiter counts these credentials as (tradeguard.guard.quota)."""
+        return (f"user:{self.user_id}", f"key:{self.hmac.key_id}", f"key:{self.ed25519.key_id}")
 
 
 async def credentials(layout: Layout) -> Credentials:
@@ -254,10 +303,22 @@ async def credentials(layout: Layout) -> Credentials:
         token=second.tokens.access_token,
         hmac=ApiKeyCredentials(hmac_key.key.key_id, secret=hmac_key.secret),
         ed25519=ApiKeyCredentials(ed_key.key.key_id, ed25519_seed=seed),
+        user_id=user.user_id,
     )
 
 
+def forget_counters(subjects: Sequence[str]) -> None:
+    """Delete the run's rate-limit counters from the machine's Redis (they would otherwise expire in a day)."""
+    import redis
+
+    with redis.Redis.from_url(REDIS_URL) as client:
+        for subject in subjects:
+            for key in client.scan_iter(match=f"tg:rl:{{{subject}}}:*", count=1000):
+                client.unlink(key)
+
+
 def interceptors_of(mode: str, creds: Credentials) -> list[grpc.aio.ClientInterceptor]:
+    mode = mode.removesuffix(QUOTA)
     if mode == "jwt":
         return bearer_interceptors(creds.token)
     if mode == "hmac":
@@ -339,13 +400,19 @@ async def measure(
     duration: float,
 ) -> Round:
     trading, auth, vault = layout.procs[f"trading-{mode}"], layout.procs["auth"], layout.procs["keyvault"]
-    servers = {"trading": trading.pid, "auth": auth.pid, "keyvault": vault.pid}
-    await closed_loop(place_order(stub, f"w{mode}{r}"), concurrency=concurrency, duration=0.5, warmup=0)
+    servers = {
+        "trading": trading.pid,
+        "auth": auth.pid,
+        "keyvault": vault.pid,
+        "ratelimit": layout.procs["ratelimit"].pid,
+    }
+    tag = mode.replace(QUOTA, "q")  # client order ids: letters, digits, - and _ only
+    await closed_loop(place_order(stub, f"w{tag}{r}"), concurrency=concurrency, duration=0.5, warmup=0)
     offset = auth.log.stat().st_size
     before = {name: process_cpu_s(pid) for name, pid in servers.items()}
     client_before = time.process_time()
     result = await closed_loop(
-        place_order(stub, f"{mode}{r}"),
+        place_order(stub, f"{tag}{r}"),
         concurrency=concurrency,
         duration=duration,
         warmup=0,
@@ -367,8 +434,10 @@ def _line(label: str, rnd: Round) -> str:
 
 @contextlib.asynccontextmanager
 async def suite(home: Path) -> AsyncIterator[tuple[Layout, Credentials]]:
-    """The key vault, auth and one trading process per mode, running; the trader's credentials."""
+    """The key vault, auth, the rate limiter and one trading process per mode, running; the trader's
+    credentials."""
     layout = Layout(home)
+    creds: Credentials | None = None
     paths = layout.paths
     pki.init_ca(paths)
     for name in WORKLOADS:
@@ -379,13 +448,17 @@ async def suite(home: Path) -> AsyncIterator[tuple[Layout, Credentials]]:
         async with channel(layout, "keyvault", "ops") as ops:
             await ensure_keys(ops)
         start_auth(layout)
+        start_ratelimit(layout)
         await serving(layout, "auth")
+        await serving(layout, "ratelimit")
         creds = await credentials(layout)
         for mode in MODES:
             start_trading(layout, mode)
         yield layout, creds
     finally:
         layout.stop()
+        if creds is not None:
+            forget_counters(creds.subjects)
 
 
 async def run(
@@ -434,8 +507,8 @@ def report(
     base = results.get("none")
     print("\nagainst no guard (median of rounds; the ratios are what counts on a shared machine):")
     print(
-        f"  {'mode':<8} {'throughput':>10} {'cost':>7} {'aim':>6}   {'p50 ms':>7} {'p99 ms':>7}   "
-        f"{'CPU/call':>8} {'added':>7}   {'client':>6} {'trading':>7} {'auth':>5} {'vault':>5}   {'batch':>5}"
+        f"  {'mode':<10} {'throughput':>10} {'cost':>7} {'aim':>6}   {'p50 ms':>7} {'p99 ms':>7}   "
+        f"{'CPU/call':>8} {'added':>7}   {'client':>6} {'trading':>7} {'auth':>5} {'vault':>5} {'rl':>5}   {'batch':>5}"
     )
     for mode, rounds in results.items():
         ratio = median_ratio([x.result for x in rounds], [x.result for x in base]) if base else float("nan")
@@ -447,11 +520,21 @@ def report(
         batches = [x.batch for x in rounds if x.batch is not None]
         aim = f"<{AIM[mode] * 100:.0f} %" if mode in AIM else ""
         print(
-            f"  {mode:<8} {ratio:10.3f} {(1 - ratio) * 100:6.1f}% {aim:>6}   "
+            f"  {mode:<10} {ratio:10.3f} {(1 - ratio) * 100:6.1f}% {aim:>6}   "
             f"{statistics.median(x.result.percentile(50) for x in rounds):7.2f} "
             f"{statistics.median(x.result.percentile(99) for x in rounds):7.2f}   "
             f"{cpu:6.0f}us {added:+6.0f}   {per['client']:6.0f} {per['trading']:7.0f} {per['auth']:5.0f} "
-            f"{per['keyvault']:5.0f}   " + (f"{statistics.median(batches):5.1f}" if batches else "    -")
+            f"{per['keyvault']:5.0f} {per['ratelimit']:5.0f}   "
+            + (f"{statistics.median(batches):5.1f}" if batches else "    -")
+        )
+    for mode in [m for m in results if m.endswith(QUOTA) and m.removesuffix(QUOTA) in results]:
+        ratio = median_ratio(
+            [x.result for x in results[mode]], [x.result for x in results[mode.removesuffix(QUOTA)]]
+        )
+        verdict = "met" if 1 - ratio < QUOTA_AIM else "missed"
+        print(
+            f"the quota stage: {mode} / {mode.removesuffix(QUOTA)} = {ratio:.3f}, a cost of "
+            f"{(1 - ratio) * 100:.1f} % (aim under {QUOTA_AIM * 100:.0f} %: {verdict})"
         )
     print(
         "RSS MiB before -> after the load: "

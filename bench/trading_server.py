@@ -5,7 +5,8 @@
 - `mtls`: exactly the same on a mutual-TLS port (the transport's cost alone);
 - `mesh`: the real service (services.trading.service.SERVICE, run by the kit's runner: mTLS plus SPIFFE
   authorisation) with its guard left out;
-- `guarded`: the real service exactly as declared, its guard included (`--auth-target`: the auth service).
+- `guarded`: the real service exactly as declared, its guard included (`--auth-target`: the auth service); the
+  guard's quota stage only with `--ratelimit-target` (the rate-limit service).
 
 UNGUARDED modes (plain, mtls, mesh): the trading handlers act only for a verified principal (every order belongs
 to the principal's account, services/trading/core.py `account_of`), so in place of the guard these modes mount
@@ -75,7 +76,9 @@ async def unguarded(port: int, db: str, home: Path, secure: bool, account: str) 
     await server.wait_for_termination()
 
 
-async def mesh(port: int, db: str, home: Path, account: str, auth_target: str | None) -> None:
+async def mesh(
+    port: int, db: str, home: Path, account: str, auth_target: str | None, ratelimit_target: str | None = None
+) -> None:
     """The real declaration run by the kit's runner: with its guard (`auth_target` given), or with the guard
     replaced by `FixedPrincipal` (None)."""
     declaration = SERVICE
@@ -87,7 +90,13 @@ async def mesh(port: int, db: str, home: Path, account: str, auth_target: str | 
             return replace(assembly, layers=[FixedPrincipal(account), *assembly.layers])
 
         declaration = replace(SERVICE, permissions=None, build=unguarded_build)
-    guard = GuardSettings() if auth_target is None else GuardSettings(auth_target=auth_target)
+    guard = GuardSettings(quota=False)
+    if auth_target is not None:  # the quota stage on only when a rate-limit service is named
+        guard = GuardSettings(
+            auth_target=auth_target,
+            quota=ratelimit_target is not None,
+            ratelimit_target=ratelimit_target or GuardSettings.ratelimit_target,
+        )
     settings = Settings(
         server=ServerConfig(name="trading", port=port, home=home), database_url=db, guard=guard
     )
@@ -104,12 +113,18 @@ def main() -> None:
     parser.add_argument("--home", type=Path, required=True)
     parser.add_argument("--account", default=BENCH_ACCOUNT, help="the fixed principal's account (unguarded)")
     parser.add_argument("--auth-target", help="host:port of the auth service (guarded mode)")
+    parser.add_argument(
+        "--ratelimit-target",
+        help="host:port of the rate-limit service: the guard's quota stage on (guarded mode)",
+    )
     args = parser.parse_args()
     if (args.mode == "guarded") != (args.auth_target is not None):
         parser.error("--auth-target is required by, and only by, --mode guarded")
     configure_logging(json=True)
     if args.mode in ("mesh", "guarded"):
-        asyncio.run(mesh(args.port, args.db, args.home, args.account, args.auth_target))
+        asyncio.run(
+            mesh(args.port, args.db, args.home, args.account, args.auth_target, args.ratelimit_target)
+        )
     else:
         asyncio.run(unguarded(args.port, args.db, args.home, args.mode == "mtls", args.account))
 

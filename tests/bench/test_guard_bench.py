@@ -20,7 +20,7 @@ async def test_the_guard_benchmark_runs_every_mode_through_the_real_services(
         (only,) = rounds
         assert only.result.calls > 0, mode
         assert only.result.errors == 0, mode
-        assert set(only.cpu_us) == {"client", "trading", "auth", "keyvault"}
+        assert set(only.cpu_us) == {"client", "trading", "auth", "keyvault", "ratelimit"}
         if mode in guard.SIGNED:
             assert only.batch is not None and only.batch >= 1, mode  # auth verified them in batches
         else:
@@ -30,7 +30,9 @@ async def test_the_guard_benchmark_runs_every_mode_through_the_real_services(
     for mode in guard.MODES:
         assert f"round 1 {mode}" in out
     assert "RSS MiB before -> after the load" in out
-    for process in ("keyvault", "auth", *(f"trading-{mode}" for mode in guard.MODES)):
+    assert "the quota stage: jwt+quota / jwt" in out
+    assert "the quota stage: hmac+quota / hmac" in out
+    for process in ("keyvault", "auth", "ratelimit", *(f"trading-{mode}" for mode in guard.MODES)):
         assert f"{process} " in out.rpartition("RSS MiB")[2]
 
 
