@@ -4,9 +4,11 @@
 window, never a fixed one. Units are counted in `buckets` sub-window buckets of `bucket_us = ceil(window_us /
 buckets)` each, bucket index `now_us // bucket_us`. A check at time t counts the buckets `j - buckets .. j`
 (j = t's bucket), which cover every unit of (t - window, t] — so a limit is NEVER exceeded in any window (zero error
-on the safe side) — and possibly units of (t - window - bucket_us, t - window] as well: a request refused here that
-an exact sliding log would allow is refused only because of units less than one bucket older than the window. That
-bound is the sliding-window counter's only error, and the property tests check it against an exact log.
+on the safe side) — and possibly units of (t - (buckets + 1) * bucket_us, t - window] as well: a request refused
+here that an exact sliding log would allow is refused only because of units less than one bucket older than the
+window (exactly one bucket when `buckets` divides the window in µs; else up to `buckets - 1` µs more, from rounding
+the bucket up to whole µs). That bound is the sliding-window counter's only error, and the property tests check it
+against an exact log.
 Memory: `buckets + 1` counters per (subject, limit), whatever the count (a 1,000,000-per-day quota costs the same as
 10 per second).
 
