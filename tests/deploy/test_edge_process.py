@@ -36,10 +36,10 @@ from tests.deploy.edge_support import (
     closed_port,
     public_tls,
     running_edge,
-    running_ratelimit,
     serving,
     trading_settings,
 )
+from tests.support import PACKAGED_LIMITS, running_ratelimit
 from tradeguard import edge
 from tradeguard.cli import up_cmd
 from tradeguard.cli.main import main as cli_main
@@ -60,7 +60,6 @@ ORDER = {
     "price": "64000.25",
 }
 REPO = Path(__file__).resolve().parents[2]
-PACKAGED_LIMITS = REPO / "services" / "ratelimit" / "limits.yaml"
 WORKLOADS = ("ops", "trading", "edge", "auth", "ratelimit")
 
 

@@ -24,8 +24,9 @@ from google.protobuf import duration_pb2
 from services.auth.service import SERVICE as AUTH
 from services.ratelimit.model import DEFAULT_BUCKETS
 from services.trading.service import SERVICE as TRADING
-from tests.deploy.edge_support import Edge, public_tls, running_edge, running_ratelimit, signed_headers
+from tests.deploy.edge_support import Edge, public_tls, running_edge, signed_headers
 from tests.services.auth.auth_support import auth_settings, create_user, enrol, login
+from tests.support import running_ratelimit
 from tests.support_auth import create_hmac_key, keyvault_settings, running_keyvault
 from tradeguard import edge
 from tradeguard.auth.v1 import auth_pb2_grpc

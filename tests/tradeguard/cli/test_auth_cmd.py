@@ -32,6 +32,7 @@ import zxingcpp
 
 from services.trading.service import SERVICE as TRADING
 from services.trading.settings import Settings as TradingSettings
+from tests.support import PACKAGED_LIMITS, running_ratelimit
 from tests.support_auth import printed_commands, real_auth
 from tradeguard import registry, signing
 from tradeguard.cli.up_cmd import Child, Supervisor
@@ -43,7 +44,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[3]
 PASSWORD = "a long and private passphrase"
-WORKLOADS = ("ops", "auth", "keyvault", "trading", "monitor", "trading-client")
+WORKLOADS = ("ops", "auth", "keyvault", "trading", "monitor", "trading-client", "ratelimit")
 
 
 @dataclass
@@ -120,11 +121,11 @@ async def suite(tmp_path: Path) -> AsyncIterator[Suite]:
     password_file = tmp_path / "password"
     password_file.write_text(PASSWORD + "\n")
     password_file.chmod(0o600)
-    async with real_auth(paths) as real:
+    async with real_auth(paths) as real, running_ratelimit(paths, PACKAGED_LIMITS.read_text()) as ratelimit:
         settings = TradingSettings(
             server=ServerConfig(name="trading", port=0, home=home, grace_s=1.0),
             database_url=f"sqlite:///{home / 'data' / 'trading.db'}",
-            guard=GuardSettings(auth_target=real.target),
+            guard=GuardSettings(auth_target=real.target, ratelimit_target=ratelimit.target),
         )
         async with running_service(TRADING, settings, paths) as trading:
             guard = trading.running.assembly.layers[0]

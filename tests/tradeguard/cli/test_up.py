@@ -29,7 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.support import free_port, openssl_handshake
+from tests.support import TEST_LIMITS, free_port, openssl_handshake
 from tests.support_auth import printed_commands
 from tradeguard import registry, signing
 from tradeguard.cli import common, credentials, main
@@ -324,6 +324,11 @@ async def test_running_suite_renews_due_certificates_with_no_failed_call(tmp_pat
     up. Here the certificates last 24 h; once the suite is up the test makes two of them due (re-issued as if
     13 h old) and waits for the renewal itself, calling all along."""
     home = tmp_path / "home"
+    # the caller below calls back to back: the tests' generous limits, not the packaged ones (`up` never
+    # overwrites a limits file it finds)
+    limits = home / "config" / "limits.yaml"
+    limits.parent.mkdir(parents=True, mode=0o700)
+    limits.write_text(TEST_LIMITS)
     with running(home, "--check-seconds", "0.2") as suite:
         await suite.wait_for("Tradeguard is up")
         paths = pki.PkiPaths(home)
