@@ -37,9 +37,6 @@ from typing import Final
 from services.ratelimit.counters import Counters
 from services.ratelimit.model import (
     MAX_COST,
-    NAME_PATTERN,
-    OPERATION_PATTERN,
-    SUBJECT_PATTERN,
     Charge,
     Count,
     Counted,
@@ -53,6 +50,7 @@ from services.ratelimit.model import (
 )
 from tradeguard.errors import FieldViolation, InvalidArgument
 from tradeguard.observability.logging import get_logger
+from tradeguard.ratelimit.names import NAME_PATTERN, OPERATION_PATTERN, SUBJECT_PATTERN
 
 __all__ = ["DEFAULT_STORE_TIMEOUT_S", "STORE_RETRY_AFTER_US", "RateLimiter"]
 

@@ -46,15 +46,13 @@ from services.ratelimit.model import (
     MAX_COST,
     MAX_COUNT,
     MAX_WINDOW_US,
-    NAME_PATTERN,
-    OPERATION_PATTERN,
-    SUBJECT_PATTERN,
     Limit,
     LimitsConfig,
     Operation,
     Override,
     Tier,
 )
+from tradeguard.ratelimit.names import NAME_PATTERN, OPERATION_PATTERN, SUBJECT_PATTERN
 
 __all__ = ["DEFAULT_OPERATION", "MAX_BYTES", "MAX_DEPTH", "LimitsError", "parse_limits", "parse_window"]
 

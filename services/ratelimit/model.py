@@ -25,17 +25,16 @@ limits with `consume_refused` are added. A peek (`consume=False`) adds nothing.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
+
+from tradeguard.ratelimit.names import limit_text
 
 __all__ = [
     "DEFAULT_BUCKETS",
     "MAX_BATCH",
     "MAX_COST",
-    "OPERATION_PATTERN",
-    "SUBJECT_PATTERN",
     "Charge",
     "Count",
     "Counted",
@@ -51,9 +50,6 @@ __all__ = [
     "Tier",
 ]
 
-SUBJECT_PATTERN: Final = re.compile(r"[A-Za-z0-9_.:@/-]{1,128}")  # no braces: a subject is a Redis hash tag
-OPERATION_PATTERN: Final = re.compile(r"[A-Za-z0-9_.:/-]{1,200}")
-NAME_PATTERN: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # tiers, groups, limit names
 MAX_COST: Final = 1_000_000  # units one request may ask for (before the operation's weight)
 MAX_BATCH: Final = 1000  # checks per CheckQuotaBatch
 DEFAULT_BUCKETS: Final = 20  # a limit's precision: its error bound is window / buckets
@@ -88,15 +84,7 @@ class Limit:
     @property
     def description(self) -> str:
         """For QuotaFailure and logs: "orders/per-second: 10 per 1s"."""
-        return f"{self.group}/{self.name}: {self.count} per {_window_text(self.window_us)}"
-
-
-def _window_text(window_us: int) -> str:
-    seconds = window_us / 1_000_000
-    for unit, size in (("d", 86_400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
+        return limit_text(self.group, self.name, self.count, self.window_us)
 
 
 @dataclass(frozen=True, slots=True)

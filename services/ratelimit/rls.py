@@ -48,6 +48,7 @@ from services.ratelimit.model import MAX_BATCH, Decision, LimitState, QuotaReque
 from tradeguard.batching import BatcherClosed, BatcherFull
 from tradeguard.errors import FieldViolation, InvalidArgument, Unavailable
 from tradeguard.observability.annotations import annotate
+from tradeguard.ratelimit.names import subject_for
 
 __all__ = ["DOMAIN", "FULL_NAME", "RlsServicer", "current_limit", "register", "tightest"]
 
@@ -177,7 +178,7 @@ class RlsServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
             tier = entries.get("tier", "")
             hits = descriptor.hits_addend.value if descriptor.HasField("hits_addend") else request.hits_addend
             quota = QuotaRequest(
-                subject=f"key:{key}" if key and key != NO_VALUE else f"user:{entries['principal']}",
+                subject=subject_for(entries["principal"], key if key != NO_VALUE else None),
                 tier="" if tier == NO_VALUE else tier,
                 operation=entries["method"].split("?", 1)[0],
                 cost=hits or 1,

@@ -21,11 +21,12 @@ from typing import Any, Final
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from services.ratelimit.core import RateLimiter
-from services.ratelimit.model import MAX_BATCH, SUBJECT_PATTERN, Decision, QuotaRequest
+from services.ratelimit.model import MAX_BATCH, Decision, QuotaRequest
 from services.ratelimit.reload import LimitsFile
 from tradeguard.batching import Batcher, BatcherClosed, BatcherFull, Outcome
 from tradeguard.errors import FieldViolation, InvalidArgument, Unavailable
 from tradeguard.observability.annotations import annotate
+from tradeguard.ratelimit.names import SUBJECT_PATTERN
 from tradeguard.ratelimit.v1 import ratelimit_pb2 as pb
 from tradeguard.ratelimit.v1 import ratelimit_pb2_grpc
 

@@ -40,7 +40,6 @@ the batcher's own (`batcher.batches`, `.items`, `.largest_batch`).
 from __future__ import annotations
 
 import asyncio
-import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -53,8 +52,16 @@ from tradeguard.errors import DomainError, QuotaViolation, ResourceExhausted, Un
 from tradeguard.observability.annotations import annotate
 from tradeguard.observability.logging import get_logger
 from tradeguard.principal import Principal
+from tradeguard.ratelimit.names import (
+    NAME_PATTERN,
+    OPERATION_PATTERN,
+    SUBJECT_PATTERN,
+    limit_text,
+    subject_for,
+)
 from tradeguard.ratelimit.v1 import ratelimit_pb2 as pb
 from tradeguard.ratelimit.v1 import ratelimit_pb2_grpc
+from tradeguard.rpc.status import describe_failure
 
 __all__ = ["EarlyCheck", "QuotaCheck", "QuotaStage", "limit_description", "subject_of"]
 
@@ -64,11 +71,6 @@ DEFAULT_MAX_PENDING: Final = 4096
 DEFAULT_KNOWN_KEYS: Final = 10_000
 UNAVAILABLE_MESSAGE: Final = "rate-limit service unavailable"
 
-# The rate-limit service's own bounds (services/ratelimit/model.py; the kit cannot import a service, and a test
-# checks that these agree with it).
-SUBJECT_PATTERN: Final = re.compile(r"[A-Za-z0-9_.:@/-]{1,128}")
-OPERATION_PATTERN: Final = re.compile(r"[A-Za-z0-9_.:/-]{1,200}")
-TIER_PATTERN: Final = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 _log = get_logger("tradeguard.guard.quota")
 
@@ -112,29 +114,14 @@ class EarlyCheck:
 
 def subject_of(principal: Principal) -> str:
     """Who is counted: the API key for a signed call, else the user."""
-    return f"key:{principal.key_id}" if principal.key_id else f"user:{principal.user_id}"
-
-
-def _window_text(window_us: int) -> str:
-    seconds = window_us / 1_000_000
-    for unit, size in (("d", 86_400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{int(seconds // size)}{unit}"
-    return f"{seconds:g}s"
+    return subject_for(principal.user_id, principal.key_id)
 
 
 def limit_description(status: pb.LimitStatus) -> str:
     """A limit as QuotaFailure and the logs name it: "orders/per-second: 10 per 1s" (the rate limiter's
     `Limit.description`)."""
     window_us = status.window.ToMicroseconds()
-    return f"{status.group}/{status.name}: {status.limit} per {_window_text(window_us)}"
-
-
-def _describe(error: BaseException) -> str:
-    code = getattr(error, "code", None)
-    if isinstance(error, grpc.aio.AioRpcError) and callable(code):
-        return f"{type(error).__name__} {code()}"
-    return type(error).__name__
+    return limit_text(status.group, status.name, status.limit, window_us)
 
 
 def _retrieve(task: asyncio.Task[_Verdict]) -> None:
@@ -222,7 +209,7 @@ class QuotaStage:
         self._known.move_to_end(entry)
         self.checks += 1
         self.concurrent_checks += 1
-        task = asyncio.ensure_future(self._decide(f"key:{key_id}", known.tier, method))
+        task = asyncio.ensure_future(self._decide(subject_for("", key_id), known.tier, method))
         task.add_done_callback(_retrieve)
         return EarlyCheck(key_id, known.tier, task)
 
@@ -255,13 +242,13 @@ class QuotaStage:
             return _Verdict("unavailable", cause="subject not countable")
         if OPERATION_PATTERN.fullmatch(method) is None:
             return _Verdict("unavailable", cause="method not countable")
-        item = QuotaCheck(subject, tier if TIER_PATTERN.fullmatch(tier) else "", method)
+        item = QuotaCheck(subject, tier if NAME_PATTERN.fullmatch(tier) else "", method)
         try:
             return await self.batcher.submit(item)
         except (BatcherFull, BatcherClosed) as error:
             return _Verdict("unavailable", cause=f"quota check refused ({type(error).__name__})")
         except Exception as error:
-            return _Verdict("unavailable", cause=f"rate-limit service failed ({_describe(error)})")
+            return _Verdict("unavailable", cause=f"rate-limit service failed ({describe_failure(error)})")
 
     def _apply(self, verdict: _Verdict, path: str) -> None:
         """Annotate the RPC's log line with the verdict; raise its error if it refuses."""

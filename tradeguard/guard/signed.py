@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from typing import Final
 
-import grpc
-
 from tradeguard.batching import Batcher, BatcherClosed, BatcherFull, RunBatch
 from tradeguard.errors import DomainError, Unauthenticated
 from tradeguard.guard.revocations import RevocationSet
 from tradeguard.principal import Principal
+from tradeguard.rpc.status import describe_failure
 from tradeguard.signing import SignedRequest
 
 __all__ = ["SignedVerifier"]
@@ -49,7 +48,7 @@ class SignedVerifier:
         except (BatcherFull, BatcherClosed) as error:
             raise Unauthenticated(f"signed-request verification refused ({type(error).__name__})") from None
         except Exception as error:
-            raise Unauthenticated(f"auth service unavailable ({_describe(error)})") from None
+            raise Unauthenticated(f"auth service unavailable ({describe_failure(error)})") from None
         if principal.key_id is None or principal.key_id != request.key_id:
             raise Unauthenticated("auth answered for another key")
         if self._revocations.key_revoked(principal.key_id):
@@ -58,10 +57,3 @@ class SignedVerifier:
 
     async def close(self) -> None:
         await self.batcher.close()
-
-
-def _describe(error: BaseException) -> str:
-    code = getattr(error, "code", None)
-    if isinstance(error, grpc.aio.AioRpcError) and callable(code):
-        return f"{type(error).__name__} {code()}"
-    return type(error).__name__

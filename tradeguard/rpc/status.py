@@ -38,6 +38,7 @@ __all__ = [
     "QuotaViolation",
     "RichStatus",
     "decode_status",
+    "describe_failure",
     "rich_status",
 ]
 
@@ -203,3 +204,12 @@ def _details(status: RichStatus, details: Iterable[Any]) -> RichStatus:
         quota_violations=tuple(quota),
         retry_after_s=status.retry_after_s,
     )
+
+
+def describe_failure(error: BaseException) -> str:
+    """A failed call in a few words for a log line: the exception's type and, for an RPC error, its status code —
+    never its details, which carry the callee's message."""
+    code = getattr(error, "code", None)
+    if isinstance(error, grpc.aio.AioRpcError) and callable(code):
+        return f"{type(error).__name__} {code()}"
+    return type(error).__name__

@@ -19,15 +19,13 @@ from services.ratelimit.model import (
     MAX_BUCKETS,
     MAX_COST,
     MAX_COUNT,
-    NAME_PATTERN,
-    OPERATION_PATTERN,
-    SUBJECT_PATTERN,
     Limit,
     LimitsConfig,
     Operation,
     Override,
     Tier,
 )
+from tradeguard.ratelimit.names import NAME_PATTERN, OPERATION_PATTERN, SUBJECT_PATTERN
 
 PACKAGED = Path(__file__).resolve().parents[3] / "services" / "ratelimit" / "limits.yaml"
 PLACE = "/tradeguard.trading.v1.TradingService/PlaceOrder"

@@ -443,12 +443,6 @@ async def test_quota_off_builds_no_stage(pki_paths: pki.PkiPaths) -> None:
         await guard.close()
 
 
-def test_the_kits_bounds_are_the_rate_limiters() -> None:
-    assert quota_module.SUBJECT_PATTERN.pattern == model.SUBJECT_PATTERN.pattern
-    assert quota_module.OPERATION_PATTERN.pattern == model.OPERATION_PATTERN.pattern
-    assert quota_module.TIER_PATTERN.pattern == model.NAME_PATTERN.pattern
-
-
 @given(
     seconds=st.integers(min_value=1, max_value=31 * 86_400),
     count=st.integers(min_value=1, max_value=model.MAX_COUNT),
