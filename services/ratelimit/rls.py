@@ -30,25 +30,31 @@ The response:
   `ratelimit-reset` (seconds until reset, rounded up), and over the limit `retry-after`: whole seconds, rounded
   up, at least 1 — the longest wait of the refused descriptors; when a refused request can never pass (its cost
   exceeds a limit), the refusing limit's window; when the store did not answer, 1.
+- over the limit, the 429's body (`raw_body`) is the JSON a gRPC error has through the edge's transcoder: a
+  `google.rpc.Status` (code 8, RESOURCE_EXHAUSTED) with `ErrorInfo` (RATE_LIMITED), `RetryInfo` and a `QuotaFailure`
+  naming each refusing limit, with `content-type: application/json` and `cache-control: no-store` (those two only
+  on the 429: Envoy adds `response_headers_to_add` to an allowed request's response as well).
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-from google.protobuf import duration_pb2
+from google.protobuf import duration_pb2, json_format
 
 from services.ratelimit.core import RateLimiter
 from services.ratelimit.model import MAX_BATCH, Decision, LimitState, QuotaRequest
 from tradeguard.batching import BatcherClosed, BatcherFull
-from tradeguard.errors import FieldViolation, InvalidArgument, Unavailable
+from tradeguard.errors import FieldViolation, InvalidArgument, QuotaViolation, ResourceExhausted, Unavailable
 from tradeguard.observability.annotations import annotate
 from tradeguard.ratelimit.names import subject_for
+from tradeguard.rpc.errors import to_rpc_status
 
 __all__ = ["DOMAIN", "FULL_NAME", "RlsServicer", "current_limit", "register", "tightest"]
 
@@ -130,7 +136,7 @@ class RlsServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
             decisions: list[Decision] = list(await asyncio.gather(*(self._submit(q) for q in quotas)))
         except (BatcherFull, BatcherClosed) as error:
             raise Unavailable("the rate limiter is overloaded or stopping", reason="OVERLOADED") from error
-        response = self._response(decisions)
+        response = self._response(quotas, decisions)
         annotate(
             domain=request.domain,
             subjects=sorted({q.subject for q in quotas}),
@@ -193,7 +199,9 @@ class RlsServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
             raise InvalidArgument(violations)
         return quotas
 
-    def _response(self, decisions: Sequence[Decision]) -> rls_pb2.RateLimitResponse:
+    def _response(
+        self, quotas: Sequence[QuotaRequest], decisions: Sequence[Decision]
+    ) -> rls_pb2.RateLimitResponse:
         over = any(not decision.allowed for decision in decisions)
         response = rls_pb2.RateLimitResponse(overall_code=_OVER_LIMIT if over else _OK)
         binding: tuple[LimitState, Decision] | None = None
@@ -222,8 +230,35 @@ class RlsServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
                 ]
             )
         if over:
-            response.response_headers_to_add.append(_header("retry-after", str(_retry_after_s(decisions))))
+            retry_after_s = _retry_after_s(decisions)
+            response.response_headers_to_add.extend(
+                [
+                    _header("retry-after", str(retry_after_s)),
+                    _header("content-type", "application/json"),
+                    _header("cache-control", "no-store"),
+                ]
+            )
+            response.raw_body = _over_limit_body(quotas, decisions, retry_after_s)
         return response
+
+
+def _over_limit_body(
+    quotas: Sequence[QuotaRequest], decisions: Sequence[Decision], retry_after_s: int
+) -> bytes:
+    """The 429's JSON body: the google.rpc.Status the kit maps a `ResourceExhausted` to, as the transcoder prints
+    it (proto field names)."""
+    refusing = [
+        QuotaViolation(q.subject, s.limit.description)
+        for q, d in zip(quotas, decisions, strict=True)
+        if not d.allowed
+        for s in (d.refused_by or d.limits)
+    ]
+    first = refusing[0] if refusing else QuotaViolation("", "rate limit exceeded")
+    error = ResourceExhausted(first.subject, first.description, retry_after_s, refusing)
+    _, status, _ = to_rpc_status(error)
+    return json.dumps(
+        json_format.MessageToDict(status, preserving_proto_field_name=True), separators=(",", ":")
+    ).encode()
 
 
 def _retry_after_s(decisions: Sequence[Decision]) -> int:

@@ -187,14 +187,19 @@ def assert_allowed(answer: httpx.Response, limit: int, remaining: int) -> None:
 
 
 def assert_limited(answer: httpx.Response, limit: int) -> None:
-    """A 429 with Retry-After (whole seconds, at least 1, at most the hour's window and a bucket), the RateLimit-* headers of
-    the limit that refused, HSTS, and none of Envoy's own rate-limit headers beside them."""
+    """A 429 with Retry-After (whole seconds, at least 1, at most the hour's window and a bucket), the RateLimit-* headers
+    of the limit that refused, HSTS, none of Envoy's own rate-limit headers beside them, and a JSON body in the
+    shape of a transcoded gRPC error (RESOURCE_EXHAUSTED, its retry delay the Retry-After)."""
     assert answer.status_code == 429, answer.text
     assert _once(answer, "strict-transport-security") == HSTS
     assert 1 <= _seconds(_once(answer, "retry-after")) <= LONGEST_WAIT_S
     assert (_once(answer, "ratelimit-limit"), _once(answer, "ratelimit-remaining")) == (str(limit), "0")
     assert 1 <= _seconds(_once(answer, "ratelimit-reset")) <= LONGEST_WAIT_S
     assert not [name for name in answer.headers if name.startswith(("x-ratelimit-", "x-envoy-"))]
+    assert _once(answer, "content-type") == "application/json"
+    body = answer.json()
+    assert body["code"] == 8 and body["details"][0]["reason"] == "RATE_LIMITED"
+    assert body["details"][1]["retry_delay"] == f"{_once(answer, 'retry-after')}s"
 
 
 @pytest.mark.parametrize("http2", [True, False], ids=["http2", "http1.1"])

@@ -6,6 +6,7 @@ descriptor, and only the edge admitted."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import AsyncIterator
 from typing import Any
@@ -119,6 +120,16 @@ async def test_ok_then_over_limit_with_statuses_and_headers(ratelimit: Ratelimit
     assert status.current_limit.name == "orders/per-second: 2 per 1s"
     sent = headers(over)
     assert sent["ratelimit-limit"] == "2" and sent["ratelimit-remaining"] == "0"
+    # the 429's body: the JSON of the google.rpc.Status a gRPC client gets (as the edge's transcoder prints one)
+    assert (sent["content-type"], sent["cache-control"]) == ("application/json", "no-store")
+    body = json.loads(over.raw_body)
+    assert (body["code"], body["message"]) == (8, "orders/per-second: 2 per 1s")
+    info, retry, failure = body["details"]
+    assert (info["reason"], info["domain"]) == ("RATE_LIMITED", "tradeguard.dev")
+    assert retry["retry_delay"] == f"{sent['retry-after']}s"
+    assert failure["violations"] == [
+        {"subject": "key:tgk_edge1", "description": "orders/per-second: 2 per 1s"}
+    ]
     async with ratelimit.stub() as stub:  # the same request as a CheckQuota peek: its retry delay
         peek = (await stub.GetQuota(pb.GetQuotaRequest(check=check("key:tgk_edge1")))).decision
     assert sent["retry-after"] == str(max(1, math.ceil(peek.retry_after.ToMicroseconds() / SECOND_US)))
