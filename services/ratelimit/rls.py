@@ -46,10 +46,11 @@ from typing import Any, Final
 
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
-from google.protobuf import duration_pb2, json_format
+from google.protobuf import json_format
 
 from services.ratelimit.core import RateLimiter
 from services.ratelimit.model import MAX_BATCH, Decision, LimitState, QuotaRequest
+from services.ratelimit.servicer import duration
 from tradeguard.batching import BatcherClosed, BatcherFull
 from tradeguard.errors import FieldViolation, InvalidArgument, QuotaViolation, ResourceExhausted, Unavailable
 from tradeguard.observability.annotations import annotate
@@ -212,7 +213,7 @@ class RlsServicer(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
                 continue
             status.current_limit.CopyFrom(current_limit(state))
             status.limit_remaining = min(state.remaining, _UINT32_MAX)
-            status.duration_until_reset.CopyFrom(_duration(_until_reset_us(state, decision.now_us)))
+            status.duration_until_reset.CopyFrom(duration(_until_reset_us(state, decision.now_us)))
             rank = (not state.exceeded, state.remaining, state.limit.count)
             if binding is None or rank < (
                 not binding[0].exceeded,
@@ -275,11 +276,6 @@ def _retry_after_s(decisions: Sequence[Decision]) -> int:
             refusing = decision.refused_by or decision.limits
             waits.append(max((s.limit.window_us for s in refusing), default=1_000_000))
     return max(1, _seconds_up(max(waits, default=1_000_000)))
-
-
-def _duration(micros: int) -> duration_pb2.Duration:
-    seconds, us = divmod(max(0, micros), 1_000_000)
-    return duration_pb2.Duration(seconds=seconds, nanos=us * 1000)
 
 
 def register(servicer: RlsServicer) -> Callable[[Any], None]:
