@@ -39,9 +39,9 @@ import redis.asyncio as aioredis
 from bench.guard import Layout, rss_mib, serving
 from bench.loadgen import Call, Result, closed_loop, free_port, load_arguments, process_cpu_s
 from services.ratelimit.counters import counter_key
-from services.ratelimit.counters_redis import EVALUATE
+from services.ratelimit.counters_redis import EVALUATE, script_arguments
 from services.ratelimit.limits_file import parse_limits
-from services.ratelimit.model import Charge
+from services.ratelimit.model import Charge, Evaluation
 from tradeguard.batching import Batcher, Outcome
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.channel import MeshChannel
@@ -83,15 +83,12 @@ def script_calls(client: aioredis.Redis, run: str) -> Call:
     """Each call: the script for one caller's subject, as RedisCounters would send it (by SHA)."""
     config = parse_limits(LIMITS, "bench")
     limits = config.tiers["bench"].groups["requests"]
-    charges = [Charge(limit, 1) for limit in limits]
+    charges = tuple(Charge(limit, 1) for limit in limits)
 
     async def call(i: int) -> object:
-        subject = f"bench-{run}-{i % 64}"
-        keys = [counter_key(subject, c.limit) for c in charges]
-        args: list[int] = [0, 1]
-        for c in charges:
-            args += [c.limit.bucket_us, c.limit.buckets, c.limit.count, c.units, 0, 0]
-        reply = await EVALUATE(client, keys, args)
+        evaluation = Evaluation(f"bench-{run}-{i % 64}", charges)
+        keys = [counter_key(evaluation.subject, c.limit) for c in charges]
+        reply = await EVALUATE(client, keys, script_arguments(evaluation, 0))
         assert reply[0] == 1
         return reply
 

@@ -3,9 +3,11 @@ the same `now_us`. `TestContract` runs on the in-process counters and on the mac
 Redis Cluster in test_counters_cluster.py (which overrides `counters_backend`).
 
 Then what only Redis has: the key layout (one hash slot per subject), Redis's own clock when `now_us` is None,
-NOSCRIPT after SCRIPT FLUSH, key expiry, the hash staying small, a failed evaluation in its place, Redis stopped
-mid-run (StoreUnavailable promptly, never a hang) and back (served again by the same `RedisCounters`), and the
-password never shown.
+NOSCRIPT after SCRIPT FLUSH, key expiry (a TTL set when a newer bucket starts, kept otherwise), the packed value
+staying small (and holding a bucket written by a clock that stepped back), the commands an evaluation costs (one
+GET per counter, a write only of what changed), a failed evaluation in its place, Redis stopped mid-run
+(StoreUnavailable promptly, never a hang) and back (served again by the same `RedisCounters`), and the password
+never shown.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import asyncio
 import os
 import random
 import signal
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -168,6 +171,30 @@ class TestContract:
         r = await one(counters, subject, burst, quota, now_us=t + DAY_US + HOUR_US)
         assert r.allowed  # a day (and one bucket) later
 
+    async def test_several_charges_on_one_counter_share_it(
+        self, counters: Counters, subject: str, clock: FakeClock
+    ) -> None:
+        """Limits with one `counter_id` (same window and precision; counts and flags may differ) count on one
+        counter: each charge is decided on what it held before the request, and each adds its own units."""
+        t = clock()
+        loose = limit(5, 3600, name="shared", buckets=4)
+        strict = limit(3, 3600, name="shared", buckets=4, consume_refused=True)
+        ends = (
+            t // loose.bucket_us + loose.buckets + 1
+        ) * loose.bucket_us  # when bucket t's units stop counting
+        r = await one(counters, subject, charge(loose, 2), charge(strict, 2), now_us=t)
+        assert r.allowed
+        # strict's retry sees both charges' units (4 + 2 > 3): only when bucket t leaves
+        assert [(c.counted, c.fits, c.reset_us, c.retry_us) for c in r.counts] == [
+            (2, True, ends, t),
+            (2, True, ends, ends),
+        ]
+        r = await one(counters, subject, charge(loose, 2), charge(strict, 2), now_us=t + 1)
+        assert not r.allowed  # 4 + 2 fits neither; strict counts the refusal
+        assert [(c.counted, c.fits, c.retry_us) for c in r.counts] == [(4, False, ends), (6, False, ends)]
+        peek = await one(counters, subject, charge(loose, 1), now_us=t + 2, consume=False)
+        assert peek.counts[0].counted == 6
+
     async def test_a_batch_is_evaluated_in_order_each_evaluation_atomic(
         self, counters: Counters, counters_backend: CountersBackend, clock: FakeClock
     ) -> None:
@@ -219,8 +246,9 @@ class TestContract:
     async def test_a_random_run_gives_the_in_process_answers(
         self, counters: Counters, counters_backend: CountersBackend, clock: FakeClock, seed: int
     ) -> None:
-        """The same random traffic (several subjects, limits with every flag, peeks, batches, a clock that now
-        and then steps back, a little or by more than a window) against this backend and a reference `MemoryCounters`: every answer equal."""
+        """The same random traffic (several subjects, limits with every flag, two limits on one counter, peeks,
+        batches, a clock that now and then steps back, a little or by more than a window) against this backend and
+        a reference `MemoryCounters`: every answer equal."""
         rnd = random.Random(seed)
         reference = MemoryCounters(clock)
         limits = [
@@ -229,6 +257,7 @@ class TestContract:
             limit(2, 1800, name="c", buckets=7, shadow=True),
             limit(30, 86_400, name="d", buckets=24, group="orders"),
             limit(6, 3599, name="e", buckets=5),  # a bucket that does not divide the window
+            limit(9, 3600, name="a", buckets=4, consume_refused=True),  # a's counter, other count and flag
         ]
         subjects = [counters_backend.subject(f"r{i}") for i in range(3)]
         t = clock()
@@ -264,8 +293,16 @@ async def redis_counters(clock: FakeClock) -> AsyncIterator[tuple[RedisCounters,
         await backend.aclose()
 
 
-async def raw(url: str = LOCAL_REDIS) -> aioredis.Redis:
-    return aioredis.Redis.from_url(url.split("?", 1)[0], decode_responses=True)
+async def raw(url: str = LOCAL_REDIS, *, decode: bool = True) -> aioredis.Redis:
+    return aioredis.Redis.from_url(url.split("?", 1)[0], decode_responses=decode)
+
+
+def unpack_counter(value: object) -> tuple[list[tuple[int, int]], int]:
+    """A counter's value (counters_redis.py): its (bucket index, units) pairs, and the total it records."""
+    assert isinstance(value, bytes) and len(value) >= 24 and (len(value) - 8) % 16 == 0, value
+    *flat, total = struct.unpack(f"<{(len(value) - 8) // 8 + 1}d", value)
+    assert all(x == int(x) for x in (*flat, total))
+    return [(int(flat[i]), int(flat[i + 1])) for i in range(0, len(flat), 2)], int(total)
 
 
 async def test_a_subjects_keys_share_one_hash_slot_and_are_named_by_the_limit(
@@ -281,7 +318,7 @@ async def test_a_subjects_keys_share_one_hash_slot_and_are_named_by_the_limit(
     r = await raw()
     try:
         assert sorted(await r.keys(f"tg:rl:{{{backend.prefix}:*")) == sorted(names)
-        assert [await r.type(n) for n in names] == ["hash"] * len(names)
+        assert [await r.type(n) for n in names] == ["string"] * len(names)
     finally:
         await r.aclose()
 
@@ -327,7 +364,8 @@ async def test_keys_expire_once_no_unit_can_count_any_more(
 ) -> None:
     counters, backend = redis_counters
     subject = backend.subject()
-    await one(counters, subject, PER_HOUR, PER_DAY, now_us=clock())
+    t = clock()
+    await one(counters, subject, PER_HOUR, PER_DAY, now_us=t)
     r = await raw()
     try:
         for x in (PER_HOUR, PER_DAY):
@@ -335,30 +373,53 @@ async def test_keys_expire_once_no_unit_can_count_any_more(
             longest_ms = (x.buckets + 1) * x.bucket_us // 1000  # a unit counts at most (n + 1) buckets
             assert 0 < ttl_ms <= longest_ms
             assert ttl_ms > x.window_us // 1000  # never before the window has passed
+        # Units added to the newest bucket keep the TTL (it covers them already); a newer bucket sets it afresh.
+        key = counter_key(subject, PER_HOUR)
+        short_ms = 60_000  # below anything the script sets, so that a TTL set again shows
+        await r.pexpire(key, short_ms)
+        await one(counters, subject, PER_HOUR, now_us=t + 1)
+        assert 0 < await r.pttl(key) <= short_ms
+        await one(counters, subject, PER_HOUR, now_us=t + PER_HOUR.bucket_us)
+        assert await r.pttl(key) > PER_HOUR.window_us // 1000
     finally:
         await r.aclose()
 
 
-async def test_the_hash_stays_small_however_many_buckets_pass(
+async def test_the_value_stays_small_however_many_buckets_pass(
     redis_counters: tuple[RedisCounters, CountersBackend], clock: FakeClock
 ) -> None:
     counters, backend = redis_counters
     subject = backend.subject()
     fine = limit(10**6, 3600, name="fine", buckets=10)
+    g, n = fine.bucket_us, fine.buckets
     key = counter_key(subject, fine)
-    r = await raw()
+    r = await raw(decode=False)
     try:
         t = clock()
         sizes = []
         for i in range(300):  # a unit in every bucket, then some, for 30 windows
-            await one(counters, subject, fine, now_us=t + i * fine.bucket_us + (i % 3))
-            sizes.append(await r.hlen(key))
-        assert max(sizes) <= fine.buckets + 1  # the counted buckets j - n .. j, nothing else
-        assert sizes[-1] == fine.buckets + 1
+            now = t + i * g + (i % 3)
+            await one(counters, subject, fine, now_us=now)
+            pairs, total = unpack_counter(await r.get(key))
+            j = now // g
+            assert pairs == [
+                (k, 1) for k in range(max(j - n, t // g), j + 1)
+            ]  # the counted buckets, oldest first
+            assert total == len(pairs)
+            sizes.append(len(pairs))
+        assert max(sizes) == sizes[-1] == n + 1  # j - n .. j, nothing else: 16 bytes a bucket and 8
+        assert len(await r.get(key) or b"") == 16 * (n + 1) + 8
+        # a clock behind by a few windows writes its bucket in its place (one more, until time passes it)
+        newest = (t + 299 * g) // g
+        behind = t + 299 * g - 3 * fine.window_us
+        await one(counters, subject, fine, now_us=behind)
+        pairs, total = unpack_counter(await r.get(key))
+        assert pairs == [(behind // g, 1)] + [(k, 1) for k in range(newest - n, newest + 1)]
+        assert total == n + 2
         # far ahead: every stale bucket goes at once
-        t += 1000 * fine.bucket_us
+        t += 1000 * g
         await one(counters, subject, fine, now_us=t)
-        assert await r.hgetall(key) == {str(t // fine.bucket_us): "1"}
+        assert unpack_counter(await r.get(key)) == ([(t // g, 1)], 1)
         # a peek after the window emptied prunes the last bucket: the key goes (it held nothing)
         await one(counters, subject, fine, now_us=t + 2 * fine.window_us, consume=False)
         assert await r.exists(key) == 0
@@ -370,15 +431,18 @@ async def test_an_evaluation_the_store_cannot_run_is_unavailable_in_its_place(
     redis_counters: tuple[RedisCounters, CountersBackend], clock: FakeClock
 ) -> None:
     counters, backend = redis_counters
-    good, broken = backend.subject("good"), backend.subject("broken")
+    good, hashed, garbled = backend.subject("good"), backend.subject("hashed"), backend.subject("garbled")
     r = await raw()
     try:
-        await r.set(counter_key(broken, PER_HOUR), "not a hash")
+        await r.hset(counter_key(hashed, PER_HOUR), "1", "1")
+        await r.set(counter_key(garbled, PER_HOUR), "not a counter")
     finally:
         await r.aclose()
-    results = await counters.evaluate([evaluation(good, PER_HOUR), evaluation(broken, PER_HOUR)], clock())
+    batch = [evaluation(s, PER_HOUR) for s in (good, hashed, garbled)]
+    results = await counters.evaluate(batch, clock())
     assert counted(results[0]).allowed
     assert isinstance(results[1], StoreUnavailable) and "WRONGTYPE" in str(results[1])
+    assert isinstance(results[2], StoreUnavailable) and "holds no counter" in str(results[2])
 
 
 async def test_misuse_is_refused(redis_counters: tuple[RedisCounters, CountersBackend]) -> None:
@@ -449,6 +513,41 @@ async def test_noscript_after_script_flush_is_recovered(
         assert EVALUATE.loads == loads + 1  # loaded once for the whole round trip
     finally:
         await counters.close()
+
+
+async def test_an_evaluation_reads_each_counter_once_and_writes_only_what_changed(
+    own_redis: list[RedisServer], clock: FakeClock
+) -> None:
+    """What the script costs Redis, in commands (the server's own counts): one GET per counter; units added to
+    the newest bucket, a SETRANGE of its last bytes; a newer bucket appended, a SETRANGE and a PEXPIRE; a peek
+    that prunes nothing, no write; a bucket leaving the window, one SET of the whole value."""
+    counters = await RedisCounters.open(RedisConfig.from_url(own_url(own_redis[0])))
+    hour = limit(10**6, 3600, name="hour", buckets=4)  # buckets of 15 minutes
+    day = limit(10**6, 86_400, name="day", buckets=24)  # buckets of an hour
+
+    async def commands(now: int, consume: bool = True) -> dict[str, int]:
+        await counters.client.config_resetstat()
+        await one(counters, "s", hour, day, now_us=now, consume=consume)
+        stats = await counters.client.info("commandstats")
+        calls = {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+        return {name: n for name, n in calls.items() if name in _SCRIPT_COMMANDS}
+
+    try:
+        t = (clock() // day.bucket_us + 1) * day.bucket_us  # the start of an hour: a bucket of both
+        await one(counters, "warm-up", hour, now_us=t)  # the script loaded
+        assert await commands(t) == {"evalsha": 1, "get": 2, "set": 2}  # new counters: SET … PX each
+        assert await commands(t + 1) == {"evalsha": 1, "get": 2, "setrange": 2}
+        assert await commands(t + 2, consume=False) == {"evalsha": 1, "get": 2}
+        # a newer 15-minute bucket, the same hour
+        assert await commands(t + hour.bucket_us) == {"evalsha": 1, "get": 2, "setrange": 2, "pexpire": 1}
+        # 75 minutes on: the first 15-minute bucket is cut (the value written whole); a newer hour appended
+        later = t + 5 * hour.bucket_us
+        assert await commands(later) == {"evalsha": 1, "get": 2, "set": 1, "setrange": 1, "pexpire": 1}
+    finally:
+        await counters.close()
+
+
+_SCRIPT_COMMANDS = {"evalsha", "get", "set", "setrange", "pexpire", "del", "time"}
 
 
 async def test_redis_stopped_mid_run_is_unavailable_promptly_and_served_again_once_back(
