@@ -362,21 +362,24 @@ async def ready(stub: trading_pb2_grpc.TradingServiceAsyncStub, proc: Proc, time
     raise RuntimeError(f"{proc.failure()}\nlast answer: {last.code() if last else None}")
 
 
-def verify_batches(log: Path, start: int) -> tuple[int, int, int]:
-    """(VerifySignedRequests RPCs, requests in them, end offset) from auth's rpc log lines after `start`."""
+def verify_batches(
+    log: Path, start: int, method: bytes = b"VerifySignedRequests", field: str = "batch"
+) -> tuple[int, int, int]:
+    """(RPCs of `method`, items in them, end offset) from a service's rpc log lines after `start`: by default
+    auth's VerifySignedRequests and their `batch` sizes."""
     rpcs = items = 0
     with log.open("rb") as f:
         f.seek(start)
         data = f.read()
     end = start + data.rfind(b"\n") + 1
     for line in data[: end - start].splitlines():
-        if b"VerifySignedRequests" not in line or b'"batch"' not in line:
+        if method not in line or f'"{field}"'.encode() not in line:
             continue
         with contextlib.suppress(ValueError):
             record = json.loads(line)
-            if record.get("event") == "rpc" and "batch" in record:
+            if record.get("event") == "rpc" and field in record:
                 rpcs += 1
-                items += int(record["batch"])
+                items += int(record[field])
     return rpcs, items, end
 
 
@@ -385,6 +388,7 @@ class Round:
     result: Result
     cpu_us: dict[str, float]  # per process (client, trading, auth, keyvault): CPU µs per call
     batch: float | None  # average VerifySignedRequests batch (signed modes)
+    quota_batch: float | None = None  # average CheckQuotaBatch batch (+quota modes)
 
 
 def _per_call(seconds: float, calls: int) -> float:
@@ -409,6 +413,8 @@ async def measure(
     tag = mode.replace(QUOTA, "q")  # client order ids: letters, digits, - and _ only
     await closed_loop(place_order(stub, f"w{tag}{r}"), concurrency=concurrency, duration=0.5, warmup=0)
     offset = auth.log.stat().st_size
+    quota_log = layout.procs["ratelimit"].log
+    quota_offset = quota_log.stat().st_size
     before = {name: process_cpu_s(pid) for name, pid in servers.items()}
     client_before = time.process_time()
     result = await closed_loop(
@@ -423,12 +429,15 @@ async def measure(
         cpu_us[name] = _per_call(process_cpu_s(pid) - before[name], result.calls)
     await asyncio.sleep(0.05)  # the last batches' log lines
     rpcs, items, _ = verify_batches(auth.log, offset)
-    return Round(result, cpu_us, items / rpcs if rpcs else None)
+    quota_rpcs, checks, _ = verify_batches(quota_log, quota_offset, b"CheckQuotaBatch", "checks")
+    return Round(result, cpu_us, items / rpcs if rpcs else None, checks / quota_rpcs if quota_rpcs else None)
 
 
 def _line(label: str, rnd: Round) -> str:
     parts = " ".join(f"{name} {us:4.0f}" for name, us in rnd.cpu_us.items())
     batch = "" if rnd.batch is None else f"   batch {rnd.batch:5.1f}"
+    if rnd.quota_batch is not None:
+        batch += f"   quota batch {rnd.quota_batch:5.1f}"
     return f"{rnd.result.line(label)}   [{parts}]{batch}"
 
 
@@ -484,7 +493,7 @@ async def run(
                     f"PlaceOrder over mTLS, {concurrency} concurrent callers, {duration:g} s per round, {rounds} "
                     f"rounds, {os.cpu_count()} CPUs; processes: this load generator, keyvault, auth, one trading "
                     "service per mode\nper round: [CPU us per call of each process]  batch: average "
-                    "VerifySignedRequests size"
+                    "VerifySignedRequests size; quota batch: average CheckQuotaBatch size"
                 )
                 results: dict[str, list[Round]] = {mode: [] for mode in modes}
                 for r in range(rounds):
@@ -508,7 +517,7 @@ def report(
     print("\nagainst no guard (median of rounds; the ratios are what counts on a shared machine):")
     print(
         f"  {'mode':<10} {'throughput':>10} {'cost':>7} {'aim':>6}   {'p50 ms':>7} {'p99 ms':>7}   "
-        f"{'CPU/call':>8} {'added':>7}   {'client':>6} {'trading':>7} {'auth':>5} {'vault':>5} {'rl':>5}   {'batch':>5}"
+        f"{'CPU/call':>8} {'added':>7}   {'client':>6} {'trading':>7} {'auth':>5} {'vault':>5} {'rl':>5}   {'batch':>5} {'quota':>5}"
     )
     for mode, rounds in results.items():
         ratio = median_ratio([x.result for x in rounds], [x.result for x in base]) if base else float("nan")
@@ -518,6 +527,7 @@ def report(
         )
         per = {name: statistics.median(x.cpu_us[name] for x in rounds) for name in rounds[0].cpu_us}
         batches = [x.batch for x in rounds if x.batch is not None]
+        quota_batches = [x.quota_batch for x in rounds if x.quota_batch is not None]
         aim = f"<{AIM[mode] * 100:.0f} %" if mode in AIM else ""
         print(
             f"  {mode:<10} {ratio:10.3f} {(1 - ratio) * 100:6.1f}% {aim:>6}   "
@@ -526,6 +536,7 @@ def report(
             f"{cpu:6.0f}us {added:+6.0f}   {per['client']:6.0f} {per['trading']:7.0f} {per['auth']:5.0f} "
             f"{per['keyvault']:5.0f} {per['ratelimit']:5.0f}   "
             + (f"{statistics.median(batches):5.1f}" if batches else "    -")
+            + (f" {statistics.median(quota_batches):5.1f}" if quota_batches else "     -")
         )
     for mode in [m for m in results if m.endswith(QUOTA) and m.removesuffix(QUOTA) in results]:
         ratio = median_ratio(
