@@ -3,10 +3,11 @@
 `VaultClient(channel)` calls the key vault as workload `auth` on a `MeshChannel`:
 - `seal` / `open`: AES-256-GCM by the vault's "credentials" key (Encrypt / Decrypt), bound to their owner by the
   associated data (a TOTP seed to its user id, an HMAC secret to its key id);
-- `sign`: Ed25519 by the vault's "auth/jwt" key (Sign). The vault answers a self-describing
-  "tgv1:auth/jwt:v<n>:<base64url(signature)>"; the kid is "auth/jwt:v<n>";
-- `public_keys`: the versions of "auth/jwt" that still verify (GetKey; versions below the key's minimum
-  decryption version are retired and left out), as (kid, raw 32-byte key).
+- `sign`: Ed25519 by the vault's "auth/jwt" key (Sign, through the kit's `VaultSigner`,
+  tradeguard.keyvault.signer). The vault answers a self-describing "tgv1:auth/jwt:v<n>:<base64url(signature)>";
+  the kid is "auth/jwt:v<n>";
+- `public_keys`: the versions of "auth/jwt" that still verify (GetKey, through the same `VaultSigner`; versions
+  below the key's minimum decryption version are retired and left out), as (kid, raw 32-byte key).
 
 HMAC secrets of API keys are opened on every signed request, so `open_secret(key_id, ciphertext)` keeps the
 plaintexts in a bounded cache: at most `secret_cache_size` entries (default 10,000; the least recently used is
@@ -25,9 +26,6 @@ and the tests run it before the auth service starts.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -35,19 +33,29 @@ from typing import Final
 
 import grpc
 
-from tradeguard.errors import Code, OpaqueError, Unavailable
+from tradeguard.keyvault.signer import (
+    ED25519_PUBLIC_KEY_LEN,
+    ED25519_SIGNATURE_LEN,
+    KeyVaultError,
+    VaultSigner,
+    ensure_key,
+    mapped,
+    parse_signature,
+)
 from tradeguard.keyvault.v1 import keyvault_pb2 as pb
 from tradeguard.keyvault.v1 import keyvault_pb2_grpc
-from tradeguard.rpc.status import rich_status
 
 __all__ = [
     "CREDENTIALS_KEY",
     "DEFAULT_SECRET_CACHE_SIZE",
     "DEFAULT_SECRET_CACHE_TTL_S",
+    "ED25519_PUBLIC_KEY_LEN",
+    "ED25519_SIGNATURE_LEN",
     "JWT_KEY",
     "KeyVaultError",
     "VaultClient",
     "ensure_keys",
+    "parse_signature",
 ]
 
 CREDENTIALS_KEY: Final = "credentials"
@@ -55,56 +63,6 @@ JWT_KEY: Final = "auth/jwt"
 DEFAULT_TIMEOUT_S: Final = 5.0
 DEFAULT_SECRET_CACHE_SIZE: Final = 10_000
 DEFAULT_SECRET_CACHE_TTL_S: Final = 60.0
-ED25519_SIGNATURE_LEN: Final = 64
-ED25519_PUBLIC_KEY_LEN: Final = 32
-
-_TOKEN: Final = re.compile(r"tgv1:([a-z0-9][a-z0-9._/-]{0,127}):v([1-9][0-9]{0,9}):([A-Za-z0-9_-]+)")
-_RETRYABLE: Final = frozenset(
-    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
-)
-
-
-class KeyVaultError(OpaqueError):
-    """The key vault refused or failed an operation; the caller sees only "internal error"."""
-
-    code = Code.INTERNAL
-    reason = "INTERNAL"
-    public_message = "internal error"
-
-
-def _unavailable() -> Unavailable:
-    return Unavailable("the key vault is unavailable", reason="KEY_VAULT_UNAVAILABLE")
-
-
-def _mapped(operation: str, error: grpc.aio.AioRpcError) -> Exception:
-    """The kit's error for a failed vault call: code and reason only (the vault's message is not repeated)."""
-    if error.code() in _RETRYABLE:
-        return _unavailable()
-    reason = rich_status(error).reason or "no reason"
-    return KeyVaultError(f"key vault {operation}: {error.code().name} {reason}")
-
-
-def _b64url_decode(text: str) -> bytes | None:
-    """Strict unpadded base64url (the vault's encoding); None when it is not."""
-    if len(text) % 4 == 1:
-        return None
-    try:
-        data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (binascii.Error, ValueError):
-        return None
-    return data if base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii") == text else None
-
-
-def parse_signature(key_name: str, token: str) -> tuple[int, bytes]:
-    """(version, 64 signature bytes) of a vault signature "tgv1:<key_name>:v<n>:<base64url>"; KeyVaultError
-    when it is anything else (another key, a bad encoding, a wrong length)."""
-    match = _TOKEN.fullmatch(token)
-    if match is None or match.group(1) != key_name:
-        raise KeyVaultError("key vault sign: malformed signature")
-    signature = _b64url_decode(match.group(3))
-    if signature is None or len(signature) != ED25519_SIGNATURE_LEN:
-        raise KeyVaultError("key vault sign: malformed signature")
-    return int(match.group(2)), signature
 
 
 def kid_of(key_name: str, version: int) -> str:
@@ -172,6 +130,7 @@ class VaultClient:
     ) -> None:
         self._stub = keyvault_pb2_grpc.KeyVaultServiceStub(channel)
         self.credentials_key, self.jwt_key, self._timeout_s = credentials_key, jwt_key, timeout_s
+        self._signer = VaultSigner(channel, jwt_key, timeout_s=timeout_s)
         self._secrets = _SecretCache(secret_cache_size, secret_cache_ttl_s, clock)
 
     # --- Sealer ----------------------------------------------------------------------------------------------
@@ -183,7 +142,7 @@ class VaultClient:
         try:
             response = await self._stub.Encrypt(request, timeout=self._timeout_s)
         except grpc.aio.AioRpcError as error:
-            raise _mapped("encrypt", error) from None
+            raise mapped("encrypt", error) from None
         return response.ciphertext
 
     async def open(self, ciphertext: str, associated_data: bytes) -> bytes:
@@ -193,7 +152,7 @@ class VaultClient:
         try:
             response = await self._stub.Decrypt(request, timeout=self._timeout_s)
         except grpc.aio.AioRpcError as error:
-            raise _mapped("decrypt", error) from None
+            raise mapped("decrypt", error) from None
         return response.plaintext
 
     # --- HMAC secrets of API keys, cached --------------------------------------------------------------------
@@ -223,28 +182,11 @@ class VaultClient:
     # --- JwtSigner -------------------------------------------------------------------------------------------
 
     async def sign(self, signing_input: bytes) -> tuple[str, bytes]:
-        try:
-            response = await self._stub.Sign(
-                pb.SignRequest(key_name=self.jwt_key, message=signing_input), timeout=self._timeout_s
-            )
-        except grpc.aio.AioRpcError as error:
-            raise _mapped("sign", error) from None
-        version, signature = parse_signature(self.jwt_key, response.signature)
+        version, signature = await self._signer.sign(signing_input)
         return kid_of(self.jwt_key, version), signature
 
     async def public_keys(self) -> list[tuple[str, bytes]]:
-        try:
-            response = await self._stub.GetKey(pb.GetKeyRequest(name=self.jwt_key), timeout=self._timeout_s)
-        except grpc.aio.AioRpcError as error:
-            raise _mapped("get key", error) from None
-        key = response.key
-        if key.type != pb.KEY_TYPE_ED25519:
-            raise KeyVaultError("key vault get key: the JWT key is not Ed25519")
-        return [
-            (kid_of(self.jwt_key, v.version), bytes(v.public_key))
-            for v in key.versions
-            if v.version >= key.min_decryption_version and len(v.public_key) == ED25519_PUBLIC_KEY_LEN
-        ]
+        return [(kid_of(self.jwt_key, version), key) for version, key in await self._signer.public_keys()]
 
 
 async def ensure_keys(
@@ -256,16 +198,5 @@ async def ensure_keys(
 ) -> None:
     """Create the auth service's keys (as workload `ops`, the only one allowed to) if they do not exist; a key
     that exists with another type is refused (KeyVaultError), never used."""
-    stub = keyvault_pb2_grpc.KeyVaultServiceStub(ops_channel)
     for name, key_type in ((credentials_key, pb.KEY_TYPE_AES256_GCM), (jwt_key, pb.KEY_TYPE_ED25519)):
-        try:
-            await stub.CreateKey(pb.CreateKeyRequest(name=name, type=key_type), timeout=timeout_s)
-        except grpc.aio.AioRpcError as error:
-            if error.code() != grpc.StatusCode.ALREADY_EXISTS:
-                raise _mapped("create key", error) from None
-            try:
-                existing = await stub.GetKey(pb.GetKeyRequest(name=name), timeout=timeout_s)
-            except grpc.aio.AioRpcError as get_error:
-                raise _mapped("get key", get_error) from None
-            if existing.key.type != key_type:
-                raise KeyVaultError(f"key vault: key {name} exists with another type") from None
+        await ensure_key(ops_channel, name, key_type, timeout_s=timeout_s)

@@ -132,8 +132,12 @@ DEFAULT_POLICY = Policy(
             _USE_CREDENTIALS | {Operation.SIGN, Operation.VERIFY},
             frozenset({"trading"}),
         ),
-        # The audit service signs its tree heads.
-        Rule("key/audit/*", frozenset({Operation.SIGN, Operation.VERIFY}), frozenset({"audit"})),
+        # The audit service signs its tree heads (reading its keys' public versions for the signed notes).
+        Rule(
+            "key/audit/*",
+            frozenset({Operation.SIGN, Operation.VERIFY, Operation.READ_KEY}),
+            frozenset({"audit"}),
+        ),
         # Anyone in the mesh may check an Ed25519 signature. Checking an HMAC also needs the HMAC right on the
         # key (KeyVault.verify): an HMAC check would otherwise be an oracle for guesses of the MAC'd data.
         Rule(
