@@ -1,0 +1,367 @@
+"""PostgreSQL audit store: the `AuditStore` contract (services/audit/store.py) in a schema of its own ("tg_audit").
+
+An `append` is ONE transaction on one pooled connection, pipelined into two round trips: a transaction-scoped
+advisory lock (appends to one schema are serialised, even from two processes), the log's size, and the batch's
+(recorder, event id)s looked up; then the entries and the Merkle tree's new complete-subtree nodes
+(`tree.new_nodes`) inserted with one `unnest` statement each, and COMMIT. The caller is answered after the COMMIT.
+What a batch writes is decided by `store_sqlite.plan_append` (pure, one rule for both stores). The tree's right edge
+is cached as in the SQLite store: loaded on open, replaced after a commit, reloaded inside the transaction when the
+table's size differs from the cached one.
+
+**Append-only, twice.** (1) Triggers: every UPDATE, DELETE and TRUNCATE of `entries`, `nodes` and `checkpoints`
+raises (`refuse_change`), whoever runs it, the tables' owner included (who would have to drop or disable the
+triggers first: DDL that a log monitor sees). (2) Privileges: the migration creates the NOLOGIN role
+`<schema>_writer` (`writer_role`) with USAGE on the schema, SELECT and INSERT on the three tables and SELECT on
+`schema_version`, nothing else: it cannot UPDATE, DELETE, TRUNCATE, ALTER or DROP, so a stolen service credential
+cannot disable the triggers either. The role is created when the migrating user may create roles (superuser or
+CREATEROLE); otherwise an administrator creates it (`CREATE ROLE tg_audit_writer NOLOGIN`) before the first
+migration, which then grants to it.
+
+**Production** uses two roles: the OWNER (a deploy job or the DBA) runs the migrations once,
+`PostgresAuditStore.open(owner_dsn)` (or any open with `migrate=True`), and owns the tables; the SERVICE connects
+as a LOGIN role that is only a member of the writer role (`CREATE ROLE tg_audit_service LOGIN PASSWORD …;
+GRANT tg_audit_writer TO tg_audit_service`) and opens with `migrate=False`: the schema's version is checked, never
+changed. A development install connects as one user that owns everything: the triggers still refuse changes.
+Whatever gets past both, `tradeguard audit verify` finds from the Merkle tree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Final
+
+from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
+
+from services.audit import tree
+from services.audit.model import Appended, Checkpoint, Pending, Query, StoredEntry
+from services.audit.store import EventIdConflict
+from services.audit.store_sqlite import (
+    ENTRY_COLUMNS,
+    AppendPlan,
+    Existing,
+    check_page,
+    entry_row,
+    plan_append,
+    query_conditions,
+)
+from tradeguard.storage.migrations import Migration, Step, pending
+from tradeguard.storage.postgres import Conn, Pool, check_schema_name, open_pool
+
+__all__ = ["DEFAULT_SCHEMA", "MIGRATIONS", "PostgresAuditStore", "writer_role"]
+
+DEFAULT_SCHEMA = "tg_audit"
+_TABLES: Final = ("entries", "nodes", "checkpoints")
+
+
+def writer_role(schema: str) -> str:
+    """The NOLOGIN role that may only SELECT and INSERT the audit tables of `schema`."""
+    role = f"{check_schema_name(schema)}_writer"
+    if len(role) > 63:
+        raise ValueError(f"schema name {schema!r} too long for its writer role name")
+    return role
+
+
+async def _grant_writer(conn: Conn, schema: str) -> None:
+    """Create (when this user may) the writer role and grant it SELECT and INSERT only (see the module)."""
+    role = writer_role(schema)
+    cur = await conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
+    if await cur.fetchone() is None:
+        cur = await conn.execute(
+            "SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user"
+        )
+        row = await cur.fetchone()
+        if row is None or not row[0]:
+            return  # no writer role: the triggers alone refuse changes (an administrator creates it: module)
+        await conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
+    ident = sql.Identifier(role)
+    await conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema), ident))
+    tables = sql.SQL(", ").join(sql.Identifier(schema, table) for table in _TABLES)
+    await conn.execute(sql.SQL("GRANT SELECT, INSERT ON {} TO {}").format(tables, ident))
+    version = sql.Identifier(schema, "schema_version")
+    await conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(version, ident))
+
+
+def _triggers(table: str) -> tuple[str, ...]:
+    return (
+        f"CREATE TRIGGER {table}_append_only BEFORE UPDATE OR DELETE ON {{schema}}.{table} "
+        "FOR EACH ROW EXECUTE FUNCTION {schema}.refuse_change()",
+        f"CREATE TRIGGER {table}_no_truncate BEFORE TRUNCATE ON {{schema}}.{table} "
+        "FOR EACH STATEMENT EXECUTE FUNCTION {schema}.refuse_change()",
+    )
+
+
+# Append-only: a released migration is never edited (see tradeguard.storage.migrations).
+_V1: tuple[Step, ...] = (
+    """CREATE TABLE {schema}.entries (
+        sequence bigint PRIMARY KEY CHECK (sequence >= 0),
+        recorder text COLLATE "C" NOT NULL,
+        event_id text COLLATE "C" NOT NULL,
+        event_digest bytea NOT NULL,
+        entry_bytes bytea NOT NULL,
+        leaf_hash bytea NOT NULL,
+        principal text COLLATE "C" NOT NULL,
+        account_id text COLLATE "C" NOT NULL,
+        api_key_id text COLLATE "C" NOT NULL,
+        method text COLLATE "C" NOT NULL,
+        outcome smallint NOT NULL,
+        event_time_us bigint NOT NULL,
+        record_time_us bigint NOT NULL,
+        UNIQUE (recorder, event_id)
+    )""",
+    "CREATE INDEX entries_principal ON {schema}.entries (principal, sequence)",
+    "CREATE INDEX entries_account ON {schema}.entries (account_id, sequence)",
+    "CREATE INDEX entries_api_key ON {schema}.entries (api_key_id, sequence)",
+    "CREATE INDEX entries_method ON {schema}.entries (method, sequence)",
+    "CREATE INDEX entries_outcome ON {schema}.entries (outcome, sequence)",
+    "CREATE INDEX entries_event_time ON {schema}.entries (event_time_us, sequence)",
+    """CREATE TABLE {schema}.nodes (
+        level integer NOT NULL CHECK (level >= 0),
+        idx bigint NOT NULL CHECK (idx >= 0),
+        hash bytea NOT NULL,
+        PRIMARY KEY (level, idx)
+    )""",
+    """CREATE TABLE {schema}.checkpoints (
+        tree_size bigint PRIMARY KEY CHECK (tree_size >= 0),
+        root_hash bytea NOT NULL,
+        note text NOT NULL,
+        time_us bigint NOT NULL
+    )""",
+    """CREATE FUNCTION {schema}.refuse_change() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        RAISE EXCEPTION 'the audit log is append-only: % of %.% refused', TG_OP, TG_TABLE_SCHEMA, TG_TABLE_NAME;
+    END
+    $$""",
+    *(step for table in _TABLES for step in _triggers(table)),
+    _grant_writer,
+)
+MIGRATIONS = (
+    Migration(1, "entries, Merkle tree nodes, checkpoints; append-only triggers; writer role", _V1),
+)
+
+_ENTRY_TYPES: Final = (
+    "bigint",
+    "text",
+    "text",
+    "bytea",
+    "bytea",
+    "bytea",
+    "text",
+    "text",
+    "text",
+    "text",
+    "smallint",
+    "bigint",
+    "bigint",
+)
+
+
+def statements(schema: str) -> dict[str, sql.Composed]:
+    """The store's SQL, with its tables in `schema`."""
+    fmt = {
+        "entries": sql.Identifier(schema, "entries"),
+        "nodes": sql.Identifier(schema, "nodes"),
+        "checkpoints": sql.Identifier(schema, "checkpoints"),
+        "e": sql.SQL(", ").join(sql.Identifier(c) for c in ENTRY_COLUMNS),
+        "e_arrays": sql.SQL(", ").join(sql.SQL(f"%s::{t}[]") for t in _ENTRY_TYPES),  # constant type names
+        "cp": sql.SQL("tree_size, root_hash, note, time_us"),
+        "lock_key": sql.Literal(f"tradeguard:audit-append:{schema}"),
+    }
+    q = {
+        "lock": "SELECT pg_advisory_xact_lock(hashtext({lock_key}))",
+        "size": "SELECT coalesce(max(sequence) + 1, 0) FROM {entries}",
+        "existing": "SELECT e.recorder, e.event_id, e.sequence, e.leaf_hash, e.event_digest FROM {entries} e "
+        "JOIN unnest(%s::text[], %s::text[]) AS b (recorder, event_id) "
+        'ON e.recorder = b.recorder COLLATE "C" AND e.event_id = b.event_id COLLATE "C"',
+        "insert_entries": "INSERT INTO {entries} ({e}) SELECT * FROM unnest({e_arrays})",
+        "insert_nodes": "INSERT INTO {nodes} (level, idx, hash) "
+        "SELECT * FROM unnest(%s::integer[], %s::bigint[], %s::bytea[])",
+        "nodes": "SELECT k.ord, n.hash FROM unnest(%s::integer[], %s::bigint[]) WITH ORDINALITY AS k (level, idx, ord) "
+        "JOIN {nodes} n ON n.level = k.level AND n.idx = k.idx",
+        "entries": "SELECT sequence, entry_bytes, leaf_hash FROM {entries} "
+        "WHERE sequence >= %s AND sequence < %s ORDER BY sequence",
+        "insert_checkpoint": "INSERT INTO {checkpoints} (tree_size, root_hash, note, time_us) VALUES (%s, %s, %s, %s) "
+        "ON CONFLICT (tree_size) DO NOTHING RETURNING tree_size",
+        "get_checkpoint": "SELECT {cp} FROM {checkpoints} WHERE tree_size = %s",
+        "latest_checkpoint": "SELECT {cp} FROM {checkpoints} ORDER BY tree_size DESC LIMIT 1",
+        "checkpoints": "SELECT {cp} FROM {checkpoints} WHERE tree_size > %s ORDER BY tree_size LIMIT %s",
+    }
+    return {name: sql.SQL(text).format(**fmt) for name, text in q.items()}
+
+
+def _checkpoint(row: Sequence[Any]) -> Checkpoint:
+    size, root, note, time_us = row
+    return Checkpoint(tree_size=size, root_hash=bytes(root), note=note, time_us=time_us)
+
+
+def _stored(rows: Sequence[Sequence[Any]]) -> list[StoredEntry]:
+    return [StoredEntry(seq, bytes(data), bytes(leaf)) for seq, data, leaf in rows]
+
+
+class PostgresAuditStore:
+    """The `AuditStore` in one PostgreSQL schema (see the module)."""
+
+    def __init__(self, pool: Pool, schema: str, size: int, frontier: dict[tuple[int, int], bytes]) -> None:
+        self._pool = pool
+        self.schema = schema
+        self.sql = statements(schema)
+        self._size = size
+        self._frontier = frontier
+
+    @classmethod
+    async def open(
+        cls,
+        dsn: str,
+        *,
+        schema: str = DEFAULT_SCHEMA,
+        min_size: int = 1,
+        max_size: int = 10,
+        migrate: bool = True,
+    ) -> PostgresAuditStore:
+        """Open the pool; `migrate`: bring `schema` to the store's last migration (created if absent), as its
+        owner; else (the writer role) check that it is exactly at that version. Loads the size and the tree's
+        right edge."""
+        if migrate:
+            pool = await open_pool(dsn, schema, MIGRATIONS, min_size=min_size, max_size=max_size)
+        else:
+            check_schema_name(schema)
+            pool = AsyncConnectionPool(
+                dsn, min_size=min_size, max_size=max_size, open=False, kwargs={"autocommit": True}
+            )
+            await pool.open(wait=True)
+        try:
+            store = cls(pool, schema, 0, {})
+            async with pool.connection() as conn:
+                if not migrate:
+                    await store._check_version(conn)
+                store._size = await store._read_size(conn)
+                store._frontier = await store._load_frontier(conn, store._size)
+        except BaseException:
+            await pool.close()
+            raise
+        return store
+
+    async def _check_version(self, conn: Conn) -> None:
+        version = sql.Identifier(self.schema, "schema_version")
+        cur = await conn.execute(sql.SQL("SELECT max(version) FROM {}").format(version))
+        row = await cur.fetchone()
+        if pending(MIGRATIONS, None if row is None else row[0], f"schema {self.schema}"):
+            raise RuntimeError(
+                f"schema {self.schema} is not migrated to the audit store's version: run the migration as the owner"
+            )
+
+    async def _read_size(self, conn: Conn) -> int:
+        cur = await conn.execute(self.sql["size"])
+        row = await cur.fetchone()
+        return 0 if row is None else int(row[0])
+
+    async def _read_nodes(self, conn: Conn, keys: Sequence[tuple[int, int]]) -> list[bytes]:
+        if not keys:
+            return []
+        levels, indexes = [int(k[0]) for k in keys], [int(k[1]) for k in keys]
+        cur = await conn.execute(self.sql["nodes"], (levels, indexes))
+        found = {int(ord_): bytes(value) for ord_, value in await cur.fetchall()}
+        missing = [key for position, key in enumerate(keys, start=1) if position not in found]
+        if missing:
+            raise KeyError(missing[0])
+        return [found[position] for position in range(1, len(keys) + 1)]
+
+    async def _load_frontier(self, conn: Conn, size: int) -> dict[tuple[int, int], bytes]:
+        keys = tree.subtree_keys(0, size)
+        try:
+            values = await self._read_nodes(conn, keys)
+        except KeyError as missing:
+            raise RuntimeError(
+                f"the audit log's node {missing.args[0]} is missing: the nodes table does not match the entries"
+            ) from None
+        return dict(zip(keys, values, strict=True))
+
+    async def append(self, batch: Sequence[Pending]) -> list[Appended | EventIdConflict]:
+        items = list(batch)
+        if not items:
+            return []
+        recorders = [p.entry.recorder for p in items]
+        event_ids = [p.entry.event.event_id for p in items]
+        plan: AppendPlan
+        async with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
+            await conn.execute(self.sql["lock"])
+            size_cur = await conn.execute(self.sql["size"])  # after the lock: a snapshot of its own
+            existing_cur = await conn.execute(self.sql["existing"], (recorders, event_ids))
+            size_row = await size_cur.fetchone()
+            size = 0 if size_row is None else int(size_row[0])
+            existing = {
+                (recorder, event_id): Existing(sequence, bytes(leaf), bytes(digest))
+                for recorder, event_id, sequence, leaf, digest in await existing_cur.fetchall()
+            }
+            frontier = self._frontier if size == self._size else await self._load_frontier(conn, size)
+            plan = plan_append(items, size, frontier, existing)
+            if plan.rows:
+                rows = [entry_row(seq, pending) for seq, pending in plan.rows]
+                await conn.execute(
+                    self.sql["insert_entries"], [list(column) for column in zip(*rows, strict=True)]
+                )
+                await conn.execute(
+                    self.sql["insert_nodes"],
+                    (
+                        [n.level for n in plan.nodes],
+                        [n.index for n in plan.nodes],
+                        [n.hash for n in plan.nodes],
+                    ),
+                )
+        self._size, self._frontier = plan.size, plan.frontier
+        return plan.results
+
+    async def size(self) -> int:
+        async with self._pool.connection() as conn:
+            return await self._read_size(conn)
+
+    async def nodes(self, keys: Sequence[tuple[int, int]]) -> list[bytes]:
+        async with self._pool.connection() as conn:
+            return await self._read_nodes(conn, list(keys))
+
+    async def entries(self, start: int, count: int) -> list[StoredEntry]:
+        if start < 0 or count < 0:
+            raise ValueError(f"invalid range: start {start}, count {count}")
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(self.sql["entries"], (start, start + count))
+            return _stored(await cur.fetchall())
+
+    async def query(self, query: Query, after: int, limit: int) -> list[StoredEntry]:
+        check_page(after, limit)
+        conditions, params = query_conditions(query, "%s")
+        where = sql.SQL(" AND ".join(["sequence > %s", *conditions]))  # constant text, values bound
+        text = sql.SQL(
+            "SELECT sequence, entry_bytes, leaf_hash FROM {} WHERE {} ORDER BY sequence LIMIT %s"
+        ).format(sql.Identifier(self.schema, "entries"), where)
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(text, (after, *params, limit))
+            return _stored(await cur.fetchall())
+
+    async def add_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Store a checkpoint; one already stored for its size is kept (the same root: idempotent; another root:
+        ValueError, a fork, nothing written)."""
+        row = (checkpoint.tree_size, checkpoint.root_hash, checkpoint.note, checkpoint.time_us)
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(self.sql["insert_checkpoint"], row)
+            if await cur.fetchone() is not None:
+                return
+            cur = await conn.execute(self.sql["get_checkpoint"], (checkpoint.tree_size,))
+            found = await cur.fetchone()
+        if found is None or bytes(found[1]) != checkpoint.root_hash:
+            raise ValueError(f"a checkpoint for size {checkpoint.tree_size} with another root is stored")
+
+    async def latest_checkpoint(self) -> Checkpoint | None:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(self.sql["latest_checkpoint"])
+            row = await cur.fetchone()
+        return None if row is None else _checkpoint(row)
+
+    async def checkpoints(self, after_size: int, limit: int) -> list[Checkpoint]:
+        check_page(after_size, limit)
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(self.sql["checkpoints"], (after_size, limit))
+            return [_checkpoint(row) for row in await cur.fetchall()]
+
+    async def close(self) -> None:
+        """Close the pool; later calls are refused (psycopg_pool.PoolClosed)."""
+        await self._pool.close()
