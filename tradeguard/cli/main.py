@@ -1,4 +1,4 @@
-"""The `tradeguard` command line: `pki`, `up`, `auth`, `orders`, `vault`, `quota`, `edge`.
+"""The `tradeguard` command line: `pki`, `up`, `auth`, `orders`, `vault`, `quota`, `audit`, `edge`.
 
 Every command reads the suite's home (--home, else $TRADEGUARD_HOME, else ./.tradeguard) and the services'
 ports from the same environment the services read (TRADEGUARD_<SERVICE>_PORT). `tradeguard COMMAND --help`
@@ -12,9 +12,19 @@ import sys
 from collections.abc import Sequence
 
 import tradeguard  # noqa: F401  (sets the TLS 1.3-only grpc setting before grpc is imported)
-from tradeguard.cli import auth_cmd, common, edge_cmd, orders_cmd, pki_cmd, quota_cmd, up_cmd, vault_cmd
+from tradeguard.cli import (
+    audit_cmd,
+    auth_cmd,
+    common,
+    edge_cmd,
+    orders_cmd,
+    pki_cmd,
+    quota_cmd,
+    up_cmd,
+    vault_cmd,
+)
 
-_SCOPED = {"--as": "auth, orders, vault, quota", "--target": "auth, orders, vault, quota"}
+_SCOPED = {"--as": "auth, orders, vault, quota, audit", "--target": "auth, orders, vault, quota, audit"}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,7 +48,7 @@ class _Parser(argparse.ArgumentParser):
         return super().parse_args(argv, namespace)
 
 
-_COMMANDS = ("pki", "up", "auth", "orders", "vault", "quota", "edge")
+_COMMANDS = ("pki", "up", "auth", "orders", "vault", "quota", "audit", "edge")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -53,6 +63,7 @@ def parser() -> argparse.ArgumentParser:
     orders_cmd.register(sub)
     vault_cmd.register(sub)
     quota_cmd.register(sub)
+    audit_cmd.register(sub)
     edge_cmd.register(sub)
     assert tuple(sub.choices) == _COMMANDS
     return root
