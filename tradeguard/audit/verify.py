@@ -21,8 +21,9 @@ What is checked, and what a problem names:
   service's consistency proofs, a binary search finds the shortest recomputed prefix the signed tree does not
   extend; the entry that ends it is named, and the service's inclusion proof for that position (verified against
   the signed root) says what the signed tree holds there — another entry's bytes (`reordered`), the next one's
-  (`missing`, the later ones renumbered) or other bytes (`altered`). Without proofs, or when the service's proofs
-  do not verify either, the report says only what it can: the range [s1, s2) differs from the signed checkpoint.
+  (`missing`, the later ones renumbered) or other bytes (`altered`); when that proof does not verify, the entry is
+  named as `altered, removed or reordered`. Without proofs, or when the service's proofs do not lead to the
+  checkpoint at all, the report says only what it can: the range [s1, s2) differs from the signed checkpoint.
 - consecutive checkpoints: both recomputed from one stream of entries, so one extends the other by
   construction; with `Proofs`, the service's consistency proof between them is verified as well (a failure
   means the service's node store disagrees with its own signed heads).
@@ -227,8 +228,11 @@ async def _localise(span: _Range, signed: _Signed, proofs: Proofs | None) -> str
         index = high - 1
         ours = span.leaves[index - s1]
         leaf, path = await proofs.inclusion(index, s2)
-        if not tlog.verify_inclusion(leaf, index, s2, path, signed.root):
-            return elsewhere
+        if not tlog.verify_inclusion(leaf, index, s2, path, signed.root):  # it cannot say what the tree holds
+            return (
+                f"entry {index}: altered, removed or reordered (its bytes hash to {_short(ours)}; the log before "
+                f"it is proven in the signed checkpoint at size {s2}, the log up to it is not)"
+            )
         if leaf == ours:  # the proofs contradict each other
             return unnamed + "; the service's proofs are inconsistent)"
         later = [i for i, other in enumerate(span.leaves) if other == leaf and i + s1 != index]

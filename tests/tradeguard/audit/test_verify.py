@@ -365,3 +365,23 @@ async def test_localising_asks_for_few_proofs() -> None:
 async def _aiter(entries: Sequence[Stored]) -> AsyncIterator[Stored]:
     for entry in entries:
         yield entry
+
+
+async def test_a_service_answering_the_stored_leaf_hash_still_names_the_entry() -> None:
+    """The inclusion proof's leaf hash read from the altered row: the proof fails, the entry is still named."""
+    log = make_log()
+    data = _altered(log, 20)
+    stored = [e.leaf_hash for e in log.entries]
+
+    class FromRows(TreeProofs):
+        async def inclusion(self, index: int, size: int) -> tuple[bytes, Sequence[bytes]]:
+            _, path = await super().inclusion(index, size)
+            return stored[index], path
+
+    report = await verify_log(
+        _aiter(log.entries), log.checkpoints, [log.signer.public], proofs=FromRows(log.original)
+    )
+    assert report.problems == [
+        f"entry 20: altered, removed or reordered (its bytes hash to {tlog.leaf_hash(data).hex()}; the log before it "
+        "is proven in the signed checkpoint at size 23, the log up to it is not)"
+    ]
