@@ -110,49 +110,46 @@ _IDS: Final = re.compile(
     r"|(?<![0-9A-Fa-f])[0-9A-Fa-f]{32}(?![0-9A-Fa-f])"
 )
 _HEX40: Final = re.compile(r"[0-9A-Fa-f]{40}")
-# First pass: shapes that start with a literal (found wherever they start, even inside a longer run).
-_FIRST: Final = re.compile(
-    r"(?P<pem>-----BEGIN(?s:.*?)(?:-----END[^\r\n]*?-----|\Z))"
-    r"|(?P<jwt>eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*)"
-    r"|(?P<tgs>tgs_[0-9A-Za-z]+)"
-    r"|(?P<aws>(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AIPA|ANPA|ANVA|AROA|APKA|ASCA)[0-9A-Z]{16})"
-    r"|(?P<url>(?<=://)[^/\s:@]+:[^/\s@]*@)"
+# First pass: shapes that start with a literal (found wherever they start, even inside a longer run), each
+# searched only when its literal is in the text.
+_FIRST: Final = (
+    ("-----BEGIN", re.compile(r"-----BEGIN(?s:.*?)(?:-----END[^\r\n]*?-----|\Z)"), MASK),
+    ("eyJ", re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), MASK),
+    ("tgs_", re.compile(r"tgs_[0-9A-Za-z]+"), MASK),
+    ("://", re.compile(r"://[^/\s:@]+:[^/\s@]*@"), "://" + MASK + "@"),
 )
 # Second pass: runs of base64/base64url/hex characters, judged whole.
 _RUN: Final = re.compile(r"[A-Za-z0-9+/_-]{16,}=*")
+_AWS: Final = re.compile(r"(?:AKIA|ASIA|ABIA|ACCA|AGPA|AIDA|AIPA|ANPA|ANVA|AROA|APKA|ASCA)[0-9A-Z]{16}")
 _BASE32_IN: Final = re.compile(r"[A-Z2-7]{16,}")
 _CACHE_MAX_LEN: Final = 256
+
+
+_DIGIT: Final = re.compile(r"[0-9]")
+_PLAIN_ID: Final = re.compile(r"[0-9a-f]{32}|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def _random_looking(text: str) -> bool:
     """32+ characters with upper case, lower case and digits, or 40+ with two of those three."""
     if len(text) < 32:
         return False
-    has_upper = has_lower = has_digit = False
-    for ch in text:
-        if "a" <= ch <= "z":
-            has_lower = True
-        elif "A" <= ch <= "Z":
-            has_upper = True
-        elif "0" <= ch <= "9":
-            has_digit = True
-    classes = has_upper + has_lower + has_digit
+    classes = (text.lower() != text) + (text.upper() != text) + (_DIGIT.search(text) is not None)
     return classes == 3 or (classes == 2 and len(text) >= 40)
 
 
 def _secret_run(run: str) -> bool:
-    residual = _IDS.sub(" ", run)
-    if _HEX40.search(residual) is not None:
+    if len(run) >= 20 and _AWS.search(run) is not None:
+        return True
+    residual = _IDS.sub(" ", run) if len(run) >= 26 else run
+    if len(residual) >= 40 and _HEX40.search(residual) is not None:
         return True
     for m in _BASE32_IN.finditer(residual):
-        digits = sum(ch.isdigit() for ch in m.group(0))
+        digits = len(_DIGIT.findall(m.group(0)))
         if digits >= 2 and len(m.group(0)) - digits >= 2:
             return True
+    if len(residual) < 32:
+        return False
     return any(_random_looking(part) for part in residual.split(" "))
-
-
-def _first(m: re.Match[str]) -> str:
-    return MASK + "@" if m.lastgroup == "url" else MASK
 
 
 def _run(m: re.Match[str]) -> str:
@@ -160,7 +157,14 @@ def _run(m: re.Match[str]) -> str:
 
 
 def _own_rules(text: str) -> str:
-    return _RUN.sub(_run, _FIRST.sub(_first, text))
+    if len(text) in (32, 36) and _PLAIN_ID.fullmatch(text) is not None:  # a request, trace or event id
+        return text
+    for needle, pattern, replacement in _FIRST:
+        if needle in text:
+            text = pattern.sub(replacement, text)
+    if len(text) < 16 or _RUN.search(text) is None:
+        return text
+    return _RUN.sub(_run, text)
 
 
 _own_rules_cached: Final = functools.lru_cache(maxsize=4096)(_own_rules)
@@ -182,6 +186,7 @@ def looks_secret(text: str) -> bool:
     return mask_text(text) != text
 
 
+@functools.lru_cache(maxsize=4096)
 def secret_name(name: str) -> bool:
     """True when a detail named `name` holds a secret by its name alone (rule 1)."""
     if is_sensitive_key(name):
