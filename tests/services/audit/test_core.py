@@ -1,4 +1,5 @@
-"""The audit log's core (services/audit/core.py) on the real SQLite store and the real codec: group commit (64
+"""The audit log's core (services/audit/core.py) on the real stores (SQLite, and the machine's PostgreSQL: the
+`audit_db` fixture of conftest.py) and the real codec: group commit (64
 concurrent writers share few transactions, counted), durable before the answer (in a freshly opened store),
 idempotent retries and conflicts (also within one batch, and per recorder), masking before any byte is made,
 validation naming every bad field, size and root current (checked against an independent RFC 6962 computation
@@ -10,7 +11,6 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 
@@ -18,8 +18,8 @@ from services.audit import codec
 from services.audit.core import MAX_TEXT_CHARS, AuditLog
 from services.audit.masking import MASK
 from services.audit.model import Appended, Checkpoint, Event, Outcome, Pending, Query, StoredEntry
-from services.audit.store import EventIdConflict
-from services.audit.store_sqlite import SqliteAuditStore
+from services.audit.store import AuditStore, EventIdConflict
+from tests.services.audit.conftest import AuditDatabase
 from tradeguard.audit import tlog
 from tradeguard.errors import InvalidArgument
 from tradeguard.testing import FakeClock
@@ -33,10 +33,10 @@ class StoreFailed(RuntimeError):
 
 
 class CountingStore:
-    """The real SQLite store, counting its append transactions; `fail_next` makes the next one fail before it
+    """A real store, counting its append transactions; `fail_next` makes the next one fail before it
     reaches the database (BEGIN failed)."""
 
-    def __init__(self, store: SqliteAuditStore) -> None:
+    def __init__(self, store: AuditStore) -> None:
         self.store = store
         self.appends = 0
         self.entries_per_append: list[int] = []
@@ -81,15 +81,8 @@ def clock() -> FakeClock:
 
 
 @pytest.fixture
-def path(tmp_path: Path) -> Path:
-    return tmp_path / "audit.sqlite3"
-
-
-@pytest.fixture
-async def store(path: Path) -> AsyncIterator[CountingStore]:
-    counting = CountingStore(await SqliteAuditStore.open(path))
-    yield counting
-    await counting.close()
+async def store(audit_db: AuditDatabase) -> CountingStore:
+    return CountingStore(await audit_db.open())  # closed by audit_db
 
 
 @pytest.fixture
@@ -105,13 +98,10 @@ def event(clock: FakeClock, event_id: str, **fields: object) -> Event:
     return replace(base, **fields)  # type: ignore[arg-type]
 
 
-async def stored(path: Path) -> list[StoredEntry]:
-    """Every entry, read through a store opened afresh on the same file."""
-    fresh = await SqliteAuditStore.open(path)
-    try:
-        return await fresh.entries(0, 100_000)
-    finally:
-        await fresh.close()
+async def stored(db: AuditDatabase) -> list[StoredEntry]:
+    """Every entry, read through a store opened afresh on the same database."""
+    fresh = await db.open()
+    return await fresh.entries(0, 100_000)
 
 
 def independent_root(entries: Sequence[StoredEntry]) -> bytes:
@@ -121,11 +111,13 @@ def independent_root(entries: Sequence[StoredEntry]) -> bytes:
 # --- appending ---------------------------------------------------------------------------------------------
 
 
-async def test_an_append_answers_once_durable(log: AuditLog, path: Path, clock: FakeClock) -> None:
+async def test_an_append_answers_once_durable(
+    log: AuditLog, audit_db: AuditDatabase, clock: FakeClock
+) -> None:
     (result,) = await log.append([event(clock, "e-1", principal="alice")], RECORDER)
     assert isinstance(result, Appended)
     assert (result.sequence, result.created) == (0, True)
-    (entry,) = await stored(path)
+    (entry,) = await stored(audit_db)
     assert entry.sequence == 0
     assert entry.leaf_hash == result.leaf_hash == tlog.leaf_hash(entry.entry_bytes)
     decoded = codec.decode_entry(entry.entry_bytes)
@@ -135,7 +127,7 @@ async def test_an_append_answers_once_durable(log: AuditLog, path: Path, clock: 
 
 
 async def test_concurrent_appends_share_few_transactions_and_each_is_durable_when_answered(
-    log: AuditLog, store: CountingStore, path: Path, clock: FakeClock
+    log: AuditLog, store: CountingStore, audit_db: AuditDatabase, clock: FakeClock
 ) -> None:
     writers, rounds = 64, 20
     answered: dict[str, Appended] = {}
@@ -152,7 +144,7 @@ async def test_concurrent_appends_share_few_transactions_and_each_is_durable_whe
     assert store.appends == log.batcher.batches
     assert store.appends <= total // 8, store.entries_per_append  # group commit: many appends per transaction
     assert max(store.entries_per_append) > 1
-    entries = await stored(path)
+    entries = await stored(audit_db)
     assert [e.sequence for e in entries] == list(range(total))
     by_id = {codec.decode_entry(e.entry_bytes).event.event_id: e for e in entries}
     for event_id, result in answered.items():
@@ -170,26 +162,23 @@ async def test_a_batch_is_one_transaction_in_order(
 
 
 async def test_an_answered_append_survives_a_restart_and_the_tree_is_reloaded(
-    log: AuditLog, path: Path, clock: FakeClock
+    log: AuditLog, audit_db: AuditDatabase, clock: FakeClock
 ) -> None:
     for i in range(13):
         await log.append([event(clock, f"r-{i}")], RECORDER)
     await log.close()
-    again = CountingStore(await SqliteAuditStore.open(path))
-    try:
-        reopened = AuditLog(again, codec.encode_entry, codec.event_digest, clock)
-        await reopened.open()
-        assert (reopened.size, reopened.root) == (13, log.root)
-        assert reopened.root == independent_root(await stored(path))
-        await reopened.append([event(clock, "r-13")], RECORDER)
-        assert reopened.size == 14
-        assert reopened.root == independent_root(await stored(path))
-        await reopened.close()
-    finally:
-        await again.close()
+    again = CountingStore(await audit_db.open())
+    reopened = AuditLog(again, codec.encode_entry, codec.event_digest, clock)
+    await reopened.open()
+    assert (reopened.size, reopened.root) == (13, log.root)
+    assert reopened.root == independent_root(await stored(audit_db))
+    await reopened.append([event(clock, "r-13")], RECORDER)
+    assert reopened.size == 14
+    assert reopened.root == independent_root(await stored(audit_db))
+    await reopened.close()
 
 
-async def test_retries_are_idempotent(log: AuditLog, path: Path, clock: FakeClock) -> None:
+async def test_retries_are_idempotent(log: AuditLog, audit_db: AuditDatabase, clock: FakeClock) -> None:
     first = event(clock, "same", principal="alice")
     (one,) = await log.append([first], RECORDER)
     clock.advance_s(5)  # another record time: still the same event
@@ -199,11 +188,11 @@ async def test_retries_are_idempotent(log: AuditLog, path: Path, clock: FakeCloc
     in_batch = await log.append([event(clock, "twice"), event(clock, "twice")], RECORDER)
     assert [(r.sequence, r.created) for r in in_batch if isinstance(r, Appended)] == [(1, True), (1, False)]
     assert log.size == 2
-    assert len(await stored(path)) == 2
+    assert len(await stored(audit_db)) == 2
 
 
 async def test_a_reused_event_id_is_a_conflict_and_the_others_are_recorded(
-    log: AuditLog, path: Path, clock: FakeClock
+    log: AuditLog, audit_db: AuditDatabase, clock: FakeClock
 ) -> None:
     await log.append([event(clock, "id-1", principal="alice")], RECORDER)
     results = await log.append(
@@ -214,12 +203,14 @@ async def test_a_reused_event_id_is_a_conflict_and_the_others_are_recorded(
     (other,) = await log.append([event(clock, "id-1", principal="mallory")], OTHER)  # another recorder's id
     assert isinstance(other, Appended)
     assert (other.sequence, other.created) == (3, True)
-    entries = await stored(path)
+    entries = await stored(audit_db)
     assert len(entries) == 4
     assert log.root == independent_root(entries)
 
 
-async def test_events_are_masked_before_any_byte_is_made(log: AuditLog, path: Path, clock: FakeClock) -> None:
+async def test_events_are_masked_before_any_byte_is_made(
+    log: AuditLog, audit_db: AuditDatabase, clock: FakeClock
+) -> None:
     jwt = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSIsImV4cCI6MTcwMDAwMDAwMH0.c2lnbmF0dXJlc2lnbmF0dXJlc2lnbmF0dXJl"
     secret = "tgs_" + "Ab3" * 14 + "x"
     raw = event(
@@ -229,7 +220,7 @@ async def test_events_are_masked_before_any_byte_is_made(log: AuditLog, path: Pa
         details={"password": "hunter2", "note": f"secret {secret} inside"},
     )
     await log.append([raw], RECORDER)
-    (entry,) = await stored(path)
+    (entry,) = await stored(audit_db)
     for text in (jwt, secret, "hunter2", "Bearer " + jwt[:10]):
         assert text.encode() not in entry.entry_bytes
     recorded = codec.decode_entry(entry.entry_bytes).event
@@ -291,7 +282,9 @@ async def test_append_validates_every_event_and_appends_nothing_when_one_is_bad(
     assert await log.append([], RECORDER) == []
 
 
-async def test_record_times_never_go_back(store: CountingStore, path: Path, clock: FakeClock) -> None:
+async def test_record_times_never_go_back(
+    store: CountingStore, audit_db: AuditDatabase, clock: FakeClock
+) -> None:
     now = [clock()]  # a wall clock that steps back
     stepping = AuditLog(store, codec.encode_entry, codec.event_digest, lambda: now[0])
     await stepping.open()
@@ -299,7 +292,7 @@ async def test_record_times_never_go_back(store: CountingStore, path: Path, cloc
     now[0] -= 10_000_000
     await stepping.append([event(clock, "t-2")], RECORDER)
     await stepping.close()
-    one, two = (codec.decode_entry(e.entry_bytes).record_time_us for e in await stored(path))
+    one, two = (codec.decode_entry(e.entry_bytes).record_time_us for e in await stored(audit_db))
     assert one == two == clock()
 
 
@@ -318,7 +311,7 @@ async def test_wait_for_wakes_on_the_commit(log: AuditLog, clock: FakeClock) -> 
 
 
 async def test_a_whole_batch_failure_fails_every_caller_and_nothing_is_taken_as_done(
-    log: AuditLog, store: CountingStore, path: Path, clock: FakeClock
+    log: AuditLog, store: CountingStore, audit_db: AuditDatabase, clock: FakeClock
 ) -> None:
     await log.append([event(clock, "before")], RECORDER)
     size, root = log.size, log.root
@@ -329,23 +322,25 @@ async def test_a_whole_batch_failure_fails_every_caller_and_nothing_is_taken_as_
     assert all(isinstance(r, StoreFailed) for r in results), results
     assert store.entries_per_append[-1] == 10  # one batch, all of them
     assert (log.size, log.root) == (size, root)
-    assert len(await stored(path)) == 1
+    assert len(await stored(audit_db)) == 1
     waiter = asyncio.create_task(log.wait_for(2))
     retried = await asyncio.gather(*(log.append([event(clock, f"f-{i}")], RECORDER) for i in range(10)))
     assert [r.sequence for (r,) in retried if isinstance(r, Appended)] == list(range(1, 11))
     await asyncio.wait_for(waiter, 10)
-    assert log.root == independent_root(await stored(path))
+    assert log.root == independent_root(await stored(audit_db))
 
 
 # --- proofs ------------------------------------------------------------------------------------------------
 
 
-async def test_proofs_verify_against_the_roots(log: AuditLog, path: Path, clock: FakeClock) -> None:
+async def test_proofs_verify_against_the_roots(
+    log: AuditLog, audit_db: AuditDatabase, clock: FakeClock
+) -> None:
     roots = {0: log.root}
     for i in range(21):
         await log.append([event(clock, f"p-{i}")], RECORDER)
         roots[log.size] = log.root
-    entries = await stored(path)
+    entries = await stored(audit_db)
     for size in (1, 2, 7, 8, 13, 21):
         assert await log.root_at(size) == roots[size]
         for index in range(size):
