@@ -1,12 +1,15 @@
 """PostgreSQL audit store: the `AuditStore` contract (services/audit/store.py) in a schema of its own ("tg_audit").
 
-An `append` is ONE transaction on one pooled connection, pipelined into two round trips: a transaction-scoped
-advisory lock (appends to one schema are serialised, even from two processes), the log's size, and the batch's
-(recorder, event id)s looked up; then the entries and the Merkle tree's new complete-subtree nodes
-(`tree.new_nodes`) inserted with one `unnest` statement each, and COMMIT. The caller is answered after the COMMIT.
-What a batch writes is decided by `store_sqlite.plan_append` (pure, one rule for both stores). The tree's right edge
-is cached as in the SQLite store: loaded on open, replaced after a commit, reloaded inside the transaction when the
-table's size differs from the cached one.
+An `append` reads the log's size and the entries already appended under the batch's (recorder, event id)s (one
+statement), then writes the entries and the Merkle tree's new complete-subtree nodes (`tree.new_nodes`) in ONE
+transaction, committed before it returns: a small batch as one statement (its own transaction: the pool's
+connections are autocommit) inserting both with `unnest` (a data-modifying WITH), two round trips in all; a batch
+of `COPY_FROM` entries or more with COPY (psycopg's array parameters cost more than the database's work at that
+size) between BEGIN and COMMIT. What a batch writes is decided by `store_sqlite.plan_append` (pure, one rule for
+both stores). The tree's right edge is cached as in the SQLite store: loaded on open, replaced after a commit,
+reloaded when the table's size differs from the cached one. A second writer on the same schema (never the
+service's way: it has one batcher) cannot corrupt the log: the sequence and node primary keys and the (recorder,
+event id) key make a write that raced another fail as a whole, and the next append starts from the table again.
 
 **Append-only, twice.** (1) Triggers: every UPDATE, DELETE and TRUNCATE of `entries`, `nodes` and `checkpoints`
 raises (`refuse_change`), whoever runs it, the tables' owner included (who would have to drop or disable the
@@ -38,7 +41,6 @@ from services.audit.model import Appended, Checkpoint, Pending, Query, StoredEnt
 from services.audit.store import EventIdConflict
 from services.audit.store_sqlite import (
     ENTRY_COLUMNS,
-    AppendPlan,
     Existing,
     check_page,
     entry_row,
@@ -48,9 +50,10 @@ from services.audit.store_sqlite import (
 from tradeguard.storage.migrations import Migration, Step, pending
 from tradeguard.storage.postgres import Conn, Pool, check_schema_name, open_pool
 
-__all__ = ["DEFAULT_SCHEMA", "MIGRATIONS", "PostgresAuditStore", "writer_role"]
+__all__ = ["COPY_FROM", "DEFAULT_SCHEMA", "MIGRATIONS", "PostgresAuditStore", "writer_role"]
 
 DEFAULT_SCHEMA = "tg_audit"
+COPY_FROM: Final = 16  # entries in a batch from which it is written with COPY
 _TABLES: Final = ("entries", "nodes", "checkpoints")
 
 
@@ -165,17 +168,18 @@ def statements(schema: str) -> dict[str, sql.Composed]:
         "e": sql.SQL(", ").join(sql.Identifier(c) for c in ENTRY_COLUMNS),
         "e_arrays": sql.SQL(", ").join(sql.SQL(f"%s::{t}[]") for t in _ENTRY_TYPES),  # constant type names
         "cp": sql.SQL("tree_size, root_hash, note, time_us"),
-        "lock_key": sql.Literal(f"tradeguard:audit-append:{schema}"),
     }
     q = {
-        "lock": "SELECT pg_advisory_xact_lock(hashtext({lock_key}))",
         "size": "SELECT coalesce(max(sequence) + 1, 0) FROM {entries}",
-        "existing": "SELECT e.recorder, e.event_id, e.sequence, e.leaf_hash, e.event_digest FROM {entries} e "
-        "JOIN unnest(%s::text[], %s::text[]) AS b (recorder, event_id) "
-        'ON e.recorder = b.recorder COLLATE "C" AND e.event_id = b.event_id COLLATE "C"',
-        "insert_entries": "INSERT INTO {entries} ({e}) SELECT * FROM unnest({e_arrays})",
-        "insert_nodes": "INSERT INTO {nodes} (level, idx, hash) "
-        "SELECT * FROM unnest(%s::integer[], %s::bigint[], %s::bytea[])",
+        # the size, and the batch's entries already appended (NULLs for none): one row at least
+        "existing": "SELECT s.size, e.recorder, e.event_id, e.sequence, e.leaf_hash, e.event_digest "
+        "FROM (SELECT coalesce(max(sequence) + 1, 0) AS size FROM {entries}) AS s LEFT JOIN ("
+        "{entries} e JOIN unnest(%s::text[], %s::text[]) AS b (recorder, event_id) "
+        'ON e.recorder = b.recorder COLLATE "C" AND e.event_id = b.event_id COLLATE "C") ON true',
+        "insert": "WITH appended AS (INSERT INTO {entries} ({e}) SELECT * FROM unnest({e_arrays})) "
+        "INSERT INTO {nodes} (level, idx, hash) SELECT * FROM unnest(%s::integer[], %s::bigint[], %s::bytea[])",
+        "copy_entries": "COPY {entries} ({e}) FROM STDIN",
+        "copy_nodes": "COPY {nodes} (level, idx, hash) FROM STDIN",
         "nodes": "SELECT k.ord, n.hash FROM unnest(%s::integer[], %s::bigint[]) WITH ORDINALITY AS k (level, idx, ord) "
         "JOIN {nodes} n ON n.level = k.level AND n.idx = k.idx",
         "entries": "SELECT sequence, entry_bytes, leaf_hash FROM {entries} "
@@ -282,32 +286,35 @@ class PostgresAuditStore:
             return []
         recorders = [p.entry.recorder for p in items]
         event_ids = [p.entry.event.event_id for p in items]
-        plan: AppendPlan
-        async with self._pool.connection() as conn, conn.pipeline(), conn.transaction():
-            await conn.execute(self.sql["lock"])
-            size_cur = await conn.execute(self.sql["size"])  # after the lock: a snapshot of its own
-            existing_cur = await conn.execute(self.sql["existing"], (recorders, event_ids))
-            size_row = await size_cur.fetchone()
-            size = 0 if size_row is None else int(size_row[0])
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(self.sql["existing"], (recorders, event_ids))
+            rows = await cur.fetchall()
+            size = int(rows[0][0])
             existing = {
                 (recorder, event_id): Existing(sequence, bytes(leaf), bytes(digest))
-                for recorder, event_id, sequence, leaf, digest in await existing_cur.fetchall()
+                for _, recorder, event_id, sequence, leaf, digest in rows
+                if recorder is not None
             }
             frontier = self._frontier if size == self._size else await self._load_frontier(conn, size)
             plan = plan_append(items, size, frontier, existing)
-            if plan.rows:
-                rows = [entry_row(seq, pending) for seq, pending in plan.rows]
-                await conn.execute(
-                    self.sql["insert_entries"], [list(column) for column in zip(*rows, strict=True)]
+            if len(plan.rows) >= COPY_FROM:
+                async with conn.transaction():
+                    async with conn.cursor() as cur, cur.copy(self.sql["copy_entries"]) as copy:
+                        for sequence, item in plan.rows:
+                            await copy.write_row(entry_row(sequence, item))
+                    async with conn.cursor() as cur, cur.copy(self.sql["copy_nodes"]) as copy:
+                        for node in plan.nodes:
+                            await copy.write_row((node.level, node.index, node.hash))
+            elif plan.rows:
+                columns = [
+                    list(column) for column in zip(*(entry_row(q, p) for q, p in plan.rows), strict=True)
+                ]
+                nodes = (
+                    [n.level for n in plan.nodes],
+                    [n.index for n in plan.nodes],
+                    [n.hash for n in plan.nodes],
                 )
-                await conn.execute(
-                    self.sql["insert_nodes"],
-                    (
-                        [n.level for n in plan.nodes],
-                        [n.index for n in plan.nodes],
-                        [n.hash for n in plan.nodes],
-                    ),
-                )
+                await conn.execute(self.sql["insert"], (*columns, *nodes))  # one statement: one transaction
         self._size, self._frontier = plan.size, plan.frontier
         return plan.results
 

@@ -20,6 +20,7 @@ from psycopg import sql
 from services.audit import tree
 from services.audit.model import Appended, Checkpoint, Entry, Event, Outcome, Pending, Query, StoredEntry
 from services.audit.store import AuditStore, EventIdConflict
+from services.audit.store_postgres import COPY_FROM
 from tests.support import PG_DSN
 from tradeguard.audit import tlog
 
@@ -144,7 +145,7 @@ def all_subtrees(leaves: Sequence[bytes]) -> dict[tuple[int, int], bytes]:
     return out
 
 
-@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("batch", [1, 3, 8, 20])  # 20: PostgreSQL writes with COPY
 async def test_nodes_roots_and_proofs_match_a_recomputation(
     audit_db: AuditDatabase, audit_store: AuditStore, batch: int
 ) -> None:
@@ -295,12 +296,16 @@ async def test_a_reopened_store_sees_everything_and_continues_the_tree(audit_db:
     assert await reopened.nodes(keys) == [all_subtrees(leaves)[k] for k in keys]
 
 
-async def test_a_failing_batch_commits_nothing(audit_db: AuditDatabase, audit_store: AuditStore) -> None:
+@pytest.mark.parametrize("size", [3, COPY_FROM + 5])
+async def test_a_failing_batch_commits_nothing(
+    audit_db: AuditDatabase, audit_store: AuditStore, size: int
+) -> None:
     created(await audit_store.append([pending(n) for n in range(3)]))
     before = snapshot(audit_db)
     broken = dataclasses.replace(pending(4), entry_bytes=None)  # type: ignore[arg-type]  # NOT NULL refuses it
+    batch = [pending(3), *(pending(100 + n) for n in range(size - 2)), broken]
     with pytest.raises((sqlite3.IntegrityError, psycopg.errors.NotNullViolation)):
-        await audit_store.append([pending(3), broken, pending(5)])
+        await audit_store.append(batch)
     assert snapshot(audit_db) == before
     assert await audit_store.size() == 3
     assert created(await audit_store.append([pending(3), pending(4)])) == [3, 4]  # the same numbers, no gap
