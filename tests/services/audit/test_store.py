@@ -7,6 +7,7 @@ with paging, and checkpoints."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import sqlite3
@@ -324,6 +325,38 @@ async def test_a_second_writer_on_the_same_database(audit_db: AuditDatabase) -> 
     expected = all_subtrees(leaves)
     assert await second.nodes(sorted(expected)) == [expected[k] for k in sorted(expected)]
     assert audit_db.count("nodes") == len(expected)
+
+
+async def test_two_writers_racing_never_corrupt_the_log(audit_db: AuditDatabase) -> None:
+    """Two stores appending at once (a misconfiguration: the service has one writer): an append may fail as a
+    whole (PostgreSQL: the keys refuse the loser) and is retried; the log ends gapless, every entry once, and its
+    nodes are exactly the tree of the stored leaves."""
+    stores = [await audit_db.open(), await audit_db.open()]
+
+    async def writer(w: int) -> None:
+        store = stores[w]
+        for k in range(15):
+            batch = [pending(1000 * w + 10 * k + i) for i in range(3)]
+            for _attempt in range(50):
+                try:
+                    results = await store.append(batch)
+                except (sqlite3.Error, psycopg.Error):
+                    continue
+                assert all(isinstance(r, Appended) for r in results)
+                break
+            else:
+                pytest.fail("an append kept failing")
+
+    await asyncio.gather(writer(0), writer(1))
+    stored = await stores[0].entries(0, 1000)
+    assert [e.sequence for e in stored] == list(range(90))
+    expected = {
+        pending(1000 * w + 10 * k + i).entry_bytes for w in range(2) for k in range(15) for i in range(3)
+    }
+    assert {e.entry_bytes for e in stored} == expected
+    subtrees = all_subtrees([e.leaf_hash for e in stored])
+    assert await stores[1].nodes(sorted(subtrees)) == [subtrees[k] for k in sorted(subtrees)]
+    assert audit_db.count("nodes") == len(subtrees)
 
 
 # --- queries ------------------------------------------------------------------------------------------------------
