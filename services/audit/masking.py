@@ -30,13 +30,12 @@
      `"key": "value"` pairs with a sensitive key (password=, token=, signature=, …), PEM private keys, Luhn-valid
      payment card numbers, `tg_` keys, and the secrets registered with `register_secret`.
    Identifiers that look random but are not secret stay visible: API key ids (`tgk_` + 38 base62), order ids
-   (`ord_` + 26 Crockford base32), UUIDs, and 32-hex-digit request and trace ids. The price: a bare 128-bit key
-   written as 32 hex digits or as 22-24 base64 characters is not told from an id and is not masked; a path of
-   32+ characters mixing cases and digits (or a 40+ character identifier without separators) outside
-   those ids is masked though it is no secret (fail closed).
-   An `api_key_id` that is a well-formed key id is kept as it is. The event id is not masked (it is the
-   recorder's idempotency key, restricted to [A-Za-z0-9_.:-]{1,128}); the core refuses one that
-   `looks_secret`.
+   (`ord_` + 26 Crockford base32), user ids (`usr_` + 26 lowercase Crockford base32), UUIDs, and 32-hex-digit
+   request and trace ids. The price: a bare 128-bit key written as 32 hex digits or as 22-24 base64 characters
+   is not told from an id and is not masked; a run such as a path of 32+ characters mixing cases and digits (or
+   of 40+ with two of the three) outside those ids is masked though it is no secret (fail closed). An
+   `api_key_id` that is a well-formed key id is kept as it is. The event id is not masked (it is the recorder's
+   idempotency key, restricted to [A-Za-z0-9_.:-]{1,128}); the core refuses one that `looks_secret`.
 3. **Sizes**, after masking (so that a cut never leaves part of a secret unmasked): a text field longer than
    `MAX_TEXT_CHARS`, a detail name longer than `MAX_NAME_CHARS` or value longer than `MAX_VALUE_CHARS` is cut to
    that many characters followed by `TRUNCATED`; of more than `MAX_DETAILS` details, the first `MAX_DETAILS - 1`
@@ -102,10 +101,11 @@ _CAMEL: Final = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 _SEPARATORS: Final = re.compile(r"[-. _]+")
 
 _KEY_ID: Final = re.compile(r"tgk_[0-9A-Za-z]{38}")
-# Identifiers taken out of a run before it is judged: key ids, order ids, UUIDs, 32-hex-digit ids (exactly).
+# Identifiers taken out of a run before it is judged: key ids, order ids, user ids, UUIDs, 32-hex-digit ids.
 _IDS: Final = re.compile(
     r"tgk_[0-9A-Za-z]{38}(?![0-9A-Za-z])"
     r"|ord_[0-9A-HJKMNP-TV-Z]{26}(?![0-9A-Za-z])"
+    r"|usr_[0-9a-z]{26}(?![0-9A-Za-z])"
     r"|(?<![0-9A-Fa-f])[0-9A-Fa-f]{8}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{4}-[0-9A-Fa-f]{12}(?![0-9A-Fa-f])"
     r"|(?<![0-9A-Fa-f])[0-9A-Fa-f]{32}(?![0-9A-Fa-f])"
 )

@@ -193,6 +193,7 @@ def test_ordinary_names_are_kept(name: str) -> None:
         "550e8400-e29b-41d4-a716-446655440000",
         "0123456789abcdef0123456789abcdef",
         "orders/ord_01JD3X4ABCDEFGHJKMNPQRSTVW",
+        "users/usr_01jd3x4abcdefghjkmnpqrstvw/keys/tgk_" + "aB3" * 12 + "xy",
         "tgk_" + "aB3" * 12 + "xy",
         "RISK_PRICE_COLLAR: price 101.5 outside 95..105",
         "refused: orders/per-second (10 per 1s)",
