@@ -11,7 +11,9 @@ import asyncio
 import dataclasses
 import hashlib
 import sqlite3
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -312,6 +314,64 @@ async def test_a_failing_batch_commits_nothing(
     assert created(await audit_store.append([pending(3), pending(4)])) == [3, 4]  # the same numbers, no gap
     leaves = [pending(n).leaf_hash for n in range(5)]
     assert await tree.root_at(5, audit_store.nodes) == tlog.root(leaves)
+
+
+REPO = Path(__file__).resolve().parents[3]
+CRASHING_WRITER = """
+import asyncio, hashlib, sys
+from pathlib import Path
+from services.audit.model import Entry, Event, Outcome, Pending
+from services.audit.store_postgres import PostgresAuditStore
+from services.audit.store_sqlite import SqliteAuditStore
+
+async def main(kind: str, where: str) -> None:
+    if kind == "sqlite":
+        store = await SqliteAuditStore.open(Path(where))
+    else:
+        dsn, schema = where.split(" ", 1)
+        store = await PostgresAuditStore.open(dsn, schema=schema)
+    n = 0
+    while True:  # until killed
+        batch = []
+        for _ in range(1 + n % 20):
+            event = Event(event_id=f"crash-{n}", time_us=n, outcome=Outcome.OK)
+            data = repr(Entry(record_time_us=n, recorder="r", event=event)).encode()
+            batch.append(Pending(Entry(n, "r", event), data, hashlib.sha256(b"\\x00" + data).digest(), data[:32]))
+            n += 1
+        results = await store.append(batch)
+        print(" ".join(str(r.sequence) for r in results), flush=True)
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+async def test_kill_9_during_appends_loses_no_acknowledged_entry(audit_db: AuditDatabase) -> None:
+    """A writer process killed (SIGKILL) in a stream of appends: after reopening, every append it was answered
+    for is there, the log is gapless, its nodes are its tree's, and appending continues."""
+    where = str(audit_db.path) if audit_db.kind == "sqlite" else f"{PG_DSN} {audit_db.schema}"
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CRASHING_WRITER, audit_db.kind, where, stdout=asyncio.subprocess.PIPE, cwd=REPO
+    )
+    assert child.stdout is not None
+    acknowledged: list[int] = []
+    try:
+        while len(acknowledged) < 300:
+            line = await asyncio.wait_for(child.stdout.readline(), 60)
+            assert line, "the writer exited"
+            acknowledged.extend(int(seq) for seq in line.split())
+    finally:
+        child.kill()
+        await child.wait()
+    assert acknowledged == list(range(len(acknowledged)))
+    store = await audit_db.open()
+    size = await store.size()
+    assert size >= len(acknowledged)
+    stored = await store.entries(0, size)
+    assert [e.sequence for e in stored] == list(range(size))
+    subtrees = all_subtrees([e.leaf_hash for e in stored])
+    assert audit_db.count("nodes") == len(subtrees)
+    assert await store.nodes(sorted(subtrees)) == [subtrees[k] for k in sorted(subtrees)]
+    assert created(await store.append([pending(0)])) == [size]
 
 
 async def test_a_second_writer_on_the_same_database(audit_db: AuditDatabase) -> None:
