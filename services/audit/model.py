@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
+from tradeguard.clock import ClockSync
+
 __all__ = [
     "EVENT_ID_PATTERN",
     "MAX_BATCH",
@@ -53,12 +55,6 @@ class Outcome(enum.IntEnum):
     INVALID = 6
     FAILED = 7
     UNKNOWN = 8
-
-
-class ClockSync(enum.IntEnum):
-    UNSPECIFIED = 0
-    SYNCHRONIZED = 1
-    UNSYNCHRONIZED = 2
 
 
 @dataclass(frozen=True, slots=True)

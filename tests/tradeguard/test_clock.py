@@ -1,4 +1,4 @@
-"""The clock's state from the kernel (services/audit/clock.py): on this machine adjtimex answers, read only, with
+"""The clock's state from the kernel (tradeguard/clock.py): on this machine adjtimex answers, read only, with
 a known state and plausible errors, the same state libc's ntp_adjtime reports; TIME_ERROR is UNSYNCHRONIZED; a call
 that fails (a real kernel error, an exception, no libc) is UNSPECIFIED and never raises."""
 
@@ -11,9 +11,8 @@ from typing import Any
 
 import pytest
 
-from services.audit import clock
-from services.audit.clock import TIME_ERROR, Timex, clock_state
-from services.audit.model import ClockSync
+from tradeguard import clock
+from tradeguard.clock import TIME_ERROR, ClockSync, Timex, clock_state
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="adjtimex is Linux's")
 

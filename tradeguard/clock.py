@@ -1,4 +1,5 @@
-"""The clock's synchronisation state, as MiFID II RTS 25 asks an event to carry it: read from the kernel.
+"""The clock's synchronisation state, as MiFID II RTS 25 asks an event to carry it: read from the kernel (the
+audit service's entries and the guard's audit stage both record it).
 
 `clock_state()` calls `adjtimex(2)` through libc (ctypes) READ-ONLY (`modes = 0`: nothing is set, no privilege
 needed) and answers `(sync, estimated_error_us, max_error_us)`:
@@ -17,13 +18,21 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import enum
 import functools
 from collections.abc import Callable
 from typing import Any, Final
 
-from services.audit.model import ClockSync
+__all__ = ["TIME_ERROR", "ClockSync", "Timex", "clock_state"]
 
-__all__ = ["TIME_ERROR", "Timex", "clock_state"]
+
+class ClockSync(enum.IntEnum):
+    """The kernel's verdict on the clock (tradeguard.audit.v1.ClockSync's numbers)."""
+
+    UNSPECIFIED = 0
+    SYNCHRONIZED = 1
+    UNSYNCHRONIZED = 2
+
 
 TIME_ERROR: Final = 5  # adjtimex's answer for an unsynchronised clock
 
