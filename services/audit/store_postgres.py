@@ -21,10 +21,10 @@ CREATEROLE); otherwise an administrator creates it (`CREATE ROLE tg_audit_writer
 migration, which then grants to it.
 
 **Production** uses two roles: the OWNER (a deploy job or the DBA) runs the migrations once,
-`PostgresAuditStore.open(owner_dsn)` (or any open with `migrate=True`), and owns the tables; the SERVICE connects
-as a LOGIN role that is only a member of the writer role (`CREATE ROLE tg_audit_service LOGIN PASSWORD …;
-GRANT tg_audit_writer TO tg_audit_service`) and opens with `migrate=False`: the schema's version is checked, never
-changed. A development install connects as one user that owns everything: the triggers still refuse changes.
+`PostgresAuditStore.open(owner_dsn)`, and owns the tables; the SERVICE connects as a LOGIN role that is only a
+member of the writer role (`CREATE ROLE tg_audit_service LOGIN PASSWORD …; GRANT tg_audit_writer TO
+tg_audit_service`): its `open` finds the schema at the last version and changes nothing (a schema left behind
+fails its migration for want of privileges, or with `migrate=False` is refused before any attempt). A development install connects as one user that owns everything: the triggers still refuse changes.
 Whatever gets past both, `tradeguard audit verify` finds from the Merkle tree.
 """
 
@@ -33,6 +33,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, Final
 
+import psycopg
 from psycopg import sql
 from psycopg_pool import AsyncConnectionPool
 
@@ -47,8 +48,9 @@ from services.audit.store_sqlite import (
     plan_append,
     query_conditions,
 )
-from tradeguard.storage.migrations import Migration, Step, pending
-from tradeguard.storage.postgres import Conn, Pool, check_schema_name, open_pool
+from tradeguard.storage.migrations import Migration, Step, latest_version, pending
+from tradeguard.storage.postgres import Conn, Pool, check_schema_name
+from tradeguard.storage.postgres import migrate as migrate_schema
 
 __all__ = ["COPY_FROM", "DEFAULT_SCHEMA", "MIGRATIONS", "PostgresAuditStore", "writer_role"]
 
@@ -222,22 +224,25 @@ class PostgresAuditStore:
         max_size: int = 10,
         migrate: bool = True,
     ) -> PostgresAuditStore:
-        """Open the pool; `migrate`: bring `schema` to the store's last migration (created if absent), as its
-        owner; else (the writer role) check that it is exactly at that version. Loads the size and the tree's
-        right edge."""
-        if migrate:
-            pool = await open_pool(dsn, schema, MIGRATIONS, min_size=min_size, max_size=max_size)
-        else:
-            check_schema_name(schema)
-            pool = AsyncConnectionPool(
-                dsn, min_size=min_size, max_size=max_size, open=False, kwargs={"autocommit": True}
-            )
-            await pool.open(wait=True)
+        """Open the pool, bring `schema` to the store's last migration if it is behind (created if absent: as its
+        owner; `migrate=False` refuses instead), and load the size and the tree's right edge. A schema already at
+        the last version is only read (`schema_version`), so the writer role opens it with no DDL at all."""
+        check_schema_name(schema)
+        pool: Pool = AsyncConnectionPool(
+            dsn, min_size=min_size, max_size=max_size, open=False, kwargs={"autocommit": True}
+        )
+        await pool.open(wait=True)
         try:
             store = cls(pool, schema, 0, {})
             async with pool.connection() as conn:
-                if not migrate:
-                    await store._check_version(conn)
+                found = await store._version(conn)
+                if pending(MIGRATIONS, found, f"schema {schema}"):  # SchemaTooNew if newer than this code
+                    if not migrate:
+                        raise RuntimeError(
+                            f"schema {schema} is at version {found or 0}, the audit store needs "
+                            f"{latest_version(MIGRATIONS)}: run the migration as the schema's owner"
+                        )
+                    await migrate_schema(conn, schema, MIGRATIONS)
                 store._size = await store._read_size(conn)
                 store._frontier = await store._load_frontier(conn, store._size)
         except BaseException:
@@ -245,14 +250,15 @@ class PostgresAuditStore:
             raise
         return store
 
-    async def _check_version(self, conn: Conn) -> None:
-        version = sql.Identifier(self.schema, "schema_version")
-        cur = await conn.execute(sql.SQL("SELECT max(version) FROM {}").format(version))
+    async def _version(self, conn: Conn) -> int | None:
+        """The schema's version; None when it has none yet."""
+        table = sql.Identifier(self.schema, "schema_version")
+        try:
+            cur = await conn.execute(sql.SQL("SELECT max(version) FROM {}").format(table))
+        except psycopg.errors.UndefinedTable:
+            return None
         row = await cur.fetchone()
-        if pending(MIGRATIONS, None if row is None else row[0], f"schema {self.schema}"):
-            raise RuntimeError(
-                f"schema {self.schema} is not migrated to the audit store's version: run the migration as the owner"
-            )
+        return None if row is None or row[0] is None else int(row[0])
 
     async def _read_size(self, conn: Conn) -> int:
         cur = await conn.execute(self.sql["size"])

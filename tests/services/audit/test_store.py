@@ -26,6 +26,7 @@ from services.audit.store import AuditStore, EventIdConflict
 from services.audit.store_postgres import COPY_FROM
 from tests.support import PG_DSN
 from tradeguard.audit import tlog
+from tradeguard.storage.migrations import SchemaTooNew
 
 from .conftest import AuditDatabase
 
@@ -261,13 +262,15 @@ async def test_postgres_service_as_the_writer_role(pg_audit_db: AuditDatabase) -
     assert service_dsn != PG_DSN
     with psycopg.connect(PG_DSN, autocommit=True) as pg:
         pg.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(login)))
-    with pytest.raises(psycopg.errors.UndefinedTable):  # not migrated yet: the service does not create it
+    with pytest.raises(RuntimeError, match="run the migration as the schema's owner"):
         await audit_db.open(service_dsn, migrate=False)
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):  # not migrated yet: the service cannot
+        await audit_db.open(service_dsn)
     owner = await audit_db.open()
     created(await owner.append([pending(0)]))
     with psycopg.connect(PG_DSN, autocommit=True) as pg:
         pg.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(audit_db.writer), sql.Identifier(login)))
-    service = await audit_db.open(service_dsn, migrate=False)
+    service = await audit_db.open(service_dsn)  # at the last version: read, not migrated
     assert created(await service.append([pending(1), pending(2)])) == [1, 2]
     assert await service.append([pending(1)]) == [Appended(1, pending(1).leaf_hash, created=False)]
     await service.add_checkpoint(Checkpoint(3, await tree.root_at(3, service.nodes), "note", T0))
@@ -297,6 +300,15 @@ async def test_a_reopened_store_sees_everything_and_continues_the_tree(audit_db:
     leaves = [p.leaf_hash for p in items]
     keys = sorted(all_subtrees(leaves))
     assert await reopened.nodes(keys) == [all_subtrees(leaves)[k] for k in keys]
+
+
+async def test_a_schema_newer_than_the_code_is_refused(audit_db: AuditDatabase) -> None:
+    store = await audit_db.open()
+    created(await store.append([pending(0)]))
+    await store.close()
+    audit_db.execute("INSERT INTO {schema}.schema_version (version) VALUES (99)")
+    with pytest.raises(SchemaTooNew):
+        await audit_db.open()
 
 
 @pytest.mark.parametrize("size", [3, COPY_FROM + 5])
