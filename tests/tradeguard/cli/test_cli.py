@@ -96,7 +96,9 @@ def test_as_before_the_command_says_where_it_belongs(capsys: pytest.CaptureFixtu
         main.parser().parse_args(["--as", "auth", "vault", "status"])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
-    assert "--as belongs to a command (auth, orders, vault, quota, audit)" in err and "unrecognized" not in err
+    assert (
+        "--as belongs to a command (auth, orders, vault, quota, audit)" in err and "unrecognized" not in err
+    )
 
 
 def test_an_empty_home_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
