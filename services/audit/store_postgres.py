@@ -39,9 +39,9 @@ from psycopg_pool import AsyncConnectionPool
 
 from services.audit import tree
 from services.audit.model import Appended, Checkpoint, Pending, Query, StoredEntry
-from services.audit.store import EventIdConflict
-from services.audit.store_sqlite import (
+from services.audit.store import (
     ENTRY_COLUMNS,
+    EventIdConflict,
     Existing,
     check_page,
     entry_row,

@@ -23,18 +23,26 @@ with `RAISE(ABORT)`. They stop an application bug or a careless administrator, n
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
 
 from services.audit import tree
-from services.audit.model import Appended, Checkpoint, Node, Pending, Query, StoredEntry
-from services.audit.store import EventIdConflict
+from services.audit.model import Appended, Checkpoint, Pending, Query, StoredEntry
+from services.audit.store import (
+    ENTRY_COLUMNS,
+    AppendPlan,
+    EventIdConflict,
+    Existing,
+    check_page,
+    entry_row,
+    plan_append,
+    query_conditions,
+)
 from tradeguard.storage.migrations import Migration
 from tradeguard.storage.sqlite import SqliteWorker
 
-__all__ = ["MIGRATIONS", "AppendPlan", "Existing", "SqliteAuditStore", "plan_append"]
+__all__ = ["MIGRATIONS", "SqliteAuditStore"]
 
 
 def _refusals(table: str, key: str) -> tuple[str, ...]:
@@ -95,98 +103,6 @@ _V1 = (
 )
 MIGRATIONS = (Migration(1, "entries, Merkle tree nodes, checkpoints; append-only triggers", _V1),)
 
-ENTRY_COLUMNS: Final = (
-    "sequence",
-    "recorder",
-    "event_id",
-    "event_digest",
-    "entry_bytes",
-    "leaf_hash",
-    "principal",
-    "account_id",
-    "api_key_id",
-    "method",
-    "outcome",
-    "event_time_us",
-    "record_time_us",
-)
-
-
-# --- what an append writes (pure; both stores) ----------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Existing:
-    """An entry already in the log, as an append's idempotency check reads it."""
-
-    sequence: int
-    leaf_hash: bytes
-    event_digest: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class AppendPlan:
-    results: list[Appended | EventIdConflict]
-    rows: list[tuple[int, Pending]]  # (sequence, pending) to insert, in order
-    nodes: list[Node]
-    size: int  # after the append
-    frontier: dict[tuple[int, int], bytes]  # the right edge after the append
-
-
-def entry_row(sequence: int, pending: Pending) -> tuple[Any, ...]:
-    """The `entries` row of `pending` at `sequence` (ENTRY_COLUMNS' order)."""
-    entry, event = pending.entry, pending.entry.event
-    return (
-        sequence,
-        entry.recorder,
-        event.event_id,
-        pending.event_digest,
-        pending.entry_bytes,
-        pending.leaf_hash,
-        event.principal,
-        event.account_id,
-        event.api_key_id,
-        event.method,
-        int(event.outcome),
-        event.time_us,
-        entry.record_time_us,
-    )
-
-
-def plan_append(
-    batch: Sequence[Pending],
-    size: int,
-    frontier: Mapping[tuple[int, int], bytes],
-    existing: Mapping[tuple[str, str], Existing],
-) -> AppendPlan:
-    """What appending `batch` to a log of `size` entries writes, given the right edge of its tree and the
-    entries already appended under the batch's (recorder, event id)s (see the contract)."""
-    seen = dict(existing)
-    results: list[Appended | EventIdConflict] = []
-    rows: list[tuple[int, Pending]] = []
-    for pending in batch:
-        key = (pending.entry.recorder, pending.entry.event.event_id)
-        before = seen.get(key)
-        if before is None:
-            sequence = size + len(rows)
-            seen[key] = Existing(sequence, pending.leaf_hash, pending.event_digest)
-            rows.append((sequence, pending))
-            results.append(Appended(sequence, pending.leaf_hash))
-        elif before.event_digest == pending.event_digest:
-            results.append(Appended(before.sequence, before.leaf_hash, created=False))
-        else:
-            results.append(
-                EventIdConflict(
-                    f"event id {key[1]!r} was already appended by this recorder for another event",
-                    metadata={"event_id": key[1]},
-                )
-            )
-    nodes = tree.new_nodes(
-        size, [p.leaf_hash for _, p in rows], lambda level, index: frontier[(level, index)]
-    )
-    new_size = size + len(rows)
-    known = {**frontier, **{(n.level, n.index): n.hash for n in nodes}}
-    return AppendPlan(results, rows, nodes, new_size, {k: known[k] for k in tree.subtree_keys(0, new_size)})
-
-
 # --- SQL -------------------------------------------------------------------------------------------------------
 _E = ", ".join(ENTRY_COLUMNS)
 SQL: Final = {
@@ -204,34 +120,6 @@ SQL: Final = {
     "checkpoints": "SELECT tree_size, root_hash, note, time_us FROM checkpoints WHERE tree_size > ? "
     "ORDER BY tree_size LIMIT ?",
 }
-
-
-def query_conditions(query: Query, placeholder: str) -> tuple[list[str], list[object]]:
-    """The WHERE conditions (constant text) and their parameters for the set fields of `query`."""
-    conditions: list[str] = []
-    params: list[object] = []
-    for name in ("principal", "account_id", "api_key_id", "method"):
-        value = getattr(query, name)
-        if value:
-            conditions.append(f"{name} = {placeholder}")
-            params.append(value)
-    if query.outcome:
-        conditions.append(f"outcome = {placeholder}")
-        params.append(int(query.outcome))
-    if query.start_us is not None:
-        conditions.append(f"event_time_us >= {placeholder}")
-        params.append(query.start_us)
-    if query.end_us is not None:
-        conditions.append(f"event_time_us < {placeholder}")
-        params.append(query.end_us)
-    return conditions, params
-
-
-def check_page(after: int, limit: int) -> None:
-    if limit < 0:
-        raise ValueError(f"limit must not be negative, not {limit}")
-    if after < -1:
-        raise ValueError(f"after must be -1 (from the start) or a sequence number, not {after}")
 
 
 def _checkpoint(row: Sequence[Any]) -> Checkpoint:
