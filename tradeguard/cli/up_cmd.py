@@ -11,7 +11,11 @@ stops the suite when a service keeps crashing), and on Ctrl-C or SIGTERM stops e
 The rate-limit service reads its limits from $TRADEGUARD_HOME/config/limits.yaml: the supervisor installs the
 packaged default there (owner-only) when it is absent and TRADEGUARD_RATELIMIT_LIMITS_FILE names no other file;
 it never overwrites an existing one (edit it: the service re-reads it when it changes). Each guarded service is
-told where this suite's auth and rate-limit services listen.
+told where this suite's auth, rate-limit and audit services listen.
+
+The key vault keys the services use are created as ops, when missing, before the service starts (SERVICE_KEYS:
+the auth service's `credentials` and `auth/jwt`, the audit service's checkpoint key `audit/checkpoint`); the
+auth and audit services are told where this suite's key vault listens.
 """
 
 from __future__ import annotations
@@ -38,18 +42,32 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tradeguard import registry
 from tradeguard.cli import common
-from tradeguard.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
+from tradeguard.errors import DomainError, OpaqueError
+from tradeguard.keyvault.signer import ensure_key
+from tradeguard.keyvault.v1 import keyvault_pb2
 from tradeguard.mesh import pki, tls
 from tradeguard.observability.logging import configure_logging, get_logger
 
 _log = get_logger("tradeguard.up")
 
-# The key vault keys the auth service uses (services/auth/settings.py): only ops may create them, so the
-# supervisor does, idempotently, before it starts auth.
+# The key vault keys the auth service uses (services/auth/settings.py) and the audit service signs its checkpoints
+# with (services/audit/settings.py): only ops may create them, so the supervisor does, idempotently, before it
+# starts the service.
 AUTH_KEYS: tuple[tuple[str, keyvault_pb2.KeyType.ValueType], ...] = (
     ("credentials", keyvault_pb2.KEY_TYPE_AES256_GCM),
     ("auth/jwt", keyvault_pb2.KEY_TYPE_ED25519),
 )
+AUDIT_KEYS: tuple[tuple[str, keyvault_pb2.KeyType.ValueType], ...] = (
+    ("audit/checkpoint", keyvault_pb2.KEY_TYPE_ED25519),
+)
+SERVICE_KEYS: dict[str, tuple[tuple[str, keyvault_pb2.KeyType.ValueType], ...]] = {
+    "auth": AUTH_KEYS,
+    "audit": AUDIT_KEYS,
+}
+_WITHOUT_KEYS = {
+    "auth": "auth will fail to sign tokens and seal secrets until it exists",
+    "audit": "audit will record but sign no checkpoint until it exists",
+}
 
 # Every workload the command line can act as: the operators and each registered service (so that the README's
 # `tradeguard vault --as auth encrypt …` works before the auth service exists).
@@ -274,17 +292,18 @@ class Supervisor:
         env[f"{prefix}_METRICS_PORT"] = str(child.metrics_port)
         env.setdefault("PYTHONUNBUFFERED", "1")
         operator_set = ("TRADEGUARD_KEYVAULT_PASSPHRASE", "TRADEGUARD_KEYVAULT_PASSPHRASE_FILE")
-        # where this suite's key vault, auth and rate-limit services listen (the services' own defaults are the
-        # registry's)
+        # where this suite's key vault (for auth and audit), auth, rate-limit and audit services listen (the
+        # services' own defaults are the registry's)
         targets: list[tuple[str, Child | None]] = []
-        if child.name == "auth":
-            targets.append(("TRADEGUARD_AUTH_KEYVAULT_TARGET", self.children.get("keyvault")))
+        if child.name in ("auth", "audit"):
+            targets.append((f"{prefix}_KEYVAULT_TARGET", self.children.get("keyvault")))
         elif child.name not in (
             "keyvault",
             "ratelimit",
-        ):  # a guarded service: its guard's auth and quota stages
+        ):  # a guarded service: its guard's auth, quota and audit stages
             targets.append((f"{prefix}_AUTH_TARGET", self.children.get("auth")))
             targets.append((f"{prefix}_RATELIMIT_TARGET", self.children.get("ratelimit")))
+            targets.append((f"{prefix}_AUDIT_TARGET", self.children.get("audit")))
         for variable, upstream in targets:
             if upstream is not None and not env.get(variable):  # an operator's own setting wins
                 env[variable] = f"{common.connect_host()}:{upstream.port}"
@@ -336,10 +355,16 @@ class Supervisor:
         return path
 
     async def ensure_auth_keys(self) -> None:
-        """Create the auth service's key vault keys as ops unless they exist (ALREADY_EXISTS is success). A
-        failure is reported, not fatal: auth starts, and its calls that need the vault fail until it is fixed."""
+        """Create the auth service's key vault keys as ops unless they exist (see `ensure_service_keys`)."""
+        await self.ensure_service_keys("auth")
+
+    async def ensure_service_keys(self, service: str) -> None:
+        """Create `service`'s key vault keys (SERVICE_KEYS) as ops unless they exist (ALREADY_EXISTS is success;
+        a key of another type is refused). A failure is reported, not fatal: the service starts, and its calls
+        that need the key fail until it is fixed."""
         vault = self.children.get("keyvault")
-        if vault is None:
+        keys = SERVICE_KEYS.get(service, ())
+        if vault is None or not keys:
             return
         workload = tls.Workload.of(self.paths, common.OPERATOR)
         options = [("grpc.ssl_target_name_override", vault.name)]
@@ -347,22 +372,19 @@ class Supervisor:
         async with grpc.aio.secure_channel(
             target, tls.channel_credentials(workload), options=options
         ) as channel:
-            stub = keyvault_pb2_grpc.KeyVaultServiceStub(channel)
-            for name, key_type in AUTH_KEYS:
+            for name, key_type in keys:
                 try:
-                    await stub.CreateKey(
-                        keyvault_pb2.CreateKeyRequest(name=name, type=key_type), timeout=10.0
+                    if await ensure_key(channel, name, key_type, timeout_s=10.0):
+                        _log.info("service key created", service=service, key=name)
+                except DomainError as error:
+                    cause = error.cause if isinstance(error, OpaqueError) else error.message
+                    _log.error("service key not created", service=service, key=name, cause=cause)
+                    print(
+                        f"could not create the key vault key {name!r} for {service} ({cause}): "
+                        f"{_WITHOUT_KEYS.get(service, 'its calls that need it fail until it exists')}",
+                        file=sys.stderr,
+                        flush=True,
                     )
-                    _log.info("auth key created", key=name)
-                except grpc.aio.AioRpcError as error:
-                    if error.code() != grpc.StatusCode.ALREADY_EXISTS:
-                        _log.error("auth key not created", key=name, code=error.code().name)
-                        print(
-                            f"could not create the key vault key {name!r} for auth ({error.code().name}): "
-                            "auth will fail to sign tokens and seal secrets until it exists",
-                            file=sys.stderr,
-                            flush=True,
-                        )
 
     async def health(self, child: Child) -> bool:
         """One health check of `child` over mutual TLS, as ops."""
@@ -500,8 +522,7 @@ class Supervisor:
         try:
             for child in children:
                 self.children[child.name] = child
-                if child.name == "auth":
-                    await self.ensure_auth_keys()
+                await self.ensure_service_keys(child.name)
                 await self.spawn(child)
                 await self.wait_ready(child)
             for child in children:  # one that died while the next was starting is not "up"
@@ -603,6 +624,15 @@ class Supervisor:
                     '  .venv/bin/tradeguard quota get "key:$TG_KEY" '
                     "--operation /tradeguard.trading.v1.TradingService/PlaceOrder"
                 )
+        audit = self.children.get("audit")
+        if audit is not None:
+            lines += [
+                "",
+                "The audit trail (README: Audit trail), as ops: the latest signed checkpoint",
+                f"  grpcurl -cacert {d.ca_bundle} -cert {d.cert(common.OPERATOR)} -key {d.key(common.OPERATOR)} \\",
+                f"      -authority audit {common.connect_host()}:{audit.port} "
+                "tradeguard.audit.v1.AuditService/GetCheckpoint",
+            ]
         trading = self.children.get("trading")
         if trading is not None:
             lines += [

@@ -1,0 +1,4 @@
+from services.audit.service import SERVICE
+from tradeguard.service import main
+
+raise SystemExit(main(SERVICE))

@@ -1,0 +1,104 @@
+"""Audit service settings, read once at start-up through the kit's reader (tradeguard.service.read_settings).
+
+Every variable is under the one prefix TRADEGUARD_AUDIT_; a bad value is refused naming the variable.
+
+- DATABASE_URL: the log, `sqlite:///<path>` (default `$TRADEGUARD_HOME/data/audit.db`) or `postgresql://…`.
+- KEYVAULT_TARGET: host:port of the key vault (default 127.0.0.1:<the registry's key vault port>),
+  KEYVAULT_SERVER_NAME: the name its certificate carries (default `keyvault`). The audit service calls it as
+  workload `audit` to sign its checkpoints.
+- CHECKPOINT_KEY (default `audit/checkpoint`): the key vault's Ed25519 key that signs the checkpoints (`tradeguard
+  up` creates it as ops when missing; the key vault's policy lets `audit` sign with `audit/*` keys and read their
+  public versions).
+- ORIGIN (default `tradeguard.local/audit`): the checkpoints' origin line, also the signed note's key name: a
+  schemaless URL of 1 to 255 characters of A-Z a-z 0-9 . _ / : - (C2SP tlog-checkpoint, signed-note).
+- CHECKPOINT_INTERVAL_S (default 1, 0.01..1): while the log grows, a checkpoint is signed at most this often (and
+  so at least every second while events arrive).
+- GUARD_WORKLOADS: workload names (comma-separated) allowed to record (Append, AppendBatch) besides trading,
+  auth, the key vault and the rate limiter: a firm's own guarded services.
+
+Plus the shared server settings (ServerConfig.from_env).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+from tradeguard.mesh.server import ServerConfig
+from tradeguard.registry import lookup
+from tradeguard.service import CommonSettings
+from tradeguard.settings import Env, SettingsError
+
+__all__ = ["DEFAULT_CHECKPOINT_KEY", "DEFAULT_ORIGIN", "ORIGIN_PATTERN", "Settings"]
+
+DEFAULT_CHECKPOINT_KEY: Final = "audit/checkpoint"
+DEFAULT_ORIGIN: Final = "tradeguard.local/audit"
+ORIGIN_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:-]{0,254}")
+_WORKLOAD: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_KEY_NAME: Final = re.compile(r"[a-z0-9][a-z0-9._/-]{0,127}")
+_DNS_NAME: Final = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerConfig
+    database_url: str
+    keyvault_target: str = f"127.0.0.1:{lookup('keyvault').port}"
+    keyvault_server_name: str = "keyvault"
+    checkpoint_key: str = DEFAULT_CHECKPOINT_KEY
+    origin: str = DEFAULT_ORIGIN
+    checkpoint_interval_s: float = 1.0
+    guard_workloads: frozenset[str] = frozenset()  # besides trading, auth, keyvault, ratelimit
+
+    @classmethod
+    def read(cls, env: Env, common: CommonSettings) -> Settings:
+        """The audit service's own settings (see the module docstring) on top of the common ones."""
+        return cls(
+            server=common.server,
+            database_url=common.database_url,
+            keyvault_target=_target(env, "KEYVAULT_TARGET", f"127.0.0.1:{lookup('keyvault').port}"),
+            keyvault_server_name=_matching(env, "KEYVAULT_SERVER_NAME", "keyvault", _DNS_NAME, "a DNS name"),
+            checkpoint_key=_matching(
+                env,
+                "CHECKPOINT_KEY",
+                DEFAULT_CHECKPOINT_KEY,
+                _KEY_NAME,
+                "a key vault key name ([a-z0-9._/-], at most 128)",
+            ),
+            origin=_matching(
+                env, "ORIGIN", DEFAULT_ORIGIN, ORIGIN_PATTERN, "1 to 255 characters of A-Z a-z 0-9 . _ / : -"
+            ),
+            checkpoint_interval_s=env.number("CHECKPOINT_INTERVAL_S", 1.0, low=0.01, high=1.0),
+            guard_workloads=_workloads(env, "GUARD_WORKLOADS"),
+        )
+
+
+def _matching(env: Env, key: str, default: str, pattern: re.Pattern[str], what: str) -> str:
+    value = env.text(key, default)
+    if pattern.fullmatch(value) is None:
+        raise SettingsError(f"{env.name(key)} must be {what}, got {value!r}")
+    return value
+
+
+def _target(env: Env, key: str, default: str) -> str:
+    value = env.text(key, default).strip()
+    host, sep, port = value.rpartition(":")
+    if (
+        not sep
+        or not host
+        or not port.isdigit()
+        or not 1 <= int(port) <= 65535
+        or not host.isprintable()
+        or any(c.isspace() for c in host)
+    ):
+        raise SettingsError(f"{env.name(key)} must be host:port (for example 127.0.0.1:50054), got {value!r}")
+    return value
+
+
+def _workloads(env: Env, key: str) -> frozenset[str]:
+    names = frozenset(part.strip() for part in env.text(key, "").split(",") if part.strip())
+    for name in names:
+        if _WORKLOAD.fullmatch(name) is None:
+            raise SettingsError(f"{env.name(key)} must be workload names separated by commas, got {name!r}")
+    return names
