@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import subprocess
 import sys
 from argparse import Namespace
@@ -19,15 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psycopg
 import pytest
 from google.protobuf import timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from psycopg import sql
 
 from services.audit import policy
 from services.audit.service import SERVICE
 from services.audit.settings import Settings
+from services.audit.store_postgres import PostgresAuditStore, writer_role
+from services.audit.store_sqlite import SqliteAuditStore
 from services.keyvault.service import SERVICE as KEYVAULT
 from services.keyvault.settings import Settings as KeyVaultSettings
+from tests.support import PG_DSN, drop_pg_schema, require_pg
 from tests.support_auth import keyvault_settings, running_keyvault
 from tradeguard import registry
 from tradeguard.audit import tlog
@@ -38,7 +44,7 @@ from tradeguard.keyvault.signer import ensure_key
 from tradeguard.keyvault.v1 import keyvault_pb2, keyvault_pb2_grpc
 from tradeguard.mesh import pki
 from tradeguard.mesh.server import ServerConfig
-from tradeguard.service import read_settings, start
+from tradeguard.service import Declaration, Stores, read_settings, start
 from tradeguard.settings import SettingsError
 from tradeguard.testing import RunningService, running_service
 
@@ -68,6 +74,7 @@ class Audit:
     service: RunningService[Settings, Any]
     keyvault: RunningService[KeyVaultSettings, Any]
     paths: pki.PkiPaths
+    declaration: Declaration[Settings, Any] = SERVICE
 
     def channel(self, caller: str = "ops") -> grpc.aio.Channel:
         return self.service.channel(caller)
@@ -88,16 +95,22 @@ class Audit:
         port)."""
         settings = replace(self.service.running.settings, **overrides)
         await self.service.running.stop(grace=0, drain=0)
-        self.service = await _start(settings, self.paths)
+        self.service = await _start(self.declaration, settings, self.paths)
 
 
-async def _start(settings: Settings, paths: pki.PkiPaths) -> RunningService[Settings, Any]:
-    return RunningService(await start(SERVICE, settings), paths)
+async def _start(
+    declaration: Declaration[Settings, Any], settings: Settings, paths: pki.PkiPaths
+) -> RunningService[Settings, Any]:
+    return RunningService(await start(declaration, settings), paths)
 
 
 @contextlib.asynccontextmanager
 async def running_audit(
-    paths: pki.PkiPaths, *, create_key: bool = True, **overrides: Any
+    paths: pki.PkiPaths,
+    *,
+    create_key: bool = True,
+    declaration: Declaration[Settings, Any] = SERVICE,
+    **overrides: Any,
 ) -> AsyncIterator[Audit]:
     pki.issue(paths, "audit")  # not among the session's workloads (tests/support.py)
     vault_settings = keyvault_settings(paths.home, "audit test passphrase", name="audit-keyvault")
@@ -105,7 +118,8 @@ async def running_audit(
         if create_key:
             async with keyvault.channel("ops") as ops:
                 await ensure_key(ops, KEY, keyvault_pb2.KEY_TYPE_ED25519)
-        audit = Audit(await _start(audit_settings(paths.home, keyvault, **overrides), paths), keyvault, paths)
+        settings = audit_settings(paths.home, keyvault, **overrides)
+        audit = Audit(await _start(declaration, settings, paths), keyvault, paths, declaration)
         try:
             yield audit
         finally:
@@ -291,6 +305,44 @@ async def test_a_restart_keeps_the_log_and_goes_on_from_it(pki_paths: pki.PkiPat
                 pb.GetConsistencyProofRequest(first_size=1, second_size=2), timeout=CALL_S
             )
         assert tlog.verify_consistency(1, 2, list(proof.hashes), before.root_hash, checkpoint.root_hash)
+
+
+async def test_on_postgresql_appends_sign_and_survive_a_restart(pki_paths: pki.PkiPaths) -> None:
+    """TRADEGUARD_AUDIT_DATABASE_URL=postgresql://…: the same service on PostgreSQL (a fresh schema)."""
+    require_pg()
+    schema = f"tg_audit_svc_{secrets.token_hex(4)}"
+    declaration = replace(
+        SERVICE,
+        stores=Stores(
+            sqlite=SqliteAuditStore.open, postgres=lambda dsn: PostgresAuditStore.open(dsn, schema=schema)
+        ),
+    )
+    try:
+        async with running_audit(pki_paths, declaration=declaration, database_url=PG_DSN) as audit:
+            assert isinstance(audit.service.running.store, PostgresAuditStore)
+            async with audit.channel("trading") as channel:
+                appended = await stub(channel).AppendBatch(
+                    pb.AppendBatchRequest(events=[event(f"pg-{i}") for i in range(4)]), timeout=CALL_S
+                )
+            before = await latest_checkpoint(audit, 4)
+            await audit.restart()
+            async with audit.channel("trading") as channel:
+                await stub(channel).Append(pb.AppendRequest(event=event("pg-4")), timeout=CALL_S)
+            after = await latest_checkpoint(audit, 5)
+            keys = await audit.public_keys()
+            assert open_checkpoint(before.note, keys)[2] == tlog.root(
+                [a.leaf_hash for a in appended.appended]
+            )
+            async with audit.channel("ops") as ops:
+                proof = await stub(ops).GetConsistencyProof(
+                    pb.GetConsistencyProofRequest(first_size=4, second_size=5), timeout=CALL_S
+                )
+            assert open_checkpoint(after.note, keys)[1] == 5
+            assert tlog.verify_consistency(4, 5, list(proof.hashes), before.root_hash, after.root_hash)
+    finally:
+        drop_pg_schema(schema)
+        with psycopg.connect(PG_DSN, autocommit=True) as pg:
+            pg.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(writer_role(schema))))
 
 
 async def test_up_creates_the_checkpoint_key_and_points_audit_at_its_vault(
