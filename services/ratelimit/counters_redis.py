@@ -32,30 +32,26 @@ the script a string conversion each. Replies are integers, -1 for "none".
 
 **Failure.** An evaluation whose call failed (a script error such as OOM, WRONGTYPE or a value that is not a
 counter, a node's reply lost) is a `StoreUnavailable` in its place; the batch failing as a whole (connection
-refused or timed out; on a cluster a node down fails redis-py's whole pipeline) raises `StoreUnavailable`. Either way the evaluation ran entirely or
-not at all (a lost reply may hide a run), and never twice: on a cluster, redis-py's own retries are turned off
-(after a connection error it re-sends a whole pipeline, commands that had already run included), and a failure
-that may mean a node is gone reloads the slot map in the background instead, so that the calls after a failover
-reach the promoted replica (redirections, MOVED and ASK, are still followed: those commands had not run). The
-client reconnects on its own on the next call. Messages never carry the password (masked as `***`).
+refused or timed out; on a cluster a node down fails redis-py's whole pipeline) raises `StoreUnavailable`. Either
+way the evaluation ran entirely or not at all (a lost reply may hide a run), and never twice: the kit's cluster
+client (`ClusterClient`, tradeguard/storage/redis.py) never sends a command again after a failure, and reloads its
+slot map in the background instead, so that the calls after a failover reach the promoted replica; a cluster
+client made otherwise is refused. The client reconnects on its own on the next call. Messages never carry the
+password (masked as `***`).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import struct
 from collections.abc import Sequence
 from typing import Any, Final
 
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ClusterError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import RedisClusterException, RedisError
 
 from services.ratelimit.counters import counter_key
 from services.ratelimit.model import Count, Counted, Evaluation, Limit, StoreUnavailable
-from tradeguard.storage.redis import Client, RedisConfig, RoundTrip, Script, connect, healthy
+from tradeguard.storage.redis import Client, ClusterClient, RedisConfig, RoundTrip, Script, connect, healthy
 
 __all__ = ["EVALUATE", "RedisCounters", "script_arguments"]
 
@@ -228,13 +224,6 @@ return reply
 _FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
 
 
-def _topology_suspect(error: BaseException) -> bool:
-    """A failure after which a cluster's map of slots to nodes may be stale (a node down, a failover)."""
-    return isinstance(error, ClusterError | RedisClusterException) or (
-        isinstance(error, RedisError | OSError | TimeoutError) and not isinstance(error, ResponseError)
-    )
-
-
 _CHARGE: Final = struct.Struct("<5d")  # bucket µs, buckets, count, units, flags (1 shadow, 2 consume_refused)
 
 
@@ -283,16 +272,15 @@ class RedisCounters:
     """`Counters` in Redis (see the module). `open` connects to a `RedisConfig` (standalone or cluster)."""
 
     def __init__(self, client: Client, *, owns_client: bool = True) -> None:
+        if isinstance(client, RedisCluster) and not isinstance(client, ClusterClient):
+            # redis-py's own cluster client sends a pipeline again after a failure: evaluations counted twice
+            raise TypeError(
+                "a cluster client must be the kit's ClusterClient (tradeguard.storage.redis.connect)"
+            )
         self.client = client
         self._owns_client = owns_client
         self._password = _password(client)
         self._closed = False
-        self._refreshing: asyncio.Task[None] | None = None
-        self.topology_refreshes = 0  # cluster only: slot maps reloaded after a failure
-        if isinstance(client, RedisCluster):
-            # An evaluation is never sent twice: after a connection error redis-py re-sends a whole cluster
-            # pipeline, commands that had run included (counted twice). No retries; the map is reloaded instead.
-            client.set_retry(Retry(NoBackoff(), 0))
 
     @classmethod
     async def open(cls, config: RedisConfig) -> RedisCounters:
@@ -301,16 +289,7 @@ class RedisCounters:
         return cls(await connect(config))
 
     def _unavailable(self, error: BaseException) -> StoreUnavailable:
-        """The error as a `StoreUnavailable` (password masked); on a cluster, a failure that may mean a node
-        is gone starts reloading the slot map in the background (one reload at a time), so that the calls after
-        a failover reach the promoted replica."""
-        if (
-            isinstance(self.client, RedisCluster)
-            and _topology_suspect(error)
-            and not self._closed
-            and (self._refreshing is None or self._refreshing.done())
-        ):
-            self._refreshing = asyncio.get_running_loop().create_task(self._refresh(self.client))
+        """The error as a `StoreUnavailable` (password masked)."""
         text = f"Redis: {type(error).__name__}: {error}"
         if self._password:
             text = text.replace(self._password, "***")
@@ -360,11 +339,6 @@ class RedisCounters:
         except _FAILURES as error:
             raise self._unavailable(error) from None
 
-    async def _refresh(self, cluster: RedisCluster) -> None:
-        self.topology_refreshes += 1
-        with contextlib.suppress(Exception):  # unreachable now: the next failure tries again
-            await cluster.nodes_manager.initialize()
-
     async def healthy(self) -> bool:
         return not self._closed and await healthy(self.client)
 
@@ -372,10 +346,6 @@ class RedisCounters:
         if self._closed:
             return
         self._closed = True
-        if self._refreshing is not None:
-            self._refreshing.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._refreshing
         if self._owns_client:
             await self.client.aclose()
 

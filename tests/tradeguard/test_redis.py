@@ -4,30 +4,41 @@ Cluster that the test starts. No mocks: every command here reaches a redis-serve
 
 The machine's shared Redis is never flushed (other suites use it): NOSCRIPT is reached there with a script no
 server has seen (a random comment in it), and SCRIPT FLUSH is run on the servers these tests own.
+
+A cluster that fails: a script call that timed out while its script ran on, and a round trip across two nodes one
+of which is down, are never sent again by the kit's client (the script ran once; redis-py's own cluster client,
+retrying the round trip, runs it twice); the same client serves again once the node is back, and after a primary
+is killed and its replica takes over (its slot map reloaded in the background).
 """
 
 from __future__ import annotations
 
+import asyncio
 import secrets
+import signal
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisClusterException, ResponseError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisClusterException, RedisError, ResponseError
 
-from tests.support import RedisServer, free_port, redis_cluster, start_redis
+from tests.support import RedisServer, free_cluster_port, free_port, redis_cluster, start_redis
 from tradeguard.mesh import pki
 from tradeguard.settings import Env, SettingsError
 from tradeguard.storage.redis import (
     Client,
+    ClusterClient,
     RedisConfig,
     RedisUnavailable,
     RoundTrip,
     Script,
+    client,
     connect,
     healthy,
 )
@@ -407,3 +418,218 @@ async def test_what_redis_py_alone_does_with_scripts_on_a_cluster(cluster: list[
             await registered(keys=["{a}:n"], args=[1], client=client.pipeline())  # type: ignore[arg-type]
     finally:
         await client.aclose()
+
+
+# --- a cluster that fails: nothing sent twice, the slot map reloaded ------------------------------------------
+
+HANG_S = 60  # a hang detector only
+# Counts its runs, then keeps its node busy for ARGV[1] ms (a node runs one script at a time, whatever the client).
+SLOW = """
+local runs = redis.call('INCR', KEYS[1])
+local t = redis.call('TIME')
+local stop = t[1] * 1000000 + t[2] + ARGV[1] * 1000
+repeat t = redis.call('TIME') until t[1] * 1000000 + t[2] >= stop
+return runs
+"""
+CLUSTER_NODE = ("--cluster-enabled", "yes")
+
+
+def node_args(server: RedisServer) -> tuple[str, ...]:
+    """How tests/support.py's `redis_cluster` started `server` (to start it again as the same node)."""
+    return (*CLUSTER_NODE, "--cluster-config-file", f"nodes-{server.port}.conf")
+
+
+def tags_on(cluster_client: RedisCluster, port: int, other: bool = False) -> str:
+    """A hash tag whose slot is on the primary at `port` (or, `other`, on another one)."""
+    for i in range(1000):
+        tag = f"{{t{i}}}"
+        owner = cluster_client.get_node_from_key(tag)
+        assert owner is not None
+        if (owner.port == port) != other:
+            return tag
+    raise AssertionError(f"no tag found for port {port}")
+
+
+async def until(attempt: Callable[[], Awaitable[bool]], within_s: float = HANG_S) -> None:
+    """Call `attempt` until it returns True (a few ms apart): a wait for a state, the deadline a hang detector."""
+    async with asyncio.timeout(within_s):
+        while not await attempt():  # noqa: ASYNC110 - the states waited for have no event to wait on
+            await asyncio.sleep(0.005)
+
+
+async def runs(control: Client, key: str) -> int:
+    """The count `SLOW` keeps at `key` (read after every script already sent to its node has run)."""
+    return int(await control.get(key) or 0)
+
+
+async def twice(control: Client, key: str) -> bool:
+    runs_now = await runs(control, key)
+    assert runs_now <= 2
+    return runs_now == 2
+
+
+@pytest.fixture
+async def control(cluster: list[RedisServer]) -> AsyncIterator[Client]:
+    """A kit client with generous timeouts, to set up and read what the tests' other clients did."""
+    kit = await connect(RedisConfig.from_url(f"redis+cluster://127.0.0.1:{cluster[0].port}?timeout=30"))
+    yield kit
+    await kit.aclose()
+
+
+async def test_the_kit_makes_cluster_clients_that_never_retry(cluster: list[RedisServer]) -> None:
+    kit = client(RedisConfig.from_url(f"redis+cluster://127.0.0.1:{cluster[0].port}"))
+    plain = RedisCluster(host="127.0.0.1", port=cluster[0].port)  # no I/O until used
+    try:
+        assert isinstance(kit, ClusterClient) and kit.retry.get_retries() == 0
+        assert plain.retry.get_retries() > 0  # redis-py's default: what the kit turns off
+    finally:
+        await kit.aclose()
+        await plain.aclose()
+
+
+async def answers(caller: Client, name: str) -> bool:
+    """`caller` reads `name` (so it has a connection to its node, and its slot map)."""
+    try:
+        await caller.get(name)
+    except RedisError:
+        return False
+    return True
+
+
+async def test_a_script_that_timed_out_on_a_cluster_is_never_sent_again(
+    cluster: list[RedisServer], control: Client
+) -> None:
+    """The client gives up after 0.1 s, the script runs on for a second (on the node's clock, whatever the load):
+    the kit's client fails the call and sends nothing more (redis-py's cluster client would retry a timeout), so
+    the script ran once; the same client serves the node once it is free again."""
+    slow = Script(SLOW, name="slow")
+    await slow.load(control)
+    kit = client(
+        RedisConfig.from_url(f"redis+cluster://127.0.0.1:{cluster[0].port}?timeout=0.1&connect_timeout=5")
+    )
+    counter = key("{slow}")
+    try:
+        await until(
+            lambda: answers(kit, counter)
+        )  # connected (a first call may time out on a loaded machine)
+        with pytest.raises(RedisError, match="Timeout"):
+            await slow(kit, [counter], [1000])
+        assert await runs(control, counter) == 1  # read after the script ran: sent once
+        assert isinstance(kit, ClusterClient) and kit.topology_refreshes > 0  # a timeout may mean a failover
+        await until(lambda: answers(kit, counter))
+        assert await runs(control, counter) == 1
+        await control.delete(counter)
+    finally:
+        await kit.aclose()
+
+
+async def test_a_round_trip_failing_on_a_node_is_never_sent_again_and_is_served_once_the_node_is_back(
+    cluster: list[RedisServer], control: Client, tmp_path: Path
+) -> None:
+    """A round trip of a script on a live node (running a second) and a command on a stopped one: connecting to
+    the stopped node fails the whole pipeline, after the script was sent. The kit's client sends nothing again:
+    the script ran once. redis-py's cluster client with one retry closes its connections and sends again what
+    had no answer yet: the script runs twice. Once the node is back (same port, same cluster identity) the same
+    kit client serves it again."""
+    slow, incr = Script(SLOW, name="slow"), Script(INCR, name="incr")
+    for script in (slow, incr):
+        await script.load(control)
+    assert isinstance(control, RedisCluster)
+    victim, entry = cluster[-1], cluster[0]
+    live_tag, down_tag = tags_on(control, victim.port, other=True), tags_on(control, victim.port)
+    victim.stop()
+    # clients made now: no connection to the stopped node yet, so the round trip fails connecting to it
+    kit = client(RedisConfig.from_url(f"redis+cluster://127.0.0.1:{entry.port}?timeout=30&connect_timeout=5"))
+    plain = RedisCluster(host="127.0.0.1", port=entry.port, socket_timeout=30, retry=Retry(NoBackoff(), 1))
+    back: list[RedisServer] = []
+    try:
+        counters = {}
+        for caller in (kit, plain):
+            counters[caller] = counter = key(live_tag)
+            await until(lambda: answers(caller, counter))  # a connection to the live node, ready
+            trip = RoundTrip(caller).script(slow, [counter], [1000]).script(incr, [key(down_tag)], [1])
+            with pytest.raises(RedisError, match=r"[Cc]onnect"):
+                await trip.execute(raise_on_error=False)
+        assert await runs(control, counters[kit]) == 1  # read after the script ran: sent once
+        await until(lambda: twice(control, counters[plain]))
+        assert isinstance(kit, ClusterClient) and kit.topology_refreshes > 0
+
+        back.append(start_redis(tmp_path / "cluster", *node_args(victim), port=victim.port))
+        counter = key(down_tag)
+
+        async def served() -> bool:
+            try:
+                await RoundTrip(kit).script(incr, [counter], [1]).execute()
+            except RedisError:
+                return False
+            return True
+
+        await until(
+            served
+        )  # the same client, reconnected to the node (its script loaded again after NOSCRIPT)
+        assert await incr(kit, [counter], [1]) >= 2
+        assert await runs(control, counters[kit]) == 1
+        await control.delete(*counters.values())
+    finally:
+        await kit.aclose()
+        await plain.aclose()
+        for server in back:
+            server.stop()
+
+
+async def test_a_killed_primary_taken_over_by_its_replica_is_served_again_by_the_same_client(
+    cluster: list[RedisServer], control: Client, tmp_path: Path
+) -> None:
+    """A replica added to a primary; the primary killed (SIGKILL) under a client's round trips; its replica takes
+    over (CLUSTER FAILOVER TAKEOVER). The failures reload the client's slot map in the background, so its next
+    round trips and calls reach the new primary (without that, redis-py's pipeline would keep sending to the dead
+    address)."""
+    assert isinstance(control, RedisCluster)
+    victim = next(s for s in cluster if s.port != cluster[0].port)
+    port = free_cluster_port()
+    replica = start_redis(
+        tmp_path / "cluster", *CLUSTER_NODE, "--cluster-config-file", f"nodes-{port}.conf", port=port
+    )
+    try:
+        await eventually(replica.answers, within_s=HANG_S)
+        with redis.Redis(port=victim.port, decode_responses=True) as r:
+            victim_id = r.cluster("MYID")
+        add = ["redis-cli", "--cluster", "add-node", f"127.0.0.1:{replica.port}", f"127.0.0.1:{victim.port}"]
+        add += ["--cluster-slave", "--cluster-master-id", victim_id]
+        done = await asyncio.to_thread(subprocess.run, add, capture_output=True, text=True, timeout=HANG_S)
+        assert done.returncode == 0, done.stdout + done.stderr
+
+        def linked() -> bool:
+            with redis.Redis(port=replica.port, decode_responses=True) as r:
+                return bool(r.info("replication").get("master_link_status") == "up")
+
+        await eventually(linked, within_s=HANG_S)
+
+        kit = await connect(RedisConfig.from_url(f"redis+cluster://127.0.0.1:{cluster[0].port}?timeout=2"))
+        assert isinstance(kit, ClusterClient)
+        incr = Script(INCR, name="incr")
+        counter = key(tags_on(control, victim.port))
+        try:
+            assert await RoundTrip(kit).script(incr, [counter], [1]).execute() == [1]
+            victim.process.send_signal(signal.SIGKILL)
+            victim.process.wait()
+            with pytest.raises(RedisError):
+                await RoundTrip(kit).script(incr, [counter], [1]).execute()
+            with redis.Redis(port=replica.port) as r:
+                r.cluster("FAILOVER", "TAKEOVER")
+
+            async def served() -> bool:
+                try:
+                    await RoundTrip(kit).script(incr, [counter], [1]).execute()
+                except RedisError:
+                    return False
+                return True
+
+            await until(served)
+            assert kit.topology_refreshes > 0
+            assert kit.get_node_from_key(counter).port == replica.port  # type: ignore[union-attr]
+            assert await incr(kit, [counter], [1]) >= 2  # single calls too
+        finally:
+            await kit.aclose()
+    finally:
+        replica.stop()

@@ -23,11 +23,24 @@ calls altogether ("evalsha is blocked"). `RoundTrip` is the pipeline that does w
 on a cluster: script calls and commands in one round trip, and only the calls that got NOSCRIPT sent again,
 once, after loading their scripts (so they run after the rest of that round trip).
 
+**A Redis Cluster** (`ClusterClient`: what `client` and `connect` make for a cluster URL) never sends a command
+again after a failure. redis-py's own cluster retries are turned off: after a connection error or a timeout they
+send the command again — for a pipeline, every command without a result yet, on the healthy nodes too, whose
+commands may have run or still be running — so a script that counts, increments or publishes could run twice. A
+failed command is failed and its caller decides (a lost reply may hide one run, never a second). What replaces
+the retries: a failure that may mean a node is gone or was failed over (a connection error, a timeout, a cluster
+error; not a command's own error, which a node answered) starts reloading the map of slots to nodes in the
+background (one reload at a time; `topology_refreshes` counts them), so that the calls after a failover reach the
+promoted replica; connections are made again on the next call; MOVED and ASK redirections are still followed
+(those commands had not run).
+
 **Health.** `healthy(client)`: PING answered (and for a cluster `cluster_state:ok`) within the timeouts.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import ssl
 from collections.abc import Mapping, Sequence
@@ -37,14 +50,24 @@ from typing import Any
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.asyncio.connection import ConnectionPool, SSLConnection
-from redis.exceptions import NoScriptError, RedisError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import (
+    ClusterError,
+    MaxConnectionsError,
+    NoScriptError,
+    RedisClusterException,
+    RedisError,
+    ResponseError,
+)
 
 from tradeguard.settings import Env, SettingsError
 
 __all__ = [
     "Client",
+    "ClusterClient",
     "RedisConfig",
     "RedisUnavailable",
     "RoundTrip",
@@ -52,6 +75,7 @@ __all__ = [
     "client",
     "connect",
     "healthy",
+    "topology_suspect",
 ]
 
 Client = aioredis.Redis | RedisCluster
@@ -299,11 +323,89 @@ def _common(config: RedisConfig) -> dict[str, Any]:
     return common
 
 
+def topology_suspect(error: BaseException) -> bool:
+    """A failure after which a cluster's map of slots to nodes may be stale (a node down, a failover): a
+    connection error or timeout, or a cluster error; not a command's own error (a node answered it) nor this
+    client's own pool being full."""
+    if isinstance(error, ClusterError | RedisClusterException):
+        return True
+    return isinstance(error, RedisError | OSError | TimeoutError) and not isinstance(
+        error, ResponseError | MaxConnectionsError
+    )
+
+
+class ClusterClient(RedisCluster):
+    """redis-py's cluster client as the kit makes it: no retries, and the slot map reloaded in the background
+    after a failure that may mean the cluster changed (see the module). Single commands and pipelines alike."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(retry=Retry(NoBackoff(), 0), **kwargs)
+        self._refreshing: asyncio.Task[None] | None = None
+        self.topology_refreshes = 0  # slot-map reloads started after a failure
+
+    def failed(self, error: BaseException) -> None:
+        """After `error` from a call: reload the slot map in the background if `topology_suspect(error)` (unless
+        a reload is running already)."""
+        if not topology_suspect(error) or (self._refreshing is not None and not self._refreshing.done()):
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # pragma: no cover - a call always fails inside a running loop
+            return
+        self.topology_refreshes += 1
+        self._refreshing = loop.create_task(self._refresh(), name="redis-cluster-slot-map")
+
+    async def _refresh(self) -> None:
+        with contextlib.suppress(Exception):  # no node answers now: the next failure tries again
+            await self.nodes_manager.initialize()
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **kwargs)
+        except Exception as error:
+            self.failed(error)
+            raise
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> ClusterPipeline:
+        if shard_hint:
+            raise RedisClusterException("shard_hint is deprecated in cluster mode")
+        # as RedisCluster.pipeline does; redis-py's typing declares an attribute its base sets at run time
+        return _ClusterPipeline(self, transaction)  # type: ignore[abstract]
+
+    async def aclose(self) -> None:
+        """Stop a running reload, then close every connection (redis-py also calls this to start afresh: the
+        next call connects and loads the slot map again)."""
+        refreshing, self._refreshing = self._refreshing, None
+        if refreshing is not None and refreshing is not asyncio.current_task():
+            refreshing.cancel()
+            await asyncio.wait([refreshing])
+        await super().aclose()
+
+
+class _ClusterPipeline(ClusterPipeline):
+    """A `ClusterClient`'s pipeline: failures (raised, or in place of a command's result) reported to it."""
+
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> list[Any]:
+        owner = self.cluster_client
+        try:
+            results: list[Any] = await super().execute(raise_on_error, allow_redirections)
+        except Exception as error:
+            if isinstance(owner, ClusterClient):
+                owner.failed(error)
+            raise
+        if isinstance(owner, ClusterClient):
+            suspect = next((r for r in results if isinstance(r, Exception) and topology_suspect(r)), None)
+            if suspect is not None:
+                owner.failed(suspect)
+        return results
+
+
 def client(config: RedisConfig) -> Client:
-    """A client for `config` (no I/O yet: redis-py connects on first use); `connect` also checks it answers."""
+    """A client for `config` (no I/O yet: redis-py connects on first use); `connect` also checks it answers. For
+    a cluster, a `ClusterClient`."""
     common = _common(config)
     if config.cluster:
-        return RedisCluster(host=config.host, port=config.port, ssl=config.tls, **common)
+        return ClusterClient(host=config.host, port=config.port, ssl=config.tls, **common)
     max_connections = common.pop("max_connections")
     if config.tls:
         if config.server_name is not None:

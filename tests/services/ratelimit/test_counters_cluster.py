@@ -3,7 +3,8 @@
 - The counters' contract (`TestContract` of test_counters.py, collected here too) on a cluster of three primaries:
   this module's `counters_backend` overrides conftest's.
 - Subjects spread over the nodes, every key of one subject in one slot, a batch spanning every node in one
-  `evaluate`, NOSCRIPT on every node recovered.
+  `evaluate`, NOSCRIPT on every node recovered; a cluster client not made by the kit (redis-py's own, which sends
+  a pipeline again after a failure) refused.
 - Failover: three primaries with a replica each, a stream of evaluations, a primary killed (SIGKILL). Meanwhile
   every evaluation is Counted or StoreUnavailable (none hangs, no other exception escapes); once its replica is
   promoted every subject is served again by the same `RedisCounters`; what replication had before the kill is
@@ -34,7 +35,7 @@ from services.ratelimit.model import Counted, StoreUnavailable
 from tests.services.ratelimit.conftest import CountersBackend, counted, evaluation, limit
 from tests.services.ratelimit.test_counters import TestContract
 from tests.support import RedisServer, free_cluster_port, start_redis
-from tradeguard.storage.redis import RedisConfig
+from tradeguard.storage.redis import ClusterClient, RedisConfig
 from tradeguard.testing import FakeClock, eventually
 
 __all__ = ["TestContract"]  # collected here too, on the cluster
@@ -190,6 +191,15 @@ async def test_noscript_on_every_node_is_recovered_in_one_load(
     assert EVALUATE.loads == loads + 1  # SCRIPT LOAD goes to every primary at once
 
 
+async def test_a_cluster_client_not_made_by_the_kit_is_refused(contract_cluster: list[RedisServer]) -> None:
+    plain = RedisCluster(host="127.0.0.1", port=contract_cluster[0].port)  # no I/O until used
+    try:
+        with pytest.raises(TypeError, match="ClusterClient"):
+            RedisCounters(plain)
+    finally:
+        await plain.aclose()
+
+
 # --- failover -----------------------------------------------------------------------------------------------
 
 
@@ -283,7 +293,8 @@ async def test_a_primary_killed_under_load_fails_over_and_service_resumes(tmp_pa
                 await asyncio.gather(*tasks)
             assert not stream.escaped, stream.escaped
             assert sum(stream.unavailable[s] for s in on_victim) > 0  # the failover was felt...
-            assert counters.topology_refreshes > 0  # ...and the slot map reloaded
+            assert isinstance(counters.client, ClusterClient)
+            assert counters.client.topology_refreshes > 0  # ...and the slot map reloaded (the kit's client)
 
             peek = [evaluation(s, quota, loose, consume=False) for s in subjects]
             final = {
