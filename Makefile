@@ -67,6 +67,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.keyvault_crypto
 	$(BIN)/python -m bench.kit_chain
 	$(BIN)/python -m bench.guard
+	$(BIN)/python -m bench.ratelimit
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
