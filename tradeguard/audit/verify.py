@@ -100,7 +100,8 @@ class Report:
     def summary(self) -> str:
         if self.ok:
             return f"ok: {self.entries} entries, {self.checkpoints} signed checkpoints verified"
-        more = f" (and {len(self.problems) - 1} more problems)" if len(self.problems) > 1 else ""
+        others = len(self.problems) - 1
+        more = f" (and {others} more problem{'' if others == 1 else 's'})" if others else ""
         return f"FAILED: {self.problems[0]}{more}"
 
 

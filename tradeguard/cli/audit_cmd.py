@@ -573,8 +573,8 @@ async def _verify(args: argparse.Namespace) -> int:
     report = await _call(args, run)
     if report is None:
         return 2
-    print(report.summary())
-    for problem in report.problems:
+    print(printable(report.summary()))
+    for problem in report.problems[1:]:  # the first is the summary's
         print(f"  {printable(problem)}")
     for note in report.notes:
         print(f"  note: {printable(note)}")
