@@ -27,6 +27,20 @@ A request layer (what a service adds: ``MeshServer(config, policy, services, lay
         async def before(self, context: Context, request: Any, raw: bytes) -> None:
             ...  # raise a DomainError (mapped to its status) or abort the call; return to let it through
 
+A layer may also act AFTER the handler, with the call's outcome (`Layer.after_for_method`, asked once per method;
+None — the default — adds nothing per call: a method none of whose layers has an after-hook is built exactly as
+before)::
+
+    async def after(context: Context, error: BaseException | None, done: bool) -> None: ...
+
+For a unary response it is awaited once the handler returned (``error`` None) or raised (``error`` the exception),
+``done`` True, BEFORE the response is released: it may raise to replace the outcome (a response held back, an
+error replaced), or return to let it stand. For a streaming response it is awaited before the first response
+message is released (``done`` False, ``error`` None: hold the stream until something running beside the handler
+completed) and once more when the stream ended, with its outcome (``done`` True). It is awaited too when a request
+check of the call refused it (``error`` that refusal) or the stream ended before its first message, so a layer
+whose check started something for the call always sees it end. The hooks of several layers run in their order.
+
 `before` runs after decoding, once per request message: once per call for unary requests, for each message
 as the handler reads it for streaming requests. `raw` is exactly the bytes received for that message (sign
 and verify these, never a re-serialisation of `request`). Handlers behind the chain read streamed requests
@@ -60,6 +74,8 @@ Before = Callable[[Context], Awaitable[None]]
 OnError = Callable[[BaseException, Context], Awaitable[None]]
 #: A request layer's per-call hook: (context, decoded request, raw request bytes as received).
 RequestCheck = Callable[[Context, Any, bytes], Awaitable[None]]
+#: A request layer's hook after the handler: (context, the handler's exception or None, done) — see the module.
+After = Callable[[Context, BaseException | None, bool], Awaitable[None]]
 
 
 def wrap_handler(
@@ -200,6 +216,11 @@ class Layer:
     async def before(self, context: Context, request: Any, raw: bytes) -> None:
         """Runs once per request message; returning lets the call go on."""
         raise NotImplementedError
+
+    def after_for_method(self, method: str) -> After | None:
+        """This layer's hook after `method`'s handler (see the module), asked once per method; None (the
+        default): nothing after the handler, at no cost per call."""
+        return None
 
 
 # --- decoding -----------------------------------------------------------------------------------------------
@@ -399,12 +420,17 @@ def _plain_decoder(deserializer: Callable[[bytes], Any], full_name: str) -> Call
 
 
 def decoding(
-    handler: grpc.RpcMethodHandler[Any, Any], checks: Sequence[RequestCheck] = ()
+    handler: grpc.RpcMethodHandler[Any, Any],
+    checks: Sequence[RequestCheck] = (),
+    afters: Sequence[After] = (),
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """`handler` rebuilt to take raw request bytes (no deserializer): it decodes each request itself, runs
-    `checks(context, request, raw)` on it, then the behaviour with the decoded request."""
+    `checks(context, request, raw)` on it, then the behaviour with the decoded request, then `afters` (see the
+    module; none: the handler is built without them)."""
     decode = request_decoder(handler.request_deserializer)
     checks = tuple(checks)
+    if afters:
+        return _with_afters(decoding(handler, checks), tuple(afters))
     if decode is None and not checks:
         return handler  # a handler of bytes with nothing to check: nothing to do per call
 
@@ -508,6 +534,52 @@ def _streamed_requests(
     return run
 
 
+async def _run_afters(
+    afters: tuple[After, ...], context: Context, error: BaseException | None, done: bool
+) -> None:
+    for after in afters:
+        await after(context, error, done)
+
+
+def _with_afters(
+    handler: grpc.RpcMethodHandler[Any, Any], afters: tuple[After, ...]
+) -> grpc.RpcMethodHandler[Any, Any]:
+    """`handler` (already decoding and checking) with `afters` run around its behaviour (see the module)."""
+
+    def unary(behavior: Behaviour) -> Behaviour:
+        async def run(request: Any, context: Context) -> Any:
+            try:
+                response = await behavior(request, context)
+            except Exception as error:
+                await _run_afters(afters, context, error, True)
+                raise
+            await _run_afters(afters, context, None, True)
+            return response
+
+        return run
+
+    def streaming(behavior: Behaviour) -> Behaviour:
+        if not inspect.isasyncgenfunction(behavior):  # a streaming response written with context.write()
+            return unary(behavior)
+
+        async def run(request: Any, context: Context) -> AsyncIterator[Any]:
+            held = True
+            try:
+                async for item in behavior(request, context):
+                    if held:
+                        await _run_afters(afters, context, None, False)
+                        held = False
+                    yield item
+            except Exception as error:
+                await _run_afters(afters, context, error, True)
+                raise
+            await _run_afters(afters, context, None, True)
+
+        return run
+
+    return rebuild(handler, unary_response=unary, stream_response=streaming)
+
+
 class ChainInterceptor(WrappingInterceptor):
     """The kit's layers as ONE grpc interceptor, outermost first, then the decode step, then the request
     layers (see the module docstring): grpc.aio awaits each interceptor's `intercept_service` on every call,
@@ -521,7 +593,8 @@ class ChainInterceptor(WrappingInterceptor):
 
     def wrap(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
         checks = [c for layer in self.request_layers if (c := layer.for_method(method)) is not None]
-        handler = decoding(handler, checks)  # takes raw bytes from here outwards
+        afters = [a for layer in self.request_layers if (a := layer.after_for_method(method)) is not None]
+        handler = decoding(handler, checks, afters)  # takes raw bytes from here outwards
         for layer in reversed(self.layers):  # innermost wraps first
             handler = layer.wrap(handler, method)
         return handler
