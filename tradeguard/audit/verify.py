@@ -24,6 +24,9 @@ What is checked, and what a problem names:
   (`missing`, the later ones renumbered) or other bytes (`altered`); when that proof does not verify, the entry is
   named as `altered, removed or reordered`. Without proofs, or when the service's proofs do not lead to the
   checkpoint at all, the report says only what it can: the range [s1, s2) differs from the signed checkpoint.
+- with the leaf hashes of an earlier export (`exported`, e.g. the compliance export's leaf_hash column), an entry
+  whose bytes no longer hash to what was exported is named (`entry 1234: altered (…, the earlier export recorded
+  …)`), whatever the service's proofs say.
 - consecutive checkpoints: both recomputed from one stream of entries, so one extends the other by
   construction; with `Proofs`, the service's consistency proof between them is verified as well (a failure
   means the service's node store disagrees with its own signed heads).
@@ -37,7 +40,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import AsyncIterable, Sequence
+from collections.abc import AsyncIterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
@@ -265,9 +268,11 @@ async def verify_log(
     origin: str | None = None,
     key_name: str | None = None,
     proofs: Proofs | None = None,
+    exported: Mapping[int, bytes] | None = None,
 ) -> Report:
     """Verify the log (see the module's docstring). `origin`: the checkpoints' expected origin (default: the
-    first verified checkpoint's); `key_name`: the signed note's key name (default: the origin)."""
+    first verified checkpoint's); `key_name`: the signed note's key name (default: the origin); `exported`: leaf
+    hashes by sequence from an earlier export (an entry whose bytes no longer hash to them is named)."""
     report = Report()
     if not public_keys:
         report.problem("no trusted public key: nothing can be verified")
@@ -320,6 +325,12 @@ async def verify_log(
             report.problem(
                 f"entry {sequence}: altered (its bytes hash to {_short(actual)}, "
                 f"the log recorded {_short(entry.leaf_hash)})"
+            )
+            span.stored_mismatch = True
+        elif exported is not None and sequence in exported and exported[sequence] != actual:
+            report.problem(
+                f"entry {sequence}: altered (its bytes hash to {_short(actual)}, "
+                f"the earlier export recorded {_short(exported[sequence])})"
             )
             span.stored_mismatch = True
         tree.append(actual)

@@ -11,7 +11,7 @@ service lets ops and the monitor read) unless --as says otherwise.
   tradeguard.audit.verify, independently of the service's own state: the leaf hashes recomputed from the bytes,
   the roots at every signed checkpoint, every checkpoint's signature under the checkpoint key's public keys (from
   the key vault's GetKey on --key, default audit/checkpoint, or --public-key files), the service's consistency
-  proofs between checkpoints. Exit status 0: the log verifies; 1: it does not, the first problem named
+  proofs between checkpoints; with --against, the leaf hashes an earlier export recorded. Exit status 0: the log verifies; 1: it does not, the first problem named
   (`entry 1234: altered (…)`); 2: it could not be checked (a service unreachable, no key).
 - `export`: the entries of a period (--since, --until) as csv or json (the compliance export: RFC 4180 CSV, JSON
   lines, one fixed column list) or ocsf (OCSF 1.3.0 JSON lines) or cef (CEF lines), to stdout or --output (created
@@ -32,6 +32,8 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import csv
+import io
 import json
 import os
 import re
@@ -41,7 +43,7 @@ import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Final, TypeVar
+from typing import IO, TYPE_CHECKING, Any, Final, TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -60,6 +62,7 @@ from tradeguard.rpc.status import rich_status
 
 __all__ = [
     "SyslogTarget",
+    "read_export",
     "read_public_keys",
     "record_of",
     "register",
@@ -194,6 +197,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=Path,
         metavar="FILE",
         help="trust these checkpoint keys (repeatable) instead of the key vault's",
+    )
+    verify.add_argument(
+        "--against",
+        type=Path,
+        metavar="EXPORT",
+        help="also compare each entry with the leaf hash an earlier `audit export` (csv or json) recorded",
     )
     verify.add_argument(
         "--key", dest="key_name", default=DEFAULT_KEY, help="the checkpoint key's name in the key vault"
@@ -482,6 +491,34 @@ def read_public_keys(path: Path) -> list[bytes]:
     return keys
 
 
+def read_export(path: Path) -> dict[int, bytes]:
+    """sequence → leaf hash from an earlier `audit export` in csv or json (CliError naming the line otherwise)."""
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise common.CliError(f"--against {path}: cannot read it ({error})") from None
+    rows: Iterable[Any]
+    if text.lstrip().startswith("{"):
+        try:
+            rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except json.JSONDecodeError as error:
+            raise common.CliError(f"--against {path}:{error.lineno}: not a JSON line") from None
+    else:
+        rows = list(csv.DictReader(io.StringIO(text, newline="")))
+    found: dict[int, bytes] = {}
+    for number, row in enumerate(rows, 1):
+        try:
+            sequence, leaf = int(row["sequence"]), bytes.fromhex(row["leaf_hash"])
+        except (KeyError, TypeError, ValueError):
+            raise common.CliError(
+                f"--against {path}: row {number} has no sequence and leaf_hash (an `audit export` in csv or json)"
+            ) from None
+        if len(leaf) != 32:
+            raise common.CliError(f"--against {path}: row {number}'s leaf_hash is not 32 bytes of hex")
+        found[sequence] = leaf
+    return found
+
+
 async def _vault_keys(args: argparse.Namespace) -> list[bytes] | None:
     """The checkpoint key's public keys of every version that still verifies, from the key vault."""
     keyvault = argparse.Namespace(**vars(args))
@@ -562,12 +599,18 @@ async def _verify(args: argparse.Namespace) -> int:
         keys = await _vault_keys(args)
     if keys is None:
         return 2
+    exported = read_export(args.against) if args.against is not None else None
 
     async def run(stub: Stub) -> Report:
         checkpoints = await _checkpoints(stub)
         largest = max((c.tree_size for c in checkpoints), default=0)
         return await verify_log(
-            _entries(stub, largest), checkpoints, keys, origin=args.origin, proofs=_ServiceProofs(stub)
+            _entries(stub, largest),
+            checkpoints,
+            keys,
+            origin=args.origin,
+            proofs=_ServiceProofs(stub),
+            exported=exported,
         )
 
     report = await _call(args, run)

@@ -385,3 +385,23 @@ async def test_a_service_answering_the_stored_leaf_hash_still_names_the_entry() 
         f"entry 20: altered, removed or reordered (its bytes hash to {tlog.leaf_hash(data).hex()}; the log before it "
         "is proven in the signed checkpoint at size 23, the log up to it is not)"
     ]
+
+
+async def test_an_earlier_export_names_an_entry_altered_with_its_hash() -> None:
+    log = make_log()
+    exported = {i: leaf for i, leaf in enumerate(log.original) if i < 30}
+    data = _altered(log, 25)
+    report = await verify_log(_aiter(log.entries), log.checkpoints, [log.signer.public], exported=exported)
+    assert report.problems == [
+        f"entry 25: altered (its bytes hash to {tlog.leaf_hash(data).hex()}, the earlier export recorded "
+        f"{log.original[25].hex()})"
+    ]
+    clean = make_log()
+    assert (
+        await verify_log(
+            _aiter(clean.entries),
+            clean.checkpoints,
+            [clean.signer.public],
+            exported=dict(enumerate(clean.original)),
+        )
+    ).ok

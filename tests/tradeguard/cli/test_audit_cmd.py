@@ -91,6 +91,24 @@ def _ed25519() -> tuple[Ed25519PrivateKey, bytes]:
     return key, key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
+def test_export_files_for_verify(tmp_path: Path) -> None:
+    rows = [record(sequence=i, leaf_hash=bytes([i]) * 32) for i in range(3)]
+    as_csv, as_json = tmp_path / "e.csv", tmp_path / "e.json"
+    as_csv.write_bytes("".join(siem.csv_lines(rows)).encode())
+    as_json.write_text("".join(siem.json_line(r) + "\n" for r in rows))
+    expected = {i: bytes([i]) * 32 for i in range(3)}
+    assert audit_cmd.read_export(as_csv) == expected and audit_cmd.read_export(as_json) == expected
+    for text, words in (
+        ('{"sequence": 1}\n', "row 1 has no sequence and leaf_hash"),
+        ('{"sequence": 1, "leaf_hash": "00"}\n', "row 1's leaf_hash is not 32 bytes"),
+        ("{not json\n", ":1: not a JSON line"),
+        ("a,b\n1,2\n", "row 1 has no sequence and leaf_hash"),
+    ):
+        as_json.write_text(text)
+        with pytest.raises(CliError, match=words):
+            audit_cmd.read_export(as_json)
+
+
 def test_public_key_files(tmp_path: Path) -> None:
     _key1, raw1 = _ed25519()
     key2, raw2 = _ed25519()
@@ -395,6 +413,11 @@ async def test_verify_passes_on_a_live_log_and_names_an_entry_an_attacker_altere
     ):
         with pytest.raises((sqlite3.DatabaseError, psycopg.Error), match="append-only"):
             database.execute(refused)
+    export = suite.paths.home / "export.json"
+    done = await suite.run(
+        "audit", "export", "--since", "1h", "--until", "0s", "--format", "json", "--output", str(export)
+    )
+    assert done.returncode == 0, done.stderr
     # the attacker drops them and rewrites entry 700's bytes AND its stored leaf hash, consistently
     original = database.entry_bytes(700)
     forged = original.replace(b"alice", b"mallo")
@@ -408,6 +431,13 @@ async def test_verify_passes_on_a_live_log_and_names_an_entry_an_attacker_altere
     first = done.stdout.splitlines()[0]
     assert first.startswith("FAILED: entry 700: altered"), done.stdout
     assert tlog.leaf_hash(forged).hex() in first
+    # the earlier export says what entry 700's hash was
+    done = await suite.run("audit", "verify", "--against", str(export))
+    assert done.returncode == 1
+    assert done.stdout.splitlines()[0] == (
+        f"FAILED: entry 700: altered (its bytes hash to {tlog.leaf_hash(forged).hex()}, the earlier export "
+        f"recorded {tlog.leaf_hash(original).hex()})"
+    )
 
 
 async def test_verify_names_bytes_altered_under_their_hash_and_a_deleted_entry(any_suite: Suite) -> None:
