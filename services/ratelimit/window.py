@@ -1,7 +1,8 @@
 """The sliding-window arithmetic (model.py states the semantics), in pure Python.
 
-The in-process backend runs it as it is; the Redis backend's Lua script (counters_redis.py) is a line-for-line
-translation of `evaluate`, and the contract tests run both against the same cases. A counter is `Window`: bucket
+The in-process backend runs it as it is; the Redis backend's Lua script (counters_redis.py) computes what
+`evaluate` computes, on a packed value per counter, and the contract tests (random runs included) hold both to
+the same answers. A counter is `Window`: bucket
 index → units, the buckets `j - n .. j` counted at bucket j (n = the limit's `buckets`), older ones pruned.
 """
 
