@@ -151,6 +151,13 @@ class Unavailable(DomainError):
     reason = "UNAVAILABLE"
 
 
+class DataLoss(DomainError):
+    """Stored data is missing or damaged (an append-only log with a hole): retrying will not help."""
+
+    code = Code.DATA_LOSS
+    reason = "DATA_LOSS"
+
+
 class Unauthenticated(OpaqueError):
     """Authentication failed: one opaque answer whatever the cause (DESIGN.md, the request path)."""
 

@@ -48,7 +48,7 @@ from services.audit.store import AuditStore, EventIdConflict
 from tradeguard.audit.v1 import audit_pb2 as pb
 from tradeguard.audit.v1 import audit_pb2_grpc
 from tradeguard.batching import BatcherClosed, BatcherFull
-from tradeguard.errors import FailedPrecondition, FieldViolation, InvalidArgument, Unavailable
+from tradeguard.errors import DataLoss, FailedPrecondition, FieldViolation, InvalidArgument, Unavailable
 from tradeguard.mesh.identity import peer_spiffe_id
 from tradeguard.observability.annotations import annotate
 
@@ -258,10 +258,12 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             raise InvalidArgument.field("tree_size", f"at most the latest checkpoint's size ({signed})")
         if request.sequence >= size:
             raise InvalidArgument.field("sequence", f"an entry of the tree of size {size} (below it)")
-        (stored,) = await self._store.entries(request.sequence, 1)
+        # the leaf as the tree recorded it (its level-0 node), not the entries row: after an attacker rewrote a
+        # row's bytes and hash together, the proof still shows what the signed tree holds there
+        (leaf,) = await self._store.nodes([(0, request.sequence)])
         hashes = await self._log.inclusion_proof(request.sequence, size)
         annotate(sequence=request.sequence, tree_size=size)
-        return pb.GetInclusionProofResponse(tree_size=size, leaf_hash=stored.leaf_hash, hashes=hashes)
+        return pb.GetInclusionProofResponse(tree_size=size, leaf_hash=leaf, hashes=hashes)
 
     async def GetConsistencyProof(
         self, request: pb.GetConsistencyProofRequest, context: Context
@@ -335,12 +337,12 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             await self._log.wait_for(following + 1)
             count = min(self._log.size - following, TAIL_READ)
             found = await self._store.entries(following, count)
-            if not found:
-                raise Unavailable("the log's entries could not be read", reason="TAIL_INTERRUPTED")
+            if not found or found[0].sequence != following:
+                # the log says entry `following` exists and the store has no such row: a hole (an attacker
+                # with the database, or damage); never skipped, and retrying will not help
+                raise DataLoss(f"entry {following} is missing from the log", reason="LOG_DAMAGED")
             for stored in found:
-                if stored.sequence != following:  # never a gap nor a duplicate: end; the client resumes
-                    raise Unavailable(
-                        "the log's entries could not be read in order", reason="TAIL_INTERRUPTED"
-                    )
+                if stored.sequence != following:  # never a gap nor a duplicate
+                    raise DataLoss(f"entry {following} is missing from the log", reason="LOG_DAMAGED")
                 yield pb.TailResponse(entry=stored_entry_proto(stored))
                 following += 1

@@ -8,8 +8,10 @@ disconnect with no gap and no duplicate."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
+import sqlite3
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -493,3 +495,35 @@ async def test_tail_under_concurrent_appends_sees_each_entry_once_in_order(audit
     assert sorted(e.entry.event.event_id for e in stored) == sorted(
         f"c-{w}-{i}" for w in range(writers) for i in range(each)
     )
+
+
+async def test_after_an_attacker_rewrites_or_deletes_a_row_proofs_show_the_tree_and_tail_stops_at_the_hole(
+    audit: Audit,
+) -> None:
+    """An attacker with the database drops the append-only triggers, rewrites entry 1 (bytes and hash together)
+    and deletes entry 3: the inclusion proof still carries the leaf the signed tree holds (so it no longer matches
+    the rewritten row), and a tail reaching the hole ends with DATA_LOSS (never skipping it, never retryable)."""
+    await append_many(audit, [f"x-{i}" for i in range(5)])
+    checkpoint = await latest_checkpoint(audit, 5)
+    path = audit.service.running.settings.database_url.removeprefix("sqlite:///")
+    forged = b"forged entry"
+    with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as db:
+        for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'").fetchall():
+            db.execute(f'DROP TRIGGER "{name}"')
+        db.execute(
+            "UPDATE entries SET entry_bytes = ?, leaf_hash = ? WHERE sequence = 1", (forged, leaf(forged))
+        )
+        db.execute("DELETE FROM entries WHERE sequence = 3")
+    async with audit.channel("ops") as ops:
+        client = stub(ops)
+        proof = await client.GetInclusionProof(
+            pb.GetInclusionProofRequest(sequence=1, tree_size=checkpoint.tree_size), timeout=CALL_S
+        )
+        assert proof.leaf_hash != leaf(forged)
+        assert verify_inclusion(proof.leaf_hash, 1, proof.tree_size, proof.hashes, checkpoint.root_hash)
+        assert not verify_inclusion(leaf(forged), 1, proof.tree_size, proof.hashes, checkpoint.root_hash)
+        tail = client.Tail(pb.TailRequest(start=2), timeout=CALL_S)
+        (second,) = await _read(tail, 1)
+        assert second.sequence == 2
+        stopped = rich_status(await failure(tail.read()))
+    assert (stopped.code, stopped.reason) == (grpc.StatusCode.DATA_LOSS, "LOG_DAMAGED")
