@@ -68,6 +68,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.kit_chain
 	$(BIN)/python -m bench.guard
 	$(BIN)/python -m bench.ratelimit
+	$(BIN)/python -m bench.audit
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
