@@ -9,10 +9,12 @@ Every service in its own process, as production runs them, the load generator (t
               that schema — nothing else differs from `python -m services.audit`). One backend at a time: they
               would share the cores.
 
-Modes, per backend, the client calling as workload `trading` (a recorder), rounds rotating their order:
+Modes, per backend (appends as workload `trading`, a recorder; health and read as `ops`), rounds rotating their order:
 
-  read        GetCheckpoint, unary, at N callers (--concurrency, default 64): the same service over the same
-              channel, a call that writes nothing (one read of the latest checkpoint): the baseline
+  health      grpc.health.v1 Health/Check at N callers (--concurrency, default 64): the bare gRPC call of the
+              same server process over mutual TLS (no store, no service code)
+  read        GetCheckpoint, unary, at N callers: the same service over the same channel, a call that writes
+              nothing (one read of the latest checkpoint): the baseline of the service's own shape
   append-1    Append, unary, one writer: every append its own commit (latency-bound)
   append-N    Append, unary, N concurrent writers: concurrent appends share one commit (group commit)
   batch-B     AppendBatch of B events (--batch, default 100 and 1000) from --batch-callers (default 4) callers
@@ -22,12 +24,13 @@ resource, action, quota decision, outcome, status, request and trace ids, latenc
 every append is a new entry of the Merkle tree (its nodes written in the same transaction) and the checkpoint
 publisher signs at least every second meanwhile (through the key vault).
 
-Printed per round: calls/s (and events/s), p50/p99 latency, µs of CPU per event of the audit process; then per
-backend the median over rounds, append-N against read (the ratio of one run: what the durable append costs
-against the bare call), and the issue's aims beside the figures: 5,000 unary appends/s at 64 writers, 50,000
-events/s through AppendBatch (issue 9: the bare gRPC call runs at about 7,400/s here, SQLite commits about 9,000
-single-row transactions/s); the audit process's RSS before and after the load. The load generator shares the
-machine's cores with the services: read the ratios of one run and the CPU per event, the steadier figures.
+Printed per round: calls/s (and events/s), p50/p99 latency, µs of CPU per event (per call for health and read) of
+the audit process; then per backend the median over rounds, the throughput ratios of one run (read / health: the
+service's own call against the bare gRPC call; append-N / health and append-N / read: what the durable append
+costs), and the issue's aims beside the figures: 5,000 unary appends/s at 64 writers, 50,000 events/s through
+AppendBatch (issue 9: the bare gRPC call ran at about 7,400/s, SQLite commits about 9,000 single-row
+transactions/s); the audit process's RSS before and after the load. The load generator shares the machine's cores
+with the services: read the ratios of one run and the CPU per event, the steadier figures.
 
 The trading call with and without the guard's audit stage is not measured here yet (the stage is not in the kit).
 """
@@ -48,10 +51,11 @@ import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import psycopg
 from google.protobuf import duration_pb2, timestamp_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psycopg import sql
 
 from bench.guard import Layout, rss_mib, serving, start_keyvault
@@ -88,7 +92,7 @@ raise SystemExit(main(replace(SERVICE, stores=stores)))
 
 
 def modes(batches: Sequence[int]) -> tuple[str, ...]:
-    return ("read", "append-1", "append-N", *(f"batch-{b}" for b in batches))
+    return ("health", "read", "append-1", "append-N", *(f"batch-{b}" for b in batches))
 
 
 @dataclass
@@ -173,9 +177,16 @@ def event(event_id: str) -> pb.Event:
     )
 
 
-def calls(stubs: dict[str, audit_pb2_grpc.AuditServiceAsyncStub], mode: str, prefix: str) -> tuple[Call, int]:
+def calls(stubs: dict[str, Any], mode: str, prefix: str) -> tuple[Call, int]:
     """The mode's call and how many events each call appends."""
     recorder, reader = stubs["trading"], stubs["ops"]
+    if mode == "health":
+        health = stubs["health"]
+
+        async def check(i: int) -> object:
+            return await health.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT_S)
+
+        return check, 0
     if mode == "read":
 
         async def read(i: int) -> object:
@@ -256,9 +267,10 @@ async def backend_run(
         MeshChannel(target, "audit", tls.Workload.of(layout.paths, "trading")) as recording,
         MeshChannel(target, "audit", tls.Workload.of(layout.paths, "ops")) as reading,
     ):
-        stubs = {
+        stubs: dict[str, Any] = {
             "trading": audit_pb2_grpc.AuditServiceStub(recording),
             "ops": audit_pb2_grpc.AuditServiceStub(reading),
+            "health": health_pb2_grpc.HealthStub(reading),
         }
         tag = secrets.token_hex(3)
         rss_before = rss_mib(proc.pid)
@@ -278,23 +290,36 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def _ratio(numerators: list[Round] | None, denominators: list[Round] | None) -> float | None:
+    if not numerators or not denominators:
+        return None
+    pairs = zip(numerators, denominators, strict=True)
+    return _median([a.result.rps / b.result.rps for a, b in pairs if b.result.rps])
+
+
 def report(name: str, results: dict[str, list[Round]], concurrency: int, rss: tuple[float, float]) -> None:
     print(f"\n{name} (median of rounds):")
     for mode, rounds in results.items():
         label = mode.replace("-N", f"-{concurrency}")
-        rate = _median([x.result.rps if mode == "read" else x.events_per_s for x in rounds])
-        unit = "calls/s " if mode == "read" else "events/s"
+        rate = _median([x.events_per_s if x.events else x.result.rps for x in rounds])
+        call = mode in ("health", "read")
+        unit = "calls/s " if call else "events/s"
         print(
             f"  {label:<11} {rate:9.0f} {unit}   p50 {_median([x.result.percentile(50) for x in rounds]):7.2f} ms"
             f"   p99 {_median([x.result.percentile(99) for x in rounds]):7.2f} ms   "
-            f"audit CPU {_median([x.audit_us for x in rounds]):6.1f} us/{'call ' if mode == 'read' else 'event'}"
+            f"audit CPU {_median([x.audit_us for x in rounds]):6.1f} us/{'call ' if call else 'event'}"
         )
-    read, unary = results.get("read"), results.get("append-N")
-    if read and unary:
-        ratio = _median(
-            [a.result.rps / b.result.rps for a, b in zip(unary, read, strict=True) if b.result.rps]
-        )
-        print(f"  append-{concurrency} / read (GetCheckpoint at {concurrency} callers): {ratio:.3f}")
+    unary = results.get("append-N")
+    print(f"  throughput ratios at {concurrency} callers (median of rounds):")
+    for numerator, denominator, what in (
+        ("read", "health", "the service's own call against the bare gRPC call"),
+        ("append-N", "health", "a durable append against the bare gRPC call"),
+        ("append-N", "read", "a durable append against a call that writes nothing"),
+    ):
+        ratio = _ratio(results.get(numerator), results.get(denominator))
+        if ratio is not None:
+            label = f"{numerator} / {denominator}".replace("-N", f"-{concurrency}")
+            print(f"    {label:<18} {ratio:6.3f}  ({what})")
     if unary:
         rate = _median([x.events_per_s for x in unary])
         verdict = "met" if rate >= UNARY_AIM else "missed"

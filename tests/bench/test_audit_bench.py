@@ -28,17 +28,18 @@ async def test_the_audit_benchmark_runs_every_mode_on_each_backend(
         assert "PostgreSQL: not measured: unreachable" in out
     assert set(results) <= {"sqlite", "postgres"} and "sqlite" in results
     for backend, modes in results.items():
-        assert set(modes) == {"read", "append-1", "append-N", "batch-10"}, backend
+        assert set(modes) == {"health", "read", "append-1", "append-N", "batch-10"}, backend
         for mode, rounds in modes.items():
             (only,) = rounds
             assert only.result.calls > 0 and only.result.errors == 0, (backend, mode)
-            expected = {"read": 0, "append-1": 1, "append-N": 1, "batch-10": 10}[mode]
+            expected = {"health": 0, "read": 0, "append-1": 1, "append-N": 1, "batch-10": 10}[mode]
             assert only.events == only.result.calls * expected, (backend, mode)
             assert only.audit_us > 0, (backend, mode)
-        for label in ("read", "append-1", "append-4", "batch-10"):
+        for label in ("health", "read", "append-1", "append-4", "batch-10"):
             assert f"audit-{backend} round 1 {label} " in out
         section = out.split(f"audit-{backend} (median of rounds):", 1)[1]
-        assert "append-4 / read (GetCheckpoint at 4 callers):" in section
+        for ratio in ("read / health", "append-4 / health", "append-4 / read"):
+            assert f"    {ratio} " in section
         assert "aim: 5,000 unary appends/s at 64 writers:" in section
         assert "aim: 50,000 events/s through AppendBatch:" in section
         assert "RSS MiB of the audit process before -> after the load:" in section
