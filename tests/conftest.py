@@ -1,17 +1,18 @@
-"""Shared fixtures: one dev PKI per session, the real key vault, auth and rate-limit services started once per
-session as processes, and the real trading service on mutual TLS behind its guard, verified by that auth service and
-counted by that rate-limit service.
+"""Shared fixtures: one dev PKI per session, the real key vault, auth, rate-limit and audit services started once per
+session as processes, and the real trading service on mutual TLS behind its guard, verified by that auth service,
+counted by that rate-limit service and recorded by that audit service.
 
 - `session_pki`: the session's CA and workload certificates (tests/support.py SESSION_WORKLOADS).
 - `pki_paths`: a test's own home (`tmp_path/home`) holding a copy of the session's PKI: the same CA, so every
   service a test starts trusts (and is trusted by) the session's auth service; certificates a test issues go
   into its copy, signed by the same intermediate.
-- `auth_services`: the real key vault, auth service and rate-limit service (tests/support.py `auth_processes`,
+- `auth_services`: the real key vault, auth service, rate-limit service and audit service (`auth_processes`,
   the limits `TEST_LIMITS`: generous by default, a `tight` tier for the quota tests), started the first time a
   test asks for them, terminated at the end of the session; a test creates its own users and API keys (unique
   names) through the auth service's RPCs as `ops`.
-- `trading`: the trading service (in process, per test) whose guard verifies callers at `auth_services` and
-  counts their calls at its rate-limit service (the quota stage is on, as in production).
+- `trading`: the trading service (in process, per test) whose guard verifies callers at `auth_services`,
+  counts their calls at its rate-limit service and records them at its audit service (the quota and audit stages
+  are on, as in production).
 
 `tradeguard` is imported first so that GRPC_SSL_CIPHER_SUITES is set before anything imports grpc.
 """
@@ -108,7 +109,9 @@ async def trading(pki_paths: pki.PkiPaths, auth_services: AuthServices) -> Async
         database_url=f"sqlite:///{home / 'data' / 'trading.db'}",
         # issuer, audience: the auth's defaults; the quota stage on, at the session's rate-limit service
         guard=GuardSettings(
-            auth_target=auth_services.auth_target, ratelimit_target=auth_services.ratelimit_target
+            auth_target=auth_services.auth_target,
+            ratelimit_target=auth_services.ratelimit_target,
+            audit_target=auth_services.audit_target,  # every call recorded, as in production
         ),
     )
     async with running_service(SERVICE, settings, pki_paths) as running:

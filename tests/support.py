@@ -281,8 +281,8 @@ async def running_ratelimit(paths: pki.PkiPaths, limits: str) -> AsyncIterator[R
 # --- the real key vault, auth and rate-limit services, started once per session as processes ------------
 
 AUTH_PASSWORD = "correct horse trading staple"
-# The workloads of the session's PKI: tests/conftest.py's, the rate limiter, a firm's trading bot, the guard tests'
-# echo service.
+# The workloads of the session's PKI: tests/conftest.py's, the rate limiter, the audit service, a firm's trading bot,
+# the guard tests' echo service.
 SESSION_WORKLOADS = (
     "trading",
     "ops",
@@ -291,10 +291,11 @@ SESSION_WORKLOADS = (
     "keyvault",
     "auth",
     "ratelimit",
+    "audit",
     "trading-client",
     "echo",
 )
-# Workloads beyond the suite's own services that the session's auth and rate-limit services let run a guard.
+# Workloads beyond the suite's own services that the session's auth, rate-limit and audit services let run a guard.
 GUARD_WORKLOADS = ("echo", "desk")
 
 # The limits of the session's rate-limit service (its process reads them from `<home>/config/limits-test.yaml`).
@@ -412,6 +413,32 @@ class AuthServices:
     auth: subprocess.Popen[bytes]
     ratelimit_target: str = ""  # the rate-limit service (TEST_LIMITS), in process counters
     ratelimit: subprocess.Popen[bytes] | None = None
+    audit_target: str = ""  # the audit service (its log `<home>/data/audit.db`), recording the guards' calls
+    audit: subprocess.Popen[bytes] | None = None
+
+    def audit_channel(self, caller: str = "ops", target: str | None = None) -> MeshChannel:
+        """A mutual-TLS channel to the session's audit service (or the one at `target`) as `caller`."""
+        return MeshChannel(target or self.audit_target, "audit", tls.Workload.of(self.paths, caller))
+
+    def start_audit(
+        self, name: str, *, port: int | None = None, extra: dict[str, str] | None = None
+    ) -> tuple[subprocess.Popen[bytes], str]:
+        """An audit process (`python -m services.audit`) on this key vault (its checkpoint key `audit/checkpoint`
+        created by `auth_processes`), its log `<home>/data/<name>.db`, on `port` or a free one, the guard tests'
+        workloads allowed to record; the process and its target. The caller waits for it (`wait_healthy`) and
+        stops it (`stop_process`); started again with the same name and port it reopens the same log."""
+        home = self.paths.home
+        port = free_port() if port is None else port
+        env = _service_env(
+            home,
+            TRADEGUARD_AUDIT_PORT=str(port),
+            TRADEGUARD_AUDIT_KEYVAULT_TARGET=self.keyvault_target,
+            TRADEGUARD_AUDIT_DATABASE_URL=f"sqlite:///{home / 'data' / f'{name}.db'}",
+            TRADEGUARD_AUDIT_GRACE_S="0",
+            TRADEGUARD_AUDIT_GUARD_WORKLOADS=",".join(GUARD_WORKLOADS),
+            **(extra or {}),
+        )
+        return _spawn("services.audit", env, home / f"{name}.log"), f"127.0.0.1:{port}"
 
     def channel(self, caller: str = "ops") -> MeshChannel:
         """A mutual-TLS channel to the auth service as workload `caller`."""
@@ -478,11 +505,14 @@ class AuthServices:
 
 @contextlib.contextmanager
 def auth_processes(paths: pki.PkiPaths) -> Iterator[AuthServices]:
-    """`python -m services.keyvault` (its passphrase a 0600 _FILE secret, the auth service's keys created as
-    `ops`), `python -m services.auth` (GUARD_WORKLOADS may run a guard against it) and `python -m
-    services.ratelimit` (TEST_LIMITS; GUARD_WORKLOADS may check quotas) on free loopback ports under
-    `paths.home`, each waited for until its health is SERVING; all terminated on exit, whatever happened."""
+    """`python -m services.keyvault` (its passphrase a 0600 _FILE secret, the auth service's keys and the audit
+    checkpoint key created as `ops`), `python -m services.auth` (GUARD_WORKLOADS may run a guard against it),
+    `python -m services.ratelimit` (TEST_LIMITS; GUARD_WORKLOADS may check quotas) and `python -m services.audit`
+    (GUARD_WORKLOADS may record) on free loopback ports under `paths.home`, each waited for until its health is
+    SERVING; all terminated on exit, whatever happened."""
     from services.auth.vault_client import ensure_keys
+    from tradeguard.keyvault.signer import ensure_key
+    from tradeguard.keyvault.v1 import keyvault_pb2
 
     home = paths.home
     (home / "data").mkdir(parents=True, exist_ok=True)
@@ -511,17 +541,24 @@ def auth_processes(paths: pki.PkiPaths) -> Iterator[AuthServices]:
         started.append(auth)
         ratelimit, ratelimit_target = starting.start_ratelimit("ratelimit")
         started.append(ratelimit)
+        # the audit service signs its first checkpoint only once the log grows: its key is created meanwhile
+        audit, audit_target = starting.start_audit("audit")
+        started.append(audit)
         ops = tls.Workload.of(paths, "ops")
 
         async def ready() -> None:
             await wait_healthy(vault, vault_target, "keyvault", ops, vault_log)
             async with MeshChannel(vault_target, "keyvault", ops) as channel:
                 await ensure_keys(channel)
+                await ensure_key(channel, "audit/checkpoint", keyvault_pb2.KEY_TYPE_ED25519)
             await wait_healthy(auth, auth_target, "auth", ops, home / "auth.log")
             await wait_healthy(ratelimit, ratelimit_target, "ratelimit", ops, home / "ratelimit.log")
+            await wait_healthy(audit, audit_target, "audit", ops, home / "audit.log")
 
         asyncio.run(ready())
-        yield AuthServices(paths, vault_target, auth_target, vault, auth, ratelimit_target, ratelimit)
+        yield AuthServices(
+            paths, vault_target, auth_target, vault, auth, ratelimit_target, ratelimit, audit_target, audit
+        )
     finally:
         stop_processes(started)
 

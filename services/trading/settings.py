@@ -4,7 +4,8 @@ TRADEGUARD_TRADING_DATABASE_URL: `sqlite:///<path>` (default `$TRADEGUARD_HOME/d
 `postgresql://…`; plus the shared server settings (tradeguard.mesh.server.ServerConfig.from_env) and the guard's
 (tradeguard.guard.config.GuardSettings: TRADEGUARD_TRADING_AUTH_TARGET, _JWT_ISSUER, _JWT_AUDIENCE, ...; the quota
 stage is on by default: TRADEGUARD_TRADING_RATELIMIT_TARGET, default 127.0.0.1:50052, and TRADEGUARD_TRADING_QUOTA
-to switch it off).
+to switch it off; so is the audit stage, every call recorded by the audit service before its response is released:
+TRADEGUARD_TRADING_AUDIT_TARGET, default 127.0.0.1:50053, and TRADEGUARD_TRADING_AUDIT to switch it off).
 """
 
 from __future__ import annotations

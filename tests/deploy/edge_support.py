@@ -367,7 +367,9 @@ def trading_settings(paths: pki.PkiPaths) -> TradingSettings:
     return TradingSettings(
         server=ServerConfig(name="trading", port=0, home=home, grace_s=1.0, drain_s=0.0),
         database_url=f"sqlite:///{home / 'data' / 'trading.db'}",
-        guard=GuardSettings(auth_target=f"127.0.0.1:{free_port()}"),
+        # the audit stage off: these tests are about the edge (the stage is tested against the real audit service
+        # in tests/tradeguard/guard/test_audit.py)
+        guard=GuardSettings(auth_target=f"127.0.0.1:{free_port()}", audit=False),
     )
 
 

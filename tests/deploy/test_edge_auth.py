@@ -107,6 +107,9 @@ async def suite(tmp_path: Path) -> AsyncIterator[Suite]:
             "TRADEGUARD_TRADING_PORT": "0",
             "TRADEGUARD_TRADING_AUTH_TARGET": auth.target,
             "TRADEGUARD_TRADING_RATELIMIT_TARGET": ratelimit.target,  # its guard's (edge calls skip it)
+            # the audit stage off: these tests are about the edge (the stage is tested against the real audit
+            # service in tests/tradeguard/guard/test_audit.py)
+            "TRADEGUARD_TRADING_AUDIT": "false",
         }
         trading_settings = read_settings(TRADING, environ)
         trading_settings = replace(trading_settings, server=replace(trading_settings.server, grace_s=1.0))

@@ -139,6 +139,9 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
             # its guard's quota stage: edge calls skip it (Envoy counted them); the exact counts below would
             # show a second count
             "TRADEGUARD_TRADING_RATELIMIT_TARGET": ratelimit.target,
+            # the audit stage off: these tests are about the edge (the stage is tested against the real audit
+            # service in tests/tradeguard/guard/test_audit.py)
+            "TRADEGUARD_TRADING_AUDIT": "false",
         }
         trading_settings = read_settings(TRADING, environ)
         trading_settings = replace(trading_settings, server=replace(trading_settings.server, grace_s=1.0))

@@ -1,4 +1,4 @@
-"""The guard: the kit's server-side authentication, authorisation and quota stages, and its client side.
+"""The guard: the kit's server-side authentication, authorisation, quota and audit stages, and its client side.
 
 - `guard_for(GuardConfig(...), workload=..., trust_domain=...)` → a `MountedGuard` whose `layer` goes into a
   server's chain (tradeguard.guard.config; a service run by the kit's runner just declares `permissions=`);
@@ -6,12 +6,14 @@
   the `Principal` the handler reads with `tradeguard.principal.current_principal()`;
 - `JwksCache`, `JwtVerifier` (tradeguard.guard.jwt), `RevocationSet`, `RevocationWatcher`
   (tradeguard.guard.revocations), `SignedVerifier` (tradeguard.guard.signed), `QuotaStage` (tradeguard.guard.quota:
-  each verified call counted by the rate-limit service, fail closed);
+  each verified call counted by the rate-limit service, fail closed), `AuditStage` (tradeguard.guard.audit: every
+  call recorded by the audit service, the response released only once its event is durable, fail closed);
 - clients: `signing_interceptors`, `bearer_interceptors`, `authenticated_channel` (tradeguard.guard.client).
 """
 
 from __future__ import annotations
 
+from tradeguard.guard.audit import AuditStage
 from tradeguard.guard.client import (
     ApiKeyCredentials,
     authenticated_channel,
@@ -27,6 +29,7 @@ from tradeguard.guard.signed import SignedVerifier
 
 __all__ = [
     "ApiKeyCredentials",
+    "AuditStage",
     "Guard",
     "GuardConfig",
     "GuardSettings",

@@ -18,7 +18,10 @@ verified JWTs are still accepted while the revocation stream is down), `TOKEN_CA
 the quota stage (tradeguard.guard.quota): `QUOTA` (default true: every verified call not listed `unmetered` is
 counted by the rate-limit service, fail closed), `RATELIMIT_TARGET` (host:port of the rate-limit service, default
 127.0.0.1:50052). The guard calls the rate-limit service as its own workload, which that service must let call
-CheckQuotaBatch (TRADEGUARD_RATELIMIT_GUARD_WORKLOADS).
+CheckQuotaBatch (TRADEGUARD_RATELIMIT_GUARD_WORKLOADS); the audit stage (tradeguard.guard.audit): `AUDIT` (default
+true: every call of a guarded method is recorded by the audit service, fail closed: no audit, no call),
+`AUDIT_TARGET` (host:port of the audit service, default 127.0.0.1:50053), which must let the guard's workload
+record (AppendBatch: trading, auth, keyvault, ratelimit, and TRADEGUARD_AUDIT_GUARD_WORKLOADS).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
+from tradeguard.guard.audit import AuditStage
 from tradeguard.guard.auth_client import AuthClient
 from tradeguard.guard.jwt import (
     DEFAULT_ALGORITHMS,
@@ -76,6 +80,9 @@ class GuardSettings:
     ratelimit_target: str = f"127.0.0.1:{lookup('ratelimit').port}"
     quota: bool = True
     ratelimit_server_name: str = "ratelimit"
+    audit_target: str = f"127.0.0.1:{lookup('audit').port}"
+    audit: bool = True
+    audit_server_name: str = "audit"
 
     @classmethod
     def read(cls, env: Env) -> GuardSettings:
@@ -90,6 +97,8 @@ class GuardSettings:
             token_cache_size=env.integer("TOKEN_CACHE_SIZE", DEFAULT_CACHE_SIZE, low=0, high=1_000_000),
             ratelimit_target=env.text("RATELIMIT_TARGET", cls.ratelimit_target),
             quota=env.flag("QUOTA", True),
+            audit_target=env.text("AUDIT_TARGET", cls.audit_target),
+            audit=env.flag("AUDIT", True),
         )
 
 
@@ -107,8 +116,8 @@ class GuardConfig:
 
 class MountedGuard:
     """A guard with what it runs on: `layer` for the server's chain, `run()` (the revocation stream and the
-    periodic JWKS refresh) as a background task, `close()` at shutdown (the quota stage's batcher and channel
-    too). Also an async context manager that runs and closes it."""
+    periodic JWKS refresh) as a background task, `close()` at shutdown (the quota and audit stages' batchers and
+    channels too). Also an async context manager that runs and closes it."""
 
     def __init__(
         self,
@@ -122,6 +131,8 @@ class MountedGuard:
         signed: SignedVerifier,
         quota: QuotaStage | None = None,
         quota_channel: MeshChannel | None = None,
+        audit: AuditStage | None = None,
+        audit_channel: MeshChannel | None = None,
     ) -> None:
         self.layer = layer
         self.channel = channel
@@ -132,6 +143,8 @@ class MountedGuard:
         self.signed = signed
         self.quota = quota
         self.quota_channel = quota_channel
+        self.audit = audit
+        self.audit_channel = audit_channel
         self._task: asyncio.Task[None] | None = None
 
     async def run(self) -> None:
@@ -159,6 +172,10 @@ class MountedGuard:
         await self.channel.close()
         if self.quota_channel is not None:
             await self.quota_channel.close()
+        if self.audit is not None:
+            await self.audit.close()  # the events still queued are sent first
+        if self.audit_channel is not None:
+            await self.audit_channel.close()
 
     async def __aenter__(self) -> MountedGuard:
         self._task = asyncio.create_task(self.run(), name="guard")
@@ -175,8 +192,8 @@ def guard_for(
     trust_domain: str,
     clock_us: Callable[[], int] = lambda: time.time_ns() // 1000,
 ) -> MountedGuard:
-    """A guard for `config`, calling the auth service (and the rate-limit service, unless `settings.quota` is
-    off) as `workload` (the guarded service's own certificate)."""
+    """A guard for `config`, calling the auth service (the rate-limit service unless `settings.quota` is off,
+    the audit service unless `settings.audit` is off) as `workload` (the guarded service's own certificate)."""
     settings = config.settings
     channel = MeshChannel(settings.auth_target, settings.auth_server_name, workload)
     auth = AuthClient(channel)
@@ -201,6 +218,10 @@ def guard_for(
         else None
     )
     quota = QuotaStage(quota_channel) if quota_channel is not None else None
+    audit_channel = (
+        MeshChannel(settings.audit_target, settings.audit_server_name, workload) if settings.audit else None
+    )
+    audit = AuditStage(audit_channel, clock_us=clock_us) if audit_channel is not None else None
     layer = Guard(
         trust_domain=trust_domain,
         services=config.services,
@@ -211,6 +232,7 @@ def guard_for(
         revocations=revocations,
         quota=quota,
         unmetered=config.unmetered,
+        audit=audit,
     )
     watcher = RevocationWatcher(revocations, auth)
     return MountedGuard(
@@ -223,4 +245,6 @@ def guard_for(
         signed=signed,
         quota=quota,
         quota_channel=quota_channel,
+        audit=audit,
+        audit_channel=audit_channel,
     )

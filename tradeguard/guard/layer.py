@@ -1,4 +1,4 @@
-"""The guard: the kit's authentication, authorisation and quota stages, a request `Layer` of the chain (DESIGN.md,
+"""The guard: the kit's authentication, authorisation, quota and audit stages, a request `Layer` of the chain (DESIGN.md,
 "The guard").
 
 Per method of the guarded services, from the declaration's mapping method → permission (DENY BY DEFAULT: a method
@@ -30,28 +30,40 @@ or signature). The principal is set in the call's own context: grpc.aio runs eac
 starts from the server's (where it is never set), so it cannot reach another call; a handler of a public method sees
 None.
 
+Then the audit (tradeguard.guard.audit, when the guard has an `AuditStage`): every call of a declared method is
+recorded — a refusal (authentication, permission, quota) before it is returned; an accepted call's event appended
+beside its handler, the response held by the guard's after-hook (`after_for_method`) until the audit service
+acknowledged it, UNAVAILABLE (fail closed; reason OUTCOME_UNKNOWN once the handler ran) if it did not; a handler's
+failure as a second event of the same call. A method not declared is recorded as refused for permission; public
+methods are not recorded, and neither costs anything after the handler.
+
 A client-streaming or bidirectional call is checked on its first message before its handler starts (the kit's
 chain refuses a checked stream that ends before its first message), so a guarded handler always has a principal.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import functools
 import re
+import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from tradeguard.errors import PermissionDenied, Unauthenticated
+from tradeguard.audit.v1 import audit_pb2 as audit_pb
+from tradeguard.errors import DomainError, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
+from tradeguard.guard.audit import AuditStage, outcome_of, quota_refusal, status_of
 from tradeguard.guard.jwt import JwtVerifier, cert_thumbprint
 from tradeguard.guard.quota import EarlyCheck, QuotaStage
 from tradeguard.guard.revocations import RevocationSet
 from tradeguard.guard.signed import SignedVerifier
+from tradeguard.mesh.client import current_request_id
 from tradeguard.mesh.identity import peer_spiffe_id
 from tradeguard.observability.annotations import annotate
 from tradeguard.principal import Principal, set_principal
-from tradeguard.rpc.handlers import Context, Layer, RequestCheck
+from tradeguard.rpc.handlers import After, Context, Layer, RequestCheck
 from tradeguard.signing import (
     HEADER_KEY,
     HEADER_NONCE,
@@ -84,6 +96,18 @@ _CALL: contextvars.ContextVar[tuple[object, Principal] | None] = contextvars.Con
 )
 
 
+# An accepted call's audit record while its handler runs (the guard's after-hook finishes it), by call context.
+_AUDITED: contextvars.ContextVar[_Accepted | None] = contextvars.ContextVar(
+    "tradeguard_guard_audited", default=None
+)
+
+_REFUSALS: Final = (
+    (Unauthenticated, audit_pb.OUTCOME_DENIED_AUTHENTICATION),
+    (PermissionDenied, audit_pb.OUTCOME_DENIED_PERMISSION),
+    (ResourceExhausted, audit_pb.OUTCOME_DENIED_QUOTA),
+)
+
+
 def _fail(cause: str) -> Unauthenticated:
     return Unauthenticated(cause)
 
@@ -100,6 +124,39 @@ class _Rule:
     method: str
     permission: str
     quota: QuotaStage | None
+
+
+@dataclass(slots=True)
+class _CallAudit:
+    """An audited call as it goes through the guard's stages: what its event says."""
+
+    rule: _Rule
+    context: Context
+    request: Any
+    started: float  # perf_counter when the call reached the guard
+    time_us: int
+    principal: Principal | None = None  # once verified
+    quota: str = ""  # the quota decision
+    claimed_key: str = ""  # the key id a signed call names (verified only once `principal` is set)
+
+
+@dataclass(slots=True)
+class _Accepted:
+    """An accepted call's audit record: its event (the failure event is keyed to it) and its append."""
+
+    context: object
+    event: audit_pb.Event
+    started: float  # perf_counter when the call reached the guard
+    append: asyncio.Task[bool] | None  # None: acknowledged before the handler ran
+
+
+def _resource(request: Any) -> str:
+    """What the call acts on, when the request names it (an order id, else the client's order id)."""
+    for name in ("order_id", "client_order_id"):
+        value = getattr(request, name, None)
+        if isinstance(value, str) and value:
+            return value
+    return ""
 
 
 def peer_ip(context: Context) -> str:
@@ -129,6 +186,7 @@ class Guard(Layer):
         edge_workload: str = "edge",
         quota: QuotaStage | None = None,
         unmetered: Collection[str] = (),
+        audit: AuditStage | None = None,
     ) -> None:
         self.services = frozenset(services)
         if not self.services:
@@ -153,6 +211,7 @@ class Guard(Layer):
         self.revocations = revocations  # what this guard knows was revoked, and its stream's state
         self.quota = quota  # None: no quota stage (every method unmetered)
         self.unmetered = frozenset(unmetered)
+        self.audit = audit  # None: no audit stage (calls not recorded)
         self._edge_id = f"spiffe://{trust_domain}/svc/{edge_workload}"
         self._thumbprints: dict[bytes, str] = {}
 
@@ -170,21 +229,53 @@ class Guard(Layer):
         quota = None if method in self.unmetered else self.quota
         return functools.partial(self._check, _Rule(method, permission, quota))
 
+    def after_for_method(self, method: str) -> After | None:
+        if self.audit is None or method not in self.permissions:
+            return None  # only the guarded (declared) methods' calls are recorded
+        return self._after
+
     async def before(self, context: Context, request: Any, raw: bytes) -> None:  # pragma: no cover
         raise AssertionError("the guard is configured per method (for_method)")
 
     async def _undeclared(self, method: str, context: Context, request: Any, raw: bytes) -> None:
-        raise PermissionDenied("method not open to any principal", reason="METHOD_NOT_DECLARED")
+        error = PermissionDenied("method not open to any principal", reason="METHOD_NOT_DECLARED")
+        if self.audit is not None:
+            call = _CallAudit(
+                _Rule(method, "", None), context, request, time.perf_counter(), self.audit.clock_us()
+            )
+            await self._refused(self.audit, call, error)
+        raise error
 
     async def _check(self, rule: _Rule, context: Context, request: Any, raw: bytes) -> None:
-        method, permission, quota = rule.method, rule.permission, rule.quota
         done = _CALL.get()
         if done is not None and done[0] is context:
             return  # a later message of a streamed request: the call is authenticated
+        audit = self.audit
+        if audit is None:
+            principal = await self._verify(rule, context, raw)
+        else:
+            call = _CallAudit(rule, context, request, time.perf_counter(), audit.clock_us())
+            try:
+                principal = await self._verify(rule, context, raw, call)
+            except DomainError as error:
+                await self._refused(audit, call, error)
+                raise
+            await self._accepted(audit, call)
+        _CALL.set((context, principal))
+        set_principal(principal)
+
+    async def _verify(
+        self, rule: _Rule, context: Context, raw: bytes, call: _CallAudit | None = None
+    ) -> Principal:
+        """The call's principal, authenticated, authorised and within quota (`call`, when audited: the principal
+        once verified and the quota decision)."""
+        method, permission, quota = rule.method, rule.permission, rule.quota
         credentials = self._credentials(context, method, permission, raw)
         early: EarlyCheck | None = None
         try:
             if isinstance(credentials, SignedRequest):
+                if call is not None:
+                    call.claimed_key = credentials.key_id
                 caller = peer_spiffe_id(context) or ""
                 if quota is not None:  # beside the auth RPC when the key's tier is known from this caller
                     early = quota.start_early(credentials.key_id, caller, method, permission)
@@ -197,20 +288,128 @@ class Guard(Layer):
             else:
                 principal, via = credentials, "edge"
             annotate(user=principal.user_id, account=principal.account_id, key=principal.key_id, auth=via)
+            if call is not None:
+                call.principal = principal
             if not principal.allows(permission):
                 raise PermissionDenied(f"this method needs the permission {permission}")
             # after authorisation (a principal without the permission spends no quota); the edge's calls were
             # counted by Envoy's rate-limit filter
             if quota is not None and via != "edge":
-                if early is not None:
-                    await quota.finish_early(early, principal, method)
-                else:
-                    await quota.check(principal, method)
+                try:
+                    if early is not None:
+                        await quota.finish_early(early, principal, method)
+                    else:
+                        await quota.check(principal, method)
+                except ResourceExhausted as error:
+                    if call is not None:
+                        call.quota = quota_refusal(error)
+                    raise
+                except Unavailable:
+                    if call is not None:
+                        call.quota = "unavailable"
+                    raise
+                if call is not None:
+                    call.quota = "allowed"
+            elif call is not None and quota is not None:
+                call.quota = "edge"
         finally:
             if early is not None and quota is not None and not early.task.done():
                 await quota.discard(early)  # auth or authorisation refused: their verdict is the call's
-        _CALL.set((context, principal))
-        set_principal(principal)
+        return principal
+
+    # --- the audit stage (tradeguard.guard.audit) ----------------------------------------------------------------
+
+    def _event(
+        self,
+        audit: AuditStage,
+        call: _CallAudit,
+        outcome: audit_pb.Outcome.ValueType,
+        status: str,
+        cause: str = "",
+    ) -> audit_pb.Event:
+        principal, request = call.principal, call.request
+        if principal is not None:
+            user, account, key = principal.user_id, principal.account_id, principal.key_id or ""
+        else:
+            named = getattr(request, "account_id", "")
+            user, account, key = "", named if isinstance(named, str) else "", call.claimed_key
+        return audit.event(
+            time_us=call.time_us,
+            method=call.rule.method,
+            outcome=outcome,
+            status=status,
+            latency_us=int((time.perf_counter() - call.started) * 1_000_000),
+            principal=user,
+            account_id=account,
+            api_key_id=key,
+            caller=peer_spiffe_id(call.context) or "",
+            source_ip=peer_ip(call.context),
+            resource=_resource(request),
+            action=call.rule.permission,
+            quota=call.quota,
+            request_id=current_request_id() or "",
+            cause=cause,
+        )
+
+    async def _refused(self, audit: AuditStage, call: _CallAudit, error: DomainError) -> None:
+        """Record a refusal before it is returned (its append failing leaves the refusal as it is)."""
+        outcome = audit_pb.OUTCOME_FAILED  # e.g. the rate-limit service unavailable
+        for kind, denied in _REFUSALS:
+            if isinstance(error, kind):
+                outcome = denied
+                break
+        cause = error.cause if isinstance(error, Unauthenticated) else ""
+        await audit.record(self._event(audit, call, outcome, error.code.name, cause))
+
+    async def _accepted(self, audit: AuditStage, call: _CallAudit) -> None:
+        """Send the accepted call's event: beside the handler, or first while the stage is degraded."""
+        event = self._event(audit, call, audit_pb.OUTCOME_OK, "OK")
+        if audit.degraded:
+            if not await audit.record(event):
+                raise audit.refused_before_handler()
+            _AUDITED.set(_Accepted(call.context, event, call.started, None))
+        else:
+            _AUDITED.set(_Accepted(call.context, event, call.started, audit.start(event)))
+
+    async def _after(self, context: Context, error: BaseException | None, done: bool) -> None:
+        """After the handler (see tradeguard.guard.audit): hold the response until the accepted event is
+        acknowledged (UNAVAILABLE if it was not), and record a handler's failure."""
+        accepted = _AUDITED.get()
+        if accepted is None or accepted.context is not context:
+            return  # refused before it was accepted: recorded by the check
+        audit = self.audit
+        assert audit is not None
+        if accepted.append is not None:
+            acknowledged = await accepted.append
+            accepted.append = None
+            if not acknowledged:
+                _AUDITED.set(None)
+                raise audit.unknown(error)
+        if not done:
+            return
+        _AUDITED.set(None)
+        if error is None:
+            return
+        status = status_of(error, context)
+        first = accepted.event
+        failure = audit.event(
+            event_id=f"{first.event_id}.f",
+            time_us=audit.clock_us(),
+            method=first.method,
+            outcome=outcome_of(error, status),
+            status=status,
+            latency_us=int((time.perf_counter() - accepted.started) * 1_000_000),
+            principal=first.principal,
+            account_id=first.account_id,
+            api_key_id=first.api_key_id,
+            caller=first.caller,
+            source_ip=first.source_ip,
+            resource=first.resource,
+            action=first.action,
+            quota=first.quota_decision,
+            request_id=first.request_id,
+        )
+        await audit.record(failure)
 
     # --- authentication -------------------------------------------------------------------------------------
 

@@ -184,7 +184,9 @@ async def trading(pki_paths: pki.PkiPaths, auth_services: AuthServices) -> Async
         database_url=f"sqlite:///{home / 'data' / 'trading.db'}",
         # the quota stage on, as in production, at the session's rate-limit service (generous limits)
         guard=GuardSettings(
-            auth_target=auth_services.auth_target, ratelimit_target=auth_services.ratelimit_target
+            auth_target=auth_services.auth_target,
+            ratelimit_target=auth_services.ratelimit_target,
+            audit_target=auth_services.audit_target,  # every call recorded, as in production
         ),
     )
     running = await start(SERVICE, settings)

@@ -1,7 +1,7 @@
 """SIGTERM under load: every order the service acknowledged is still there after a restart.
 
-The trading service runs as a process whose guard verifies tokens at the session's real auth service and counts
-calls at its rate-limit service (tests/conftest.py `auth_services`); the load is placed with the access token of a trader who logged in there."""
+The trading service runs as a process whose guard verifies tokens at the session's real auth service, counts
+calls at its rate-limit service and records them at its audit service (tests/conftest.py `auth_services`); the load is placed with the access token of a trader who logged in there."""
 
 from __future__ import annotations
 
@@ -31,6 +31,8 @@ def start_trading(home: Path, port: int, auth: AuthServices) -> subprocess.Popen
         TRADEGUARD_TRADING_AUTH_TARGET=auth.auth_target,
         # and counts calls at the session's rate-limit service (generous limits: the load is never refused)
         TRADEGUARD_TRADING_RATELIMIT_TARGET=auth.ratelimit_target,
+        # and records every call at the session's audit service (an order is acknowledged once its event is durable)
+        TRADEGUARD_TRADING_AUDIT_TARGET=auth.audit_target,
     )
     with open(home / "trading.log", "ab") as log:  # a file, not a pipe: a full pipe would block the service
         return subprocess.Popen([sys.executable, "-m", "services.trading"], env=env, stdout=log, stderr=log)

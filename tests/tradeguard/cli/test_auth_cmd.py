@@ -125,7 +125,9 @@ async def suite(tmp_path: Path) -> AsyncIterator[Suite]:
         settings = TradingSettings(
             server=ServerConfig(name="trading", port=0, home=home, grace_s=1.0),
             database_url=f"sqlite:///{home / 'data' / 'trading.db'}",
-            guard=GuardSettings(auth_target=real.target, ratelimit_target=ratelimit.target),
+            # the audit stage off: these tests are about the CLI's commands (the stage is tested against the real
+            # audit service in tests/tradeguard/guard/test_audit.py)
+            guard=GuardSettings(auth_target=real.target, ratelimit_target=ratelimit.target, audit=False),
         )
         async with running_service(TRADING, settings, paths) as trading:
             guard = trading.running.assembly.layers[0]

@@ -157,9 +157,11 @@ async def guarded_echo(
     unmetered: Collection[str] = (),
     max_outage_s: float = 5.0,
     ratelimit_target: str | None = None,
+    audit_target: str | None = None,
 ) -> AsyncIterator[Guarded]:
     """The echo service behind a guard that verifies callers at `auth_target` (default: the session's auth) and
-    counts their calls at `ratelimit_target` (default: the session's rate-limit service)."""
+    counts their calls at `ratelimit_target` (default: the session's rate-limit service) and records them at
+    `audit_target` (default: the session's audit service)."""
     if not paths.cert("echo").exists():
         pki.issue(paths, "echo")
     target = auth_target or auth.auth_target
@@ -167,6 +169,7 @@ async def guarded_echo(
         auth_target=target,
         max_outage_s=max_outage_s,
         ratelimit_target=ratelimit_target or auth.ratelimit_target,
+        audit_target=audit_target or auth.audit_target,
     )
     guard = guard_for(
         GuardConfig(

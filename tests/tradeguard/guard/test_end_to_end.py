@@ -59,7 +59,11 @@ async def suite(pki_paths: pki.PkiPaths, auth_services: AuthServices) -> AsyncIt
             server=ServerConfig(name="trading", port=0, home=home, grace_s=1.0),
             database_url=f"sqlite:///{home / 'data' / 'trading.db'}",
             # issuer and audience: the auth service's defaults; calls counted by the session's rate limiter
-            guard=GuardSettings(auth_target=real.target, ratelimit_target=auth_services.ratelimit_target),
+            guard=GuardSettings(
+                auth_target=real.target,
+                ratelimit_target=auth_services.ratelimit_target,
+                audit_target=auth_services.audit_target,
+            ),
         )
         async with running_service(TRADING, trading_settings, pki_paths) as trading:
             guard = trading.running.assembly.layers[0]

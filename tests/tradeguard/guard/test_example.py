@@ -55,6 +55,8 @@ async def test_the_example_serves_guarded_calls(
         TRADEGUARD_DESK_AUTH_TARGET=auth.auth_target,  # JWT issuer and audience: the auth service's defaults
         # the guard's quota stage (on by default) at the session's rate limiter, which lets `desk` check quotas
         TRADEGUARD_DESK_RATELIMIT_TARGET=auth.ratelimit_target,
+        # and its audit stage (on by default) at the session's audit service, which lets `desk` record
+        TRADEGUARD_DESK_AUDIT_TARGET=auth.audit_target,
     )
     log = tmp_path / "desk.log"
     proc = _start(env, log)
