@@ -32,7 +32,19 @@ AppendBatch (issue 9: the bare gRPC call ran at about 7,400/s, SQLite commits ab
 transactions/s); the audit process's RSS before and after the load. The load generator shares the machine's cores
 with the services: read the ratios of one run and the CPU per event, the steadier figures.
 
-The trading call with and without the guard's audit stage is not measured here yet (the stage is not in the kit).
+Then the trading call without and with the guard's audit stage, in the same run (bench/guard.py's pattern; aim,
+issue 9: under 25 % cost): the key vault, auth (python -m services.auth), an audit service on SQLite for the guard,
+and one trading process per mode, the reference trading service as bench/trading_server.py's guarded mode runs it
+(the real declaration by the kit's runner, a JWT verified by its guard, the quota stage off in both, so that the
+difference is the audit stage alone):
+
+  jwt         the guard with its audit stage off
+  jwt+audit   the same with the audit stage on (the reference service's default): every PlaceOrder recorded, the
+              events of concurrent calls sharing AppendBatch calls (the guard's adaptive batcher), the response
+              released only once its event is durable
+
+Printed per round: throughput, p50/p99, CPU µs per call of the client, trading, auth and audit processes, and the
+average events per AppendBatch (from the audit service's log lines); then the ratio and RSS before and after.
 """
 
 from __future__ import annotations
@@ -48,8 +60,9 @@ import secrets
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -58,21 +71,25 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psycopg import sql
 
+from bench import guard
 from bench.guard import Layout, rss_mib, serving, start_keyvault
-from bench.loadgen import Call, Result, closed_loop, free_port, load_arguments, process_cpu_s
+from bench.loadgen import Call, Result, closed_loop, free_port, load_arguments, median_ratio, process_cpu_s
 from services.audit.store_postgres import writer_role
+from services.auth.vault_client import ensure_keys
 from tradeguard.audit.v1 import audit_pb2 as pb
 from tradeguard.audit.v1 import audit_pb2_grpc
+from tradeguard.guard.client import authenticated_channel
 from tradeguard.keyvault.signer import ensure_key
 from tradeguard.keyvault.v1 import keyvault_pb2
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.channel import MeshChannel
+from tradeguard.trading.v1 import trading_pb2_grpc
 
 DEFAULT_PG_DSN: Final = "postgresql://127.0.0.1:5432/test?user=postgres"
 UNARY_AIM: Final = 5_000  # unary appends/s at 64 writers (issue 9)
 BATCH_AIM: Final = 50_000  # events/s through AppendBatch (issue 9)
 CHECKPOINT_KEY: Final = "audit/checkpoint"
-WORKLOADS: Final = ("keyvault", "audit", "trading", "ops")
+WORKLOADS: Final = ("keyvault", "audit", "auth", "trading", "ops", "trading-client")
 TIMEOUT_S: Final = 30.0
 
 # The audit service as `python -m services.audit` runs it, its PostgreSQL store in the schema given first.
@@ -99,7 +116,9 @@ def modes(batches: Sequence[int]) -> tuple[str, ...]:
 class Round:
     result: Result
     events: int  # events appended in the measured window (0 for read)
-    audit_us: float  # CPU µs of the audit process per event (per call for read)
+    audit_us: float  # CPU µs of the audit process per event (per call for health, read and trading calls)
+    cpu_us: dict[str, float] = field(default_factory=dict)  # trading rounds: CPU µs per call of each process
+    batch: float | None = None  # trading rounds with the audit stage: events per AppendBatch
 
     @property
     def events_per_s(self) -> float:
@@ -335,6 +354,160 @@ def report(name: str, results: dict[str, list[Round]], concurrency: int, rss: tu
     print(f"  RSS MiB of the audit process before -> after the load: {rss[0]:.0f} -> {rss[1]:.0f}")
 
 
+# --- the trading call with and without the guard's audit stage -----------------------------------------------------
+
+TRADING_MODES: Final = ("jwt", "jwt+audit")
+TRADING_AIM: Final = 0.25  # the audit stage's cost in throughput (issue 9)
+SERVE_TRADING: Final = "import sys; from bench.audit import serve_trading; serve_trading(sys.argv[1:])"
+
+
+def serve_trading(argv: Sequence[str]) -> None:
+    """The reference trading service as bench/trading_server.py's `guarded` mode runs it (the real declaration by
+    the kit's runner, its guard verifying JWTs at the auth service, the quota stage off), the guard's audit stage
+    on when an audit target is given (argv: port, database URL, home, auth target, audit target or "")."""
+    from services.trading.service import SERVICE as TRADING
+    from services.trading.settings import Settings as TradingSettings
+    from tradeguard.guard.config import GuardSettings
+    from tradeguard.mesh.server import ServerConfig
+    from tradeguard.observability.logging import configure_logging
+    from tradeguard.service import serve
+
+    port, database_url, home, auth_target, audit_target = argv
+    configure_logging(json=True)
+    guard = GuardSettings(
+        auth_target=auth_target,
+        quota=False,
+        audit=bool(audit_target),
+        audit_target=audit_target or GuardSettings.audit_target,
+    )
+    settings = TradingSettings(
+        server=ServerConfig(name="trading", port=int(port), home=Path(home)),
+        database_url=database_url,
+        guard=guard,
+    )
+    asyncio.run(serve(TRADING, settings))
+
+
+def start_trading(layout: Layout, mode: str) -> None:
+    port = free_port()
+    audit_target = f"127.0.0.1:{layout.procs['audit-guard'].port}" if mode.endswith("+audit") else ""
+    db = f"sqlite:///{layout.home / 'data' / f'trading-{mode}.db'}"
+    argv = [str(port), db, str(layout.home), f"127.0.0.1:{layout.procs['auth'].port}", audit_target]
+    layout.spawn(f"trading-{mode}", port, [sys.executable, "-c", SERVE_TRADING, *argv], layout.env())
+
+
+async def trading_round(
+    mode: str, stub: Any, layout: Layout, tag: str, concurrency: int, duration: float
+) -> Round:
+    """PlaceOrder at `concurrency` callers; CPU µs per call of each process; AppendBatch sizes from the audit log."""
+    pids = {
+        "trading": layout.procs[f"trading-{mode}"].pid,
+        "auth": layout.procs["auth"].pid,
+        "audit": layout.procs["audit-guard"].pid,
+    }
+    await closed_loop(
+        guard.place_order(stub, f"w{tag}"), concurrency=concurrency, duration=min(0.5, duration)
+    )
+    audit_log = layout.procs["audit-guard"].log
+    offset = audit_log.stat().st_size
+    before = {name: process_cpu_s(pid) for name, pid in pids.items()}
+    client_before = time.process_time()
+    result = await closed_loop(
+        guard.place_order(stub, tag), concurrency=concurrency, duration=duration, warmup=0
+    )
+    calls = max(1, result.calls)
+    cpu = {"client": (time.process_time() - client_before) / calls * 1e6}
+    for name, pid in pids.items():
+        cpu[name] = (process_cpu_s(pid) - before[name]) / calls * 1e6
+    rpcs, events = 0, 0
+    if mode.endswith("+audit"):
+        await asyncio.sleep(0.05)  # the last AppendBatch log lines
+        rpcs, events, _ = guard.verify_batches(audit_log, offset, b"AppendBatch", "events")
+    return Round(result, 0, cpu["audit"], cpu, events / rpcs if rpcs else None)
+
+
+async def trading_run(
+    layout: Layout, db: Path, concurrency: int, duration: float, rounds: int
+) -> dict[str, list[Round]]:
+    """The auth service, an audit service (SQLite) for the guard, one trading process per mode; the rounds."""
+    async with guard.channel(layout, "keyvault", "ops") as ops:
+        await ensure_keys(ops)
+    guard.start_auth(layout)
+    start_audit(layout, "audit-guard", f"sqlite:///{db}", None)
+    await serving(layout, "auth")
+    await serving(layout, "audit-guard")
+    creds = await guard.credentials(layout)
+    for mode in TRADING_MODES:
+        start_trading(layout, mode)
+    channels = {
+        mode: authenticated_channel(
+            f"127.0.0.1:{layout.procs[f'trading-{mode}'].port}",
+            "trading",
+            tls.Workload.of(layout.paths, guard.CLIENT),
+            guard.interceptors_of("jwt", creds),
+        )
+        for mode in TRADING_MODES
+    }
+    try:
+        stubs = {mode: trading_pb2_grpc.TradingServiceStub(ch) for mode, ch in channels.items()}
+        for mode, stub in stubs.items():
+            await guard.ready(stub, layout.procs[f"trading-{mode}"])
+        rss_before = {name: rss_mib(proc.pid) for name, proc in layout.procs.items()}
+        print(
+            f"\nPlaceOrder through the trading guard (JWT; quota stage off) without and with its audit stage, "
+            f"{concurrency} callers; [CPU us per call of each process]; batch: events per AppendBatch"
+        )
+        results: dict[str, list[Round]] = {mode: [] for mode in TRADING_MODES}
+        for r in range(rounds):
+            order = TRADING_MODES if r % 2 == 0 else TRADING_MODES[::-1]
+            for mode in order:
+                tag = f"{'a' if mode.endswith('+audit') else 'j'}{r}"
+                rnd = await trading_round(mode, stubs[mode], layout, tag, concurrency, duration)
+                results[mode].append(rnd)
+                parts = " ".join(f"{name} {us:4.0f}" for name, us in rnd.cpu_us.items())
+                batch = "" if rnd.batch is None else f"   batch {rnd.batch:5.1f}"
+                print(f"{rnd.result.line(f'round {r + 1} {mode}')}   [{parts}]{batch}", flush=True)
+        rss_after = {name: rss_mib(proc.pid) for name, proc in layout.procs.items()}
+        trading_report(results, rss_before, rss_after)
+        return results
+    finally:
+        for ch in channels.values():
+            await ch.close(None)
+
+
+def trading_report(
+    results: dict[str, list[Round]], rss_before: dict[str, float], rss_after: dict[str, float]
+) -> None:
+    base, audited = results["jwt"], results["jwt+audit"]
+    ratio = median_ratio([x.result for x in audited], [x.result for x in base])
+    cpu = {mode: _median([sum(x.cpu_us.values()) for x in rounds]) for mode, rounds in results.items()}
+    print("the audit stage (median of rounds; the ratio of one run is what counts on a shared machine):")
+    for mode, rounds in results.items():
+        per = {name: _median([x.cpu_us[name] for x in rounds]) for name in rounds[0].cpu_us}
+        batches = [x.batch for x in rounds if x.batch is not None]
+        print(
+            f"  {mode:<10} {_median([x.result.rps for x in rounds]):7.0f} calls/s   "
+            f"p50 {_median([x.result.percentile(50) for x in rounds]):6.2f} ms   "
+            f"p99 {_median([x.result.percentile(99) for x in rounds]):6.2f} ms   CPU/call "
+            + " ".join(f"{name} {us:4.0f}" for name, us in per.items())
+            + (f"   batch {_median(batches):5.1f}" if batches else "")
+        )
+    verdict = "met" if 1 - ratio < TRADING_AIM else "missed"
+    print(
+        f"  jwt+audit / jwt = {ratio:.3f}, a cost of {(1 - ratio) * 100:.1f} % of throughput "
+        f"(aim under {TRADING_AIM * 100:.0f} %: {verdict})"
+    )
+    added = (cpu["jwt+audit"] / cpu["jwt"] - 1) * 100 if cpu["jwt"] else float("nan")
+    print(
+        f"  CPU per call, the client and every service: {cpu['jwt']:.0f} -> {cpu['jwt+audit']:.0f} us "
+        f"({added:+.1f} %; steadier than throughput on a shared machine)"
+    )
+    print(
+        "  RSS MiB before -> after the load: "
+        + ", ".join(f"{name} {rss_before[name]:.0f} -> {rss_after[name]:.0f}" for name in rss_before)
+    )
+
+
 async def run(
     concurrency: int,
     duration: float,
@@ -344,8 +517,10 @@ async def run(
     batch_callers: int = 4,
     pg: str | None = DEFAULT_PG_DSN,
     directory: str | None = None,
+    trading: bool = True,
 ) -> dict[str, dict[str, list[Round]]]:
-    """Both backends (PostgreSQL when `pg` is given and answers); the rounds per backend and mode."""
+    """Both backends (PostgreSQL when `pg` is given and answers), then (`trading`) the trading call without and
+    with the guard's audit stage: the rounds per backend ("sqlite", "postgres", "trading") and mode."""
     run_modes = modes(batches)
     measured: dict[str, dict[str, list[Round]]] = {}
     with tempfile.TemporaryDirectory(prefix="tg-bench-audit-", dir=directory) as tmp:
@@ -394,9 +569,10 @@ async def run(
             finally:
                 if schema is not None and pg is not None:
                     drop_schema(pg, schema)
-    print(
-        "\nthe trading call with and without the guard's audit stage: not measured (the stage is not in the kit yet)"
-    )
+            if trading:
+                measured["trading"] = await trading_run(
+                    layout, home / "data" / "audit-guard.db", concurrency, duration, rounds
+                )
     return measured
 
 
@@ -416,6 +592,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--no-pg", action="store_true", help="SQLite only")
     parser.add_argument("--dir", help="where the run's files go (default: the system's temporary directory)")
+    parser.add_argument(
+        "--no-trading", action="store_true", help="appends only (not the guard's audit stage)"
+    )
     args = parser.parse_args(argv)
     asyncio.run(
         run(
@@ -426,6 +605,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             batch_callers=args.batch_callers,
             pg=None if args.no_pg else args.pg,
             directory=args.dir,
+            trading=not args.no_trading,
         )
     )
 
