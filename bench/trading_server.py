@@ -6,7 +6,8 @@
 - `mesh`: the real service (services.trading.service.SERVICE, run by the kit's runner: mTLS plus SPIFFE
   authorisation) with its guard left out;
 - `guarded`: the real service exactly as declared, its guard included (`--auth-target`: the auth service); the
-  guard's quota stage only with `--ratelimit-target` (the rate-limit service).
+  guard's quota stage only with `--ratelimit-target` (the rate-limit service), its audit stage only with
+  `--audit-target` (the audit service).
 
 UNGUARDED modes (plain, mtls, mesh): the trading handlers act only for a verified principal (every order belongs
 to the principal's account, services/trading/core.py `account_of`), so in place of the guard these modes mount
@@ -77,7 +78,13 @@ async def unguarded(port: int, db: str, home: Path, secure: bool, account: str) 
 
 
 async def mesh(
-    port: int, db: str, home: Path, account: str, auth_target: str | None, ratelimit_target: str | None = None
+    port: int,
+    db: str,
+    home: Path,
+    account: str,
+    auth_target: str | None,
+    ratelimit_target: str | None = None,
+    audit_target: str | None = None,
 ) -> None:
     """The real declaration run by the kit's runner: with its guard (`auth_target` given), or with the guard
     replaced by `FixedPrincipal` (None)."""
@@ -90,12 +97,14 @@ async def mesh(
             return replace(assembly, layers=[FixedPrincipal(account), *assembly.layers])
 
         declaration = replace(SERVICE, permissions=None, build=unguarded_build)
-    guard = GuardSettings(quota=False)
-    if auth_target is not None:  # the quota stage on only when a rate-limit service is named
+    guard = GuardSettings(quota=False, audit=False)
+    if auth_target is not None:  # the quota and audit stages on only when their services are named
         guard = GuardSettings(
             auth_target=auth_target,
             quota=ratelimit_target is not None,
             ratelimit_target=ratelimit_target or GuardSettings.ratelimit_target,
+            audit=audit_target is not None,
+            audit_target=audit_target or GuardSettings.audit_target,
         )
     settings = Settings(
         server=ServerConfig(name="trading", port=port, home=home), database_url=db, guard=guard
@@ -123,7 +132,15 @@ def main() -> None:
     configure_logging(json=True)
     if args.mode in ("mesh", "guarded"):
         asyncio.run(
-            mesh(args.port, args.db, args.home, args.account, args.auth_target, args.ratelimit_target)
+            mesh(
+                args.port,
+                args.db,
+                args.home,
+                args.account,
+                args.auth_target,
+                args.ratelimit_target,
+                args.audit_target,
+            )
         )
     else:
         asyncio.run(unguarded(args.port, args.db, args.home, args.mode == "mtls", args.account))
