@@ -13,9 +13,11 @@ Run it (after `tradeguard pki init` and `tradeguard pki issue desk`, with the au
 Settings (the kit's reader, prefix TRADEGUARD_DESK_): PORT (default 50100), AUTH_TARGET (default 127.0.0.1:50051),
 RATELIMIT_TARGET (default 127.0.0.1:50052), QUOTA (default true: every verified call is counted by the rate-limit
 service; over a limit the caller gets RESOURCE_EXHAUSTED, and with the rate limiter unreachable UNAVAILABLE),
-JWT_ISSUER, JWT_AUDIENCE and the other guard settings (tradeguard.guard.config); TRADEGUARD_HOME for the PKI. The
-auth and rate-limit services must let the `desk` workload call their guard methods: start them with
-TRADEGUARD_AUTH_GUARD_WORKLOADS=desk and TRADEGUARD_RATELIMIT_GUARD_WORKLOADS=desk.
+AUDIT_TARGET (default 127.0.0.1:50053), AUDIT (default true: every call is recorded by the audit service and the
+response held until the record is durable; with the audit service down, UNAVAILABLE), JWT_ISSUER, JWT_AUDIENCE and
+the other guard settings (tradeguard.guard.config); TRADEGUARD_HOME for the PKI. The auth, rate-limit and audit
+services must let the `desk` workload call their guard methods: start them with TRADEGUARD_AUTH_GUARD_WORKLOADS=desk,
+TRADEGUARD_RATELIMIT_GUARD_WORKLOADS=desk and TRADEGUARD_AUDIT_GUARD_WORKLOADS=desk.
 Clients sign with `tradeguard.guard.client.signing_interceptors(ApiKeyCredentials(key_id, secret=...))` or send a
 token with `bearer_interceptors(token)`.
 """
