@@ -358,42 +358,19 @@ def report(name: str, results: dict[str, list[Round]], concurrency: int, rss: tu
 
 TRADING_MODES: Final = ("jwt", "jwt+audit")
 TRADING_AIM: Final = 0.25  # the audit stage's cost in throughput (issue 9)
-SERVE_TRADING: Final = "import sys; from bench.audit import serve_trading; serve_trading(sys.argv[1:])"
-
-
-def serve_trading(argv: Sequence[str]) -> None:
-    """The reference trading service as bench/trading_server.py's `guarded` mode runs it (the real declaration by
-    the kit's runner, its guard verifying JWTs at the auth service, the quota stage off), the guard's audit stage
-    on when an audit target is given (argv: port, database URL, home, auth target, audit target or "")."""
-    from services.trading.service import SERVICE as TRADING
-    from services.trading.settings import Settings as TradingSettings
-    from tradeguard.guard.config import GuardSettings
-    from tradeguard.mesh.server import ServerConfig
-    from tradeguard.observability.logging import configure_logging
-    from tradeguard.service import serve
-
-    port, database_url, home, auth_target, audit_target = argv
-    configure_logging(json=True)
-    guard = GuardSettings(
-        auth_target=auth_target,
-        quota=False,
-        audit=bool(audit_target),
-        audit_target=audit_target or GuardSettings.audit_target,
-    )
-    settings = TradingSettings(
-        server=ServerConfig(name="trading", port=int(port), home=Path(home)),
-        database_url=database_url,
-        guard=guard,
-    )
-    asyncio.run(serve(TRADING, settings))
 
 
 def start_trading(layout: Layout, mode: str) -> None:
+    """The reference trading service as bench/trading_server.py's `guarded` mode runs it (the real declaration by
+    the kit's runner, its guard verifying JWTs at the auth service, the quota stage off), the guard's audit stage on
+    for the +audit mode."""
     port = free_port()
-    audit_target = f"127.0.0.1:{layout.procs['audit-guard'].port}" if mode.endswith("+audit") else ""
-    db = f"sqlite:///{layout.home / 'data' / f'trading-{mode}.db'}"
-    argv = [str(port), db, str(layout.home), f"127.0.0.1:{layout.procs['auth'].port}", audit_target]
-    layout.spawn(f"trading-{mode}", port, [sys.executable, "-c", SERVE_TRADING, *argv], layout.env())
+    cmd = [sys.executable, "-m", "bench.trading_server", "--mode", "guarded", "--port", str(port)]
+    cmd += ["--home", str(layout.home), "--db", f"sqlite:///{layout.home / 'data' / f'trading-{mode}.db'}"]
+    cmd += ["--auth-target", f"127.0.0.1:{layout.procs['auth'].port}"]
+    if mode.endswith("+audit"):
+        cmd += ["--audit-target", f"127.0.0.1:{layout.procs['audit-guard'].port}"]
+    layout.spawn(f"trading-{mode}", port, cmd, layout.env())
 
 
 async def trading_round(

@@ -126,6 +126,9 @@ def main() -> None:
         "--ratelimit-target",
         help="host:port of the rate-limit service: the guard's quota stage on (guarded mode)",
     )
+    parser.add_argument(
+        "--audit-target", help="host:port of the audit service: the guard's audit stage on (guarded mode)"
+    )
     args = parser.parse_args()
     if (args.mode == "guarded") != (args.auth_target is not None):
         parser.error("--auth-target is required by, and only by, --mode guarded")
