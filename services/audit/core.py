@@ -38,7 +38,16 @@ from typing import Final
 
 from services.audit import tree
 from services.audit.masking import looks_secret, mask_event
-from services.audit.model import EVENT_ID_PATTERN, MAX_BATCH, Appended, Entry, Event, Outcome, Pending
+from services.audit.model import (
+    EVENT_ID_PATTERN,
+    MAX_BATCH,
+    TEXT_FIELDS,
+    Appended,
+    Entry,
+    Event,
+    Outcome,
+    Pending,
+)
 from services.audit.store import AuditStore, EventIdConflict
 from tradeguard.batching import Batcher
 from tradeguard.batching import Outcome as BatchOutcome
@@ -63,21 +72,6 @@ MAX_NAME_CHARS: Final = 1024
 MAX_VALUE_CHARS: Final = 16384
 DEFAULT_MAX_BATCH_CALLS: Final = 64  # append calls per transaction (each up to MAX_BATCH events)
 
-_TEXT_FIELDS: Final = (
-    "method",
-    "principal",
-    "account_id",
-    "api_key_id",
-    "caller",
-    "source_ip",
-    "resource",
-    "action",
-    "quota_decision",
-    "risk_decision",
-    "status_code",
-    "request_id",
-    "trace_id",
-)
 
 Result = Appended | EventIdConflict
 
@@ -206,7 +200,7 @@ class AuditLog:
             violations.append(FieldViolation(f"{field}.clock.estimated_error_us", "not negative"))
         if event.clock_max_error_us < 0:
             violations.append(FieldViolation(f"{field}.clock.max_error_us", "not negative"))
-        for name in _TEXT_FIELDS:
+        for name in TEXT_FIELDS:
             if len(getattr(event, name)) > MAX_TEXT_CHARS:
                 violations.append(FieldViolation(f"{field}.{name}", f"at most {MAX_TEXT_CHARS} characters"))
         violations += _detail_violations(event.details, field)

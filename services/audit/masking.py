@@ -53,7 +53,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from typing import Final
 
-from services.audit.model import Event
+from services.audit.model import TEXT_FIELDS, Event
 from tradeguard.observability.redact import REDACTED, is_sensitive_key, redact_text
 
 __all__ = [
@@ -76,21 +76,6 @@ MAX_NAME_CHARS: Final = 128
 MAX_VALUE_CHARS: Final = 2048
 MAX_DETAILS: Final = 64
 
-_TEXT_FIELDS: Final = (
-    "method",
-    "principal",
-    "account_id",
-    "api_key_id",
-    "caller",
-    "source_ip",
-    "resource",
-    "action",
-    "quota_decision",
-    "risk_decision",
-    "status_code",
-    "request_id",
-    "trace_id",
-)
 
 _NAME_WORDS: Final = frozenset(
     {"otp", "mfa", "pin", "pem", "jwt", "jwk", "jws", "bearer", "hmac", "passcode", "pwd", "csrf", "xsrf"}
@@ -233,7 +218,7 @@ def _mask_details(details: Mapping[str, str]) -> dict[str, str]:
 def mask_event(event: Event) -> Event:
     """The event as it may be recorded (see the module)."""
     changes: dict[str, object] = {}
-    for name in _TEXT_FIELDS:
+    for name in TEXT_FIELDS:
         value: str = getattr(event, name)
         if value:
             masked = _mask_field(name, value)

@@ -25,6 +25,7 @@ __all__ = [
     "EVENT_ID_PATTERN",
     "MAX_BATCH",
     "MAX_PAGE",
+    "TEXT_FIELDS",
     "Appended",
     "Checkpoint",
     "ClockSync",
@@ -40,6 +41,22 @@ __all__ = [
 EVENT_ID_PATTERN: Final = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 MAX_BATCH: Final = 1000  # events per AppendBatch
 MAX_PAGE: Final = 1000  # entries per page (Query, GetEntries)
+# an Event's free-text fields (validated, masked and bounded alike)
+TEXT_FIELDS: Final = (
+    "method",
+    "principal",
+    "account_id",
+    "api_key_id",
+    "caller",
+    "source_ip",
+    "resource",
+    "action",
+    "quota_decision",
+    "risk_decision",
+    "status_code",
+    "request_id",
+    "trace_id",
+)
 DEFAULT_PAGE: Final = 100
 
 
