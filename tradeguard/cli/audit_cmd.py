@@ -143,24 +143,14 @@ class SyslogTarget:
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    audit = subparsers.add_parser(
-        "audit",
-        help="the audit log: query, tail, verify, export",
-        description=__doc__,
-        formatter_class=common.HelpFormatter,
+    command = common.service_command(
+        subparsers, "audit", "the audit log: query, tail, verify, export", __doc__, service=SERVICE, run=_run
     )
-    common.add_identity_options(audit, SERVICE, top=True)
-    common.add_home_option(audit)
-    sub = audit.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     def action(
         name: str, help_text: str, handler: Callable[[argparse.Namespace], Awaitable[int]]
     ) -> argparse.ArgumentParser:
-        parser = sub.add_parser(
-            name, help=help_text, description=help_text, formatter_class=common.HelpFormatter
-        )
-        common.add_identity_options(parser, SERVICE)
-        common.add_home_option(parser)
+        parser = command(name, help_text)
         parser.set_defaults(handler=handler)
         return parser
 
@@ -249,7 +239,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="the name the receiver's certificate must carry (default: the host)",
     )
     export.add_argument("--hostname", default=socket.gethostname(), help="the syslog messages' HOSTNAME")
-    audit.set_defaults(func=_run)
 
 
 def _run(args: argparse.Namespace) -> int:

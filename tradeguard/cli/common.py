@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -27,6 +28,7 @@ __all__ = [
     "home",
     "host",
     "metrics_port",
+    "service_command",
     "service_port",
     "target",
     "workload",
@@ -189,3 +191,34 @@ def add_identity_options(parser: argparse.ArgumentParser, service: str, *, top: 
         help=f"where the {service} service listens: default $TRADEGUARD_HOST (or 127.0.0.1):${variable} "
         f"(or {registry.lookup(service).port})",
     )
+
+
+def service_command(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+    name: str,
+    help_text: str,
+    description: str | None,
+    *,
+    service: str,
+    run: Callable[[argparse.Namespace], int],
+) -> Callable[[str, str], argparse.ArgumentParser]:
+    """A service's command (`tradeguard <name> ACTION`, run by `run(args)`) with `--as`, `--target` and `--home` on
+    it and on each of its actions; returns `action(name, help)`, which adds an action (its parser, for its own
+    arguments)."""
+    command = subparsers.add_parser(
+        name, help=help_text, description=description, formatter_class=HelpFormatter
+    )
+    command.set_defaults(func=run)
+    add_identity_options(command, service, top=True)
+    add_home_option(command)
+    actions = command.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    def action(action_name: str, action_help: str) -> argparse.ArgumentParser:
+        parser = actions.add_parser(
+            action_name, help=action_help, description=action_help, formatter_class=HelpFormatter
+        )
+        add_identity_options(parser, service)
+        add_home_option(parser)
+        return parser
+
+    return action

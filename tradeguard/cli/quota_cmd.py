@@ -45,24 +45,19 @@ TIMEOUT_S: Final = 10.0
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    quota = subparsers.add_parser(
+    command = common.service_command(
+        subparsers,
         "quota",
-        help="rate limits: check or read a subject's quota, reset it, show the limits in force",
-        description=__doc__,
-        formatter_class=common.HelpFormatter,
+        "rate limits: check or read a subject's quota, reset it, show the limits in force",
+        __doc__,
+        service=SERVICE,
+        run=lambda args: asyncio.run(args.handler(args)),
     )
-    common.add_identity_options(quota, SERVICE, top=True)
-    common.add_home_option(quota)
-    sub = quota.add_subparsers(dest="action", metavar="ACTION", required=True)
 
     def action(
         name: str, help_text: str, handler: Callable[[argparse.Namespace], Awaitable[int]]
     ) -> argparse.ArgumentParser:
-        parser = sub.add_parser(
-            name, help=help_text, description=help_text, formatter_class=common.HelpFormatter
-        )
-        common.add_identity_options(parser, SERVICE)
-        common.add_home_option(parser)
+        parser = command(name, help_text)
         parser.add_argument(
             "--json",
             action="store_true",
@@ -91,7 +86,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     reset = action("reset", "forget everything a subject has consumed", _reset)
     reset.add_argument("subject", help="key:<api key id> or user:<user id>")
     action("limits", "the limits file in force (and the last reload's error, if any)", _limits)
-    quota.set_defaults(func=lambda args: asyncio.run(args.handler(args)))
 
 
 def _cost(value: str) -> int:

@@ -28,20 +28,14 @@ KEY_TYPES = {
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    vault = subparsers.add_parser(
-        "vault", help="operate the key vault", description=__doc__, formatter_class=common.HelpFormatter
+    action = common.service_command(
+        subparsers,
+        "vault",
+        "operate the key vault",
+        __doc__,
+        service="keyvault",
+        run=lambda args: asyncio.run(_run(args)),
     )
-    common.add_identity_options(vault, "keyvault", top=True)
-    common.add_home_option(vault)
-    sub = vault.add_subparsers(dest="action", metavar="ACTION", required=True)
-
-    def action(name: str, help_text: str) -> argparse.ArgumentParser:
-        parser = sub.add_parser(
-            name, help=help_text, description=help_text, formatter_class=common.HelpFormatter
-        )
-        common.add_identity_options(parser, "keyvault")
-        common.add_home_option(parser)
-        return parser
 
     action("status", "sealed or not, and the root key's kind (every field printed)")
     action("unseal", "unseal with the passphrase (local root) or PIN (HSM), read from the terminal or stdin")
@@ -61,7 +55,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     decrypt.add_argument("name", help="the key's name")
     decrypt.add_argument("ciphertext", help="as `encrypt` printed it")
     decrypt.add_argument("--context", default="", help="the associated data given to `encrypt`")
-    vault.set_defaults(func=lambda args: asyncio.run(_run(args)))
 
 
 def _read_secret(prompt: str) -> str:
