@@ -12,7 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -256,7 +256,24 @@ async def redis_cluster(directory: Path, nodes: int = 3) -> AsyncIterator[list[R
 # --- the real rate-limit service in process ------------------------------------------------------------------
 
 
-PACKAGED_LIMITS = Path(__file__).resolve().parents[1] / "services" / "ratelimit" / "limits.yaml"
+ROOT = Path(__file__).resolve().parents[1]  # the repository
+PACKAGED_LIMITS = ROOT / "services" / "ratelimit" / "limits.yaml"
+
+
+def run_module(
+    module: str, *args: str, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`python -m <module> ARGS` run to its end from the repository root, its output captured (`env`: the whole
+    environment, by default this process's); a hang fails after 120 s."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+        env=dict(os.environ if env is None else env),
+    )
 
 
 @contextlib.asynccontextmanager

@@ -12,7 +12,6 @@ import contextlib
 import os
 import secrets
 import subprocess
-import sys
 from argparse import Namespace
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -33,7 +32,7 @@ from services.audit.store_postgres import PostgresAuditStore, writer_role
 from services.audit.store_sqlite import SqliteAuditStore
 from services.keyvault.service import SERVICE as KEYVAULT
 from services.keyvault.settings import Settings as KeyVaultSettings
-from tests.support import PG_DSN, drop_pg_schema, require_pg
+from tests.support import PG_DSN, drop_pg_schema, require_pg, run_module
 from tests.support_auth import keyvault_settings, running_keyvault
 from tradeguard import registry
 from tradeguard.audit import tlog
@@ -175,15 +174,8 @@ def open_checkpoint(note: str, public_keys: list[bytes]) -> tuple[str, int, byte
 
 
 def python_m(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "services.audit", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-    )
+    """`python -m services.audit` with `env` added to this process's environment."""
+    return run_module("services.audit", *args, env={**os.environ, **(env or {})})
 
 
 def test_help_prints_usage_and_starts_nothing() -> None:

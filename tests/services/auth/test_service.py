@@ -8,7 +8,6 @@ import asyncio
 import os
 import secrets
 import subprocess
-import sys
 import time
 from argparse import Namespace
 from collections.abc import AsyncIterator
@@ -40,7 +39,7 @@ from tests.services.auth.auth_support import (
     signed_request,
     stub,
 )
-from tests.support import PG_DSN, RedisServer, drop_pg_schema, require_pg, start_redis
+from tests.support import PG_DSN, RedisServer, drop_pg_schema, require_pg, run_module, start_redis
 from tests.support_auth import keyvault_settings
 from tradeguard import registry
 from tradeguard.auth.v1 import auth_pb2 as pb
@@ -59,15 +58,8 @@ ROOT = Path(__file__).resolve().parents[3]
 
 
 def python_m(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "services.auth", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-    )
+    """`python -m services.auth` with `env` added to this process's environment."""
+    return run_module("services.auth", *args, env={**os.environ, **(env or {})})
 
 
 def test_help_prints_usage_and_starts_nothing() -> None:

@@ -31,10 +31,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from services.ratelimit.limits_file import parse_limits
 from tests.services.ratelimit.test_servicer import LIMITS, PLACE, check, limits_by_name, write_limits
 from tests.support import (
+    PACKAGED_LIMITS,
     RedisServer,
     _service_env,
     _spawn,
     free_port,
+    run_module,
     start_redis,
     stop_process,
     wait_healthy,
@@ -49,22 +51,15 @@ from tradeguard.ratelimit.v1 import ratelimit_pb2_grpc
 from tradeguard.testing import eventually
 
 ROOT = Path(__file__).resolve().parents[3]
-PACKAGED = ROOT / "services" / "ratelimit" / "limits.yaml"
+PACKAGED = PACKAGED_LIMITS
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 CALL_S = 60.0  # a decision's deadline: only there so that a hang fails the test instead of stalling it
 
 
 def python_m(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "services.ratelimit", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        cwd=ROOT,
-        env=env if env is not None else dict(os.environ),
-    )
+    """`python -m services.ratelimit` with `env` as its whole environment (default: this process's)."""
+    return run_module("services.ratelimit", *args, env=env)
 
 
 # --- the command itself --------------------------------------------------------------------------------------
