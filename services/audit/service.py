@@ -9,6 +9,9 @@ What `build` wires, in order:
 - the checkpoint publisher (services/audit/checkpoints.py) as a background task: a signed checkpoint at most
   every CHECKPOINT_INTERVAL_S while the log grows; a signing failure is logged and retried, the service keeps
   serving (appends never wait for a signature);
+- retention (services/audit/retention.py) as a background task: every RETENTION_INTERVAL_S, the entries older
+  than RETENTION_DAYS (and covered by a signed checkpoint) are archived to segment files in ARCHIVE_DIR, then
+  removed from the database; a failing pass is logged and retried at the next interval;
 - the servicer (services/audit/servicer.py).
 
 At shutdown (closers, in reverse order): the core's pending appends finish, then a last checkpoint is signed
@@ -23,6 +26,7 @@ from typing import Final
 from services.audit import codec, policy
 from services.audit.checkpoints import CheckpointPublisher
 from services.audit.core import AuditLog
+from services.audit.retention import Retention
 from services.audit.servicer import AuditServicer
 from services.audit.settings import Settings
 from services.audit.store import AuditStore
@@ -64,6 +68,13 @@ async def build(wiring: Wiring[Settings, AuditStore]) -> Assembly:
         )
         closers.append(publisher.close)
         closers.append(log.close)
+        retention = Retention(
+            store,
+            settings.archive_path,
+            settings.retention_days,
+            settings.retention_interval_s,
+            clock_us,
+        )
         servicer = AuditServicer(log, store)
     except BaseException:
         for closer in reversed(closers):
@@ -74,7 +85,10 @@ async def build(wiring: Wiring[Settings, AuditStore]) -> Assembly:
     async def publish_checkpoints() -> None:
         await publisher.run()
 
-    return Assembly(servicer, tasks=[publish_checkpoints], closers=closers, core=log)
+    async def keep_retention() -> None:
+        await retention.run()
+
+    return Assembly(servicer, tasks=[publish_checkpoints, keep_retention], closers=closers, core=log)
 
 
 SERVICE: Declaration[Settings, AuditStore] = Declaration(

@@ -17,7 +17,11 @@ DomainErrors (the kit maps them). What the servicer adds:
   naming `page_token`. Not a secret: whoever may Query may read every entry anyway.
 - Tail: the stored entries from `start` (which may be beyond the end: it waits), then each new one as it
   commits, in sequence order; every message is the next sequence number (checked: never a gap, never a
-  duplicate). A client that lost the stream resumes with `start` = the last sequence it received + 1.
+  duplicate). A client that lost the stream resumes with `start` = the last sequence it received + 1. An entry
+  that retention archived and removed (services/audit/retention.py: always a prefix of the log) is not served:
+  a `start` before the end of the archived prefix is FAILED_PRECONDITION (reason ARCHIVED, metadata
+  `first_available`), never silently skipped (a follower must know it did not get them: they are in the
+  archive) nor a DATA_LOSS; the same when retention removes entries a slow follower has not read yet.
 """
 
 from __future__ import annotations
@@ -328,6 +332,17 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             next_page_token=page_token(query, page[-1].sequence) if more and page else "",
         )
 
+    async def _check_not_archived(self, sequence: int) -> None:
+        """FAILED_PRECONDITION (ARCHIVED) when retention archived and removed entry `sequence`."""
+        pruned = await self._store.pruned()
+        if sequence < pruned:
+            raise FailedPrecondition(
+                f"entries before {pruned} were archived and removed from the log by retention (see the audit "
+                f"service's archive directory): tail from {pruned}",
+                reason="ARCHIVED",
+                metadata={"first_available": str(pruned)},
+            )
+
     async def Tail(self, request: pb.TailRequest, context: Context) -> AsyncIterator[pb.TailResponse]:
         if request.start < 0:
             raise InvalidArgument.field("start", "0 or more")
@@ -338,6 +353,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             count = min(self._log.size - following, TAIL_READ)
             found = await self._store.entries(following, count)
             if not found or found[0].sequence != following:
+                await self._check_not_archived(following)
                 # the log says entry `following` exists and the store has no such row: a hole (an attacker
                 # with the database, or damage); never skipped, and retrying will not help
                 raise DataLoss(f"entry {following} is missing from the log", reason="LOG_DAMAGED")

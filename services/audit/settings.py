@@ -13,6 +13,12 @@ Every variable is under the one prefix TRADEGUARD_AUDIT_; a bad value is refused
   schemaless URL of 1 to 255 characters of A-Z a-z 0-9 . _ / : - (C2SP tlog-checkpoint, signed-note).
 - CHECKPOINT_INTERVAL_S (default 1, 0.01..1): while the log grows, a checkpoint is signed at most this often (and
   so at least every second while events arrive).
+- RETENTION_DAYS (default 2557, 7 years: SEC 17a-4 and MiFID II record keeping; 1..36500): an entry is archived
+  and removed from the database only once its RECORD time is older than this (services/audit/retention.py). The
+  database keeps the longest period ever configured and enforces it itself: a shorter setting is logged at
+  start-up and the longer one kept.
+- ARCHIVE_DIR (default `$TRADEGUARD_HOME/archive/audit`): where the archive segments are written (owner-only).
+- RETENTION_INTERVAL_S (default 3600, 1..86400): how often the retention task looks for expired entries.
 - GUARD_WORKLOADS: workload names (comma-separated) allowed to record (Append, AppendBatch) besides trading,
   auth, the key vault and the rate limiter: a firm's own guarded services.
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Final
 
 from tradeguard.mesh.server import ServerConfig
@@ -30,10 +37,17 @@ from tradeguard.registry import lookup
 from tradeguard.service import CommonSettings
 from tradeguard.settings import Env, SettingsError
 
-__all__ = ["DEFAULT_CHECKPOINT_KEY", "DEFAULT_ORIGIN", "ORIGIN_PATTERN", "Settings"]
+__all__ = [
+    "DEFAULT_CHECKPOINT_KEY",
+    "DEFAULT_ORIGIN",
+    "DEFAULT_RETENTION_DAYS",
+    "ORIGIN_PATTERN",
+    "Settings",
+]
 
 DEFAULT_CHECKPOINT_KEY: Final = "audit/checkpoint"
 DEFAULT_ORIGIN: Final = "tradeguard.local/audit"
+DEFAULT_RETENTION_DAYS: Final = 2557  # 7 years (SEC 17a-4, MiFID II)
 ORIGIN_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:-]{0,254}")
 _WORKLOAD: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _KEY_NAME: Final = re.compile(r"[a-z0-9][a-z0-9._/-]{0,127}")
@@ -50,6 +64,14 @@ class Settings:
     origin: str = DEFAULT_ORIGIN
     checkpoint_interval_s: float = 1.0
     guard_workloads: frozenset[str] = frozenset()  # besides trading, auth, keyvault, ratelimit
+    retention_days: int = DEFAULT_RETENTION_DAYS
+    archive_dir: Path | None = None  # None: the server's home / archive / audit
+    retention_interval_s: float = 3600.0
+
+    @property
+    def archive_path(self) -> Path:
+        """The archive directory (ARCHIVE_DIR, else `$TRADEGUARD_HOME/archive/audit`)."""
+        return self.archive_dir or self.server.home / "archive" / "audit"
 
     @classmethod
     def read(cls, env: Env, common: CommonSettings) -> Settings:
@@ -71,6 +93,9 @@ class Settings:
             ),
             checkpoint_interval_s=env.number("CHECKPOINT_INTERVAL_S", 1.0, low=0.01, high=1.0),
             guard_workloads=_workloads(env, "GUARD_WORKLOADS"),
+            retention_days=env.integer("RETENTION_DAYS", DEFAULT_RETENTION_DAYS, low=1, high=36_500),
+            archive_dir=env.path("ARCHIVE_DIR", common.server.home / "archive" / "audit"),
+            retention_interval_s=env.number("RETENTION_INTERVAL_S", 3600.0, low=1.0, high=86_400.0),
         )
 
 

@@ -18,6 +18,24 @@ SELECT and INSERT), so an administrator who alters the log has to defeat the dat
 - `query(query, after, limit)`: entries matching `query` with sequence > after, ascending, at most `limit`.
 - `add_checkpoint`, `latest_checkpoint`, `checkpoints(after_size, limit)` (ascending by tree size).
 - `close()`.
+
+**Retention** (services/audit/retention.py archives, then prunes, a PREFIX of the log: entries 0 .. P-1):
+- `pruned()`: P, how many leading entries were archived and deleted (the greatest archived `last_sequence` + 1;
+  0 when none). `size()` counts them: it is the tree's size, max(stored sequence, P - 1) + 1.
+- `expired(before_us, below, limit)`: the stored entries from the first one stored, in sequence order, while
+  their RECORD time is before `before_us` and their sequence below `below`, at most `limit`: the next segment to
+  archive (the first entry not old enough ends it, so what is pruned stays a prefix).
+- `prune(archive)`: ONE transaction: the `archives` row (its segment file already durable) is inserted, then the
+  entries `archive.first_sequence .. archive.last_sequence` are deleted; all of them must be deleted, or nothing
+  is (raises, rolled back). The database itself refuses (triggers, whatever the caller): an `archives` row that
+  does not start where the last one ended; the delete of an entry that no `archives` row covers or whose record
+  time is not older than the database's clock minus the LONGEST retention period ever recorded. UPDATE of
+  entries is refused always; nodes and checkpoints are never deleted (the tree, its proofs and the signed
+  checkpoints stay valid after pruning).
+- `archives()`: the `archives` rows, ascending.
+- `retention_days()`: the longest retention period ever recorded (None before any). `record_retention(days,
+  at_us)`: ONE transaction: inserts `days` when it is longer than that maximum, and returns the maximum after
+  (the `retention` table is append-only: a shorter period inserted by anyone changes nothing).
 """
 
 from __future__ import annotations
@@ -32,14 +50,21 @@ from tradeguard.errors import AlreadyExists
 
 __all__ = [
     "ENTRY_COLUMNS",
+    "MAX_RETENTION_DAYS",
+    "US_PER_DAY",
     "AppendPlan",
+    "Archive",
     "AuditStore",
     "EventIdConflict",
     "Existing",
+    "check_archive",
+    "check_deleted",
     "check_page",
+    "check_retention",
     "entry_row",
     "plan_append",
     "query_conditions",
+    "recorded_before",
 ]
 
 
@@ -47,6 +72,22 @@ class EventIdConflict(AlreadyExists):
     """An event id this recorder already used for a different event."""
 
     reason = "EVENT_ID_CONFLICT"
+
+
+US_PER_DAY: Final = 86_400_000_000
+MAX_RETENTION_DAYS: Final = 36_500  # the `retention` table's CHECK, and the setting's range
+
+
+@dataclass(frozen=True, slots=True)
+class Archive:
+    """An archived segment of the log: entries `first_sequence` .. `last_sequence` (inclusive), written to the
+    file `file_name` (in the archive directory) whose SHA-256 is `sha256`, recorded at `archived_at_us`."""
+
+    first_sequence: int
+    last_sequence: int
+    sha256: bytes
+    file_name: str
+    archived_at_us: int
 
 
 class AuditStore(Protocol):
@@ -66,7 +107,32 @@ class AuditStore(Protocol):
 
     async def checkpoints(self, after_size: int, limit: int) -> list[Checkpoint]: ...
 
+    async def pruned(self) -> int: ...
+
+    async def expired(self, before_us: int, below: int, limit: int) -> list[StoredEntry]: ...
+
+    async def prune(self, archive: Archive) -> None: ...
+
+    async def archives(self) -> list[Archive]: ...
+
+    async def retention_days(self) -> int | None: ...
+
+    async def record_retention(self, days: int, at_us: int) -> int: ...
+
     async def close(self) -> None: ...
+
+
+def check_archive(archive: Archive) -> None:
+    """ValueError unless `archive` is a well-formed segment record (before anything is written)."""
+    if not 0 <= archive.first_sequence <= archive.last_sequence:
+        raise ValueError(f"invalid archived range {archive.first_sequence} .. {archive.last_sequence}")
+    if len(archive.sha256) != 32 or not archive.file_name:
+        raise ValueError("an archive needs its file's name and SHA-256")
+
+
+def check_retention(days: int) -> None:
+    if not 1 <= days <= MAX_RETENTION_DAYS:
+        raise ValueError(f"a retention period is 1 to {MAX_RETENTION_DAYS} days, not {days}")
 
 
 # --- what an append writes, and how a query reads (pure; both stores) ------------------------------------------
@@ -187,3 +253,22 @@ def check_page(after: int, limit: int) -> None:
         raise ValueError(f"limit must not be negative, not {limit}")
     if after < -1:
         raise ValueError(f"after must be -1 (from the start) or a sequence number, not {after}")
+
+
+def recorded_before(rows: Sequence[Sequence[Any]], before_us: int) -> list[StoredEntry]:
+    """`expired`'s answer: the leading rows (sequence, bytes, leaf hash, record time) recorded before `before_us`."""
+    out: list[StoredEntry] = []
+    for sequence, data, leaf, record_us in rows:
+        if int(record_us) >= before_us:
+            break
+        out.append(StoredEntry(int(sequence), bytes(data), bytes(leaf)))
+    return out
+
+
+def check_deleted(deleted: int, archive: Archive) -> None:
+    expected = archive.last_sequence - archive.first_sequence + 1
+    if deleted != expected:  # raised inside the transaction: rolled back, archives row included
+        raise RuntimeError(
+            f"pruning entries {archive.first_sequence} .. {archive.last_sequence} deleted {deleted} of "
+            f"{expected}: nothing pruned (the log has a hole there)"
+        )

@@ -26,6 +26,18 @@ member of the writer role (`CREATE ROLE tg_audit_service LOGIN PASSWORD …; GRA
 tg_audit_service`): its `open` finds the schema at the last version and changes nothing (a schema left behind
 fails its migration for want of privileges, or with `migrate=False` is refused before any attempt). A development install connects as one user that owns everything: the triggers still refuse changes.
 Whatever gets past both, `tradeguard audit verify` finds from the Merkle tree.
+
+**Retention** (migration 2): the append-only tables `archives` (one row per archived segment; a row must start
+where the last one ended: `check_archive`) and `retention` (every period in days configured; append-only, so the
+LONGEST one rules: inserting a shorter one changes nothing). DELETE of `entries` is then checked row by row
+(`check_prune`): allowed only when an `archives` row covers the sequence AND the entry's record time is older
+than the database's clock (`clock_timestamp()`, not the service's) minus the longest period recorded; none
+recorded: refused. UPDATE and TRUNCATE stay refused always; `nodes` and `checkpoints` are never deleted.
+Privileges stay narrow: the writer role gets SELECT on the two new tables only (it still cannot DELETE, nor
+record an archive or a period); pruning needs the NOLOGIN role `<schema>_pruner` (`pruner_role`: SELECT on the
+tables, DELETE on `entries` — within the trigger's limits —, INSERT on `archives` and `retention`). A service
+that runs the retention task (services/audit/retention.py) logs in as a member of both (`GRANT tg_audit_pruner
+TO tg_audit_service`); without it the task reports the missing privilege at each run and deletes nothing.
 """
 
 from __future__ import annotations
@@ -41,18 +53,23 @@ from services.audit import tree
 from services.audit.model import Appended, Checkpoint, Pending, Query, StoredEntry
 from services.audit.store import (
     ENTRY_COLUMNS,
+    Archive,
     EventIdConflict,
     Existing,
+    check_archive,
+    check_deleted,
     check_page,
+    check_retention,
     entry_row,
     plan_append,
     query_conditions,
+    recorded_before,
 )
 from tradeguard.storage.migrations import Migration, Step, latest_version, pending
 from tradeguard.storage.postgres import Conn, Pool, check_schema_name
 from tradeguard.storage.postgres import migrate as migrate_schema
 
-__all__ = ["COPY_FROM", "DEFAULT_SCHEMA", "MIGRATIONS", "PostgresAuditStore", "writer_role"]
+__all__ = ["COPY_FROM", "DEFAULT_SCHEMA", "MIGRATIONS", "PostgresAuditStore", "pruner_role", "writer_role"]
 
 DEFAULT_SCHEMA = "tg_audit"
 COPY_FROM: Final = 16  # entries in a batch from which it is written with COPY
@@ -65,6 +82,53 @@ def writer_role(schema: str) -> str:
     if len(role) > 63:
         raise ValueError(f"schema name {schema!r} too long for its writer role name")
     return role
+
+
+def pruner_role(schema: str) -> str:
+    """The NOLOGIN role that may archive and prune (within the triggers' limits) the audit log of `schema`."""
+    role = f"{check_schema_name(schema)}_pruner"
+    if len(role) > 63:
+        raise ValueError(f"schema name {schema!r} too long for its pruner role name")
+    return role
+
+
+async def _may_create_roles(conn: Conn) -> bool:
+    cur = await conn.execute("SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user")
+    row = await cur.fetchone()
+    return row is not None and bool(row[0])
+
+
+async def _role_exists(conn: Conn, role: str) -> bool:
+    cur = await conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
+    return await cur.fetchone() is not None
+
+
+async def _grant_retention(conn: Conn, schema: str) -> None:
+    """Migration 2's privileges (see the module): the writer may read the new tables; the pruner role (created
+    when this user may) may delete entries and record archives and periods."""
+    archives, retention = sql.Identifier(schema, "archives"), sql.Identifier(schema, "retention")
+    writer = writer_role(schema)
+    if await _role_exists(conn, writer):
+        await conn.execute(
+            sql.SQL("GRANT SELECT ON {}, {} TO {}").format(archives, retention, sql.Identifier(writer))
+        )
+    pruner = pruner_role(schema)
+    if not await _role_exists(conn, pruner):
+        if not await _may_create_roles(conn):
+            return  # an administrator creates it (CREATE ROLE tg_audit_pruner NOLOGIN) and migrates again
+        await conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(pruner)))
+    ident = sql.Identifier(pruner)
+    entries = sql.Identifier(schema, "entries")
+    version = sql.Identifier(schema, "schema_version")
+    nodes, checkpoints = sql.Identifier(schema, "nodes"), sql.Identifier(schema, "checkpoints")
+    await conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(sql.Identifier(schema), ident))
+    await conn.execute(
+        sql.SQL("GRANT SELECT ON {}, {}, {}, {}, {}, {} TO {}").format(
+            entries, nodes, checkpoints, archives, retention, version, ident
+        )
+    )
+    await conn.execute(sql.SQL("GRANT DELETE ON {} TO {}").format(entries, ident))
+    await conn.execute(sql.SQL("GRANT INSERT ON {}, {} TO {}").format(archives, retention, ident))
 
 
 async def _grant_writer(conn: Conn, schema: str) -> None:
@@ -140,8 +204,61 @@ _V1: tuple[Step, ...] = (
     *(step for table in _TABLES for step in _triggers(table)),
     _grant_writer,
 )
+_V2: tuple[Step, ...] = (
+    """CREATE TABLE {schema}.archives (
+        first_sequence bigint PRIMARY KEY CHECK (first_sequence >= 0),
+        last_sequence bigint NOT NULL,
+        sha256 bytea NOT NULL CHECK (length(sha256) = 32),
+        file_name text NOT NULL,
+        archived_at_us bigint NOT NULL,
+        CHECK (last_sequence >= first_sequence)
+    )""",
+    """CREATE TABLE {schema}.retention (
+        id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        period_days integer NOT NULL CHECK (period_days BETWEEN 1 AND 36500),
+        recorded_at_us bigint NOT NULL
+    )""",
+    *_triggers("archives"),
+    *_triggers("retention"),
+    """CREATE FUNCTION {schema}.check_archive() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF NEW.first_sequence <> (SELECT coalesce(max(last_sequence) + 1, 0) FROM {schema}.archives) THEN
+            RAISE EXCEPTION 'the audit archive is a prefix: a segment starts where the last one ended';
+        END IF;
+        RETURN NEW;
+    END
+    $$""",
+    "CREATE TRIGGER archives_prefix BEFORE INSERT ON {schema}.archives "
+    "FOR EACH ROW EXECUTE FUNCTION {schema}.check_archive()",
+    """CREATE FUNCTION {schema}.check_prune() RETURNS trigger LANGUAGE plpgsql AS $$
+    DECLARE
+        days bigint := (SELECT max(period_days) FROM {schema}.retention);
+    BEGIN
+        IF days IS NULL
+            OR OLD.record_time_us >= (extract(epoch FROM clock_timestamp()) * 1000000)::bigint - days * 86400000000
+            OR NOT EXISTS (
+                SELECT 1 FROM (
+                    SELECT last_sequence FROM {schema}.archives WHERE first_sequence <= OLD.sequence
+                    ORDER BY first_sequence DESC LIMIT 1
+                ) AS a WHERE a.last_sequence >= OLD.sequence
+            )
+        THEN
+            RAISE EXCEPTION 'the audit log is append-only: entry % cannot be deleted before it is archived '
+                'and older than the retention period', OLD.sequence;
+        END IF;
+        RETURN OLD;
+    END
+    $$""",
+    "DROP TRIGGER entries_append_only ON {schema}.entries",
+    "CREATE TRIGGER entries_append_only BEFORE UPDATE ON {schema}.entries "
+    "FOR EACH ROW EXECUTE FUNCTION {schema}.refuse_change()",
+    "CREATE TRIGGER entries_prune_only BEFORE DELETE ON {schema}.entries "
+    "FOR EACH ROW EXECUTE FUNCTION {schema}.check_prune()",
+    _grant_retention,
+)
 MIGRATIONS = (
     Migration(1, "entries, Merkle tree nodes, checkpoints; append-only triggers; writer role", _V1),
+    Migration(2, "retention: archives and retention tables; entries deleted only archived and expired", _V2),
 )
 
 _ENTRY_TYPES: Final = (
@@ -167,15 +284,29 @@ def statements(schema: str) -> dict[str, sql.Composed]:
         "entries": sql.Identifier(schema, "entries"),
         "nodes": sql.Identifier(schema, "nodes"),
         "checkpoints": sql.Identifier(schema, "checkpoints"),
+        "archives": sql.Identifier(schema, "archives"),
+        "retention": sql.Identifier(schema, "retention"),
         "e": sql.SQL(", ").join(sql.Identifier(c) for c in ENTRY_COLUMNS),
         "e_arrays": sql.SQL(", ").join(sql.SQL(f"%s::{t}[]") for t in _ENTRY_TYPES),  # constant type names
         "cp": sql.SQL("tree_size, root_hash, note, time_us"),
     }
     q = {
-        "size": "SELECT coalesce(max(sequence) + 1, 0) FROM {entries}",
+        "size": "SELECT coalesce(max(sequence) + 1, (SELECT max(last_sequence) + 1 FROM {archives}), 0) "
+        "FROM {entries}",
+        "pruned": "SELECT coalesce(max(last_sequence) + 1, 0) FROM {archives}",
+        "expired": "SELECT sequence, entry_bytes, leaf_hash, record_time_us FROM {entries} WHERE sequence < %s "
+        "ORDER BY sequence LIMIT %s",
+        "insert_archive": "INSERT INTO {archives} (first_sequence, last_sequence, sha256, file_name, "
+        "archived_at_us) VALUES (%s, %s, %s, %s, %s)",
+        "prune": "DELETE FROM {entries} WHERE sequence >= %s AND sequence <= %s",
+        "archives": "SELECT first_sequence, last_sequence, sha256, file_name, archived_at_us FROM {archives} "
+        "ORDER BY first_sequence",
+        "retention": "SELECT max(period_days) FROM {retention}",
+        "insert_retention": "INSERT INTO {retention} (period_days, recorded_at_us) VALUES (%s, %s)",
         # the size, and the batch's entries already appended (NULLs for none): one row at least
         "existing": "SELECT s.size, e.recorder, e.event_id, e.sequence, e.leaf_hash, e.event_digest "
-        "FROM (SELECT coalesce(max(sequence) + 1, 0) AS size FROM {entries}) AS s LEFT JOIN ("
+        "FROM (SELECT coalesce(max(sequence) + 1, (SELECT max(last_sequence) + 1 FROM {archives}), 0) AS size "
+        "FROM {entries}) AS s LEFT JOIN ("
         "{entries} e JOIN unnest(%s::text[], %s::text[]) AS b (recorder, event_id) "
         'ON e.recorder = b.recorder COLLATE "C" AND e.event_id = b.event_id COLLATE "C") ON true',
         "insert": "WITH appended AS (INSERT INTO {entries} ({e}) SELECT * FROM unnest({e_arrays})) "
@@ -374,6 +505,58 @@ class PostgresAuditStore:
         async with self._pool.connection() as conn:
             cur = await conn.execute(self.sql["checkpoints"], (after_size, limit))
             return [_checkpoint(row) for row in await cur.fetchall()]
+
+    # --- retention -----------------------------------------------------------------------------------------
+
+    async def _one(self, name: str, params: Sequence[Any] = ()) -> Any:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(self.sql[name], tuple(params) or None)
+            row = await cur.fetchone()
+        return None if row is None else row[0]
+
+    async def pruned(self) -> int:
+        return int(await self._one("pruned"))
+
+    async def expired(self, before_us: int, below: int, limit: int) -> list[StoredEntry]:
+        check_page(0, limit)
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(self.sql["expired"], (below, limit))
+            return recorded_before(await cur.fetchall(), before_us)
+
+    async def prune(self, archive: Archive) -> None:
+        check_archive(archive)
+        row = (
+            archive.first_sequence,
+            archive.last_sequence,
+            archive.sha256,
+            archive.file_name,
+            archive.archived_at_us,
+        )
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute(self.sql["insert_archive"], row)
+            cur = await conn.execute(self.sql["prune"], (archive.first_sequence, archive.last_sequence))
+            check_deleted(cur.rowcount, archive)  # raised inside the transaction: rolled back
+
+    async def archives(self) -> list[Archive]:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(self.sql["archives"])
+            rows = await cur.fetchall()
+        return [Archive(a, b, bytes(h), f, t) for a, b, h, f, t in rows]
+
+    async def retention_days(self) -> int | None:
+        found = await self._one("retention")
+        return None if found is None else int(found)
+
+    async def record_retention(self, days: int, at_us: int) -> int:
+        """(Two racing both insert a longer period at most: the maximum rules either way.)"""
+        check_retention(days)
+        async with self._pool.connection() as conn, conn.transaction():
+            cur = await conn.execute(self.sql["retention"])
+            row = await cur.fetchone()
+            if row is not None and row[0] is not None and int(row[0]) >= days:
+                return int(row[0])
+            await conn.execute(self.sql["insert_retention"], (days, at_us))
+            return days
 
     async def close(self) -> None:
         """Close the pool; later calls are refused (psycopg_pool.PoolClosed)."""

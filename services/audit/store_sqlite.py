@@ -18,6 +18,12 @@ query columns derived from the entry: principal, account, API key, method, outco
 and DELETE, and an INSERT that would replace a row (`INSERT OR REPLACE` deletes without firing delete triggers),
 with `RAISE(ABORT)`. They stop an application bug or a careless administrator, not an attacker who owns the file
 (who may drop them): `tradeguard audit verify` still finds the first altered, missing or reordered entry.
+
+Retention (migration 2): `archives` (one row per archived segment; append-only; a row must start where the last
+ended) and `retention` (the periods in days ever configured; append-only). The DELETE trigger on `entries` then
+allows the delete of an entry only when an `archives` row covers its sequence AND its record time is older than
+the database's clock (`julianday('now')`, not the service's) minus the LONGEST period in `retention` — no
+period recorded: no delete. A `prune` is one transaction: the `archives` row and the deletes, all or nothing.
 """
 
 from __future__ import annotations
@@ -32,12 +38,17 @@ from services.audit.model import Appended, Checkpoint, Pending, Query, StoredEnt
 from services.audit.store import (
     ENTRY_COLUMNS,
     AppendPlan,
+    Archive,
     EventIdConflict,
     Existing,
+    check_archive,
+    check_deleted,
     check_page,
+    check_retention,
     entry_row,
     plan_append,
     query_conditions,
+    recorded_before,
 )
 from tradeguard.storage.migrations import Migration
 from tradeguard.storage.sqlite import SqliteWorker
@@ -101,12 +112,53 @@ _V1 = (
     *_refusals("nodes", "level = NEW.level AND idx = NEW.idx"),
     *_refusals("checkpoints", "tree_size = NEW.tree_size"),
 )
-MIGRATIONS = (Migration(1, "entries, Merkle tree nodes, checkpoints; append-only triggers", _V1),)
+_V2 = (
+    """CREATE TABLE IF NOT EXISTS archives (
+        first_sequence INTEGER PRIMARY KEY CHECK (first_sequence >= 0),
+        last_sequence INTEGER NOT NULL,
+        sha256 BLOB NOT NULL CHECK (length(sha256) = 32),
+        file_name TEXT NOT NULL,
+        archived_at_us INTEGER NOT NULL,
+        CHECK (last_sequence >= first_sequence)
+    ) STRICT""",
+    """CREATE TABLE IF NOT EXISTS retention (
+        id INTEGER PRIMARY KEY,
+        period_days INTEGER NOT NULL CHECK (period_days BETWEEN 1 AND 36500),
+        recorded_at_us INTEGER NOT NULL
+    ) STRICT""",
+    *_refusals("archives", "first_sequence = NEW.first_sequence"),
+    *_refusals("retention", "id = NEW.id"),
+    "CREATE TRIGGER IF NOT EXISTS archives_prefix BEFORE INSERT ON archives "
+    "WHEN NEW.first_sequence != (SELECT coalesce(max(last_sequence) + 1, 0) FROM archives) "
+    "BEGIN SELECT RAISE(ABORT, 'the audit archive is a prefix: a segment starts where the last one ended'); END",
+    "DROP TRIGGER IF EXISTS entries_no_delete",
+    "CREATE TRIGGER entries_no_delete BEFORE DELETE ON entries "
+    "WHEN NOT coalesce(OLD.record_time_us < CAST((julianday('now') - 2440587.5) * 86400000000.0 AS INTEGER) "
+    "- (SELECT max(period_days) FROM retention) * 86400000000, 0) "
+    "OR NOT EXISTS (SELECT 1 FROM archives WHERE first_sequence <= OLD.sequence "
+    "AND last_sequence >= OLD.sequence) "
+    "BEGIN SELECT RAISE(ABORT, 'the audit log is append-only: entries cannot be deleted before they are "
+    "archived and older than the retention period'); END",
+)
+MIGRATIONS = (
+    Migration(1, "entries, Merkle tree nodes, checkpoints; append-only triggers", _V1),
+    Migration(2, "retention: archives and retention tables; entries deleted only archived and expired", _V2),
+)
 
 # --- SQL -------------------------------------------------------------------------------------------------------
 _E = ", ".join(ENTRY_COLUMNS)
 SQL: Final = {
-    "size": "SELECT coalesce(max(sequence) + 1, 0) FROM entries",
+    "size": "SELECT coalesce(max(sequence) + 1, (SELECT max(last_sequence) + 1 FROM archives), 0) FROM entries",
+    "pruned": "SELECT coalesce(max(last_sequence) + 1, 0) FROM archives",
+    "expired": "SELECT sequence, entry_bytes, leaf_hash, record_time_us FROM entries WHERE sequence < ? "
+    "ORDER BY sequence LIMIT ?",
+    "insert_archive": "INSERT INTO archives (first_sequence, last_sequence, sha256, file_name, archived_at_us) "
+    "VALUES (?, ?, ?, ?, ?)",
+    "prune": "DELETE FROM entries WHERE sequence >= ? AND sequence <= ?",
+    "archives": "SELECT first_sequence, last_sequence, sha256, file_name, archived_at_us FROM archives "
+    "ORDER BY first_sequence",
+    "retention": "SELECT max(period_days) FROM retention",
+    "insert_retention": "INSERT INTO retention (period_days, recorded_at_us) VALUES (?, ?)",
     "existing": "SELECT sequence, leaf_hash, event_digest FROM entries WHERE recorder = ? AND event_id = ?",
     "insert_entry": f"INSERT INTO entries ({_E}) VALUES ({', '.join('?' for _ in ENTRY_COLUMNS)})",  # noqa: S608
     "insert_node": "INSERT INTO nodes (level, idx, hash) VALUES (?, ?, ?)",
@@ -246,6 +298,54 @@ class SqliteAuditStore:
             lambda conn: conn.execute(SQL["checkpoints"], (after_size, limit)).fetchall()
         )
         return [_checkpoint(row) for row in rows]
+
+    # --- retention -----------------------------------------------------------------------------------------
+
+    async def pruned(self) -> int:
+        return int((await self.worker.run(lambda conn: conn.execute(SQL["pruned"]).fetchone()))[0])
+
+    async def expired(self, before_us: int, below: int, limit: int) -> list[StoredEntry]:
+        check_page(0, limit)
+        rows = await self.worker.run(lambda conn: conn.execute(SQL["expired"], (below, limit)).fetchall())
+        return recorded_before(rows, before_us)
+
+    async def prune(self, archive: Archive) -> None:
+        check_archive(archive)
+        row = (
+            archive.first_sequence,
+            archive.last_sequence,
+            archive.sha256,
+            archive.file_name,
+            archive.archived_at_us,
+        )
+        span = (archive.first_sequence, archive.last_sequence)
+
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(SQL["insert_archive"], row)
+            deleted = conn.execute(SQL["prune"], span).rowcount
+            check_deleted(deleted, archive)
+
+        await self.worker.transaction(work)
+
+    async def archives(self) -> list[Archive]:
+        rows = await self.worker.run(lambda conn: conn.execute(SQL["archives"]).fetchall())
+        return [Archive(int(a), int(b), bytes(h), str(f), int(t)) for a, b, h, f, t in rows]
+
+    async def retention_days(self) -> int | None:
+        row = await self.worker.run(lambda conn: conn.execute(SQL["retention"]).fetchone())
+        return None if row[0] is None else int(row[0])
+
+    async def record_retention(self, days: int, at_us: int) -> int:
+        check_retention(days)
+
+        def work(conn: sqlite3.Connection) -> int:
+            found = conn.execute(SQL["retention"]).fetchone()[0]
+            if found is not None and int(found) >= days:
+                return int(found)
+            conn.execute(SQL["insert_retention"], (days, at_us))
+            return days
+
+        return await self.worker.transaction(work)
 
     async def close(self) -> None:
         await self.worker.close()

@@ -33,20 +33,41 @@ What is checked, and what a problem names:
 - entries after the latest checkpoint are counted in `notes` (not yet covered by any signature); a checkpoint
   larger than the log names the first missing entry.
 
+A log pruned by retention (services/audit/retention.py: a prefix archived to segment files, then removed from
+the database) is verified from its archive (`archived_entries(directory, report)`, tradeguard/audit/archive.py)
+merged with the stored entries (`with_archive`): every segment is checked on its own (`archive.check_segment`,
+a problem naming the file and the entry: an altered line, a leaf hash that is not its bytes') and chained to the
+one before (consecutive sequences, the compact ranges continuing); a missing segment names the range no file
+holds; a sequence both archived and still stored (a crash between the archive file and the database's commit)
+must be the same entry in both. Then the whole tree is recomputed from entry 0 and checked against every signed
+checkpoint as above, so an archive altered in any way that keeps each file consistent still fails at the roots.
+(The SHA-256 of each file is recorded in the database's `archives` table, which the service's API does not
+expose: the signed roots are the check here.)
+
 Pure: no grpc, protobuf or database (`tradeguard.audit.tlog` for hashing, proofs and signed notes).
 """
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import itertools
-from collections.abc import AsyncIterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final, Protocol
 
-from tradeguard.audit import tlog
+from tradeguard.audit import archive, tlog
 
-__all__ = ["CheckpointLike", "EntryLike", "Proofs", "Report", "verify_log"]
+__all__ = [
+    "CheckpointLike",
+    "EntryLike",
+    "Proofs",
+    "Report",
+    "archived_entries",
+    "verify_log",
+    "with_archive",
+]
 
 MAX_PROBLEMS: Final = 20  # a report lists this many at most (the first is the one that matters)
 
@@ -88,6 +109,7 @@ class Report:
     """What the verification found: `ok` when there is no problem; the first problem is the one to act on."""
 
     entries: int = 0  # entries read
+    archived: int = 0  # of which from archive segments
     checkpoints: int = 0  # checkpoints whose signature verified
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # true and worth saying, but not a failure
@@ -102,7 +124,8 @@ class Report:
 
     def summary(self) -> str:
         if self.ok:
-            return f"ok: {self.entries} entries, {self.checkpoints} signed checkpoints verified"
+            archived = f" ({self.archived} of them from the archive)" if self.archived else ""
+            return f"ok: {self.entries} entries{archived}, {self.checkpoints} signed checkpoints verified"
         others = len(self.problems) - 1
         more = f" (and {others} more problem{'' if others == 1 else 's'})" if others else ""
         return f"FAILED: {self.problems[0]}{more}"
@@ -269,11 +292,13 @@ async def verify_log(
     key_name: str | None = None,
     proofs: Proofs | None = None,
     exported: Mapping[int, bytes] | None = None,
+    report: Report | None = None,
 ) -> Report:
     """Verify the log (see the module's docstring). `origin`: the checkpoints' expected origin (default: the
     first verified checkpoint's); `key_name`: the signed note's key name (default: the origin); `exported`: leaf
-    hashes by sequence from an earlier export (an entry whose bytes no longer hash to them is named)."""
-    report = Report()
+    hashes by sequence from an earlier export (an entry whose bytes no longer hash to them is named); `report`:
+    the one to fill (e.g. the one `archived_entries` and `with_archive` write their problems to)."""
+    report = Report() if report is None else report
     if not public_keys:
         report.problem("no trusted public key: nothing can be verified")
         return report
@@ -388,3 +413,89 @@ async def _check_consistency(
                 "verify (the entries reproduce both, so its node store disagrees with its signed heads)"
             )
             return
+
+
+# --- a pruned log: its archive ------------------------------------------------------------------------------------
+
+
+def _segment_files(directory: Path) -> list[tuple[int, int, Path]]:
+    found = []
+    for path in directory.iterdir():
+        match = archive.SEGMENT_PATTERN.fullmatch(path.name)
+        if match is not None:
+            found.append((int(match.group(1)), int(match.group(2)), path))
+    return sorted(found)
+
+
+async def archived_entries(directory: Path, report: Report) -> AsyncIterator[archive.ArchivedEntry]:
+    """The entries of the archive segments in `directory`, in sequence order, one file read at a time; each
+    segment checked alone and chained to the one before (see the module), problems written to `report`."""
+    try:
+        files = await asyncio.to_thread(_segment_files, directory)
+    except OSError as error:
+        report.problem(f"the archive {directory}: cannot be read ({error.strerror or error})")
+        return
+    expected, previous = 0, "the start of the log"
+    before: list[bytes] = []
+    for first, last, path in files:
+        name = path.name
+        try:
+            segment = archive.read_segment(await asyncio.to_thread(path.read_bytes), name)
+        except (OSError, archive.SegmentError) as error:
+            report.problem(f"{name}: cannot be read as an archive segment ({error})")
+            continue
+        if (segment.first, segment.last) != (first, last):
+            report.problem(f"{name}: holds entries {segment.first} to {segment.last}, not what its name says")
+        for problem in archive.check_segment(segment, name):
+            report.problem(problem)
+        if segment.first > expected:
+            report.problem(
+                f"entries {expected} to {segment.first - 1}: in no archive segment (a segment file before "
+                f"{name} is missing)"
+            )
+        elif segment.first < expected:
+            report.problem(f"{name}: overlaps the segment before it (entries from {segment.first} again)")
+        elif segment.range_before != before:
+            report.problem(f"{name}: does not continue {previous} (its range_before differs)")
+        for entry in segment.entries:
+            report.archived += 1
+            yield entry
+        expected, before, previous = segment.last + 1, segment.range_after, name
+
+
+async def with_archive(
+    archived: AsyncIterable[EntryLike], stored: AsyncIterable[EntryLike], report: Report
+) -> AsyncIterator[EntryLike]:
+    """The archived entries and the stored ones merged in sequence order: one both archived and stored must be
+    the same entry (a problem otherwise; the archived copy is used); entries in neither between the archive's
+    end and the first stored one are named (a missing last segment)."""
+    a_iter, s_iter = aiter(archived), aiter(stored)
+    a = await anext(a_iter, None)
+    s = await anext(s_iter, None)
+    archived_end = 0
+    checked_gap = False
+    while a is not None or s is not None:
+        if a is not None and (s is None or a.sequence < s.sequence):
+            archived_end = max(archived_end, a.sequence + 1)
+            yield a
+            a = await anext(a_iter, None)
+            continue
+        if s is None:  # (not reached: a is None here)
+            break
+        if a is None and not checked_gap:
+            checked_gap = True
+            if archived_end and s.sequence > archived_end:
+                report.problem(
+                    f"entries {archived_end} to {s.sequence - 1}: neither in the archive nor in the log (the "
+                    "archive's last segment is missing?)"
+                )
+        if a is not None and a.sequence == s.sequence:
+            if a.entry_bytes != s.entry_bytes or a.leaf_hash != s.leaf_hash:
+                source = getattr(a, "source", "") or "the archive"
+                report.problem(f"entry {a.sequence}: the log and its archived copy in {source} differ")
+            archived_end = max(archived_end, a.sequence + 1)
+            yield a
+            a = await anext(a_iter, None)
+        else:
+            yield s
+        s = await anext(s_iter, None)

@@ -11,8 +11,13 @@ service lets ops and the monitor read) unless --as says otherwise.
   tradeguard.audit.verify, independently of the service's own state: the leaf hashes recomputed from the bytes,
   the roots at every signed checkpoint, every checkpoint's signature under the checkpoint key's public keys (from
   the key vault's GetKey on --key, default audit/checkpoint, or --public-key files), the service's consistency
-  proofs between checkpoints; with --against, the leaf hashes an earlier export recorded. Exit status 0: the log verifies; 1: it does not, the first problem named
-  (`entry 1234: altered (…)`); 2: it could not be checked (a service unreachable, no key).
+  proofs between checkpoints; with --against, the leaf hashes an earlier export recorded. A log whose oldest
+  entries retention archived and removed is verified with --archive-dir (the audit service's
+  TRADEGUARD_AUDIT_ARCHIVE_DIR): the archive segments' entries, each file checked and chained, merged with the
+  stored ones, the whole tree recomputed from entry 0 (an altered or missing segment is named); without it, the
+  entries missing from the log's start are reported (never a silent success) with that hint. Exit status 0: the
+  log verifies; 1: it does not, the first problem named (`entry 1234: altered (…)`); 2: it could not be checked
+  (a service unreachable, no key).
 - `export`: the entries of a period (--since, --until) as csv or json (the compliance export: RFC 4180 CSV, JSON
   lines, one fixed column list) or ocsf (OCSF 1.3.0 JSON lines) or cef (CEF lines), to stdout or --output (created
   owner-only); or, as cef or ocsf, to a syslog receiver (--syslog HOST:PORT) over TCP or, with --tls, TLS 1.3
@@ -51,7 +56,7 @@ from google.protobuf import timestamp_pb2
 from tradeguard.audit import siem, tlog
 from tradeguard.audit.v1 import audit_pb2 as pb
 from tradeguard.audit.v1 import audit_pb2_grpc
-from tradeguard.audit.verify import Report, verify_log
+from tradeguard.audit.verify import EntryLike, Report, archived_entries, verify_log, with_archive
 from tradeguard.cli import common
 from tradeguard.cli.mesh_call import call_service, describe, printable
 from tradeguard.keyvault.v1 import keyvault_pb2 as kv
@@ -193,6 +198,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=Path,
         metavar="EXPORT",
         help="also compare each entry with the leaf hash an earlier `audit export` (csv or json) recorded",
+    )
+    verify.add_argument(
+        "--archive-dir",
+        type=Path,
+        metavar="DIR",
+        help="the archive segments of the entries retention removed (TRADEGUARD_AUDIT_ARCHIVE_DIR of the service)",
     )
     verify.add_argument(
         "--key", dest="key_name", default=DEFAULT_KEY, help="the checkpoint key's name in the key vault"
@@ -589,17 +600,30 @@ async def _verify(args: argparse.Namespace) -> int:
     if keys is None:
         return 2
     exported = read_export(args.against) if args.against is not None else None
+    archive_dir: Path | None = args.archive_dir
+    first_stored: list[int] = []  # the first stored entry's sequence, once seen
+
+    async def noting_first(entries: AsyncIterator[pb.StoredEntry]) -> AsyncIterator[EntryLike]:
+        async for entry in entries:
+            if not first_stored:
+                first_stored.append(entry.sequence)
+            yield entry
 
     async def run(stub: Stub) -> Report:
         checkpoints = await _checkpoints(stub)
         largest = max((c.tree_size for c in checkpoints), default=0)
+        report = Report()
+        stream: AsyncIterator[EntryLike] = noting_first(_entries(stub, largest))
+        if archive_dir is not None:
+            stream = with_archive(archived_entries(archive_dir, report), stream, report)
         return await verify_log(
-            _entries(stub, largest),
+            stream,
             checkpoints,
             keys,
             origin=args.origin,
             proofs=_ServiceProofs(stub),
             exported=exported,
+            report=report,
         )
 
     report = await _call(args, run)
@@ -610,6 +634,12 @@ async def _verify(args: argparse.Namespace) -> int:
         print(f"  {printable(problem)}")
     for note in report.notes:
         print(f"  note: {printable(note)}")
+    if archive_dir is None and not report.ok and (not first_stored or first_stored[0] > 0):
+        start = f"to {first_stored[0] - 1} " if first_stored else ""
+        print(
+            f"  entries 0 {start}are not in the log: if retention archived and removed them, verify them "
+            "with --archive-dir DIR (the audit service's TRADEGUARD_AUDIT_ARCHIVE_DIR)"
+        )
     return 0 if report.ok else 1
 
 

@@ -18,7 +18,7 @@ import pytest
 from psycopg import sql
 
 from services.audit.store import AuditStore
-from services.audit.store_postgres import PostgresAuditStore, writer_role
+from services.audit.store_postgres import PostgresAuditStore, pruner_role, writer_role
 from services.audit.store_sqlite import SqliteAuditStore
 from tests.support import PG_DSN, Database, open_database
 
@@ -43,6 +43,11 @@ class AuditDatabase(Database):
         return writer_role(self.schema)
 
     @property
+    def pruner(self) -> str:
+        """The PostgreSQL pruner role of this test's schema (retention's privileges)."""
+        return pruner_role(self.schema)
+
+    @property
     def service_login(self) -> str:
         """A LOGIN role a test may create as a member of the writer role (dropped after the test)."""
         return f"{self.schema}_service"
@@ -54,7 +59,7 @@ class AuditDatabase(Database):
         await super().aclose()
         if self.kind == "postgres":
             with psycopg.connect(PG_DSN, autocommit=True) as pg:
-                for role in (self.service_login, self.writer):
+                for role in (self.service_login, self.writer, self.pruner):
                     pg.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 

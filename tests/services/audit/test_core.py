@@ -18,7 +18,7 @@ from services.audit import codec
 from services.audit.core import MAX_TEXT_CHARS, AuditLog
 from services.audit.masking import MASK
 from services.audit.model import Appended, Checkpoint, Event, Outcome, Pending, Query, StoredEntry
-from services.audit.store import AuditStore, EventIdConflict
+from services.audit.store import Archive, AuditStore, EventIdConflict
 from tests.services.audit.conftest import AuditDatabase
 from tradeguard.audit import tlog
 from tradeguard.errors import InvalidArgument
@@ -70,6 +70,24 @@ class CountingStore:
 
     async def checkpoints(self, after_size: int, limit: int) -> list[Checkpoint]:
         return await self.store.checkpoints(after_size, limit)
+
+    async def pruned(self) -> int:
+        return await self.store.pruned()
+
+    async def expired(self, before_us: int, below: int, limit: int) -> list[StoredEntry]:
+        return await self.store.expired(before_us, below, limit)
+
+    async def prune(self, archive: Archive) -> None:
+        await self.store.prune(archive)
+
+    async def archives(self) -> list[Archive]:
+        return await self.store.archives()
+
+    async def retention_days(self) -> int | None:
+        return await self.store.retention_days()
+
+    async def record_retention(self, days: int, at_us: int) -> int:
+        return await self.store.record_retention(days, at_us)
 
     async def close(self) -> None:
         await self.store.close()

@@ -34,7 +34,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from services.audit.store_postgres import writer_role
+from services.audit.store_postgres import pruner_role, writer_role
 from tests.services.audit.test_service import KEY, ORIGIN, event, stub
 from tests.support import PG_DSN, drop_pg_schema, free_port, require_pg, wait_healthy
 from tests.support_auth import keyvault_settings, running_keyvault
@@ -96,7 +96,8 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Backend]
     finally:
         drop_pg_schema(schema)
         with psycopg.connect(PG_DSN, autocommit=True) as pg:
-            pg.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(writer_role(schema))))
+            for role in (writer_role(schema), pruner_role(schema)):
+                pg.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 
 @dataclass

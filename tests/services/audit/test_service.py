@@ -28,7 +28,7 @@ from psycopg import sql
 from services.audit import policy
 from services.audit.service import SERVICE
 from services.audit.settings import Settings
-from services.audit.store_postgres import PostgresAuditStore, writer_role
+from services.audit.store_postgres import PostgresAuditStore, pruner_role, writer_role
 from services.audit.store_sqlite import SqliteAuditStore
 from services.keyvault.service import SERVICE as KEYVAULT
 from services.keyvault.settings import Settings as KeyVaultSettings
@@ -334,7 +334,8 @@ async def test_on_postgresql_appends_sign_and_survive_a_restart(pki_paths: pki.P
     finally:
         drop_pg_schema(schema)
         with psycopg.connect(PG_DSN, autocommit=True) as pg:
-            pg.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(writer_role(schema))))
+            for role in (writer_role(schema), pruner_role(schema)):
+                pg.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 
 async def test_up_creates_the_checkpoint_key_and_points_audit_at_its_vault(

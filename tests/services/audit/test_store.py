@@ -3,7 +3,9 @@ fixture of conftest.py): sequence numbers without gaps, batches, idempotent retr
 within one batch), the Merkle tree's nodes against a brute-force recomputation (roots and proofs, verified with
 tradeguard.audit.tlog), the database refusing UPDATE, DELETE and TRUNCATE from a direct connection as an attacker
 would use it, PostgreSQL's writer role, restarts, a failing batch committing nothing, a second writer, queries
-with paging, and checkpoints."""
+with paging, and checkpoints; retention: an archived, expired prefix pruned in one transaction with its archive
+record, the tree and proofs intact after it, and the database refusing early, unarchived or shortened-period
+deletes (as an attacker with the database would try them), PostgreSQL's pruner role."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import dataclasses
 import hashlib
 import sqlite3
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ from psycopg import sql
 
 from services.audit import tree
 from services.audit.model import Appended, Checkpoint, Entry, Event, Outcome, Pending, Query, StoredEntry
-from services.audit.store import AuditStore, EventIdConflict
+from services.audit.store import Archive, AuditStore, EventIdConflict
 from services.audit.store_postgres import COPY_FROM
 from tests.support import PG_DSN
 from tradeguard.audit import tlog
@@ -521,3 +524,169 @@ async def test_checkpoints(audit_store: AuditStore) -> None:
     with pytest.raises(ValueError, match="another root"):
         await audit_store.add_checkpoint(dataclasses.replace(cps[1], root_hash=b"\x01" * 32))
     assert await audit_store.checkpoints(-1, 10) == cps
+
+
+# --- retention: archive, then prune a prefix; the database refuses anything else --------------------------------
+DAY_US = 86_400_000_000
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def recorded(n: int, record_us: int) -> Pending:
+    """`pending(n)` recorded at `record_us` (the database's trigger compares record times with its own clock)."""
+    item = pending(n)
+    entry = dataclasses.replace(item.entry, record_time_us=record_us)
+    data = repr(entry).encode()
+    return Pending(entry, data, tlog.leaf_hash(data), item.event_digest)
+
+
+def archive_of(first: int, last: int) -> Archive:
+    return Archive(first, last, hashlib.sha256(f"{first}-{last}".encode()).digest(), f"seg-{first}", now_us())
+
+
+async def _old_and_recent(store: AuditStore, old: int, recent: int) -> list[Pending]:
+    """`old` entries recorded two years ago, then `recent` recorded now."""
+    items = [recorded(n, now_us() - 730 * DAY_US) for n in range(old)]
+    items += [recorded(n, now_us()) for n in range(old, old + recent)]
+    created(await store.append(items))
+    return items
+
+
+def _refused(audit_db: AuditDatabase, statement: str, params: tuple[object, ...] = ()) -> None:
+    error = sqlite3.IntegrityError if audit_db.kind == "sqlite" else psycopg.errors.RaiseException
+    with pytest.raises(error, match=r"append-only|prefix"):
+        audit_db.execute(statement, params)
+
+
+async def test_prune_removes_archived_expired_entries_and_keeps_the_tree(audit_store: AuditStore) -> None:
+    items = await _old_and_recent(audit_store, 6, 4)
+    assert await audit_store.retention_days() is None
+    assert await audit_store.record_retention(365, now_us()) == 365
+    assert await audit_store.record_retention(30, now_us()) == 365  # a shorter one changes nothing
+    assert await audit_store.retention_days() == 365
+    cutoff = now_us() - 365 * DAY_US
+    assert [e.sequence for e in await audit_store.expired(cutoff, 10, 100)] == list(range(6))
+    assert [e.sequence for e in await audit_store.expired(cutoff, 4, 100)] == list(range(4))  # below a size
+    assert [e.sequence for e in await audit_store.expired(cutoff, 10, 2)] == [0, 1]
+    first = archive_of(0, 5)
+    await audit_store.prune(first)
+    assert await audit_store.pruned() == 6
+    assert await audit_store.archives() == [first]
+    assert [e.sequence for e in await audit_store.entries(0, 100)] == [6, 7, 8, 9]
+    assert [e.sequence for e in await audit_store.query(Query(), -1, 100)] == [6, 7, 8, 9]
+    assert await audit_store.expired(cutoff, 10, 100) == []
+    assert await audit_store.size() == 10
+    leaves = [p.leaf_hash for p in items]
+    assert await tree.root_at(10, audit_store.nodes) == tlog.root(leaves)  # nodes are never deleted
+    for index in (0, 3, 7):
+        proof = await tree.inclusion_proof(index, 10, audit_store.nodes)
+        assert tlog.verify_inclusion(leaves[index], index, 10, proof, tlog.root(leaves))
+    proof = await tree.consistency_proof(7, 10, audit_store.nodes)
+    assert tlog.verify_consistency(7, 10, proof, tlog.root(leaves[:7]), tlog.root(leaves))
+    # recent entries: refused by the database even when the code asks; nothing of the attempt is kept
+    with pytest.raises((sqlite3.IntegrityError, psycopg.errors.RaiseException)):
+        await audit_store.prune(archive_of(6, 9))
+    assert await audit_store.archives() == [first]
+    assert [e.sequence for e in await audit_store.entries(0, 100)] == [6, 7, 8, 9]
+    # an archive that does not continue the prefix is refused
+    with pytest.raises((sqlite3.IntegrityError, psycopg.errors.RaiseException), match="prefix"):
+        await audit_store.prune(archive_of(7, 7))
+
+
+async def test_a_fully_pruned_log_keeps_its_size_and_continues(audit_db: AuditDatabase) -> None:
+    store = await audit_db.open()
+    items = await _old_and_recent(store, 5, 0)
+    await store.record_retention(1, now_us())
+    await store.prune(archive_of(0, 4))
+    assert await store.entries(0, 100) == []
+    assert await store.size() == 5
+    await store.close()
+    reopened = await audit_db.open()
+    assert await reopened.size() == 5
+    more = [recorded(n, now_us()) for n in range(5, 8)]
+    assert created(await reopened.append(more)) == [5, 6, 7]
+    assert await tree.root_at(8, reopened.nodes) == tlog.root([p.leaf_hash for p in items + more])
+
+
+async def test_the_database_refuses_early_or_unarchived_deletes(
+    audit_db: AuditDatabase, audit_store: AuditStore
+) -> None:
+    """As an attacker with the database would try it (the tables' owner, a direct connection)."""
+    await _old_and_recent(audit_store, 6, 4)
+    delete = "DELETE FROM {schema}.entries WHERE sequence = %s"
+    insert_archive = "INSERT INTO {schema}.archives VALUES (%s, %s, %s, 'forged', 0)"
+    digest = b"\x00" * 32
+    _refused(audit_db, delete, (0,))  # no retention period recorded yet: nothing may go
+    await audit_store.record_retention(3650, now_us())  # ten years: two-year-old entries are not expired
+    audit_db.execute(insert_archive, (0, 7, digest))  # the attacker records an archive covering 0..7
+    _refused(audit_db, delete, (0,))  # not older than the period
+    _refused(audit_db, delete, (8,))  # recent, and not archived
+    # a shorter period inserted by the attacker changes nothing: the longest one rules
+    audit_db.execute("INSERT INTO {schema}.retention (period_days, recorded_at_us) VALUES (1, 0)")
+    assert await audit_store.retention_days() == 3650
+    _refused(audit_db, delete, (0,))
+    _refused(audit_db, delete, (7,))
+    _refused(audit_db, "DELETE FROM {schema}.entries")
+    # the period cannot be shortened nor the archives rewritten
+    _refused(audit_db, "UPDATE {schema}.retention SET period_days = 1")
+    _refused(audit_db, "DELETE FROM {schema}.retention")
+    _refused(audit_db, "UPDATE {schema}.archives SET last_sequence = 9")
+    _refused(audit_db, "DELETE FROM {schema}.archives")
+    _refused(audit_db, insert_archive, (9, 9, digest))  # not where the last one ended
+    _refused(audit_db, "UPDATE {schema}.entries SET principal = 'mallory' WHERE sequence = 0")
+    if audit_db.kind == "postgres":
+        for table in ("entries", "archives", "retention"):
+            _refused(audit_db, f"TRUNCATE {{schema}}.{table}")
+    assert audit_db.count("entries") == 10
+    assert [e.sequence for e in await audit_store.entries(0, 100)] == list(range(10))
+
+
+async def test_archived_and_expired_entries_may_go_and_only_those(
+    audit_db: AuditDatabase, audit_store: AuditStore
+) -> None:
+    await _old_and_recent(audit_store, 6, 4)
+    await audit_store.record_retention(365, now_us())
+    audit_db.execute("INSERT INTO {schema}.archives VALUES (0, 2, %s, 'f', 0)", (b"\x00" * 32,))
+    audit_db.execute("DELETE FROM {schema}.entries WHERE sequence = 1")  # archived and two years old
+    _refused(audit_db, "DELETE FROM {schema}.entries WHERE sequence = 3")  # old, not archived
+    assert audit_db.count("entries") == 9
+
+
+async def test_postgres_pruning_needs_the_pruner_role(pg_audit_db: AuditDatabase) -> None:
+    """The writer role may read the archive and retention tables only; a service that also runs retention is a
+    member of the pruner role, whose deletes the triggers still limit."""
+    audit_db = pg_audit_db
+    owner = await audit_db.open()
+    await _old_and_recent(owner, 6, 4)
+    login = audit_db.service_login
+    service_dsn = PG_DSN.replace("user=postgres", f"user={login}")
+    with psycopg.connect(PG_DSN, autocommit=True) as pg:
+        pg.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(login)))
+        pg.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(audit_db.writer), sql.Identifier(login)))
+    writer = await audit_db.open(service_dsn)
+    assert await writer.pruned() == 0 and await writer.retention_days() is None
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        await writer.record_retention(365, now_us())
+    await owner.record_retention(365, now_us())
+    with pytest.raises(psycopg.errors.InsufficientPrivilege):
+        await writer.prune(archive_of(0, 5))
+    with psycopg.connect(PG_DSN, autocommit=True) as pg:
+        pg.execute(sql.SQL("GRANT {} TO {}").format(sql.Identifier(audit_db.pruner), sql.Identifier(login)))
+    await writer.prune(archive_of(0, 5))
+    assert await writer.pruned() == 6
+    with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+        await writer.prune(archive_of(6, 9))  # recent: the trigger refuses the pruner as well
+    with psycopg.connect(service_dsn, autocommit=True) as pg:
+        schema = sql.Identifier(audit_db.schema)
+        for statement in (
+            "UPDATE {}.entries SET principal = 'x'",
+            "TRUNCATE {}.entries",
+            "DELETE FROM {}.nodes",
+            "DELETE FROM {}.checkpoints",
+            "ALTER TABLE {}.entries DISABLE TRIGGER USER",
+        ):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                pg.execute(sql.SQL(statement).format(schema))
+    assert audit_db.count("entries") == 4

@@ -3,7 +3,9 @@ here (an asyncio TCP server reading RFC 6587 octet-counted RFC 5424 frames, and 
 certificate of the test's dev PKI); and, end to end, the command line run as a process against the real audit
 service (in process, as production starts it, over mutual TLS) signing its checkpoints with the real key vault:
 query, tail across a restart of the service, export, and `verify` passing on the live log, then failing, naming
-the entry, after an attacker with the SQLite file drops the append-only triggers and alters or deletes an entry.
+the entry, after an attacker with the SQLite file drops the append-only triggers and alters or deletes an entry;
+and a log whose oldest entries retention archived and removed: verified with --archive-dir, an altered archive line
+named, and without the archive never a silent success.
 """
 
 from __future__ import annotations
@@ -32,14 +34,21 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from psycopg import sql as psql
 
+from services.audit import codec
+from services.audit.checkpoints import CheckpointPublisher
+from services.audit.core import AuditLog
+from services.audit.model import Event, Outcome
+from services.audit.retention import Retention
 from services.audit.service import SERVICE as AUDIT
 from services.audit.settings import DEFAULT_CHECKPOINT_KEY as AUDIT_DEFAULT_KEY
 from services.audit.settings import Settings as AuditSettings
-from services.audit.store_postgres import PostgresAuditStore, writer_role
+from services.audit.store_postgres import PostgresAuditStore, pruner_role, writer_role
+from services.audit.store_sqlite import SqliteAuditStore
+from tests.services.audit.test_retention import LocalSigner
 from tests.support import PG_DSN, Database, free_port, open_database
 from tests.support_auth import keyvault_settings, running_keyvault
 from tests.tradeguard.audit.test_siem import parse_syslog, record, split_cef
-from tradeguard.audit import siem, tlog
+from tradeguard.audit import archive, siem, tlog
 from tradeguard.audit.v1 import audit_pb2 as audit_pb
 from tradeguard.audit.v1 import audit_pb2_grpc
 from tradeguard.cli import audit_cmd, main
@@ -51,7 +60,7 @@ from tradeguard.mesh import pki, tls
 from tradeguard.mesh.channel import MeshChannel
 from tradeguard.mesh.server import ServerConfig
 from tradeguard.service import Declaration
-from tradeguard.testing import RunningService, running_service
+from tradeguard.testing import FakeClock, RunningService, running_service
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -260,9 +269,8 @@ class AuditDatabase(Database):
         await super().aclose()
         if self.kind == "postgres":
             with psycopg.connect(PG_DSN, autocommit=True) as pg:
-                pg.execute(
-                    psql.SQL("DROP ROLE IF EXISTS {}").format(psql.Identifier(writer_role(self.schema)))
-                )
+                for role in (writer_role(self.schema), pruner_role(self.schema)):
+                    pg.execute(psql.SQL("DROP ROLE IF EXISTS {}").format(psql.Identifier(role)))
 
     def attack(self, statement: str, params: tuple[object, ...]) -> None:
         """What an attacker with the database does: drop the append-only triggers, then change the log directly
@@ -275,6 +283,7 @@ class AuditDatabase(Database):
                     connection.execute(f'DROP TRIGGER "{name}"')
         else:
             self.execute("DROP TRIGGER IF EXISTS entries_append_only ON {schema}.entries")
+            self.execute("DROP TRIGGER IF EXISTS entries_prune_only ON {schema}.entries")
         self.execute(statement, params)
 
     def entry_bytes(self, sequence: int) -> bytes:
@@ -577,3 +586,62 @@ async def test_tail_resumes_after_a_restart_without_gap_or_duplicate(
     seen += [json.loads(line)["sequence"] for line in out.decode().splitlines()]
     assert seen == list(range(2, 15))
     assert "reconnecting from sequence 5" in err.decode()
+
+
+# --- a log pruned by retention ------------------------------------------------------------------------------------
+
+
+async def test_verify_a_pruned_log_with_its_archive(pki_paths: pki.PkiPaths, tmp_path: Path) -> None:
+    """Entries recorded three years ago (the core's injected clock), signed, archived and pruned with a one-year
+    retention; then the real service runs on that database and `audit verify` checks the log."""
+    archive_dir = tmp_path / "archive"
+    signer = LocalSigner()
+    key_file = tmp_path / "checkpoint.pub"
+    key_file.write_text(base64.b64encode(signer.public).decode() + "\n")
+    async with open_database(AuditDatabase, "sqlite", tmp_path) as database:
+        store = await SqliteAuditStore.open(database.path)
+        clock = FakeClock(int(datetime.now(UTC).timestamp() * 1_000_000) - 3 * 365 * 86_400_000_000)
+        log = AuditLog(store, codec.encode_entry, codec.event_digest, clock)
+        await log.open()
+        publisher = CheckpointPublisher(log, store, signer, audit_cmd.DEFAULT_ORIGIN, 1.0, clock)
+        for batch in range(3):
+            events = [
+                Event(event_id=f"old-{batch}-{n}", time_us=clock() - 1, outcome=Outcome.OK, principal="alice")
+                for n in range(10)
+            ]
+            await log.append(events, "spiffe://tradeguard.test/ns/default/sa/trading")
+            await publisher.publish()
+            clock.advance(1_000_000)
+        recent = FakeClock(int(datetime.now(UTC).timestamp() * 1_000_000))
+        log2 = AuditLog(store, codec.encode_entry, codec.event_digest, recent)
+        await log2.open()
+        await log2.append(
+            [Event(event_id="new-0", time_us=recent() - 1, outcome=Outcome.OK)], "spiffe://tradeguard.test/x"
+        )
+        publisher2 = CheckpointPublisher(log2, store, signer, audit_cmd.DEFAULT_ORIGIN, 1.0, recent)
+        await publisher2.publish()
+        assert await Retention(store, archive_dir, 365, 3600.0, recent, segment_limit=12).run_once() == 30
+        await log.close()
+        await log2.close()
+        await store.close()
+
+        async with audit_suite(pki_paths, database) as suite:
+            verify = ("audit", "verify", "--public-key", str(key_file))
+            done = await suite.run(*verify, "--archive-dir", str(archive_dir))
+            assert done.returncode == 0, (done.stdout, done.stderr)
+            assert done.stdout.startswith("ok: 31 entries (30 of them from the archive), ")
+            # without the archive: a failure, and the hint
+            done = await suite.run(*verify)
+            assert done.returncode == 1
+            assert done.stdout.splitlines()[0] == "FAILED: entry 0: missing (the log starts at entry 30)"
+            assert "entries 0 to 29 are not in the log: if retention archived and removed them" in done.stdout
+            # an altered archive line is named
+            second = archive_dir / archive.segment_name(12, 23)
+            lines = second.read_text().splitlines()
+            row = json.loads(lines[2])  # entry 13
+            row["entry_bytes"] = base64.b64encode(base64.b64decode(row["entry_bytes"]) + b"!").decode()
+            lines[2] = json.dumps(row)
+            second.write_text("\n".join(lines) + "\n")
+            done = await suite.run(*verify, "--archive-dir", str(archive_dir))
+            assert done.returncode == 1
+            assert done.stdout.startswith(f"FAILED: {second.name}: entry 13: altered (its bytes hash to ")
