@@ -23,9 +23,10 @@ A limit: `name` (NAME_PATTERN, unique in its group), `limit` (1..MAX_COUNT), `wi
 
 Refused as well: unknown keys anywhere, duplicate keys (YAML would silently keep the last), a group no operation
 counts against, an operation's group missing from a tier, override subjects not SUBJECT_PATTERN, unknown tiers or
-groups in overrides, empty overrides. Only plain YAML is read: no tags beyond the core schema's, no aliases
-(the billion-laughs bomb), at most `MAX_DEPTH` levels of nesting and `MAX_BYTES` of text. The config's `sha256`
-is of the text's UTF-8 bytes; `source` (a path, usually) prefixes every error and is shown by GetLimits.
+groups in overrides, empty overrides. Only plain YAML is read (the kit's reader, tradeguard/yamlfile.py): no tags
+beyond the core schema's, no aliases (the billion-laughs bomb), at most `MAX_DEPTH` levels of nesting and
+`MAX_BYTES` of text. The config's `sha256` is of the text's UTF-8 bytes; `source` (a path, usually) prefixes every
+error and is shown by GetLimits.
 """
 
 from __future__ import annotations
@@ -33,12 +34,9 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable
-from typing import Any, Final, NoReturn, TypeVar, cast
+from typing import Final, TypeVar
 
-import yaml
-from yaml.error import Mark
-from yaml.events import AliasEvent, Event
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.nodes import Node, ScalarNode
 
 from services.ratelimit.model import (
     DEFAULT_BUCKETS,
@@ -53,28 +51,33 @@ from services.ratelimit.model import (
     Tier,
 )
 from tradeguard.ratelimit.names import NAME_PATTERN, OPERATION_PATTERN, SUBJECT_PATTERN
+from tradeguard.yamlfile import (
+    FLOAT,
+    INT,
+    MAX_BYTES,
+    MAX_DEPTH,
+    STR,
+    Reader,
+    YamlError,
+    check_size,
+    compose,
+    key_path,
+    short,
+)
 
 __all__ = ["DEFAULT_OPERATION", "MAX_BYTES", "MAX_DEPTH", "LimitsError", "parse_limits", "parse_window"]
 
-MAX_BYTES: Final = 1 << 20  # 1 MiB: far more than any real limits file
-MAX_DEPTH: Final = 16  # the format nests 8 deep; deeper is garbage (and the composer recurses)
 DEFAULT_OPERATION: Final = "default"
 
-_TAG = "tag:yaml.org,2002:"
-_STR, _INT, _BOOL, _NULL, _FLOAT = (f"{_TAG}{t}" for t in ("str", "int", "bool", "null", "float"))
-_TAGS: Final = frozenset({_STR, _INT, _BOOL, _NULL, _FLOAT, f"{_TAG}timestamp", f"{_TAG}map", f"{_TAG}seq"})
-_KIND = {_STR: "a string", _INT: "an integer", _BOOL: "a boolean", _NULL: "null", _FLOAT: "a number"}
 _UNITS: Final = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
 _NAMED_WINDOWS: Final = {"second": 1, "minute": 60, "hour": 3600, "day": 86_400}
 _DURATION = re.compile(r"([1-9][0-9]{0,9})([smhd])")
-_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _LIMIT_KEYS: Final = ("name", "limit", "window", "buckets", "shadow", "fail", "consume_refused")
-_INTEGERS = yaml.constructor.SafeConstructor()  # reads YAML 1.1 integers (1_000, 0x10) the way YAML does
 
 T = TypeVar("T")
 
 
-class LimitsError(ValueError):
+class LimitsError(YamlError):
     """A limits file refused: "<source>:<line>: <path>: <problem>"."""
 
 
@@ -90,10 +93,8 @@ def parse_window(text: str) -> int | None:
 
 def parse_limits(text: str, source: str) -> LimitsConfig:
     """The validated config of a limits file's text; `LimitsError` naming the line and field otherwise."""
-    data = text.encode("utf-8", errors="surrogatepass")
-    if len(data) > MAX_BYTES:
-        raise LimitsError(f"{source}:1: (file): {len(data)} bytes, more than the {MAX_BYTES} allowed")
-    root = _compose(text, source)
+    data = check_size(text, source, LimitsError)
+    root = compose(text, source, LimitsError)
     config = _Parser(source).config(root)
     return LimitsConfig(
         default_tier=config.default_tier,
@@ -106,160 +107,17 @@ def parse_limits(text: str, source: str) -> LimitsConfig:
     )
 
 
-# --- YAML, safely -------------------------------------------------------------------------------------------
-
-
-class _Loader(yaml.SafeLoader):
-    """The pure-Python safe composer (the C one recurses without a bound), refusing aliases and deep nesting."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self._depth = 0
-
-    def _refuse(self, problem: str) -> NoReturn:
-        event: Event = self.peek_event()  # type: ignore[no-untyped-call]
-        raise yaml.composer.ComposerError(None, None, problem, cast(Mark, event.start_mark))
-
-    def compose_node(self, parent: Node | None, index: Any) -> Node | None:
-        if self.check_event(AliasEvent):
-            self._refuse("aliases (*name) are not allowed in a limits file")
-        self._depth += 1
-        try:
-            if self._depth > MAX_DEPTH:
-                self._refuse(f"nested more than {MAX_DEPTH} levels deep")
-            return super().compose_node(parent, index)
-        finally:
-            self._depth -= 1
-
-
-def _compose(text: str, source: str) -> Node | None:
-    loader: _Loader | None = None
-    try:
-        loader = _Loader(text)  # the reader checks the characters here
-        node: Node | None = loader.get_single_node()
-    except yaml.MarkedYAMLError as error:
-        mark = error.problem_mark or error.context_mark
-        line = mark.line + 1 if mark is not None else 1
-        problem = error.problem or error.context or "invalid YAML"
-        raise LimitsError(f"{source}:{line}: (syntax): {problem}") from None
-    except yaml.YAMLError as error:  # reader errors (control characters) carry no mark
-        raise LimitsError(f"{source}:1: (syntax): {_short(str(error), 200)}") from None
-    finally:
-        if loader is not None:
-            loader.dispose()
-    return node
-
-
 # --- validation ---------------------------------------------------------------------------------------------
 
 
-def _short(text: str, size: int = 60) -> str:
-    return text if len(text) <= size else text[: size - 3] + "..."
-
-
-def _key_path(path: str, key: str) -> str:
-    if _PLAIN_KEY.fullmatch(key):
-        return f"{path}.{key}" if path else key
-    quoted = key.replace("\\", "\\\\").replace('"', '\\"')
-    return f'{path}["{_short(quoted)}"]'
-
-
-class _Parser:
+class _Parser(Reader):
     def __init__(self, source: str) -> None:
-        self.source = source
+        super().__init__(source, LimitsError)
         self.groups: set[str] = set()  # the groups operations count against
         self.tier_names: set[str] = set()
 
-    def fail(self, node: Node | None, path: str, problem: str) -> NoReturn:
-        line = node.start_mark.line + 1 if node is not None else 1
-        raise LimitsError(f"{self.source}:{line}: {path or '(root)'}: {problem}")
-
-    # scalars ----------------------------------------------------------------------------------------------
-
-    def _shown(self, node: Node) -> str:
-        if isinstance(node, ScalarNode):
-            return repr(_short(str(node.value)))
-        return "a list" if isinstance(node, SequenceNode) else "a mapping"
-
-    def _plain(self, node: Node, path: str) -> None:
-        """Refuse every tag beyond the core schema's (`!!python/...`, `!!binary`, `!custom`)."""
-        if node.tag not in _TAGS:
-            self.fail(node, path, f"the tag {_short(node.tag)} is not allowed")
-
-    def _scalar(self, node: Node, path: str, tag: str, expected: str) -> ScalarNode:
-        self._plain(node, path)
-        if not isinstance(node, ScalarNode):
-            self.fail(node, path, f"{self._shown(node)} where {expected} is expected")
-        if node.tag != tag:
-            kind = _KIND.get(node.tag, "a date")
-            self.fail(node, path, f"{self._shown(node)} is {kind}, not {expected}")
-        return node
-
-    def string(self, node: Node, path: str) -> str:
-        return str(self._scalar(node, path, _STR, "a string").value)
-
-    def integer(self, node: Node, path: str, low: int, high: int) -> int:
-        scalar = self._scalar(node, path, _INT, "an integer")
-        if len(str(scalar.value)) > 40:
-            self.fail(node, path, f"{self._shown(node)} is out of range ({low}..{high})")
-        value: int = _INTEGERS.construct_yaml_int(scalar)
-        if not low <= value <= high:
-            self.fail(node, path, f"{value} is out of range ({low}..{high})")
-        return value
-
-    def boolean(self, node: Node, path: str) -> bool:
-        scalar = self._scalar(node, path, _BOOL, "a boolean")
-        word = str(scalar.value).lower()
-        if word not in ("true", "false"):
-            self.fail(node, path, f"{self._shown(node)} is ambiguous: write true or false")
-        return word == "true"
-
     def name(self, node: Node, path: str, pattern: re.Pattern[str] = NAME_PATTERN, what: str = "name") -> str:
-        value = self.string(node, path)
-        if not pattern.fullmatch(value):
-            self.fail(node, path, f"{_short(repr(value))} is not a valid {what}")
-        return value
-
-    # collections ------------------------------------------------------------------------------------------
-
-    def mapping(
-        self, node: Node, path: str, allowed: tuple[str, ...] | None = None
-    ) -> list[tuple[str, Node, Node]]:
-        """(key, key node, value node) of a mapping, keys being strings, unique, and in `allowed` if given."""
-        self._plain(node, path)
-        if not isinstance(node, MappingNode):
-            self.fail(node, path, f"{self._shown(node)} where a mapping is expected")
-        seen: set[str] = set()
-        items: list[tuple[str, Node, Node]] = []
-        for key_node, value_node in node.value:
-            self._plain(key_node, path)
-            if not isinstance(key_node, ScalarNode) or key_node.tag != _STR:
-                shown = self._shown(key_node)
-                self.fail(key_node, path, f"the key {shown} is not a string (quote it)")
-            key = str(key_node.value)
-            key_path = _key_path(path, key)
-            if key in seen:
-                self.fail(key_node, key_path, "duplicate key")
-            if allowed is not None and key not in allowed:
-                self.fail(key_node, key_path, f"unknown key (allowed: {', '.join(allowed)})")
-            seen.add(key)
-            items.append((key, key_node, value_node))
-        return items
-
-    def fields(
-        self, node: Node, path: str, allowed: tuple[str, ...], required: tuple[str, ...]
-    ) -> dict[str, Node]:
-        items = {key: value for key, _, value in self.mapping(node, path, allowed)}
-        for key in required:
-            if key not in items:
-                self.fail(node, _key_path(path, key), "missing")
-        return items
-
-    def sequence(self, node: Node, path: str) -> list[Node]:
-        self._plain(node, path)
-        if not isinstance(node, SequenceNode):
-            self.fail(node, path, f"{self._shown(node)} where a list is expected")
-        return list(node.value)
+        return super().name(node, path, pattern, what)
 
     # the format -------------------------------------------------------------------------------------------
 
@@ -281,7 +139,7 @@ class _Parser:
         tiers = self.tiers(top["tiers"])
         default_tier = self.string(top["default_tier"], "default_tier")
         if default_tier not in tiers:
-            self.fail(top["default_tier"], "default_tier", f"{_short(repr(default_tier))} is not a tier")
+            self.fail(top["default_tier"], "default_tier", f"{short(repr(default_tier))} is not a tier")
         overrides = self.overrides(top["overrides"]) if "overrides" in top else {}
         return LimitsConfig(
             default_tier=default_tier,
@@ -295,12 +153,12 @@ class _Parser:
         operations: dict[str, Operation] = {}
         default: Operation | None = None
         for name, key_node, value in self.mapping(node, "operations"):
-            path = _key_path("operations", name)
+            path = key_path("operations", name)
             if name != DEFAULT_OPERATION and not OPERATION_PATTERN.fullmatch(name):
                 self.fail(key_node, path, "not a valid operation (a gRPC method /pkg.Service/Method)")
             weights: dict[str, int] = {}
             for group, group_node, weight in self.mapping(value, path):
-                group_path = _key_path(path, group)
+                group_path = key_path(path, group)
                 if not NAME_PATTERN.fullmatch(group):
                     self.fail(group_node, group_path, "not a valid group name")
                 weights[group] = self.integer(weight, group_path, 1, MAX_COST)
@@ -322,13 +180,13 @@ class _Parser:
         if not items:
             self.fail(node, "tiers", "at least one tier is needed")
         for name, key_node, value in items:
-            path = _key_path("tiers", name)
+            path = key_path("tiers", name)
             if not NAME_PATTERN.fullmatch(name):
                 self.fail(key_node, path, "not a valid tier name")
             groups = self.groups_of(value, path)
             for group in sorted(self.groups - groups.keys()):
                 self.fail(
-                    value, _key_path(path, group), "missing: an operation counts against it ([] = unlimited)"
+                    value, key_path(path, group), "missing: an operation counts against it ([] = unlimited)"
                 )
             tiers[name] = Tier(name=name, groups=groups)
         self.tier_names = set(tiers)
@@ -337,7 +195,7 @@ class _Parser:
     def groups_of(self, node: Node, path: str) -> dict[str, tuple[Limit, ...]]:
         groups: dict[str, tuple[Limit, ...]] = {}
         for group, key_node, value in self.mapping(node, path):
-            group_path = _key_path(path, group)
+            group_path = key_path(path, group)
             if group not in self.groups:
                 self.fail(key_node, group_path, "unknown group: no operation counts against it")
             limits: list[Limit] = []
@@ -363,7 +221,7 @@ class _Parser:
         if "fail" in items:
             fail = self.string(items["fail"], f"{path}.fail")
             if fail not in ("open", "closed"):
-                self.fail(items["fail"], f"{path}.fail", f"{_short(repr(fail))} is not open or closed")
+                self.fail(items["fail"], f"{path}.fail", f"{short(repr(fail))} is not open or closed")
             fail_open = fail == "open"
         return Limit(
             name=self.name(items["name"], f"{path}.name"),
@@ -377,24 +235,24 @@ class _Parser:
         )
 
     def window(self, node: Node, path: str) -> int:
-        self._plain(node, path)
-        if isinstance(node, ScalarNode) and node.tag == _INT:
+        self.plain(node, path)
+        if isinstance(node, ScalarNode) and node.tag == INT:
             window_us = self.integer(node, path, 1, MAX_WINDOW_US // 1_000_000) * 1_000_000
         else:
-            if not isinstance(node, ScalarNode) or node.tag not in (_STR, _FLOAT):
-                self.fail(node, path, f"{self._shown(node)} is not a duration (e.g. 1s, 5m, 1h, day, 30)")
+            if not isinstance(node, ScalarNode) or node.tag not in (STR, FLOAT):
+                self.fail(node, path, f"{self.shown(node)} is not a duration (e.g. 1s, 5m, 1h, day, 30)")
             parsed = parse_window(str(node.value))
             if parsed is None:
-                self.fail(node, path, f"{self._shown(node)} is not a duration (e.g. 1s, 5m, 1h, day, 30)")
+                self.fail(node, path, f"{self.shown(node)} is not a duration (e.g. 1s, 5m, 1h, day, 30)")
             window_us = parsed
         if window_us > MAX_WINDOW_US:
-            self.fail(node, path, f"{self._shown(node)} is longer than 31 days")
+            self.fail(node, path, f"{self.shown(node)} is longer than 31 days")
         return window_us
 
     def overrides(self, node: Node) -> dict[str, Override]:
         overrides: dict[str, Override] = {}
         for subject, key_node, value in self.mapping(node, "overrides"):
-            path = _key_path("overrides", subject)
+            path = key_path("overrides", subject)
             if not SUBJECT_PATTERN.fullmatch(subject):
                 self.fail(key_node, path, "not a valid subject (key:<api key id>, user:<user id>, ...)")
             items = self.fields(value, path, ("tier", "groups"), ())
@@ -404,7 +262,7 @@ class _Parser:
             if "tier" in items:
                 tier = self.string(items["tier"], f"{path}.tier")
                 if tier not in self.tier_names:
-                    self.fail(items["tier"], f"{path}.tier", f"{_short(repr(tier))} is not a tier")
+                    self.fail(items["tier"], f"{path}.tier", f"{short(repr(tier))} is not a tier")
             groups = self.groups_of(items["groups"], f"{path}.groups") if "groups" in items else {}
             overrides[subject] = Override(subject=subject, tier=tier, groups=groups)
         return overrides
