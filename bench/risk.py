@@ -51,7 +51,8 @@ def clock_us() -> int:
     return time.time_ns() // 1000
 
 
-def orders(count: int, tag: str) -> list[RiskOrder]:
+def orders(count: int, tag: str, first: int = 0) -> list[RiskOrder]:
+    """`count` orders numbered from `first`: distinct from those of any other number, so never duplicates."""
     return [
         RiskOrder(
             account_id=f"acct-{i % ACCOUNTS}",
@@ -63,7 +64,7 @@ def orders(count: int, tag: str) -> list[RiskOrder]:
             quantity=Decimal(1 + i % 997) + Decimal(i) / Decimal(10**8),  # distinct: never a duplicate
             price=Decimal("100.25") + Decimal(i % 9 - 4) / 4,  # within 5 % of 100.25
         )
-        for i in range(count)
+        for i in range(first, first + count)
     ]
 
 
@@ -94,7 +95,7 @@ def main() -> None:
     per_check: dict[str, list[float]] = {mode: [] for mode in engines}
     for r in range(args.rounds):
         for mode, engine in engines.items():
-            batch = orders(args.orders, f"{mode}{r}")
+            batch = orders(args.orders, f"{mode}{r}", r * args.orders)
             seconds = run(engine.check, batch)
             us = seconds * 1e6 / len(batch)
             per_check[mode].append(us)

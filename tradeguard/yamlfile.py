@@ -14,7 +14,8 @@ written as `tiers.standard.requests[0].window` (a key that is not plain is quote
   told the allowed keys, unknown ones; `Reader.fields` also names a missing required key;
 - scalars are typed strictly: `string`, `integer` (YAML 1.1 integers such as 1_000 read as YAML reads them,
   bounded), `boolean` (only `true`/`false`: YAML 1.1's `yes`, `on`... are refused as ambiguous), `decimal` (an
-  integer, a plain decimal number or a quoted one, read exactly as written, never through a binary float),
+  integer, a plain decimal number or a quoted one, read exactly as written, never through a binary float; no
+  leading zeros, which YAML 1.1 would read as octal),
   `duration` (`<n>ms|s|m|h|d` or an integer of seconds, as µs; `parse_duration` reads the text alone), `name`
   (a string matching a pattern).
 
@@ -58,7 +59,10 @@ STR, INT, BOOL, NULL, FLOAT = (f"{_TAG}{t}" for t in ("str", "int", "bool", "nul
 _TAGS: Final = frozenset({STR, INT, BOOL, NULL, FLOAT, f"{_TAG}timestamp", f"{_TAG}map", f"{_TAG}seq"})
 _KIND = {STR: "a string", INT: "an integer", BOOL: "a boolean", NULL: "null", FLOAT: "a number"}
 _PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]+")
-_DECIMAL = re.compile(r"[+-]?(?:[0-9]{1,40}(?:\.[0-9]{0,40})?|\.[0-9]{1,40})(?:[eE][+-]?[0-9]{1,3})?")
+# no leading zeros: YAML 1.1 reads 017 as octal fifteen, so an integer part of "017" is refused, not guessed
+_DECIMAL = re.compile(
+    r"[+-]?(?:(?:0|[1-9][0-9]{0,39})(?:\.[0-9]{0,40})?|\.[0-9]{1,40})(?:[eE][+-]?[0-9]{1,3})?"
+)
 _DURATION = re.compile(r"(0|[1-9][0-9]{0,9})(ms|s|m|h|d)")
 _DURATION_US: Final = {"ms": 1_000, "s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000}
 _INTEGERS = yaml.constructor.SafeConstructor()  # reads YAML 1.1 integers (1_000, 0x10) the way YAML does

@@ -164,6 +164,12 @@ def test_decimals_are_read_exactly_as_written(text: str, expected: Decimal) -> N
     assert value == expected and str(value) == str(expected)
 
 
+@pytest.mark.parametrize("text", ["v: 017", "v: '017'", "v: 00.5", "v: 0x10"])
+def test_decimals_refuse_what_yaml_would_read_otherwise(text: str) -> None:
+    read = reader().decimal
+    assert "is not a decimal number" in refusal(lambda: read(value_of(text), "v", Decimal(0), Decimal(99)))
+
+
 @pytest.mark.parametrize(
     ("text", "expected_us"),
     [

@@ -3,7 +3,7 @@ with an error that names the line and the field: `RiskFileError("risk.yaml:7: ac
 is not a decimal number")`. `RiskFile` keeps the file in force, hot-reloaded (a bad edit keeps the last good
 limits and says why; tradeguard/reload.py).
 
-The format:
+The format (tradeguard/risk/risk.yaml is the packaged, commented example):
 
     version: 1                          # required, 1
     restricted_symbols: [ABC, XYZ/USD]  # optional: restricted for every account

@@ -3,7 +3,8 @@ limits, the configuration (defaults, accounts, restricted symbols) and the rejec
 
 - `RiskOrder`: a new order, already validated by the trading service (positive quantity; a price for a limit
   order, none for a market order), quantity and price as `Decimal`. `Side` and `OrderType` carry the numbers of
-  tradeguard.trading.v1 (so `Side(int(x))` converts any of the trading service's enums).
+  tradeguard.trading.v1 (so `Side(int(x))` converts any of the trading service's enums). `api_key_id` is
+  carried for the audit record and for scopes to come (the kill switch); no check reads it yet.
 - `AccountLimits`: one account's limits, every one optional (None: not checked). `price_collar` is a fraction
   (0.05 = 5 %, the file writes it in basis points); windows are µs. `restricted_symbols` already holds the file's
   global list as well as the account's own.

@@ -14,6 +14,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tradeguard.risk import config as config_module
 from tradeguard.risk.config import MAX_THROTTLE_MESSAGES, RiskFile, RiskFileError, parse_risk
 from tradeguard.risk.model import AccountLimits, RiskConfig, Throttle
 from tradeguard.testing import FakeClock, LogCapture
@@ -76,6 +77,15 @@ def test_the_base_text_parses_to_the_limits_it_says() -> None:
     assert (acct_2.throttle, acct_2.duplicate_window_us, acct_2.max_quantity) == (None, 0, Decimal(100000))
     assert config.limits_for("anyone") is config.defaults
     assert config.max_duplicate_window_us == 500_000
+
+
+def test_the_packaged_example_parses() -> None:
+    path = Path(config_module.__file__).with_name("risk.yaml")
+    config = parse_risk(path.read_text(), str(path))
+    assert config.defaults.max_quantity == Decimal(1_000_000)
+    assert config.defaults.price_collar == Decimal("0.1")
+    assert config.defaults.throttle == Throttle(messages=200, window_us=1_000_000)
+    assert config.accounts == {}
 
 
 def test_the_smallest_file_has_no_limits() -> None:
