@@ -19,8 +19,10 @@ A pass:
    their exact stored bytes in base64 and leaf hashes, the compact range before and after them, and the covering
    checkpoint) atomically (tradeguard.files.atomic_write: a temporary file, fsync, rename, fsync of the
    directory; the file 0600, the directory 0700); and only then `store.prune`: the `archives` row with the file's
-   SHA-256 and the deletes, in one transaction. A crash between the file and the transaction leaves a file that
-   the next pass rewrites (the same name: the same first and last sequence).
+   SHA-256 and the deletes, in one transaction. A prune that fails removes its file again; a crash between the
+   file and the transaction leaves one that the next pass removes before it writes (a file from the archived
+   prefix's end on is never recorded). One retention task per database (the service's): two racing would
+   disagree about those files.
 
 The database checks the rule again (its own clock; the archive recorded), so a wrong clock here or a bug cannot
 remove an entry early: the prune fails as a whole and is logged.
@@ -135,11 +137,24 @@ class Retention:
         )
         last = first + len(rows) - 1
         name = archive.segment_name(first, last)
-        await asyncio.to_thread(self._write, name, data)
-        await self._store.prune(Archive(first, last, hashlib.sha256(data).digest(), name, now))
+        await asyncio.to_thread(self._write, first, name, data)
+        try:
+            await self._store.prune(Archive(first, last, hashlib.sha256(data).digest(), name, now))
+        except BaseException:
+            await asyncio.to_thread(self._remove, name)  # not recorded: not part of the archive
+            raise
         return len(rows)
 
-    def _write(self, name: str, data: bytes) -> None:
+    def _write(self, first: int, name: str, data: bytes) -> None:
+        """The segment file, atomically, after removing the unrecorded files a crash may have left from `first`
+        on (every recorded segment ends before `first`, the archived prefix's end)."""
         self.archive_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.chmod(self.archive_dir, 0o700)
+        for path in self.archive_dir.iterdir():
+            match = archive.SEGMENT_PATTERN.fullmatch(path.name)
+            if match is not None and int(match.group(1)) >= first:
+                path.unlink(missing_ok=True)
         atomic_write(self.archive_dir / name, data, 0o600)
+
+    def _remove(self, name: str) -> None:
+        (self.archive_dir / name).unlink(missing_ok=True)

@@ -94,7 +94,7 @@ class Settings:
             checkpoint_interval_s=env.number("CHECKPOINT_INTERVAL_S", 1.0, low=0.01, high=1.0),
             guard_workloads=_workloads(env, "GUARD_WORKLOADS"),
             retention_days=env.integer("RETENTION_DAYS", DEFAULT_RETENTION_DAYS, low=1, high=36_500),
-            archive_dir=env.path("ARCHIVE_DIR", common.server.home / "archive" / "audit"),
+            archive_dir=_directory(env, "ARCHIVE_DIR", common.server.home / "archive" / "audit"),
             retention_interval_s=env.number("RETENTION_INTERVAL_S", 3600.0, low=1.0, high=86_400.0),
         )
 
@@ -104,6 +104,13 @@ def _matching(env: Env, key: str, default: str, pattern: re.Pattern[str], what: 
     if pattern.fullmatch(value) is None:
         raise SettingsError(f"{env.name(key)} must be {what}, got {value!r}")
     return value
+
+
+def _directory(env: Env, key: str, default: Path) -> Path:
+    value = env.text(key, str(default))
+    if not value.strip() or not value.isprintable():
+        raise SettingsError(f"{env.name(key)} must be a directory's path, got {value!r}")
+    return Path(value)
 
 
 def _target(env: Env, key: str, default: str) -> str:

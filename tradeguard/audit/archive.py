@@ -215,9 +215,12 @@ def check_segment(segment: Segment, name: str) -> list[str]:
     problems: list[str] = []
     sequences = [e.sequence for e in segment.entries]
     if sequences != list(range(segment.first, segment.last + 1)):
+        wrong = next(
+            (i + segment.first for i, q in enumerate(sequences) if q != i + segment.first), segment.last + 1
+        )
         problems.append(
-            f"{name}: holds entries {sequences[:1]}..{sequences[-1:]} , not {segment.first} to {segment.last} "
-            "in order (an entry added, removed or reordered)"
+            f"{name}: entry {wrong}: missing or out of order (the segment should hold entries {segment.first} to "
+            f"{segment.last} in order)"
         )
     if len(segment.range_before) != segment.first.bit_count():
         problems.append(f"{name}: range_before is not the compact range of {segment.first} leaves")

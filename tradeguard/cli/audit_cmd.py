@@ -577,8 +577,10 @@ async def _checkpoints(stub: Stub) -> list[pb.SignedCheckpoint]:
 
 
 async def _entries(stub: Stub, until: int) -> AsyncIterator[pb.StoredEntry]:
-    """Every stored entry in order, across gaps (up to `until`, the largest checkpoint's size, at least)."""
-    start = 0
+    """Every stored entry in order, across gaps (up to `until`, the largest checkpoint's size, at least), from the
+    first one stored (found with Query: the entries retention removed are not read page by page)."""
+    first = await stub.Query(pb.QueryRequest(page_size=1), timeout=TIMEOUT_S)
+    start = first.entries[0].sequence if first.entries else until  # none stored: none below `until`
     while True:
         reply = await stub.GetEntries(pb.GetEntriesRequest(start=start, count=PAGE), timeout=TIMEOUT_S)
         for entry in reply.entries:

@@ -270,6 +270,24 @@ async def test_a_clock_far_ahead_cannot_prune_recent_entries(fx: Fixture) -> Non
     assert len(await stored(fx.store)) == 5
     assert await fx.store.archives() == []
     assert await fx.store.pruned() == 0
+    assert list(fx.archive_dir.glob("segment-*")) == []  # the refused segment's file is removed again
+
+
+async def test_a_file_left_by_a_crash_is_replaced(fx: Fixture) -> None:
+    """A crash between a segment's file and its transaction leaves an unrecorded file: the next pass removes it."""
+    await _old_then_recent(fx)
+    fx.archive_dir.mkdir(parents=True)
+    orphan = fx.archive_dir / archive.segment_name(0, 3)
+    orphan.write_text("half a segment")
+    assert await fx.retention().run_once() == 25
+    assert not orphan.exists()
+    assert sorted(p.name for p in fx.archive_dir.iterdir()) == [
+        archive.segment_name(0, 9),
+        archive.segment_name(10, 19),
+        archive.segment_name(20, 24),
+    ]
+    report = await verify(fx, fx.archive_dir)
+    assert report.ok, report.problems
 
 
 async def test_a_shorter_period_is_logged_and_the_longer_one_kept(fx: Fixture) -> None:

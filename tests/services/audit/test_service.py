@@ -201,6 +201,8 @@ def test_settings_from_the_environment(tmp_path: Path) -> None:
     assert (settings.keyvault_target, settings.checkpoint_key) == ("127.0.0.1:50054", KEY)
     assert (settings.origin, settings.checkpoint_interval_s) == ("tradeguard.local/audit", 1.0)
     assert settings.guard_workloads == frozenset()
+    assert (settings.retention_days, settings.retention_interval_s) == (2557, 3600.0)
+    assert settings.archive_path == tmp_path / "archive" / "audit"
     own = read_settings(
         SERVICE,
         {
@@ -211,8 +213,13 @@ def test_settings_from_the_environment(tmp_path: Path) -> None:
             "TRADEGUARD_AUDIT_CHECKPOINT_INTERVAL_S": "0.25",
             "TRADEGUARD_AUDIT_GUARD_WORKLOADS": "desk, echo",
             "TRADEGUARD_AUDIT_DATABASE_URL": "postgresql://audit@db/audit",
+            "TRADEGUARD_AUDIT_RETENTION_DAYS": "3650",
+            "TRADEGUARD_AUDIT_ARCHIVE_DIR": str(tmp_path / "worm"),
+            "TRADEGUARD_AUDIT_RETENTION_INTERVAL_S": "60",
         },
     )
+    assert (own.retention_days, own.retention_interval_s) == (3650, 60.0)
+    assert own.archive_path == tmp_path / "worm"
     assert own.keyvault_target == "vault.internal:7000" and own.checkpoint_key == "audit/heads"
     assert own.origin == "audit.example.com/log" and own.checkpoint_interval_s == 0.25
     assert own.guard_workloads == {"desk", "echo"} and own.database_url == "postgresql://audit@db/audit"
@@ -225,6 +232,11 @@ def test_settings_from_the_environment(tmp_path: Path) -> None:
         ("CHECKPOINT_INTERVAL_S", "1.5"),
         ("GUARD_WORKLOADS", "Bad_Name"),
         ("DATABASE_URL", "mysql://x"),
+        ("RETENTION_DAYS", "0"),
+        ("RETENTION_DAYS", "36501"),
+        ("RETENTION_DAYS", "7y"),
+        ("ARCHIVE_DIR", "   "),
+        ("RETENTION_INTERVAL_S", "0.5"),
     ):
         with pytest.raises(SettingsError, match=f"TRADEGUARD_AUDIT_{variable}"):
             read_settings(SERVICE, {**home, f"TRADEGUARD_AUDIT_{variable}": value})
