@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psycopg import sql
 
 from tradeguard import signing
+from tradeguard.audit.recording import RecordingSettings
 from tradeguard.auth.v1 import auth_pb2 as auth_pb
 from tradeguard.auth.v1 import auth_pb2_grpc
 from tradeguard.guard.client import ApiKeyCredentials
@@ -314,6 +315,9 @@ SESSION_WORKLOADS = (
 )
 # Workloads beyond the suite's own services that the session's auth, rate-limit and audit services let run a guard.
 GUARD_WORKLOADS = ("echo", "desk")
+# A key vault or auth service started in process by a test that is not about recording: its security events are
+# not recorded (tests/tradeguard/audit/test_recording.py and the session's processes record them for real).
+NOT_RECORDED = RecordingSettings(enabled=False)
 
 # The limits of the session's rate-limit service (its process reads them from `<home>/config/limits-test.yaml`).
 # `standard` (the default tier: any key without a tier, "default", "pro", ..., and every bearer-token user) is
@@ -515,6 +519,12 @@ class AuthServices:
             TRADEGUARD_AUTH_GRACE_S="0",
             # a firm's own guarded services: the guard tests' echo service, examples/guarded_service.py's desk
             TRADEGUARD_AUTH_GUARD_WORKLOADS=",".join(GUARD_WORKLOADS),
+            # its security events recorded by the session's audit service (recording off without one)
+            **(
+                {"TRADEGUARD_AUTH_AUDIT_TARGET": self.audit_target}
+                if self.audit_target
+                else {"TRADEGUARD_AUTH_AUDIT": "false"}
+            ),
             **(extra or {}),
         )
         return _spawn(module, env, home / f"{name}.log"), f"127.0.0.1:{port}"
@@ -536,7 +546,8 @@ def auth_processes(paths: pki.PkiPaths) -> Iterator[AuthServices]:
     passphrase = home / "keyvault.passphrase"
     passphrase.write_text(secrets.token_urlsafe(24))
     passphrase.chmod(0o600)
-    vault_port = free_port()
+    vault_port, audit_port = free_port(), free_port()
+    audit_target = f"127.0.0.1:{audit_port}"
     started: list[subprocess.Popen[bytes]] = []
     try:
         vault_env = _service_env(
@@ -547,30 +558,33 @@ def auth_processes(paths: pki.PkiPaths) -> Iterator[AuthServices]:
             TRADEGUARD_KEYVAULT_GRACE_S="0",
             # strict: a rotated key may retire its previous version at once (tests/tradeguard/guard/test_jwt.py)
             TRADEGUARD_KEYVAULT_KEY_FRESHNESS_S="0",
+            # key administration and decryptions recorded by the session's audit service
+            TRADEGUARD_KEYVAULT_AUDIT_TARGET=audit_target,
         )
         vault_log = home / "keyvault.log"
         vault = _spawn("services.keyvault", vault_env, vault_log)
         started.append(vault)
         vault_target = f"127.0.0.1:{vault_port}"
         # the auth service starts meanwhile: it calls the vault only once asked to seal or sign
-        starting = AuthServices(paths, vault_target, "", vault, vault)
+        starting = AuthServices(paths, vault_target, "", vault, vault, audit_target=audit_target)
         auth, auth_target = starting.start_auth("auth")
         started.append(auth)
         ratelimit, ratelimit_target = starting.start_ratelimit("ratelimit")
         started.append(ratelimit)
         # the audit service signs its first checkpoint only once the log grows: its key is created meanwhile
-        audit, audit_target = starting.start_audit("audit")
+        audit, _ = starting.start_audit("audit", port=audit_port)
         started.append(audit)
         ops = tls.Workload.of(paths, "ops")
 
         async def ready() -> None:
             await wait_healthy(vault, vault_target, "keyvault", ops, vault_log)
+            # the vault records the keys' creation in the audit service: it must be up first
+            await wait_healthy(audit, audit_target, "audit", ops, home / "audit.log")
             async with MeshChannel(vault_target, "keyvault", ops) as channel:
                 await ensure_keys(channel)
                 await ensure_key(channel, "audit/checkpoint", keyvault_pb2.KEY_TYPE_ED25519)
             await wait_healthy(auth, auth_target, "auth", ops, home / "auth.log")
             await wait_healthy(ratelimit, ratelimit_target, "ratelimit", ops, home / "ratelimit.log")
-            await wait_healthy(audit, audit_target, "audit", ops, home / "audit.log")
 
         asyncio.run(ready())
         yield AuthServices(

@@ -21,6 +21,7 @@ from services.keyvault.service import SERVICE as KEYVAULT
 from services.keyvault.settings import Settings as KeyVaultSettings
 from services.keyvault.settings import StartupSecret
 from tests.services.auth.auth_support import PASSWORD, auth_settings
+from tests.support import NOT_RECORDED
 from tradeguard.auth.v1 import auth_pb2 as pb
 from tradeguard.auth.v1 import auth_pb2_grpc
 from tradeguard.guard.client import ApiKeyCredentials
@@ -40,6 +41,7 @@ def keyvault_settings(
         root_path=home / "data" / f"{name}.root",
         startup=StartupSecret(passphrase),
         scrypt_n=2**10,
+        recording=NOT_RECORDED,
     )
     return replace(settings, **overrides)
 

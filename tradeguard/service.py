@@ -28,9 +28,12 @@ from typing import Any, Generic, Protocol, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2
 
+from tradeguard.audit.recorder import Recorder
+from tradeguard.audit.recording import RecordingLayer, RecordingSettings
 from tradeguard.guard.config import GuardConfig, GuardSettings, guard_for
 from tradeguard.mesh import handshake_log, pki
 from tradeguard.mesh.authz import MethodPolicy
+from tradeguard.mesh.channel import MeshChannel
 from tradeguard.mesh.server import MeshServer, ServerConfig, Service
 from tradeguard.observability.logging import configure_logging, get_logger
 from tradeguard.observability.tracing import configure_tracing
@@ -118,11 +121,14 @@ NO_DATABASE: Stores[NoStore] = Stores(sqlite=_no_store, postgres=_no_store, data
 
 @dataclass(frozen=True)
 class Wiring(Generic[S, St]):
-    """What a build function is given: its settings, its open store and the mesh's trust domain."""
+    """What a build function is given: its settings, its open store, the mesh's trust domain, and for a service
+    that records its security events (`Declaration.recorded`, recording on) the recorder its recording layer uses
+    (for events a layer cannot see, such as a refusal answered in-band: the auth service's Envoy Check)."""
 
     settings: S
     store: St
     trust_domain: str
+    recorder: Recorder | None = None
 
 
 BackgroundTask = Callable[[], Coroutine[Any, Any, None]]
@@ -172,6 +178,11 @@ class Declaration(Generic[S, St]):
     # guarded methods the guard's quota stage does not count (the others are counted by the rate-limit service
     # when the guard's settings have `quota` on, the default)
     unmetered_methods: frozenset[str] = frozenset()
+    # method → the action it records: the service's own security events, recorded in the audit service before
+    # each response is released (tradeguard.audit.recording; fail closed). The settings then need a
+    # `recording: RecordingSettings` field (on by default).
+    recorded: Mapping[str, str] | None = None
+    unrecorded_callers: frozenset[str] = frozenset()  # workloads whose calls are not recorded (see recording)
 
     @property
     def registered(self) -> Registered:
@@ -276,12 +287,19 @@ async def start(declaration: Declaration[S, St], settings: S) -> Running[S, St]:
     store: Any = (
         NoStore() if declaration.stores is None else await declaration.stores.open(settings.database_url)
     )
+    recording: tuple[Recorder, MeshChannel] | None = None
     try:
         trust_domain = pki.trust_domain(settings.server.pki)
-        assembly = await declaration.build(Wiring(settings, store, trust_domain))
+        recording = _recorder(declaration, settings)
+        recorder = None if recording is None else recording[0]
+        assembly = await declaration.build(Wiring(settings, store, trust_domain, recorder))
+        if recording is not None:
+            assembly = _recording(declaration, trust_domain, assembly, *recording)
         if declaration.permissions is not None:
             assembly = _guarded(declaration, settings, trust_domain, assembly)
     except BaseException:
+        if recording is not None:
+            await recording[1].close()
         await store.close()
         raise
     servicer = assembly.servicer
@@ -330,6 +348,44 @@ def _guarded(declaration: Declaration[S, St], settings: S, trust_domain: str, as
         layers=[guard.layer, *assembly.layers],
         tasks=[*assembly.tasks, guard.run],
         closers=[guard.close, *assembly.closers],
+    )
+
+
+def _recorder(declaration: Declaration[S, St], settings: S) -> tuple[Recorder, MeshChannel] | None:
+    """The recorder of a service that declares recorded methods, on its channel to the audit service (as the
+    service's own workload); None when it declares none or its settings' `recording` is off (logged)."""
+    if not declaration.recorded:
+        return None
+    recording = getattr(settings, "recording", None)
+    if not isinstance(recording, RecordingSettings):
+        raise TypeError(
+            f"{declaration.name} declares recorded methods: its settings need a `recording: RecordingSettings`"
+        )
+    if not recording.enabled:
+        _log.warning("audit_recording_off", service=declaration.name)
+        return None
+    channel = MeshChannel(recording.target, recording.server_name, settings.server.workload)
+    return Recorder(channel, name=f"{declaration.name}-audit"), channel
+
+
+def _recording(
+    declaration: Declaration[S, St],
+    trust_domain: str,
+    assembly: Assembly,
+    recorder: Recorder,
+    channel: MeshChannel,
+) -> Assembly:
+    """`assembly` with the recording layer first among its layers and the recorder's closers (the events still
+    queued are sent first, then the channel closes)."""
+    full_name = declaration.registered.full_name
+    layer = RecordingLayer(
+        recorder,
+        {f"/{full_name}/{method}": action for method, action in (declaration.recorded or {}).items()},
+        trust_domain=trust_domain,
+        unrecorded=declaration.unrecorded_callers,
+    )
+    return replace(
+        assembly, layers=[layer, *assembly.layers], closers=[channel.close, recorder.close, *assembly.closers]
     )
 
 

@@ -26,11 +26,18 @@ Answers:
   transcoded gRPC error (`{"code": 16, "message": "authentication failed", "details": [ErrorInfo]}`), so HTTP
   clients see one error format. The cause is written to the Check's log line, never to the answer.
 - EVERY answer, OK or denied, carries Strict-Transport-Security (settings HSTS).
+
+Every refusal is recorded in the audit service (with the service's recorder, tradeguard.audit.recording) before
+it is returned: method the HTTP path, action `edge.authorize`, outcome DENIED_AUTHENTICATION (401),
+DENIED_PERMISSION (403) or FAILED (503), the client's address, the key id the request names (a claim), the
+request id Envoy assigned, the cause (never a credential). An allowed request is recorded by the guard of the
+service it reaches, so each edge call is recorded once.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -43,9 +50,12 @@ from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 from services.auth.peer import address_of, url_encoded_x5t_s256
+from tradeguard.audit.recorder import Recorder
+from tradeguard.audit.v1 import audit_pb2 as audit_pb
 from tradeguard.errors import DomainError, PermissionDenied, Unauthenticated
 from tradeguard.guard.layer import EDGE_ACCOUNT, EDGE_PRINCIPAL, EDGE_SCOPES, EDGE_TIER
-from tradeguard.observability.annotations import annotate
+from tradeguard.mesh.identity import peer_spiffe_id
+from tradeguard.observability.annotations import annotate, current_annotations
 from tradeguard.observability.logging import get_logger
 from tradeguard.principal import Principal
 from tradeguard.rpc.errors import DOMAIN
@@ -173,6 +183,14 @@ class _Denied(Exception):
         self.cause = cause
 
 
+#: a refused edge request's audit event: its action, and by HTTP status its outcome and status code name
+EDGE_ACTION: Final = "edge.authorize"
+_REFUSALS: Final[Mapping[int, tuple[audit_pb.Outcome.ValueType, str]]] = {
+    401: (audit_pb.OUTCOME_DENIED_AUTHENTICATION, "UNAUTHENTICATED"),
+    403: (audit_pb.OUTCOME_DENIED_PERMISSION, "PERMISSION_DENIED"),
+    503: (audit_pb.OUTCOME_FAILED, "UNAVAILABLE"),
+}
+
 _ANSWERS: Final[Mapping[int, tuple[int, str, str]]] = {
     401: (code_pb2.UNAUTHENTICATED, "authentication failed", "UNAUTHENTICATED"),
     403: (code_pb2.PERMISSION_DENIED, "permission denied", "PERMISSION_DENIED"),
@@ -183,30 +201,71 @@ _ANSWERS: Final[Mapping[int, tuple[int, str, str]]] = {
 class ExtAuthzServicer(external_auth_pb2_grpc.AuthorizationServicer):  # type: ignore[misc]
     """`Check` over the auth service's cores (see the module docstring)."""
 
-    def __init__(self, authenticator: EdgeAuthenticator, routes: Routes, hsts: str) -> None:
+    def __init__(
+        self,
+        authenticator: EdgeAuthenticator,
+        routes: Routes,
+        hsts: str,
+        recorder: Recorder | None = None,
+    ) -> None:
         self._auth = authenticator
         self._routes = routes
         self._hsts = hsts
+        self._recorder = recorder
 
     async def Check(self, request: ext.CheckRequest, context: Any) -> ext.CheckResponse:
+        started, time_us = time.perf_counter(), self._recorder.clock_us() if self._recorder else 0
         try:
             return await self._check(request)
         except _Denied as denied:
-            annotate(authz="denied", http_status=denied.status, cause=denied.cause)
-            return self._denied(denied.status)
+            status, cause = denied.status, denied.cause
         except Unauthenticated as error:
-            annotate(authz="denied", http_status=401, cause=error.cause)
-            return self._denied(401)
+            status, cause = 401, error.cause
         except PermissionDenied as error:
-            annotate(authz="denied", http_status=403, cause=error.message)
-            return self._denied(403)
+            status, cause = 403, error.message
         except DomainError as error:
-            annotate(authz="unavailable", http_status=503, cause=f"{error.code}: {error.reason}")
-            return self._denied(503)
+            status, cause = 503, f"{error.code}: {error.reason}"
         except Exception as error:  # the edge fails closed; the answer still has its HSTS and JSON body
             _log.error("ext_authz_failed", error=type(error).__name__, exc_info=error)
-            annotate(authz="unavailable", http_status=503, cause=type(error).__name__)
-            return self._denied(503)
+            status, cause = 503, type(error).__name__
+        annotate(authz="unavailable" if status == 503 else "denied", http_status=status, cause=cause)
+        if self._recorder is not None:
+            await self._record_refusal(
+                self._recorder, request, context, status=status, cause=cause, started=(started, time_us)
+            )
+        return self._denied(status)
+
+    @staticmethod
+    async def _record_refusal(
+        recorder: Recorder,
+        request: ext.CheckRequest,
+        context: Any,
+        *,
+        status: int,
+        cause: str,
+        started: tuple[float, int],
+    ) -> None:
+        """Record a refused edge request before the refusal is returned (its append failing leaves the refusal as
+        it is). An allowed one is recorded by the guard of the service it reaches."""
+        http = request.attributes.request.http
+        headers = request_headers(http)
+        notes = current_annotations() or {}
+        outcome, code = _REFUSALS[status]
+        event = recorder.event(
+            time_us=started[1],
+            method=http.path,
+            outcome=outcome,
+            status=code,
+            latency_us=int((time.perf_counter() - started[0]) * 1_000_000),
+            principal=str(notes.get("user_id") or ""),
+            api_key_id=headers.get(HEADER_KEY, ""),  # the key the request names (verified only for a 403)
+            caller=peer_spiffe_id(context) or "",
+            source_ip=address_of(request.attributes.source.address.socket_address.address),
+            action=EDGE_ACTION,
+            request_id=headers.get("x-request-id", ""),
+            cause=cause,
+        )
+        await recorder.record(event)
 
     async def _check(self, request: ext.CheckRequest) -> ext.CheckResponse:
         attributes = request.attributes

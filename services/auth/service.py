@@ -49,7 +49,7 @@ from tradeguard.service import Assembly, Closer, Declaration, Stores, Wiring
 from tradeguard.signing import SignedRequest
 from tradeguard.storage import clock_us
 
-__all__ = ["SERVICE", "CoreAuthenticator", "RevocationFeed", "build"]
+__all__ = ["RECORDED", "SERVICE", "CoreAuthenticator", "RevocationFeed", "build"]
 
 _log = get_logger("auth.service")
 
@@ -58,6 +58,24 @@ REVOCATION_WAIT_S: Final = 1.0
 JWKS_REFRESH_S: Final = 300.0
 _BACKOFF_FIRST_S: Final = 0.05
 _BACKOFF_MAX_S: Final = 2.0
+
+#: The auth service's security events (tradeguard.audit.recording): method → the action recorded.
+RECORDED: Final = {
+    "CreateUser": "user.create",
+    "SetUserRoles": "user.set_roles",
+    "SetRolePermissions": "role.set_permissions",
+    "UnlockUser": "user.unlock",
+    "BeginTotpEnrollment": "mfa.enroll",
+    "ConfirmTotpEnrollment": "mfa.confirm",
+    "Login": "login",
+    "VerifyMfa": "mfa.verify",
+    "RefreshToken": "token.refresh",
+    "Logout": "logout",
+    "RevokeTokens": "token.revoke",
+    "CreateApiKey": "api_key.create",
+    "RotateApiKey": "api_key.rotate",
+    "RevokeApiKey": "api_key.revoke",
+}
 
 
 class RevocationFeed:
@@ -165,7 +183,10 @@ async def build(wiring: Wiring[Settings, AuthStore]) -> Assembly:
             clock_us=clock_us,
         )
         check = ExtAuthzServicer(
-            CoreAuthenticator(verifier, keys), Routes(settings.route_permissions), settings.hsts
+            CoreAuthenticator(verifier, keys),
+            Routes(settings.route_permissions),
+            settings.hsts,
+            wiring.recorder,  # refusals at the edge recorded in the audit service
         )
         servicer = AuthServicer(
             users, rbac, tokens, keys, hot, load_user, wiring.trust_domain, clock_us=clock_us
@@ -203,4 +224,5 @@ SERVICE: Declaration[Settings, AuthStore] = Declaration(
     settings=Settings.read,
     stores=Stores(sqlite=SqliteAuthStore.open, postgres=PostgresAuthStore.open),
     build=build,
+    recorded=RECORDED,
 )

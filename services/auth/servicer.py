@@ -248,6 +248,7 @@ class AuthServicer(auth_pb2_grpc.AuthServiceServicer):
         if result.tokens is not None:
             return pb.LoginResponse(tokens=token_pair(result.tokens))
         assert result.mfa_token is not None
+        annotate(mfa="required")
         return pb.LoginResponse(
             mfa_token=result.mfa_token, mfa_token_expires_in=duration(result.mfa_expires_in_us)
         )

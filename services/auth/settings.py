@@ -48,6 +48,11 @@ Guards:
 - GUARD_WORKLOADS: workload names (comma-separated) allowed to run a guard against this service (GetJwks,
   WatchRevocations, VerifySignedRequests) besides the suite's own services: a firm's own guarded services.
 
+Security events:
+- AUDIT (default true), AUDIT_TARGET (default 127.0.0.1:<the registry's audit port>), AUDIT_SERVER_NAME: users,
+  roles, logins, second factors, token refresh and revocation, API key creation, rotation and revocation are
+  recorded in the audit service before their answer is released (tradeguard.audit.recording: fail closed).
+
 Plus the shared server settings (ServerConfig.from_env).
 """
 
@@ -59,6 +64,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Final
 
+from tradeguard.audit.recording import RecordingSettings
 from tradeguard.guard.jwt import DEFAULT_ALGORITHMS
 from tradeguard.mesh.server import ServerConfig
 from tradeguard.registry import lookup
@@ -130,6 +136,7 @@ class Settings:
     route_permissions: Mapping[str, str] = field(default_factory=lambda: DEFAULT_ROUTE_PERMISSIONS)
     hsts: str = DEFAULT_HSTS
     guard_workloads: frozenset[str] = frozenset()  # besides the suite's own services, who may run a guard
+    recording: RecordingSettings = field(default_factory=RecordingSettings)  # security events, audited
 
     @property
     def replay_window_ms(self) -> int:
@@ -188,6 +195,7 @@ class Settings:
             route_permissions=_routes(env),
             hsts=_hsts(env),
             guard_workloads=_workloads(env, "GUARD_WORKLOADS"),
+            recording=RecordingSettings.read(env),
         )
 
 

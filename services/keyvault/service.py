@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable
+from typing import Final
 
 from services.keyvault import migrate_cmd, passphrase_cmd
 from services.keyvault.core import KeyVault
@@ -88,6 +89,24 @@ async def build(wiring: Wiring[Settings, VaultStore]) -> Assembly:
     )
 
 
+#: The key vault's security events (tradeguard.audit.recording): key administration, every call that hands out
+#: plaintext or a secret, and unsealing; method → the action recorded.
+RECORDED: Final = {
+    "CreateKey": "key.create",
+    "RotateKey": "key.rotate",
+    "UpdateKeyConfig": "key.update_config",
+    "DeleteKey": "key.delete",
+    "Decrypt": "key.decrypt",
+    "BatchDecrypt": "key.decrypt",
+    "Rewrap": "key.rewrap",
+    "GenerateDataKey": "key.generate_data_key",
+    "PutSecret": "secret.put",
+    "GetSecret": "secret.get",
+    "DestroySecretVersion": "secret.destroy",
+    "Unseal": "vault.unseal",
+}
+
+
 SERVICE: Declaration[Settings, VaultStore] = Declaration(
     name="keyvault",
     summary="The key vault: envelope encryption, key versions and rotation, signing keys, a secret store.",
@@ -97,4 +116,7 @@ SERVICE: Declaration[Settings, VaultStore] = Declaration(
     stores=Stores(sqlite=SqliteVaultStore.open, postgres=PostgresVaultStore.open),
     build=build,
     commands={"change-passphrase": passphrase_cmd.main, "migrate-root": migrate_cmd.main},
+    recorded=RECORDED,
+    # the audit service signs its checkpoints here: its calls cannot wait on the audit service itself
+    unrecorded_callers=frozenset({"audit"}),
 )

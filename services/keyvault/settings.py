@@ -20,7 +20,10 @@
   per operation). Security: min_decryption_version can only be raised to a version at least this old (so no
   replica ever encrypts under a retired version), but a replica may go on decrypting a version retired, or
   using a key deleted, on another replica for up to this long: keep it within the mesh's revocation budget
-  (well under a second, DESIGN.md), with replicas' clocks in sync to well within it.
+  (well under a second, DESIGN.md), with replicas' clocks in sync to well within it.- TRADEGUARD_KEYVAULT_AUDIT (default true), _AUDIT_TARGET (default 127.0.0.1:<the registry's audit port>),
+  _AUDIT_SERVER_NAME: key administration, decryptions and secret reads recorded in the audit service before
+  their answer is released (tradeguard.audit.recording: fail closed); the audit service's own calls are not.
+
 Plus the shared server settings (ServerConfig.from_env). The passphrase and PIN are removed from the process
 environment once read, so that child processes never inherit them, and they are not part of `Settings`: they
 sit in a one-shot `StartupSecret` that the server empties when it unseals.
@@ -32,6 +35,7 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tradeguard.audit.recording import RecordingSettings
 from tradeguard.mesh.server import ServerConfig
 from tradeguard.registry import env_prefix
 from tradeguard.service import CommonSettings, read_settings
@@ -78,6 +82,7 @@ class Settings:
     rotation_check_s: float = 60.0
     max_encryptions_per_version: int = DEFAULT_MAX_ENCRYPTIONS
     key_freshness_s: float = DEFAULT_KEY_FRESHNESS_S
+    recording: RecordingSettings = field(default_factory=RecordingSettings)  # key admin, decryptions: audited
 
     @classmethod
     def read(cls, env: Env, common: CommonSettings) -> Settings:
@@ -109,6 +114,7 @@ class Settings:
             key_freshness_s=env.number(
                 "KEY_FRESHNESS_S", DEFAULT_KEY_FRESHNESS_S, low=0.0, high=MAX_KEY_FRESHNESS_S
             ),
+            recording=RecordingSettings.read(env),
         )
 
     @classmethod

@@ -13,9 +13,11 @@ packaged default there (owner-only) when it is absent and TRADEGUARD_RATELIMIT_L
 it never overwrites an existing one (edit it: the service re-reads it when it changes). Each guarded service is
 told where this suite's auth, rate-limit and audit services listen.
 
-The key vault keys the services use are created as ops, when missing, before the service starts (SERVICE_KEYS:
-the auth service's `credentials` and `auth/jwt`, the audit service's checkpoint key `audit/checkpoint`); the
-auth and audit services are told where this suite's key vault listens.
+The key vault keys the services use are created as ops, when missing (SERVICE_KEYS: the auth service's
+`credentials` and `auth/jwt` before it starts; the audit service's checkpoint key `audit/checkpoint` once the
+audit service is up, since the vault records the key's creation there); the auth and audit services are told
+where this suite's key vault listens, the key vault and the auth service where its audit service listens (they
+record their security events there).
 """
 
 from __future__ import annotations
@@ -219,6 +221,7 @@ class Supervisor:
         self.backoff = Backoff(stable_s=args.stable_seconds, max_fast_crashes=args.max_fast_crashes)
         self.services = list(services) if services is not None else available()
         self.children: dict[str, Child] = {}
+        self.planned: dict[str, Child] = {}  # every service of the run, by name (spawned or not yet)
         self.stop = asyncio.Event()
 
     # --- the PKI ----------------------------------------------------------------------------------------------
@@ -284,6 +287,10 @@ class Supervisor:
 
     # --- children ---------------------------------------------------------------------------------------------
 
+    def upstream(self, name: str) -> Child | None:
+        """Service `name` of this run, spawned or still to come (its port is fixed by the plan)."""
+        return self.planned.get(name) or self.children.get(name)
+
     def child_env(self, child: Child) -> dict[str, str]:
         env = dict(os.environ)
         prefix = registry.env_prefix(child.name)
@@ -296,14 +303,16 @@ class Supervisor:
         # services' own defaults are the registry's)
         targets: list[tuple[str, Child | None]] = []
         if child.name in ("auth", "audit"):
-            targets.append((f"{prefix}_KEYVAULT_TARGET", self.children.get("keyvault")))
+            targets.append((f"{prefix}_KEYVAULT_TARGET", self.upstream("keyvault")))
+        if child.name in ("keyvault", "auth"):  # their own security events (tradeguard.audit.recording)
+            targets.append((f"{prefix}_AUDIT_TARGET", self.upstream("audit")))
         elif child.name not in (
             "keyvault",
             "ratelimit",
         ):  # a guarded service: its guard's auth, quota and audit stages
-            targets.append((f"{prefix}_AUTH_TARGET", self.children.get("auth")))
-            targets.append((f"{prefix}_RATELIMIT_TARGET", self.children.get("ratelimit")))
-            targets.append((f"{prefix}_AUDIT_TARGET", self.children.get("audit")))
+            targets.append((f"{prefix}_AUTH_TARGET", self.upstream("auth")))
+            targets.append((f"{prefix}_RATELIMIT_TARGET", self.upstream("ratelimit")))
+            targets.append((f"{prefix}_AUDIT_TARGET", self.upstream("audit")))
         for variable, upstream in targets:
             if upstream is not None and not env.get(variable):  # an operator's own setting wins
                 env[variable] = f"{common.connect_host()}:{upstream.port}"
@@ -520,11 +529,15 @@ class Supervisor:
             raise common.CliError(str(error)) from None
         tasks: list[asyncio.Task[None]] = [loop.create_task(self.keep_renewing())]
         try:
+            self.planned = {child.name: child for child in children}
             for child in children:
                 self.children[child.name] = child
-                await self.ensure_service_keys(child.name)
+                if child.name != "audit":
+                    await self.ensure_service_keys(child.name)
                 await self.spawn(child)
                 await self.wait_ready(child)
+                if child.name == "audit":  # the vault records the key's creation in the audit service itself
+                    await self.ensure_service_keys(child.name)
             for child in children:  # one that died while the next was starting is not "up"
                 if not child.alive():
                     raise NotReady(f"{child.name} exited during start-up")

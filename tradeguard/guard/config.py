@@ -20,7 +20,8 @@ counted by the rate-limit service, fail closed), `RATELIMIT_TARGET` (host:port o
 127.0.0.1:50052). The guard calls the rate-limit service as its own workload, which that service must let call
 CheckQuotaBatch (TRADEGUARD_RATELIMIT_GUARD_WORKLOADS); the audit stage (tradeguard.guard.audit): `AUDIT` (default
 true: every call of a guarded method is recorded by the audit service, fail closed: no audit, no call),
-`AUDIT_TARGET` (host:port of the audit service, default 127.0.0.1:50053), which must let the guard's workload
+`AUDIT_TARGET` (host:port of the audit service, default 127.0.0.1:50053), `AUDIT_SERVER_NAME` (default
+`audit`), which must let the guard's workload
 record (AppendBatch: trading, auth, keyvault, ratelimit, and TRADEGUARD_AUDIT_GUARD_WORKLOADS).
 """
 
@@ -33,6 +34,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
+from tradeguard.audit.recording import RecordingSettings
 from tradeguard.guard.audit import AuditStage
 from tradeguard.guard.auth_client import AuthClient
 from tradeguard.guard.jwt import (
@@ -86,6 +88,7 @@ class GuardSettings:
 
     @classmethod
     def read(cls, env: Env) -> GuardSettings:
+        audit = RecordingSettings.read(env)  # AUDIT, AUDIT_TARGET, AUDIT_SERVER_NAME: as every recorder's
         return cls(
             auth_target=env.text("AUTH_TARGET", cls.auth_target),
             issuer=env.text("JWT_ISSUER", DEFAULT_ISSUER),
@@ -97,8 +100,9 @@ class GuardSettings:
             token_cache_size=env.integer("TOKEN_CACHE_SIZE", DEFAULT_CACHE_SIZE, low=0, high=1_000_000),
             ratelimit_target=env.text("RATELIMIT_TARGET", cls.ratelimit_target),
             quota=env.flag("QUOTA", True),
-            audit_target=env.text("AUDIT_TARGET", cls.audit_target),
-            audit=env.flag("AUDIT", True),
+            audit_target=audit.target,
+            audit=audit.enabled,
+            audit_server_name=audit.server_name,
         )
 
 

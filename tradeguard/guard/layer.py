@@ -61,6 +61,7 @@ from tradeguard.guard.revocations import RevocationSet
 from tradeguard.guard.signed import SignedVerifier
 from tradeguard.mesh.client import current_request_id
 from tradeguard.mesh.identity import peer_spiffe_id
+from tradeguard.mesh.peer import peer_ip, source_ip
 from tradeguard.observability.annotations import annotate
 from tradeguard.principal import Principal, set_principal
 from tradeguard.rpc.handlers import After, Context, Layer, RequestCheck
@@ -159,17 +160,6 @@ def _resource(request: Any) -> str:
     return ""
 
 
-def peer_ip(context: Context) -> str:
-    """The caller's address as grpc reports it ("ipv4:1.2.3.4:5", "ipv6:[::1]:5") without the port."""
-    peer = context.peer() or ""
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv6" and rest.startswith("["):
-        return rest[1 : rest.find("]")]
-    if kind == "ipv4":
-        return rest.rpartition(":")[0]
-    return ""
-
-
 class Guard(Layer):
     """Authenticates, authorises and counts every call to the guarded services' methods (see the module)."""
 
@@ -212,6 +202,7 @@ class Guard(Layer):
         self.quota = quota  # None: no quota stage (every method unmetered)
         self.unmetered = frozenset(unmetered)
         self.audit = audit  # None: no audit stage (calls not recorded)
+        self._trust_domain = trust_domain
         self._edge_id = f"spiffe://{trust_domain}/svc/{edge_workload}"
         self._thumbprints: dict[bytes, str] = {}
 
@@ -343,7 +334,7 @@ class Guard(Layer):
             account_id=account,
             api_key_id=key,
             caller=peer_spiffe_id(call.context) or "",
-            source_ip=peer_ip(call.context),
+            source_ip=source_ip(call.context, self._trust_domain),
             resource=_resource(request),
             action=call.rule.permission,
             quota=call.quota,
@@ -452,7 +443,7 @@ class Guard(Layer):
                 signature=headers[HEADER_SIGNATURE],
                 path=method,
                 body_sha256=body_digest(raw),
-                source_ip=peer_ip(context),
+                source_ip=peer_ip(context.peer() or ""),
                 required_permission=permission,
             )
         raise _fail("no credentials")

@@ -9,10 +9,12 @@ Outside an RPC, `annotate` returns False and the caller logs a line of its own.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextvars import ContextVar, Token
+from types import MappingProxyType
 from typing import Any
 
-__all__ = ["annotate", "close_scope", "open_scope"]
+__all__ = ["annotate", "close_scope", "current_annotations", "open_scope"]
 
 _SCOPE: ContextVar[dict[str, Any] | None] = ContextVar("tradeguard_rpc_annotations", default=None)
 
@@ -24,6 +26,13 @@ def annotate(**fields: Any) -> bool:
         return False
     scope.update(fields)
     return True
+
+
+def current_annotations() -> Mapping[str, Any] | None:
+    """What the current RPC's handler annotated so far (read only: the audit recording layer takes the user and
+    key ids from it), or None outside an RPC."""
+    scope = _SCOPE.get()
+    return None if scope is None else MappingProxyType(scope)
 
 
 def open_scope() -> tuple[dict[str, Any], Token[dict[str, Any] | None]]:

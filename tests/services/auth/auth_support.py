@@ -17,6 +17,7 @@ import pytest
 from services.auth.service import SERVICE
 from services.auth.settings import Settings
 from services.keyvault.settings import Settings as KeyVaultSettings
+from tests.support import NOT_RECORDED
 from tradeguard import signing
 from tradeguard.auth.v1 import auth_pb2 as pb
 from tradeguard.auth.v1 import auth_pb2_grpc
@@ -40,6 +41,7 @@ def auth_settings(keyvault: RunningService[KeyVaultSettings, Any], **overrides: 
         server=ServerConfig(name="auth", port=0, home=home, grace_s=1.0),
         database_url=f"sqlite:///{home / 'data' / 'auth.db'}",
         keyvault_target=keyvault.target,
+        recording=NOT_RECORDED,
     )
     return replace(settings, **overrides)
 

@@ -240,6 +240,12 @@ async def test_up_creates_the_auth_keys_as_ops_idempotently(
         assert supervisor.child_env(Child(registry.lookup("trading"), 1, 2))[
             "TRADEGUARD_TRADING_AUTH_TARGET"
         ] == ("10.0.0.9:50051")
+        # the key vault and auth record their security events in this suite's audit service, planned to start
+        # after the vault: its port is known from the plan before it is spawned
+        supervisor.planned = {"audit": Child(registry.lookup("audit"), 41053, 42053)}
+        for name in ("keyvault", "auth"):
+            env = supervisor.child_env(Child(registry.lookup(name), 1, 2))
+            assert env[f"TRADEGUARD_{name.upper()}_AUDIT_TARGET"] == "127.0.0.1:41053"
 
 
 async def test_the_check_revocation_feed_applies_revocations_and_fails_closed() -> None:

@@ -17,6 +17,7 @@ from services.keyvault.core import KeyVault
 from services.keyvault.service import SERVICE
 from services.keyvault.settings import Settings, StartupSecret
 from services.keyvault.store import VaultStore
+from tests.support import NOT_RECORDED
 from tradeguard.keyvault.v1 import keyvault_pb2 as pb
 from tradeguard.keyvault.v1 import keyvault_pb2_grpc
 from tradeguard.mesh import pki, tls
@@ -68,6 +69,7 @@ async def start_vault(pki_paths: pki.PkiPaths) -> AsyncIterator[StartVault]:
             root_path=home / "data" / "keyvault.root",
             startup=StartupSecret(PASSPHRASE),
             scrypt_n=2**10,
+            recording=NOT_RECORDED,
         )
         running_vault = await start_service(SERVICE, replace(settings, **overrides))  # type: ignore[arg-type]
         r = RunningVault(running_vault, pki_paths, running_vault.port)
