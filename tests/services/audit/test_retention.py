@@ -8,7 +8,9 @@ archive merged with the stored entries, while an altered or missing archive segm
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import stat
@@ -32,7 +34,7 @@ from tradeguard.audit import archive, tlog
 from tradeguard.audit.v1 import audit_pb2 as pb
 from tradeguard.audit.verify import Report, archived_entries, verify_log, with_archive
 from tradeguard.errors import FailedPrecondition
-from tradeguard.testing import FakeClock, LogCapture
+from tradeguard.testing import FakeClock, LogCapture, eventually
 
 from .conftest import AuditDatabase
 
@@ -327,3 +329,25 @@ async def test_tail_from_the_archived_range_names_the_archive(fx: Fixture) -> No
     first = await anext(stream)
     assert first.entry.sequence == 25
     await stream.aclose()
+
+
+async def test_the_task_logs_a_failing_pass_and_goes_on(fx: Fixture) -> None:
+    fx.clock.advance(now_us() - fx.clock())
+    await fx.append(3)
+    await fx.checkpoint()
+    ahead = FakeClock(now_us() + 10 * DAYS * US_PER_DAY)  # every pass is refused by the database
+    retention = Retention(fx.store, fx.archive_dir, DAYS, 0.001, ahead)
+    logs = LogCapture()
+
+    def failures() -> list[dict[str, object]]:
+        return [line for line in logs.lines() if line.get("event") == "audit.retention.failed"]
+
+    task = asyncio.create_task(retention.run())
+    try:
+        await eventually(lambda: len(failures()) >= 2)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert "append-only" in str(failures()[0]["detail"])
+    assert len(await stored(fx.store)) == 3
