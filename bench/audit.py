@@ -74,7 +74,7 @@ from psycopg import sql
 from bench import guard
 from bench.guard import Layout, rss_mib, serving, start_keyvault
 from bench.loadgen import Call, Result, closed_loop, free_port, load_arguments, median_ratio, process_cpu_s
-from services.audit.store_postgres import writer_role
+from services.audit.store_postgres import pruner_role, writer_role
 from services.auth.vault_client import ensure_keys
 from tradeguard.audit.v1 import audit_pb2 as pb
 from tradeguard.audit.v1 import audit_pb2_grpc
@@ -153,7 +153,8 @@ def pg_unreachable(dsn: str) -> str:
 def drop_schema(dsn: str, schema: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as pg:
         pg.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
-        pg.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(writer_role(schema))))
+        for role in (writer_role(schema), pruner_role(schema)):
+            pg.execute(sql.SQL("DROP ROLE IF EXISTS {}").format(sql.Identifier(role)))
 
 
 def start_audit(layout: Layout, name: str, database_url: str, schema: str | None) -> None:
