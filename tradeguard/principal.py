@@ -23,6 +23,13 @@ class Principal:
     key_id: str | None = None  # set when an API key signed the call
     token_id: str | None = None  # the access token's jti when a JWT authenticated the call
     amr: tuple[str, ...] = ()  # how the user authenticated (RFC 8176: pwd, otp, ...), for a JWT
+    # when the user authenticated, µs (a JWT's `auth_time`: set only on a token minted by a login, never by a
+    # refresh); 0 when unknown
+    auth_time_us: int = 0
+
+    def fresh_mfa(self, now_us: int, max_age_us: int) -> bool:
+        """Whether the user passed a second factor (`otp` in amr) in a login at most `max_age_us` ago (step-up)."""
+        return "otp" in self.amr and self.auth_time_us > 0 and now_us - self.auth_time_us <= max_age_us
 
     def allows(self, permission: str) -> bool:
         return permission in self.scopes

@@ -119,7 +119,9 @@ class TokenService:
     ) -> TokenPair:
         """A new family: an access token and its first refresh token (bound to `cnf_thumbprint` if given)."""
         family_id = b64url(self._random(16))
-        return await self._mint(user, frozenset(permissions), tuple(amr), cnf_thumbprint, family_id)
+        return await self._mint(
+            user, frozenset(permissions), tuple(amr), cnf_thumbprint, family_id, authenticated=True
+        )
 
     async def _mint(
         self,
@@ -128,7 +130,12 @@ class TokenService:
         amr: tuple[str, ...],
         cnf_thumbprint: str | None,
         family_id: str,
+        *,
+        authenticated: bool = False,
     ) -> TokenPair:
+        """Mint a pair; `authenticated`: the user authenticated just now (a login, not a refresh), so the access
+        token carries `auth_time` (OIDC) — a refreshed token never does, so it never counts as a fresh login
+        (step-up checks such as releasing a kill switch ask for one)."""
         now_us = self._clock()
         refresh = REFRESH_PREFIX + b64url(self._random(32))
         await self._store.insert_refresh_token(
@@ -156,6 +163,8 @@ class TokenService:
             "amr": list(amr),
             "fam": family_id,
         }
+        if authenticated:
+            claims["auth_time"] = iat
         if cnf_thumbprint is not None:
             claims["cnf"] = {"x5t#S256": cnf_thumbprint}
         access = await self._sign_jwt(claims)

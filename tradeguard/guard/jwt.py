@@ -13,7 +13,9 @@ EC/P-256 → ES256); at most 64 keys, a JWKS document of at most 64 KiB.
 - header `typ` must be `at+jwt` (or `application/at+jwt`; PyJWT does not check it);
 - `kid` is untrusted input: a string of at most 128 characters, looked up only in the cache;
 - `iss`, `aud`, `sub`, `exp`, `nbf`, `iat`, `jti` and `acct` are required; `exp`/`nbf`/`iat` are checked here
-  against the injected clock with `leeway_s` (default 5 s, at most 60 s);
+  against the injected clock with `leeway_s` (default 5 s, at most 60 s); `auth_time` (OIDC: when the user logged
+  in; the auth service sets it only on a token a login minted, never a refresh) is optional, a number not after
+  `iat`, and becomes `Principal.auth_time_us` (step-up checks: `Principal.fresh_mfa`);
 - `cnf.x5t#S256` (RFC 8705), when present, must equal (constant-time) the SHA-256 thumbprint of the client
   certificate of this connection; a bound token from another certificate, or from no certificate, is refused;
 - tokens longer than 8 KiB are refused unread.
@@ -363,6 +365,9 @@ class JwtVerifier:
         amr = claims.get("amr", [])
         if not isinstance(amr, list) or not all(isinstance(m, str) for m in amr) or len(amr) > 16:
             raise _fail("claim amr is not a list of strings")
+        auth_time_us = round(_numeric(claims, "auth_time") * 1_000_000) if "auth_time" in claims else 0
+        if auth_time_us < 0 or auth_time_us > iat_us:
+            raise _fail("claim auth_time after iat")
         thumbprint: str | None = None
         if "cnf" in claims:
             cnf = claims["cnf"]
@@ -376,5 +381,6 @@ class JwtVerifier:
             scopes=frozenset(scope.split()),
             token_id=jti,
             amr=tuple(amr),
+            auth_time_us=auth_time_us,
         )
         return _Verified(principal, exp_us + leeway, iat_us, family, thumbprint, kid)

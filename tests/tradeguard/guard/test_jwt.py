@@ -22,7 +22,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from tests.support import AuthServices, create_auth_user, log_in
+from tests.support import AUTH_PASSWORD, AuthServices, create_auth_user, log_in
 from tests.tradeguard.guard.tokens import (
     AUDIENCE,
     ISSUER,
@@ -153,6 +153,27 @@ async def test_a_good_token_gives_its_principal(s: Setup) -> None:
     assert principal.user_id == user.user_id and principal.account_id == user.account_id
     assert principal.scopes == frozenset({"orders:read", "orders:write"})
     assert principal.amr == ("pwd", "otp") and principal.token_id and principal.key_id is None
+    # minted by a login: it carries auth_time, so a step-up check counts it as a fresh second factor
+    assert abs(principal.auth_time_us - s.clock()) <= 60_000_000
+    assert principal.fresh_mfa(principal.auth_time_us + 1, 300_000_000)
+    assert not principal.fresh_mfa(principal.auth_time_us + 300_000_001, 300_000_000)
+
+
+async def test_a_refreshed_token_is_never_a_fresh_login(s: Setup) -> None:
+    user = await s.user(("viewer",))  # no second factor due: Login answers tokens at once
+    async with s.auth.channel("ops") as channel:
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        login = await stub.Login(
+            auth_pb.LoginRequest(username=user.username, password=AUTH_PASSWORD), timeout=10
+        )
+        refreshed = await stub.RefreshToken(
+            auth_pb.RefreshTokenRequest(refresh_token=login.tokens.refresh_token), timeout=10
+        )
+    assert (await s.verify(login.tokens.access_token)).auth_time_us > 0
+    principal = await s.verify(refreshed.tokens.access_token)
+    assert principal.auth_time_us == 0 and "auth_time" not in _claims_of(refreshed.tokens.access_token)
+    crafted = await s.token(amr=["pwd", "otp"])  # a second factor, but no auth_time: not a fresh login
+    assert not (await s.verify(crafted)).fresh_mfa(s.clock(), 300_000_000)
 
 
 async def test_alg_none_is_refused(s: Setup) -> None:
@@ -200,6 +221,8 @@ async def test_a_cached_token_still_expires(s: Setup) -> None:
         ({"acct": None}, "claim acct"),
         ({"exp": "tomorrow"}, "not a number"),
         ({"amr": "pwd"}, "claim amr"),
+        ({"auth_time": "yesterday"}, "claim auth_time is not a number"),
+        ({"auth_time": 10**12}, "claim auth_time after iat"),
         ({"cnf": {"x5t": "abc"}}, "x5t#S256"),
     ],
 )
