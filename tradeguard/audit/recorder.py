@@ -54,6 +54,7 @@ __all__ = [
     "cut",
     "handler_outcome",
     "outcome_of",
+    "risk_decision",
     "status_of",
     "trace_id",
 ]
@@ -114,10 +115,30 @@ _DENIALS: Final[Mapping[str, pb.Outcome.ValueType]] = {
 }
 
 
+#: ErrorInfo reasons of a handler's refusal by a pre-trade risk check or the kill switch (tradeguard.risk)
+RISK_PREFIX: Final = "RISK_"
+KILL_SWITCH_ENGAGED: Final = "KILL_SWITCH_ENGAGED"
+
+
+def risk_decision(error: BaseException | None) -> str:
+    """The risk decision a handler's refusal carries ("RISK_PRICE_COLLAR limit=… actual=…", or the kill
+    switch's reason and scope), "" for any other outcome."""
+    if not isinstance(error, DomainError):
+        return ""
+    reason = error.reason
+    if not (reason.startswith(RISK_PREFIX) or reason == KILL_SWITCH_ENGAGED):
+        return ""
+    values = " ".join(f"{key}={value}" for key, value in sorted(error.metadata.items()))
+    return cut(f"{reason} {values}" if values else reason)
+
+
 def outcome_of(error: BaseException | None, status: str) -> pb.Outcome.ValueType:
-    """The outcome of a call that got past the guard: OK, INVALID (INVALID_ARGUMENT) or FAILED."""
+    """The outcome of a call that got past the guard: OK, DENIED_RISK (a risk check or the kill switch refused
+    it: `risk_decision`), INVALID (INVALID_ARGUMENT) or FAILED."""
     if error is None:
         return pb.OUTCOME_OK
+    if risk_decision(error):
+        return pb.OUTCOME_DENIED_RISK
     if status == Code.INVALID_ARGUMENT.name:
         return pb.OUTCOME_INVALID
     return pb.OUTCOME_FAILED
@@ -209,6 +230,7 @@ class Recorder:
         resource: str = "",
         action: str = "",
         quota: str = "",
+        risk: str = "",
         request_id: str = "",
         cause: str = "",
         details: Mapping[str, str] | None = None,
@@ -229,6 +251,7 @@ class Recorder:
             resource=cut(resource),
             action=cut(action),
             quota_decision=quota,
+            risk_decision=risk,
             outcome=outcome,
             status_code=status,
             request_id=cut(request_id),

@@ -8,8 +8,9 @@ an event goes at once when no `AppendBatch` is in flight; events arriving meanwh
   once the audit service has acknowledged it (durable). Its `latency` is the guard's own time (from the call
   reaching the guard to its acceptance): the handler's is not known when the event is sent.
 - **The handler failed** (or a later check refused the call): a SECOND, small event for the same call —
-  `event_id` the first one's plus `.f`, the same request id — with the handler's outcome (`OUTCOME_INVALID` for
-  INVALID_ARGUMENT, `OUTCOME_FAILED` otherwise), its status code name and the whole call's latency; awaited
+  `event_id` the first one's plus `.f`, the same request id — with the handler's outcome (`OUTCOME_DENIED_RISK`
+  for a refusal by a pre-trade risk check or the kill switch, its `risk_decision` the reason and the values that
+  failed; `OUTCOME_INVALID` for INVALID_ARGUMENT; `OUTCOME_FAILED` otherwise), its status code name and the whole call's latency; awaited
   before the error is returned (its append failing leaves the error as it was: a failure is never a success).
 - **Refused** by authentication (`OUTCOME_DENIED_AUTHENTICATION`; the opaque error's cause in `details["cause"]`,
   never a token or signature: the guard's causes name what was wrong, not the credential), by permission

@@ -52,6 +52,7 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from tradeguard.audit.recorder import risk_decision
 from tradeguard.audit.v1 import audit_pb2 as audit_pb
 from tradeguard.errors import DomainError, PermissionDenied, ResourceExhausted, Unauthenticated, Unavailable
 from tradeguard.guard.audit import AuditStage, outcome_of, quota_refusal, status_of
@@ -398,6 +399,7 @@ class Guard(Layer):
             resource=first.resource,
             action=first.action,
             quota=first.quota_decision,
+            risk=risk_decision(error),
             request_id=first.request_id,
         )
         await audit.record(failure)
