@@ -6,7 +6,8 @@ well-formed name may be granted. Role names: a lowercase letter, then lowercase 
 most 32 characters.
 
 Default roles (seeded into an empty store on first start): trader (orders:read, orders:write), viewer
-(orders:read), admin (every permission in `PERMISSIONS`). MFA is required for a user any of whose roles holds
+(orders:read), risk-officer (orders:read, trading:halt: the kill switch, risk:manage: risk limits and reference
+prices), admin (every permission in `PERMISSIONS`). MFA is required for a user any of whose roles holds
 `orders:write` or `withdraw` (`MFA_PERMISSIONS`).
 
 `Rbac` keeps the table in memory: `permissions_of` and `mfa_required` are lookups, no I/O. `set_role` writes
@@ -35,11 +36,22 @@ __all__ = [
     "validate_role_names",
 ]
 
-PERMISSIONS: Final = frozenset({"orders:read", "orders:write", "withdraw", "keys:manage", "users:manage"})
+PERMISSIONS: Final = frozenset(
+    {
+        "orders:read",
+        "orders:write",
+        "withdraw",
+        "keys:manage",
+        "users:manage",
+        "trading:halt",  # engage (and, with a fresh second factor, release) the kill switch
+        "risk:manage",  # pre-trade risk limits and reference prices
+    }
+)
 MFA_PERMISSIONS: Final = frozenset({"orders:write", "withdraw"})
 DEFAULT_ROLES: Final[Mapping[str, frozenset[str]]] = {
     "trader": frozenset({"orders:read", "orders:write"}),
     "viewer": frozenset({"orders:read"}),
+    "risk-officer": frozenset({"orders:read", "trading:halt", "risk:manage"}),
     "admin": PERMISSIONS,
 }
 MAX_ROLES: Final = 32

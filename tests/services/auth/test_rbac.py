@@ -34,9 +34,18 @@ async def test_defaults_are_seeded_on_first_start(auth_store: AuthStore, clock: 
     assert (
         stored["admin"]
         == PERMISSIONS
-        == {"orders:read", "orders:write", "withdraw", "keys:manage", "users:manage"}
+        == {
+            "orders:read",
+            "orders:write",
+            "withdraw",
+            "keys:manage",
+            "users:manage",
+            "trading:halt",
+            "risk:manage",
+        }
     )
-    assert [role.name for role in rbac.roles()] == ["admin", "trader", "viewer"]
+    assert stored["risk-officer"] == {"orders:read", "trading:halt", "risk:manage"}
+    assert [role.name for role in rbac.roles()] == ["admin", "risk-officer", "trader", "viewer"]
 
 
 async def test_a_later_start_keeps_what_operators_changed(auth_store: AuthStore, clock: FakeClock) -> None:
