@@ -57,7 +57,7 @@ __all__ = [
     "AuditStore",
     "EventIdConflict",
     "Existing",
-    "check_archive",
+    "archive_row",
     "check_deleted",
     "check_page",
     "check_retention",
@@ -122,12 +122,20 @@ class AuditStore(Protocol):
     async def close(self) -> None: ...
 
 
-def check_archive(archive: Archive) -> None:
-    """ValueError unless `archive` is a well-formed segment record (before anything is written)."""
+def archive_row(archive: Archive) -> tuple[int, int, bytes, str, int]:
+    """The `archives` row of a segment record (the columns of `insert_archive`), once it is checked well-formed
+    (ValueError otherwise, before anything is written)."""
     if not 0 <= archive.first_sequence <= archive.last_sequence:
         raise ValueError(f"invalid archived range {archive.first_sequence} .. {archive.last_sequence}")
     if len(archive.sha256) != 32 or not archive.file_name:
         raise ValueError("an archive needs its file's name and SHA-256")
+    return (
+        archive.first_sequence,
+        archive.last_sequence,
+        archive.sha256,
+        archive.file_name,
+        archive.archived_at_us,
+    )
 
 
 def check_retention(days: int) -> None:

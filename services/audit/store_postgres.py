@@ -56,7 +56,7 @@ from services.audit.store import (
     Archive,
     EventIdConflict,
     Existing,
-    check_archive,
+    archive_row,
     check_deleted,
     check_page,
     check_retention,
@@ -524,14 +524,7 @@ class PostgresAuditStore:
             return recorded_before(await cur.fetchall(), before_us)
 
     async def prune(self, archive: Archive) -> None:
-        check_archive(archive)
-        row = (
-            archive.first_sequence,
-            archive.last_sequence,
-            archive.sha256,
-            archive.file_name,
-            archive.archived_at_us,
-        )
+        row = archive_row(archive)
         async with self._pool.connection() as conn, conn.transaction():
             await conn.execute(self.sql["insert_archive"], row)
             cur = await conn.execute(self.sql["prune"], (archive.first_sequence, archive.last_sequence))

@@ -41,7 +41,7 @@ from services.audit.store import (
     Archive,
     EventIdConflict,
     Existing,
-    check_archive,
+    archive_row,
     check_deleted,
     check_page,
     check_retention,
@@ -310,14 +310,7 @@ class SqliteAuditStore:
         return recorded_before(rows, before_us)
 
     async def prune(self, archive: Archive) -> None:
-        check_archive(archive)
-        row = (
-            archive.first_sequence,
-            archive.last_sequence,
-            archive.sha256,
-            archive.file_name,
-            archive.archived_at_us,
-        )
+        row = archive_row(archive)
         span = (archive.first_sequence, archive.last_sequence)
 
         def work(conn: sqlite3.Connection) -> None:
