@@ -100,6 +100,36 @@ ORDER_STATUS_FILLED: OrderStatus.ValueType  # 3
 ORDER_STATUS_REJECTED: OrderStatus.ValueType  # 4
 Global___OrderStatus: _TypeAlias = OrderStatus  # noqa: Y015
 
+class _KillSwitchScope:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _KillSwitchScopeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_KillSwitchScope.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    KILL_SWITCH_SCOPE_UNSPECIFIED: _KillSwitchScope.ValueType  # 0
+    KILL_SWITCH_SCOPE_GLOBAL: _KillSwitchScope.ValueType  # 1
+    """Every order; the value is empty."""
+    KILL_SWITCH_SCOPE_ACCOUNT: _KillSwitchScope.ValueType  # 2
+    """The orders of one account; the value is the account id."""
+    KILL_SWITCH_SCOPE_API_KEY: _KillSwitchScope.ValueType  # 3
+    """The orders signed with one API key; the value is the key id."""
+    KILL_SWITCH_SCOPE_SYMBOL: _KillSwitchScope.ValueType  # 4
+    """The orders of one symbol; the value is the symbol."""
+
+class KillSwitchScope(_KillSwitchScope, metaclass=_KillSwitchScopeEnumTypeWrapper):
+    """What a kill switch covers."""
+
+KILL_SWITCH_SCOPE_UNSPECIFIED: KillSwitchScope.ValueType  # 0
+KILL_SWITCH_SCOPE_GLOBAL: KillSwitchScope.ValueType  # 1
+"""Every order; the value is empty."""
+KILL_SWITCH_SCOPE_ACCOUNT: KillSwitchScope.ValueType  # 2
+"""The orders of one account; the value is the account id."""
+KILL_SWITCH_SCOPE_API_KEY: KillSwitchScope.ValueType  # 3
+"""The orders signed with one API key; the value is the key id."""
+KILL_SWITCH_SCOPE_SYMBOL: KillSwitchScope.ValueType  # 4
+"""The orders of one symbol; the value is the symbol."""
+Global___KillSwitchScope: _TypeAlias = KillSwitchScope  # noqa: Y015
+
 @_typing.final
 class Order(_message.Message):
     """An order as stored."""
@@ -378,3 +408,470 @@ class ListOrdersResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListOrdersResponse: _TypeAlias = ListOrdersResponse  # noqa: Y015
+
+@_typing.final
+class KillSwitch(_message.Message):
+    """A kill switch, engaged or (as history) released."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KILL_SWITCH_ID_FIELD_NUMBER: _builtins.int
+    SCOPE_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ENGAGED_BY_FIELD_NUMBER: _builtins.int
+    ENGAGE_TIME_FIELD_NUMBER: _builtins.int
+    RELEASED_BY_FIELD_NUMBER: _builtins.int
+    RELEASE_TIME_FIELD_NUMBER: _builtins.int
+    RELEASE_REASON_FIELD_NUMBER: _builtins.int
+    kill_switch_id: _builtins.str
+    """Server-assigned identifier."""
+    scope: Global___KillSwitchScope.ValueType
+    """What it covers."""
+    value: _builtins.str
+    """The account id, API key id or symbol; empty for GLOBAL."""
+    reason: _builtins.str
+    """Why it was engaged."""
+    engaged_by: _builtins.str
+    """The user who engaged it."""
+    released_by: _builtins.str
+    """The user who released it; empty while engaged."""
+    release_reason: _builtins.str
+    """Why it was released."""
+    @_builtins.property
+    def engage_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was engaged."""
+
+    @_builtins.property
+    def release_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was released; unset while engaged."""
+
+    def __init__(
+        self,
+        *,
+        kill_switch_id: _builtins.str = ...,
+        scope: Global___KillSwitchScope.ValueType = ...,
+        value: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        engaged_by: _builtins.str = ...,
+        engage_time: _timestamp_pb2.Timestamp | None = ...,
+        released_by: _builtins.str = ...,
+        release_time: _timestamp_pb2.Timestamp | None = ...,
+        release_reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["engage_time", b"engage_time", "release_time", b"release_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["engage_time", b"engage_time", "engaged_by", b"engaged_by", "kill_switch_id", b"kill_switch_id", "reason", b"reason", "release_reason", b"release_reason", "release_time", b"release_time", "released_by", b"released_by", "scope", b"scope", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___KillSwitch: _TypeAlias = KillSwitch  # noqa: Y015
+
+@_typing.final
+class EngageKillSwitchRequest(_message.Message):
+    """Request of EngageKillSwitch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCOPE_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    scope: Global___KillSwitchScope.ValueType
+    """What to halt."""
+    value: _builtins.str
+    """The account id, API key id or symbol; empty for GLOBAL."""
+    reason: _builtins.str
+    """Why (required; recorded with the switch)."""
+    def __init__(
+        self,
+        *,
+        scope: Global___KillSwitchScope.ValueType = ...,
+        value: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "scope", b"scope", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EngageKillSwitchRequest: _TypeAlias = EngageKillSwitchRequest  # noqa: Y015
+
+@_typing.final
+class EngageKillSwitchResponse(_message.Message):
+    """Response of EngageKillSwitch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KILL_SWITCH_FIELD_NUMBER: _builtins.int
+    CANCELLED_ORDERS_FIELD_NUMBER: _builtins.int
+    cancelled_orders: _builtins.int
+    """How many open orders this call cancelled."""
+    @_builtins.property
+    def kill_switch(self) -> Global___KillSwitch:
+        """The switch in force (the one already engaged, if the scope was halted before)."""
+
+    def __init__(
+        self,
+        *,
+        kill_switch: Global___KillSwitch | None = ...,
+        cancelled_orders: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kill_switch", b"kill_switch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancelled_orders", b"cancelled_orders", "kill_switch", b"kill_switch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EngageKillSwitchResponse: _TypeAlias = EngageKillSwitchResponse  # noqa: Y015
+
+@_typing.final
+class ReleaseKillSwitchRequest(_message.Message):
+    """Request of ReleaseKillSwitch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCOPE_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    scope: Global___KillSwitchScope.ValueType
+    """The scope to release."""
+    value: _builtins.str
+    """The account id, API key id or symbol; empty for GLOBAL."""
+    reason: _builtins.str
+    """Why (required; recorded with the switch)."""
+    def __init__(
+        self,
+        *,
+        scope: Global___KillSwitchScope.ValueType = ...,
+        value: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "scope", b"scope", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseKillSwitchRequest: _TypeAlias = ReleaseKillSwitchRequest  # noqa: Y015
+
+@_typing.final
+class ReleaseKillSwitchResponse(_message.Message):
+    """Response of ReleaseKillSwitch."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KILL_SWITCH_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def kill_switch(self) -> Global___KillSwitch:
+        """The switch as released."""
+
+    def __init__(
+        self,
+        *,
+        kill_switch: Global___KillSwitch | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["kill_switch", b"kill_switch"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kill_switch", b"kill_switch"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReleaseKillSwitchResponse: _TypeAlias = ReleaseKillSwitchResponse  # noqa: Y015
+
+@_typing.final
+class ListKillSwitchesRequest(_message.Message):
+    """Request of ListKillSwitches."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INCLUDE_RELEASED_FIELD_NUMBER: _builtins.int
+    include_released: _builtins.bool
+    """Also list released switches (the most recent first, at most 1000)."""
+    def __init__(
+        self,
+        *,
+        include_released: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_released", b"include_released"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListKillSwitchesRequest: _TypeAlias = ListKillSwitchesRequest  # noqa: Y015
+
+@_typing.final
+class ListKillSwitchesResponse(_message.Message):
+    """Response of ListKillSwitches."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KILL_SWITCHES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def kill_switches(self) -> _containers.RepeatedCompositeFieldContainer[Global___KillSwitch]:
+        """Engaged switches first, then released ones if asked for."""
+
+    def __init__(
+        self,
+        *,
+        kill_switches: _abc.Iterable[Global___KillSwitch] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kill_switches", b"kill_switches"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListKillSwitchesResponse: _TypeAlias = ListKillSwitchesResponse  # noqa: Y015
+
+@_typing.final
+class SetReferencePriceRequest(_message.Message):
+    """Request of SetReferencePrice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SYMBOL_FIELD_NUMBER: _builtins.int
+    PRICE_FIELD_NUMBER: _builtins.int
+    symbol: _builtins.str
+    """Instrument, for example "BTC-USD"."""
+    price: _builtins.str
+    """Decimal string, greater than zero."""
+    def __init__(
+        self,
+        *,
+        symbol: _builtins.str = ...,
+        price: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["price", b"price", "symbol", b"symbol"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetReferencePriceRequest: _TypeAlias = SetReferencePriceRequest  # noqa: Y015
+
+@_typing.final
+class SetReferencePriceResponse(_message.Message):
+    """Response of SetReferencePrice."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SYMBOL_FIELD_NUMBER: _builtins.int
+    PRICE_FIELD_NUMBER: _builtins.int
+    symbol: _builtins.str
+    """The symbol set."""
+    price: _builtins.str
+    """The price as stored (canonical decimal string)."""
+    def __init__(
+        self,
+        *,
+        symbol: _builtins.str = ...,
+        price: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["price", b"price", "symbol", b"symbol"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetReferencePriceResponse: _TypeAlias = SetReferencePriceResponse  # noqa: Y015
+
+@_typing.final
+class RiskLimits(_message.Message):
+    """An account's pre-trade limits. An unset field is not checked (in an
+    override: taken from the risk file).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MAX_QUANTITY_FIELD_NUMBER: _builtins.int
+    MAX_NOTIONAL_FIELD_NUMBER: _builtins.int
+    PRICE_COLLAR_BPS_FIELD_NUMBER: _builtins.int
+    CREDIT_LIMIT_FIELD_NUMBER: _builtins.int
+    RESTRICTED_SYMBOLS_FIELD_NUMBER: _builtins.int
+    DUPLICATE_WINDOW_MS_FIELD_NUMBER: _builtins.int
+    THROTTLE_MESSAGES_FIELD_NUMBER: _builtins.int
+    THROTTLE_WINDOW_MS_FIELD_NUMBER: _builtins.int
+    max_quantity: _builtins.str
+    """Maximum quantity per order, a decimal string."""
+    max_notional: _builtins.str
+    """Maximum notional (quantity x price) per order, a decimal string."""
+    price_collar_bps: _builtins.int
+    """Price collar around the reference price, in basis points."""
+    credit_limit: _builtins.str
+    """Maximum notional of the account's open orders, a decimal string."""
+    duplicate_window_ms: _builtins.int
+    """The same order again within this many milliseconds is refused."""
+    throttle_messages: _builtins.int
+    """At most this many orders ..."""
+    throttle_window_ms: _builtins.int
+    """... in any window of this many milliseconds."""
+    @_builtins.property
+    def restricted_symbols(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Symbols the account may not trade (an override replaces the file's own
+        list for the account when non-empty; the file's global list always applies).
+        """
+
+    def __init__(
+        self,
+        *,
+        max_quantity: _builtins.str | None = ...,
+        max_notional: _builtins.str | None = ...,
+        price_collar_bps: _builtins.int | None = ...,
+        credit_limit: _builtins.str | None = ...,
+        restricted_symbols: _abc.Iterable[_builtins.str] | None = ...,
+        duplicate_window_ms: _builtins.int | None = ...,
+        throttle_messages: _builtins.int | None = ...,
+        throttle_window_ms: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_credit_limit", b"_credit_limit", "_duplicate_window_ms", b"_duplicate_window_ms", "_max_notional", b"_max_notional", "_max_quantity", b"_max_quantity", "_price_collar_bps", b"_price_collar_bps", "_throttle_messages", b"_throttle_messages", "_throttle_window_ms", b"_throttle_window_ms", "credit_limit", b"credit_limit", "duplicate_window_ms", b"duplicate_window_ms", "max_notional", b"max_notional", "max_quantity", b"max_quantity", "price_collar_bps", b"price_collar_bps", "throttle_messages", b"throttle_messages", "throttle_window_ms", b"throttle_window_ms"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_credit_limit", b"_credit_limit", "_duplicate_window_ms", b"_duplicate_window_ms", "_max_notional", b"_max_notional", "_max_quantity", b"_max_quantity", "_price_collar_bps", b"_price_collar_bps", "_throttle_messages", b"_throttle_messages", "_throttle_window_ms", b"_throttle_window_ms", "credit_limit", b"credit_limit", "duplicate_window_ms", b"duplicate_window_ms", "max_notional", b"max_notional", "max_quantity", b"max_quantity", "price_collar_bps", b"price_collar_bps", "restricted_symbols", b"restricted_symbols", "throttle_messages", b"throttle_messages", "throttle_window_ms", b"throttle_window_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__credit_limit: _TypeAlias = _typing.Literal["credit_limit"]  # noqa: Y015
+    _WhichOneofArgType__credit_limit: _TypeAlias = _typing.Literal["_credit_limit", b"_credit_limit"]  # noqa: Y015
+    _WhichOneofReturnType__duplicate_window_ms: _TypeAlias = _typing.Literal["duplicate_window_ms"]  # noqa: Y015
+    _WhichOneofArgType__duplicate_window_ms: _TypeAlias = _typing.Literal["_duplicate_window_ms", b"_duplicate_window_ms"]  # noqa: Y015
+    _WhichOneofReturnType__max_notional: _TypeAlias = _typing.Literal["max_notional"]  # noqa: Y015
+    _WhichOneofArgType__max_notional: _TypeAlias = _typing.Literal["_max_notional", b"_max_notional"]  # noqa: Y015
+    _WhichOneofReturnType__max_quantity: _TypeAlias = _typing.Literal["max_quantity"]  # noqa: Y015
+    _WhichOneofArgType__max_quantity: _TypeAlias = _typing.Literal["_max_quantity", b"_max_quantity"]  # noqa: Y015
+    _WhichOneofReturnType__price_collar_bps: _TypeAlias = _typing.Literal["price_collar_bps"]  # noqa: Y015
+    _WhichOneofArgType__price_collar_bps: _TypeAlias = _typing.Literal["_price_collar_bps", b"_price_collar_bps"]  # noqa: Y015
+    _WhichOneofReturnType__throttle_messages: _TypeAlias = _typing.Literal["throttle_messages"]  # noqa: Y015
+    _WhichOneofArgType__throttle_messages: _TypeAlias = _typing.Literal["_throttle_messages", b"_throttle_messages"]  # noqa: Y015
+    _WhichOneofReturnType__throttle_window_ms: _TypeAlias = _typing.Literal["throttle_window_ms"]  # noqa: Y015
+    _WhichOneofArgType__throttle_window_ms: _TypeAlias = _typing.Literal["_throttle_window_ms", b"_throttle_window_ms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__credit_limit) -> _WhichOneofReturnType__credit_limit | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__duplicate_window_ms) -> _WhichOneofReturnType__duplicate_window_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_notional) -> _WhichOneofReturnType__max_notional | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__max_quantity) -> _WhichOneofReturnType__max_quantity | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__price_collar_bps) -> _WhichOneofReturnType__price_collar_bps | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__throttle_messages) -> _WhichOneofReturnType__throttle_messages | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__throttle_window_ms) -> _WhichOneofReturnType__throttle_window_ms | None: ...
+
+Global___RiskLimits: _TypeAlias = RiskLimits  # noqa: Y015
+
+@_typing.final
+class GetRiskLimitsRequest(_message.Message):
+    """Request of GetRiskLimits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account whose limits to read."""
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRiskLimitsRequest: _TypeAlias = GetRiskLimitsRequest  # noqa: Y015
+
+@_typing.final
+class GetRiskLimitsResponse(_message.Message):
+    """Response of GetRiskLimits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMITS_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    OVERRIDE_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """Where they come from: "file:defaults", "file:account" and, with an override, "+override"."""
+    @_builtins.property
+    def limits(self) -> Global___RiskLimits:
+        """The limits in force for the account."""
+
+    @_builtins.property
+    def override(self) -> Global___RiskLimits:
+        """The account's override, if any."""
+
+    def __init__(
+        self,
+        *,
+        limits: Global___RiskLimits | None = ...,
+        source: _builtins.str = ...,
+        override: Global___RiskLimits | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "override", b"override"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "override", b"override", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRiskLimitsResponse: _TypeAlias = GetRiskLimitsResponse  # noqa: Y015
+
+@_typing.final
+class SetRiskLimitsRequest(_message.Message):
+    """Request of SetRiskLimits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACCOUNT_ID_FIELD_NUMBER: _builtins.int
+    LIMITS_FIELD_NUMBER: _builtins.int
+    CLEAR_FIELD_NUMBER: _builtins.int
+    account_id: _builtins.str
+    """The account whose override to set."""
+    clear: _builtins.bool
+    """Remove the account's override instead (limits must then be empty)."""
+    @_builtins.property
+    def limits(self) -> Global___RiskLimits:
+        """The override; its set fields replace the risk file's for the account."""
+
+    def __init__(
+        self,
+        *,
+        account_id: _builtins.str = ...,
+        limits: Global___RiskLimits | None = ...,
+        clear: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_id", b"account_id", "clear", b"clear", "limits", b"limits"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRiskLimitsRequest: _TypeAlias = SetRiskLimitsRequest  # noqa: Y015
+
+@_typing.final
+class SetRiskLimitsResponse(_message.Message):
+    """Response of SetRiskLimits."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LIMITS_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """Where they come from (see GetRiskLimitsResponse)."""
+    @_builtins.property
+    def limits(self) -> Global___RiskLimits:
+        """The limits in force for the account afterwards."""
+
+    def __init__(
+        self,
+        *,
+        limits: Global___RiskLimits | None = ...,
+        source: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetRiskLimitsResponse: _TypeAlias = SetRiskLimitsResponse  # noqa: Y015

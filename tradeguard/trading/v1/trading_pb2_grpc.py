@@ -55,6 +55,36 @@ class TradingServiceStub:
                 request_serializer=tradeguard_dot_trading_dot_v1_dot_trading__pb2.ListOrdersRequest.SerializeToString,
                 response_deserializer=tradeguard_dot_trading_dot_v1_dot_trading__pb2.ListOrdersResponse.FromString,
                 _registered_method=True)
+        self.EngageKillSwitch = channel.unary_unary(
+                '/tradeguard.trading.v1.TradingService/EngageKillSwitch',
+                request_serializer=tradeguard_dot_trading_dot_v1_dot_trading__pb2.EngageKillSwitchRequest.SerializeToString,
+                response_deserializer=tradeguard_dot_trading_dot_v1_dot_trading__pb2.EngageKillSwitchResponse.FromString,
+                _registered_method=True)
+        self.ReleaseKillSwitch = channel.unary_unary(
+                '/tradeguard.trading.v1.TradingService/ReleaseKillSwitch',
+                request_serializer=tradeguard_dot_trading_dot_v1_dot_trading__pb2.ReleaseKillSwitchRequest.SerializeToString,
+                response_deserializer=tradeguard_dot_trading_dot_v1_dot_trading__pb2.ReleaseKillSwitchResponse.FromString,
+                _registered_method=True)
+        self.ListKillSwitches = channel.unary_unary(
+                '/tradeguard.trading.v1.TradingService/ListKillSwitches',
+                request_serializer=tradeguard_dot_trading_dot_v1_dot_trading__pb2.ListKillSwitchesRequest.SerializeToString,
+                response_deserializer=tradeguard_dot_trading_dot_v1_dot_trading__pb2.ListKillSwitchesResponse.FromString,
+                _registered_method=True)
+        self.SetReferencePrice = channel.unary_unary(
+                '/tradeguard.trading.v1.TradingService/SetReferencePrice',
+                request_serializer=tradeguard_dot_trading_dot_v1_dot_trading__pb2.SetReferencePriceRequest.SerializeToString,
+                response_deserializer=tradeguard_dot_trading_dot_v1_dot_trading__pb2.SetReferencePriceResponse.FromString,
+                _registered_method=True)
+        self.GetRiskLimits = channel.unary_unary(
+                '/tradeguard.trading.v1.TradingService/GetRiskLimits',
+                request_serializer=tradeguard_dot_trading_dot_v1_dot_trading__pb2.GetRiskLimitsRequest.SerializeToString,
+                response_deserializer=tradeguard_dot_trading_dot_v1_dot_trading__pb2.GetRiskLimitsResponse.FromString,
+                _registered_method=True)
+        self.SetRiskLimits = channel.unary_unary(
+                '/tradeguard.trading.v1.TradingService/SetRiskLimits',
+                request_serializer=tradeguard_dot_trading_dot_v1_dot_trading__pb2.SetRiskLimitsRequest.SerializeToString,
+                response_deserializer=tradeguard_dot_trading_dot_v1_dot_trading__pb2.SetRiskLimitsResponse.FromString,
+                _registered_method=True)
 
 
 class TradingServiceServicer:
@@ -91,6 +121,54 @@ class TradingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def EngageKillSwitch(self, request, context):
+        """EngageKillSwitch refuses new orders in a scope and cancels every open order
+        in it, in one transaction; every instance refuses within a second.
+        Needs the trading:halt permission.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseKillSwitch(self, request, context):
+        """ReleaseKillSwitch lets orders in a scope again. Needs trading:halt and a
+        token from a login with a second factor at most 5 minutes ago.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListKillSwitches(self, request, context):
+        """ListKillSwitches lists the engaged kill switches (and released ones on request).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetReferencePrice(self, request, context):
+        """SetReferencePrice sets a symbol's reference price for the price collar and
+        for market orders' notional. Needs risk:manage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRiskLimits(self, request, context):
+        """GetRiskLimits reads an account's effective pre-trade limits and their source.
+        Needs risk:manage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetRiskLimits(self, request, context):
+        """SetRiskLimits sets (or clears) an account's override of the risk file's
+        limits, shared by every instance. Needs risk:manage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TradingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +191,36 @@ def add_TradingServiceServicer_to_server(servicer, server):
                     servicer.ListOrders,
                     request_deserializer=tradeguard_dot_trading_dot_v1_dot_trading__pb2.ListOrdersRequest.FromString,
                     response_serializer=tradeguard_dot_trading_dot_v1_dot_trading__pb2.ListOrdersResponse.SerializeToString,
+            ),
+            'EngageKillSwitch': grpc.unary_unary_rpc_method_handler(
+                    servicer.EngageKillSwitch,
+                    request_deserializer=tradeguard_dot_trading_dot_v1_dot_trading__pb2.EngageKillSwitchRequest.FromString,
+                    response_serializer=tradeguard_dot_trading_dot_v1_dot_trading__pb2.EngageKillSwitchResponse.SerializeToString,
+            ),
+            'ReleaseKillSwitch': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseKillSwitch,
+                    request_deserializer=tradeguard_dot_trading_dot_v1_dot_trading__pb2.ReleaseKillSwitchRequest.FromString,
+                    response_serializer=tradeguard_dot_trading_dot_v1_dot_trading__pb2.ReleaseKillSwitchResponse.SerializeToString,
+            ),
+            'ListKillSwitches': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListKillSwitches,
+                    request_deserializer=tradeguard_dot_trading_dot_v1_dot_trading__pb2.ListKillSwitchesRequest.FromString,
+                    response_serializer=tradeguard_dot_trading_dot_v1_dot_trading__pb2.ListKillSwitchesResponse.SerializeToString,
+            ),
+            'SetReferencePrice': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetReferencePrice,
+                    request_deserializer=tradeguard_dot_trading_dot_v1_dot_trading__pb2.SetReferencePriceRequest.FromString,
+                    response_serializer=tradeguard_dot_trading_dot_v1_dot_trading__pb2.SetReferencePriceResponse.SerializeToString,
+            ),
+            'GetRiskLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRiskLimits,
+                    request_deserializer=tradeguard_dot_trading_dot_v1_dot_trading__pb2.GetRiskLimitsRequest.FromString,
+                    response_serializer=tradeguard_dot_trading_dot_v1_dot_trading__pb2.GetRiskLimitsResponse.SerializeToString,
+            ),
+            'SetRiskLimits': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRiskLimits,
+                    request_deserializer=tradeguard_dot_trading_dot_v1_dot_trading__pb2.SetRiskLimitsRequest.FromString,
+                    response_serializer=tradeguard_dot_trading_dot_v1_dot_trading__pb2.SetRiskLimitsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -224,6 +332,168 @@ class TradingService:
             '/tradeguard.trading.v1.TradingService/ListOrders',
             tradeguard_dot_trading_dot_v1_dot_trading__pb2.ListOrdersRequest.SerializeToString,
             tradeguard_dot_trading_dot_v1_dot_trading__pb2.ListOrdersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EngageKillSwitch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tradeguard.trading.v1.TradingService/EngageKillSwitch',
+            tradeguard_dot_trading_dot_v1_dot_trading__pb2.EngageKillSwitchRequest.SerializeToString,
+            tradeguard_dot_trading_dot_v1_dot_trading__pb2.EngageKillSwitchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseKillSwitch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tradeguard.trading.v1.TradingService/ReleaseKillSwitch',
+            tradeguard_dot_trading_dot_v1_dot_trading__pb2.ReleaseKillSwitchRequest.SerializeToString,
+            tradeguard_dot_trading_dot_v1_dot_trading__pb2.ReleaseKillSwitchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListKillSwitches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tradeguard.trading.v1.TradingService/ListKillSwitches',
+            tradeguard_dot_trading_dot_v1_dot_trading__pb2.ListKillSwitchesRequest.SerializeToString,
+            tradeguard_dot_trading_dot_v1_dot_trading__pb2.ListKillSwitchesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetReferencePrice(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tradeguard.trading.v1.TradingService/SetReferencePrice',
+            tradeguard_dot_trading_dot_v1_dot_trading__pb2.SetReferencePriceRequest.SerializeToString,
+            tradeguard_dot_trading_dot_v1_dot_trading__pb2.SetReferencePriceResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRiskLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tradeguard.trading.v1.TradingService/GetRiskLimits',
+            tradeguard_dot_trading_dot_v1_dot_trading__pb2.GetRiskLimitsRequest.SerializeToString,
+            tradeguard_dot_trading_dot_v1_dot_trading__pb2.GetRiskLimitsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRiskLimits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tradeguard.trading.v1.TradingService/SetRiskLimits',
+            tradeguard_dot_trading_dot_v1_dot_trading__pb2.SetRiskLimitsRequest.SerializeToString,
+            tradeguard_dot_trading_dot_v1_dot_trading__pb2.SetRiskLimitsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,6 +46,29 @@ class TradingServiceStub:
     """GetOrder reads one order of an account."""
     ListOrders: _grpc.UnaryUnaryMultiCallable[_trading_pb2.ListOrdersRequest, _trading_pb2.ListOrdersResponse]
     """ListOrders pages through an account's orders, newest first."""
+    EngageKillSwitch: _grpc.UnaryUnaryMultiCallable[_trading_pb2.EngageKillSwitchRequest, _trading_pb2.EngageKillSwitchResponse]
+    """EngageKillSwitch refuses new orders in a scope and cancels every open order
+    in it, in one transaction; every instance refuses within a second.
+    Needs the trading:halt permission.
+    """
+    ReleaseKillSwitch: _grpc.UnaryUnaryMultiCallable[_trading_pb2.ReleaseKillSwitchRequest, _trading_pb2.ReleaseKillSwitchResponse]
+    """ReleaseKillSwitch lets orders in a scope again. Needs trading:halt and a
+    token from a login with a second factor at most 5 minutes ago.
+    """
+    ListKillSwitches: _grpc.UnaryUnaryMultiCallable[_trading_pb2.ListKillSwitchesRequest, _trading_pb2.ListKillSwitchesResponse]
+    """ListKillSwitches lists the engaged kill switches (and released ones on request)."""
+    SetReferencePrice: _grpc.UnaryUnaryMultiCallable[_trading_pb2.SetReferencePriceRequest, _trading_pb2.SetReferencePriceResponse]
+    """SetReferencePrice sets a symbol's reference price for the price collar and
+    for market orders' notional. Needs risk:manage.
+    """
+    GetRiskLimits: _grpc.UnaryUnaryMultiCallable[_trading_pb2.GetRiskLimitsRequest, _trading_pb2.GetRiskLimitsResponse]
+    """GetRiskLimits reads an account's effective pre-trade limits and their source.
+    Needs risk:manage.
+    """
+    SetRiskLimits: _grpc.UnaryUnaryMultiCallable[_trading_pb2.SetRiskLimitsRequest, _trading_pb2.SetRiskLimitsResponse]
+    """SetRiskLimits sets (or clears) an account's override of the risk file's
+    limits, shared by every instance. Needs risk:manage.
+    """
 
 @_typing.type_check_only
 class TradingServiceAsyncStub(TradingServiceStub):
@@ -63,6 +86,29 @@ class TradingServiceAsyncStub(TradingServiceStub):
     """GetOrder reads one order of an account."""
     ListOrders: _aio.UnaryUnaryMultiCallable[_trading_pb2.ListOrdersRequest, _trading_pb2.ListOrdersResponse]  # type: ignore[assignment]
     """ListOrders pages through an account's orders, newest first."""
+    EngageKillSwitch: _aio.UnaryUnaryMultiCallable[_trading_pb2.EngageKillSwitchRequest, _trading_pb2.EngageKillSwitchResponse]  # type: ignore[assignment]
+    """EngageKillSwitch refuses new orders in a scope and cancels every open order
+    in it, in one transaction; every instance refuses within a second.
+    Needs the trading:halt permission.
+    """
+    ReleaseKillSwitch: _aio.UnaryUnaryMultiCallable[_trading_pb2.ReleaseKillSwitchRequest, _trading_pb2.ReleaseKillSwitchResponse]  # type: ignore[assignment]
+    """ReleaseKillSwitch lets orders in a scope again. Needs trading:halt and a
+    token from a login with a second factor at most 5 minutes ago.
+    """
+    ListKillSwitches: _aio.UnaryUnaryMultiCallable[_trading_pb2.ListKillSwitchesRequest, _trading_pb2.ListKillSwitchesResponse]  # type: ignore[assignment]
+    """ListKillSwitches lists the engaged kill switches (and released ones on request)."""
+    SetReferencePrice: _aio.UnaryUnaryMultiCallable[_trading_pb2.SetReferencePriceRequest, _trading_pb2.SetReferencePriceResponse]  # type: ignore[assignment]
+    """SetReferencePrice sets a symbol's reference price for the price collar and
+    for market orders' notional. Needs risk:manage.
+    """
+    GetRiskLimits: _aio.UnaryUnaryMultiCallable[_trading_pb2.GetRiskLimitsRequest, _trading_pb2.GetRiskLimitsResponse]  # type: ignore[assignment]
+    """GetRiskLimits reads an account's effective pre-trade limits and their source.
+    Needs risk:manage.
+    """
+    SetRiskLimits: _aio.UnaryUnaryMultiCallable[_trading_pb2.SetRiskLimitsRequest, _trading_pb2.SetRiskLimitsResponse]  # type: ignore[assignment]
+    """SetRiskLimits sets (or clears) an account's override of the risk file's
+    limits, shared by every instance. Needs risk:manage.
+    """
 
 class TradingServiceServicer(metaclass=_abc_1.ABCMeta):
     """TradingService places, cancels and reads orders."""
@@ -101,5 +147,64 @@ class TradingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_trading_pb2.ListOrdersResponse, _abc.Awaitable[_trading_pb2.ListOrdersResponse]]:
         """ListOrders pages through an account's orders, newest first."""
+
+    @_abc_1.abstractmethod
+    def EngageKillSwitch(
+        self,
+        request: _trading_pb2.EngageKillSwitchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trading_pb2.EngageKillSwitchResponse, _abc.Awaitable[_trading_pb2.EngageKillSwitchResponse]]:
+        """EngageKillSwitch refuses new orders in a scope and cancels every open order
+        in it, in one transaction; every instance refuses within a second.
+        Needs the trading:halt permission.
+        """
+
+    @_abc_1.abstractmethod
+    def ReleaseKillSwitch(
+        self,
+        request: _trading_pb2.ReleaseKillSwitchRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trading_pb2.ReleaseKillSwitchResponse, _abc.Awaitable[_trading_pb2.ReleaseKillSwitchResponse]]:
+        """ReleaseKillSwitch lets orders in a scope again. Needs trading:halt and a
+        token from a login with a second factor at most 5 minutes ago.
+        """
+
+    @_abc_1.abstractmethod
+    def ListKillSwitches(
+        self,
+        request: _trading_pb2.ListKillSwitchesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trading_pb2.ListKillSwitchesResponse, _abc.Awaitable[_trading_pb2.ListKillSwitchesResponse]]:
+        """ListKillSwitches lists the engaged kill switches (and released ones on request)."""
+
+    @_abc_1.abstractmethod
+    def SetReferencePrice(
+        self,
+        request: _trading_pb2.SetReferencePriceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trading_pb2.SetReferencePriceResponse, _abc.Awaitable[_trading_pb2.SetReferencePriceResponse]]:
+        """SetReferencePrice sets a symbol's reference price for the price collar and
+        for market orders' notional. Needs risk:manage.
+        """
+
+    @_abc_1.abstractmethod
+    def GetRiskLimits(
+        self,
+        request: _trading_pb2.GetRiskLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trading_pb2.GetRiskLimitsResponse, _abc.Awaitable[_trading_pb2.GetRiskLimitsResponse]]:
+        """GetRiskLimits reads an account's effective pre-trade limits and their source.
+        Needs risk:manage.
+        """
+
+    @_abc_1.abstractmethod
+    def SetRiskLimits(
+        self,
+        request: _trading_pb2.SetRiskLimitsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_trading_pb2.SetRiskLimitsResponse, _abc.Awaitable[_trading_pb2.SetRiskLimitsResponse]]:
+        """SetRiskLimits sets (or clears) an account's override of the risk file's
+        limits, shared by every instance. Needs risk:manage.
+        """
 
 def add_TradingServiceServicer_to_server(servicer: TradingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
