@@ -17,6 +17,8 @@ The format (tradeguard/risk/risk.yaml is the packaged, commented example):
       restricted_symbols: [FOO]         # the defaults' own list
     accounts:                           # optional; account id -> the same keys as defaults
       acct-1: {max_quantity: 500, credit_limit: null}
+    reference_prices:                   # optional: static reference prices, symbol -> a decimal > 0
+      BTC-USD: 64000                    # (development market data for the embedded default; never stale)
 
 Every key of `defaults` and of an account is optional; an absent key is not checked (in `defaults`) or takes
 the defaults' value (in an account); `null` turns a check off (in an account: lifts the default). An account's
@@ -86,11 +88,12 @@ def parse_risk(text: str, source: str) -> RiskConfig:
     """The validated config of a risk file's text; `RiskFileError` naming the line and field otherwise."""
     data = check_size(text, source, RiskFileError)
     root = compose(text, source, RiskFileError)
-    defaults, accounts, restricted = _Parser(source).config(root)
+    defaults, accounts, restricted, prices = _Parser(source).config(root)
     return RiskConfig(
         defaults=defaults,
         accounts=accounts,
         restricted_symbols=restricted,
+        reference_prices=prices,
         source=source,
         sha256=hashlib.sha256(data).hexdigest(),
     )
@@ -100,11 +103,16 @@ class _Parser(Reader):
     def __init__(self, source: str) -> None:
         super().__init__(source, RiskFileError)
 
-    def config(self, root: Node | None) -> tuple[AccountLimits, dict[str, AccountLimits], frozenset[str]]:
+    def config(
+        self, root: Node | None
+    ) -> tuple[AccountLimits, dict[str, AccountLimits], frozenset[str], dict[str, Decimal]]:
         if root is None:
             self.fail(None, "", "the file is empty")
         top = self.fields(
-            root, "", ("version", "restricted_symbols", "defaults", "accounts"), ("version", "defaults")
+            root,
+            "",
+            ("version", "restricted_symbols", "defaults", "accounts", "reference_prices"),
+            ("version", "defaults"),
         )
         version = top["version"]
         if self.integer(version, "version", 0, 1_000_000) != 1:
@@ -122,7 +130,17 @@ class _Parser(Reader):
                 if not ACCOUNT_PATTERN.fullmatch(account):
                     self.fail(key_node, path, "not a valid account id")
                 accounts[account] = self.with_global(self.limits(value, path, defaults), restricted)
-        return self.with_global(defaults, restricted), accounts, restricted
+        prices: dict[str, Decimal] = {}
+        if "reference_prices" in top:
+            for symbol, key_node, value in self.mapping(top["reference_prices"], "reference_prices"):
+                path = key_path("reference_prices", symbol)
+                if not SYMBOL_PATTERN.fullmatch(symbol):
+                    self.fail(key_node, path, "not a valid symbol")
+                price = self.decimal(value, path, Decimal(0), MAX_DECIMAL)
+                if price <= 0:
+                    self.fail(value, path, "a reference price must be greater than 0")
+                prices[symbol] = price
+        return self.with_global(defaults, restricted), accounts, restricted, prices
 
     @staticmethod
     def with_global(limits: AccountLimits, restricted: frozenset[str]) -> AccountLimits:

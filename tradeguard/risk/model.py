@@ -8,7 +8,8 @@ limits, the configuration (defaults, accounts, restricted symbols) and the rejec
 - `AccountLimits`: one account's limits, every one optional (None: not checked). `price_collar` is a fraction
   (0.05 = 5 %, the file writes it in basis points); windows are µs. `restricted_symbols` already holds the file's
   global list as well as the account's own.
-- `RiskConfig`: `defaults` for every account not in `accounts`; `limits_for(account_id)` is one dict lookup.
+- `RiskConfig`: `defaults` for every account not in `accounts`; `limits_for(account_id)` is one dict lookup;
+  `reference_prices`: the file's static prices, if any (a trading service seeds its reference source with them).
 - `RiskRejected`: a `FailedPrecondition` whose `reason` is the check's code (`RiskCheck`) and whose metadata
   carries the values that failed as strings: `limit`, `actual`, plus `account_id` and `symbol` (and
   `reference_price` for a collar). The kit's error mapping puts the reason and the metadata in the ErrorInfo.
@@ -19,6 +20,7 @@ Imports nothing but the kit's errors: no grpc, no protobuf, no I/O.
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Final
@@ -114,6 +116,8 @@ class RiskConfig:
     defaults: AccountLimits = NO_LIMITS
     accounts: dict[str, AccountLimits] = field(default_factory=dict)
     restricted_symbols: frozenset[str] = frozenset()  # the file's global list (already in every account's)
+    # static reference prices (development: the embedded default's market data); a live source takes precedence
+    reference_prices: Mapping[str, Decimal] = field(default_factory=dict)
     source: str = ""
     sha256: str = ""
 

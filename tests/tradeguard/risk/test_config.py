@@ -86,11 +86,36 @@ def test_the_packaged_example_parses() -> None:
     assert config.defaults.price_collar == Decimal("0.1")
     assert config.defaults.throttle == Throttle(messages=200, window_us=1_000_000)
     assert config.accounts == {}
+    # the README's example order (BTC-USD at 64000.25) is inside the collar around the static price
+    assert config.reference_prices == {"BTC-USD": Decimal(64000), "ETH-USD": Decimal(3200)}
 
 
 def test_the_smallest_file_has_no_limits() -> None:
     config = parse_risk("version: 1\ndefaults: {}\n", "risk.yaml")
     assert (config.defaults, config.accounts, config.restricted_symbols) == (AccountLimits(), {}, frozenset())
+    assert config.reference_prices == {}
+
+
+def test_static_reference_prices_are_read_exactly() -> None:
+    text = "version: 1\ndefaults: {}\nreference_prices: {BTC-USD: 64000.25, ETH/USD: '3200.5'}\n"
+    config = parse_risk(text, "risk.yaml")
+    assert config.reference_prices == {"BTC-USD": Decimal("64000.25"), "ETH/USD": Decimal("3200.5")}
+
+
+@pytest.mark.parametrize(
+    ("prices", "expected"),
+    [
+        ("{btc: 1}", "risk.yaml:3: reference_prices.btc: not a valid symbol"),
+        ("{BTC-USD: 0}", "risk.yaml:3: reference_prices.BTC-USD: a reference price must be greater than 0"),
+        ("{BTC-USD: -1}", "risk.yaml:3: reference_prices.BTC-USD:"),
+        ("{BTC-USD: x}", "risk.yaml:3: reference_prices.BTC-USD: 'x' is not a decimal number"),
+        ("[1]", "risk.yaml:3: reference_prices:"),
+    ],
+)
+def test_bad_reference_prices_are_refused(prices: str, expected: str) -> None:
+    with pytest.raises(RiskFileError) as error:
+        parse_risk(f"version: 1\ndefaults: {{}}\nreference_prices: {prices}\n", "risk.yaml")
+    assert str(error.value).startswith(expected)
 
 
 @pytest.mark.parametrize(
