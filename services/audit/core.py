@@ -4,12 +4,13 @@ store is an `AuditStore`).
 
 `AuditLog(store, encode, digest, clock_us)`:
 
-- `validate(event, field)`: `InvalidArgument` naming every bad field under `field` (e.g. "event",
-  "events[3]"): `event_id` (required; `EVENT_ID_PATTERN`; not something that looks like a secret — a token,
-  key or signature, see services/audit/masking.py `looks_secret`), `time` (required; from 2000-01-01 to one day
-  past the log's clock), `outcome` (set), `latency` and the clock's errors (not negative), the lengths (each
-  text field at most `MAX_TEXT_CHARS`, at most `MAX_DETAILS` details, names at most `MAX_NAME_CHARS`, values
-  at most `MAX_VALUE_CHARS`: hard limits well above what masking keeps). Values are never echoed.
+- `validate(event, field)`: `InvalidArgument` naming every bad field under `field` (e.g. "event", "events[3]"):
+  `event_id` (required; `EVENT_ID_PATTERN`; not something that looks like a secret — a token, key or
+  signature, see services/audit/masking.py `looks_secret`), `time` (required; from 2000-01-01 to one day past
+  the log's clock), `outcome` (set), `latency` and the clock's errors (not negative), the lengths (each text
+  field at most `MAX_TEXT_CHARS`, at most `MAX_DETAILS` details, names at most `MAX_NAME_CHARS`, values at most
+  `MAX_VALUE_CHARS`: hard limits well above what masking keeps). Values are never echoed. A valid event costs
+  one expression of all the checks; `violations(event, field)` runs them one by one (what `validate` raises).
 - `append(events, recorder)`: validates (as `events[i]`), masks each event (`mask_event`: nothing secret is
   ever encoded), stamps the record time (the injected clock, never earlier than the previous stamp of this log),
   encodes the entry, hashes it (leaf hash SHA-256(0x00 ‖ bytes)) and digests the masked event — a `Pending`
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import operator
 from collections.abc import Callable, Mapping, Sequence
 from typing import Final
 
@@ -93,6 +95,26 @@ def _detail_violations(details: Mapping[str, str], field: str) -> list[FieldViol
             FieldViolation(f"{field}.details", f"a value longer than {MAX_VALUE_CHARS} characters")
         )
     return violations
+
+
+_text_values: Final = operator.attrgetter(*TEXT_FIELDS)
+
+
+def _valid(event: Event, now_us: int) -> bool:
+    """True when `AuditLog.validate` finds nothing wrong: every one of its checks, passed (the fast path; on
+    False, `validate` runs its checks one by one to name every bad field)."""
+    details = event.details
+    return (
+        MIN_TIME_US <= event.time_us <= now_us + MAX_FUTURE_US
+        and event.outcome is not Outcome.UNSPECIFIED
+        and event.latency_us >= 0
+        and event.clock_estimated_error_us >= 0
+        and event.clock_max_error_us >= 0
+        and max(map(len, _text_values(event))) <= MAX_TEXT_CHARS
+        and (not details or not _detail_violations(details, ""))
+        and EVENT_ID_PATTERN.fullmatch(event.event_id) is not None
+        and not looks_secret(event.event_id)
+    )
 
 
 class AuditLog:
@@ -174,7 +196,16 @@ class AuditLog:
     # --- appending ------------------------------------------------------------------------------------------
 
     def validate(self, event: Event, field: str) -> None:
-        """`InvalidArgument` naming every bad field of `event` under `field` (see the module)."""
+        """`InvalidArgument` naming every bad field of `event` under `field` (see the module). The fast path: one
+        expression of all the checks; only when it fails are they run one by one (`violations`) to name them."""
+        if _valid(event, self._clock_us()):
+            return
+        violations = self.violations(event, field)
+        if violations:
+            raise InvalidArgument(violations)
+
+    def violations(self, event: Event, field: str) -> list[FieldViolation]:
+        """Every bad field of `event` under `field`, check by check (what `validate` raises)."""
         violations = []
         if not event.event_id:
             violations.append(FieldViolation(f"{field}.event_id", "required"))
@@ -204,8 +235,7 @@ class AuditLog:
             if len(getattr(event, name)) > MAX_TEXT_CHARS:
                 violations.append(FieldViolation(f"{field}.{name}", f"at most {MAX_TEXT_CHARS} characters"))
         violations += _detail_violations(event.details, field)
-        if violations:
-            raise InvalidArgument(violations)
+        return violations
 
     def _pending(self, event: Event, recorder: str, record_us: int) -> Pending:
         masked = mask_event(event)

@@ -1,10 +1,13 @@
 """The audit codec (services/audit/codec.py): model ↔ tradeguard.audit.v1 round trips (any event, any entry, any
 int64 of microseconds), the bytes deterministic (map order does not matter) and equal to the proto's own
-deterministic serialisation, the digest SHA-256 of the event's bytes, unknown enum values named, garbage refused."""
+deterministic serialisation, the digest SHA-256 of the event's bytes, unknown enum values named, garbage refused;
+the fast encoding (remembered prefix and event bytes, the event's field framed by hand) equals the reference in any
+order of calls, after an event's details changed, and at any length."""
 
 from __future__ import annotations
 
 import hashlib
+import random
 
 import pytest
 from hypothesis import given
@@ -13,6 +16,7 @@ from hypothesis import strategies as st
 from services.audit.codec import (
     decode_entry,
     encode_entry,
+    encode_entry_reference,
     entry_to_proto,
     event_digest,
     event_from_proto,
@@ -122,3 +126,45 @@ def test_unknown_enum_values_are_named() -> None:
 def test_garbage_is_not_an_entry(data: bytes) -> None:
     with pytest.raises(ValueError, match="not an audit entry"):
         decode_entry(data)
+
+
+# --- the fast encoding (the remembered prefix and event bytes) equals the reference --------------------------------
+
+
+def _reference_digest(event: Event) -> bytes:
+    return hashlib.sha256(event_to_proto(event).SerializeToString(deterministic=True)).digest()
+
+
+@given(st.lists(entries, min_size=1, max_size=4), st.randoms(use_true_random=False))
+def test_encoding_equals_the_reference_whatever_was_encoded_before(
+    batch: list[Entry], rnd: random.Random
+) -> None:
+    shared = [Entry(batch[0].record_time_us, batch[0].recorder, e.event) for e in batch]  # one call's prefix
+    for entry in rnd.sample(batch + shared, len(batch) * 2):
+        assert encode_entry(entry) == encode_entry_reference(entry)
+        assert event_digest(entry.event) == _reference_digest(entry.event)
+        other = rnd.choice(batch).event
+        assert event_digest(other) == _reference_digest(other)
+    for entry in batch:
+        assert event_digest(entry.event) == _reference_digest(entry.event)
+
+
+def test_details_changed_after_encoding_are_encoded_anew() -> None:
+    details = {"a": "1"}
+    event = Event(event_id="e1", time_us=1_700_000_000_000_000, outcome=Outcome.OK, details=details)
+    entry = Entry(5, "r", event)
+    before = encode_entry(entry)
+    details["a"] = "2"
+    assert encode_entry(entry) == encode_entry_reference(entry) != before
+    assert event_digest(event) == _reference_digest(event)
+    details.clear()
+    assert event_digest(event) == _reference_digest(event)
+    assert encode_entry(entry) == encode_entry_reference(entry)
+
+
+@pytest.mark.parametrize("size", [0, 100, 127, 128, 16_383, 16_384, 3_000_000])
+def test_events_of_any_length_are_framed_as_the_proto_frames_them(size: int) -> None:
+    event = Event(event_id="e1", time_us=1_700_000_000_000_000, outcome=Outcome.OK, resource="r" * size)
+    entry = Entry(1_700_000_000_000_001, "spiffe://tradeguard.local/ns/default/sa/trading", event)
+    assert encode_entry(entry) == encode_entry_reference(entry)
+    assert decode_entry(encode_entry(entry)) == entry

@@ -4,20 +4,41 @@ concurrent writers share few transactions, counted), durable before the answer (
 idempotent retries and conflicts (also within one batch, and per recorder), masking before any byte is made,
 validation naming every bad field, size and root current (checked against an independent RFC 6962 computation
 over the stored bytes, and after a restart), proofs verified by tradeguard.audit.tlog, `wait_for` woken by a
-commit, and a whole-batch failure failing every caller of that batch with nothing taken as done."""
+commit, and a whole-batch failure failing every caller of that batch with nothing taken as done; validation's fast
+path agrees with its checks one by one (hypothesis, at every boundary)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
+from typing import cast
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from services.audit import codec
-from services.audit.core import MAX_TEXT_CHARS, AuditLog
+from services.audit.core import (
+    MAX_DETAILS,
+    MAX_FUTURE_US,
+    MAX_NAME_CHARS,
+    MAX_TEXT_CHARS,
+    MAX_VALUE_CHARS,
+    MIN_TIME_US,
+    AuditLog,
+)
 from services.audit.masking import MASK
-from services.audit.model import Appended, Checkpoint, Event, Outcome, Pending, Query, StoredEntry
+from services.audit.model import (
+    TEXT_FIELDS,
+    Appended,
+    Checkpoint,
+    Event,
+    Outcome,
+    Pending,
+    Query,
+    StoredEntry,
+)
 from services.audit.store import Archive, AuditStore, EventIdConflict
 from tests.services.audit.conftest import AuditDatabase
 from tradeguard.audit import tlog
@@ -285,6 +306,70 @@ async def test_validation_names_every_bad_field(log: AuditLog, clock: FakeClock)
             log.validate(event(clock, "ok", time_us=time_us), "event")
         assert [v.field for v in caught.value.violations] == ["event.time"]
     log.validate(event(clock, "ok", time_us=clock() + 86_400_000_000), "event")
+
+
+BOUNDARY_TIMES = st.sampled_from(
+    [0, 1, MIN_TIME_US - 1, MIN_TIME_US, 1_700_000_000_000_000, 1_700_000_000_000_000 + MAX_FUTURE_US, 2**62]
+)
+SIGNED = st.sampled_from([-(2**63), -1, 0, 1, 2**63 - 1])
+LENGTHS = st.sampled_from([0, 1, MAX_TEXT_CHARS, MAX_TEXT_CHARS + 1])
+IDS = st.one_of(
+    st.sampled_from(["", "ok", "a" * 128, "a" * 129, "has space", "eyJhbGciOiJub25lIn0.eyJzdWIiOiJ4In0."]),
+    st.text(st.sampled_from("ab09_.:-/ eyJtgs"), max_size=40),
+    st.binary(min_size=20, max_size=32).map(bytes.hex),
+)
+
+
+@settings(max_examples=300)
+@given(
+    event_id=IDS,
+    time_us=BOUNDARY_TIMES,
+    outcome=st.sampled_from(Outcome),
+    latency_us=SIGNED,
+    estimated=SIGNED,
+    maximum=SIGNED,
+    where=st.sampled_from(TEXT_FIELDS),
+    length=LENGTHS,
+    details=st.dictionaries(
+        st.sampled_from(["a", "n" * (MAX_NAME_CHARS + 1)]),
+        st.sampled_from(["", "v" * (MAX_VALUE_CHARS + 1)]),
+        max_size=2,
+    ),
+    many=st.booleans(),
+)
+def test_the_fast_path_of_validation_agrees_with_the_checks_one_by_one(
+    event_id: str,
+    time_us: int,
+    outcome: Outcome,
+    latency_us: int,
+    estimated: int,
+    maximum: int,
+    where: str,
+    length: int,
+    details: dict[str, str],
+    many: bool,
+) -> None:
+    clock = FakeClock(1_700_000_000_000_000)
+    audit_log = AuditLog(cast("AuditStore", None), codec.encode_entry, codec.event_digest, clock)
+    if many:
+        details = {**details, **{f"d{i}": "v" for i in range(MAX_DETAILS + 1)}}
+    candidate = Event(
+        event_id=event_id,
+        time_us=time_us,
+        outcome=outcome,
+        latency_us=latency_us,
+        clock_estimated_error_us=estimated,
+        clock_max_error_us=maximum,
+        details=details,
+        **{where: "x" * length},  # type: ignore[arg-type]
+    )
+    expected = audit_log.violations(candidate, "event")
+    if expected:
+        with pytest.raises(InvalidArgument) as caught:
+            audit_log.validate(candidate, "event")
+        assert caught.value.violations == expected
+    else:
+        audit_log.validate(candidate, "event")
 
 
 async def test_append_validates_every_event_and_appends_nothing_when_one_is_bad(

@@ -1,6 +1,7 @@
 """Masking (services/audit/masking.py): random secrets of every kind the module names, embedded anywhere in an
 event (any text field, a detail's value or name), never survive; details named like secrets are masked whole;
-identifiers that only look random stay visible; sizes are bounded with the cut marked; masking is idempotent."""
+identifiers that only look random stay visible; sizes are bounded with the cut marked; masking is idempotent; the
+fast path (remembered answers) gives exactly the reference's answers, also after a secret is registered."""
 
 from __future__ import annotations
 
@@ -21,11 +22,14 @@ from services.audit.masking import (
     TRUNCATED,
     looks_secret,
     mask_event,
+    mask_event_reference,
     mask_text,
+    mask_text_reference,
     secret_name,
 )
 from services.audit.model import Event, Outcome
 from tradeguard import signing
+from tradeguard.observability.redact import forget_secret, register_secret
 
 TEXT_FIELDS = [
     f.name
@@ -257,3 +261,53 @@ def test_names_that_collide_after_masking_keep_one_masked_detail() -> None:
 def test_an_event_without_secrets_is_returned_unchanged() -> None:
     event = replace(BASE, method="/t.v1.T/Place", principal="alice", details={"quantity": "10"})
     assert mask_event(event) is event
+
+
+# --- the fast path (remembered answers, one read of the text fields) equals the reference -----------------------
+
+TEXTS = st.one_of(
+    NOISE,
+    st.builds(
+        lambda kind, rnd, before, after: before + _secret(kind, rnd)[0] + after,
+        st.sampled_from(KINDS),
+        st.randoms(use_true_random=False),
+        NOISE,
+        NOISE,
+    ),
+    st.sampled_from(["", "tgk_" + "aB3" * 12 + "xy", "tgk_short", "x" * (MAX_TEXT_CHARS + 3), "word " * 300]),
+)
+EVENTS = st.builds(
+    Event,
+    event_id=st.just("e-1"),
+    time_us=st.just(1_700_000_000_000_000),
+    outcome=st.just(Outcome.OK),
+    **{name: TEXTS for name in TEXT_FIELDS},
+    details=st.dictionaries(TEXTS, TEXTS, max_size=4),
+)
+
+
+@settings(max_examples=300)
+@given(TEXTS)
+def test_mask_text_equals_the_reference(text: str) -> None:
+    assert mask_text(text) == mask_text_reference(text)
+    assert mask_text(text) == mask_text_reference(text)  # remembered now: the same answer
+
+
+@settings(max_examples=200)
+@given(EVENTS)
+def test_mask_event_equals_the_reference(event: Event) -> None:
+    assert mask_event(event) == mask_event_reference(event)
+    assert mask_event(event) == mask_event_reference(event)
+
+
+def test_a_secret_registered_after_an_answer_was_remembered_is_masked() -> None:
+    secret = "hunter2-" + random.Random(7).randbytes(6).hex()
+    text = f"note {secret} end"
+    assert mask_text(text) == text  # remembered
+    register_secret(secret)
+    try:
+        assert mask_text(text) == f"note {MASK} end"
+        assert mask_event(replace(BASE, resource=text)).resource == f"note {MASK} end"
+    finally:
+        forget_secret(secret)
+    assert mask_text(text) == text
