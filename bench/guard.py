@@ -202,6 +202,9 @@ def start_keyvault(layout: Layout) -> Proc:
         TRADEGUARD_KEYVAULT_DATABASE_URL=f"sqlite:///{layout.home / 'data' / 'keyvault.db'}",
         TRADEGUARD_KEYVAULT_PASSPHRASE_FILE=str(passphrase),
         TRADEGUARD_KEYVAULT_SCRYPT_N=str(2**10),  # the root key's sealing cost: start-up only
+        # its security events (key creation, decryptions of API-key secrets on a cache miss) are not on the
+        # measured path: not recorded here (tests/tradeguard/audit/test_recording.py records them for real)
+        TRADEGUARD_KEYVAULT_AUDIT="false",
     )
     return layout.spawn("keyvault", port, [sys.executable, "-m", "services.keyvault"], env)
 
@@ -213,6 +216,7 @@ def start_auth(layout: Layout) -> Proc:
         TRADEGUARD_AUTH_DATABASE_URL=f"sqlite:///{layout.home / 'data' / 'auth.db'}",
         TRADEGUARD_AUTH_KEYVAULT_TARGET=f"127.0.0.1:{layout.procs['keyvault'].port}",
         TRADEGUARD_AUTH_ACCESS_TTL_S="3600",  # one token for the whole run (the guard caches it until exp)
+        TRADEGUARD_AUTH_AUDIT="false",  # its security events (logins, key creation) are not on the measured path
     )
     return layout.spawn("auth", port, [sys.executable, "-m", "services.auth"], env)
 
