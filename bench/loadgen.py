@@ -1,4 +1,14 @@
-"""A reusable async load generator: closed loop (N callers for D seconds) → RPS, p50, p99."""
+"""A reusable async load generator.
+
+- `closed_loop`: N callers for D seconds, each sending its next call when the last one returned → RPS, p50, p99.
+  Its latency at many callers is mostly queueing (Little's law): it measures throughput.
+- `open_loop`: calls sent at a fixed arrival rate whatever the answers do (call i is INTENDED at start + i/rate);
+  each call's latency is measured from its intended send time, not from when it was actually sent, so a sender
+  that fell behind (its loop busy) or a server that queues cannot hide the wait ("coordinated omission"). Sends
+  more than `late_ms` after their intended time are counted as late; calls beyond `max_in_flight` outstanding are
+  not sent and counted as dropped (and a dropped call is not a latency: read the count beside the percentiles).
+  It measures latency at a given load (p50, p99, p99.9).
+"""
 
 from __future__ import annotations
 
@@ -97,6 +107,104 @@ async def closed_loop(
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     cpu = None if window is None else _cpu_s(cpu_of) - await window
     return Result(calls=len(latencies), errors=errors, seconds=duration, latencies_ms=latencies, cpu_s=cpu)
+
+
+@dataclass(frozen=True)
+class OpenResult(Result):
+    """An open-loop run: `calls` answered in the measured window (`latencies_ms` from each call's intended send
+    time), and how well the schedule was kept."""
+
+    rate: float = 0.0  # calls/s asked for
+    intended: int = 0  # calls scheduled in the measured window
+    late: int = 0  # sent more than `late_ms` after their intended time
+    dropped: int = 0  # not sent: `max_in_flight` calls already outstanding
+    max_send_lag_ms: float = 0.0  # the worst lag between a call's intended and actual send time
+
+    def open_line(self, label: str) -> str:
+        return (
+            f"{label:<28} asked {self.rate:7.0f}/s  answered {self.rps:7.0f}/s   p50 {self.percentile(50):6.2f} ms"
+            f"   p99 {self.percentile(99):6.2f} ms   p99.9 {self.percentile(99.9):6.2f} ms   max "
+            f"{max(self.latencies_ms, default=float('nan')):6.2f} ms   errors {self.errors}   late sends "
+            f"{self.late}/{self.intended}   dropped {self.dropped}   worst send lag {self.max_send_lag_ms:.2f} ms"
+        )
+
+
+async def open_loop(
+    call: Call,
+    rate: float,
+    duration: float,
+    *,
+    warmup: float = 1.0,
+    late_ms: float = 1.0,
+    max_in_flight: int = 10_000,
+    cpu_of: Sequence[int] = (),
+) -> OpenResult:
+    """`call(i)` sent at `rate` calls/s for `warmup` + `duration` seconds (see the module); only calls intended in
+    the last `duration` seconds are counted. Waits for every call sent before it returns."""
+    if rate <= 0 or duration <= 0:
+        raise ValueError("rate and duration must be positive")
+    loop = asyncio.get_running_loop()
+    interval = 1.0 / rate
+    total = int((warmup + duration) * rate)
+    first_measured = int(warmup * rate)
+    latencies: list[float] = []
+    errors = late = dropped = 0
+    worst_lag = 0.0
+    in_flight: set[asyncio.Task[None]] = set()
+
+    async def one(i: int, intended: float) -> None:
+        nonlocal errors
+        try:
+            await call(i)
+        except Exception:
+            if i >= first_measured:
+                errors += 1
+            return
+        if i >= first_measured:
+            latencies.append((time.perf_counter() - intended) * 1000)
+
+    async def cpu_window() -> float:
+        await asyncio.sleep(max(0.0, start + first_measured * interval - time.perf_counter()))
+        return _cpu_s(cpu_of)
+
+    start = time.perf_counter() + 0.005
+    window = asyncio.ensure_future(cpu_window()) if cpu_of else None
+    i = 0
+    while i < total:
+        now = time.perf_counter()
+        intended = start + i * interval
+        if intended > now:
+            await asyncio.sleep(intended - now)  # the loop's timer: sends due meanwhile go together below
+            continue
+        while i < total and start + i * interval <= now:  # every call due by now, at once
+            intended = start + i * interval
+            lag = now - intended
+            if i >= first_measured:
+                worst_lag = max(worst_lag, lag)
+                late += lag * 1000 > late_ms
+            if len(in_flight) >= max_in_flight:
+                dropped += i >= first_measured
+            else:
+                task = loop.create_task(one(i, intended))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
+            i += 1
+        await asyncio.sleep(0)  # let the calls just created send before the next look at the clock
+    if in_flight:
+        await asyncio.wait(set(in_flight))
+    cpu = None if window is None else _cpu_s(cpu_of) - await window
+    return OpenResult(
+        calls=len(latencies),
+        errors=errors,
+        seconds=duration,
+        latencies_ms=latencies,
+        cpu_s=cpu,
+        rate=rate,
+        intended=total - first_measured,
+        late=late,
+        dropped=dropped,
+        max_send_lag_ms=worst_lag * 1000,
+    )
 
 
 def median_cpu_ratio(numerators: list[Result], denominators: list[Result]) -> float:

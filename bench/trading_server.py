@@ -1,15 +1,20 @@
-"""The trading service for benchmarks, in its own process, in four modes:
+"""The trading service for benchmarks, in its own process, in five modes:
 
 - `plain`: the servicer, store and interceptor chain (minus caller authorisation: there is no peer
   identity without TLS) on plain TCP;
 - `mtls`: exactly the same on a mutual-TLS port (the transport's cost alone);
 - `mesh`: the real service (services.trading.service.SERVICE, run by the kit's runner: mTLS plus SPIFFE
   authorisation) with its guard left out;
+- `bare`: the real service's servicer and store exactly as its declaration builds them (its build function, so
+  whatever the reference service's handler checks itself — its pre-trade risk checks — is in), on a plain
+  grpc.aio server with the mesh's mutual-TLS credentials and NO interceptors at all (no chain, no policy, no
+  log line, no metrics): the full chain's baseline (bench/full_chain.py). The principal is fixed in the server's
+  context, which every RPC's task starts from;
 - `guarded`: the real service exactly as declared, its guard included (`--auth-target`: the auth service); the
   guard's quota stage only with `--ratelimit-target` (the rate-limit service), its audit stage only with
   `--audit-target` (the audit service).
 
-UNGUARDED modes (plain, mtls, mesh): the trading handlers act only for a verified principal (every order belongs
+UNGUARDED modes (plain, mtls, mesh, bare): the trading handlers act only for a verified principal (every order belongs
 to the principal's account, services/trading/core.py `account_of`), so in place of the guard these modes mount
 `FixedPrincipal`, a layer that names one fixed principal (account `--account`, orders:read and orders:write)
 for every call and checks nothing: a baseline for benchmarks, never a way to run a service.
@@ -44,7 +49,7 @@ from tradeguard.service import Assembly, Wiring, serve
 from tradeguard.storage import clock_us
 from tradeguard.trading.v1 import trading_pb2_grpc
 
-MODES = ("plain", "mtls", "mesh", "guarded")
+MODES = ("plain", "mtls", "mesh", "bare", "guarded")
 BENCH_ACCOUNT = "bench"
 
 
@@ -75,6 +80,30 @@ async def unguarded(port: int, db: str, home: Path, secure: bool, account: str) 
         server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     await server.wait_for_termination()
+
+
+async def bare(port: int, db: str, home: Path, account: str) -> None:
+    """The declaration's servicer and store on a plain mTLS server with no interceptors (see the module)."""
+    paths = pki.PkiPaths(home)
+    settings = Settings(
+        server=ServerConfig(name="trading", port=port, home=home),
+        database_url=db,
+        guard=GuardSettings(quota=False, audit=False),
+    )
+    store = await SERVICE.stores.open(db)
+    assembly = await SERVICE.build(Wiring(settings, store, pki.trust_domain(paths)))
+    set_principal(FixedPrincipal(account).principal)  # each RPC's task starts from this context
+    tasks = [asyncio.create_task(task()) for task in assembly.tasks]
+    server = grpc.aio.server()
+    SERVICE.register(assembly.servicer, server)
+    creds, _ = tls.server_credentials(tls.Workload.of(paths, "trading"))
+    server.add_secure_port(f"127.0.0.1:{port}", creds)
+    await server.start()
+    try:
+        await server.wait_for_termination()
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 async def mesh(
@@ -133,7 +162,9 @@ def main() -> None:
     if (args.mode == "guarded") != (args.auth_target is not None):
         parser.error("--auth-target is required by, and only by, --mode guarded")
     configure_logging(json=True)
-    if args.mode in ("mesh", "guarded"):
+    if args.mode == "bare":
+        asyncio.run(bare(args.port, args.db, args.home, args.account))
+    elif args.mode in ("mesh", "guarded"):
         asyncio.run(
             mesh(
                 args.port,
