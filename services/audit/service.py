@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 from typing import Final
 
-from services.audit import codec, policy
+from services.audit import codec, policy, verify_cmd
 from services.audit.checkpoints import CheckpointPublisher
 from services.audit.core import AuditLog
 from services.audit.retention import Retention
@@ -99,4 +99,5 @@ SERVICE: Declaration[Settings, AuditStore] = Declaration(
     settings=Settings.read,
     stores=Stores(sqlite=SqliteAuditStore.open, postgres=PostgresAuditStore.open),
     build=build,
+    commands={"verify-store": verify_cmd.main},
 )

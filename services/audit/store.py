@@ -15,6 +15,8 @@ SELECT and INSERT), so an administrator who alters the log has to defeat the dat
 - `size()`: how many entries are committed.
 - `nodes(keys)`: the hashes of complete subtrees (level, index), in order; a missing one raises `KeyError`.
 - `entries(start, count)`: the entries with sequence numbers start .. start+count-1 that exist, in order.
+- `rows(start, count)`: the same entries as stored, every column (ENTRY_COLUMNS' order): what `python -m
+  services.audit verify-store` checks against the entry bytes (the query columns are an index, not the record).
 - `query(query, after, limit)`: entries matching `query` with sequence > after, ascending, at most `limit`.
 - `add_checkpoint`, `latest_checkpoint`, `checkpoints(after_size, limit)` (ascending by tree size).
 - `close()`.
@@ -98,6 +100,8 @@ class AuditStore(Protocol):
     async def nodes(self, keys: Sequence[tuple[int, int]]) -> list[bytes]: ...
 
     async def entries(self, start: int, count: int) -> list[StoredEntry]: ...
+
+    async def rows(self, start: int, count: int) -> list[tuple[Any, ...]]: ...
 
     async def query(self, query: Query, after: int, limit: int) -> list[StoredEntry]: ...
 

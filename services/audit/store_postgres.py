@@ -317,6 +317,7 @@ def statements(schema: str) -> dict[str, sql.Composed]:
         "JOIN {nodes} n ON n.level = k.level AND n.idx = k.idx",
         "entries": "SELECT sequence, entry_bytes, leaf_hash FROM {entries} "
         "WHERE sequence >= %s AND sequence < %s ORDER BY sequence",
+        "rows": "SELECT {e} FROM {entries} WHERE sequence >= %s AND sequence < %s ORDER BY sequence",
         "insert_checkpoint": "INSERT INTO {checkpoints} (tree_size, root_hash, note, time_us) VALUES (%s, %s, %s, %s) "
         "ON CONFLICT (tree_size) DO NOTHING RETURNING tree_size",
         "get_checkpoint": "SELECT {cp} FROM {checkpoints} WHERE tree_size = %s",
@@ -469,6 +470,13 @@ class PostgresAuditStore:
         async with self._pool.connection() as conn:
             cur = await conn.execute(self.sql["entries"], (start, start + count))
             return _stored(await cur.fetchall())
+
+    async def rows(self, start: int, count: int) -> list[tuple[Any, ...]]:
+        if start < 0 or count < 0:
+            raise ValueError(f"invalid range: start {start}, count {count}")
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(self.sql["rows"], (start, start + count))
+            return [tuple(row) for row in await cur.fetchall()]
 
     async def query(self, query: Query, after: int, limit: int) -> list[StoredEntry]:
         check_page(after, limit)

@@ -165,6 +165,7 @@ SQL: Final = {
     "node": "SELECT hash FROM nodes WHERE level = ? AND idx = ?",
     "entries": "SELECT sequence, entry_bytes, leaf_hash FROM entries "
     "WHERE sequence >= ? AND sequence < ? ORDER BY sequence",
+    "rows": f"SELECT {_E} FROM entries WHERE sequence >= ? AND sequence < ? ORDER BY sequence",  # noqa: S608
     "get_checkpoint": "SELECT tree_size, root_hash, note, time_us FROM checkpoints WHERE tree_size = ?",
     "insert_checkpoint": "INSERT INTO checkpoints (tree_size, root_hash, note, time_us) VALUES (?, ?, ?, ?)",
     "latest_checkpoint": "SELECT tree_size, root_hash, note, time_us FROM checkpoints "
@@ -264,6 +265,14 @@ class SqliteAuditStore:
             lambda conn: conn.execute(SQL["entries"], (start, start + count)).fetchall()
         )
         return [StoredEntry(int(seq), bytes(data), bytes(leaf)) for seq, data, leaf in rows]
+
+    async def rows(self, start: int, count: int) -> list[tuple[Any, ...]]:
+        if start < 0 or count < 0:
+            raise ValueError(f"invalid range: start {start}, count {count}")
+        found = await self.worker.run(
+            lambda conn: conn.execute(SQL["rows"], (start, start + count)).fetchall()
+        )
+        return [tuple(row) for row in found]
 
     async def query(self, query: Query, after: int, limit: int) -> list[StoredEntry]:
         check_page(after, limit)
