@@ -10,7 +10,9 @@ stops the suite when a service keeps crashing), and on Ctrl-C or SIGTERM stops e
 
 The rate-limit service reads its limits from $TRADEGUARD_HOME/config/limits.yaml: the supervisor installs the
 packaged default there (owner-only) when it is absent and TRADEGUARD_RATELIMIT_LIMITS_FILE names no other file;
-it never overwrites an existing one (edit it: the service re-reads it when it changes). Each guarded service is
+it never overwrites an existing one (edit it: the service re-reads it when it changes). The same for the trading
+service's pre-trade risk limits: the packaged tradeguard/risk/risk.yaml to $TRADEGUARD_HOME/config/risk.yaml,
+unless TRADEGUARD_TRADING_RISK_FILE names another file. Each guarded service is
 told where this suite's auth, rate-limit and audit services listen.
 
 The key vault keys the services use are created as ops, when missing (SERVICE_KEYS: the auth service's
@@ -342,17 +344,30 @@ class Supervisor:
         return path
 
     def install_limits(self) -> Path | None:
-        """The packaged default limits file copied to $TRADEGUARD_HOME/config/limits.yaml (0600, its directory
-        0700) when that file is absent, the suite runs the rate-limit service, and the operator has not named
-        another file (TRADEGUARD_RATELIMIT_LIMITS_FILE); the path installed, else None. Never overwrites."""
-        if not any(service.name == "ratelimit" for service in self.services):
+        """The rate limiter's packaged default limits (see `install_default`): config/limits.yaml, unless
+        TRADEGUARD_RATELIMIT_LIMITS_FILE names another file."""
+        return self.install_default(
+            "ratelimit", registry.lookup("ratelimit").module, "limits.yaml", "LIMITS_FILE"
+        )
+
+    def install_risk_limits(self) -> Path | None:
+        """The trading service's packaged default pre-trade risk limits (tradeguard/risk/risk.yaml, see
+        `install_default`): config/risk.yaml, unless TRADEGUARD_TRADING_RISK_FILE names another file."""
+        return self.install_default("trading", "tradeguard.risk", "risk.yaml", "RISK_FILE")
+
+    def install_default(self, service: str, package: str, name: str, setting: str) -> Path | None:
+        """A packaged default file copied to $TRADEGUARD_HOME/config/<name> (0600, its directory 0700) when that
+        file is absent, the suite runs `service`, and the operator has not named another file (the service's
+        `setting`); the path installed, else None. Never overwrites: the operator edits it (the service
+        re-reads it when it changes)."""
+        if not any(entry.name == service for entry in self.services):
             return None
-        if os.environ.get(f"{registry.env_prefix('ratelimit')}_LIMITS_FILE", "").strip():
+        if os.environ.get(f"{registry.env_prefix(service)}_{setting}", "").strip():
             return None
-        path = self.home / "config" / "limits.yaml"
+        path = self.home / "config" / name
         if path.exists() or path.is_symlink():
             return None
-        packaged = resources.files(registry.lookup("ratelimit").module).joinpath("limits.yaml")
+        packaged = resources.files(package).joinpath(name)
         path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:  # O_EXCL: a file that appeared meanwhile is kept, never replaced
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -360,7 +375,7 @@ class Supervisor:
             return None
         with os.fdopen(fd, "wb") as out:
             out.write(packaged.read_bytes())
-        print(f"installed the default rate limits in {path} (edit it; the service re-reads it)", flush=True)
+        print(f"installed the default {name} in {path} (edit it; the service re-reads it)", flush=True)
         return path
 
     async def ensure_auth_keys(self) -> None:
@@ -525,6 +540,7 @@ class Supervisor:
             self.prepare_pki()
             children = self.plan()
             self.install_limits()
+            self.install_risk_limits()
         except (OSError, ValueError) as error:
             raise common.CliError(str(error)) from None
         tasks: list[asyncio.Task[None]] = [loop.create_task(self.keep_renewing())]

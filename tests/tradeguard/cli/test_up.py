@@ -18,9 +18,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from argparse import Namespace
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime, timedelta
+from importlib import resources
 from pathlib import Path
+from stat import S_IMODE
 from typing import Any
 
 import grpc
@@ -46,6 +49,7 @@ from tradeguard.cli.up_cmd import (
 from tradeguard.guard.client import ApiKeyCredentials
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.channel import MeshChannel
+from tradeguard.risk.config import parse_risk
 from tradeguard.testing import eventually
 from tradeguard.trading.v1 import trading_pb2, trading_pb2_grpc
 
@@ -546,3 +550,28 @@ def test_the_suite_is_the_registrys() -> None:
     built = [name for name in registry.SUITE if (ROOT / "services" / name / "__main__.py").is_file()]
     assert [entry.name for entry in available()] == built
     assert available(("keyvault",)) == [registry.lookup("keyvault")]
+
+
+def test_up_installs_the_packaged_risk_limits_owner_only_and_never_overwrites(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("TRADEGUARD_TRADING_RISK_FILE", raising=False)
+    args = Namespace(
+        home=tmp_path / "home",
+        cert_hours=24.0,
+        check_seconds=30.0,
+        ready_timeout=60.0,
+        stable_seconds=60.0,
+        max_fast_crashes=5,
+    )
+    supervisor = Supervisor(args, [registry.lookup(name) for name in registry.SUITE])
+    path = supervisor.install_risk_limits()
+    assert path == tmp_path / "home" / "config" / "risk.yaml"
+    assert path.read_bytes() == resources.files("tradeguard.risk").joinpath("risk.yaml").read_bytes()
+    assert S_IMODE(path.stat().st_mode) == 0o600 and S_IMODE(path.parent.stat().st_mode) == 0o700
+    parse_risk(path.read_text(), str(path))  # valid as installed
+    path.write_text("version: 1  # the risk officer's own\n")
+    assert supervisor.install_risk_limits() is None and path.read_text().endswith("own\n")
+    monkeypatch.setenv("TRADEGUARD_TRADING_RISK_FILE", str(tmp_path / "mine.yaml"))
+    elsewhere = Supervisor(Namespace(**{**vars(args), "home": tmp_path / "other"}), supervisor.services)
+    assert elsewhere.install_risk_limits() is None and not (tmp_path / "other" / "config").exists()
