@@ -1,5 +1,12 @@
 """The trading core: order validation, idempotent placement, cancellation and paging.
 
+With `controls` (services/trading/controls.py), placing an order is, in this order: the idempotency lookup (a
+retry of a placed order returns it: never re-checked, never a duplicate, never throttled twice) → the kill
+switch (in memory) → the risk checks (`RiskEngine.check`, credit left to the store) → the store's insert
+transaction, which under its lock re-checks the kill switch and runs the credit check on the account's open
+notional (`Admission`). If anything fails after the risk checks passed, the engine forgets the order
+(`discard`), so a corrected order is not taken for its duplicate.
+
 Pure: no grpc, no protobuf, no I/O of its own. Time and order ids are injected; storage is an `OrderStore`.
 Quantities and prices are `Decimal`, parsed only from plain decimal strings and kept in canonical form.
 """
@@ -25,6 +32,8 @@ from services.trading.errors import (
     order_not_open,
 )
 from services.trading.model import (
+    Admission,
+    KillScope,
     NewOrder,
     Order,
     OrderLimits,
@@ -36,8 +45,12 @@ from services.trading.model import (
     format_decimal,
 )
 from tradeguard.errors import Unauthenticated
+from tradeguard.risk.model import OrderType as RiskOrderType
+from tradeguard.risk.model import RiskOrder
+from tradeguard.risk.model import Side as RiskSide
 
 if TYPE_CHECKING:
+    from services.trading.controls import TradingControls
     from services.trading.store import OrderStore
     from tradeguard.principal import Principal
 
@@ -334,17 +347,59 @@ class TradingCore:
         clock_us: Callable[[], int],
         new_order_id: Callable[[], str],
         limits: OrderLimits = DEFAULT_LIMITS,
+        controls: TradingControls | None = None,
     ) -> None:
         self._store = store
         self._clock_us = clock_us
         self._new_order_id = new_order_id
         self.limits = limits
+        self.controls = controls
 
-    async def place(self, new: NewOrder) -> tuple[Order, bool]:
+    async def place(self, new: NewOrder, api_key_id: str = "") -> tuple[Order, bool]:
         """Place `new`, or return the order an identical earlier request placed (replayed=True).
 
-        Atomic under concurrency: the store's unique (account_id, client_order_id) decides the winner.
+        Atomic under concurrency: the store's unique (account_id, client_order_id) decides the winner. With
+        `controls`: see the module (`api_key_id`: the key that signed the call, "" for a token).
         """
+        controls = self.controls
+        if controls is None:
+            return await self._insert(new, None)
+        existing = await self._store.find(new.account_id, new.client_order_id)
+        if existing is not None:
+            return self._settle(existing, False, new)
+        controls.kill_check(new.account_id, api_key_id, new.symbol)
+        engine = controls.engine
+        if engine is None:
+            notional = None if new.price is None else _EXACT.multiply(new.quantity, new.price)
+
+            def admit(covering: list[tuple[KillScope, str]], open_notional: Decimal) -> None:
+                controls.refuse_if_covered(covering)
+
+            return await self._insert(new, Admission(notional, api_key_id, admit))
+        risk_order = RiskOrder(
+            account_id=new.account_id,
+            api_key_id=api_key_id,
+            client_order_id=new.client_order_id,
+            symbol=new.symbol,
+            side=RiskSide(int(new.side)),
+            type=RiskOrderType(int(new.type)),
+            quantity=new.quantity,
+            price=new.price,
+        )
+        checked = engine.check(risk_order, None)
+
+        def admit_checked(covering: list[tuple[KillScope, str]], open_notional: Decimal) -> None:
+            controls.refuse_if_covered(covering)
+            engine.check_credit(risk_order, checked, open_notional)
+
+        try:
+            order, replayed = await self._insert(new, Admission(checked, api_key_id, admit_checked))
+        except BaseException:
+            engine.discard(risk_order)
+            raise
+        return order, replayed
+
+    async def _insert(self, new: NewOrder, admission: Admission | None) -> tuple[Order, bool]:
         now = self._clock_us()
         candidate = Order(
             order_id=self._new_order_id(),
@@ -360,7 +415,11 @@ class TradingCore:
             create_time_us=now,
             update_time_us=now,
         )
-        stored, created = await self._store.insert_if_absent(candidate)
+        stored, created = await self._store.insert_if_absent(candidate, admission)
+        return self._settle(stored, created, new)
+
+    @staticmethod
+    def _settle(stored: Order, created: bool, new: NewOrder) -> tuple[Order, bool]:
         if created:
             return stored, False
         if stored.same_request(new):

@@ -5,11 +5,16 @@ Imports nothing else of the service: the core, the stores and the servicer all b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from decimal import Decimal
 from enum import IntEnum
 
 __all__ = [
+    "Admission",
+    "Controls",
+    "KillScope",
+    "KillSwitch",
     "NewOrder",
     "Order",
     "OrderLimits",
@@ -124,3 +129,60 @@ def format_decimal(d: Decimal) -> str:
     if "." in text:
         text = text.rstrip("0").rstrip(".")
     return text
+
+
+# --- pre-trade controls: the kill switch, risk overrides, reference prices ---------------------------------
+
+
+class KillScope(IntEnum):
+    """What a kill switch covers (the numbers of tradeguard.trading.v1.KillSwitchScope)."""
+
+    UNSPECIFIED = 0
+    GLOBAL = 1  # every order; value ""
+    ACCOUNT = 2  # value: the account id
+    API_KEY = 3  # value: the API key id that signed the order
+    SYMBOL = 4  # value: the symbol
+
+
+@dataclass(frozen=True)
+class KillSwitch:
+    """A kill switch: engaged while `released_at_us` is None; a released one stays as history."""
+
+    switch_id: str
+    scope: KillScope
+    value: str
+    reason: str
+    engaged_by: str
+    engaged_at_us: int
+    released_by: str = ""
+    released_at_us: int | None = None
+    release_reason: str = ""
+
+    @property
+    def key(self) -> tuple[KillScope, str]:
+        return self.scope, self.value
+
+
+@dataclass(frozen=True)
+class Admission:
+    """What the store does inside an order's insert transaction before inserting it (see OrderStore).
+
+    `notional` (None: unknown, a market order with no reference price needed) and `api_key_id` ("" for a token
+    call) are stored with the order. `admit(switches, open_notional)` is called with the engaged switches that
+    cover the order (scope, value) and the sum of the notional of the account's OPEN orders, both read under
+    the store's lock; it raises to refuse the order (nothing is inserted). It may be called twice for one
+    insert (a group commit retried with savepoints): it must have no side effects."""
+
+    notional: Decimal | None
+    api_key_id: str
+    admit: Callable[[list[tuple[KillScope, str]], Decimal], None]
+
+
+@dataclass(frozen=True)
+class Controls:
+    """Everything the store holds that every instance follows: read whole on each change of `version`."""
+
+    version: int
+    switches: list[KillSwitch] = field(default_factory=list)  # engaged ones only
+    overrides: Mapping[str, str] = field(default_factory=dict)  # account id -> risk limits override, as JSON
+    prices: Mapping[str, tuple[Decimal, int]] = field(default_factory=dict)  # symbol -> (price, set at µs)

@@ -7,12 +7,19 @@ from __future__ import annotations
 
 SERVICE = "/tradeguard.trading.v1.TradingService"
 
-# ops: operators (grpcurl, the CLI); edge: the Envoy front proxy; trading-client: firm trading bots.
+# ops: operators (grpcurl, the CLI); edge: the Envoy front proxy; trading-client: firm trading bots; marketdata:
+# the market-data publisher that feeds reference prices.
 RULES: dict[str, frozenset[str]] = {
     f"{SERVICE}/PlaceOrder": frozenset({"ops", "edge", "trading-client"}),
     f"{SERVICE}/CancelOrder": frozenset({"ops", "edge", "trading-client"}),
     f"{SERVICE}/GetOrder": frozenset({"ops", "edge", "trading-client", "monitor"}),
     f"{SERVICE}/ListOrders": frozenset({"ops", "edge", "trading-client", "monitor"}),
+    f"{SERVICE}/EngageKillSwitch": frozenset({"ops", "edge"}),
+    f"{SERVICE}/ReleaseKillSwitch": frozenset({"ops", "edge"}),
+    f"{SERVICE}/ListKillSwitches": frozenset({"ops", "edge", "monitor"}),
+    f"{SERVICE}/SetReferencePrice": frozenset({"ops", "marketdata"}),
+    f"{SERVICE}/GetRiskLimits": frozenset({"ops", "edge", "monitor"}),
+    f"{SERVICE}/SetRiskLimits": frozenset({"ops", "edge"}),
 }
 
 # The permission the principal needs per method (the guard refuses any method not listed).
@@ -21,4 +28,10 @@ PERMISSIONS: dict[str, str] = {
     f"{SERVICE}/CancelOrder": "orders:write",
     f"{SERVICE}/GetOrder": "orders:read",
     f"{SERVICE}/ListOrders": "orders:read",
+    f"{SERVICE}/EngageKillSwitch": "trading:halt",
+    f"{SERVICE}/ReleaseKillSwitch": "trading:halt",  # and a fresh second factor (services/trading/controls.py)
+    f"{SERVICE}/ListKillSwitches": "trading:halt",
+    f"{SERVICE}/SetReferencePrice": "risk:manage",
+    f"{SERVICE}/GetRiskLimits": "risk:manage",
+    f"{SERVICE}/SetRiskLimits": "risk:manage",
 }

@@ -7,6 +7,9 @@ own SAVEPOINT (a failing write rolls back only itself); a lone write goes at onc
 after the COMMIT that includes its write returned. A write whose batch has started runs to COMMIT or ROLLBACK
 on that thread even if its caller is cancelled: nothing is ever half-written.
 Reads run on the same thread, between transactions.
+
+Decimals are TEXT (exact); the open notional of an account is summed in Python as `Decimal`s, never by SQLite
+(whose SUM would go through floating point). The control lock of services/trading/store.py is BEGIN IMMEDIATE.
 """
 
 from __future__ import annotations
@@ -14,11 +17,29 @@ from __future__ import annotations
 import builtins
 import sqlite3
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import TypeVar, cast
 
-from services.trading.model import Order, OrderStatus, PageCursor
-from services.trading.store import ORDER_COLUMNS, order_from_row, order_to_row
+from services.trading.model import (
+    Admission,
+    Controls,
+    KillScope,
+    KillSwitch,
+    Order,
+    OrderStatus,
+    PageCursor,
+    format_decimal,
+)
+from services.trading.store import (
+    MAX_RELEASED_LISTED,
+    ORDER_COLUMNS,
+    SWITCH_COLUMNS,
+    order_from_row,
+    order_to_row,
+    switch_from_row,
+    to_decimal,
+)
 from tradeguard.batching import DEFAULT_MAX_BATCH, Batcher
 from tradeguard.storage.migrations import Migration
 from tradeguard.storage.sqlite import SqliteWorker
@@ -59,7 +80,44 @@ _V1 = (
     ) STRICT""",
     "CREATE INDEX IF NOT EXISTS order_events_order ON order_events (order_id, seq)",
 )
-MIGRATIONS = (Migration(1, "orders and their status events", _V1),)
+_V2 = (
+    "ALTER TABLE orders ADD COLUMN notional TEXT",
+    "ALTER TABLE orders ADD COLUMN api_key_id TEXT NOT NULL DEFAULT ''",
+    "CREATE INDEX IF NOT EXISTS orders_open ON orders (account_id) WHERE status = 1",
+    """CREATE TABLE IF NOT EXISTS kill_switches (
+        switch_id TEXT PRIMARY KEY,
+        scope INTEGER NOT NULL CHECK (scope IN (1, 2, 3, 4)),
+        value TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        engaged_by TEXT NOT NULL,
+        engaged_at_us INTEGER NOT NULL,
+        released_by TEXT NOT NULL DEFAULT '',
+        released_at_us INTEGER,
+        release_reason TEXT NOT NULL DEFAULT ''
+    ) STRICT""",
+    "CREATE UNIQUE INDEX IF NOT EXISTS kill_switches_engaged ON kill_switches (scope, value) "
+    "WHERE released_at_us IS NULL",
+    """CREATE TABLE IF NOT EXISTS risk_overrides (
+        account_id TEXT PRIMARY KEY,
+        limits TEXT NOT NULL,
+        updated_by TEXT NOT NULL,
+        updated_at_us INTEGER NOT NULL
+    ) STRICT""",
+    """CREATE TABLE IF NOT EXISTS reference_prices (
+        symbol TEXT PRIMARY KEY,
+        price TEXT NOT NULL,
+        at_us INTEGER NOT NULL
+    ) STRICT""",
+    """CREATE TABLE IF NOT EXISTS control (
+        id INTEGER PRIMARY KEY CHECK (id = 1),
+        version INTEGER NOT NULL
+    ) STRICT""",
+    "INSERT INTO control (id, version) VALUES (1, 0) ON CONFLICT DO NOTHING",
+)
+MIGRATIONS = (
+    Migration(1, "orders and their status events", _V1),
+    Migration(2, "pre-trade controls: order notional and API key; kill switches, overrides, prices", _V2),
+)
 
 _INSERT = (
     f"INSERT INTO orders ({_COLS}) VALUES ({_PLACEHOLDERS}) "  # noqa: S608 - constant column names
@@ -71,6 +129,21 @@ _TRANSITION = (
     "UPDATE orders SET status = ?, update_time_us = ? "  # noqa: S608 - constant column names
     f"WHERE account_id = ? AND order_id = ? AND status = ? RETURNING {_COLS}"
 )
+_SET_ADMITTED = "UPDATE orders SET notional = ?, api_key_id = ? WHERE order_id = ?"
+_SWITCH_COLS = ", ".join(SWITCH_COLUMNS)
+_COVERING = (
+    "SELECT scope, value FROM kill_switches WHERE released_at_us IS NULL AND (scope = 1 "
+    "OR (scope = 2 AND value = ?) OR (scope = 3 AND value = ?) OR (scope = 4 AND value = ?))"
+)
+_OPEN_NOTIONALS = "SELECT notional FROM orders WHERE account_id = ? AND status = 1 AND notional IS NOT NULL"
+_ENGAGED = f"SELECT {_SWITCH_COLS} FROM kill_switches WHERE released_at_us IS NULL"  # noqa: S608
+_SCOPE_FILTER = {
+    KillScope.GLOBAL: "",
+    KillScope.ACCOUNT: " AND account_id = ?",
+    KillScope.API_KEY: " AND api_key_id = ?",
+    KillScope.SYMBOL: " AND symbol = ?",
+}
+_BUMP = "UPDATE control SET version = version + 1 WHERE id = 1"
 _EVENT = "INSERT INTO order_events (order_id, status, time_us) VALUES (?, ?, ?)"
 _LIST_FIRST = (
     f"SELECT {_COLS} FROM orders WHERE account_id = ? "  # noqa: S608
@@ -116,13 +189,32 @@ class SqliteOrderStore:
     async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         return cast(T, await self.group.submit(work))
 
-    async def insert_if_absent(self, order: Order) -> tuple[Order, bool]:
+    async def insert_if_absent(self, order: Order, admission: Admission | None = None) -> tuple[Order, bool]:
         row = order_to_row(order)
 
         def work(conn: sqlite3.Connection) -> tuple[Order, bool]:
+            if admission is not None:
+                existing = conn.execute(
+                    _SELECT_BY_CLIENT_ID, (order.account_id, order.client_order_id)
+                ).fetchone()
+                if existing is not None:
+                    return order_from_row(existing), False
+                covering = [
+                    (KillScope(scope), value)
+                    for scope, value in conn.execute(
+                        _COVERING, (order.account_id, admission.api_key_id, order.symbol)
+                    )
+                ]
+                open_notional = sum(
+                    (Decimal(n) for (n,) in conn.execute(_OPEN_NOTIONALS, (order.account_id,))), Decimal(0)
+                )
+                admission.admit(covering, open_notional)
             inserted = conn.execute(_INSERT, row).fetchall()
             if inserted:
                 conn.execute(_EVENT, (order.order_id, int(order.status), order.create_time_us))
+                if admission is not None:
+                    notional = None if admission.notional is None else format_decimal(admission.notional)
+                    conn.execute(_SET_ADMITTED, (notional, admission.api_key_id, order.order_id))
                 return order_from_row(inserted[0]), True
             existing = conn.execute(
                 _SELECT_BY_CLIENT_ID, (order.account_id, order.client_order_id)
@@ -132,6 +224,134 @@ class SqliteOrderStore:
             return order_from_row(existing), False
 
         return await self._write(work)
+
+    async def find(self, account_id: str, client_order_id: str) -> Order | None:
+        def work(conn: sqlite3.Connection) -> Order | None:
+            row = conn.execute(_SELECT_BY_CLIENT_ID, (account_id, client_order_id)).fetchone()
+            return None if row is None else order_from_row(row)
+
+        return await self._run(work)
+
+    async def engage(self, switch: KillSwitch) -> tuple[KillSwitch, int]:
+        scope_params: tuple[str, ...] = () if switch.scope is KillScope.GLOBAL else (switch.value,)
+        now = switch.engaged_at_us
+
+        def work(conn: sqlite3.Connection) -> tuple[KillSwitch, int]:
+            row = conn.execute(
+                _ENGAGED + " AND scope = ? AND value = ?", (int(switch.scope), switch.value)
+            ).fetchone()
+            if row is None:
+                conn.execute(
+                    f"INSERT INTO kill_switches ({_SWITCH_COLS}) "  # noqa: S608 - constant column names
+                    f"VALUES ({', '.join('?' for _ in SWITCH_COLUMNS)})",
+                    (
+                        switch.switch_id,
+                        int(switch.scope),
+                        switch.value,
+                        switch.reason,
+                        switch.engaged_by,
+                        now,
+                        "",
+                        None,
+                        "",
+                    ),
+                )
+                engaged = switch
+            else:
+                engaged = switch_from_row(row)
+            cancelled = conn.execute(
+                "UPDATE orders SET status = 2, update_time_us = ? "  # noqa: S608 - constant filter
+                f"WHERE status = 1{_SCOPE_FILTER[switch.scope]} RETURNING order_id",
+                (now, *scope_params),
+            ).fetchall()
+            conn.executemany(
+                _EVENT, [(order_id, int(OrderStatus.CANCELED), now) for (order_id,) in cancelled]
+            )
+            conn.execute(_BUMP)
+            return engaged, len(cancelled)
+
+        return await self._write(work)
+
+    async def release(
+        self, scope: KillScope, value: str, released_by: str, reason: str, now_us: int
+    ) -> KillSwitch | None:
+        def work(conn: sqlite3.Connection) -> KillSwitch | None:
+            row = conn.execute(
+                "UPDATE kill_switches SET released_by = ?, released_at_us = ?, release_reason = ? "  # noqa: S608
+                f"WHERE scope = ? AND value = ? AND released_at_us IS NULL RETURNING {_SWITCH_COLS}",
+                (released_by, now_us, reason, int(scope), value),
+            ).fetchone()
+            if row is None:
+                return None
+            conn.execute(_BUMP)
+            return switch_from_row(row)
+
+        return await self._write(work)
+
+    async def kill_switches(self, include_released: bool = False) -> builtins.list[KillSwitch]:
+        def work(conn: sqlite3.Connection) -> builtins.list[KillSwitch]:
+            rows = conn.execute(_ENGAGED + " ORDER BY engaged_at_us, switch_id").fetchall()
+            if include_released:
+                rows += conn.execute(
+                    f"SELECT {_SWITCH_COLS} FROM kill_switches WHERE released_at_us IS NOT NULL "  # noqa: S608
+                    "ORDER BY released_at_us DESC, switch_id DESC LIMIT ?",
+                    (MAX_RELEASED_LISTED,),
+                ).fetchall()
+            return [switch_from_row(row) for row in rows]
+
+        return await self._run(work)
+
+    async def set_override(self, account_id: str, limits_json: str | None, by: str, now_us: int) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            if limits_json is None:
+                conn.execute("DELETE FROM risk_overrides WHERE account_id = ?", (account_id,))
+            else:
+                conn.execute(
+                    "INSERT INTO risk_overrides (account_id, limits, updated_by, updated_at_us) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT (account_id) DO UPDATE SET limits = excluded.limits, "
+                    "updated_by = excluded.updated_by, updated_at_us = excluded.updated_at_us",
+                    (account_id, limits_json, by, now_us),
+                )
+            conn.execute(_BUMP)
+
+        await self._write(work)
+
+    async def set_reference_price(self, symbol: str, price: Decimal, at_us: int) -> None:
+        def work(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO reference_prices (symbol, price, at_us) VALUES (?, ?, ?) "
+                "ON CONFLICT (symbol) DO UPDATE SET price = excluded.price, at_us = excluded.at_us "
+                "WHERE excluded.at_us >= reference_prices.at_us",
+                (symbol, format_decimal(price), at_us),
+            )
+            conn.execute(_BUMP)
+
+        await self._write(work)
+
+    async def control_version(self) -> int:
+        def work(conn: sqlite3.Connection) -> int:
+            return int(conn.execute("SELECT version FROM control WHERE id = 1").fetchone()[0])
+
+        return await self._run(work)
+
+    async def controls(self) -> Controls:
+        def work(conn: sqlite3.Connection) -> Controls:
+            conn.execute("BEGIN")  # one snapshot for all four reads
+            try:
+                version = int(conn.execute("SELECT version FROM control WHERE id = 1").fetchone()[0])
+                switches = [switch_from_row(row) for row in conn.execute(_ENGAGED)]
+                overrides = dict(conn.execute("SELECT account_id, limits FROM risk_overrides").fetchall())
+                prices = {
+                    symbol: (to_decimal(price), at_us)
+                    for symbol, price, at_us in conn.execute(
+                        "SELECT symbol, price, at_us FROM reference_prices"
+                    )
+                }
+            finally:
+                conn.execute("COMMIT")
+            return Controls(version, switches, overrides, prices)
+
+        return await self._run(work)
 
     async def get(self, account_id: str, order_id: str) -> Order | None:
         def work(conn: sqlite3.Connection) -> Order | None:

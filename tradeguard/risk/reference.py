@@ -10,7 +10,7 @@ elsewhere keeps its latest prices in memory).
 that sets prices over the API, a test) calls `set(symbol, price)` or `update({symbol: price, ...})`; a price
 older than `max_age_us` (by the injected clock) counts as missing. Prices must be finite and positive. It holds
 at most `max_symbols` symbols: setting a new symbol beyond that raises `ValueError` (a feed never grows without
-bound); `remove(symbol)` drops one. Reads and writes are single dict operations, safe between threads.
+bound); `remove(symbol)` drops one; `symbol in feed` says whether it has one, stale or not. Reads and writes are single dict operations, safe between threads.
 """
 
 from __future__ import annotations
@@ -75,3 +75,7 @@ class PriceFeed:
 
     def __len__(self) -> int:
         return len(self._prices)
+
+    def __contains__(self, symbol: object) -> bool:
+        """Whether the feed has a price for `symbol`, current or stale."""
+        return symbol in self._prices

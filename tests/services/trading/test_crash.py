@@ -98,6 +98,7 @@ def trading_process(
         TRADEGUARD_TRADING_AUTH_TARGET=auth.auth_target,
         TRADEGUARD_TRADING_RATELIMIT_TARGET=auth.ratelimit_target,
         TRADEGUARD_TRADING_AUDIT_TARGET=audit_target,
+        TRADEGUARD_TRADING_RISK="0",  # 32 clients of one account at any price: the audit trail is under test
         PYTHONUNBUFFERED="1",
     )
     with (home / f"trading-{run}.log").open("ab") as log:  # a file, not a pipe: a full pipe would block it

@@ -33,6 +33,8 @@ def start_trading(home: Path, port: int, auth: AuthServices) -> subprocess.Popen
         TRADEGUARD_TRADING_RATELIMIT_TARGET=auth.ratelimit_target,
         # and records every call at the session's audit service (an order is acknowledged once its event is durable)
         TRADEGUARD_TRADING_AUDIT_TARGET=auth.audit_target,
+        # a load of one account at one price: the shutdown is under test, not the risk checks
+        TRADEGUARD_TRADING_RISK="0",
     )
     with open(home / "trading.log", "ab") as log:  # a file, not a pipe: a full pipe would block the service
         return subprocess.Popen([sys.executable, "-m", "services.trading"], env=env, stdout=log, stderr=log)

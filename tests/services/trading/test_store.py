@@ -18,7 +18,10 @@ from services.trading.model import NewOrder, Order, OrderStatus, OrderType, Page
 from services.trading.store import SCHEMA_VERSION, OrderStore
 from services.trading.store_postgres import PostgresOrderStore
 from services.trading.store_sqlite import SqliteOrderStore
+from tests.support import PG_DSN
 from tradeguard.storage.migrations import SchemaTooNew, latest_version
+from tradeguard.storage.postgres import open_pool
+from tradeguard.storage.sqlite import SqliteWorker
 from tradeguard.testing import FakeClock, eventually
 
 from .conftest import Backend
@@ -279,14 +282,34 @@ def test_both_backends_migrate_to_the_schema_version() -> None:
 async def test_a_v1_database_is_recognised_and_keeps_its_orders(
     backend: Backend, make_order: Callable[..., Order]
 ) -> None:
-    """Databases written before migrations existed recorded `schema_version` 1: opened as they are, not recreated."""
-    store = await backend.open()
-    await store.insert_if_absent(make_order())
-    await store.close()
+    """Databases written before migrations existed recorded `schema_version` 1: opened as they are, not recreated,
+    and migrated forward (v2: the pre-trade controls); their orders stay, with no notional and no API key."""
+    if backend.kind == "sqlite":
+        worker = await SqliteWorker.open(backend.path, store_sqlite.MIGRATIONS[:1], name="v1")
+        await worker.close()
+    else:
+        pool = await open_pool(PG_DSN, backend.schema, store_postgres.MIGRATIONS[:1], min_size=1, max_size=1)
+        await pool.close()
     assert backend.execute("SELECT version FROM {schema}.schema_version") == [(1,)]
+    order = make_order()
+    backend.execute(
+        "INSERT INTO {schema}.orders (order_id, account_id, client_order_id, symbol, side, type, time_in_force, "
+        "quantity, price, status, create_time_us, update_time_us) VALUES "
+        "(%s, %s, %s, %s, 1, 1, 1, '1.5', '100', 1, %s, %s)",
+        (
+            order.order_id,
+            order.account_id,
+            order.client_order_id,
+            order.symbol,
+            order.create_time_us,
+            order.update_time_us,
+        ),
+    )
     reopened = await backend.open()
-    assert await reopened.get("acct-1", make_order().order_id) == make_order()
-    assert backend.execute("SELECT version FROM {schema}.schema_version") == [(1,)]
+    assert await reopened.get("acct-1", order.order_id) == order
+    assert backend.execute("SELECT version FROM {schema}.schema_version ORDER BY version") == [(1,), (2,)]
+    assert backend.execute("SELECT notional, api_key_id FROM {schema}.orders") == [(None, "")]
+    assert (await reopened.controls()).version == 0
 
 
 async def test_a_newer_schema_is_refused(backend: Backend) -> None:
@@ -301,7 +324,7 @@ async def test_sqlite_durability_settings(backend: Backend, store: OrderStore) -
         pytest.skip("SQLite pragmas")
     assert isinstance(store, SqliteOrderStore)
     assert backend.execute("PRAGMA journal_mode") == [("wal",)]
-    assert backend.execute("SELECT version FROM schema_version") == [(1,)]
+    assert backend.execute("SELECT version FROM schema_version ORDER BY version") == [(1,), (2,)]
     # the store's own connection: synchronous=FULL (2), foreign keys on
     pragmas = await store.worker.run(
         lambda c: (c.execute("PRAGMA synchronous").fetchone(), c.execute("PRAGMA foreign_keys").fetchone())

@@ -46,6 +46,14 @@ def test_update_sets_several_at_once_and_remove_drops_one() -> None:
     assert (feed.price("A"), len(feed)) == (None, 1)
 
 
+def test_a_stale_price_is_still_in_the_feed() -> None:
+    clock = FakeClock()
+    feed = PriceFeed(clock, max_age_us=10)
+    feed.set("A", Decimal(1))
+    clock.advance(11)
+    assert feed.price("A") is None and "A" in feed and "B" not in feed
+
+
 @pytest.mark.parametrize("bad", [Decimal(0), Decimal(-1), Decimal("NaN"), Decimal("Infinity"), 5, 5.0])
 def test_only_finite_positive_decimals_are_prices(bad: object) -> None:
     with pytest.raises(ValueError, match="finite positive Decimal"):
