@@ -110,10 +110,8 @@ def event_from_proto(message: pb.Event, field: str = "event") -> Event:
 
 def event_to_proto(event: Event) -> pb.Event:
     """The event as a message, in the canonical form (see the module)."""
-    seconds, micros = divmod(event.time_us, _US)
     message = pb.Event(
         event_id=event.event_id,
-        time=timestamp_pb2.Timestamp(seconds=seconds, nanos=micros * 1000),
         principal=event.principal,
         account_id=event.account_id,
         api_key_id=event.api_key_id,
@@ -129,6 +127,10 @@ def event_to_proto(event: Event) -> pb.Event:
         request_id=event.request_id,
         trace_id=event.trace_id,
     )
+    seconds, micros = divmod(event.time_us, _US)
+    time = message.time  # set field by field: cheaper than a Timestamp made and copied; always present
+    time.seconds = seconds
+    time.nanos = micros * 1000
     if event.details:
         message.details.update(event.details)
     if event.clock_sync or event.clock_estimated_error_us or event.clock_max_error_us:

@@ -163,12 +163,11 @@ def _own_rules(text: str) -> str:
     return _RUN.sub(_run, text)
 
 
-_own_rules_cached: Final = functools.lru_cache(maxsize=4096)(_own_rules)
 _CACHE_SIZE: Final = 8192
 
 
 def mask_text_reference(text: str) -> str:
-    """`mask_text` without any memory (what the tests compare `mask_text` with)."""
+    """`mask_text` without any memory of its own (what the tests compare `mask_text` with)."""
     if not text:
         return text
     masked = redact_text(_own_rules(text))
@@ -185,14 +184,6 @@ class _Answers:
     cache: dict[str, str] = {}  # noqa: RUF012 - replaced whole, never shared
 
 
-def _compute(text: str) -> str:
-    masked = _own_rules_cached(text) if len(text) <= _CACHE_MAX_LEN else _own_rules(text)
-    masked = redact_text(masked)
-    if REDACTED in masked:
-        masked = masked.replace(REDACTED, MASK)
-    return masked
-
-
 def _answers() -> dict[str, str]:
     """The remembered answers, for the redactor's registered secrets as they are now."""
     registered = redact._Registered.state  # private to the kit: its answers change with it
@@ -204,11 +195,11 @@ def _answers() -> dict[str, str]:
 def mask_text(text: str) -> str:
     """`text` with every secret found by content (rule 2) replaced by `MASK`."""
     if len(text) > _CACHE_MAX_LEN:
-        return _compute(text)
+        return mask_text_reference(text)
     cache = _answers()
     masked = cache.get(text)
     if masked is None:
-        masked = _compute(text)
+        masked = mask_text_reference(text)
         if len(cache) >= _CACHE_SIZE:
             cache.clear()
             cache[""] = ""
