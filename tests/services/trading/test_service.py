@@ -12,8 +12,10 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlparse
 
 import grpc
+import pyotp
 import pytest
 
 from services.trading.controls import TradingControls
@@ -22,9 +24,11 @@ from services.trading.service import SERVICE
 from services.trading.settings import RiskSettings, Settings
 from services.trading.store_postgres import PostgresOrderStore
 from services.trading.store_sqlite import SqliteOrderStore
-from tests.support import PG_DSN, AuthServices, create_api_key, create_auth_user, log_in
+from tests.support import AUTH_PASSWORD, PG_DSN, AuthServices, create_api_key, create_auth_user, log_in
 from tradeguard.audit.v1 import audit_pb2 as pb
 from tradeguard.audit.v1 import audit_pb2_grpc
+from tradeguard.auth.v1 import auth_pb2 as auth_pb
+from tradeguard.auth.v1 import auth_pb2_grpc
 from tradeguard.guard import GuardSettings
 from tradeguard.guard.client import (
     ApiKeyCredentials,
@@ -265,3 +269,143 @@ async def test_kill_switch_on_two_instances_within_a_second(instances: Instances
     assert any(e.entry.event.outcome == pb.OUTCOME_OK for e in engage)
     halted = await audited(instances.auth, account_id=account, outcome=pb.OUTCOME_DENIED_RISK)
     assert len(halted) == 2 and all("KILL_SWITCH_ENGAGED" in e.entry.event.risk_decision for e in halted)
+
+
+# --- release: a fresh second factor only ------------------------------------------------------------------
+
+
+async def logged_in_with_refresh(auth: AuthServices) -> tuple[str, str]:
+    """(access token, refresh token) of a new risk officer (and trader: a second factor required), logged in with
+    a TOTP code."""
+
+    user = await create_auth_user(auth, "acct-ops", roles=("risk-officer", "trader"))
+    async with auth.channel("ops") as channel:
+        stub = auth_pb2_grpc.AuthServiceStub(channel)
+        begun = await stub.BeginTotpEnrollment(
+            auth_pb.BeginTotpEnrollmentRequest(username=user.username, password=AUTH_PASSWORD), timeout=10
+        )
+        totp = pyotp.TOTP(parse_qs(urlparse(begun.otpauth_uri).query)["secret"][0])
+        await stub.ConfirmTotpEnrollment(
+            auth_pb.ConfirmTotpEnrollmentRequest(
+                username=user.username, password=AUTH_PASSWORD, code=totp.now()
+            ),
+            timeout=10,
+        )
+        first = await stub.Login(
+            auth_pb.LoginRequest(username=user.username, password=AUTH_PASSWORD), timeout=10
+        )
+        second = await stub.VerifyMfa(
+            auth_pb.VerifyMfaRequest(mfa_token=first.mfa_token, totp_code=totp.at(time.time() + 30)),
+            timeout=10,
+        )
+    return second.tokens.access_token, second.tokens.refresh_token
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_release_needs_a_fresh_second_factor(instances: Instances) -> None:
+    running = await instances.start()
+    access, refresh = await logged_in_with_refresh(instances.auth)
+    async with instances.auth.channel("ops") as channel:
+        refreshed = await auth_pb2_grpc.AuthServiceStub(channel).RefreshToken(
+            auth_pb.RefreshTokenRequest(refresh_token=refresh), timeout=10
+        )
+    engage = tp.EngageKillSwitchRequest(scope=tp.KILL_SWITCH_SCOPE_SYMBOL, value="ETH-USD", reason="halt")
+    release = tp.ReleaseKillSwitchRequest(scope=tp.KILL_SWITCH_SCOPE_SYMBOL, value="ETH-USD", reason="clear")
+    async with stub_of(instances, running, bearer_interceptors(refreshed.tokens.access_token)) as stale:
+        await stale.EngageKillSwitch(engage, timeout=10)  # engaging needs only the permission
+        code, status = await refused(stale.ReleaseKillSwitch(release, timeout=10))  # a refreshed token
+        assert (code, status.reason) == (grpc.StatusCode.PERMISSION_DENIED, "FRESH_MFA_REQUIRED")
+    async with stub_of(instances, running, await officer(instances.auth, fresh=False)) as password_only:
+        code, status = await refused(password_only.ReleaseKillSwitch(release, timeout=10))
+        assert (code, status.reason) == (grpc.StatusCode.PERMISSION_DENIED, "FRESH_MFA_REQUIRED")
+    async with stub_of(instances, running, await trader(instances.auth, "acct-t")) as trader_stub:
+        code, _ = await refused(trader_stub.EngageKillSwitch(engage, timeout=10))  # no trading:halt
+        assert code == grpc.StatusCode.PERMISSION_DENIED
+        code, status = await refused(
+            trader_stub.PlaceOrder(order("eth", symbol="ETH-USD", price="3200"), timeout=10)
+        )
+        assert status.reason == "KILL_SWITCH_ENGAGED"
+    async with stub_of(instances, running, bearer_interceptors(access)) as fresh:
+        released = await fresh.ReleaseKillSwitch(release, timeout=10)
+        assert released.kill_switch.release_reason == "clear" and released.kill_switch.HasField(
+            "release_time"
+        )
+        code, status = await refused(fresh.ReleaseKillSwitch(release, timeout=10))
+        assert (code, status.reason) == (grpc.StatusCode.NOT_FOUND, "KILL_SWITCH_NOT_ENGAGED")
+        history = await fresh.ListKillSwitches(tp.ListKillSwitchesRequest(include_released=True), timeout=10)
+        assert [s.reason for s in history.kill_switches] == ["halt"]
+    released_events = await audited(
+        instances.auth, method="/tradeguard.trading.v1.TradingService/ReleaseKillSwitch"
+    )
+    assert {e.entry.event.status_code for e in released_events} >= {"PERMISSION_DENIED", "OK"}
+
+
+# --- restarts and the admin RPCs --------------------------------------------------------------------------
+
+
+async def test_a_switch_survives_a_restart(instances: Instances) -> None:
+    running = await instances.start()
+    async with stub_of(instances, running, await officer(instances.auth)) as admin:
+        await admin.EngageKillSwitch(
+            tp.EngageKillSwitchRequest(scope=tp.KILL_SWITCH_SCOPE_GLOBAL, reason="end of day"), timeout=10
+        )
+    await instances.stop(running)
+    restarted = await instances.start()
+    assert controls(restarted).switches  # in force before the first call
+    async with stub_of(instances, restarted, await trader(instances.auth, "acct-r")) as stub:
+        code, status = await refused(stub.PlaceOrder(order("after-restart"), timeout=10))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION
+        assert metadata(status) == {"scope": "GLOBAL", "value": ""}
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_reference_prices_and_limits_over_the_api(instances: Instances) -> None:
+    running = await instances.start()
+    account = f"acct-lim-{time.monotonic_ns()}"
+    async with (
+        stub_of(instances, running, await officer(instances.auth)) as admin,
+        stub_of(instances, running, await trader(instances.auth, account)) as stub,
+    ):
+        set_price = await admin.SetReferencePrice(
+            tp.SetReferencePriceRequest(symbol="SOL-USD", price="150.50"), timeout=10
+        )
+        assert (set_price.symbol, set_price.price) == ("SOL-USD", "150.5")
+        await stub.PlaceOrder(order("sol", symbol="SOL-USD", price="150"), timeout=10)
+        code, _ = await refused(
+            admin.SetReferencePrice(tp.SetReferencePriceRequest(symbol="X", price="0"), timeout=10)
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+        got = await admin.GetRiskLimits(tp.GetRiskLimitsRequest(account_id=account), timeout=10)
+        assert (got.source, got.limits.max_quantity, got.HasField("override")) == (
+            "file:defaults",
+            "100",
+            False,
+        )
+        assert list(got.limits.restricted_symbols) == ["GME"]
+        changed = await admin.SetRiskLimits(
+            tp.SetRiskLimitsRequest(account_id=account, limits=tp.RiskLimits(max_quantity="2")), timeout=10
+        )
+        assert (changed.source, changed.limits.max_quantity, changed.limits.credit_limit) == (
+            "file:defaults+override",
+            "2",
+            "200000",
+        )
+        code, status = await refused(stub.PlaceOrder(order("big", quantity="3"), timeout=10))
+        assert metadata(status)["limit"] == "2"
+        code, status = await refused(
+            admin.SetRiskLimits(
+                tp.SetRiskLimitsRequest(account_id=account, limits=tp.RiskLimits(price_collar_bps=0)),
+                timeout=10,
+            )
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert [v.field for v in status.field_violations] == ["limits.price_collar_bps"]
+        cleared = await admin.SetRiskLimits(
+            tp.SetRiskLimitsRequest(account_id=account, clear=True), timeout=10
+        )
+        assert (cleared.source, cleared.limits.max_quantity) == ("file:defaults", "100")
+        await stub.PlaceOrder(order("big-2", quantity="3", price="64000"), timeout=10)
+    async with stub_of(instances, running, await trader(instances.auth, account)) as stub:
+        code, _ = await refused(stub.GetRiskLimits(tp.GetRiskLimitsRequest(account_id=account), timeout=10))
+        assert code == grpc.StatusCode.PERMISSION_DENIED  # risk:manage only
