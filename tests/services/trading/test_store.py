@@ -9,12 +9,23 @@ from decimal import Decimal
 from pathlib import Path
 from typing import TypeVar
 
+import psycopg
 import pytest
 
 from services.trading import store_postgres, store_sqlite
 from services.trading.core import TradingCore
 from services.trading.errors import AlreadyExists, FailedPrecondition, NotFound
-from services.trading.model import NewOrder, Order, OrderStatus, OrderType, PageCursor, TimeInForce
+from services.trading.model import (
+    Admission,
+    KillScope,
+    KillSwitch,
+    NewOrder,
+    Order,
+    OrderStatus,
+    OrderType,
+    PageCursor,
+    TimeInForce,
+)
 from services.trading.store import SCHEMA_VERSION, OrderStore
 from services.trading.store_postgres import PostgresOrderStore
 from services.trading.store_sqlite import SqliteOrderStore
@@ -584,3 +595,149 @@ async def test_sqlite_cancelled_callers(tmp_path: Path, make_order: Callable[...
     assert await store.get("acct-1", oid(2)) is None  # never written: cancelled while queued
     assert (store.transactions, store.writes) == (2, 2)
     await store.close()
+
+
+# --- the pre-trade controls' contract -------------------------------------------------------------------
+
+
+def admission(
+    seen: list[tuple[list[tuple[KillScope, str]], Decimal]],
+    notional: Decimal | None = Decimal(150),
+    refuse: bool = False,
+    api_key_id: str = "key-1",
+) -> Admission:
+    def admit(covering: list[tuple[KillScope, str]], open_notional: Decimal) -> None:
+        seen.append((covering, open_notional))
+        if refuse:
+            raise FailedPrecondition("refused", reason="TEST_REFUSED")
+
+    return Admission(notional, api_key_id, admit)
+
+
+async def test_an_admission_sees_the_open_notional_and_covering_switches(
+    backend: Backend, store: OrderStore, make_order: Callable[..., Order]
+) -> None:
+    seen: list[tuple[list[tuple[KillScope, str]], Decimal]] = []
+    await store.insert_if_absent(
+        make_order(order_id=oid(1), client_order_id="a"), admission(seen, Decimal("0.5"))
+    )
+    await store.insert_if_absent(make_order(order_id=oid(2), client_order_id="b"), admission(seen, None))
+    await store.insert_if_absent(make_order(order_id=oid(3), client_order_id="c"), admission(seen))
+    await store.insert_if_absent(
+        make_order(order_id=oid(4), client_order_id="d", account_id="acct-2"), admission(seen)
+    )
+    await store.transition("acct-1", oid(3), OrderStatus.OPEN, OrderStatus.CANCELED, 1)
+    await store.insert_if_absent(make_order(order_id=oid(5), client_order_id="e"), admission(seen))
+    # open notional of acct-1: 0 / 0.5 / 0.5 (none for b) / 0 (acct-2) / 0.5 (c cancelled)
+    assert [total for _, total in seen] == [0, Decimal("0.5"), Decimal("0.5"), 0, Decimal("0.5")]
+    assert backend.execute(
+        "SELECT notional, api_key_id FROM {schema}.orders WHERE order_id = %s", (oid(1),)
+    ) in (
+        [("0.5", "key-1")],
+        [(Decimal("0.5"), "key-1")],
+    )
+    switch = KillSwitch("ks_1", KillScope.SYMBOL, "BTC-USD", "halt", "usr", 10)
+    await store.engage(switch)
+    await store.engage(KillSwitch("ks_2", KillScope.API_KEY, "key-9", "halt", "usr", 10))
+    seen.clear()
+    with pytest.raises(FailedPrecondition):
+        await store.insert_if_absent(
+            make_order(order_id=oid(6), client_order_id="f"), admission(seen, refuse=True)
+        )
+    await store.insert_if_absent(
+        make_order(order_id=oid(7), client_order_id="g", symbol="ETH-USD"), admission(seen)
+    )
+    assert [covering for covering, _ in seen] == [[(KillScope.SYMBOL, "BTC-USD")], []]
+
+
+async def test_a_refused_admission_inserts_nothing_and_a_replay_is_not_admitted_again(
+    backend: Backend, store: OrderStore, make_order: Callable[..., Order]
+) -> None:
+    seen: list[tuple[list[tuple[KillScope, str]], Decimal]] = []
+    with pytest.raises(FailedPrecondition, match="refused"):
+        await store.insert_if_absent(make_order(), admission(seen, refuse=True))
+    assert backend.count("orders") == 0 and backend.count("order_events") == 0
+    assert (await store.insert_if_absent(make_order(), admission(seen)))[1]
+    stored, created = await store.insert_if_absent(make_order(order_id=oid(9)), admission(seen, refuse=True))
+    assert not created and stored == make_order()  # the existing order: admit is not called for it
+    assert len(seen) == 2
+
+
+async def test_engage_cancels_in_one_transaction_and_moves_the_version(
+    backend: Backend, store: OrderStore, make_order: Callable[..., Order]
+) -> None:
+    assert await store.control_version() == 0
+    for i, symbol in enumerate(("BTC-USD", "ETH-USD", "BTC-USD"), start=1):
+        await store.insert_if_absent(make_order(order_id=oid(i), client_order_id=f"c{i}", symbol=symbol))
+    engaged, cancelled = await store.engage(
+        KillSwitch("ks_1", KillScope.SYMBOL, "BTC-USD", "halt", "usr", 99)
+    )
+    assert (engaged.switch_id, cancelled) == ("ks_1", 2)
+    assert await store.control_version() == 1
+    statuses = {o.order_id: (o.status, o.update_time_us) for o in await store.list("acct-1", 10, None)}
+    assert statuses[oid(1)] == (OrderStatus.CANCELED, 99) and statuses[oid(2)][0] is OrderStatus.OPEN
+    assert backend.execute("SELECT count(*) FROM {schema}.order_events WHERE status = 2")[0][0] == 2
+    again, cancelled = await store.engage(
+        KillSwitch("ks_2", KillScope.SYMBOL, "BTC-USD", "again", "usr2", 100)
+    )
+    assert (again.switch_id, again.reason, cancelled) == ("ks_1", "halt", 0)
+    controls = await store.controls()
+    assert (controls.version, [s.switch_id for s in controls.switches]) == (2, ["ks_1"])
+    assert await store.release(KillScope.SYMBOL, "ETH-USD", "u", "r", 101) is None
+    released = await store.release(KillScope.SYMBOL, "BTC-USD", "usr3", "clear", 102)
+    assert released is not None and (released.released_by, released.released_at_us) == ("usr3", 102)
+    assert (await store.controls()).switches == []
+    assert [s.switch_id for s in await store.kill_switches(include_released=True)] == ["ks_1"]
+    assert await store.kill_switches() == []
+    # a new switch for the same scope after the release: a new row, the old one stays history
+    await store.engage(KillSwitch("ks_3", KillScope.SYMBOL, "BTC-USD", "again", "usr", 103))
+    assert [s.switch_id for s in await store.kill_switches(include_released=True)] == ["ks_3", "ks_1"]
+
+
+async def test_overrides_and_prices_are_shared_and_a_late_price_never_wins(store: OrderStore) -> None:
+    await store.set_override("acct-1", '{"max_quantity":"5"}', "usr", 1)
+    await store.set_reference_price("BTC-USD", Decimal("64000.5"), 10)
+    await store.set_reference_price("BTC-USD", Decimal(1), 9)  # observed earlier: ignored
+    controls = await store.controls()
+    assert controls.overrides == {"acct-1": '{"max_quantity":"5"}'}
+    assert controls.prices == {"BTC-USD": (Decimal("64000.5"), 10)}
+    await store.set_override("acct-1", None, "usr", 2)
+    controls = await store.controls()
+    assert controls.overrides == {} and controls.version == 4
+
+
+async def test_engage_waits_for_an_insert_holding_the_control_lock(
+    backend: Backend, store: OrderStore, make_order: Callable[..., Order]
+) -> None:
+    """An insert transaction in flight when a switch is engaged: the engage waits for it and cancels its order.
+    (Without the lock, the engage would commit first and the order would stay OPEN in scope.)"""
+    order = make_order()
+    if backend.kind == "sqlite":
+        pytest.skip("SQLite: one writer per database file (BEGIN IMMEDIATE) by construction")
+    conn_pg = await psycopg.AsyncConnection.connect(PG_DSN)
+    try:
+        await conn_pg.execute(f'SELECT version FROM "{backend.schema}".control WHERE id = 1 FOR UPDATE')
+        engaging = asyncio.ensure_future(
+            store.engage(KillSwitch("ks_1", KillScope.GLOBAL, "", "halt", "usr", 5))
+        )
+        await eventually(
+            lambda: bool(
+                backend.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                    (f"%{backend.schema}%control%",),
+                )[0][0]
+            )
+        )
+        await conn_pg.execute(
+            f'INSERT INTO "{backend.schema}".orders (order_id, account_id, client_order_id, symbol, side, '
+            "type, time_in_force, quantity, price, status, create_time_us, update_time_us) VALUES "
+            "(%s, 'acct-1', 'c-1', 'BTC-USD', 1, 1, 1, 1, 1, 1, 1, 1)",
+            (order.order_id,),
+        )
+        await conn_pg.commit()
+    finally:
+        await conn_pg.close()
+    _, cancelled = await engaging
+    assert cancelled == 1
+    stored = await store.get("acct-1", order.order_id)
+    assert stored is not None and stored.status is OrderStatus.CANCELED
