@@ -1,4 +1,4 @@
-"""The `tradeguard` command line: `pki`, `up`, `auth`, `orders`, `vault`, `quota`, `audit`, `edge`.
+"""The `tradeguard` command line: `pki`, `up`, `auth`, `orders`, `vault`, `quota`, `audit`, `edge`, `kill`.
 
 Every command reads the suite's home (--home, else $TRADEGUARD_HOME, else ./.tradeguard) and the services'
 ports from the same environment the services read (TRADEGUARD_<SERVICE>_PORT). `tradeguard COMMAND --help`
@@ -17,6 +17,7 @@ from tradeguard.cli import (
     auth_cmd,
     common,
     edge_cmd,
+    kill_cmd,
     orders_cmd,
     pki_cmd,
     quota_cmd,
@@ -48,7 +49,7 @@ class _Parser(argparse.ArgumentParser):
         return super().parse_args(argv, namespace)
 
 
-_COMMANDS = ("pki", "up", "auth", "orders", "vault", "quota", "audit", "edge")
+_COMMANDS = ("pki", "up", "auth", "orders", "vault", "quota", "audit", "edge", "kill")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -65,6 +66,7 @@ def parser() -> argparse.ArgumentParser:
     quota_cmd.register(sub)
     audit_cmd.register(sub)
     edge_cmd.register(sub)
+    kill_cmd.register(sub)
     assert tuple(sub.choices) == _COMMANDS
     return root
 
