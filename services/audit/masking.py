@@ -45,11 +45,11 @@
 Numbers, enums and times are not changed. `mask_event` is idempotent.
 
 Speed (the append path masks every event): `mask_text` remembers its answers for texts up to 256 characters
-(most fields repeat: methods, principals, callers, decisions), at most `_CACHE_SIZE` of them, forgotten at once
-when the log redactor's registered secrets change (its answers would); `mask_event` reads the text fields in
-one go and only looks at the `api_key_id` rule, the cut and the event's copy when masking changed something. The
-answers are exactly the reference's: `mask_text_reference` and `mask_event_reference`, the same rules without
-any memory, are what the tests compare them with.
+(most fields repeat: methods, principals, callers, decisions), at most 8,192 of them (all forgotten when full),
+and forgets them all when the log redactor's registered secrets change (its answers would); `mask_event` reads
+the text fields in one go and looks at the `api_key_id` rule, the cut and a copy of the event only when masking
+changed something. The answers are exactly the reference's: `mask_text_reference` and `mask_event_reference`,
+the same rules without a memory of their own, are what the tests compare them with.
 """
 
 from __future__ import annotations
