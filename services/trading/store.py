@@ -7,7 +7,8 @@ plus a control `version` bumped by every change of them. Instances poll `control
 
 Admission and the kill switch (why the credit limit and a kill switch hold with several instances on one
 database): an insert with an `Admission` takes the store's control lock, then reads the engaged switches that
-cover the order and the account's open notional, calls `admit`, and inserts, all in one transaction; engaging a
+cover the order and the account's open notional (kept per account, added to by an admitted insert and taken from
+when an order leaves OPEN: one row read, however many orders are open), calls `admit`, and inserts, all in one transaction; engaging a
 switch takes the same lock, inserts the switch, cancels every OPEN order in scope and bumps the version, in one
 transaction. So an order is either inserted before the switch (and cancelled by it) or checked after it (and
 refused), and two orders of an account never both pass on the same credit headroom. SQLite: BEGIN IMMEDIATE is
@@ -53,7 +54,7 @@ __all__ = [
 
 # The version both backends' MIGRATIONS lead to (store_sqlite.py, store_postgres.py; see
 # tradeguard.storage.migrations): a change of the tables is a new migration in each backend and a bump here.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 class OrderStore(Protocol):

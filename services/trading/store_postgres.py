@@ -64,10 +64,13 @@ def _statements(schema: str) -> dict[str, sql.Composed]:
     scoped = {
         scope: sql.SQL(
             "WITH cancelled AS (UPDATE {orders} SET status = 2, update_time_us = %s "  # noqa: S608 - constant
-            "WHERE status = 1" + where + " RETURNING order_id), "
-            "event AS (INSERT INTO {events} (order_id, status, time_us) SELECT order_id, 2, %s FROM cancelled) "
+            "WHERE status = 1" + where + " RETURNING order_id, account_id, notional), "
+            "event AS (INSERT INTO {events} (order_id, status, time_us) SELECT order_id, 2, %s FROM cancelled), "
+            "released AS (UPDATE {exposure} e SET open_notional = e.open_notional - r.total FROM "
+            "(SELECT account_id, sum(notional) AS total FROM cancelled WHERE notional IS NOT NULL "
+            "GROUP BY account_id) r WHERE e.account_id = r.account_id) "
             "SELECT count(*) FROM cancelled"
-        ).format(**fmt)
+        ).format(**fmt, exposure=sql.Identifier(schema, "account_exposure"))
         for scope, where in (
             ("cancel_1", ""),
             ("cancel_2", " AND account_id = %s"),
@@ -83,9 +86,19 @@ def _statements(schema: str) -> dict[str, sql.Composed]:
         "covering": sql.SQL(
             "SELECT scope, value, NULL FROM {switches} WHERE released_at_us IS NULL AND (scope = 1 "
             "OR (scope = 2 AND value = %s) OR (scope = 3 AND value = %s) OR (scope = 4 AND value = %s)) "
-            "UNION ALL SELECT 0, '', coalesce(sum(notional), 0) FROM {orders} "
-            "WHERE account_id = %s AND status = 1"
-        ).format(**fmt, **more),
+            "UNION ALL SELECT 0, '', coalesce((SELECT open_notional FROM {exposure} WHERE account_id = %s), 0)"
+        ).format(**fmt, **more, exposure=sql.Identifier(schema, "account_exposure")),
+        "add_exposure": sql.SQL(
+            "INSERT INTO {exposure} AS e (account_id, open_notional) VALUES (%s, %s) "
+            "ON CONFLICT (account_id) DO UPDATE SET open_notional = e.open_notional + excluded.open_notional"
+        ).format(exposure=sql.Identifier(schema, "account_exposure")),
+        "transition_open": sql.SQL(
+            "WITH moved AS (UPDATE {orders} SET status = %s, update_time_us = %s "
+            "WHERE account_id = %s AND order_id = %s AND status = 1 RETURNING {cols}, notional), "
+            "released AS (UPDATE {exposure} e SET open_notional = e.open_notional - m.notional FROM moved m "
+            "WHERE e.account_id = m.account_id AND m.notional IS NOT NULL) "
+            "SELECT {cols} FROM moved"
+        ).format(**fmt, exposure=sql.Identifier(schema, "account_exposure")),
         "insert_admitted": sql.SQL(
             "WITH inserted AS (INSERT INTO {orders} ({cols}, notional, api_key_id) VALUES ({params}, %s, %s) "
             "ON CONFLICT (account_id, client_order_id) DO NOTHING RETURNING {cols}), "
@@ -223,9 +236,19 @@ _V2 = (
     )""",
     "INSERT INTO {schema}.control (id, version) VALUES (1, 0) ON CONFLICT DO NOTHING",
 )
+_V3 = (
+    """CREATE TABLE IF NOT EXISTS {schema}.account_exposure (
+        account_id text PRIMARY KEY,
+        open_notional numeric NOT NULL
+    )""",
+    "INSERT INTO {schema}.account_exposure (account_id, open_notional) "
+    "SELECT account_id, sum(notional) FROM {schema}.orders WHERE status = 1 AND notional IS NOT NULL "
+    "GROUP BY account_id ON CONFLICT DO NOTHING",
+)
 MIGRATIONS = (
     Migration(1, "orders and their status events", _V1),
     Migration(2, "pre-trade controls: order notional and API key; kill switches, overrides, prices", _V2),
+    Migration(3, "each account's open notional, kept with its orders (the credit check reads one row)", _V3),
 )
 
 
@@ -338,6 +361,8 @@ class PostgresOrderStore:
             inserted = await cur.fetchone()
             if inserted is None:  # cannot happen under the lock: the key was absent just above
                 raise RuntimeError("an admitted insert conflicted under the control lock")
+            if admission.notional is not None and order.status is OrderStatus.OPEN:
+                await conn.execute(statements["add_exposure"], (order.account_id, admission.notional))
             return order_from_row(inserted), True
 
         return work
@@ -459,10 +484,17 @@ class PostgresOrderStore:
     async def transition(
         self, account_id: str, order_id: str, from_status: OrderStatus, to_status: OrderStatus, now_us: int
     ) -> Order | None:
+        leaves_open = from_status is OrderStatus.OPEN and to_status is not OrderStatus.OPEN
+
         async def work(conn: Conn) -> Order | None:
-            cur = await conn.execute(
-                self._sql["transition"], (int(to_status), now_us, account_id, order_id, int(from_status))
-            )
+            if leaves_open:  # and its notional leaves the account's exposure, in the same statement
+                cur = await conn.execute(
+                    self._sql["transition_open"], (int(to_status), now_us, account_id, order_id)
+                )
+            else:
+                cur = await conn.execute(
+                    self._sql["transition"], (int(to_status), now_us, account_id, order_id, int(from_status))
+                )
             row = await cur.fetchone()
             if row is None:
                 return None

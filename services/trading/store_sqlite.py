@@ -8,8 +8,9 @@ after the COMMIT that includes its write returned. A write whose batch has start
 on that thread even if its caller is cancelled: nothing is ever half-written.
 Reads run on the same thread, between transactions.
 
-Decimals are TEXT (exact); the open notional of an account is summed in Python as `Decimal`s, never by SQLite
-(whose SUM would go through floating point). The control lock of services/trading/store.py is BEGIN IMMEDIATE.
+Decimals are TEXT (exact); an account's open notional (account_exposure) is added to and taken from in Python as
+`Decimal`s, never by SQLite's arithmetic (floating point). The control lock of services/trading/store.py is BEGIN
+IMMEDIATE.
 """
 
 from __future__ import annotations
@@ -114,9 +115,30 @@ _V2 = (
     ) STRICT""",
     "INSERT INTO control (id, version) VALUES (1, 0) ON CONFLICT DO NOTHING",
 )
+
+
+def _backfill_exposure(conn: sqlite3.Connection) -> None:
+    totals: dict[str, Decimal] = {}
+    for account, notional in conn.execute(_OPEN_NOTIONALS_ALL):
+        totals[account] = totals.get(account, Decimal(0)) + Decimal(notional)
+    conn.executemany(
+        "INSERT INTO account_exposure (account_id, open_notional) VALUES (?, ?)",
+        [(account, format_decimal(total)) for account, total in totals.items()],
+    )
+
+
+_OPEN_NOTIONALS_ALL = "SELECT account_id, notional FROM orders WHERE status = 1 AND notional IS NOT NULL"
+_V3 = (
+    """CREATE TABLE IF NOT EXISTS account_exposure (
+        account_id TEXT PRIMARY KEY,
+        open_notional TEXT NOT NULL
+    ) STRICT""",
+    _backfill_exposure,
+)
 MIGRATIONS = (
     Migration(1, "orders and their status events", _V1),
     Migration(2, "pre-trade controls: order notional and API key; kill switches, overrides, prices", _V2),
+    Migration(3, "each account's open notional, kept with its orders (the credit check reads one row)", _V3),
 )
 
 _INSERT = (
@@ -135,7 +157,23 @@ _COVERING = (
     "SELECT scope, value FROM kill_switches WHERE released_at_us IS NULL AND (scope = 1 "
     "OR (scope = 2 AND value = ?) OR (scope = 3 AND value = ?) OR (scope = 4 AND value = ?))"
 )
-_OPEN_NOTIONALS = "SELECT notional FROM orders WHERE account_id = ? AND status = 1 AND notional IS NOT NULL"
+_EXPOSURE = "SELECT open_notional FROM account_exposure WHERE account_id = ?"
+_SET_EXPOSURE = (
+    "INSERT INTO account_exposure (account_id, open_notional) VALUES (?, ?) "
+    "ON CONFLICT (account_id) DO UPDATE SET open_notional = excluded.open_notional"
+)
+_NOTIONAL_OF = "SELECT notional FROM orders WHERE order_id = ?"
+
+
+def _exposure(conn: sqlite3.Connection, account_id: str) -> Decimal:
+    row = conn.execute(_EXPOSURE, (account_id,)).fetchone()
+    return Decimal(0) if row is None else Decimal(row[0])
+
+
+def _add_exposure(conn: sqlite3.Connection, account_id: str, delta: Decimal) -> None:
+    conn.execute(_SET_EXPOSURE, (account_id, format_decimal(_exposure(conn, account_id) + delta)))
+
+
 _ENGAGED = f"SELECT {_SWITCH_COLS} FROM kill_switches WHERE released_at_us IS NULL"  # noqa: S608
 _SCOPE_FILTER = {
     KillScope.GLOBAL: "",
@@ -205,16 +243,22 @@ class SqliteOrderStore:
                         _COVERING, (order.account_id, admission.api_key_id, order.symbol)
                     )
                 ]
-                open_notional = sum(
-                    (Decimal(n) for (n,) in conn.execute(_OPEN_NOTIONALS, (order.account_id,))), Decimal(0)
-                )
-                admission.admit(covering, open_notional)
+                admission.admit(covering, _exposure(conn, order.account_id))
             inserted = conn.execute(_INSERT, row).fetchall()
             if inserted:
                 conn.execute(_EVENT, (order.order_id, int(order.status), order.create_time_us))
                 if admission is not None:
-                    notional = None if admission.notional is None else format_decimal(admission.notional)
-                    conn.execute(_SET_ADMITTED, (notional, admission.api_key_id, order.order_id))
+                    notional = admission.notional
+                    conn.execute(
+                        _SET_ADMITTED,
+                        (
+                            None if notional is None else format_decimal(notional),
+                            admission.api_key_id,
+                            order.order_id,
+                        ),
+                    )
+                    if notional is not None and order.status is OrderStatus.OPEN:
+                        _add_exposure(conn, order.account_id, notional)
                 return order_from_row(inserted[0]), True
             existing = conn.execute(
                 _SELECT_BY_CLIENT_ID, (order.account_id, order.client_order_id)
@@ -261,12 +305,18 @@ class SqliteOrderStore:
                 engaged = switch_from_row(row)
             cancelled = conn.execute(
                 "UPDATE orders SET status = 2, update_time_us = ? "  # noqa: S608 - constant filter
-                f"WHERE status = 1{_SCOPE_FILTER[switch.scope]} RETURNING order_id",
+                f"WHERE status = 1{_SCOPE_FILTER[switch.scope]} RETURNING order_id, account_id, notional",
                 (now, *scope_params),
             ).fetchall()
             conn.executemany(
-                _EVENT, [(order_id, int(OrderStatus.CANCELED), now) for (order_id,) in cancelled]
+                _EVENT, [(order_id, int(OrderStatus.CANCELED), now) for order_id, _, _ in cancelled]
             )
+            released: dict[str, Decimal] = {}
+            for _, account, notional in cancelled:
+                if notional is not None:
+                    released[account] = released.get(account, Decimal(0)) + Decimal(notional)
+            for account, total in released.items():
+                _add_exposure(conn, account, -total)
             conn.execute(_BUMP)
             return engaged, len(cancelled)
 
@@ -370,6 +420,10 @@ class SqliteOrderStore:
             if not rows:
                 return None
             conn.execute(_EVENT, (order_id, int(to_status), now_us))
+            if from_status is OrderStatus.OPEN and to_status is not OrderStatus.OPEN:
+                (notional,) = conn.execute(_NOTIONAL_OF, (order_id,)).fetchone()
+                if notional is not None:
+                    _add_exposure(conn, account_id, -Decimal(notional))
             return order_from_row(rows[0])
 
         return await self._write(work)

@@ -318,7 +318,11 @@ async def test_a_v1_database_is_recognised_and_keeps_its_orders(
     )
     reopened = await backend.open()
     assert await reopened.get("acct-1", order.order_id) == order
-    assert backend.execute("SELECT version FROM {schema}.schema_version ORDER BY version") == [(1,), (2,)]
+    assert backend.execute("SELECT version FROM {schema}.schema_version ORDER BY version") == [
+        (1,),
+        (2,),
+        (3,),
+    ]
     assert backend.execute("SELECT notional, api_key_id FROM {schema}.orders") == [(None, "")]
     assert (await reopened.controls()).version == 0
 
@@ -335,7 +339,7 @@ async def test_sqlite_durability_settings(backend: Backend, store: OrderStore) -
         pytest.skip("SQLite pragmas")
     assert isinstance(store, SqliteOrderStore)
     assert backend.execute("PRAGMA journal_mode") == [("wal",)]
-    assert backend.execute("SELECT version FROM schema_version ORDER BY version") == [(1,), (2,)]
+    assert backend.execute("SELECT version FROM schema_version ORDER BY version") == [(1,), (2,), (3,)]
     # the store's own connection: synchronous=FULL (2), foreign keys on
     pragmas = await store.worker.run(
         lambda c: (c.execute("PRAGMA synchronous").fetchone(), c.execute("PRAGMA foreign_keys").fetchone())
@@ -741,3 +745,67 @@ async def test_engage_waits_for_an_insert_holding_the_control_lock(
     assert cancelled == 1
     stored = await store.get("acct-1", order.order_id)
     assert stored is not None and stored.status is OrderStatus.CANCELED
+
+
+def exposure_matches_open_orders(backend: Backend) -> None:
+    """The kept open notional of every account is the sum of the notional of its OPEN orders."""
+    kept = {
+        a: Decimal(str(n))
+        for a, n in backend.execute("SELECT account_id, open_notional FROM {schema}.account_exposure")
+    }
+    summed: dict[str, Decimal] = {}
+    for account, notional in backend.execute(
+        "SELECT account_id, notional FROM {schema}.orders WHERE status = 1 AND notional IS NOT NULL"
+    ):
+        summed[account] = summed.get(account, Decimal(0)) + Decimal(str(notional))
+    assert {a: n for a, n in kept.items() if n} == summed
+
+
+async def test_the_kept_open_notional_follows_inserts_cancels_and_engages(
+    backend: Backend, store: OrderStore, make_order: Callable[..., Order]
+) -> None:
+    seen: list[tuple[list[tuple[KillScope, str]], Decimal]] = []
+    for i in range(1, 13):
+        order = make_order(
+            order_id=oid(i),
+            client_order_id=f"c{i}",
+            account_id=f"acct-{i % 3}",
+            symbol=("BTC-USD", "ETH-USD")[i % 2],
+        )
+        await store.insert_if_absent(order, admission(seen, Decimal(i) / 4 if i % 5 else None))
+    exposure_matches_open_orders(backend)
+    await store.transition("acct-1", oid(1), OrderStatus.OPEN, OrderStatus.CANCELED, 5)
+    await store.transition("acct-1", oid(4), OrderStatus.OPEN, OrderStatus.FILLED, 5)
+    await store.transition("acct-1", oid(4), OrderStatus.OPEN, OrderStatus.CANCELED, 6)  # not open: no change
+    exposure_matches_open_orders(backend)
+    await store.engage(KillSwitch("ks_1", KillScope.SYMBOL, "ETH-USD", "halt", "usr", 7))
+    exposure_matches_open_orders(backend)
+    await store.engage(KillSwitch("ks_2", KillScope.GLOBAL, "", "halt", "usr", 8))
+    exposure_matches_open_orders(backend)
+    assert all(
+        Decimal(str(n)) == 0
+        for (n,) in backend.execute("SELECT open_notional FROM {schema}.account_exposure")
+    )
+
+
+async def test_migration_3_counts_the_open_orders_already_there(
+    backend: Backend, make_order: Callable[..., Order]
+) -> None:
+    if backend.kind == "sqlite":
+        worker = await SqliteWorker.open(backend.path, store_sqlite.MIGRATIONS[:2], name="v2")
+        await worker.close()
+    else:
+        pool = await open_pool(PG_DSN, backend.schema, store_postgres.MIGRATIONS[:2], min_size=1, max_size=1)
+        await pool.close()
+    for i, (status, notional) in enumerate([(1, "1.5"), (1, "2.25"), (2, "100"), (1, None)], start=1):
+        backend.execute(
+            "INSERT INTO {schema}.orders (order_id, account_id, client_order_id, symbol, side, type, time_in_force, "
+            "quantity, price, status, create_time_us, update_time_us, notional) VALUES "
+            "(%s, 'acct-1', %s, 'BTC-USD', 1, 1, 1, '1', '1', %s, 1, 1, %s)",
+            (oid(i), f"c{i}", status, notional),
+        )
+    await backend.open()
+    exposure_matches_open_orders(backend)
+    assert [
+        Decimal(str(n)) for (n,) in backend.execute("SELECT open_notional FROM {schema}.account_exposure")
+    ] == [Decimal("3.75")]
