@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
-from typing import cast
+from typing import Any, cast
 
 import pytest
 from hypothesis import given, settings
@@ -79,6 +79,9 @@ class CountingStore:
 
     async def entries(self, start: int, count: int) -> list[StoredEntry]:
         return await self.store.entries(start, count)
+
+    async def rows(self, start: int, count: int) -> list[tuple[Any, ...]]:
+        return await self.store.rows(start, count)
 
     async def query(self, query: Query, after: int, limit: int) -> list[StoredEntry]:
         return await self.store.query(query, after, limit)
