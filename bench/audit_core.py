@@ -17,6 +17,9 @@ with an `AppendBatch` call:
                 COMMIT's fsync)
   path          decode + model + validate + core: the append path of AppendBatch without the store
   path+sqlite   the same with the SQLite store: the service's whole in-process work for an AppendBatch call
+  unary-64      --batch events as unary Appends (decode, model, validate, core) from 64 concurrent writers,
+                without a store: what group commit of one-event calls costs in the core (no gRPC)
+  unary-64+sqlite  the same with the SQLite store (one transaction per group of concurrent calls)
 
 CPU time is the process's (`time.process_time`, every thread: SQLite's worker thread included), steadier than wall
 time on a shared machine; events/s is wall clock. Printed per round, then the medians, the ratio of the reference
@@ -48,6 +51,7 @@ from services.audit.store_sqlite import SqliteAuditStore
 from tradeguard.audit.v1 import audit_pb2 as pb
 
 RECORDER = "spiffe://tradeguard.local/ns/default/sa/trading"
+UNARY_WRITERS = 64
 START_US = 1_764_600_000_000_000  # the log's clock (the events' time is 2025-11-30: in range)
 
 
@@ -144,6 +148,21 @@ class Bench:
 
         return work
 
+    def unary(self, requests: list[bytes], log: AuditLog) -> Callable[[], Awaitable[object]]:
+        """What AuditServicer.Append does for each of `requests`, from UNARY_WRITERS concurrent writers."""
+        pending = iter(requests)
+
+        async def writer() -> None:
+            for data in pending:  # shared: each request appended once, by whichever writer is free
+                one = codec.event_from_proto(pb.AppendRequest.FromString(data).event, "event")
+                log.validate(one, "event")
+                await log.append([one], RECORDER)
+
+        async def work() -> object:
+            return await asyncio.gather(*(writer() for _ in range(UNARY_WRITERS)))
+
+        return work
+
     def round(self) -> dict[str, float]:
         """µs of CPU per event per stage (and events/s of the whole paths)."""
         n = self.batch
@@ -199,6 +218,13 @@ class Bench:
         ]
         sqlite = self.sqlite
         out["store"] = cpu_us_async(self.loop, lambda: sqlite.append(pendings))[0] / n
+        for name, unary_log in (("unary-64", self.null_log), ("unary-64+sqlite", self.sqlite_log)):
+            requests = [
+                pb.AppendRequest(event=m).SerializeToString()
+                for m in pb.AppendBatchRequest.FromString(self.fresh(name.replace("+", "-"))).events
+            ]
+            cpu, wall = cpu_us_async(self.loop, self.unary(requests, unary_log))
+            out[name], out[f"{name} events/s"] = cpu / n, n / wall
         cpu, wall = cpu_us_async(self.loop, self.servicer(self.fresh("path"), self.null_log))
         out["path"], out["path events/s"] = cpu / n, n / wall
         cpu, wall = cpu_us_async(self.loop, self.servicer(self.fresh("sqlite"), self.sqlite_log))
@@ -250,6 +276,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"path: {median['path']:.1f} µs/event, {median['path events/s']:,.0f} events/s; path+sqlite: "
         f"{median['path+sqlite']:.1f} µs/event, {median['path+sqlite events/s']:,.0f} events/s; the store alone "
         f"{median['store']:.1f} µs/event ({share:.0%} of path+sqlite)"
+    )
+    print(
+        f"unary-64: {median['unary-64']:.1f} µs/event, {median['unary-64 events/s']:,.0f} events/s; unary-64+sqlite: "
+        f"{median['unary-64+sqlite']:.1f} µs/event, {median['unary-64+sqlite events/s']:,.0f} events/s (no gRPC)"
     )
     loop.close()
 
