@@ -177,8 +177,8 @@ def mask_text_reference(text: str) -> str:
 
 
 class _Answers:
-    """`mask_text`'s answers, valid for one set of the log redactor's registered secrets (its `_Registered.state`
-    at the time: replaced as a whole on every `register_secret`/`forget_secret`)."""
+    """`mask_text`'s answers, valid for one set of the log redactor's registered secrets (its `generation()` at the
+    time: a new one on every `register_secret`/`forget_secret`)."""
 
     registered: object = None
     cache: dict[str, str] = {}  # noqa: RUF012 - replaced whole, never shared
@@ -186,7 +186,7 @@ class _Answers:
 
 def _answers() -> dict[str, str]:
     """The remembered answers, for the redactor's registered secrets as they are now."""
-    registered = redact._Registered.state  # private to the kit: its answers change with it
+    registered = redact.generation()
     if registered is not _Answers.registered:
         _Answers.registered, _Answers.cache = registered, {"": ""}
     return _Answers.cache

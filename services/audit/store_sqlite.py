@@ -205,7 +205,11 @@ class SqliteAuditStore:
     async def open(cls, path: Path) -> SqliteAuditStore:
         """Open (creating and migrating if needed) the store at `path` (owner-only files); loads the size and
         the tree's right edge."""
-        worker = await SqliteWorker.open(path, MIGRATIONS, name="sqlite-audit")
+        # the append-only BEFORE INSERT trigger makes SQLite keep a statement journal per inserted row: in memory,
+        # not a temporary file (measured: the entries insert's CPU per event halved; durability is the WAL's)
+        worker = await SqliteWorker.open(
+            path, MIGRATIONS, name="sqlite-audit", pragmas=("PRAGMA temp_store = MEMORY",)
+        )
         try:
 
             def load(conn: sqlite3.Connection) -> tuple[int, dict[tuple[int, int], bytes]]:

@@ -29,6 +29,7 @@ __all__ = [
     "REDACTED",
     "Trusted",
     "forget_secret",
+    "generation",
     "is_sensitive_key",
     "redact",
     "redact_processor",
@@ -160,6 +161,12 @@ def _compile_registered() -> None:
     ordered = sorted(_registered, key=lambda s: (-len(s), s))
     pattern = re.compile("|".join(re.escape(s) for s in ordered)) if ordered else None
     _Registered.state = (pattern, {})
+
+
+def generation() -> object:
+    """A token that changes whenever the registered secrets change (compare by identity): a cache of answers that
+    depend on them (the audit service's masking) is valid while it stays the same object."""
+    return _Registered.state
 
 
 def register_secret(value: str) -> None:
