@@ -165,7 +165,7 @@ class KillSwitch:
 
 @dataclass(frozen=True)
 class Admission:
-    """What the store does inside an order's insert transaction before inserting it (see OrderStore).
+    """What the store does inside an order's insert transaction, before it commits (see OrderStore).
 
     `notional` (None: unknown, a market order with no reference price needed) and `api_key_id` ("" for a token
     call) are stored with the order. `admit(switches, open_notional)` is called with the engaged switches that

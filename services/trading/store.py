@@ -6,9 +6,11 @@ plus a control `version` bumped by every change of them. Instances poll `control
 `controls()` when it moved (services/trading/controls.py).
 
 Admission and the kill switch (why the credit limit and a kill switch hold with several instances on one
-database): an insert with an `Admission` takes the store's control lock, then reads the engaged switches that
-cover the order and the account's open notional (kept per account, added to by an admitted insert and taken from
-when an order leaves OPEN: one row read, however many orders are open), calls `admit`, and inserts, all in one transaction; engaging a
+database): an insert with an `Admission` takes the store's control lock, inserts the order (a key that exists:
+that order is returned, never admitted again), reads the engaged switches that cover it and the account's open
+notional (kept per account, added to by an admitted insert and taken from when an order leaves OPEN: one row
+read, however many orders are open) and calls `admit`, whose refusal rolls the insert back: all in one
+transaction (or savepoint, in a group commit); engaging a
 switch takes the same lock, inserts the switch, cancels every OPEN order in scope and bumps the version, in one
 transaction. So an order is either inserted before the switch (and cancelled by it) or checked after it (and
 refused), and two orders of an account never both pass on the same credit headroom. SQLite: BEGIN IMMEDIATE is
@@ -63,8 +65,8 @@ class OrderStore(Protocol):
 
         Atomic: of many concurrent inserts with one key, exactly one creates and all see that order. With an
         `admission`, when the key is new: under the control lock, `admission.admit(covering switches, open
-        notional)` first (its exception is raised and nothing is inserted), and the order is stored with
-        `admission.notional` and `admission.api_key_id` (see the module).
+        notional)` is called in the insert's transaction (its exception is raised and nothing is stored), and the
+        order is stored with `admission.notional` and `admission.api_key_id` (see the module).
         """
         ...
 

@@ -334,14 +334,19 @@ class PostgresOrderStore:
         statements = self._sql
 
         async def work(conn: Conn) -> tuple[Order, bool]:
-            await conn.execute(
-                statements["lock"]
-            )  # its own statement: the reads below see what it waited for
+            # the lock in a statement of its own: the statements after it see what its previous holder committed
+            await conn.execute(statements["lock"])
             cur = await conn.execute(
-                statements["select_by_client_id"], (order.account_id, order.client_order_id)
+                statements["insert_admitted"], (*params, admission.notional, admission.api_key_id)
             )
-            existing = await cur.fetchone()
-            if existing is not None:
+            inserted = await cur.fetchone()
+            if inserted is None:  # the key exists: that order, never admitted again
+                cur = await conn.execute(
+                    statements["select_by_client_id"], (order.account_id, order.client_order_id)
+                )
+                existing = await cur.fetchone()
+                if existing is None:
+                    raise RuntimeError("insert conflicted but no existing order was found")
                 return order_from_row(existing), False
             cur = await conn.execute(
                 statements["covering"],
@@ -354,13 +359,7 @@ class PostgresOrderStore:
                     open_notional = to_decimal(total)
                 else:
                     covering.append((KillScope(scope), value))
-            admission.admit(covering, open_notional)
-            cur = await conn.execute(
-                statements["insert_admitted"], (*params, admission.notional, admission.api_key_id)
-            )
-            inserted = await cur.fetchone()
-            if inserted is None:  # cannot happen under the lock: the key was absent just above
-                raise RuntimeError("an admitted insert conflicted under the control lock")
+            admission.admit(covering, open_notional)  # a refusal rolls the insert back with this write
             if admission.notional is not None and order.status is OrderStatus.OPEN:
                 await conn.execute(statements["add_exposure"], (order.account_id, admission.notional))
             return order_from_row(inserted), True

@@ -6,7 +6,9 @@ transaction is being written, the next writes queue up and then go together in o
 own SAVEPOINT (a failing write rolls back only itself); a lone write goes at once. A caller is answered only
 after the COMMIT that includes its write returned. A write whose batch has started runs to COMMIT or ROLLBACK
 on that thread even if its caller is cancelled: nothing is ever half-written.
-Reads run on the same thread, between transactions.
+Reads run on the same thread, between transactions; but the idempotency lookup that precedes every new order
+(`find`) has a connection and thread of its own, so that it does not wait behind the write batches (WAL: a
+reader sees the last commit and never blocks a writer).
 
 Decimals are TEXT (exact); an account's open notional (account_exposure) is added to and taken from in Python as
 `Decimal`s, never by SQLite's arithmetic (floating point). The control lock of services/trading/store.py is BEGIN
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import builtins
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import TypeVar, cast
@@ -41,7 +43,7 @@ from services.trading.store import (
     switch_from_row,
     to_decimal,
 )
-from tradeguard.batching import DEFAULT_MAX_BATCH, Batcher
+from tradeguard.batching import DEFAULT_MAX_BATCH, Batcher, Outcome
 from tradeguard.storage.migrations import Migration
 from tradeguard.storage.sqlite import SqliteWorker
 
@@ -151,11 +153,16 @@ _TRANSITION = (
     "UPDATE orders SET status = ?, update_time_us = ? "  # noqa: S608 - constant column names
     f"WHERE account_id = ? AND order_id = ? AND status = ? RETURNING {_COLS}"
 )
-_SET_ADMITTED = "UPDATE orders SET notional = ?, api_key_id = ? WHERE order_id = ?"
 _SWITCH_COLS = ", ".join(SWITCH_COLUMNS)
+_INSERT_ADMITTED = (
+    f"INSERT INTO orders ({_COLS}, notional, api_key_id) "  # noqa: S608 - constant column names
+    f"VALUES ({_PLACEHOLDERS}, ?, ?) ON CONFLICT (account_id, client_order_id) DO NOTHING RETURNING {_COLS}"
+)
+# the engaged switches covering an order, then (scope 0) the account's open notional: one statement
 _COVERING = (
     "SELECT scope, value FROM kill_switches WHERE released_at_us IS NULL AND (scope = 1 "
-    "OR (scope = 2 AND value = ?) OR (scope = 3 AND value = ?) OR (scope = 4 AND value = ?))"
+    "OR (scope = 2 AND value = ?) OR (scope = 3 AND value = ?) OR (scope = 4 AND value = ?)) "
+    "UNION ALL SELECT 0, coalesce((SELECT open_notional FROM account_exposure WHERE account_id = ?), '0')"
 )
 _EXPOSURE = "SELECT open_notional FROM account_exposure WHERE account_id = ?"
 _SET_EXPOSURE = (
@@ -163,6 +170,13 @@ _SET_EXPOSURE = (
     "ON CONFLICT (account_id) DO UPDATE SET open_notional = excluded.open_notional"
 )
 _NOTIONAL_OF = "SELECT notional FROM orders WHERE order_id = ?"
+
+
+def _existing(conn: sqlite3.Connection, order: Order) -> Order:
+    existing = conn.execute(_SELECT_BY_CLIENT_ID, (order.account_id, order.client_order_id)).fetchone()
+    if existing is None:  # cannot happen inside BEGIN IMMEDIATE; never report a phantom order
+        raise RuntimeError("insert conflicted but no existing order was found")
+    return order_from_row(existing)
 
 
 def _exposure(conn: sqlite3.Connection, account_id: str) -> Decimal:
@@ -195,8 +209,17 @@ _LIST_AFTER = (
 
 
 class SqliteOrderStore:
-    def __init__(self, worker: SqliteWorker, *, max_batch: int = DEFAULT_MAX_BATCH) -> None:
+    def __init__(
+        self, worker: SqliteWorker, *, max_batch: int = DEFAULT_MAX_BATCH, reader: SqliteWorker | None = None
+    ) -> None:
         self.worker = worker
+        # the idempotency lookup's own connection (WAL: it never waits for a write batch), its lookups batched
+        self.reader = reader
+        self._lookups: Batcher[tuple[str, str], Order | None] | None = (
+            None
+            if reader is None
+            else Batcher(self._find_batch, max_batch=max(max_batch, 64), name="sqlite-find")
+        )
         self._closed = False
         self.path = worker.path
         self.group: Batcher[Work, object] = Batcher(
@@ -207,7 +230,12 @@ class SqliteOrderStore:
     async def open(cls, path: Path, *, max_batch: int = DEFAULT_MAX_BATCH) -> SqliteOrderStore:
         """Open (creating if needed) the store at `path`; `max_batch=1` makes every write its own transaction."""
         worker = await SqliteWorker.open(path, MIGRATIONS, name="sqlite-orders")
-        return cls(worker, max_batch=max_batch)
+        try:
+            reader = await SqliteWorker.open(path, MIGRATIONS, name="sqlite-orders-read")
+        except BaseException:
+            await worker.close()
+            raise
+        return cls(worker, max_batch=max_batch, reader=reader)
 
     @property
     def transactions(self) -> int:
@@ -229,52 +257,74 @@ class SqliteOrderStore:
 
     async def insert_if_absent(self, order: Order, admission: Admission | None = None) -> tuple[Order, bool]:
         row = order_to_row(order)
+        if admission is not None:
+            return await self._write(self._admitted(order, row, admission))
 
         def work(conn: sqlite3.Connection) -> tuple[Order, bool]:
-            if admission is not None:
-                existing = conn.execute(
-                    _SELECT_BY_CLIENT_ID, (order.account_id, order.client_order_id)
-                ).fetchone()
-                if existing is not None:
-                    return order_from_row(existing), False
-                covering = [
-                    (KillScope(scope), value)
-                    for scope, value in conn.execute(
-                        _COVERING, (order.account_id, admission.api_key_id, order.symbol)
-                    )
-                ]
-                admission.admit(covering, _exposure(conn, order.account_id))
             inserted = conn.execute(_INSERT, row).fetchall()
             if inserted:
                 conn.execute(_EVENT, (order.order_id, int(order.status), order.create_time_us))
-                if admission is not None:
-                    notional = admission.notional
-                    conn.execute(
-                        _SET_ADMITTED,
-                        (
-                            None if notional is None else format_decimal(notional),
-                            admission.api_key_id,
-                            order.order_id,
-                        ),
-                    )
-                    if notional is not None and order.status is OrderStatus.OPEN:
-                        _add_exposure(conn, order.account_id, notional)
                 return order_from_row(inserted[0]), True
-            existing = conn.execute(
-                _SELECT_BY_CLIENT_ID, (order.account_id, order.client_order_id)
-            ).fetchone()
-            if existing is None:  # cannot happen inside BEGIN IMMEDIATE; never report a phantom order
-                raise RuntimeError("insert conflicted but no existing order was found")
-            return order_from_row(existing), False
+            return _existing(conn, order), False
 
         return await self._write(work)
+
+    @staticmethod
+    def _admitted(
+        order: Order, row: tuple[object, ...], admission: Admission
+    ) -> Callable[[sqlite3.Connection], tuple[Order, bool]]:
+        """The admitted insert: inserted first (an existing order is returned, never admitted again), then the
+        covering switches and the account's open notional read and `admit` called; its refusal rolls the insert
+        back with the rest of this write (its savepoint, or its transaction). BEGIN IMMEDIATE is the lock."""
+        notional = admission.notional
+        params = (*row, None if notional is None else format_decimal(notional), admission.api_key_id)
+        account = order.account_id
+
+        def work(conn: sqlite3.Connection) -> tuple[Order, bool]:
+            inserted = conn.execute(_INSERT_ADMITTED, params).fetchall()
+            if not inserted:
+                return _existing(conn, order), False
+            covering: list[tuple[KillScope, str]] = []
+            exposure = Decimal(0)
+            for scope, value in conn.execute(
+                _COVERING, (account, admission.api_key_id, order.symbol, account)
+            ):
+                if scope:
+                    covering.append((KillScope(scope), value))
+                else:
+                    exposure = Decimal(value)
+            admission.admit(covering, exposure)
+            conn.execute(_EVENT, (order.order_id, int(order.status), order.create_time_us))
+            if notional is not None and order.status is OrderStatus.OPEN:
+                conn.execute(_SET_EXPOSURE, (account, format_decimal(exposure + notional)))
+            return order_from_row(inserted[0]), True
+
+        return work
 
     async def find(self, account_id: str, client_order_id: str) -> Order | None:
         def work(conn: sqlite3.Connection) -> Order | None:
             row = conn.execute(_SELECT_BY_CLIENT_ID, (account_id, client_order_id)).fetchone()
             return None if row is None else order_from_row(row)
 
-        return await self._run(work)
+        if self._lookups is None:
+            return await self._run(work)
+        if self._closed:
+            raise RuntimeError("the order store is closed")
+        return await self._lookups.submit((account_id, client_order_id))
+
+    async def _find_batch(self, keys: Sequence[tuple[str, str]]) -> list[Outcome[Order | None]]:
+        """Lookups queued meanwhile, in one hop to the reader's thread (one thread hop per call costs more CPU
+        than the lookup itself)."""
+        assert self.reader is not None
+
+        def work(conn: sqlite3.Connection) -> list[Outcome[Order | None]]:
+            outcomes: list[Outcome[Order | None]] = []
+            for key in keys:
+                row = conn.execute(_SELECT_BY_CLIENT_ID, key).fetchone()
+                outcomes.append(Outcome(value=None if row is None else order_from_row(row)))
+            return outcomes
+
+        return await self.reader.run(work)
 
     async def engage(self, switch: KillSwitch) -> tuple[KillSwitch, int]:
         scope_params: tuple[str, ...] = () if switch.scope is KillScope.GLOBAL else (switch.value,)
@@ -449,4 +499,10 @@ class SqliteOrderStore:
         try:
             await self.group.close()
         finally:
-            await self.worker.close()
+            try:
+                await self.worker.close()
+            finally:
+                if self._lookups is not None:
+                    await self._lookups.close()
+                if self.reader is not None:
+                    await self.reader.close()
