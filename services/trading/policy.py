@@ -17,7 +17,7 @@ RULES: dict[str, frozenset[str]] = {
     f"{SERVICE}/EngageKillSwitch": frozenset({"ops", "edge"}),
     f"{SERVICE}/ReleaseKillSwitch": frozenset({"ops", "edge"}),
     f"{SERVICE}/ListKillSwitches": frozenset({"ops", "edge", "monitor"}),
-    f"{SERVICE}/SetReferencePrice": frozenset({"ops", "marketdata"}),
+    f"{SERVICE}/SetReferencePrice": frozenset({"ops", "edge", "marketdata"}),
     f"{SERVICE}/GetRiskLimits": frozenset({"ops", "edge", "monitor"}),
     f"{SERVICE}/SetRiskLimits": frozenset({"ops", "edge"}),
 }
