@@ -23,11 +23,14 @@ generator (this process) in its own:
 
 Closed loop: `--concurrency` callers (default 64) each sending PlaceOrder back to back, `--rounds` rounds rotating
 the order of the modes, each mode warmed up before it is measured. Printed per round: throughput, p50/p99 (closed
-loop: queueing), CPU µs per call of each process (client, trading, auth, ratelimit, audit, keyvault; /proc) and
-the average batch of each batched RPC (from the services' one log line per RPC). Then the median ratio full/bare
+loop: queueing), CPU µs per call of each process (client, trading, auth, ratelimit, audit, keyvault, and the
+machine's redis-server when it runs here: the counters' CPU is on the same cores; /proc) and
+the average batch of each batched RPC (from the services' one log line per RPC). Before each round the mode's
+trading process starts again on an empty database (`fresh`): the store's credit-limit check sums an account's open
+orders on every PlaceOrder and the bench's orders all stay open, so a later round would otherwise be slower. Then the median ratio full/bare
 per mode (aim: above 0.5), and each process's RSS before and after.
 
-Where the CPU of one guarded call goes (on unless `--no-profile`): one more jwt round with py-spy sampling the jwt
+Where the CPU of one call goes (on unless `--no-profile`): one more round per mode with py-spy sampling its
 trading process (`py-spy record --native --gil --format raw` at 250 Hz: the Python and Cython/C frames of the
 thread holding the GIL). Each sample goes to the innermost frame of its stack that belongs to a stage (`STAGES`):
 authentication (the JWT verifier, revocations, the signed-request client), quota (the guard's quota stage, its
@@ -56,6 +59,7 @@ import tradeguard  # noqa: F401  (first: grpc must load with the TLS 1.3-only se
 
 import asyncio
 import contextlib
+import itertools
 import os
 import shutil
 import statistics
@@ -68,10 +72,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
+import grpc
+
 from bench import guard
 from bench.audit import CHECKPOINT_KEY
 from bench.guard import Credentials, Layout, Proc, rss_mib, serving, start_keyvault
 from bench.loadgen import (
+    Call,
     OpenResult,
     Result,
     closed_loop,
@@ -86,15 +93,40 @@ from tradeguard.guard.client import authenticated_channel
 from tradeguard.keyvault.signer import ensure_key
 from tradeguard.keyvault.v1 import keyvault_pb2
 from tradeguard.mesh import pki, tls
-from tradeguard.trading.v1 import trading_pb2_grpc
+from tradeguard.trading.v1 import trading_pb2, trading_pb2_grpc
 
 MODES: Final = ("bare", "jwt", "hmac")
 GUARDED: Final = ("jwt", "hmac")
+# the jwt mode with one of the guard's optimisations undone (`--modes`; not run by default): what it gains
+VARIANTS: Final = {
+    "jwt-nofill": ["--fill-turns", "0"],
+    **{f"jwt-fill{n}": ["--fill-turns", str(n)] for n in (3, 10, 25, 50)},
+}
 AIM: Final = 0.5  # the full chain keeps more than half of the bare throughput (issue 10)
 P99_AIM_MS: Final = 5.0
 WORKLOADS: Final = ("keyvault", "audit", "auth", "ratelimit", "trading", "ops", guard.CLIENT)
 SERVICES: Final = ("auth", "ratelimit", "audit", "keyvault")
 PROFILE_HZ: Final = 250
+# The reference service's packaged limits (tradeguard/risk/risk.yaml: every check on), the bench account allowed the
+# load: its message throttle and credit limit far above it (still checked). Orders differ in quantity, so none is
+# a duplicate of another (`place_order`).
+RISK: Final = f"""\
+version: 1
+restricted_symbols: []
+defaults:
+  max_quantity: 1000000
+  max_notional: 10000000
+  price_collar_bps: 1000
+  credit_limit: 50000000
+  duplicate_window: 1s
+  throttle: {{messages: 200, window: 1s}}
+accounts:
+  {guard.ACCOUNT}:
+    credit_limit: 1000000000000000
+    throttle: {{messages: 10000, window: 1s}}
+reference_prices:
+  BTC-USD: 64000
+"""
 
 # (stage, path fragments of a frame's file): a sample goes to the innermost frame of its stack that matches one, the
 # first matching stage of this list; the kit's outgoing-call plumbing (the mesh channel and its client interceptor,
@@ -156,13 +188,21 @@ def start_audit(layout: ChainLayout) -> Proc:
     return layout.spawn("audit", layout.audit_port, [sys.executable, "-m", "services.audit"], env)
 
 
-def start_trading(layout: ChainLayout, mode: str) -> Proc:
-    port = free_port()
+def start_trading(layout: ChainLayout, mode: str, port: int | None = None, generation: int = 0) -> Proc:
+    """The trading process of `mode` on `port` (a free one if None), on a new database of its own."""
+    port = free_port() if port is None else port
+    db = layout.home / "data" / f"trading-{mode}-{generation}.db"
     cmd = [sys.executable, "-m", "bench.trading_server", "--port", str(port), "--home", str(layout.home)]
-    cmd += ["--db", f"sqlite:///{layout.home / 'data' / f'trading-{mode}.db'}", "--account", guard.ACCOUNT]
+    cmd += ["--db", f"sqlite:///{db}", "--account", guard.ACCOUNT]
+    risk = layout.home / "config" / "risk.yaml"
+    if not risk.exists():
+        risk.parent.mkdir(parents=True, exist_ok=True)
+        risk.write_text(RISK)
+    cmd += ["--risk-file", str(risk)]
     if mode == "bare":
         cmd += ["--mode", "bare"]
     else:
+        cmd += VARIANTS.get(mode, [])
         cmd += ["--mode", "guarded", "--auth-target", f"127.0.0.1:{layout.procs['auth'].port}"]
         cmd += ["--ratelimit-target", f"127.0.0.1:{layout.procs['ratelimit'].port}"]
         cmd += ["--audit-target", f"127.0.0.1:{layout.audit_port}"]
@@ -170,7 +210,7 @@ def start_trading(layout: ChainLayout, mode: str) -> Proc:
 
 
 @contextlib.asynccontextmanager
-async def suite(home: Path) -> AsyncIterator[tuple[ChainLayout, Credentials]]:
+async def suite(home: Path, modes: Sequence[str] = MODES) -> AsyncIterator[tuple[ChainLayout, Credentials]]:
     """Every service running, one trading process per mode; the trader's credentials."""
     layout = ChainLayout(home)
     creds: Credentials | None = None
@@ -190,7 +230,7 @@ async def suite(home: Path) -> AsyncIterator[tuple[ChainLayout, Credentials]]:
         await serving(layout, "auth")
         await serving(layout, "ratelimit")
         creds = await guard.credentials(layout)
-        for mode in MODES:
+        for mode in modes:
             start_trading(layout, mode)
         yield layout, creds
     finally:
@@ -214,8 +254,72 @@ BATCHED: Final = (
 )
 
 
+def redis_pid() -> int | None:
+    """The machine's redis-server process (the rate limiter's counters: its CPU is on the same cores), if it runs
+    here and is readable."""
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        with contextlib.suppress(OSError):
+            if comm.read_text().strip() == "redis-server":
+                return int(comm.parent.name)
+    return None
+
+
+REDIS_PID: Final = redis_pid()
+
+
+_ORDERS = itertools.count()
+FAILURES: Counter[str] = Counter()  # failed calls by status and message, printed with each round that had any
+
+
+def place_order(stub: trading_pb2_grpc.TradingServiceAsyncStub, tag: str) -> Call:
+    """PlaceOrder calls, the same in every mode but for a new client order id and a quantity of its own
+    (0.01 BTC + n * 1e-8, n counting every order of the run, at 64,000.5: within every risk limit, never a
+    duplicate)."""
+
+    async def call(i: int) -> object:
+        n = next(_ORDERS)
+        try:
+            return await place(n, i)
+        except grpc.aio.AioRpcError as error:
+            FAILURES[f"{error.code().name} {error.details()}"[:120]] += 1
+            raise
+
+    async def place(n: int, i: int) -> object:
+        return await stub.PlaceOrder(
+            trading_pb2.PlaceOrderRequest(
+                account_id=guard.ACCOUNT,
+                client_order_id=f"{tag}-{i}",
+                symbol="BTC-USD",
+                side=trading_pb2.SIDE_BUY,
+                type=trading_pb2.ORDER_TYPE_LIMIT,
+                quantity=f"0.{1_000_000 + n % 90_000_000:08d}",
+                price="64000.5",
+            ),
+            timeout=10,
+        )
+
+    return call
+
+
+_GENERATIONS = itertools.count(1)
+
+
+async def fresh(layout: ChainLayout, mode: str, stub: trading_pb2_grpc.TradingServiceAsyncStub) -> None:
+    """`mode`'s trading process started again on the same port with an empty database, ready. The store's
+    credit-limit check sums the account's open orders on every PlaceOrder (every order of the bench stays open),
+    so a round on a database the rounds before filled would be slower than the first: every round starts empty."""
+    old = layout.procs[f"trading-{mode}"]
+    old.process.terminate()
+    await asyncio.to_thread(old.process.wait, 30)
+    start_trading(layout, mode, old.port, next(_GENERATIONS))
+    await guard.ready(stub, layout.procs[f"trading-{mode}"])
+
+
 def _pids(layout: Layout, mode: str) -> dict[str, int]:
-    return {"trading": layout.procs[f"trading-{mode}"].pid} | {s: layout.procs[s].pid for s in SERVICES}
+    pids = {"trading": layout.procs[f"trading-{mode}"].pid} | {s: layout.procs[s].pid for s in SERVICES}
+    if REDIS_PID is not None:
+        pids["redis"] = REDIS_PID
+    return pids
 
 
 async def measure(
@@ -226,14 +330,12 @@ async def measure(
     concurrency: int,
     duration: float,
 ) -> Round:
-    await closed_loop(guard.place_order(stub, f"w{tag}"), concurrency=concurrency, duration=0.5, warmup=0)
+    await closed_loop(place_order(stub, f"w{tag}"), concurrency=concurrency, duration=0.5, warmup=0)
     pids = _pids(layout, mode)
     offsets = {name: layout.procs[name].log.stat().st_size for name, _, _ in BATCHED}
     before = {name: process_cpu_s(pid) for name, pid in pids.items()}
     client_before = time.process_time()
-    result = await closed_loop(
-        guard.place_order(stub, tag), concurrency=concurrency, duration=duration, warmup=0
-    )
+    result = await closed_loop(place_order(stub, tag), concurrency=concurrency, duration=duration, warmup=0)
     calls = max(1, result.calls)
     cpu = {"client": (time.process_time() - client_before) / calls * 1e6}
     for name, pid in pids.items():
@@ -250,7 +352,9 @@ async def measure(
 def _line(label: str, rnd: Round) -> str:
     parts = " ".join(f"{name} {us:4.0f}" for name, us in rnd.cpu_us.items())
     batches = "".join(f"   {name} batch {size:4.1f}" for name, size in rnd.batches.items())
-    return f"{rnd.result.line(label)}   [{parts}]{batches}"
+    failures = "".join(f"\n    failed: {n} x {what}" for what, n in FAILURES.most_common(5))
+    FAILURES.clear()
+    return f"{rnd.result.line(label)}   [{parts}]{batches}{failures}"
 
 
 # --- where the CPU goes ----------------------------------------------------------------------------------------
@@ -281,39 +385,29 @@ def stages_of(raw: str) -> Counter[str]:
 
 
 async def profile(
+    mode: str,
     stub: trading_pb2_grpc.TradingServiceAsyncStub,
     layout: Layout,
     concurrency: int,
     duration: float,
     keep: Path | None = None,
 ) -> tuple[Counter[str], Round] | None:
-    """A jwt round with py-spy recording the jwt trading process: samples per stage, and the round."""
+    """A round of `mode` with py-spy recording its trading process: samples per stage, and the round."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
     if not await asyncio.to_thread(Path(spy).exists):
         print("where the CPU goes: not measured (py-spy not found)")
         return None
-    out = layout.home / "profile.txt"
-    proc = layout.procs["trading-jwt"]
-    await closed_loop(guard.place_order(stub, "wprof"), concurrency=concurrency, duration=0.5, warmup=0)
-    cmd = [
-        spy,
-        "record",
-        "--pid",
-        str(proc.pid),
-        "--rate",
-        str(PROFILE_HZ),
-        "--format",
-        "raw",
-        "--gil",
-        "--native",
-    ]
-    cmd += ["--duration", str(max(1, round(duration))), "--output", str(out)]
+    out = layout.home / f"profile-{mode}.txt"
+    proc = layout.procs[f"trading-{mode}"]
+    await closed_loop(place_order(stub, f"wp{mode}"), concurrency=concurrency, duration=0.5, warmup=0)
+    cmd = [spy, "record", "--pid", str(proc.pid), "--rate", str(PROFILE_HZ), "--format", "raw"]
+    cmd += ["--gil", "--native", "--duration", str(max(1, round(duration))), "--output", str(out)]
     spying = await asyncio.create_subprocess_exec(
         *cmd, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE
     )
     try:
         await asyncio.sleep(0.3)  # py-spy attached
-        rnd = await measure("jwt", stub, layout, "prof", concurrency, duration)
+        rnd = await measure(mode, stub, layout, f"p{mode}", concurrency, duration)
         _, err = await asyncio.wait_for(spying.communicate(), duration + 30)
     finally:
         if spying.returncode is None:
@@ -322,25 +416,39 @@ async def profile(
     if not await asyncio.to_thread(out.exists):
         print(f"where the CPU goes: py-spy failed: {err.decode(errors='replace')[-500:]}")
         return None
-    raw = out.read_text(errors="replace")
+    raw = await asyncio.to_thread(out.read_text, errors="replace")
     if keep is not None:
-        await asyncio.to_thread(keep.write_text, raw)
+        await asyncio.to_thread(keep.with_name(f"{keep.stem}-{mode}{keep.suffix}").write_text, raw)
     return stages_of(raw), rnd
 
 
-def profile_report(counts: Counter[str], rnd: Round) -> None:
-    total = sum(counts.values())
-    trading_us = rnd.cpu_us["trading"]
+def profile_report(profiles: dict[str, tuple[Counter[str], Round]]) -> None:
+    """Per stage, µs of the trading process's CPU per call in each profiled mode (its measured CPU per call shared
+    out by the samples' stages)."""
+    modes = list(profiles)
     print(
-        f"\nwhere the CPU of one guarded call goes (jwt; py-spy --native --gil on the trading process: {total} "
-        f"samples at {PROFILE_HZ} Hz over {rnd.result.calls} calls, its measured CPU {trading_us:.0f} us/call shared "
-        "out by the samples' stages; gRPC core's own threads are not sampled, their share is spread alike):"
+        "\nwhere the CPU of one call goes in the trading process (py-spy --native --gil, "
+        f"{PROFILE_HZ} Hz, one round per mode; the process's measured CPU per call shared out by the samples' "
+        "stages; gRPC core's own threads are not sampled, their CPU is spread alike), us per call:"
     )
-    for stage, n in counts.most_common():
-        share = n / total if total else 0.0
-        print(f"  {stage:<24} {share * 100:5.1f} %   ≈ {share * trading_us:5.0f} us/call")
-    others = {k: v for k, v in rnd.cpu_us.items() if k != "trading"}
-    print("  the other processes per call: " + ", ".join(f"{k} {v:.0f} us" for k, v in others.items()))
+    per: dict[str, dict[str, float]] = {}
+    for mode, (counts, rnd) in profiles.items():
+        total = sum(counts.values()) or 1
+        per[mode] = {stage: n / total * rnd.cpu_us["trading"] for stage, n in counts.items()}
+    stages = sorted(
+        {s for p in per.values() for s in p}, key=lambda s: -max(p.get(s, 0.0) for p in per.values())
+    )
+    print(f"  {'stage':<24}" + "".join(f"{mode:>9}" for mode in modes))
+    for stage in stages:
+        print(f"  {stage:<24}" + "".join(f"{per[mode].get(stage, 0.0):9.0f}" for mode in modes))
+    print(f"  {'total (measured)':<24}" + "".join(f"{profiles[m][1].cpu_us['trading']:9.0f}" for m in modes))
+    print(f"  {'samples':<24}" + "".join(f"{sum(profiles[m][0].values()):9d}" for m in modes))
+    for mode, (_, rnd) in profiles.items():
+        others = {k: v for k, v in rnd.cpu_us.items() if k != "trading"}
+        print(
+            f"  {mode}: the other processes per call: "
+            + ", ".join(f"{k} {v:.0f} us" for k, v in others.items())
+        )
 
 
 # --- open loop ---------------------------------------------------------------------------------------------------
@@ -349,9 +457,9 @@ def profile_report(counts: Counter[str], rnd: Round) -> None:
 async def open_round(
     mode: str, stub: trading_pb2_grpc.TradingServiceAsyncStub, layout: Layout, rate: float, duration: float
 ) -> OpenResult:
-    await closed_loop(guard.place_order(stub, f"wo{mode}"), concurrency=8, duration=0.5, warmup=0)
+    await closed_loop(place_order(stub, f"wo{mode}"), concurrency=8, duration=0.5, warmup=0)
     return await open_loop(
-        guard.place_order(stub, f"o{mode}"),
+        place_order(stub, f"o{mode}"),
         rate,
         duration,
         warmup=1.0,
@@ -373,7 +481,7 @@ def report(results: dict[str, list[Round]]) -> None:
     )
     print(
         f"  {'mode':<6} {'calls/s':>8} {'full/bare':>9} {'aim':>6}   {'p50 ms':>7} {'p99 ms':>7}   CPU us per call: "
-        f"{'total':>6} {'client':>6} {'trading':>7} {'auth':>5} {'rl':>5} {'audit':>5} {'vault':>5}   batches"
+        f"{'total':>6} {'client':>6} {'trading':>7} {'auth':>5} {'rl':>5} {'redis':>5} {'audit':>5} {'vault':>5}   batches"
     )
     for mode, rounds in results.items():
         ratio = median_ratio([x.result for x in rounds], [x.result for x in base])
@@ -389,7 +497,8 @@ def report(results: dict[str, list[Round]]) -> None:
             f"{statistics.median(x.result.percentile(50) for x in rounds):7.2f} "
             f"{statistics.median(x.result.percentile(99) for x in rounds):7.2f}   {'':16}"
             f"{sum(per.values()):6.0f} {per['client']:6.0f} {per['trading']:7.0f} {per['auth']:5.0f} "
-            f"{per['ratelimit']:5.0f} {per['audit']:5.0f} {per['keyvault']:5.0f}   {batches}"
+            f"{per['ratelimit']:5.0f} {per.get('redis', float('nan')):5.0f} {per['audit']:5.0f} "
+            f"{per['keyvault']:5.0f}   {batches}"
         )
 
 
@@ -407,13 +516,13 @@ async def run(
         raise ValueError("the bare mode is the baseline")
     tmpfs = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
     with tempfile.TemporaryDirectory(prefix="tg-bench-chain-", dir=tmpfs) as tmp:
-        async with suite(Path(tmp)) as (layout, creds):
+        async with suite(Path(tmp), modes) as (layout, creds):
             channels = {
                 mode: authenticated_channel(
                     f"127.0.0.1:{layout.procs[f'trading-{mode}'].port}",
                     "trading",
                     tls.Workload.of(layout.paths, guard.CLIENT),
-                    guard.interceptors_of("none" if mode == "bare" else mode, creds),
+                    guard.interceptors_of("none" if mode == "bare" else mode.partition("-")[0], creds),
                 )
                 for mode in modes
             }
@@ -432,14 +541,20 @@ async def run(
                 for r in range(rounds):
                     shift = r % len(modes)
                     for mode in [*modes[shift:], *modes[:shift]]:
+                        await fresh(layout, mode, stubs[mode])
                         rnd = await measure(mode, stubs[mode], layout, f"{mode[0]}{r}", concurrency, duration)
                         results[mode].append(rnd)
                         print(_line(f"round {r + 1} {mode}", rnd), flush=True)
                 report(results)
-                if profiled and "jwt" in stubs:
-                    profiled_round = await profile(stubs["jwt"], layout, concurrency, duration, keep)
-                    if profiled_round is not None:
-                        profile_report(*profiled_round)
+                if profiled:
+                    profiles = {}
+                    for mode in [m for m in modes if m not in VARIANTS]:
+                        await fresh(layout, mode, stubs[mode])
+                        profiled_round = await profile(mode, stubs[mode], layout, concurrency, duration, keep)
+                        if profiled_round is not None:
+                            profiles[mode] = profiled_round
+                    if profiles:
+                        profile_report(profiles)
                 if open_duration > 0:
                     print(
                         f"\nopen loop: a fixed arrival rate of half the mode's closed-loop maximum (median of its "
@@ -448,6 +563,7 @@ async def run(
                     )
                     for mode in [m for m in modes if m in GUARDED]:
                         rate = statistics.median(x.result.rps for x in results[mode]) / 2
+                        await fresh(layout, mode, stubs[mode])
                         opened = await open_round(mode, stubs[mode], layout, rate, open_duration)
                         verdict = "met" if opened.percentile(99) < P99_AIM_MS else "missed"
                         print(f"{opened.open_line(f'open loop {mode}')}   (p99 aim: {verdict})", flush=True)
@@ -472,7 +588,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--open-duration", type=float, default=10.0, help="seconds of the open-loop run per mode (0: none)"
     )
     parser.add_argument("--profile-out", type=Path, help="keep py-spy's raw stacks in this file")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="modes (bare always)")
+    parser.add_argument(
+        "--modes", nargs="+", choices=[*MODES, *VARIANTS], default=list(MODES), help="modes (bare always)"
+    )
     args = parser.parse_args(argv)
     asyncio.run(
         run(

@@ -38,7 +38,7 @@ from prometheus_client import CollectorRegistry
 from services.trading.core import TradingCore, new_order_id
 from services.trading.service import SERVICE
 from services.trading.servicer import TradingServicer
-from services.trading.settings import Settings
+from services.trading.settings import RiskSettings, Settings
 from tradeguard.guard.config import GuardSettings
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.server import ServerConfig, interceptors
@@ -82,13 +82,19 @@ async def unguarded(port: int, db: str, home: Path, secure: bool, account: str) 
     await server.wait_for_termination()
 
 
-async def bare(port: int, db: str, home: Path, account: str) -> None:
+def _risk(risk_file: Path | None) -> RiskSettings:
+    """The pre-trade risk checks on with `risk_file`'s limits, or off (None)."""
+    return RiskSettings() if risk_file is None else RiskSettings(enabled=True, file=risk_file)
+
+
+async def bare(port: int, db: str, home: Path, account: str, risk_file: Path | None = None) -> None:
     """The declaration's servicer and store on a plain mTLS server with no interceptors (see the module)."""
     paths = pki.PkiPaths(home)
     settings = Settings(
         server=ServerConfig(name="trading", port=port, home=home),
         database_url=db,
         guard=GuardSettings(quota=False, audit=False),
+        risk=_risk(risk_file),
     )
     store = await SERVICE.stores.open(db)
     assembly = await SERVICE.build(Wiring(settings, store, pki.trust_domain(paths)))
@@ -114,6 +120,8 @@ async def mesh(
     auth_target: str | None,
     ratelimit_target: str | None = None,
     audit_target: str | None = None,
+    fill_turns: int | None = None,
+    risk_file: Path | None = None,
 ) -> None:
     """The real declaration run by the kit's runner: with its guard (`auth_target` given), or with the guard
     replaced by `FixedPrincipal` (None)."""
@@ -134,9 +142,13 @@ async def mesh(
             ratelimit_target=ratelimit_target or GuardSettings.ratelimit_target,
             audit=audit_target is not None,
             audit_target=audit_target or GuardSettings.audit_target,
+            fill_turns=GuardSettings.fill_turns if fill_turns is None else fill_turns,
         )
     settings = Settings(
-        server=ServerConfig(name="trading", port=port, home=home), database_url=db, guard=guard
+        server=ServerConfig(name="trading", port=port, home=home),
+        database_url=db,
+        guard=guard,
+        risk=_risk(risk_file),
     )
     await serve(declaration, settings)
 
@@ -158,12 +170,22 @@ def main() -> None:
     parser.add_argument(
         "--audit-target", help="host:port of the audit service: the guard's audit stage on (guarded mode)"
     )
+    parser.add_argument(
+        "--fill-turns",
+        type=int,
+        help="event-loop turns the guard's quota and audit batches wait to fill (guarded)",
+    )
+    parser.add_argument(
+        "--risk-file",
+        type=Path,
+        help="the pre-trade risk checks on, with this limits file (bare, mesh, guarded)",
+    )
     args = parser.parse_args()
     if (args.mode == "guarded") != (args.auth_target is not None):
         parser.error("--auth-target is required by, and only by, --mode guarded")
     configure_logging(json=True)
     if args.mode == "bare":
-        asyncio.run(bare(args.port, args.db, args.home, args.account))
+        asyncio.run(bare(args.port, args.db, args.home, args.account, args.risk_file))
     elif args.mode in ("mesh", "guarded"):
         asyncio.run(
             mesh(
@@ -174,6 +196,8 @@ def main() -> None:
                 args.auth_target,
                 args.ratelimit_target,
                 args.audit_target,
+                args.fill_turns,
+                args.risk_file,
             )
         )
     else:

@@ -1,7 +1,8 @@
 """The guard's audit stage: every guarded call is recorded by the audit service (tradeguard.audit.v1), fail closed.
 
 One `tradeguard.audit.v1.Event` per call, appended through ONE adaptive batcher per guard (tradeguard.batching:
-an event goes at once when no `AppendBatch` is in flight; events arriving meanwhile share the next one):
+an event goes at once when no `AppendBatch` is in flight; events arriving meanwhile share the next one; a batch
+waits up to `fill_turns` event-loop turns, default 25, for more events before it is sent — never a timer):
 
 - **Accepted** (authenticated, authorised, within quota): the event (outcome `OUTCOME_OK`, status `OK`) is sent
   as the call is let through and its append runs CONCURRENTLY with the handler; the response is released only
@@ -63,6 +64,7 @@ __all__ = [
 OUTCOME_UNKNOWN: Final = "OUTCOME_UNKNOWN"
 AUDIT_UNAVAILABLE: Final = "AUDIT_UNAVAILABLE"
 UNAVAILABLE_MESSAGE: Final = "audit service unavailable"
+DEFAULT_FILL_TURNS: Final = 25  # event-loop turns a batch waits to fill (tradeguard.batching `fill_turns`)
 
 
 def quota_refusal(error: ResourceExhausted) -> str:
@@ -74,11 +76,20 @@ class AuditStage(Recorder):
     it and says whether it was acknowledged) that also `start`s a record beside the handler and names the error
     of a call whose event was not acknowledged."""
 
-    def __init__(self, channel: grpc.aio.Channel, *, clock_us: Callable[[], int] | None = None) -> None:
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        clock_us: Callable[[], int] | None = None,
+        fill_turns: int = DEFAULT_FILL_TURNS,
+    ) -> None:
         if clock_us is None:
             super().__init__(channel, name="guard-audit")
         else:
             super().__init__(channel, clock_us=clock_us, name="guard-audit")
+        if fill_turns < 0:
+            raise ValueError(f"fill_turns must be 0 or more, not {fill_turns}")
+        self.batcher.fill_turns = fill_turns
         self.unknown_outcomes = 0
         self.refused_degraded = 0
 

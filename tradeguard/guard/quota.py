@@ -2,7 +2,8 @@
 
 Per call, one check of the verified principal against the rate-limit service (tradeguard.ratelimit.v1,
 CheckQuotaBatch), through ONE adaptive batcher per guard (tradeguard.batching: a call goes at once when no batch is
-in flight; calls arriving meanwhile share the next one). The check:
+in flight; calls arriving meanwhile share the next one; a batch waits up to `fill_turns` event-loop turns, default
+25, for more calls before it is sent — never a timer). The check:
 
 - subject `key:<api key id>` for a signed API-key call, `user:<user id>` for a bearer-token call; the principal's
   tier ("" or a tier the limits file does not define: its default tier); the operation is the full gRPC method;
@@ -69,6 +70,7 @@ DEFAULT_TIMEOUT_S: Final = 2.0
 DEFAULT_MAX_BATCH: Final = 256  # the service takes up to 1,000 per call
 DEFAULT_MAX_PENDING: Final = 4096
 DEFAULT_KNOWN_KEYS: Final = 10_000
+DEFAULT_FILL_TURNS: Final = 25  # event-loop turns a batch waits to fill (tradeguard.batching `fill_turns`)
 UNAVAILABLE_MESSAGE: Final = "rate-limit service unavailable"
 
 
@@ -142,13 +144,18 @@ class QuotaStage:
         max_batch: int = DEFAULT_MAX_BATCH,
         max_pending: int = DEFAULT_MAX_PENDING,
         known_keys: int = DEFAULT_KNOWN_KEYS,
+        fill_turns: int = DEFAULT_FILL_TURNS,
     ) -> None:
         if known_keys < 0:
             raise ValueError(f"known_keys must be 0 or more, not {known_keys}")
         self._stub = ratelimit_pb2_grpc.RateLimitServiceStub(channel)
         self._timeout_s = timeout_s
         self.batcher: Batcher[QuotaCheck, _Verdict] = Batcher(
-            self.check_batch, max_batch=max_batch, max_pending=max_pending, name="guard-quota"
+            self.check_batch,
+            max_batch=max_batch,
+            max_pending=max_pending,
+            fill_turns=fill_turns,
+            name="guard-quota",
         )
         self._known: OrderedDict[tuple[str, str], _Known] = OrderedDict()
         self._known_max = known_keys

@@ -34,6 +34,7 @@ from tradeguard.echo.v1 import echo_pb2, echo_pb2_grpc
 from tradeguard.errors import QuotaViolation, ResourceExhausted, Unavailable
 from tradeguard.guard import GuardConfig, GuardSettings, QuotaStage, guard_for
 from tradeguard.guard import quota as quota_module
+from tradeguard.guard.audit import AuditStage
 from tradeguard.guard.client import ApiKeyCredentials, bearer_interceptors, signing_interceptors
 from tradeguard.guard.quota import QuotaCheck, limit_description
 from tradeguard.mesh import pki, tls
@@ -491,3 +492,29 @@ def test_a_refusal_names_every_refusing_limit_and_the_tightest() -> None:
     outage = rl_pb.QuotaDecision(allowed=False, store_unavailable=True)
     assert quota_module._verdict("key:k", outage).outcome == "unavailable"
     assert quota_module._verdict("key:k", rl_pb.QuotaDecision(allowed=False)).outcome == "unavailable"
+
+
+async def test_the_batch_fill_turns_setting_reaches_the_quota_and_audit_batchers(
+    pki_paths: pki.PkiPaths,
+) -> None:
+    assert GuardSettings().fill_turns == GuardSettings.read(Env("TG_X", {})).fill_turns == 25
+    assert GuardSettings.read(Env("TG_X", {"TG_X_BATCH_FILL_TURNS": "0"})).fill_turns == 0
+    for bad in ("-1", "101", "many"):
+        with pytest.raises(SettingsError, match="TG_X_BATCH_FILL_TURNS"):
+            GuardSettings.read(Env("TG_X", {"TG_X_BATCH_FILL_TURNS": bad}))
+    pki.issue(pki_paths, "desk")
+    guard = guard_for(
+        GuardConfig(
+            services=["a.B"], permissions={"/a.B/M": "orders:read"}, settings=GuardSettings(fill_turns=7)
+        ),
+        workload=tls.Workload.of(pki_paths, "desk"),
+        trust_domain=pki.trust_domain(pki_paths),
+    )
+    try:
+        assert guard.quota is not None and guard.quota.batcher.fill_turns == 7
+        assert guard.audit is not None and guard.audit.batcher.fill_turns == 7
+        assert guard.signed.batcher.fill_turns == 0  # the auth RPC: not changed by this setting
+        with pytest.raises(ValueError, match="fill_turns"):
+            AuditStage(guard.channel, fill_turns=-1)
+    finally:
+        await guard.close()

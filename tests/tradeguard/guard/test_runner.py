@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
 
 from services.trading.service import SERVICE as TRADING
-from services.trading.settings import Settings
+from services.trading.settings import RiskSettings, Settings
 from tradeguard.guard import Guard
 from tradeguard.mesh import pki
 from tradeguard.mesh.server import ServerConfig
@@ -17,8 +17,11 @@ from tradeguard.service import Declaration, start
 
 @dataclass(frozen=True)
 class PlainSettings:
+    """The trading service's settings but for the guard's."""
+
     server: ServerConfig
     database_url: str
+    risk: RiskSettings = field(default_factory=RiskSettings)
 
 
 def _server(paths: pki.PkiPaths) -> ServerConfig:
@@ -34,12 +37,14 @@ async def test_permissions_mount_the_guard_first_with_its_task_and_closer(pki_pa
         assert (
             guard.for_method("/grpc.health.v1.Health/Check") is None
         )  # the kit's services: mesh policy alone
-        assert [t.__name__ for t in running.assembly.tasks] == ["run"]
+        # the service's own tasks, then the guard's (its revocation stream and JWKS refresh)
+        assert [t.__name__ for t in running.assembly.tasks][-1:] == ["run"]
     finally:
         await running.stop(grace=0, drain=0)
     unguarded = await start(replace(TRADING, permissions=None), settings)
     try:
         assert list(unguarded.assembly.layers) == []
+        assert "run" not in [t.__name__ for t in unguarded.assembly.tasks]
     finally:
         await unguarded.stop(grace=0, drain=0)
 
