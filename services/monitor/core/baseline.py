@@ -1,0 +1,148 @@
+"""Request-rate baselines per subject (API key, account): detector `rate_spike`.
+
+Each subject's events are counted in buckets of `bucket_us` (by event time: bucket index = time // bucket_us).
+When a bucket closes its count updates the subject's exponentially weighted mean and variance (weight `alpha`;
+the empty buckets between two events count as zeros, at most `MAX_GAP_BUCKETS` of them, after which the
+baseline is simply decayed to zero). A subject observed for fewer than `warmup_buckets` closed buckets never
+alerts. Afterwards, as soon as the CURRENT bucket's count exceeds
+
+    threshold(subject kind)   and   mean + sigmas x max(spread, sqrt(mean), 1)
+
+a finding is raised, at once (within the event that crossed it), once per bucket: the bucket's start is the
+window in its id, so the same events read again raise the same alert. The spread is floored at sqrt(mean) (the
+Poisson noise of a steady rate) and at 1, so a perfectly regular subject does not alert on one extra call.
+
+Memory: one `_Baseline` (five numbers) per subject, at most `max_subjects` per subject kind, least recently
+seen forgotten (`Bounded`); a forgotten subject starts its warm-up again.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Final
+
+from services.monitor.core.config import RateConfig
+from services.monitor.core.lru import Bounded
+from services.monitor.core.subjects import subject_of
+from services.monitor.model import MAX_SEQUENCES, AuditEvent, Finding
+
+__all__ = ["MAX_GAP_BUCKETS", "NAME", "RateSpikes"]
+
+NAME: Final = "rate_spike"
+MAX_GAP_BUCKETS: Final = 1000
+
+
+@dataclass(slots=True)
+class _Baseline:
+    bucket: int  # the current bucket's index
+    count: int = 0  # events in it
+    mean: float = 0.0
+    var: float = 0.0
+    closed: int = 0  # buckets closed so far (warm-up)
+    alerted: int = -1  # the bucket last alerted on
+    recent: list[int] = field(
+        default_factory=list
+    )  # sequences in the current bucket (the last MAX_SEQUENCES)
+
+    def close_until(self, bucket: int, alpha: float) -> None:
+        """Close the current bucket and the empty ones before `bucket`."""
+        gap = bucket - self.bucket
+        self._update(self.count, alpha)
+        empty = gap - 1
+        if empty > MAX_GAP_BUCKETS:
+            self.mean, self.var = 0.0, 0.0
+            self.closed += empty
+        else:
+            for _ in range(empty):
+                self._update(0, alpha)
+        self.bucket, self.count = bucket, 0
+        self.recent.clear()
+
+    def _update(self, value: float, alpha: float) -> None:
+        if self.closed == 0:
+            self.mean, self.var = value, 0.0
+        else:
+            diff = value - self.mean
+            increment = alpha * diff
+            self.mean += increment
+            self.var = (1 - alpha) * (self.var + diff * increment)
+        self.closed += 1
+
+    def limit(self, sigmas: float) -> float:
+        return self.mean + sigmas * max(math.sqrt(self.var), math.sqrt(self.mean), 1.0)
+
+
+class RateSpikes:
+    """The `rate_spike` detector (see the module)."""
+
+    def __init__(self, config: RateConfig) -> None:
+        self.config = config
+        self._subjects: dict[str, Bounded[str, _Baseline]] = {}
+        self.alerts = 0
+
+    def configure(self, config: RateConfig) -> None:
+        self.config = config
+        for memory in self._subjects.values():
+            memory.resize(config.max_subjects)
+
+    def tracked(self) -> int:
+        return sum(len(memory) for memory in self._subjects.values())
+
+    def observe(self, event: AuditEvent) -> list[Finding]:
+        config = self.config
+        if not config.enabled:
+            return []
+        findings: list[Finding] = []
+        bucket = event.time_us // config.bucket_us
+        for kind, rule in config.subjects.items():
+            subject = subject_of(event, kind)
+            if not subject:
+                continue
+            memory = self._subjects.get(kind)
+            if memory is None:
+                memory = self._subjects[kind] = Bounded(config.max_subjects)
+            state = memory.setdefault(subject, lambda: _Baseline(bucket))
+            if bucket > state.bucket:
+                state.close_until(bucket, config.alpha)
+            elif bucket < state.bucket:
+                continue  # an event older than the bucket being counted (recorders' clocks differ): not counted
+            state.count += 1
+            state.recent.append(event.sequence)
+            if len(state.recent) > MAX_SEQUENCES:
+                del state.recent[0]
+            if state.closed < config.warmup_buckets or state.alerted == bucket:
+                continue
+            limit = state.limit(config.sigmas)
+            if state.count < rule.threshold or state.count <= limit:
+                continue
+            state.alerted = bucket
+            self.alerts += 1
+            findings.append(
+                Finding(
+                    detector=NAME,
+                    severity=rule.severity,
+                    subject_kind=kind,
+                    subject=subject,
+                    window_us=bucket * config.bucket_us,
+                    summary=(
+                        f"{kind} {subject}: {state.count} calls in {config.bucket_us // 1_000_000} s "
+                        f"against a baseline of {state.mean:.1f}"
+                    ),
+                    event_time_us=event.time_us,
+                    evidence={
+                        "count": str(state.count),
+                        "mean": f"{state.mean:.3f}",
+                        "spread": f"{math.sqrt(state.var):.3f}",
+                        "limit": f"{limit:.1f}",
+                        "bucket_s": str(config.bucket_us / 1_000_000),
+                        "buckets_observed": str(state.closed),
+                    },
+                    sequences=tuple(state.recent),
+                    account_id=event.account_id,
+                    api_key_id=event.api_key_id,
+                    actions=rule.actions,
+                    kill_scope=rule.kill_scope,
+                )
+            )
+        return findings

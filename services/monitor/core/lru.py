@@ -1,0 +1,58 @@
+"""`Bounded`: a map that remembers at most `limit` entries; adding one more forgets the LEAST RECENTLY SEEN one
+(`get` and `put` count as seen). Every per-subject memory of the detectors is one of these, so a flood of distinct
+keys, accounts or addresses costs at most `limit` entries per map, never more. `evicted` counts forgotten ones."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from typing import Generic, TypeVar
+
+__all__ = ["Bounded"]
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+class Bounded(Generic[K, V]):
+    def __init__(self, limit: int) -> None:
+        if limit < 1:
+            raise ValueError("a bounded map holds at least one entry")
+        self.limit = limit
+        self.evicted = 0
+        self._items: OrderedDict[K, V] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+    def __iter__(self) -> Iterator[K]:
+        return iter(self._items)
+
+    def get(self, key: K) -> V | None:
+        value = self._items.get(key)
+        if value is not None:
+            self._items.move_to_end(key)
+        return value
+
+    def setdefault(self, key: K, make: Callable[[], V]) -> V:
+        """The entry of `key`, made by `make()` (and the least recently seen one forgotten if full) when absent."""
+        value = self.get(key)
+        if value is None:
+            value = make()
+            self.put(key, value)
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        self._items[key] = value
+        self._items.move_to_end(key)
+        self.resize(self.limit)
+
+    def resize(self, limit: int) -> None:
+        """Change the bound (a configuration reload); the least recently seen entries beyond it are forgotten."""
+        self.limit = max(1, limit)
+        while len(self._items) > self.limit:
+            self._items.popitem(last=False)
+            self.evicted += 1
