@@ -6,10 +6,12 @@ surviving a restart, and the admin RPCs."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack, asynccontextmanager
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlparse
@@ -269,6 +271,32 @@ async def test_kill_switch_on_two_instances_within_a_second(instances: Instances
     assert any(e.entry.event.outcome == pb.OUTCOME_OK for e in engage)
     halted = await audited(instances.auth, account_id=account, outcome=pb.OUTCOME_DENIED_RISK)
     assert len(halted) == 2 and all("KILL_SWITCH_ENGAGED" in e.entry.event.risk_decision for e in halted)
+
+
+async def test_the_credit_limit_holds_with_two_instances_under_concurrent_orders(
+    instances: Instances,
+) -> None:
+    """24 orders of about 32000 each, sent to two instances at once, against a credit limit of 200000: exactly six
+    placed (a seventh would pass 200000), every other one refused RISK_CREDIT_LIMIT."""
+    a, b = await instances.start(), await instances.start()
+    account = f"acct-credit-{time.monotonic_ns()}"
+    auth = await trader(instances.auth, account)
+    async with stub_of(instances, a, auth) as on_a, stub_of(instances, b, auth) as on_b:
+
+        async def place(i: int) -> str:
+            stub = on_a if i % 2 else on_b
+            try:
+                await stub.PlaceOrder(order(f"cr-{i}", price=f"64000.{i:02d}"), timeout=20)
+            except grpc.aio.AioRpcError as error:
+                return rich_status(error).reason or error.code().name
+            return "OK"
+
+        outcomes = await asyncio.gather(*(place(i) for i in range(24)))
+        listed = await on_a.ListOrders(tp.ListOrdersRequest(page_size=100), timeout=10)
+    assert sorted(set(outcomes)) == ["OK", "RISK_CREDIT_LIMIT"], outcomes
+    assert outcomes.count("OK") == 6 == len(listed.orders)
+    total = sum(Decimal(o.quantity) * Decimal(o.price) for o in listed.orders)
+    assert total <= 200000
 
 
 # --- release: a fresh second factor only ------------------------------------------------------------------
