@@ -331,6 +331,7 @@ async def measure(
     duration: float,
 ) -> Round:
     await closed_loop(place_order(stub, f"w{tag}"), concurrency=concurrency, duration=0.5, warmup=0)
+    FAILURES.clear()  # the warm-up's
     pids = _pids(layout, mode)
     offsets = {name: layout.procs[name].log.stat().st_size for name, _, _ in BATCHED}
     before = {name: process_cpu_s(pid) for name, pid in pids.items()}

@@ -23,9 +23,9 @@ true: every call of a guarded method is recorded by the audit service, fail clos
 `AUDIT_TARGET` (host:port of the audit service, default 127.0.0.1:50053), `AUDIT_SERVER_NAME` (default
 `audit`), which must let the guard's workload
 record (AppendBatch: trading, auth, keyvault, ratelimit, and TRADEGUARD_AUDIT_GUARD_WORKLOADS);
-`BATCH_FILL_TURNS` (default 25, at most 100): how many event-loop turns a quota or audit batch that is not full
-waits for more calls before it is sent (tradeguard.batching `fill_turns`: larger batches under load for a few
-microseconds of latency; 0 sends at once).
+`BATCH_FILL_TURNS` (default 25, at most 100): how many event-loop turns a signed-request, quota or audit batch
+that is not full waits for more calls before it is sent (tradeguard.batching `fill_turns`: larger batches under
+load for a few microseconds of latency; 0 sends at once).
 """
 
 from __future__ import annotations
@@ -220,7 +220,7 @@ def guard_for(
         clock_us=clock_us,
         cache_size=settings.token_cache_size,
     )
-    signed = SignedVerifier(auth.verify_batch, revocations)
+    signed = SignedVerifier(auth.verify_batch, revocations, fill_turns=settings.fill_turns)
     quota_channel = (
         MeshChannel(settings.ratelimit_target, settings.ratelimit_server_name, workload)
         if settings.quota

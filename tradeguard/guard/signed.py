@@ -1,8 +1,10 @@
 """Signed API-key calls, verified by the auth service through ONE adaptive batcher per guard.
 
 Concurrent calls share one VerifySignedRequests RPC (tradeguard.batching: sent at once when no batch is in flight,
-queued while one is, sent together when it returns). At most `max_batch` requests per RPC (default 256) and
-`max_pending` queued (default 4,096; beyond that a call is refused at once rather than queued without limit).
+queued while one is, sent together when it returns; a batch waits up to `fill_turns` event-loop turns for more
+requests before it is sent, never a timer: the guard's BATCH_FILL_TURNS). At most `max_batch` requests per RPC
+(default 256) and `max_pending` queued (default 4,096; beyond that a call is refused at once rather than queued
+without limit).
 
 `verify(request)` → the key's `Principal`, `PermissionDenied` (authentic, scopes lack the permission) or
 `Unauthenticated(cause)`: refused by auth, auth unreachable or failing, the queue full, or the key revoked
@@ -34,9 +36,14 @@ class SignedVerifier:
         *,
         max_batch: int = DEFAULT_MAX_BATCH,
         max_pending: int = DEFAULT_MAX_PENDING,
+        fill_turns: int = 0,
     ) -> None:
         self.batcher: Batcher[SignedRequest, Principal] = Batcher(
-            verify_batch, max_batch=max_batch, max_pending=max_pending, name="guard-signed-requests"
+            verify_batch,
+            max_batch=max_batch,
+            max_pending=max_pending,
+            fill_turns=fill_turns,
+            name="guard-signed-requests",
         )
         self._revocations = revocations
 

@@ -494,7 +494,7 @@ def test_a_refusal_names_every_refusing_limit_and_the_tightest() -> None:
     assert quota_module._verdict("key:k", rl_pb.QuotaDecision(allowed=False)).outcome == "unavailable"
 
 
-async def test_the_batch_fill_turns_setting_reaches_the_quota_and_audit_batchers(
+async def test_the_batch_fill_turns_setting_reaches_the_auth_quota_and_audit_batchers(
     pki_paths: pki.PkiPaths,
 ) -> None:
     assert GuardSettings().fill_turns == GuardSettings.read(Env("TG_X", {})).fill_turns == 25
@@ -513,7 +513,7 @@ async def test_the_batch_fill_turns_setting_reaches_the_quota_and_audit_batchers
     try:
         assert guard.quota is not None and guard.quota.batcher.fill_turns == 7
         assert guard.audit is not None and guard.audit.batcher.fill_turns == 7
-        assert guard.signed.batcher.fill_turns == 0  # the auth RPC: not changed by this setting
+        assert guard.signed.batcher.fill_turns == 7  # VerifySignedRequests too
         with pytest.raises(ValueError, match="fill_turns"):
             AuditStage(guard.channel, fill_turns=-1)
     finally:
