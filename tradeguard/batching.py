@@ -22,9 +22,12 @@ The contract, for a `Batcher` over `run_batch`:
   (event-loop shutdown), every caller of the batch in flight and every queued caller is cancelled.
 - **Bounded.** At most `max_pending` items wait in the queue; a `submit` beyond that raises `BatcherFull` at once
   (shed load, never grow without limit). `close()` refuses new items and waits for the queued ones.
-- **Optional filling.** `fill_turns=N` (off by default) lets a batch that is not full wait up to N event-loop
-  turns (`asyncio.sleep(0)`, never a timer) for more items before it is sent: a few more items per batch for a
-  few microseconds of latency, for a batch call much dearer than a loop turn. It stops waiting once full.
+- **Optional filling, under load only.** `fill_turns=N` (off by default) lets a batch that is not full wait up to
+  N event-loop turns (`asyncio.sleep(0)`, never a timer) for more items before it is sent: more items per batch
+  for a few loop turns of latency, for a batch call much dearer than a loop turn. It stops waiting once full.
+  Only a batch that queued while the one before was in flight waits (the batcher is busy: more callers are
+  coming); an item reaching an idle batcher still goes at once, so filling adds nothing at low load (where
+  N turns of an otherwise idle loop would be pure delay and CPU).
 
 Counters: `batches` (calls of `run_batch`), `items` (items in them), `largest_batch`.
 """
@@ -144,10 +147,12 @@ class Batcher(Generic[I, R]):
         return batch
 
     async def _drain(self) -> None:
+        busy = False  # a batch was just in flight: the items now queued came meanwhile (under load)
         try:
             while self._pending:
-                if self.fill_turns:
+                if self.fill_turns and busy:
                     await self._fill()
+                busy = True
                 batch = self._take()
                 if not batch:
                     continue

@@ -201,14 +201,32 @@ async def _trickle(batcher: Batcher[int, int], n: int) -> list[asyncio.Future[in
     return calls
 
 
-async def test_fill_turns_lets_a_batch_wait_a_few_loop_turns_for_more_items() -> None:
-    without, filling = Remote(), Remote()
+async def _under_load(batcher: Batcher[int, int], remote: Remote) -> list[asyncio.Future[int]]:
+    """An item to the idle batcher (held in flight), one queued behind it, the first released, then four callers
+    one turn after another: the calls."""
+    calls = [asyncio.ensure_future(batcher.submit(100))]
+    await eventually(lambda: remote.batches == [[100]])
+    calls.append(asyncio.ensure_future(batcher.submit(101)))
+    await eventually(lambda: batcher.pending == 1)
+    remote.release.set()  # the batch returns: the batcher was busy, so the next one may fill
+    return calls + await _trickle(batcher, 4)
+
+
+async def test_fill_turns_lets_a_batch_queued_under_load_wait_a_few_loop_turns_for_more_items() -> None:
+    without, filling = Remote(hold=True), Remote(hold=True)
     plain: Batcher[int, int] = Batcher(without)
     filled: Batcher[int, int] = Batcher(filling, fill_turns=8)
-    calls = await _trickle(plain, 4) + await _trickle(filled, 4)
-    await asyncio.gather(*calls)
-    assert without.batches[0] == [0]  # off by default: the first item went alone
-    assert filling.batches == [[0, 1, 2, 3]]  # waited a few turns (no timer) and took the later ones
+    await asyncio.gather(*await _under_load(plain, without), *await _under_load(filled, filling))
+    assert without.batches[0] == [100] and len(without.batches) > 2  # off by default: no waiting for more
+    assert filling.batches == [[100], [101, 0, 1, 2, 3]]  # waited a few turns (no timer), took the later ones
+
+
+async def test_an_item_reaching_an_idle_batcher_goes_at_once_even_with_fill_turns() -> None:
+    remote = Remote()
+    batcher: Batcher[int, int] = Batcher(remote, fill_turns=1000)
+    assert await batcher.submit(1) == 2
+    assert await batcher.submit(2) == 4  # no 1000 turns of waiting: each found the batcher idle
+    assert remote.batches == [[1], [2]]
 
 
 async def test_fill_turns_stops_waiting_once_the_batch_is_full() -> None:
