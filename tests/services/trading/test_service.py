@@ -207,6 +207,7 @@ async def test_each_risk_check_is_failed_precondition_with_its_values_and_audite
         ),
         (order("gme", symbol="GME", price="10"), "RISK_RESTRICTED_SYMBOL", {"actual": "GME"}),
         (order("noref", symbol="SOL-USD", price="10"), "RISK_NO_REFERENCE_PRICE", {}),
+        (order("notional", quantity="20", price="64000"), "RISK_MAX_NOTIONAL", {"limit": "1000000"}),
         (order("credit", quantity="4", price="64000"), "RISK_CREDIT_LIMIT", {"limit": "200000"}),
     ]
     async with stub_of(instances, running, auth) as stub:
@@ -226,7 +227,31 @@ async def test_each_risk_check_is_failed_precondition_with_its_values_and_audite
     assert decisions == sorted([reason for _, reason, _ in cases] + ["RISK_DUPLICATE_ORDER"])
     collar = next(e.entry.event for e in denied if e.entry.event.resource == "collar")
     assert "reference_price=64000" in collar.risk_decision and collar.method == PLACE
-    assert len(denied) == 6  # the six refusals, each once as DENIED_RISK
+    assert len(denied) == 7  # the seven refusals, each once as DENIED_RISK
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_the_message_throttle_refuses_with_retry_info(instances: Instances) -> None:
+    running = await instances.start()
+    account = f"acct-thr-{time.monotonic_ns()}"
+    async with stub_of(instances, running, await officer(instances.auth)) as admin:
+        await admin.SetRiskLimits(
+            tp.SetRiskLimitsRequest(
+                account_id=account, limits=tp.RiskLimits(throttle_messages=2, throttle_window_ms=60_000)
+            ),
+            timeout=10,
+        )
+    async with stub_of(instances, running, await trader(instances.auth, account)) as stub:
+        await stub.PlaceOrder(order("t-1", price="64001"), timeout=10)
+        await stub.PlaceOrder(order("t-2", price="64002"), timeout=10)
+        code, status = await refused(stub.PlaceOrder(order("t-3", price="64003"), timeout=10))
+        assert (code, status.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "RISK_MESSAGE_THROTTLE")
+        assert metadata(status)["limit"] == "2 per 60000000us"
+        assert status.retry_delay_s is not None and 0 < status.retry_delay_s <= 60
+        again = await stub.PlaceOrder(order("t-1", price="64001"), timeout=10)  # a retry is not a message
+        assert again.replayed
+    denied = await audited(instances.auth, account_id=account, outcome=pb.OUTCOME_DENIED_RISK)
+    assert [e.entry.event.risk_decision.split()[0] for e in denied] == ["RISK_MESSAGE_THROTTLE"]
 
 
 # --- the kill switch on two instances ---------------------------------------------------------------------
