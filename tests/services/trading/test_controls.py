@@ -11,12 +11,15 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from services.trading.controls import TradingControls, validate_scope
 from services.trading.core import TradingCore
 from services.trading.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from services.trading.model import KillScope, NewOrder, OrderStatus, OrderType, Side, TimeInForce
 from services.trading.store import OrderStore
+from services.trading.store_sqlite import SqliteOrderStore
 from tradeguard.principal import Principal
 from tradeguard.risk.config import parse_risk
 from tradeguard.risk.model import RiskConfig, RiskRejected
@@ -372,3 +375,49 @@ async def test_a_live_price_goes_stale_and_then_refuses(store: OrderStore, clock
     await never.refresh()
     clock.advance(10**12)
     assert never.prices.price("BTC-USD") == Decimal(90)
+
+
+# --- the credit limit, as a property ----------------------------------------------------------------------
+
+CREDIT_ONLY = """version: 1
+defaults: {credit_limit: 1000}
+reference_prices: {BTC-USD: 100}
+"""
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    steps=st.lists(
+        st.tuples(st.integers(1, 40), st.integers(1, 60), st.booleans()),  # quantity, price, cancel it after
+        min_size=1,
+        max_size=25,
+    )
+)
+def test_an_order_is_refused_exactly_when_it_would_pass_the_credit_limit(
+    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[int, int, bool]]
+) -> None:
+    async def scenario() -> None:
+        path = tmp_path_factory.mktemp("credit") / "orders.sqlite3"
+        store = await SqliteOrderStore.open(path)
+        try:
+            clock = FakeClock()
+            core = instance(store, clock, text=CREDIT_ONLY)
+            open_total = Decimal(0)
+            for i, (quantity, price, cancel) in enumerate(steps):
+                notional = Decimal(quantity * price)
+                order = new(f"p-{i}", quantity=Decimal(quantity), price=Decimal(price))
+                if open_total + notional > 1000:
+                    with pytest.raises(RiskRejected) as refused:
+                        await core.place(order)
+                    assert refused.value.reason == "RISK_CREDIT_LIMIT"
+                    assert refused.value.metadata["actual"] == str(open_total + notional)
+                    continue
+                placed, _ = await core.place(order)
+                open_total += notional
+                if cancel:
+                    await core.cancel("acct-1", placed.order_id)
+                    open_total -= notional
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
