@@ -269,6 +269,9 @@ class TradingControls:
         return True
 
     def apply(self, controls: Controls) -> None:
+        """Make `controls` the state in force, unless a newer state was applied meanwhile (two reads racing)."""
+        if controls.version < self.version:
+            return
         self.switches = {switch.key for switch in controls.switches}
         overrides: dict[str, dict[str, Any]] = {}
         for account, text in controls.overrides.items():

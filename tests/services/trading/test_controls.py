@@ -17,7 +17,16 @@ from hypothesis import strategies as st
 from services.trading.controls import TradingControls, validate_scope
 from services.trading.core import TradingCore
 from services.trading.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from services.trading.model import KillScope, NewOrder, OrderStatus, OrderType, Side, TimeInForce
+from services.trading.model import (
+    Controls,
+    KillScope,
+    KillSwitch,
+    NewOrder,
+    OrderStatus,
+    OrderType,
+    Side,
+    TimeInForce,
+)
 from services.trading.store import OrderStore
 from services.trading.store_sqlite import SqliteOrderStore
 from tradeguard.principal import Principal
@@ -421,3 +430,13 @@ def test_an_order_is_refused_exactly_when_it_would_pass_the_credit_limit(
             await store.close()
 
     asyncio.run(scenario())
+
+
+async def test_an_older_read_never_replaces_a_newer_one(store: OrderStore, clock: FakeClock) -> None:
+    controls = TradingControls(store, risk_config(), clock_us=clock)
+    switch = KillSwitch("ks_1", KillScope.GLOBAL, "", "halt", "usr", 1)
+    controls.apply(Controls(5, [switch]))
+    controls.apply(Controls(4, []))  # read before the engage, applied after it
+    assert (controls.version, controls.switches) == (5, {(KillScope.GLOBAL, "")})
+    controls.apply(Controls(6, []))
+    assert controls.switches == set()
