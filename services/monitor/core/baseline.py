@@ -1,6 +1,7 @@
 """Request-rate baselines per subject (API key, account): detector `rate_spike`.
 
-Each subject's events are counted in buckets of `bucket_us` (by event time: bucket index = time // bucket_us).
+Only traffic is counted (`is_traffic`: calls recorded by a guard, not the auth service's or the key vault's own
+security events such as a key's creation). Each subject's events are counted in buckets of `bucket_us` (by event time: bucket index = time // bucket_us).
 When a bucket closes its count updates the subject's exponentially weighted mean and variance (weight `alpha`;
 the empty buckets between two events count as zeros, at most `MAX_GAP_BUCKETS` of them, after which the
 baseline is simply decayed to zero). A subject observed for fewer than `warmup_buckets` closed buckets never
@@ -24,7 +25,7 @@ from typing import Final
 
 from services.monitor.core.config import RateConfig
 from services.monitor.core.lru import Bounded
-from services.monitor.core.subjects import subject_of
+from services.monitor.core.subjects import is_traffic, subject_of
 from services.monitor.model import MAX_SEQUENCES, AuditEvent, Finding
 
 __all__ = ["MAX_GAP_BUCKETS", "NAME", "RateSpikes"]
@@ -91,7 +92,7 @@ class RateSpikes:
 
     def observe(self, event: AuditEvent) -> list[Finding]:
         config = self.config
-        if not config.enabled:
+        if not config.enabled or not is_traffic(event):
             return []
         findings: list[Finding] = []
         bucket = event.time_us // config.bucket_us

@@ -1,6 +1,7 @@
 """Where each API key is used from: detectors `new_country` and `impossible_travel` (one `Geography` object).
 
-Each event with an API key and a public source address is located (`locate(ip)`: the country and the
+Each call made with an API key (`is_traffic`: not the auth service's or the key vault's own security events, such
+as an operator creating the key from the office) from a public source address is located (`locate(ip)`: the country and the
 coordinates of its centroid, or None for a private, reserved or unknown address — such events are not judged).
 Per key, the countries seen (at most `max_countries`, the oldest forgotten) and the last located use (time,
 country, coordinates, address) are remembered, at most `max_keys` keys, least recently seen forgotten.
@@ -24,6 +25,7 @@ from typing import Final
 
 from services.monitor.core.config import GeoConfig, Rule
 from services.monitor.core.lru import Bounded
+from services.monitor.core.subjects import is_traffic
 from services.monitor.model import AuditEvent, Finding
 
 __all__ = [
@@ -84,7 +86,7 @@ class Geography:
 
     def observe(self, event: AuditEvent) -> list[Finding]:
         config = self.config
-        if not config.enabled or not event.api_key_id or not event.source_ip:
+        if not config.enabled or not event.api_key_id or not event.source_ip or not is_traffic(event):
             return []
         here = self._locate(event.source_ip)
         if here is None:

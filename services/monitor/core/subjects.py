@@ -1,10 +1,21 @@
-"""Which field of an event a subject kind names (`subject_of`), shared by the detectors."""
+"""Which field of an event a subject kind names (`subject_of`), and whether an event is a call made with a key
+(`is_traffic`), shared by the detectors."""
 
 from __future__ import annotations
 
 from services.monitor.model import AuditEvent
 
-__all__ = ["subject_of"]
+__all__ = ["SECURITY_RECORDERS", "is_traffic", "subject_of"]
+
+#: workloads whose entries are their own security events (logins, key administration, decryptions), not calls
+#: made with a key: an API key's creation by an operator names the key but is not its traffic
+SECURITY_RECORDERS = ("/svc/auth", "/svc/keyvault")
+
+
+def is_traffic(event: AuditEvent) -> bool:
+    """Whether `event` is a call made by its caller (recorded by a guard), not the auth service's or the key
+    vault's own security event: what request-rate baselines and geography learn from."""
+    return not event.recorder.endswith(SECURITY_RECORDERS)
 
 
 def subject_of(event: AuditEvent, kind: str) -> str:
