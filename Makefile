@@ -69,6 +69,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.guard
 	$(BIN)/python -m bench.ratelimit
 	$(BIN)/python -m bench.audit
+	$(BIN)/python -m bench.full_chain
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
