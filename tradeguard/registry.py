@@ -39,7 +39,7 @@ SERVICES: Final[dict[str, Registered]] = {
 
 # What `tradeguard up` starts, in start order (a service starts after those it calls). Services not built yet
 # are registered above (their ports are reserved) but not started.
-SUITE: Final[tuple[str, ...]] = ("keyvault", "audit", "auth", "ratelimit", "trading")
+SUITE: Final[tuple[str, ...]] = ("keyvault", "audit", "auth", "ratelimit", "trading", "monitor")
 
 
 def env_prefix(name: str) -> str:

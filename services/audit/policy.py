@@ -2,11 +2,13 @@
 
 The mesh's first gate (tradeguard.mesh.authz): the caller's SPIFFE ID must name a workload listed for the method.
 - Recording (Append, AppendBatch): the services that record what they do (trading, auth, the key vault, the rate
-  limiter) plus TRADEGUARD_AUDIT_GUARD_WORKLOADS (a firm's own guarded services). Operators do not append: an
-  entry's recorder is the workload that appended it, and nobody may write in another's name.
+  limiter, the monitor: its actions with their evidence) plus TRADEGUARD_AUDIT_GUARD_WORKLOADS (a firm's own
+  guarded services). Operators do not append: an entry's recorder is the workload that appended it, and nobody
+  may write in another's name.
 - Reading (GetCheckpoint, ListCheckpoints, GetInclusionProof, GetConsistencyProof, GetEntries, Query, Tail):
   operators (`ops`: `tradeguard audit query|tail|verify|export`) and the monitor. Recorders cannot read the log
-  back: what one service recorded about a user is not another's to read.
+  back (the monitor, which both reads and records, excepted): what one service recorded about a user is not
+  another's to read.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ __all__ = ["APPEND_METHODS", "READERS", "READ_METHODS", "RECORDERS", "RULES", "S
 
 SERVICE: Final = "/tradeguard.audit.v1.AuditService"
 
-RECORDERS: Final = frozenset({"trading", "auth", "keyvault", "ratelimit"})
+RECORDERS: Final = frozenset({"trading", "auth", "keyvault", "ratelimit", "monitor"})
 READERS: Final = frozenset({"ops", "monitor"})
 
 APPEND_METHODS: Final = ("Append", "AppendBatch")

@@ -29,6 +29,7 @@ import asyncio
 import contextlib
 import importlib.util
 import ipaddress
+import json
 import os
 import secrets
 import shlex
@@ -45,6 +46,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tradeguard import registry
+from tradeguard.auth.v1 import auth_pb2, auth_pb2_grpc
 from tradeguard.cli import common
 from tradeguard.errors import DomainError, OpaqueError
 from tradeguard.keyvault.signer import ensure_key
@@ -410,6 +412,70 @@ class Supervisor:
                         flush=True,
                     )
 
+    async def ensure_monitor_key(self) -> Path | None:
+        """The monitor's own API key, for the kill switch (a guarded call needing `trading:halt`): when the suite
+        runs the monitor and $TRADEGUARD_HOME/secrets/monitor-key.json is absent (and
+        TRADEGUARD_MONITOR_KILL_SWITCH_CREDENTIALS_FILE names no other file), a user `monitor-<random>` with role
+        risk-officer (a random password nobody keeps: it never logs in) and an HMAC key scoped `trading:halt`,
+        usable from the suite's host only, are created as ops; the key id and secret go to that file (0600, its
+        directory 0700), written once, never shown. A failure is reported, not fatal: the monitor starts and its
+        kill-switch actions are SKIPPED until the file exists (docs/incident-response.md: the manual steps)."""
+        auth = self.children.get("auth")
+        if auth is None or not any(entry.name == "monitor" for entry in self.services):
+            return None
+        if os.environ.get("TRADEGUARD_MONITOR_KILL_SWITCH_CREDENTIALS_FILE", "").strip():
+            return None
+        path = self.home / "secrets" / "monitor-key.json"
+        if path.exists() or path.is_symlink():
+            return None
+        workload = tls.Workload.of(self.paths, common.OPERATOR)
+        options = [("grpc.ssl_target_name_override", auth.name)]
+        host = common.connect_host().strip("[]")
+        try:
+            address = ipaddress.ip_address(host)
+            allow = [f"{address}/{address.max_prefixlen}"]
+        except ValueError:
+            allow = []
+        try:
+            async with grpc.aio.secure_channel(
+                f"{common.connect_host()}:{auth.port}", tls.channel_credentials(workload), options=options
+            ) as channel:
+                stub = auth_pb2_grpc.AuthServiceStub(channel)
+                user = await stub.CreateUser(
+                    auth_pb2.CreateUserRequest(
+                        username=f"monitor-{secrets.token_hex(4)}",
+                        password=secrets.token_urlsafe(32),
+                        account_id="monitor",
+                        roles=["risk-officer"],
+                    ),
+                    timeout=10,
+                )
+                created = await stub.CreateApiKey(
+                    auth_pb2.CreateApiKeyRequest(
+                        user_id=user.user.user_id,
+                        kind=auth_pb2.API_KEY_KIND_HMAC,
+                        scopes=["trading:halt"],
+                        ip_allow_list=allow,
+                        label="the monitor's kill switch",
+                    ),
+                    timeout=10,
+                )
+        except grpc.aio.AioRpcError as error:
+            _log.error("monitor key not created", code=error.code().name)
+            print(
+                f"could not create the monitor's API key ({error.code().name}): its kill-switch actions are "
+                "skipped until it has one (docs/incident-response.md)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return None
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as out:
+            out.write(json.dumps({"key_id": created.key.key_id, "secret": created.secret}))
+        _log.info("monitor key created", key_id=created.key.key_id)
+        return path
+
     async def health(self, child: Child) -> bool:
         """One health check of `child` over mutual TLS, as ops."""
         workload = tls.Workload.of(self.paths, common.OPERATOR)
@@ -554,6 +620,8 @@ class Supervisor:
                 await self.wait_ready(child)
                 if child.name == "audit":  # the vault records the key's creation in the audit service itself
                     await self.ensure_service_keys(child.name)
+                if child.name == "auth":  # before the monitor starts: it reads its key at start-up
+                    await self.ensure_monitor_key()
             for child in children:  # one that died while the next was starting is not "up"
                 if not child.alive():
                     raise NotReady(f"{child.name} exited during start-up")
