@@ -1,4 +1,5 @@
-"""The `tradeguard` command line: `pki`, `up`, `auth`, `orders`, `vault`, `quota`, `audit`, `edge`, `kill`.
+"""The `tradeguard` command line: `pki`, `up`, `auth`, `orders`, `vault`, `quota`, `audit`, `edge`, `kill`,
+`alerts`.
 
 Every command reads the suite's home (--home, else $TRADEGUARD_HOME, else ./.tradeguard) and the services'
 ports from the same environment the services read (TRADEGUARD_<SERVICE>_PORT). `tradeguard COMMAND --help`
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 
 import tradeguard  # noqa: F401  (sets the TLS 1.3-only grpc setting before grpc is imported)
 from tradeguard.cli import (
+    alerts_cmd,
     audit_cmd,
     auth_cmd,
     common,
@@ -49,7 +51,7 @@ class _Parser(argparse.ArgumentParser):
         return super().parse_args(argv, namespace)
 
 
-_COMMANDS = ("pki", "up", "auth", "orders", "vault", "quota", "audit", "edge", "kill")
+_COMMANDS = ("pki", "up", "auth", "orders", "vault", "quota", "audit", "edge", "kill", "alerts")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -67,6 +69,7 @@ def parser() -> argparse.ArgumentParser:
     audit_cmd.register(sub)
     edge_cmd.register(sub)
     kill_cmd.register(sub)
+    alerts_cmd.register(sub)
     assert tuple(sub.choices) == _COMMANDS
     return root
 

@@ -82,10 +82,10 @@ def synthetic(time_us: int, **fields: Any) -> apb.Event:
     return apb.Event(
         event_id=str(uuid.uuid4()),
         time=Timestamp(seconds=time_us // 1_000_000, nanos=time_us % 1_000_000 * 1000),
-        method="/tradeguard.trading.v1.TradingService/PlaceOrder",
-        action="orders:write",
+        method=fields.pop("method", "/tradeguard.trading.v1.TradingService/PlaceOrder"),
+        action=fields.pop("action", "orders:write"),
         outcome=fields.pop("outcome", apb.OUTCOME_OK),
-        status_code="OK",
+        status_code=fields.pop("status_code", "OK"),
         **fields,
     )
 
