@@ -6,7 +6,8 @@ retry of a placed order returns it: never re-checked, never a duplicate, never t
 switch (in memory) → the risk checks (`RiskEngine.check`, credit left to the store) → the store's insert
 transaction, which under its lock re-checks the kill switch and runs the credit check on the account's open
 notional (`Admission`). If anything fails after the risk checks passed, the engine forgets the order
-(`discard`), so a corrected order is not taken for its duplicate.
+(`discard`), so a corrected order is not taken for its duplicate. With the risk checks off and no switch engaged
+(as last read) nothing before the store could refuse a retry, so the lookup is left to the store's insert.
 
 Pure: no grpc, no protobuf, no I/O of its own. Time and order ids are injected; storage is an `OrderStore`.
 Quantities and prices are `Decimal`, parsed only from plain decimal strings and kept in canonical form.
@@ -171,10 +172,6 @@ class TradingCore:
         controls = self.controls
         if controls is None:
             return await self._insert(new, None)
-        existing = await self._store.find(new.account_id, new.client_order_id)
-        if existing is not None:
-            return self._settle(existing, False, new)
-        controls.kill_check(new.account_id, api_key_id, new.symbol)
         engine = controls.engine
         if engine is None:
             notional = None if new.price is None else EXACT.multiply(new.quantity, new.price)
@@ -182,7 +179,18 @@ class TradingCore:
             def admit(covering: list[tuple[KillScope, str]], open_notional: Decimal) -> None:
                 controls.refuse_if_covered(covering)
 
+            # Nothing before the store can refuse a retry unless a switch is engaged: then look first; else the
+            # store's insert finds the existing order itself (and never admits it again).
+            if controls.switches:
+                existing = await self._store.find(new.account_id, new.client_order_id)
+                if existing is not None:
+                    return self._settle(existing, False, new)
+                controls.kill_check(new.account_id, api_key_id, new.symbol)
             return await self._insert(new, Admission(notional, api_key_id, admit))
+        existing = await self._store.find(new.account_id, new.client_order_id)
+        if existing is not None:
+            return self._settle(existing, False, new)
+        controls.kill_check(new.account_id, api_key_id, new.symbol)
         risk_order = RiskOrder(
             account_id=new.account_id,
             api_key_id=api_key_id,

@@ -16,7 +16,13 @@ from hypothesis import strategies as st
 
 from services.trading.controls import TradingControls, validate_scope
 from services.trading.core import TradingCore
-from services.trading.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from services.trading.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+)
 from services.trading.model import (
     Controls,
     KillScope,
@@ -440,3 +446,17 @@ async def test_an_older_read_never_replaces_a_newer_one(store: OrderStore, clock
     assert (controls.version, controls.switches) == (5, {(KillScope.GLOBAL, "")})
     controls.apply(Controls(6, []))
     assert controls.switches == set()
+
+
+async def test_with_the_risk_checks_off_a_retry_is_answered_with_or_without_a_switch(
+    store: OrderStore, clock: FakeClock
+) -> None:
+    core = instance(store, clock, risk=False)
+    first, _ = await core.place(new("r-1"))
+    again, replayed = await core.place(new("r-1"))  # no switch: the store's insert finds it
+    assert replayed and again.order_id == first.order_id
+    await controls_of(core).engage(KillScope.ACCOUNT, "acct-2", "halt", "usr_ops")
+    again, replayed = await core.place(new("r-1"))  # a switch engaged: looked up first
+    assert replayed and again.order_id == first.order_id
+    with pytest.raises(AlreadyExists):
+        await core.place(new("r-1", quantity=Decimal(2)))
