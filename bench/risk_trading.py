@@ -7,13 +7,12 @@ in), on a plain grpc.aio server with mutual TLS and no interceptors (no guard: i
 and bench/full_chain.py measures it), each call acting for one fixed principal. They differ only in the controls:
 
   none   the core with no pre-trade controls at all (as before issue 10): validation and the insert
-  kill   the kill switch only (TRADEGUARD_TRADING_RISK=0): the idempotency lookup, the in-memory switch check and
-         the store's admission (the switch re-checked under the store's lock) — what every order pays for the
-         kill switch
-  risk   every check on (the default): the above plus the risk engine (throttle, restricted symbols, maximum
-         quantity, price collar around a reference price, maximum notional, duplicate detection) and the credit
-         limit on the account's open notional inside the insert transaction. Every order passes every check (the
-         limits are wide, each order is distinct), so each check does its whole work.
+  kill   the kill switch only (TRADEGUARD_TRADING_RISK=0), none engaged: the store's admission (the switches
+         re-checked under the store's lock, the order's notional kept) — what every order pays for the kill switch
+  risk   every check on (the default): the idempotency lookup before the checks, the risk engine (throttle,
+         restricted symbols, maximum quantity, price collar around a reference price, maximum notional, duplicate
+         detection) and the credit limit on the account's open notional inside the insert transaction. Every order
+         passes every check (the limits are wide, each order is distinct), so each check does its whole work.
 
 Each server has its own SQLite database on tmpfs (/dev/shm) where there is one (the same code path commits; the
 disk's fsync latency is left out: bench/trading_store.py measures durable commits), and polls it for control
