@@ -6,8 +6,8 @@ What `build` wires, in order:
   re-reads it when it changes (RELOAD_INTERVAL_S), keeping the last good one;
 - the store the runner opened (SQLite by default, `$TRADEGUARD_HOME/data/monitor.db`; PostgreSQL by URL) and the
   position in it;
-- channels as workload `monitor`: to the audit service (the Tail, with no deadline; and the recorder of the
-  monitor's own actions), to the auth service (revocations), to the trading service signed with the monitor's API
+- channels as workload `monitor`: to the audit service (the tail's, made afresh per connection; and the recorder
+  of the monitor's own actions), to the auth service (revocations), to the trading service signed with the monitor's API
   key when it has one (the kill switch);
 - the engine (services/monitor/core/engine.py: detectors with the offline GeoIP locator, budgets, outbox) and the
   tail follower (services/monitor/tail.py) as a background task: it first carries out the actions a crash left
@@ -23,6 +23,8 @@ from __future__ import annotations
 import contextlib
 from typing import Final
 
+import grpc
+
 from services.monitor import policy
 from services.monitor.actions import Actions, load_credentials
 from services.monitor.config_file import MonitorFile
@@ -37,6 +39,7 @@ from services.monitor.store_sqlite import SqliteMonitorStore
 from services.monitor.tail import TailFollower
 from tradeguard.audit.recorder import Recorder
 from tradeguard.guard.client import authenticated_channel, signing_interceptors
+from tradeguard.mesh import tls
 from tradeguard.mesh.channel import MeshChannel
 from tradeguard.monitor.v1 import monitor_pb2_grpc
 from tradeguard.service import Assembly, Closer, Declaration, Stores, Wiring
@@ -54,6 +57,19 @@ class ConfigUnavailable(RuntimeError):
     """The configuration file is invalid or unreadable at start-up: the service does not start."""
 
 
+def tail_channel(settings: Settings) -> grpc.aio.Channel:
+    """A plain mutual-TLS channel to the audit service as workload `monitor` (see services/monitor/tail.py)."""
+    return grpc.aio.secure_channel(
+        settings.audit_target,
+        tls.channel_credentials(settings.server.workload),
+        options=[
+            ("grpc.ssl_target_name_override", settings.audit_server_name),
+            ("grpc.default_authority", settings.audit_server_name),
+            ("grpc.keepalive_time_ms", 30_000),
+        ],
+    )
+
+
 def load_config(settings: Settings) -> MonitorFile:
     try:
         return MonitorFile(settings.config_file, clock_us)
@@ -68,10 +84,6 @@ async def build(wiring: Wiring[Settings, MonitorStore]) -> Assembly:
     closers: list[Closer] = []
     try:
         credentials = load_credentials(settings.kill_switch_credentials)
-        tail_channel = MeshChannel(
-            settings.audit_target, settings.audit_server_name, workload, default_timeout_s=None
-        )
-        closers.append(tail_channel.close)
         audit_channel = MeshChannel(settings.audit_target, settings.audit_server_name, workload)
         closers.append(audit_channel.close)
         auth_channel = MeshChannel(settings.auth_target, settings.auth_server_name, workload)
@@ -104,7 +116,12 @@ async def build(wiring: Wiring[Settings, MonitorStore]) -> Assembly:
         detectors = Detectors(lambda: config.current, GeoLocator().locate)
         monitor = Monitor(store, detectors, actions, clock_us)
         monitor.position, monitor.last_record_us = await store.position()
-        follower = TailFollower(tail_channel, monitor, settings.max_batch, settings.replay_entries)
+        follower = TailFollower(
+            lambda: tail_channel(settings),
+            monitor,
+            max_batch=settings.max_batch,
+            replay=settings.replay_entries,
+        )
         servicer = MonitorServicer(monitor, config, max_watchers=settings.watchers)
     except BaseException:
         for closer in reversed(closers):

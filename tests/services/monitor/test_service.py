@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -74,13 +75,17 @@ auth_failures:
 """
 
 
+_RUN = uuid.uuid4().hex[:12]
+_IDS = itertools.count()  # event ids: not random UUIDs (the audit service refuses ids that look like secrets)
+
+
 def now_us() -> int:
     return time.time_ns() // 1000
 
 
 def synthetic(time_us: int, **fields: Any) -> apb.Event:
     return apb.Event(
-        event_id=str(uuid.uuid4()),
+        event_id=f"monitor-test.{_RUN}.{next(_IDS)}",
         time=Timestamp(seconds=time_us // 1_000_000, nanos=time_us % 1_000_000 * 1000),
         method=fields.pop("method", "/tradeguard.trading.v1.TradingService/PlaceOrder"),
         action=fields.pop("action", "orders:write"),
