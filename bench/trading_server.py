@@ -122,6 +122,7 @@ async def mesh(
     audit_target: str | None = None,
     fill_turns: int | None = None,
     risk_file: Path | None = None,
+    fill_patience: int | None = None,
 ) -> None:
     """The real declaration run by the kit's runner: with its guard (`auth_target` given), or with the guard
     replaced by `FixedPrincipal` (None)."""
@@ -143,6 +144,7 @@ async def mesh(
             audit=audit_target is not None,
             audit_target=audit_target or GuardSettings.audit_target,
             fill_turns=GuardSettings.fill_turns if fill_turns is None else fill_turns,
+            fill_patience=GuardSettings.fill_patience if fill_patience is None else fill_patience,
         )
     settings = Settings(
         server=ServerConfig(name="trading", port=port, home=home),
@@ -176,6 +178,11 @@ def main() -> None:
         help="event-loop turns the guard's quota and audit batches wait to fill (guarded)",
     )
     parser.add_argument(
+        "--fill-patience",
+        type=int,
+        help="turns in a row with no new call that end a batch's filling (guarded)",
+    )
+    parser.add_argument(
         "--risk-file",
         type=Path,
         help="the pre-trade risk checks on, with this limits file (bare, mesh, guarded)",
@@ -198,6 +205,7 @@ def main() -> None:
                 args.audit_target,
                 args.fill_turns,
                 args.risk_file,
+                args.fill_patience,
             )
         )
     else:

@@ -27,7 +27,9 @@ The contract, for a `Batcher` over `run_batch`:
   for a few loop turns of latency, for a batch call much dearer than a loop turn. It stops waiting once full.
   Only a batch that queued while the one before was in flight waits (the batcher is busy: more callers are
   coming); an item reaching an idle batcher still goes at once, so filling adds nothing at low load (where
-  N turns of an otherwise idle loop would be pure delay and CPU).
+  N turns of an otherwise idle loop would be pure delay and CPU). With `fill_patience=P` (0, the default: no
+  limit) it also stops waiting once P turns in a row brought no new item: at moderate load, where a busy loop's
+  turns are long and the callers are few, a batch goes soon after the last caller came instead of N turns later.
 
 Counters: `batches` (calls of `run_batch`), `items` (items in them), `largest_batch`.
 """
@@ -90,6 +92,7 @@ class Batcher(Generic[I, R]):
         max_batch: int = DEFAULT_MAX_BATCH,
         max_pending: int = DEFAULT_MAX_PENDING,
         fill_turns: int = 0,
+        fill_patience: int = 0,
         name: str = "batcher",
     ) -> None:
         if max_batch < 1:
@@ -98,10 +101,13 @@ class Batcher(Generic[I, R]):
             raise ValueError(f"max_pending must be at least 1, not {max_pending}")
         if fill_turns < 0:
             raise ValueError(f"fill_turns must be 0 or more, not {fill_turns}")
+        if fill_patience < 0:
+            raise ValueError(f"fill_patience must be 0 or more, not {fill_patience}")
         self._run_batch = run_batch
         self.max_batch = max_batch
         self.max_pending = max_pending
         self.fill_turns = fill_turns
+        self.fill_patience = fill_patience
         self.name = name
         self._pending: deque[tuple[I, asyncio.Future[R]]] = deque()
         self._drainer: asyncio.Task[None] | None = None
@@ -133,10 +139,15 @@ class Batcher(Generic[I, R]):
         return await future
 
     async def _fill(self) -> None:
-        turns = 0
+        turns = quiet = 0
+        patience = self.fill_patience
         while turns < self.fill_turns and len(self._pending) < self.max_batch:
+            before = len(self._pending)
             await asyncio.sleep(0)
             turns += 1
+            quiet = quiet + 1 if len(self._pending) == before else 0
+            if patience and quiet >= patience:
+                return
 
     def _take(self) -> list[tuple[I, asyncio.Future[R]]]:
         batch: list[tuple[I, asyncio.Future[R]]] = []

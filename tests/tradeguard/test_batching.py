@@ -221,6 +221,23 @@ async def test_fill_turns_lets_a_batch_queued_under_load_wait_a_few_loop_turns_f
     assert filling.batches == [[100], [101, 0, 1, 2, 3]]  # waited a few turns (no timer), took the later ones
 
 
+async def test_fill_patience_sends_once_turns_in_a_row_bring_nothing() -> None:
+    """Under load (a batch held in flight, one item queued behind it): two callers one turn apart, then none. With
+    patience 2 the batch goes two quiet turns after the last caller instead of waiting all 1000 turns; callers
+    coming later go in the next batch."""
+    remote = Remote(hold=True)
+    batcher: Batcher[int, int] = Batcher(remote, fill_turns=1000, fill_patience=2)
+    calls: list[asyncio.Future[int]] = [asyncio.ensure_future(batcher.submit(100))]
+    await eventually(lambda: remote.batches == [[100]])
+    calls.append(asyncio.ensure_future(batcher.submit(101)))
+    await eventually(lambda: batcher.pending == 1)
+    remote.release.set()
+    calls += await _trickle(batcher, 2)
+    await eventually(lambda: len(remote.batches) == 2)  # no 1000 turns: sent after two quiet ones
+    assert remote.batches[1] == [101, 0, 1]
+    assert await asyncio.gather(*calls) == [200, 202, 0, 2]
+
+
 async def test_an_item_reaching_an_idle_batcher_goes_at_once_even_with_fill_turns() -> None:
     remote = Remote()
     batcher: Batcher[int, int] = Batcher(remote, fill_turns=1000)
@@ -240,7 +257,9 @@ async def test_fill_turns_stops_waiting_once_the_batch_is_full() -> None:
     assert await asyncio.gather(*calls) == [0, 2, 4, 6]
 
 
-@pytest.mark.parametrize(("option", "value"), [("max_batch", 0), ("max_pending", 0), ("fill_turns", -1)])
+@pytest.mark.parametrize(
+    ("option", "value"), [("max_batch", 0), ("max_pending", 0), ("fill_turns", -1), ("fill_patience", -1)]
+)
 def test_settings_are_checked(option: str, value: int) -> None:
     with pytest.raises(ValueError, match=option):
         Batcher(Remote(), **{option: value})  # type: ignore[arg-type]

@@ -65,6 +65,7 @@ OUTCOME_UNKNOWN: Final = "OUTCOME_UNKNOWN"
 AUDIT_UNAVAILABLE: Final = "AUDIT_UNAVAILABLE"
 UNAVAILABLE_MESSAGE: Final = "audit service unavailable"
 DEFAULT_FILL_TURNS: Final = 25  # event-loop turns a batch waits to fill (tradeguard.batching `fill_turns`)
+DEFAULT_FILL_PATIENCE: Final = 0  # no limit (`fill_patience`: stop after that many quiet turns in a row)
 
 
 def quota_refusal(error: ResourceExhausted) -> str:
@@ -82,6 +83,7 @@ class AuditStage(Recorder):
         *,
         clock_us: Callable[[], int] | None = None,
         fill_turns: int = DEFAULT_FILL_TURNS,
+        fill_patience: int = DEFAULT_FILL_PATIENCE,
     ) -> None:
         if clock_us is None:
             super().__init__(channel, name="guard-audit")
@@ -89,7 +91,10 @@ class AuditStage(Recorder):
             super().__init__(channel, clock_us=clock_us, name="guard-audit")
         if fill_turns < 0:
             raise ValueError(f"fill_turns must be 0 or more, not {fill_turns}")
+        if fill_patience < 0:
+            raise ValueError(f"fill_patience must be 0 or more, not {fill_patience}")
         self.batcher.fill_turns = fill_turns
+        self.batcher.fill_patience = fill_patience
         self.unknown_outcomes = 0
         self.refused_degraded = 0
 

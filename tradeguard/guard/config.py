@@ -25,7 +25,9 @@ true: every call of a guarded method is recorded by the audit service, fail clos
 record (AppendBatch: trading, auth, keyvault, ratelimit, and TRADEGUARD_AUDIT_GUARD_WORKLOADS);
 `BATCH_FILL_TURNS` (default 25, at most 100): how many event-loop turns a signed-request, quota or audit batch
 that is not full waits for more calls before it is sent (tradeguard.batching `fill_turns`: larger batches under
-load for a few microseconds of latency; 0 sends at once).
+load for a few microseconds of latency; 0 sends at once); `BATCH_FILL_PATIENCE` (default 0, no limit; at most
+100): N sends such a batch once N turns in a row brought no new call (sooner at moderate load, smaller batches at
+saturation: 2 gave batches of 8.5 instead of 12 at 64 callers).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from tradeguard.audit.recording import RecordingSettings
-from tradeguard.guard.audit import DEFAULT_FILL_TURNS, AuditStage
+from tradeguard.guard.audit import DEFAULT_FILL_PATIENCE, DEFAULT_FILL_TURNS, AuditStage
 from tradeguard.guard.auth_client import AuthClient
 from tradeguard.guard.jwt import (
     DEFAULT_ALGORITHMS,
@@ -89,6 +91,7 @@ class GuardSettings:
     audit: bool = True
     audit_server_name: str = "audit"
     fill_turns: int = DEFAULT_FILL_TURNS
+    fill_patience: int = DEFAULT_FILL_PATIENCE
 
     @classmethod
     def read(cls, env: Env) -> GuardSettings:
@@ -108,6 +111,7 @@ class GuardSettings:
             audit=audit.enabled,
             audit_server_name=audit.server_name,
             fill_turns=env.integer("BATCH_FILL_TURNS", DEFAULT_FILL_TURNS, low=0, high=100),
+            fill_patience=env.integer("BATCH_FILL_PATIENCE", DEFAULT_FILL_PATIENCE, low=0, high=100),
         )
 
 
@@ -220,21 +224,18 @@ def guard_for(
         clock_us=clock_us,
         cache_size=settings.token_cache_size,
     )
-    signed = SignedVerifier(auth.verify_batch, revocations, fill_turns=settings.fill_turns)
+    fill = {"fill_turns": settings.fill_turns, "fill_patience": settings.fill_patience}
+    signed = SignedVerifier(auth.verify_batch, revocations, **fill)
     quota_channel = (
         MeshChannel(settings.ratelimit_target, settings.ratelimit_server_name, workload)
         if settings.quota
         else None
     )
-    quota = QuotaStage(quota_channel, fill_turns=settings.fill_turns) if quota_channel is not None else None
+    quota = QuotaStage(quota_channel, **fill) if quota_channel is not None else None
     audit_channel = (
         MeshChannel(settings.audit_target, settings.audit_server_name, workload) if settings.audit else None
     )
-    audit = (
-        AuditStage(audit_channel, clock_us=clock_us, fill_turns=settings.fill_turns)
-        if audit_channel is not None
-        else None
-    )
+    audit = AuditStage(audit_channel, clock_us=clock_us, **fill) if audit_channel is not None else None
     layer = Guard(
         trust_domain=trust_domain,
         services=config.services,

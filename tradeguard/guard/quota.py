@@ -71,6 +71,7 @@ DEFAULT_MAX_BATCH: Final = 256  # the service takes up to 1,000 per call
 DEFAULT_MAX_PENDING: Final = 4096
 DEFAULT_KNOWN_KEYS: Final = 10_000
 DEFAULT_FILL_TURNS: Final = 25  # event-loop turns a batch waits to fill (tradeguard.batching `fill_turns`)
+DEFAULT_FILL_PATIENCE: Final = 0  # no limit (`fill_patience`: stop after that many quiet turns in a row)
 UNAVAILABLE_MESSAGE: Final = "rate-limit service unavailable"
 
 
@@ -145,6 +146,7 @@ class QuotaStage:
         max_pending: int = DEFAULT_MAX_PENDING,
         known_keys: int = DEFAULT_KNOWN_KEYS,
         fill_turns: int = DEFAULT_FILL_TURNS,
+        fill_patience: int = DEFAULT_FILL_PATIENCE,
     ) -> None:
         if known_keys < 0:
             raise ValueError(f"known_keys must be 0 or more, not {known_keys}")
@@ -155,6 +157,7 @@ class QuotaStage:
             max_batch=max_batch,
             max_pending=max_pending,
             fill_turns=fill_turns,
+            fill_patience=fill_patience,
             name="guard-quota",
         )
         self._known: OrderedDict[tuple[str, str], _Known] = OrderedDict()

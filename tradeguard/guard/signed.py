@@ -37,12 +37,14 @@ class SignedVerifier:
         max_batch: int = DEFAULT_MAX_BATCH,
         max_pending: int = DEFAULT_MAX_PENDING,
         fill_turns: int = 0,
+        fill_patience: int = 0,
     ) -> None:
         self.batcher: Batcher[SignedRequest, Principal] = Batcher(
             verify_batch,
             max_batch=max_batch,
             max_pending=max_pending,
             fill_turns=fill_turns,
+            fill_patience=fill_patience,
             name="guard-signed-requests",
         )
         self._revocations = revocations

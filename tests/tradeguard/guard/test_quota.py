@@ -498,23 +498,34 @@ async def test_the_batch_fill_turns_setting_reaches_the_auth_quota_and_audit_bat
     pki_paths: pki.PkiPaths,
 ) -> None:
     assert GuardSettings().fill_turns == GuardSettings.read(Env("TG_X", {})).fill_turns == 25
-    assert GuardSettings.read(Env("TG_X", {"TG_X_BATCH_FILL_TURNS": "0"})).fill_turns == 0
-    for bad in ("-1", "101", "many"):
-        with pytest.raises(SettingsError, match="TG_X_BATCH_FILL_TURNS"):
-            GuardSettings.read(Env("TG_X", {"TG_X_BATCH_FILL_TURNS": bad}))
+    assert GuardSettings().fill_patience == GuardSettings.read(Env("TG_X", {})).fill_patience == 0
+    read = GuardSettings.read(Env("TG_X", {"TG_X_BATCH_FILL_TURNS": "0", "TG_X_BATCH_FILL_PATIENCE": "2"}))
+    assert read.fill_turns == 0 and read.fill_patience == 2
+    for name in ("BATCH_FILL_TURNS", "BATCH_FILL_PATIENCE"):
+        for bad in ("-1", "101", "many"):
+            with pytest.raises(SettingsError, match=f"TG_X_{name}"):
+                GuardSettings.read(Env("TG_X", {f"TG_X_{name}": bad}))
     pki.issue(pki_paths, "desk")
     guard = guard_for(
         GuardConfig(
-            services=["a.B"], permissions={"/a.B/M": "orders:read"}, settings=GuardSettings(fill_turns=7)
+            services=["a.B"],
+            permissions={"/a.B/M": "orders:read"},
+            settings=GuardSettings(fill_turns=7, fill_patience=3),
         ),
         workload=tls.Workload.of(pki_paths, "desk"),
         trust_domain=pki.trust_domain(pki_paths),
     )
     try:
-        assert guard.quota is not None and guard.quota.batcher.fill_turns == 7
-        assert guard.audit is not None and guard.audit.batcher.fill_turns == 7
-        assert guard.signed.batcher.fill_turns == 7  # VerifySignedRequests too
+        assert guard.quota is not None and guard.audit is not None
+        for batcher in (
+            guard.quota.batcher,
+            guard.audit.batcher,
+            guard.signed.batcher,
+        ):  # VerifySignedRequests too
+            assert (batcher.fill_turns, batcher.fill_patience) == (7, 3), batcher.name
         with pytest.raises(ValueError, match="fill_turns"):
             AuditStage(guard.channel, fill_turns=-1)
+        with pytest.raises(ValueError, match="fill_patience"):
+            AuditStage(guard.channel, fill_patience=-1)
     finally:
         await guard.close()
