@@ -8,6 +8,7 @@ anything. (Limits reached through the edge: test_edge_ratelimit.py.)
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -30,6 +31,10 @@ from tradeguard.ratelimit.v1 import ratelimit_pb2 as rl
 from tradeguard.ratelimit.v1 import ratelimit_pb2_grpc
 from tradeguard.service import read_settings
 from tradeguard.testing import dev_pki, running_service
+
+# Each order a distinct one (its quantity): the trading service's default pre-trade checks refuse the same
+# order twice within a second (RISK_DUPLICATE_ORDER), as they should.
+_DISTINCT = itertools.count(1)
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +69,7 @@ def _order(client_order_id: str) -> bytes:
             "symbol": "BTC-USD",
             "side": "SIDE_BUY",
             "type": "ORDER_TYPE_LIMIT",
-            "quantity": "0.5",
+            "quantity": f"0.5{next(_DISTINCT):04d}",
             "price": "64000.25",
         }
     ).encode()

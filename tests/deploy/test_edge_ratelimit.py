@@ -36,6 +36,10 @@ from tradeguard.ratelimit.v1 import ratelimit_pb2_grpc
 from tradeguard.service import read_settings
 from tradeguard.testing import dev_pki, running_service
 
+# Each order a distinct one (its quantity): the trading service's default pre-trade checks refuse the same
+# order twice within a second (RISK_DUPLICATE_ORDER), as they should.
+_DISTINCT = itertools.count(1)
+
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 
 PLACE = "/tradeguard.trading.v1.TradingService/PlaceOrder"
@@ -77,7 +81,7 @@ class Person:
                 "symbol": "BTC-USD",
                 "side": "SIDE_BUY",
                 "type": "ORDER_TYPE_LIMIT",
-                "quantity": "0.5",
+                "quantity": f"0.5{next(_DISTINCT):04d}",
                 "price": "64000.25",
             }
         ).encode()

@@ -110,6 +110,12 @@ class Suite:
         await eventually(lambda: text in self.output() or self.proc.poll() is not None, within_s)
         assert text in self.output(), self.output()[-4000:]
 
+    async def wait_for_banner(self) -> None:
+        """Until the whole banner is written (it ends with the trading service's grpcurl line): the file is read
+        while the supervisor writes it, and a long banner takes more than one write."""
+        await self.wait_for("Tradeguard is up")
+        await self.wait_for(f":{self.ports['trading']} list\n")
+
     def stop(self) -> int:
         """SIGTERM and wait; on a hang, kill the supervisor and every service it started."""
         if self.proc.poll() is None:
@@ -191,7 +197,7 @@ async def test_up_prints_commands_that_work_as_printed_refuses_a_second_suite_an
     refuses before starting anything and never says it is up."""
     home = tmp_path / "home"
     with running(home) as suite:
-        await suite.wait_for("Tradeguard is up")
+        await suite.wait_for_banner()
         assert "created a dev PKI" in suite.output()
         banner = suite.output().split("Tradeguard is up", 1)[1]
         for name in suite.services:
@@ -265,7 +271,7 @@ async def test_up_prints_commands_that_work_as_printed_refuses_a_second_suite_an
     assert oct(os.stat(pki.PkiPaths(home).root_key).st_mode & 0o777) == "0o600"
 
     with running(home, ports=suite.ports) as again:
-        await again.wait_for("Tradeguard is up")
+        await again.wait_for_banner()
         assert "created a dev PKI" not in again.output()
         listed = cli(again.env, "orders", "list", "--account", "acct-1", "--key-id", key_id)
         # the user and the key survived the restart (auth's data), and so did the order
@@ -278,7 +284,7 @@ async def test_a_killed_service_is_restarted_at_once_and_the_suite_stays_up(tmp_
     """Probing 6: `kill -9` of one service stopped the whole suite at the next 30 s poll."""
     home = tmp_path / "home"
     with running(home) as suite:
-        await suite.wait_for("Tradeguard is up")
+        await suite.wait_for_banner()
         victim = "trading" if "trading" in suite.services else suite.services[-1]
         key_id = trader_key(suite, "kim") if victim == "trading" else ""
         others = {name: suite.pid(name) for name in suite.services if name != victim}
@@ -297,7 +303,9 @@ async def test_a_killed_service_is_restarted_at_once_and_the_suite_stays_up(tmp_
             placed = cli(
                 suite.env,
                 *("orders", "place", "--account", "acct-1", "--client-order-id", "after-kill"),
-                *("--symbol", "X", "--side", "buy", "--quantity", "1", "--price", "1", "--key-id", key_id),
+                # a symbol the packaged risk limits price (BTC-USD 64000): an unpriced one is refused, fail closed
+                *("--symbol", "BTC-USD", "--side", "buy", "--quantity", "1", "--price", "64000"),
+                *("--key-id", key_id),
             )
             assert placed.returncode == 0, placed.stderr  # the restarted trading service's guard reaches auth
             assert '"client_order_id": "after-kill"' in placed.stdout
@@ -334,7 +342,7 @@ async def test_running_suite_renews_due_certificates_with_no_failed_call(tmp_pat
     limits.parent.mkdir(parents=True, mode=0o700)
     limits.write_text(TEST_LIMITS)
     with running(home, "--check-seconds", "0.2") as suite:
-        await suite.wait_for("Tradeguard is up")
+        await suite.wait_for_banner()
         paths = pki.PkiPaths(home)
         port = suite.ports["trading"]
         key_id = trader_key(suite, "rene")
