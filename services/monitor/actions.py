@@ -6,7 +6,8 @@ audit log with its evidence.
   for the receiver's idempotency; 2 s timeout, run off the event loop); an RFC 5424 datagram to SYSLOG_TARGET when
   set. DONE when every configured channel took it, FAILED naming the one that did not.
 - REVOKE_KEY: AuthService/RevokeApiKey(key id) over mutual TLS as workload `monitor` (the auth policy allows
-  it). Revoking a key already revoked is done again, harmlessly.
+  it). Revoking a key already revoked is done again, harmlessly. This and the kill switch are tried again twice
+  (after 0.2 and 0.5 s) when the service is unavailable or slow; any other refusal fails the action at once.
 - KILL_SWITCH: TradingService/EngageKillSwitch at the finding's scope (account or API key), signed with the
   monitor's own API key (`KILL_SWITCH_CREDENTIALS_FILE`; absent: SKIPPED). Engaging an engaged scope finds the
   switch in force.
@@ -23,9 +24,9 @@ import asyncio
 import json
 import socket
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Final
+from typing import Final, TypeVar
 
 import grpc
 
@@ -42,6 +43,8 @@ from tradeguard.trading.v1 import trading_pb2, trading_pb2_grpc
 __all__ = ["Actions", "load_credentials"]
 
 TIMEOUT_S: Final = 2.0
+RETRY_DELAYS_S: Final = (0.2, 0.5)  # a revocation or kill switch is tried 3 times in about 5 s at most
+_TRANSIENT: Final = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 REVOKE_METHOD: Final = "/tradeguard.auth.v1.AuthService/RevokeApiKey"
 KILL_METHOD: Final = "/tradeguard.trading.v1.TradingService/EngageKillSwitch"
 _METHODS: Final = {
@@ -110,8 +113,10 @@ class Actions:
             return await self._notify(alert)
         if action.kind is ActionKind.REVOKE_KEY:
             try:
-                await self._auth.RevokeApiKey(
-                    auth_pb2.RevokeApiKeyRequest(key_id=action.target), timeout=TIMEOUT_S
+                await _retried(
+                    lambda: self._auth.RevokeApiKey(
+                        auth_pb2.RevokeApiKeyRequest(key_id=action.target), timeout=TIMEOUT_S
+                    )
                 )
             except grpc.aio.AioRpcError as error:
                 return ActionStatus.FAILED, describe_failure(error)[:256]
@@ -120,14 +125,17 @@ class Actions:
         if self._trading is None:
             return ActionStatus.SKIPPED, "no API key for the kill switch (KILL_SWITCH_CREDENTIALS_FILE)"
         scope, _, value = action.target.partition(":")
+        trading = self._trading
         try:
-            reply = await self._trading.EngageKillSwitch(
-                trading_pb2.EngageKillSwitchRequest(
-                    scope=_SCOPES[scope],
-                    value=value,
-                    reason=f"monitor alert {alert.alert_id}: {alert.finding.summary}"[:256],
-                ),
-                timeout=TIMEOUT_S,
+            reply = await _retried(
+                lambda: trading.EngageKillSwitch(
+                    trading_pb2.EngageKillSwitchRequest(
+                        scope=_SCOPES[scope],
+                        value=value,
+                        reason=f"monitor alert {alert.alert_id}: {alert.finding.summary}"[:256],
+                    ),
+                    timeout=TIMEOUT_S,
+                )
             )
         except grpc.aio.AioRpcError as error:
             return ActionStatus.FAILED, describe_failure(error)[:256]
@@ -220,6 +228,23 @@ class Actions:
         else:
             self.record_failures += 1
         return ok
+
+
+T = TypeVar("T")
+
+
+async def _retried(call: Callable[[], Awaitable[T]]) -> T:
+    """`call()`, tried again after `RETRY_DELAYS_S` when the service is unavailable or slow (a restart, a moment of
+    overload); any other refusal, or the last failure, is raised. Every retried call is idempotent (revoking a
+    revoked key, engaging an engaged switch)."""
+    for delay in RETRY_DELAYS_S:
+        try:
+            return await call()
+        except grpc.aio.AioRpcError as error:
+            if error.code() not in _TRANSIENT:
+                raise
+        await asyncio.sleep(delay)
+    return await call()
 
 
 def _address(target: str) -> tuple[str, int]:

@@ -181,3 +181,12 @@ def order(coid: str) -> trading_pb2.PlaceOrderRequest:
         account_id="acct-1", client_order_id=coid, symbol="BTC-USD", side=trading_pb2.SIDE_BUY,
         type=trading_pb2.ORDER_TYPE_LIMIT, quantity="1", price="100",
     )  # fmt: skip
+
+
+async def test_a_revocation_the_auth_service_cannot_take_fails_saying_why(pki_paths: pki.PkiPaths) -> None:
+    actions = actions_for(pki_paths)  # its auth channel leads nowhere: UNAVAILABLE, tried three times
+    status, detail = await actions.act(
+        sample_alert(ActionKind.REVOKE_KEY, "tgk_x"),
+        ActionRecord(ActionKind.REVOKE_KEY, "tgk_x", ActionStatus.PENDING),
+    )
+    assert status is ActionStatus.FAILED and "UNAVAILABLE" in detail
