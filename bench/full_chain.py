@@ -26,9 +26,8 @@ the order of the modes, each mode warmed up before it is measured. Printed per r
 loop: queueing), CPU µs per call of each process (client, trading, auth, ratelimit, audit, keyvault, and the
 machine's redis-server when it runs here: the counters' CPU is on the same cores; /proc) and
 the average batch of each batched RPC (from the services' one log line per RPC). Before each round the mode's
-trading process starts again on an empty database (`fresh`): the store's credit-limit check sums an account's open
-orders on every PlaceOrder and the bench's orders all stay open, so a later round would otherwise be slower. Then the median ratio full/bare
-per mode (aim: above 0.5), and each process's RSS before and after.
+trading process starts again on an empty database (`fresh`), so that every round and mode starts alike (the
+bench's orders all stay open). Then the median ratio full/bare per mode (aim: above 0.5), and each process's RSS before and after.
 
 Where the CPU of one call goes (on unless `--no-profile`): one more round per mode with py-spy sampling its
 trading process (`py-spy record --native --gil --format raw` at 250 Hz: the Python and Cython/C frames of the
@@ -307,9 +306,8 @@ _GENERATIONS = itertools.count(1)
 
 
 async def fresh(layout: ChainLayout, mode: str, stub: trading_pb2_grpc.TradingServiceAsyncStub) -> None:
-    """`mode`'s trading process started again on the same port with an empty database, ready. The store's
-    credit-limit check sums the account's open orders on every PlaceOrder (every order of the bench stays open),
-    so a round on a database the rounds before filled would be slower than the first: every round starts empty."""
+    """`mode`'s trading process started again on the same port with an empty database, ready: every round and
+    mode starts alike, whatever the rounds before placed (every order of the bench stays open)."""
     old = layout.procs[f"trading-{mode}"]
     old.process.terminate()
     await asyncio.to_thread(old.process.wait, 30)
