@@ -171,3 +171,22 @@ async def test_an_archived_gap_moves_the_position_with_a_critical_alert(monitor_
     assert [(a.finding.detector, a.finding.severity) for a in raised] == [(AUDIT_GAP, Severity.CRITICAL)]
     assert raised[0].finding.evidence == {"first_missed": "0", "first_available": "500"}
     assert monitor.position == 500 and (await monitor.store.position())[0] == 500
+
+
+async def test_a_reloaded_configuration_takes_effect_on_the_next_batch(monitor_db: MonitorDatabase) -> None:
+    current = {"config": config()}  # threshold 3
+    actuator = Recording()
+    monitor = Monitor(
+        await monitor_db.open(), Detectors(lambda: current["config"], locate), actuator, FakeClock()
+    )
+    await monitor.open()
+    assert await monitor.process(burst("k1", 0, count=2)) == []
+    stricter = Rule(2, Severity.WARNING, (ActionKind.NOTIFY,))
+    current["config"] = MonitorConfig(
+        auth_failures=BurstConfig(True, 60_000_000, 1000, {"api_key": stricter})
+    )
+    raised = await monitor.process(
+        burst("k2", 2, count=2)
+    )  # the memory of k1 kept, the new threshold in force
+    assert [(a.finding.subject, a.finding.severity) for a in raised] == [("k2", Severity.WARNING)]
+    assert [kind for _, kind, _ in actuator.acted] == [ActionKind.NOTIFY]  # no revocation in the new policy
