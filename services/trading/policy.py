@@ -14,7 +14,8 @@ RULES: dict[str, frozenset[str]] = {
     f"{SERVICE}/CancelOrder": frozenset({"ops", "edge", "trading-client"}),
     f"{SERVICE}/GetOrder": frozenset({"ops", "edge", "trading-client", "monitor"}),
     f"{SERVICE}/ListOrders": frozenset({"ops", "edge", "trading-client", "monitor"}),
-    f"{SERVICE}/EngageKillSwitch": frozenset({"ops", "edge"}),
+    # the monitor engages it by its own policy (services/monitor), signed with its own risk-officer key
+    f"{SERVICE}/EngageKillSwitch": frozenset({"ops", "edge", "monitor"}),
     f"{SERVICE}/ReleaseKillSwitch": frozenset({"ops", "edge"}),
     f"{SERVICE}/ListKillSwitches": frozenset({"ops", "edge", "monitor"}),
     f"{SERVICE}/SetReferencePrice": frozenset({"ops", "edge", "marketdata"}),

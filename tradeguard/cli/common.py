@@ -201,15 +201,18 @@ def service_command(
     *,
     service: str,
     run: Callable[[argparse.Namespace], int],
+    options: Callable[..., None] | None = None,
 ) -> Callable[[str, str], argparse.ArgumentParser]:
     """A service's command (`tradeguard <name> ACTION`, run by `run(args)`) with `--as`, `--target` and `--home` on
-    it and on each of its actions; returns `action(name, help)`, which adds an action (its parser, for its own
-    arguments)."""
+    it and on each of its actions — and `options(parser, top=...)` too when given (e.g. the credentials of a
+    guarded call) — ; returns `action(name, help)`, which adds an action (its parser, for its own arguments)."""
     command = subparsers.add_parser(
         name, help=help_text, description=description, formatter_class=HelpFormatter
     )
     command.set_defaults(func=run)
     add_identity_options(command, service, top=True)
+    if options is not None:
+        options(command, top=True)
     add_home_option(command)
     actions = command.add_subparsers(dest="action", metavar="ACTION", required=True)
 
@@ -218,6 +221,8 @@ def service_command(
             action_name, help=action_help, description=action_help, formatter_class=HelpFormatter
         )
         add_identity_options(parser, service)
+        if options is not None:
+            options(parser)
         add_home_option(parser)
         return parser
 

@@ -34,26 +34,15 @@ SCOPES = {
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    kill = subparsers.add_parser(
+    action = common.service_command(
+        subparsers,
         "kill",
-        help="engage, release and show the trading kill switch",
-        description=__doc__,
-        formatter_class=common.HelpFormatter,
+        "engage, release and show the trading kill switch",
+        __doc__,
+        service="trading",
+        run=lambda args: asyncio.run(_run(args)),
+        options=orders_cmd.add_credential_options,
     )
-    common.add_identity_options(kill, "trading", top=True)
-    orders_cmd.add_credential_options(kill, top=True)
-    common.add_home_option(kill)
-    sub = kill.add_subparsers(dest="action", metavar="ACTION", required=True)
-
-    def action(name: str, help_text: str) -> argparse.ArgumentParser:
-        parser = sub.add_parser(
-            name, help=help_text, description=help_text, formatter_class=common.HelpFormatter
-        )
-        common.add_identity_options(parser, "trading")
-        orders_cmd.add_credential_options(parser)
-        common.add_home_option(parser)
-        return parser
-
     for name, text in (
         ("engage", "halt a scope: refuse its new orders and cancel its open ones"),
         ("release", "let a halted scope trade again (needs a fresh login with a second factor)"),
@@ -66,7 +55,6 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         parser.add_argument("--reason", required=True, help="why (recorded with the switch)")
     status = action("status", "show the engaged switches")
     status.add_argument("--all", action="store_true", help="released switches too (history)")
-    kill.set_defaults(func=lambda args: asyncio.run(_run(args)))
 
 
 def _hint(args: argparse.Namespace, status: RichStatus) -> str | None:

@@ -27,7 +27,8 @@ from tradeguard.cli import (
     vault_cmd,
 )
 
-_SCOPED = {"--as": "auth, orders, vault, quota, audit", "--target": "auth, orders, vault, quota, audit"}
+_SCOPED_IN = "auth, orders, vault, quota, audit, kill, alerts"
+_SCOPED = {"--as": _SCOPED_IN, "--target": _SCOPED_IN}
 
 
 class _Parser(argparse.ArgumentParser):

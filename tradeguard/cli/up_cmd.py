@@ -75,6 +75,19 @@ _WITHOUT_KEYS = {
     "audit": "audit will record but sign no checkpoint until it exists",
 }
 
+# The services each service calls (its `<NAME>_TARGET` settings, pointed at this suite's): the key vault and auth
+# record their security events in the audit service, the audit service signs with the key vault, the monitor
+# reads the audit log and acts through auth and trading; any other service is a guarded one (its guard's auth,
+# quota and audit stages).
+UPSTREAMS: dict[str, tuple[str, ...]] = {
+    "keyvault": ("audit",),
+    "audit": ("keyvault",),
+    "auth": ("keyvault", "audit"),
+    "ratelimit": (),
+    "monitor": ("audit", "auth", "trading"),
+}
+GUARD_UPSTREAMS: tuple[str, ...] = ("auth", "ratelimit", "audit")
+
 # Every workload the command line can act as: the operators and each registered service (so that the README's
 # `tradeguard vault --as auth encrypt …` works before the auth service exists).
 WORKLOADS: tuple[str, ...] = (common.OPERATOR, *registry.SERVICES)
@@ -303,20 +316,11 @@ class Supervisor:
         env[f"{prefix}_METRICS_PORT"] = str(child.metrics_port)
         env.setdefault("PYTHONUNBUFFERED", "1")
         operator_set = ("TRADEGUARD_KEYVAULT_PASSPHRASE", "TRADEGUARD_KEYVAULT_PASSPHRASE_FILE")
-        # where this suite's key vault (for auth and audit), auth, rate-limit and audit services listen (the
-        # services' own defaults are the registry's)
-        targets: list[tuple[str, Child | None]] = []
-        if child.name in ("auth", "audit"):
-            targets.append((f"{prefix}_KEYVAULT_TARGET", self.upstream("keyvault")))
-        if child.name in ("keyvault", "auth"):  # their own security events (tradeguard.audit.recording)
-            targets.append((f"{prefix}_AUDIT_TARGET", self.upstream("audit")))
-        elif child.name not in (
-            "keyvault",
-            "ratelimit",
-        ):  # a guarded service: its guard's auth, quota and audit stages
-            targets.append((f"{prefix}_AUTH_TARGET", self.upstream("auth")))
-            targets.append((f"{prefix}_RATELIMIT_TARGET", self.upstream("ratelimit")))
-            targets.append((f"{prefix}_AUDIT_TARGET", self.upstream("audit")))
+        # where the services this one calls listen in this suite (the services' own defaults are the registry's)
+        targets = [
+            (f"{prefix}_{name.upper()}_TARGET", self.upstream(name))
+            for name in UPSTREAMS.get(child.name, GUARD_UPSTREAMS)
+        ]
         for variable, upstream in targets:
             if upstream is not None and not env.get(variable):  # an operator's own setting wins
                 env[variable] = f"{common.connect_host()}:{upstream.port}"

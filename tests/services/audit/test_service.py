@@ -246,14 +246,14 @@ def test_the_policy_denies_by_default() -> None:
     rules = policy.rules()
     service = "/tradeguard.audit.v1.AuditService"
     for method in ("Append", "AppendBatch"):
-        assert rules[f"{service}/{method}"] == {"trading", "auth", "keyvault", "ratelimit"}
+        assert rules[f"{service}/{method}"] == {"trading", "auth", "keyvault", "ratelimit", "monitor"}
     for method in policy.READ_METHODS:
         assert rules[f"{service}/{method}"] == {"ops", "monitor"}
     assert len(rules) == 9  # every RPC of the proto, nothing else
     names = {m.name for m in pb.DESCRIPTOR.services_by_name["AuditService"].methods}
     assert {rule.rsplit("/", 1)[1] for rule in rules} == names
     wider = policy.rules(frozenset({"desk"}))
-    assert wider[f"{service}/Append"] == {"trading", "auth", "keyvault", "ratelimit", "desk"}
+    assert wider[f"{service}/Append"] == {"trading", "auth", "keyvault", "ratelimit", "monitor", "desk"}
     assert wider[f"{service}/Query"] == {"ops", "monitor"}
 
 

@@ -235,7 +235,7 @@ async def _code(channel: grpc.aio.Channel, method: str) -> grpc.StatusCode:
 
 async def test_the_policy_denies_every_workload_not_listed(audit: Audit) -> None:
     assert set(REQUESTS) == {m.name for m in pb.DESCRIPTOR.services_by_name["AuditService"].methods}
-    allowed = {"Append": {"trading", "auth", "keyvault", "ratelimit"}}
+    allowed = {"Append": {"trading", "auth", "keyvault", "ratelimit", "monitor"}}
     allowed["AppendBatch"] = allowed["Append"]
     denied = grpc.StatusCode.PERMISSION_DENIED
     await append_many(audit, ["first"])

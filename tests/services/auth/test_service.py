@@ -246,6 +246,19 @@ async def test_up_creates_the_auth_keys_as_ops_idempotently(
         for name in ("keyvault", "auth"):
             env = supervisor.child_env(Child(registry.lookup(name), 1, 2))
             assert env[f"TRADEGUARD_{name.upper()}_AUDIT_TARGET"] == "127.0.0.1:41053"
+        # the monitor reads the audit log and acts through auth and trading: all three of this suite's
+        supervisor.planned |= {
+            "auth": Child(registry.lookup("auth"), 41051, 42051),
+            "trading": Child(registry.lookup("trading"), 41055, 42055),
+        }
+        monitor = supervisor.child_env(Child(registry.lookup("monitor"), 1, 2))
+        assert {
+            k: v for k, v in monitor.items() if k.startswith("TRADEGUARD_MONITOR_") and k.endswith("_TARGET")
+        } == {
+            "TRADEGUARD_MONITOR_AUDIT_TARGET": "127.0.0.1:41053",
+            "TRADEGUARD_MONITOR_AUTH_TARGET": "127.0.0.1:41051",
+            "TRADEGUARD_MONITOR_TRADING_TARGET": "127.0.0.1:41055",
+        }
 
 
 async def test_the_check_revocation_feed_applies_revocations_and_fails_closed() -> None:

@@ -97,7 +97,8 @@ def test_as_before_the_command_says_where_it_belongs(capsys: pytest.CaptureFixtu
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert (
-        "--as belongs to a command (auth, orders, vault, quota, audit)" in err and "unrecognized" not in err
+        "--as belongs to a command (auth, orders, vault, quota, audit, kill, alerts)" in err
+        and "unrecognized" not in err
     )
 
 
