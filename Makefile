@@ -70,6 +70,10 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.ratelimit
 	$(BIN)/python -m bench.audit
 	$(BIN)/python -m bench.full_chain
+	$(BIN)/python -m bench.audit_core
+	$(BIN)/python -m bench.risk
+	$(BIN)/python -m bench.risk_trading
+	$(BIN)/python -m bench.monitor
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
