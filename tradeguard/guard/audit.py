@@ -32,7 +32,10 @@ Fields: as every recorder's (tradeguard.audit.recorder: the recorder's own `even
 authentication), API key id (the principal's; for a signed call refused before a principal, the key id it
 claimed — verified when the auth service refused it for permission, not for an authentication refusal), the
 caller's SPIFFE ID, source IP, method, `resource` (the request's `order_id` or `client_order_id` when it has
-one), `action` (the permission the method needs), quota decision (`allowed`, `refused: <limit>`, `unavailable`,
+one), for an order (a request message with the fields `symbol`, `side`, `quantity` and `price`) those four in
+`details` — `side` by its enum value's name (`SIDE_BUY`), a market order's empty `price` left out, each cut like
+the other texts, nothing else of the request; as requested: the accepted event is built before the handler runs —,
+`action` (the permission the method needs), quota decision (`allowed`, `refused: <limit>`, `unavailable`,
 `edge` for calls counted by the edge, empty when not counted), outcome, status code name, request id, latency.
 
 Counters: the recorder's (`events`, `acknowledged`, `failed`, `rpcs`, the batcher's), `unknown_outcomes` (calls

@@ -161,6 +161,50 @@ def _resource(request: Any) -> str:
     return ""
 
 
+_ORDER_TEXTS: Final = ("symbol", "quantity", "price")
+
+# Per request message type: whether it is an order (string `symbol`, `quantity` and `price`, enum `side`) whose
+# fields go in its audit events' details, and the `side` field's descriptor. Filled once per type (a few entries).
+_ORDER_TYPES: dict[Any, Any | None] = {}
+
+
+def _order_side(descriptor: Any) -> Any | None:
+    """The `side` field of an order message type; None for any other type (computed once per type)."""
+    try:
+        return _ORDER_TYPES[descriptor]
+    except KeyError:
+        pass
+    fields = descriptor.fields_by_name
+    side = fields.get("side")
+    is_order = (
+        side is not None
+        and side.enum_type is not None
+        and not side.is_repeated
+        and all(
+            name in fields and fields[name].type == fields[name].TYPE_STRING and not fields[name].is_repeated
+            for name in _ORDER_TEXTS
+        )
+    )
+    _ORDER_TYPES[descriptor] = found = side if is_order else None
+    return found
+
+
+def _order_details(request: Any) -> dict[str, str] | None:
+    """An order's `symbol`, `side` (its enum value's name), `quantity` and `price` for its audit event's details
+    (a market order's empty price left out); None for a request that is not an order. Nothing else of the request."""
+    descriptor = getattr(request, "DESCRIPTOR", None)
+    if descriptor is None:
+        return None
+    side = _order_side(descriptor)
+    if side is None:
+        return None
+    details = {name: value for name in _ORDER_TEXTS if (value := getattr(request, name))}
+    number = request.side
+    value = side.enum_type.values_by_number.get(number)
+    details["side"] = value.name if value is not None else str(number)
+    return details
+
+
 class Guard(Layer):
     """Authenticates, authorises and counts every call to the guarded services' methods (see the module)."""
 
@@ -341,6 +385,7 @@ class Guard(Layer):
             quota=call.quota,
             request_id=current_request_id() or "",
             cause=cause,
+            details=_order_details(request),
         )
 
     async def _refused(self, audit: AuditStage, call: _CallAudit, error: DomainError) -> None:

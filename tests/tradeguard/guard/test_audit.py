@@ -31,12 +31,14 @@ from tests.support import (
     wait_healthy,
 )
 from tests.tradeguard.guard.conftest import ECHO_METHOD, EXPAND, Guarded, guarded_echo
+from tradeguard.audit.recorder import MAX_TEXT
 from tradeguard.audit.v1 import audit_pb2 as pb
 from tradeguard.audit.v1 import audit_pb2_grpc
 from tradeguard.echo.v1 import echo_pb2, echo_pb2_grpc
 from tradeguard.guard import AuditStage, Guard, GuardConfig, GuardSettings, guard_for
 from tradeguard.guard.audit import AUDIT_UNAVAILABLE, OUTCOME_UNKNOWN
 from tradeguard.guard.client import ApiKeyCredentials, signing_interceptors
+from tradeguard.guard.layer import _order_details
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.server import ServerConfig
 from tradeguard.settings import Env, SettingsError
@@ -121,6 +123,8 @@ async def test_an_accepted_order_is_recorded_once_with_its_fields(trading: Runni
     assert event.caller == _spiffe(trading.paths, "ops") and event.source_ip == "127.0.0.1"
     assert (event.method, event.resource, event.action) == (PLACE, "audited-1", "orders:write")
     assert event.quota_decision == "allowed" and event.request_id == request_id
+    # the order as requested, by name (the monitor's volume and notional baselines), nothing else of the request
+    assert dict(event.details) == {"symbol": "BTC-USD", "side": "SIDE_BUY", "quantity": "1", "price": "100"}
     assert before <= event.time.ToMicroseconds() <= after
     assert 0 <= event.latency.ToMicroseconds() <= after - before
     # the kernel's verdict (adjtimex), as RTS 25 asks: this machine answers it, synchronised or not
@@ -434,3 +438,50 @@ async def test_audit_off_builds_no_stage_and_no_after_hook(pki_paths: pki.PkiPat
         assert on.layer.after_for_method("/a.B/Other") is None  # undeclared: refused in its check, no hook
     finally:
         await on.close()
+
+
+# --- an order's fields in the details (pure) ---------------------------------------------------------------------
+
+
+def test_an_order_s_fields_by_name_and_nothing_else_of_the_request() -> None:
+    market = trading_pb2.PlaceOrderRequest(
+        account_id="acct-1",
+        client_order_id="c-1",
+        symbol="ETH-USD",
+        side=trading_pb2.SIDE_SELL,
+        type=trading_pb2.ORDER_TYPE_MARKET,
+        quantity="0.25",
+    )
+    assert _order_details(market) == {
+        "symbol": "ETH-USD",
+        "side": "SIDE_SELL",
+        "quantity": "0.25",
+    }  # no price
+    assert _order_details(_order("c-2", "3")) == {
+        "symbol": "BTC-USD",
+        "side": "SIDE_BUY",
+        "quantity": "3",
+        "price": "100",
+    }
+    # not an order: a cancellation, an echo, something that is not a message at all
+    assert _order_details(trading_pb2.CancelOrderRequest(account_id="acct-1", order_id="o-1")) is None
+    assert _order_details(echo_pb2.EchoRequest(text="hi")) is None
+    assert _order_details(object()) is None
+
+
+async def test_an_order_s_fields_are_cut_like_the_other_texts() -> None:
+    channel = grpc.aio.insecure_channel("127.0.0.1:9")
+    try:
+        stage = AuditStage(channel, clock_us=lambda: 0)
+        long = _order("c-3", "1" * 1000)
+        event = stage.event(
+            time_us=0,
+            method=PLACE,
+            outcome=pb.OUTCOME_OK,
+            status="OK",
+            latency_us=0,
+            details=_order_details(long),
+        )
+        assert event.details["quantity"] == "1" * MAX_TEXT and event.details["side"] == "SIDE_BUY"
+    finally:
+        await channel.close(None)
