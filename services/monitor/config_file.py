@@ -19,6 +19,8 @@ def _describe(config: MonitorConfig) -> Mapping[str, Any]:
             name
             for name, on in (
                 ("rate_spike", config.rate_spike.enabled),
+                ("order_volume", config.order_volume.enabled),
+                ("order_notional", config.order_notional.enabled),
                 ("geography", config.geography.enabled),
                 ("auth_failures", config.auth_failures.enabled),
                 ("permission_scan", config.permission_scan.enabled),

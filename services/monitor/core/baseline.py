@@ -13,7 +13,7 @@ a finding is raised, at once (within the event that crossed it), once per bucket
 window in its id, so the same events read again raise the same alert. The spread is floored at sqrt(mean) (the
 Poisson noise of a steady rate) and at 1, so a perfectly regular subject does not alert on one extra call.
 
-Memory: one `_Baseline` (five numbers) per subject, at most `max_subjects` per subject kind, least recently
+Memory: one `Baseline` (five numbers) per subject, at most `max_subjects` per subject kind, least recently
 seen forgotten (`Bounded`); a forgotten subject starts its warm-up again.
 """
 
@@ -28,14 +28,17 @@ from services.monitor.core.lru import Bounded
 from services.monitor.core.subjects import is_traffic, subject_of
 from services.monitor.model import MAX_SEQUENCES, AuditEvent, Finding
 
-__all__ = ["MAX_GAP_BUCKETS", "NAME", "RateSpikes"]
+__all__ = ["MAX_GAP_BUCKETS", "NAME", "Baseline", "RateSpikes"]
 
 NAME: Final = "rate_spike"
 MAX_GAP_BUCKETS: Final = 1000
 
 
 @dataclass(slots=True)
-class _Baseline:
+class Baseline:
+    """One subject's EWMA baseline of a per-bucket value (a count here; an amount in services/monitor/core/orders.py,
+    which passes the closing value to `close_until`)."""
+
     bucket: int  # the current bucket's index
     count: int = 0  # events in it
     mean: float = 0.0
@@ -46,10 +49,10 @@ class _Baseline:
         default_factory=list
     )  # sequences in the current bucket (the last MAX_SEQUENCES)
 
-    def close_until(self, bucket: int, alpha: float) -> None:
-        """Close the current bucket and the empty ones before `bucket`."""
+    def close_until(self, bucket: int, alpha: float, value: float | None = None) -> None:
+        """Close the current bucket (its value: `value`, else its count) and the empty ones before `bucket`."""
         gap = bucket - self.bucket
-        self._update(self.count, alpha)
+        self._update(self.count if value is None else value, alpha)
         empty = gap - 1
         if empty > MAX_GAP_BUCKETS:
             self.mean, self.var = 0.0, 0.0
@@ -79,7 +82,7 @@ class RateSpikes:
 
     def __init__(self, config: RateConfig) -> None:
         self.config = config
-        self._subjects: dict[str, Bounded[str, _Baseline]] = {}
+        self._subjects: dict[str, Bounded[str, Baseline]] = {}
         self.alerts = 0
 
     def configure(self, config: RateConfig) -> None:
@@ -103,7 +106,7 @@ class RateSpikes:
             memory = self._subjects.get(kind)
             if memory is None:
                 memory = self._subjects[kind] = Bounded(config.max_subjects)
-            state = memory.setdefault(subject, lambda: _Baseline(bucket))
+            state = memory.setdefault(subject, lambda: Baseline(bucket))
             if bucket > state.bucket:
                 state.close_until(bucket, config.alpha)
             elif bucket < state.bucket:

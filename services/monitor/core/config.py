@@ -16,6 +16,15 @@ The format:
       max_subjects: 100000                # bound per subject kind (least recently seen evicted)
       subjects:                           # subject kind -> rule; threshold = the least count that can alert
         api_key: {threshold: 50, severity: critical, actions: [notify, revoke_key]}
+    order_volume:                         # order volume baselines: the sum of the quantities of the OK PlaceOrder
+                                          # calls per bucket (services/monitor/core/orders.py); the same keys as
+                                          # rate_spike, but a threshold is an amount (a decimal: 2500, 0.5)
+      subjects:
+        api_key: {threshold: 10000, severity: warning, actions: [notify]}
+    order_notional:                       # the same for notional: the sum of quantity x price (priced orders)
+      sigmas: 10
+      subjects:
+        account: {threshold: 5000000, severity: critical, actions: [notify, kill_switch], kill_scope: account}
     geography:                            # services/monitor/core/geography.py
       enabled: true
       max_keys: 100000                    # keys remembered (least recently seen evicted)
@@ -56,6 +65,7 @@ from tradeguard.yamlfile import Reader, YamlError, check_size, compose, key_path
 
 __all__ = [
     "ACTIONS",
+    "MAX_AMOUNT",
     "SUBJECT_KINDS",
     "BurstConfig",
     "ConfigError",
@@ -74,6 +84,7 @@ ACTIONS: Final = {
 }
 SEVERITIES: Final = {"info": Severity.INFO, "warning": Severity.WARNING, "critical": Severity.CRITICAL}
 MAX_SUBJECTS: Final = 10_000_000
+MAX_AMOUNT: Final = Decimal("1e15")  # the largest amount threshold (order volume, notional)
 _WORKLOAD: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _HOUR_US: Final = 3_600_000_000
 
@@ -90,6 +101,9 @@ class Rule:
     severity: Severity = Severity.WARNING
     actions: tuple[ActionKind, ...] = (ActionKind.NOTIFY,)
     kill_scope: str = "account"
+    amount: Decimal = Decimal(
+        0
+    )  # the least amount that can alert (order_volume, order_notional; threshold: 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +143,8 @@ class MonitorConfig:
         default_factory=lambda: {ActionKind.NOTIFY: 600, ActionKind.REVOKE_KEY: 20, ActionKind.KILL_SWITCH: 2}
     )
     rate_spike: RateConfig = RateConfig()
+    order_volume: RateConfig = RateConfig()
+    order_notional: RateConfig = RateConfig()
     geography: GeoConfig = GeoConfig()
     auth_failures: BurstConfig = BurstConfig()
     permission_scan: BurstConfig = BurstConfig()
@@ -142,6 +158,8 @@ _TOP: Final = (
     "exclude_recorders",
     "budgets",
     "rate_spike",
+    "order_volume",
+    "order_notional",
     "geography",
     "auth_failures",
     "permission_scan",
@@ -173,7 +191,9 @@ def parse_config(text: str, source: str) -> MonitorConfig:
     return MonitorConfig(
         exclude_recorders=excluded,
         budgets=budgets,
-        rate_spike=reader.rate(top["rate_spike"]) if "rate_spike" in top else RateConfig(),
+        rate_spike=reader.rate(top, "rate_spike"),
+        order_volume=reader.rate(top, "order_volume", amounts=True),
+        order_notional=reader.rate(top, "order_notional", amounts=True),
         geography=reader.geo(top["geography"]) if "geography" in top else GeoConfig(),
         auth_failures=reader.burst(top, "auth_failures"),
         permission_scan=reader.burst(top, "permission_scan"),
@@ -190,7 +210,7 @@ class _Parser(Reader):
     def number(self, node: Node, path: str, low: str, high: str) -> float:
         return float(self.decimal(node, path, Decimal(low), Decimal(high)))
 
-    def rule(self, node: Node, path: str, *, threshold: bool) -> Rule:
+    def rule(self, node: Node, path: str, *, threshold: bool, amounts: bool = False) -> Rule:
         allowed = (
             ("threshold", "severity", "actions", "kill_scope")
             if threshold
@@ -198,7 +218,11 @@ class _Parser(Reader):
         )
         items = self.fields(node, path, allowed, ("threshold",) if threshold else ())
         rule = Rule()
-        count = self.integer(items["threshold"], f"{path}.threshold", 1, 1_000_000) if threshold else 1
+        count, amount = 1, Decimal(0)
+        if amounts:
+            amount = self.decimal(items["threshold"], f"{path}.threshold", Decimal(0), MAX_AMOUNT)
+        elif threshold:
+            count = self.integer(items["threshold"], f"{path}.threshold", 1, 1_000_000)
         severity = rule.severity
         if "severity" in items:
             word = self.string(items["severity"], f"{path}.severity")
@@ -223,19 +247,21 @@ class _Parser(Reader):
             scope = self.string(items["kill_scope"], f"{path}.kill_scope")
             if scope not in ("account", "api_key"):
                 self.fail(items["kill_scope"], f"{path}.kill_scope", f"{scope!r} is not account or api_key")
-        return Rule(count, severity, actions, scope)
+        return Rule(count, severity, actions, scope, amount)
 
-    def subjects(self, node: Node, path: str) -> dict[str, Rule]:
+    def subjects(self, node: Node, path: str, amounts: bool = False) -> dict[str, Rule]:
         return {
-            kind: self.rule(value, key_path(path, kind), threshold=True)
+            kind: self.rule(value, key_path(path, kind), threshold=True, amounts=amounts)
             for kind, _, value in self.mapping(node, path, SUBJECT_KINDS)
         }
 
     def enabled(self, items: Mapping[str, Node], path: str) -> bool:
         return self.boolean(items["enabled"], f"{path}.enabled") if "enabled" in items else True
 
-    def rate(self, node: Node) -> RateConfig:
-        path = "rate_spike"
+    def rate(self, top: Mapping[str, Node], path: str, *, amounts: bool = False) -> RateConfig:
+        if path not in top:
+            return RateConfig()
+        node = top[path]
         keys = ("enabled", "bucket", "alpha", "warmup_buckets", "sigmas", "max_subjects", "subjects")
         items = self.fields(node, path, keys, ("subjects",))
         base = RateConfig()
@@ -256,7 +282,7 @@ class _Parser(Reader):
             max_subjects=self.integer(items["max_subjects"], f"{path}.max_subjects", 1, MAX_SUBJECTS)
             if "max_subjects" in items
             else base.max_subjects,
-            subjects=self.subjects(items["subjects"], f"{path}.subjects"),
+            subjects=self.subjects(items["subjects"], f"{path}.subjects", amounts),
         )
 
     def geo(self, node: Node) -> GeoConfig:

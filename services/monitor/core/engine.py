@@ -41,6 +41,7 @@ from services.monitor.core.budget import Budget
 from services.monitor.core.bursts import AUTH_FAILURES, PERMISSION_SCAN, RISK_REJECTIONS, Bursts
 from services.monitor.core.config import MonitorConfig
 from services.monitor.core.geography import IMPOSSIBLE_TRAVEL, NEW_COUNTRY, Geography, Locate
+from services.monitor.core.orders import NOTIONAL, VOLUME, OrderSpikes
 from services.monitor.model import (
     ActionKind,
     ActionRecord,
@@ -93,6 +94,7 @@ class Detectors:
         current = config()
         self._in_force = current
         self.rate = RateSpikes(current.rate_spike)
+        self.orders = [OrderSpikes(name, getattr(current, name)) for name in (VOLUME, NOTIONAL)]
         self.geography = Geography(current.geography, locate)
         self.bursts = [
             Bursts(name, getattr(current, name)) for name in (AUTH_FAILURES, PERMISSION_SCAN, RISK_REJECTIONS)
@@ -104,6 +106,8 @@ class Detectors:
         if current is not self._in_force:
             self._in_force = current
             self.rate.configure(current.rate_spike)
+            for orders in self.orders:
+                orders.configure(getattr(current, orders.name))
             self.geography.configure(current.geography)
             for burst in self.bursts:
                 burst.configure(getattr(current, burst.name))
@@ -125,6 +129,7 @@ class Detectors:
                 continue
             found = (
                 *self.rate.observe(event),
+                *(f for orders in self.orders for f in orders.observe(event)),
                 *self.geography.observe(event),
                 *(f for burst in self.bursts for f in burst.observe(event)),
             )
@@ -139,6 +144,7 @@ class Detectors:
         geo = config.geography
         return [
             DetectorCount("rate_spike", config.rate_spike.enabled, self.rate.alerts, self.rate.tracked()),
+            *(DetectorCount(o.name, o.config.enabled, o.alerts, o.tracked()) for o in self.orders),
             DetectorCount(
                 NEW_COUNTRY,
                 geo.enabled and geo.new_country is not None,
