@@ -6,9 +6,10 @@ it out once (the outbox); budgets suppress an action storm; an archived gap move
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from decimal import Decimal
 
-from services.monitor.core.config import BurstConfig, MonitorConfig, Rule
+from services.monitor.core.config import BurstConfig, MonitorConfig, RateConfig, Rule
 from services.monitor.core.engine import AUDIT_GAP, Detectors, Monitor
 from services.monitor.model import (
     ActionKind,
@@ -190,3 +191,46 @@ async def test_a_reloaded_configuration_takes_effect_on_the_next_batch(monitor_d
     )  # the memory of k1 kept, the new threshold in force
     assert [(a.finding.subject, a.finding.severity) for a in raised] == [("k2", Severity.WARNING)]
     assert [kind for _, kind, _ in actuator.acted] == [ActionKind.NOTIFY]  # no revocation in the new policy
+
+
+def placed(sequence: int, seconds: float, quantity: str, price: str) -> AuditEvent:
+    return event(
+        sequence,
+        seconds,
+        api_key_id="k-orders",
+        account_id="acct-7",
+        recorder="spiffe://t/svc/trading",
+        method="/tradeguard.trading.v1.TradingService/PlaceOrder",
+        details={"symbol": "EQ01", "side": "SIDE_BUY", "quantity": quantity, "price": price},
+    )
+
+
+async def test_an_order_notional_spike_engages_the_kill_switch_at_the_account_s_scope(
+    monitor_db: MonitorDatabase,
+) -> None:
+    kill = Rule(
+        severity=Severity.CRITICAL,
+        actions=(ActionKind.NOTIFY, ActionKind.KILL_SWITCH),
+        kill_scope="account",
+        amount=Decimal(10_000),
+    )
+    orders = RateConfig(True, 10_000_000, 0.1, 10, 8.0, 1000, {"api_key": kill})
+    current = {"config": replace(config(), order_notional=orders)}
+    actuator = Recording()
+    monitor = Monitor(
+        await monitor_db.open(), Detectors(lambda: current["config"], locate), actuator, FakeClock()
+    )
+    await monitor.open()
+    normal = [placed(i, i * 10 + 1, "10", "50.25") for i in range(20)]  # one order of 502.5 per 10 s
+    assert await monitor.process(normal) == []
+    # a reload (volume on too) keeps the notional baseline: no new warm-up
+    current["config"] = replace(current["config"], order_volume=replace(orders, subjects={}))
+    raised = await monitor.process([placed(20, 201, "1000", "50.25")])  # 50,250 in one order
+    assert [(a.finding.detector, a.finding.subject) for a in raised] == [("order_notional", "k-orders")]
+    assert raised[0].finding.evidence["notional"] == "50250.00"
+    assert actuator.acted == [
+        (raised[0].alert_id, ActionKind.NOTIFY, "api_key:k-orders"),
+        (raised[0].alert_id, ActionKind.KILL_SWITCH, "account:acct-7"),
+    ]
+    counts = {c.name: (c.enabled, c.alerts) for c in monitor.detectors.counts()}
+    assert counts["order_notional"] == (True, 1) and counts["order_volume"] == (True, 0)
