@@ -118,10 +118,14 @@ class OrderSpikes:
             baseline.recent.append(event.sequence)
             if len(baseline.recent) > MAX_SEQUENCES:
                 del baseline.recent[0]
-            if baseline.closed < config.warmup_buckets or baseline.alerted == bucket:
-                continue
+            if (
+                state.total < rule.amount
+                or baseline.closed < config.warmup_buckets
+                or baseline.alerted == bucket
+            ):
+                continue  # the amount threshold first: the cheapest test, and the one that holds most orders back
             limit = baseline.limit(config.sigmas)
-            if state.total < rule.amount or float(state.total) <= limit:
+            if float(state.total) <= limit:
                 continue
             baseline.alerted = bucket
             self.alerts += 1
