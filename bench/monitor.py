@@ -87,6 +87,12 @@ def mix(count: int, seed: int = 7) -> list[tuple[int, str, str, int]]:
 
 
 def proto_event(key: int, method: str, address: str, outcome: int, time_us: int) -> pb.Event:
+    # a PlaceOrder carries the order as the guard records it, so the volume and notional detectors work too
+    details = (
+        {"symbol": "BTC-USD", "side": "SIDE_BUY", "quantity": f"0.{1 + key % 9}", "price": "64000"}
+        if method.endswith("/PlaceOrder")
+        else {}
+    )
     return pb.Event(
         event_id=f"bench-monitor.{_RUN_ID}.{next(_IDS)}",
         time=timestamp_pb2.Timestamp(seconds=time_us // 1_000_000, nanos=time_us % 1_000_000 * 1000),
@@ -98,6 +104,7 @@ def proto_event(key: int, method: str, address: str, outcome: int, time_us: int)
         action="orders:write",
         outcome=pb.Outcome.ValueType(outcome),
         status_code="OK",
+        details=details,
     )
 
 
