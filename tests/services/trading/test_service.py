@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -180,6 +181,12 @@ async def stub_of(
         yield group.stub(channel)
 
 
+def unique_account(prefix: str) -> str:
+    """An account id no other test uses — letters and digits mixed: a long run of digits (a nanosecond clock, say)
+    can pass for a card number, which the audit service masks, and the test could no longer find its events."""
+    return f"acct-{prefix}-{secrets.token_hex(6)}"
+
+
 async def audited(auth: AuthServices, **query: Any) -> list[pb.StoredEntry]:
     async with auth.audit_channel("ops") as channel:
         reply = await audit_pb2_grpc.AuditServiceStub(channel).Query(
@@ -196,7 +203,7 @@ async def test_each_risk_check_is_failed_precondition_with_its_values_and_audite
     instances: Instances,
 ) -> None:
     running = await instances.start()
-    account = f"acct-risk-{time.monotonic_ns()}"
+    account = unique_account("risk")
     auth = await trader(instances.auth, account)
     cases = [
         (order("qty", quantity="101"), "RISK_MAX_QUANTITY", {"limit": "100", "actual": "101"}),
@@ -233,7 +240,7 @@ async def test_each_risk_check_is_failed_precondition_with_its_values_and_audite
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 async def test_the_message_throttle_refuses_with_retry_info(instances: Instances) -> None:
     running = await instances.start()
-    account = f"acct-thr-{time.monotonic_ns()}"
+    account = unique_account("thr")
     async with stub_of(instances, running, await officer(instances.auth)) as admin:
         await admin.SetRiskLimits(
             tp.SetRiskLimitsRequest(
@@ -259,7 +266,7 @@ async def test_the_message_throttle_refuses_with_retry_info(instances: Instances
 
 async def test_kill_switch_on_two_instances_within_a_second(instances: Instances) -> None:
     a, b = await instances.start(), await instances.start()
-    account = f"acct-halt-{time.monotonic_ns()}"
+    account = unique_account("halt")
     auth = await trader(instances.auth, account)
     halt = await officer(instances.auth)
     async with stub_of(instances, a, auth) as on_a, stub_of(instances, b, auth) as on_b:
@@ -304,7 +311,7 @@ async def test_the_credit_limit_holds_with_two_instances_under_concurrent_orders
     """24 orders of about 32000 each, sent to two instances at once, against a credit limit of 200000: exactly six
     placed (a seventh would pass 200000), every other one refused RISK_CREDIT_LIMIT."""
     a, b = await instances.start(), await instances.start()
-    account = f"acct-credit-{time.monotonic_ns()}"
+    account = unique_account("credit")
     auth = await trader(instances.auth, account)
     async with stub_of(instances, a, auth) as on_a, stub_of(instances, b, auth) as on_b:
 
@@ -414,7 +421,7 @@ async def test_a_switch_survives_a_restart(instances: Instances) -> None:
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
 async def test_reference_prices_and_limits_over_the_api(instances: Instances) -> None:
     running = await instances.start()
-    account = f"acct-lim-{time.monotonic_ns()}"
+    account = unique_account("lim")
     async with (
         stub_of(instances, running, await officer(instances.auth)) as admin,
         stub_of(instances, running, await trader(instances.auth, account)) as stub,
