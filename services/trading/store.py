@@ -48,6 +48,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "SWITCH_COLUMNS",
     "OrderStore",
+    "engaged_row",
     "order_from_row",
     "order_to_row",
     "switch_from_row",
@@ -211,6 +212,21 @@ def switch_from_row(row: tuple[object, ...]) -> KillSwitch:
         released_by=released_by,
         released_at_us=released_at,
         release_reason=release_reason,
+    )
+
+
+def engaged_row(switch: KillSwitch, now_us: int) -> tuple[object, ...]:
+    """The SWITCH_COLUMNS row of `switch` engaged at `now_us` (not released)."""
+    return (
+        switch.switch_id,
+        int(switch.scope),
+        switch.value,
+        switch.reason,
+        switch.engaged_by,
+        now_us,
+        "",
+        None,
+        "",
     )
 
 

@@ -35,6 +35,7 @@ from services.trading.store import (
     MAX_RELEASED_LISTED,
     ORDER_COLUMNS,
     SWITCH_COLUMNS,
+    engaged_row,
     order_from_row,
     order_to_row,
     switch_from_row,
@@ -384,17 +385,7 @@ class PostgresOrderStore:
             if row is None:
                 await conn.execute(
                     statements["insert_switch"],
-                    (
-                        switch.switch_id,
-                        int(switch.scope),
-                        switch.value,
-                        switch.reason,
-                        switch.engaged_by,
-                        now,
-                        "",
-                        None,
-                        "",
-                    ),
+                    engaged_row(switch, now),
                 )
                 engaged = switch
             else:

@@ -38,6 +38,7 @@ from services.trading.store import (
     MAX_RELEASED_LISTED,
     ORDER_COLUMNS,
     SWITCH_COLUMNS,
+    engaged_row,
     order_from_row,
     order_to_row,
     switch_from_row,
@@ -338,17 +339,7 @@ class SqliteOrderStore:
                 conn.execute(
                     f"INSERT INTO kill_switches ({_SWITCH_COLS}) "  # noqa: S608 - constant column names
                     f"VALUES ({', '.join('?' for _ in SWITCH_COLUMNS)})",
-                    (
-                        switch.switch_id,
-                        int(switch.scope),
-                        switch.value,
-                        switch.reason,
-                        switch.engaged_by,
-                        now,
-                        "",
-                        None,
-                        "",
-                    ),
+                    engaged_row(switch, now),
                 )
                 engaged = switch
             else:

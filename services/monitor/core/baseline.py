@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from services.monitor.core.config import RateConfig
-from services.monitor.core.lru import Bounded
+from services.monitor.core.lru import ByKind
 from services.monitor.core.subjects import is_traffic, subject_of
 from services.monitor.model import MAX_SEQUENCES, AuditEvent, Finding
 
@@ -82,16 +82,15 @@ class RateSpikes:
 
     def __init__(self, config: RateConfig) -> None:
         self.config = config
-        self._subjects: dict[str, Bounded[str, Baseline]] = {}
+        self._subjects: ByKind[Baseline] = ByKind(config.max_subjects)
         self.alerts = 0
 
     def configure(self, config: RateConfig) -> None:
         self.config = config
-        for memory in self._subjects.values():
-            memory.resize(config.max_subjects)
+        self._subjects.resize(config.max_subjects)
 
     def tracked(self) -> int:
-        return sum(len(memory) for memory in self._subjects.values())
+        return len(self._subjects)
 
     def observe(self, event: AuditEvent) -> list[Finding]:
         config = self.config
@@ -103,9 +102,7 @@ class RateSpikes:
             subject = subject_of(event, kind)
             if not subject:
                 continue
-            memory = self._subjects.get(kind)
-            if memory is None:
-                memory = self._subjects[kind] = Bounded(config.max_subjects)
+            memory = self._subjects.of(kind)
             state = memory.setdefault(subject, lambda: Baseline(bucket))
             if bucket > state.bucket:
                 state.close_until(bucket, config.alpha)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from services.monitor.core.config import BurstConfig, Rule
-from services.monitor.core.lru import Bounded
+from services.monitor.core.lru import ByKind
 from services.monitor.core.subjects import subject_of
 from services.monitor.model import MAX_SEQUENCES, AuditEvent, Finding, Outcome
 
@@ -60,16 +60,15 @@ class Bursts:
         self.name = name
         self.config = config
         self.outcome = _OUTCOMES[name]
-        self._subjects: dict[str, Bounded[str, _Window]] = {}
+        self._subjects: ByKind[_Window] = ByKind(config.max_subjects)
         self.alerts = 0
 
     def configure(self, config: BurstConfig) -> None:
         self.config = config
-        for memory in self._subjects.values():
-            memory.resize(config.max_subjects)
+        self._subjects.resize(config.max_subjects)
 
     def tracked(self) -> int:
-        return sum(len(memory) for memory in self._subjects.values())
+        return len(self._subjects)
 
     def observe(self, event: AuditEvent) -> list[Finding]:
         config = self.config
@@ -80,9 +79,7 @@ class Bursts:
             subject = subject_of(event, kind)
             if not subject:
                 continue
-            memory = self._subjects.get(kind)
-            if memory is None:
-                memory = self._subjects[kind] = Bounded(config.max_subjects)
+            memory = self._subjects.of(kind)
             window = memory.setdefault(subject, _Window)
             found = self._add(
                 window, event, kind=kind, subject=subject, rule=rule, window_us=config.window_us

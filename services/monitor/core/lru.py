@@ -8,7 +8,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from typing import Generic, TypeVar
 
-__all__ = ["Bounded"]
+__all__ = ["Bounded", "ByKind"]
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -56,3 +56,26 @@ class Bounded(Generic[K, V]):
         while len(self._items) > self.limit:
             self._items.popitem(last=False)
             self.evicted += 1
+
+
+class ByKind(Generic[V]):
+    """A detector's memory of subjects: one `Bounded` map per subject kind (key, account, address...), each with
+    the same bound; `resize` changes them all (a configuration reload); `len` is the subjects remembered."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._maps: dict[str, Bounded[str, V]] = {}
+
+    def of(self, kind: str) -> Bounded[str, V]:
+        memory = self._maps.get(kind)
+        if memory is None:
+            memory = self._maps[kind] = Bounded(self.limit)
+        return memory
+
+    def resize(self, limit: int) -> None:
+        self.limit = limit
+        for memory in self._maps.values():
+            memory.resize(limit)
+
+    def __len__(self) -> int:
+        return sum(len(memory) for memory in self._maps.values())
