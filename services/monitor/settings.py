@@ -33,7 +33,7 @@ monitor.db` by default, or PostgreSQL).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Final
@@ -76,7 +76,7 @@ class Settings:
     trading_server_name: str = "trading"
     kill_switch_credentials: Path | None = None
     webhook_url: str = ""
-    webhook_secret: str = ""
+    webhook_secret: str = field(default="", repr=False)  # never in a log line or a traceback's locals
     syslog_target: str = ""
     max_batch: int = 500
     replay_entries: int = 10_000

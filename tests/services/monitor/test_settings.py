@@ -64,3 +64,4 @@ def test_the_webhook_secret_is_read_from_its_file(tmp_path: Path) -> None:
         },
     )
     assert settings.webhook_secret == "a-webhook-secret-0123"
+    assert "a-webhook-secret-0123" not in repr(settings)  # the settings may be logged; the secret never is
