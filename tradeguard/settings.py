@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import stat
 from collections.abc import Iterable, MutableMapping
 from pathlib import Path
@@ -24,6 +25,7 @@ __all__ = ["Env", "SettingsError", "read_secret_file"]
 E = TypeVar("E", bound=str)
 
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_WORKLOAD: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")  # a DNS label, as SPIFFE IDs here use
 _FALSE: Final = frozenset({"0", "false", "no", "off"})
 
 
@@ -141,6 +143,33 @@ class Env:
             if raw == option:
                 return option
         raise SettingsError(f"{self.name(key)} must be one of {', '.join(allowed)}, got {raw!r}")
+
+    def target(self, key: str, default: str) -> str:
+        """A `host:port` to connect to (a port from 1 to 65535, a host of printable characters without spaces)."""
+        value = self.text(key, default).strip()
+        host, sep, port = value.rpartition(":")
+        if (
+            not sep
+            or not host
+            or not port.isdigit()
+            or not 1 <= int(port) <= 65535
+            or not host.isprintable()
+            or any(c.isspace() for c in host)
+        ):
+            raise SettingsError(
+                f"{self.name(key)} must be host:port (for example 127.0.0.1:50054), got {value!r}"
+            )
+        return value
+
+    def workloads(self, key: str) -> frozenset[str]:
+        """Workload names (the `<name>` of `spiffe://<trust domain>/svc/<name>`), comma-separated; none by default."""
+        names = frozenset(part.strip() for part in self.text(key, "").split(",") if part.strip())
+        for name in names:
+            if _WORKLOAD.fullmatch(name) is None:
+                raise SettingsError(
+                    f"{self.name(key)} must be workload names separated by commas, got {name!r}"
+                )
+        return names
 
     def path(self, key: str, default: Path) -> Path:
         raw = self.raw(key)

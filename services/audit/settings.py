@@ -49,7 +49,6 @@ DEFAULT_CHECKPOINT_KEY: Final = "audit/checkpoint"
 DEFAULT_ORIGIN: Final = "tradeguard.local/audit"
 DEFAULT_RETENTION_DAYS: Final = 2557  # 7 years (SEC 17a-4, MiFID II)
 ORIGIN_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/:-]{0,254}")
-_WORKLOAD: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _KEY_NAME: Final = re.compile(r"[a-z0-9][a-z0-9._/-]{0,127}")
 _DNS_NAME: Final = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
 
@@ -79,7 +78,7 @@ class Settings:
         return cls(
             server=common.server,
             database_url=common.database_url,
-            keyvault_target=_target(env, "KEYVAULT_TARGET", f"127.0.0.1:{lookup('keyvault').port}"),
+            keyvault_target=env.target("KEYVAULT_TARGET", f"127.0.0.1:{lookup('keyvault').port}"),
             keyvault_server_name=_matching(env, "KEYVAULT_SERVER_NAME", "keyvault", _DNS_NAME, "a DNS name"),
             checkpoint_key=_matching(
                 env,
@@ -92,7 +91,7 @@ class Settings:
                 env, "ORIGIN", DEFAULT_ORIGIN, ORIGIN_PATTERN, "1 to 255 characters of A-Z a-z 0-9 . _ / : -"
             ),
             checkpoint_interval_s=env.number("CHECKPOINT_INTERVAL_S", 1.0, low=0.01, high=1.0),
-            guard_workloads=_workloads(env, "GUARD_WORKLOADS"),
+            guard_workloads=env.workloads("GUARD_WORKLOADS"),
             retention_days=env.integer("RETENTION_DAYS", DEFAULT_RETENTION_DAYS, low=1, high=36_500),
             archive_dir=_directory(env, "ARCHIVE_DIR", common.server.home / "archive" / "audit"),
             retention_interval_s=env.number("RETENTION_INTERVAL_S", 3600.0, low=1.0, high=86_400.0),
@@ -111,26 +110,3 @@ def _directory(env: Env, key: str, default: Path) -> Path:
     if not value.strip() or not value.isprintable():
         raise SettingsError(f"{env.name(key)} must be a directory's path, got {value!r}")
     return Path(value)
-
-
-def _target(env: Env, key: str, default: str) -> str:
-    value = env.text(key, default).strip()
-    host, sep, port = value.rpartition(":")
-    if (
-        not sep
-        or not host
-        or not port.isdigit()
-        or not 1 <= int(port) <= 65535
-        or not host.isprintable()
-        or any(c.isspace() for c in host)
-    ):
-        raise SettingsError(f"{env.name(key)} must be host:port (for example 127.0.0.1:50054), got {value!r}")
-    return value
-
-
-def _workloads(env: Env, key: str) -> frozenset[str]:
-    names = frozenset(part.strip() for part in env.text(key, "").split(",") if part.strip())
-    for name in names:
-        if _WORKLOAD.fullmatch(name) is None:
-            raise SettingsError(f"{env.name(key)} must be workload names separated by commas, got {name!r}")
-    return names

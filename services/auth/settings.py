@@ -177,7 +177,7 @@ class Settings:
             server=common.server,
             database_url=common.database_url,
             redis=RedisConfig.from_env(env),
-            keyvault_target=_target(env, "KEYVAULT_TARGET", f"127.0.0.1:{lookup('keyvault').port}"),
+            keyvault_target=env.target("KEYVAULT_TARGET", f"127.0.0.1:{lookup('keyvault').port}"),
             keyvault_server_name=_name(env, "KEYVAULT_SERVER_NAME", "keyvault"),
             credentials_key=_key_name(env, "CREDENTIALS_KEY", "credentials"),
             jwt_key=_key_name(env, "JWT_KEY", "auth/jwt"),
@@ -194,31 +194,9 @@ class Settings:
             lockout=lockout,
             route_permissions=_routes(env),
             hsts=_hsts(env),
-            guard_workloads=_workloads(env, "GUARD_WORKLOADS"),
+            guard_workloads=env.workloads("GUARD_WORKLOADS"),
             recording=RecordingSettings.read(env),
         )
-
-
-def _workloads(env: Env, key: str) -> frozenset[str]:
-    names = frozenset(part.strip() for part in env.text(key, "").split(",") if part.strip())
-    for name in names:
-        if re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", name) is None:
-            raise SettingsError(f"{env.name(key)} must be workload names separated by commas, got {name!r}")
-    return names
-
-
-def _target(env: Env, key: str, default: str) -> str:
-    value = env.text(key, default).strip()
-    host, sep, port = value.rpartition(":")
-    if (
-        not sep
-        or not host
-        or not port.isdigit()
-        or not 1 <= int(port) <= 65535
-        or any(c.isspace() for c in host)
-    ):
-        raise SettingsError(f"{env.name(key)} must be host:port (for example 127.0.0.1:50054), got {value!r}")
-    return value
 
 
 def _name(env: Env, key: str, default: str) -> str:

@@ -104,11 +104,11 @@ class Settings:
             reload_interval_s=env.number(
                 "RELOAD_INTERVAL_S", DEFAULT_RELOAD_INTERVAL_S, low=0.1, high=3600.0
             ),
-            audit_target=env.text("AUDIT_TARGET", _local("audit")),
+            audit_target=env.target("AUDIT_TARGET", _local("audit")),
             audit_server_name=env.text("AUDIT_SERVER_NAME", "audit"),
-            auth_target=env.text("AUTH_TARGET", _local("auth")),
+            auth_target=env.target("AUTH_TARGET", _local("auth")),
             auth_server_name=env.text("AUTH_SERVER_NAME", "auth"),
-            trading_target=env.text("TRADING_TARGET", _local("trading")),
+            trading_target=env.target("TRADING_TARGET", _local("trading")),
             trading_server_name=env.text("TRADING_SERVER_NAME", "trading"),
             kill_switch_credentials=credentials,
             webhook_url=webhook,

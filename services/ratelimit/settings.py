@@ -23,7 +23,6 @@ Plus the shared server settings (ServerConfig.from_env).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -38,7 +37,6 @@ __all__ = ["DEFAULT_RELOAD_INTERVAL_S", "DEFAULT_STORE_TIMEOUT_S", "Settings", "
 
 DEFAULT_STORE_TIMEOUT_S: Final = 0.05
 DEFAULT_RELOAD_INTERVAL_S: Final = 1.0
-_WORKLOAD: Final = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
 def default_limits_file(home: Path) -> Path:
@@ -70,7 +68,7 @@ class Settings:
                 "RELOAD_INTERVAL_S", DEFAULT_RELOAD_INTERVAL_S, low=0.1, high=3600.0
             ),
             max_counters=env.integer("MAX_COUNTERS", DEFAULT_MAX_COUNTERS, low=1, high=100_000_000),
-            guard_workloads=_workloads(env, "GUARD_WORKLOADS"),
+            guard_workloads=env.workloads("GUARD_WORKLOADS"),
         )
 
 
@@ -81,11 +79,3 @@ def _limits_file(env: Env, home: Path) -> Path:
     if raw != raw.strip() or not raw.isprintable():
         raise SettingsError(f"{env.name('LIMITS_FILE')} must be a path without outer spaces, got {raw!r}")
     return Path(raw).expanduser().resolve()
-
-
-def _workloads(env: Env, key: str) -> frozenset[str]:
-    names = frozenset(part.strip() for part in env.text(key, "").split(",") if part.strip())
-    for name in names:
-        if _WORKLOAD.fullmatch(name) is None:
-            raise SettingsError(f"{env.name(key)} must be workload names separated by commas, got {name!r}")
-    return names

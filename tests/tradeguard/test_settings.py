@@ -113,3 +113,19 @@ def test_reads_the_process_environment_by_default(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("TRADEGUARD_X_N", "42")
     assert Env("TRADEGUARD_X").integer("N", 0) == 42
     assert Env("TRADEGUARD_X").environ is os.environ
+
+
+@pytest.mark.parametrize(
+    "value", ["127.0.0.1", ":50054", "host:0", "host:65536", "host:5x", "a b:1", "h\x00:1"]
+)
+def test_a_bad_target_names_the_variable(value: str) -> None:
+    with pytest.raises(SettingsError, match=r"TG_X_AUDIT_TARGET must be host:port"):
+        Env("TG_X", {"TG_X_AUDIT_TARGET": value}).target("AUDIT_TARGET", "127.0.0.1:1")
+
+
+def test_targets_and_workloads() -> None:
+    env = Env("TG_X", {"TG_X_T": " [::1]:50053 ", "TG_X_W": "desk, echo ,,desk"})
+    assert env.target("T", "x:1") == "[::1]:50053" and env.target("UNSET", "127.0.0.1:9") == "127.0.0.1:9"
+    assert env.workloads("W") == frozenset({"desk", "echo"}) and env.workloads("UNSET") == frozenset()
+    with pytest.raises(SettingsError, match=r"TG_X_W must be workload names separated by commas, got 'Desk'"):
+        Env("TG_X", {"TG_X_W": "Desk"}).workloads("W")
