@@ -13,12 +13,12 @@ subtrees' hashes the store keeps (`Node`), so that a proof costs O(log n) reads;
 
 from __future__ import annotations
 
-import enum
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
+from tradeguard.audit.outcome import Outcome
 from tradeguard.clock import ClockSync
 
 __all__ = [
@@ -58,20 +58,6 @@ TEXT_FIELDS: Final = (
     "trace_id",
 )
 DEFAULT_PAGE: Final = 100
-
-
-class Outcome(enum.IntEnum):
-    """How the recorded call ended (the proto enum's numbers)."""
-
-    UNSPECIFIED = 0
-    OK = 1
-    DENIED_AUTHENTICATION = 2
-    DENIED_PERMISSION = 3
-    DENIED_QUOTA = 4
-    DENIED_RISK = 5
-    INVALID = 6
-    FAILED = 7
-    UNKNOWN = 8
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Final
 
+from tradeguard.audit.outcome import Outcome
+
 __all__ = [
     "MAX_SEQUENCES",
     "ActionKind",
@@ -34,20 +36,6 @@ __all__ = [
 ]
 
 MAX_SEQUENCES: Final = 20  # audit entries kept as an alert's evidence (the last ones)
-
-
-class Outcome(enum.Enum):
-    """How an audited call ended (tradeguard.audit.v1.Outcome without its prefix)."""
-
-    UNSPECIFIED = 0
-    OK = 1
-    DENIED_AUTHENTICATION = 2
-    DENIED_PERMISSION = 3
-    DENIED_QUOTA = 4
-    DENIED_RISK = 5
-    INVALID = 6
-    FAILED = 7
-    UNKNOWN = 8
 
 
 class Severity(enum.IntEnum):
