@@ -644,7 +644,12 @@ async def create_api_key(
 
 
 async def log_in(auth: AuthServices, user: auth_pb.User, caller: str = "ops") -> str:
-    """An access token of `user`, logged in for real as workload `caller` (the token is bound to its
+    """An access token of `user`, logged in for real as workload `caller` (see `log_in_tokens`)."""
+    return str((await log_in_tokens(auth, user, caller)).access_token)
+
+
+async def log_in_tokens(auth: AuthServices, user: auth_pb.User, caller: str = "ops") -> auth_pb.TokenPair:
+    """The tokens of `user`, logged in for real as workload `caller` (the access token is bound to its
     certificate): password, and for a user whose roles need a second factor, TOTP enrolment and a code."""
     import pyotp
 
@@ -654,7 +659,7 @@ async def log_in(auth: AuthServices, user: auth_pb.User, caller: str = "ops") ->
             reply = await stub.Login(
                 auth_pb.LoginRequest(username=user.username, password=AUTH_PASSWORD), timeout=10
             )
-            return str(reply.tokens.access_token)
+            return reply.tokens
         begun = await stub.BeginTotpEnrollment(
             auth_pb.BeginTotpEnrollmentRequest(username=user.username, password=AUTH_PASSWORD), timeout=10
         )
@@ -672,4 +677,4 @@ async def log_in(auth: AuthServices, user: auth_pb.User, caller: str = "ops") ->
             auth_pb.VerifyMfaRequest(mfa_token=first.mfa_token, totp_code=totp.at(time.time() + 30)),
             timeout=10,
         )
-        return str(second.tokens.access_token)
+        return second.tokens

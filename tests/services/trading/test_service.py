@@ -15,10 +15,8 @@ from contextlib import AsyncExitStack, asynccontextmanager
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
 import grpc
-import pyotp
 import pytest
 
 from services.trading.controls import TradingControls
@@ -27,7 +25,14 @@ from services.trading.service import SERVICE
 from services.trading.settings import RiskSettings, Settings
 from services.trading.store_postgres import PostgresOrderStore
 from services.trading.store_sqlite import SqliteOrderStore
-from tests.support import AUTH_PASSWORD, PG_DSN, AuthServices, create_api_key, create_auth_user, log_in
+from tests.support import (
+    PG_DSN,
+    AuthServices,
+    create_api_key,
+    create_auth_user,
+    log_in,
+    log_in_tokens,
+)
 from tradeguard.audit.v1 import audit_pb2 as pb
 from tradeguard.audit.v1 import audit_pb2_grpc
 from tradeguard.auth.v1 import auth_pb2 as auth_pb
@@ -337,28 +342,9 @@ async def test_the_credit_limit_holds_with_two_instances_under_concurrent_orders
 async def logged_in_with_refresh(auth: AuthServices) -> tuple[str, str]:
     """(access token, refresh token) of a new risk officer (and trader: a second factor required), logged in with
     a TOTP code."""
-
     user = await create_auth_user(auth, "acct-ops", roles=("risk-officer", "trader"))
-    async with auth.channel("ops") as channel:
-        stub = auth_pb2_grpc.AuthServiceStub(channel)
-        begun = await stub.BeginTotpEnrollment(
-            auth_pb.BeginTotpEnrollmentRequest(username=user.username, password=AUTH_PASSWORD), timeout=10
-        )
-        totp = pyotp.TOTP(parse_qs(urlparse(begun.otpauth_uri).query)["secret"][0])
-        await stub.ConfirmTotpEnrollment(
-            auth_pb.ConfirmTotpEnrollmentRequest(
-                username=user.username, password=AUTH_PASSWORD, code=totp.now()
-            ),
-            timeout=10,
-        )
-        first = await stub.Login(
-            auth_pb.LoginRequest(username=user.username, password=AUTH_PASSWORD), timeout=10
-        )
-        second = await stub.VerifyMfa(
-            auth_pb.VerifyMfaRequest(mfa_token=first.mfa_token, totp_code=totp.at(time.time() + 30)),
-            timeout=10,
-        )
-    return second.tokens.access_token, second.tokens.refresh_token
+    tokens = await log_in_tokens(auth, user)
+    return tokens.access_token, tokens.refresh_token
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
