@@ -41,7 +41,6 @@ import grpc
 
 from bench.loadgen import Result, closed_loop, free_port, load_arguments, median_cpu_ratio, median_ratio
 from tradeguard.mesh import pki, tls
-from tradeguard.principal import Principal, set_principal
 from tradeguard.trading.v1 import trading_pb2, trading_pb2_grpc
 
 MODES = ("none", "kill", "risk")
@@ -63,42 +62,21 @@ reference_prices: {BTC-USD: 64000}
 
 
 async def serve(mode: str, port: int, db: str, home: Path, risk_file: Path) -> None:
+    """One mode's server: bench/trading_server.py's bare shape (the declaration's servicer and store, no
+    interceptors, one fixed principal), the risk checks on with `risk_file` for `risk`, off for `kill`; for `none`
+    the core alone, with no pre-trade controls at all."""
+    from bench.trading_server import bare, serve_plain
     from services.trading.core import TradingCore, new_order_id
     from services.trading.service import SERVICE
     from services.trading.servicer import TradingServicer
-    from services.trading.settings import RiskSettings, Settings
-    from tradeguard.guard.config import GuardSettings
-    from tradeguard.mesh.server import ServerConfig
-    from tradeguard.service import Wiring
     from tradeguard.storage import clock_us
 
-    paths = pki.PkiPaths(home)
-    store = await SERVICE.stores.open(db)
-    tasks: list[asyncio.Task[None]] = []
     if mode == "none":
-        servicer: object = TradingServicer(TradingCore(store, clock_us=clock_us, new_order_id=new_order_id))
+        store = await SERVICE.stores.open(db)
+        core = TradingCore(store, clock_us=clock_us, new_order_id=new_order_id)
+        await serve_plain(TradingServicer(core), port, pki.PkiPaths(home), ACCOUNT)
     else:
-        settings = Settings(
-            server=ServerConfig(name="trading", port=port, home=home),
-            database_url=db,
-            guard=GuardSettings(quota=False, audit=False),
-            risk=RiskSettings(enabled=mode == "risk", file=risk_file),
-        )
-        assembly = await SERVICE.build(Wiring(settings, store, pki.trust_domain(paths)))
-        servicer = assembly.servicer
-        tasks = [asyncio.create_task(task()) for task in assembly.tasks]
-    # each RPC's task starts from this context: one fixed principal, nothing checked (a benchmark, never a service)
-    set_principal(Principal("bench-user", ACCOUNT, frozenset({"orders:read", "orders:write"})))
-    server = grpc.aio.server()
-    SERVICE.register(servicer, server)
-    creds, _ = tls.server_credentials(tls.Workload.of(paths, "trading"))
-    server.add_secure_port(f"127.0.0.1:{port}", creds)
-    await server.start()
-    try:
-        await server.wait_for_termination()
-    finally:
-        for task in tasks:
-            task.cancel()
+        await bare(port, db, home, ACCOUNT, risk_file if mode == "risk" else None)
 
 
 # --- the client -----------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import tradeguard  # noqa: F401  (first: grpc must load with the TLS 1.3-only se
 
 import argparse
 import asyncio
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -98,10 +99,22 @@ async def bare(port: int, db: str, home: Path, account: str, risk_file: Path | N
     )
     store = await SERVICE.stores.open(db)
     assembly = await SERVICE.build(Wiring(settings, store, pki.trust_domain(paths)))
-    set_principal(FixedPrincipal(account).principal)  # each RPC's task starts from this context
     tasks = [asyncio.create_task(task()) for task in assembly.tasks]
+    await serve_plain(assembly.servicer, port, paths, account, tasks)
+
+
+async def serve_plain(
+    servicer: object,
+    port: int,
+    paths: pki.PkiPaths,
+    account: str,
+    tasks: Sequence[asyncio.Task[None]] = (),
+) -> None:
+    """`servicer` on a plain grpc.aio server with mutual TLS and no interceptors, every call acting for one fixed
+    principal of `account`, until cancelled (then `tasks` are cancelled too)."""
+    set_principal(FixedPrincipal(account).principal)  # each RPC's task starts from this context
     server = grpc.aio.server()
-    SERVICE.register(assembly.servicer, server)
+    SERVICE.register(servicer, server)
     creds, _ = tls.server_credentials(tls.Workload.of(paths, "trading"))
     server.add_secure_port(f"127.0.0.1:{port}", creds)
     await server.start()
