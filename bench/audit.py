@@ -78,12 +78,10 @@ from services.audit.store_postgres import pruner_role, writer_role
 from services.auth.vault_client import ensure_keys
 from tradeguard.audit.v1 import audit_pb2 as pb
 from tradeguard.audit.v1 import audit_pb2_grpc
-from tradeguard.guard.client import authenticated_channel
 from tradeguard.keyvault.signer import ensure_key
 from tradeguard.keyvault.v1 import keyvault_pb2
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.channel import MeshChannel
-from tradeguard.trading.v1 import trading_pb2_grpc
 
 DEFAULT_PG_DSN: Final = "postgresql://127.0.0.1:5432/test?user=postgres"
 UNARY_AIM: Final = 5_000  # unary appends/s at 64 writers (issue 9)
@@ -417,19 +415,9 @@ async def trading_run(
     creds = await guard.credentials(layout)
     for mode in TRADING_MODES:
         start_trading(layout, mode)
-    channels = {
-        mode: authenticated_channel(
-            f"127.0.0.1:{layout.procs[f'trading-{mode}'].port}",
-            "trading",
-            tls.Workload.of(layout.paths, guard.CLIENT),
-            guard.interceptors_of("jwt", creds),
-        )
-        for mode in TRADING_MODES
-    }
-    try:
-        stubs = {mode: trading_pb2_grpc.TradingServiceStub(ch) for mode, ch in channels.items()}
-        for mode, stub in stubs.items():
-            await guard.ready(stub, layout.procs[f"trading-{mode}"])
+    async with guard.mode_stubs(
+        layout, TRADING_MODES, lambda _: guard.interceptors_of("jwt", creds)
+    ) as stubs:
         rss_before = {name: rss_mib(proc.pid) for name, proc in layout.procs.items()}
         print(
             f"\nPlaceOrder through the trading guard (JWT; quota stage off) without and with its audit stage, "
@@ -448,9 +436,6 @@ async def trading_run(
         rss_after = {name: rss_mib(proc.pid) for name, proc in layout.procs.items()}
         trading_report(results, rss_before, rss_after)
         return results
-    finally:
-        for ch in channels.values():
-            await ch.close(None)
 
 
 def trading_report(

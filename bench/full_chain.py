@@ -89,10 +89,9 @@ from bench.loadgen import (
     process_cpu_s,
 )
 from services.auth.vault_client import ensure_keys
-from tradeguard.guard.client import authenticated_channel
 from tradeguard.keyvault.signer import ensure_key
 from tradeguard.keyvault.v1 import keyvault_pb2
-from tradeguard.mesh import pki, tls
+from tradeguard.mesh import pki
 from tradeguard.trading.v1 import trading_pb2, trading_pb2_grpc
 
 MODES: Final = ("bare", "jwt", "hmac")
@@ -503,6 +502,11 @@ def report(results: dict[str, list[Round]]) -> None:
         )
 
 
+def _credential(mode: str) -> str:
+    """The credential a mode's calls carry: none for the bare call, else its first part (`jwt`, `hmac`)."""
+    return "none" if mode == "bare" else mode.partition("-")[0]
+
+
 async def run(
     concurrency: int,
     duration: float,
@@ -518,73 +522,60 @@ async def run(
         raise ValueError("the bare mode is the baseline")
     tmpfs = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
     with tempfile.TemporaryDirectory(prefix="tg-bench-chain-", dir=tmpfs) as tmp:
-        async with suite(Path(tmp), modes) as (layout, creds):
-            channels = {
-                mode: authenticated_channel(
-                    f"127.0.0.1:{layout.procs[f'trading-{mode}'].port}",
-                    "trading",
-                    tls.Workload.of(layout.paths, guard.CLIENT),
-                    guard.interceptors_of("none" if mode == "bare" else mode.partition("-")[0], creds),
-                )
-                for mode in modes
-            }
-            try:
-                stubs = {mode: trading_pb2_grpc.TradingServiceStub(ch) for mode, ch in channels.items()}
-                for mode, stub in stubs.items():
-                    await guard.ready(stub, layout.procs[f"trading-{mode}"])
-                rss_before = {name: rss_mib(proc.pid) for name, proc in layout.procs.items()}
+        async with (
+            suite(Path(tmp), modes) as (layout, creds),
+            guard.mode_stubs(
+                layout, modes, lambda mode: guard.interceptors_of(_credential(mode), creds)
+            ) as stubs,
+        ):
+            rss_before = {name: rss_mib(proc.pid) for name, proc in layout.procs.items()}
+            print(
+                f"PlaceOrder over mTLS, {concurrency} concurrent callers (closed loop), {duration:g} s per round, "
+                f"{rounds} rounds, {os.cpu_count()} CPUs, load average {_load()}\nper round: [CPU us per call "
+                "of each process]; batch: average items per VerifySignedRequests (auth), CheckQuotaBatch "
+                "(ratelimit), AppendBatch (audit)"
+            )
+            results: dict[str, list[Round]] = {mode: [] for mode in modes}
+            for r in range(rounds):
+                shift = r % len(modes)
+                for mode in [*modes[shift:], *modes[:shift]]:
+                    await fresh(layout, mode, stubs[mode])
+                    rnd = await measure(mode, stubs[mode], layout, f"{mode[0]}{r}", concurrency, duration)
+                    results[mode].append(rnd)
+                    print(_line(f"round {r + 1} {mode}", rnd), flush=True)
+            report(results)
+            if profiled:
+                profiles = {}
+                for mode in [m for m in modes if m not in VARIANTS]:
+                    await fresh(layout, mode, stubs[mode])
+                    profiled_round = await profile(mode, stubs[mode], layout, concurrency, duration, keep)
+                    if profiled_round is not None:
+                        profiles[mode] = profiled_round
+                if profiles:
+                    profile_report(profiles)
+            if open_duration > 0:
+                asked = f"{open_rate:g} calls/s" if open_rate else "half the mode's closed-loop maximum"
                 print(
-                    f"PlaceOrder over mTLS, {concurrency} concurrent callers (closed loop), {duration:g} s per round, "
-                    f"{rounds} rounds, {os.cpu_count()} CPUs, load average {_load()}\nper round: [CPU us per call "
-                    "of each process]; batch: average items per VerifySignedRequests (auth), CheckQuotaBatch "
-                    "(ratelimit), AppendBatch (audit)"
+                    f"\nopen loop: a fixed arrival rate of {asked} (median of its rounds), {open_duration:g} s, "
+                    "the bare call at the same rate before each mode; latency from each call's intended send "
+                    f"time (aim: p99 under {P99_AIM_MS:g} ms)"
                 )
-                results: dict[str, list[Round]] = {mode: [] for mode in modes}
-                for r in range(rounds):
-                    shift = r % len(modes)
-                    for mode in [*modes[shift:], *modes[:shift]]:
-                        await fresh(layout, mode, stubs[mode])
-                        rnd = await measure(mode, stubs[mode], layout, f"{mode[0]}{r}", concurrency, duration)
-                        results[mode].append(rnd)
-                        print(_line(f"round {r + 1} {mode}", rnd), flush=True)
-                report(results)
-                if profiled:
-                    profiles = {}
-                    for mode in [m for m in modes if m not in VARIANTS]:
-                        await fresh(layout, mode, stubs[mode])
-                        profiled_round = await profile(mode, stubs[mode], layout, concurrency, duration, keep)
-                        if profiled_round is not None:
-                            profiles[mode] = profiled_round
-                    if profiles:
-                        profile_report(profiles)
-                if open_duration > 0:
-                    asked = f"{open_rate:g} calls/s" if open_rate else "half the mode's closed-loop maximum"
-                    print(
-                        f"\nopen loop: a fixed arrival rate of {asked} (median of its rounds), {open_duration:g} s, "
-                        "the bare call at the same rate before each mode; latency from each call's intended send "
-                        f"time (aim: p99 under {P99_AIM_MS:g} ms)"
-                    )
-                    for mode in [m for m in modes if m != "bare"]:
-                        rate = open_rate or statistics.median(x.result.rps for x in results[mode]) / 2
-                        # the bare call at the same rate first: the latency the chain adds to it
-                        for measured in ("bare", mode):
-                            await fresh(layout, measured, stubs[measured])
-                            opened = await open_round(measured, stubs[measured], layout, rate, open_duration)
-                            label = f"open loop {mode}" if measured == mode else f"  (bare at {mode}'s rate)"
-                            verdict = "met" if opened.percentile(99) < P99_AIM_MS else "missed"
-                            aim = f"   (p99 aim: {verdict})" if measured == mode else ""
-                            print(f"{opened.open_line(label)}{aim}", flush=True)
-                rss_after = {name: rss_mib(proc.pid) for name, proc in layout.procs.items()}
-                print(
-                    "RSS MiB before -> after the load: "
-                    + ", ".join(
-                        f"{name} {rss_before[name]:.0f} -> {rss_after[name]:.0f}" for name in rss_before
-                    )
-                )
-                return results
-            finally:
-                for ch in channels.values():
-                    await ch.close(None)
+                for mode in [m for m in modes if m != "bare"]:
+                    rate = open_rate or statistics.median(x.result.rps for x in results[mode]) / 2
+                    # the bare call at the same rate first: the latency the chain adds to it
+                    for measured in ("bare", mode):
+                        await fresh(layout, measured, stubs[measured])
+                        opened = await open_round(measured, stubs[measured], layout, rate, open_duration)
+                        label = f"open loop {mode}" if measured == mode else f"  (bare at {mode}'s rate)"
+                        verdict = "met" if opened.percentile(99) < P99_AIM_MS else "missed"
+                        aim = f"   (p99 aim: {verdict})" if measured == mode else ""
+                        print(f"{opened.open_line(label)}{aim}", flush=True)
+            rss_after = {name: rss_mib(proc.pid) for name, proc in layout.procs.items()}
+            print(
+                "RSS MiB before -> after the load: "
+                + ", ".join(f"{name} {rss_before[name]:.0f} -> {rss_after[name]:.0f}" for name in rss_before)
+            )
+            return results
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -50,7 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlparse
@@ -321,6 +321,31 @@ def forget_counters(subjects: Sequence[str]) -> None:
                 client.unlink(key)
 
 
+@contextlib.asynccontextmanager
+async def mode_stubs(
+    layout: Layout, modes: Sequence[str], interceptors: Callable[[str], Sequence[grpc.aio.ClientInterceptor]]
+) -> AsyncIterator[dict[str, trading_pb2_grpc.TradingServiceAsyncStub]]:
+    """A stub per mode on an authenticated channel (as CLIENT, with the mode's `interceptors`) to its trading
+    process (`trading-<mode>`), each answering before it is yielded; the channels closed after."""
+    channels = {
+        mode: authenticated_channel(
+            f"127.0.0.1:{layout.procs[f'trading-{mode}'].port}",
+            "trading",
+            tls.Workload.of(layout.paths, CLIENT),
+            list(interceptors(mode)),
+        )
+        for mode in modes
+    }
+    try:
+        stubs = {mode: trading_pb2_grpc.TradingServiceStub(ch) for mode, ch in channels.items()}
+        for mode, stub in stubs.items():
+            await ready(stub, layout.procs[f"trading-{mode}"])
+        yield stubs
+    finally:
+        for ch in channels.values():
+            await ch.close(None)
+
+
 def interceptors_of(mode: str, creds: Credentials) -> list[grpc.aio.ClientInterceptor]:
     mode = mode.removesuffix(QUOTA)
     if mode == "jwt":
@@ -478,40 +503,27 @@ async def run(
     concurrency: int, duration: float, rounds: int, modes: Sequence[str] = MODES
 ) -> dict[str, list[Round]]:
     with tempfile.TemporaryDirectory(dir=_tmpfs()) as tmp:
-        async with suite(Path(tmp)) as (layout, creds):
-            channels = {
-                mode: authenticated_channel(
-                    f"127.0.0.1:{layout.procs[f'trading-{mode}'].port}",
-                    "trading",
-                    tls.Workload.of(layout.paths, CLIENT),
-                    interceptors_of(mode, creds),
-                )
-                for mode in modes
-            }
-            try:
-                stubs = {mode: trading_pb2_grpc.TradingServiceStub(ch) for mode, ch in channels.items()}
-                for mode, stub in stubs.items():
-                    await ready(stub, layout.procs[f"trading-{mode}"])
-                rss_before = {name: rss_mib(proc.pid) for name, proc in layout.procs.items()}
-                print(
-                    f"PlaceOrder over mTLS, {concurrency} concurrent callers, {duration:g} s per round, {rounds} "
-                    f"rounds, {os.cpu_count()} CPUs; processes: this load generator, keyvault, auth, one trading "
-                    "service per mode\nper round: [CPU us per call of each process]  batch: average "
-                    "VerifySignedRequests size; quota batch: average CheckQuotaBatch size"
-                )
-                results: dict[str, list[Round]] = {mode: [] for mode in modes}
-                for r in range(rounds):
-                    shift = r % len(modes)
-                    for mode in [*modes[shift:], *modes[:shift]]:
-                        rnd = await measure(mode, stubs[mode], layout, r, concurrency, duration)
-                        results[mode].append(rnd)
-                        print(_line(f"round {r + 1} {mode}", rnd), flush=True)
-                rss_after = {name: rss_mib(proc.pid) for name, proc in layout.procs.items()}
-                report(results, rss_before, rss_after)
-                return results
-            finally:
-                for ch in channels.values():
-                    await ch.close(None)
+        async with (
+            suite(Path(tmp)) as (layout, creds),
+            mode_stubs(layout, modes, lambda mode: interceptors_of(mode, creds)) as stubs,
+        ):
+            rss_before = {name: rss_mib(proc.pid) for name, proc in layout.procs.items()}
+            print(
+                f"PlaceOrder over mTLS, {concurrency} concurrent callers, {duration:g} s per round, {rounds} "
+                f"rounds, {os.cpu_count()} CPUs; processes: this load generator, keyvault, auth, one trading "
+                "service per mode\nper round: [CPU us per call of each process]  batch: average "
+                "VerifySignedRequests size; quota batch: average CheckQuotaBatch size"
+            )
+            results: dict[str, list[Round]] = {mode: [] for mode in modes}
+            for r in range(rounds):
+                shift = r % len(modes)
+                for mode in [*modes[shift:], *modes[:shift]]:
+                    rnd = await measure(mode, stubs[mode], layout, r, concurrency, duration)
+                    results[mode].append(rnd)
+                    print(_line(f"round {r + 1} {mode}", rnd), flush=True)
+            rss_after = {name: rss_mib(proc.pid) for name, proc in layout.procs.items()}
+            report(results, rss_before, rss_after)
+            return results
 
 
 def report(
