@@ -4,8 +4,9 @@ Six echo servers (tradeguard.echo.v1 `Echo`, unary), each in its own process, sa
 credentials, the client in this process on one mTLS channel per server:
 
   bare       no interceptor at all (grpc deserialises the request)
-  full       the kit's chain as MeshServer mounts it: telemetry → authorisation → error mapping → decoding
-             (one JSON log line per RPC, written to a file on tmpfs; counted at the end)
+  full       the kit's chain as MeshServer mounts it (on each handler at registration, no grpc interceptor):
+             telemetry → authorisation → error mapping → decoding (one JSON log line per RPC, written to a
+             file on tmpfs; counted at the end)
   telemetry  TelemetryInterceptor alone (request id, log line, metrics)
   authz      AuthzInterceptor alone (SPIFFE ID in the method's allow-list)
   errors     ErrorInterceptor alone (exception → rich status)
@@ -48,7 +49,7 @@ from tradeguard.echo import ECHO, ECHO_RULES, EchoServicer
 from tradeguard.echo.v1 import echo_pb2, echo_pb2_grpc
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.authz import AuthzInterceptor, MethodPolicy
-from tradeguard.mesh.server import HANDSHAKE_TIMEOUT_S, interceptors
+from tradeguard.mesh.server import HANDSHAKE_TIMEOUT_S, chain, mount
 from tradeguard.observability.interceptor import TelemetryInterceptor
 from tradeguard.observability.logging import configure_logging
 from tradeguard.observability.metrics import RpcMetrics
@@ -65,7 +66,7 @@ def _interceptors(mode: str, trust_domain: str) -> list[Any]:
     if mode == "bare":
         return []
     if mode == "full":
-        return interceptors(NAME, metrics, policy)
+        return []  # mounted at registration: see serve
     if mode == "telemetry":
         return [TelemetryInterceptor(NAME, metrics)]
     if mode == "authz":
@@ -89,7 +90,11 @@ async def serve(mode: str, port: int, home: Path, log_path: Path) -> None:
                 ("grpc.so_reuseport", 0),
             ],
         )
-        echo_pb2_grpc.add_EchoServiceServicer_to_server(EchoServicer(), server)
+        target = server
+        if mode == "full":
+            metrics = RpcMetrics(NAME, registry=CollectorRegistry())
+            target = mount(server, chain(NAME, metrics, MethodPolicy(pki.trust_domain(paths), ECHO_RULES)))
+        echo_pb2_grpc.add_EchoServiceServicer_to_server(EchoServicer(), target)
         creds, _reloader = tls.server_credentials(tls.Workload.of(paths, NAME))
         server.add_secure_port(f"127.0.0.1:{port}", creds)
         await server.start()

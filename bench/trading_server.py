@@ -42,7 +42,7 @@ from services.trading.servicer import TradingServicer
 from services.trading.settings import RiskSettings, Settings
 from tradeguard.guard.config import GuardSettings
 from tradeguard.mesh import pki, tls
-from tradeguard.mesh.server import ServerConfig, interceptors
+from tradeguard.mesh.server import ServerConfig, chain, mount
 from tradeguard.observability.metrics import RpcMetrics
 from tradeguard.principal import Principal, set_principal
 from tradeguard.rpc.handlers import Context, Layer
@@ -70,10 +70,9 @@ async def unguarded(port: int, db: str, home: Path, secure: bool, account: str) 
     store = await SERVICE.stores.open(db)
     servicer = TradingServicer(TradingCore(store, clock_us=clock_us, new_order_id=new_order_id))
     metrics = RpcMetrics("trading", CollectorRegistry())
-    server = grpc.aio.server(
-        interceptors=interceptors("trading", metrics, None, layers=[FixedPrincipal(account)])
-    )
-    trading_pb2_grpc.add_TradingServiceServicer_to_server(servicer, server)
+    server = grpc.aio.server()
+    kit_chain = chain("trading", metrics, None, layers=[FixedPrincipal(account)])
+    trading_pb2_grpc.add_TradingServiceServicer_to_server(servicer, mount(server, kit_chain))
     if secure:
         creds, _ = tls.server_credentials(tls.Workload.of(pki.PkiPaths(home), "trading"))
         server.add_secure_port(f"127.0.0.1:{port}", creds)

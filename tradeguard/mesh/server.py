@@ -2,7 +2,8 @@
 
 One `MeshServer` = grpc.aio server on mutual TLS (client certificates required, TLS 1.3 only, hot-reloaded
 certificates, bounded connection age) + health + reflection + the interceptor chain
-(tracing → telemetry → authorisation → error mapping) + Prometheus metrics on loopback.
+(tracing as a grpc interceptor when spans are exported; telemetry → authorisation → error mapping → decoding
+mounted on every handler at registration) + Prometheus metrics on loopback.
 `stop()` shuts down gracefully: health goes NOT_SERVING, new calls are refused after the drain, in-flight calls
 finish (up to `grace` seconds). Services are not started by hand: tradeguard.service runs them.
 """
@@ -17,7 +18,8 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from grpc_reflection.v1alpha._async import ReflectionServicer  # public as reflection.aio.ReflectionServicer
 from prometheus_client import CollectorRegistry
 
 from tradeguard.mesh import pki, tls
@@ -27,7 +29,7 @@ from tradeguard.observability.interceptor import TelemetryInterceptor
 from tradeguard.observability.logging import get_logger
 from tradeguard.observability.metrics import MetricsServer, RpcMetrics, start_metrics_server
 from tradeguard.registry import env_prefix
-from tradeguard.rpc.handlers import ChainInterceptor, Layer, WrappingInterceptor
+from tradeguard.rpc.handlers import ChainedRegistration, ChainInterceptor, Layer, WrappingInterceptor
 from tradeguard.rpc.interceptor import ErrorInterceptor
 from tradeguard.settings import Env
 
@@ -104,26 +106,30 @@ class Service:
     register: Callable[[grpc.aio.Server], None]
 
 
-def interceptors(
-    service: str,
-    metrics: RpcMetrics,
-    policy: MethodPolicy | None,
-    *,
-    traced: bool = False,
-    layers: Sequence[Layer] = (),
-) -> list[Any]:
+def chain(
+    service: str, metrics: RpcMetrics, policy: MethodPolicy | None, *, layers: Sequence[Layer] = ()
+) -> ChainInterceptor:
     """The kit's chain, outermost first: telemetry → authorisation → error mapping → decoding → `layers`
     (a service's own request layers, which see the decoded request and its raw bytes) → the handler.
-    `policy=None` only for plaintext benchmarks' baselines.
-
-    The OpenTelemetry interceptor is mounted only when spans are exported (`traced`): profiled, it was
-    about a third of the server's per-call CPU while producing spans nobody receives."""
+    `policy=None` only for plaintext benchmarks' baselines. Mount it with `mount` (no grpc interceptor per
+    call), or as a grpc interceptor."""
     wrapping: list[WrappingInterceptor] = [TelemetryInterceptor(service, metrics)]
     if policy is not None:
         wrapping.append(AuthzInterceptor(policy))
     wrapping.append(ErrorInterceptor())
-    traces: list[Any] = [*tracing.server_interceptors()] if traced else []
-    return [*traces, ChainInterceptor(wrapping, layers)]
+    return ChainInterceptor(wrapping, layers)
+
+
+def mount(server: grpc.aio.Server, kit_chain: ChainInterceptor) -> grpc.aio.Server:
+    """What the generated ``add_<Service>Servicer_to_server`` functions should be given instead of `server`:
+    every handler they register goes through `kit_chain`, wrapped once per method."""
+    return ChainedRegistration(server, kit_chain).as_server()
+
+
+def server_interceptors(traced: bool) -> list[Any]:
+    """The grpc interceptors left: OpenTelemetry's, only when spans are exported (`traced`) — profiled, it was
+    about a third of the server's per-call CPU while producing spans nobody receives."""
+    return [*tracing.server_interceptors()] if traced else []
 
 
 class MeshServer:
@@ -156,9 +162,7 @@ class MeshServer:
         cfg = self.config
         age_ms = int(cfg.max_connection_age_s * 1000)
         server = grpc.aio.server(
-            interceptors=interceptors(
-                cfg.name, self.metrics, self.policy, traced=cfg.otlp_endpoint is not None, layers=self.layers
-            ),
+            interceptors=server_interceptors(cfg.otlp_endpoint is not None),
             options=[
                 ("grpc.server_handshake_timeout_ms", max(1, round(cfg.handshake_timeout_s * 1000))),
                 ("grpc.max_connection_age_ms", age_ms),
@@ -167,11 +171,15 @@ class MeshServer:
                 ("grpc.so_reuseport", 0),
             ],
         )
+        mounted = mount(server, chain(cfg.name, self.metrics, self.policy, layers=self.layers))
         for svc in self.services:
-            svc.register(server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+            svc.register(mounted)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, mounted)
         names = [svc.full_name for svc in self.services]
-        reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+        # reflection's enable_server_reflection picks its servicer by the server's type: the aio one by hand
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(
+            ReflectionServicer([*names, health.SERVICE_NAME, reflection.SERVICE_NAME]), mounted
+        )
         creds, self.reloader = tls.server_credentials(cfg.workload)
         self.port = server.add_secure_port(f"{cfg.host}:{cfg.port}", creds)
         await server.start()

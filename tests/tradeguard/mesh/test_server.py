@@ -90,3 +90,18 @@ async def test_metrics_served_on_loopback_per_method(
     )
     assert 'tradeguard_rpc_requests_total{code="OK",method="/t.Slow/Wait",service="trading"} 1.0' in text
     assert "tradeguard_rpc_duration_seconds_bucket" in text
+
+
+async def test_a_handler_registered_only_as_generic_goes_through_the_chain(
+    slow_server: MeshServer, pki_paths: pki.PkiPaths
+) -> None:
+    """t.Slow registers a generic handler only (no registered methods): the chain still authorises it."""
+    pki.issue(pki_paths, "auth")
+    other = MeshChannel(f"127.0.0.1:{slow_server.port}", "trading", tls.Workload.of(pki_paths, "auth"))
+    async with other as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await channel.unary_unary("/t.Slow/Wait")(b"0", timeout=5)
+        assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await channel.unary_unary("/t.Slow/Nope")(b"0", timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED

@@ -42,6 +42,27 @@ def test_rpc_metrics_counts_and_buckets() -> None:
     assert value("tradeguard_rpc_duration_seconds_bucket", le="2.5", **append) == 1
 
 
+def test_rpc_duration_buckets_are_cumulative_with_bounds_inclusive_and_an_inf_bucket() -> None:
+    registry = CollectorRegistry()
+    metrics = RpcMetrics("echo", registry=registry)
+    for seconds in (0.0005, 0.0005001, 10.0, 11.0):  # on a bound, just above it, on the last bound, past it
+        metrics.observe("/e.v1.Echo/Echo", "OK", seconds)
+    labels = {"service": "echo", "method": "/e.v1.Echo/Echo"}
+
+    def bucket(le: str) -> float | None:
+        return registry.get_sample_value("tradeguard_rpc_duration_seconds_bucket", {**labels, "le": le})
+
+    assert bucket("0.00025") == 0
+    assert bucket("0.0005") == 1  # le: less than or equal
+    assert bucket("0.001") == 2
+    assert bucket("10.0") == 3
+    assert bucket("+Inf") == 4
+    assert registry.get_sample_value("tradeguard_rpc_duration_seconds_count", labels) == 4
+    assert registry.get_sample_value("tradeguard_rpc_duration_seconds_sum", labels) == pytest.approx(
+        21.0010001
+    )
+
+
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.0.0.5", "192.168.1.10", "example.com", ""])
 def test_metrics_server_refuses_non_loopback(host: str) -> None:
     with pytest.raises(ValueError, match="loopback"):
