@@ -101,6 +101,8 @@ VARIANTS: Final = {
     "jwt-nofill": ["--fill-turns", "0"],
     **{f"jwt-fill{n}": ["--fill-turns", str(n)] for n in (3, 10, 25, 50)},
     **{f"jwt-patience{n}": ["--fill-patience", str(n)] for n in (0, 1, 2, 4)},
+    # PlaceOrder's event appended beside its handler instead of before it (AUDIT_WRITE_AHEAD=false)
+    "jwt-beside": ["--no-write-ahead"],
 }
 AIM: Final = 0.5  # the full chain keeps more than half of the bare throughput (issue 10)
 P99_AIM_MS: Final = 5.0

@@ -135,6 +135,7 @@ async def mesh(
     fill_turns: int | None = None,
     risk_file: Path | None = None,
     fill_patience: int | None = None,
+    write_ahead: bool = True,
 ) -> None:
     """The real declaration run by the kit's runner: with its guard (`auth_target` given), or with the guard
     replaced by `FixedPrincipal` (None)."""
@@ -157,6 +158,7 @@ async def mesh(
             audit_target=audit_target or GuardSettings.audit_target,
             fill_turns=GuardSettings.fill_turns if fill_turns is None else fill_turns,
             fill_patience=GuardSettings.fill_patience if fill_patience is None else fill_patience,
+            audit_write_ahead=write_ahead,
         )
     settings = Settings(
         server=ServerConfig(name="trading", port=port, home=home),
@@ -195,6 +197,11 @@ def main() -> None:
         help="turns in a row with no new call that end a batch's filling (guarded)",
     )
     parser.add_argument(
+        "--no-write-ahead",
+        action="store_true",
+        help="the audit stage appends beside the handler for every method (guarded; AUDIT_WRITE_AHEAD=false)",
+    )
+    parser.add_argument(
         "--risk-file",
         type=Path,
         help="the pre-trade risk checks on, with this limits file (bare, mesh, guarded)",
@@ -218,6 +225,7 @@ def main() -> None:
                 args.fill_turns,
                 args.risk_file,
                 args.fill_patience,
+                not args.no_write_ahead,
             )
         )
     else:

@@ -178,6 +178,9 @@ class Declaration(Generic[S, St]):
     # guarded methods the guard's quota stage does not count (the others are counted by the rate-limit service
     # when the guard's settings have `quota` on, the default)
     unmetered_methods: frozenset[str] = frozenset()
+    # guarded methods that take effect (change state): the guard's audit stage has their accepted event
+    # acknowledged BEFORE their handler runs (write-ahead, tradeguard.guard.audit), not beside it
+    effect_methods: frozenset[str] = frozenset()
     # method → the action it records: the service's own security events, recorded in the audit service before
     # each response is released (tradeguard.audit.recording; fail closed). The settings then need a
     # `recording: RecordingSettings` field (on by default).
@@ -338,6 +341,7 @@ def _guarded(declaration: Declaration[S, St], settings: S, trust_domain: str, as
             permissions=declaration.permissions or {},
             public=declaration.public_methods,
             unmetered=declaration.unmetered_methods,
+            effects=declaration.effect_methods,
             settings=guard_settings,
         ),
         workload=settings.server.workload,

@@ -36,3 +36,17 @@ PERMISSIONS: dict[str, str] = {
     f"{SERVICE}/GetRiskLimits": "risk:manage",
     f"{SERVICE}/SetRiskLimits": "risk:manage",
 }
+
+# The methods that take effect (change state): their audit event is durable before the handler runs
+# (tradeguard.guard.audit, write-ahead), so a crash never leaves an order, a cancel, a switch or a limit unrecorded.
+EFFECTS: frozenset[str] = frozenset(
+    f"{SERVICE}/{method}"
+    for method in (
+        "PlaceOrder",
+        "CancelOrder",
+        "EngageKillSwitch",
+        "ReleaseKillSwitch",
+        "SetReferencePrice",
+        "SetRiskLimits",
+    )
+)

@@ -44,6 +44,7 @@ SERVICE: Declaration[Settings, OrderStore] = Declaration(
     register=trading_pb2_grpc.add_TradingServiceServicer_to_server,
     rules=policy.RULES,
     permissions=policy.PERMISSIONS,
+    effect_methods=policy.EFFECTS,
     settings=Settings.read,
     stores=Stores(sqlite=SqliteOrderStore.open, postgres=PostgresOrderStore.open),
     build=build,

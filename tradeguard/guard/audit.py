@@ -5,9 +5,14 @@ an event goes at once when no `AppendBatch` is in flight; events arriving meanwh
 waits up to `fill_turns` event-loop turns, default 25, for more events before it is sent — never a timer):
 
 - **Accepted** (authenticated, authorised, within quota): the event (outcome `OUTCOME_OK`, status `OK`) is sent
-  as the call is let through and its append runs CONCURRENTLY with the handler; the response is released only
-  once the audit service has acknowledged it (durable). Its `latency` is the guard's own time (from the call
-  reaching the guard to its acceptance): the handler's is not known when the event is sent.
+  as the call is let through. For a method that takes effect (a service's `effect_methods`: an order placed or
+  cancelled, a kill switch, a limit) it is WRITE-AHEAD: the handler runs only once the audit service has
+  acknowledged the event (durable), so that no crash of the service — a kill -9 between the handler's commit and
+  the append — can leave an effect without its event; if it is not acknowledged the call is refused UNAVAILABLE
+  (`AUDIT_UNAVAILABLE`) and the handler never runs. For the other methods (reads), or with the guard's
+  `AUDIT_WRITE_AHEAD` off, its append runs CONCURRENTLY with the handler and the response is released only once
+  it is acknowledged. Its `latency` is the guard's own time (from the call reaching the guard to its
+  acceptance): the handler's is not known when the event is sent.
 - **The handler failed** (or a later check refused the call): a SECOND, small event for the same call —
   `event_id` the first one's plus `.f`, the same request id — with the handler's outcome (`OUTCOME_DENIED_RISK`
   for a refusal by a pre-trade risk check or the kill switch, its `risk_decision` the reason and the values that
@@ -39,7 +44,8 @@ the other texts, nothing else of the request; as requested: the accepted event i
 `edge` for calls counted by the edge, empty when not counted), outcome, status code name, request id, latency.
 
 Counters: the recorder's (`events`, `acknowledged`, `failed`, `rpcs`, the batcher's), `unknown_outcomes` (calls
-answered OUTCOME_UNKNOWN), `refused_degraded` (calls refused before their handler while degraded).
+answered OUTCOME_UNKNOWN), `refused_degraded` (calls refused before their handler because their event was not
+acknowledged: write-ahead, or while degraded).
 """
 
 from __future__ import annotations
@@ -116,6 +122,7 @@ class AuditStage(Recorder):
         )
 
     def refused_before_handler(self) -> Unavailable:
-        """The error for an accepted call whose event was not acknowledged before its handler (degraded)."""
+        """The error for an accepted call whose event was not acknowledged before its handler (write-ahead, or
+        degraded)."""
         self.refused_degraded += 1
         return Unavailable(UNAVAILABLE_MESSAGE, reason=AUDIT_UNAVAILABLE)

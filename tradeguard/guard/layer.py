@@ -126,6 +126,7 @@ class _Rule:
     method: str
     permission: str
     quota: QuotaStage | None
+    write_ahead: bool = False  # the accepted event is acknowledged before the handler runs
 
 
 @dataclass(slots=True)
@@ -222,6 +223,7 @@ class Guard(Layer):
         quota: QuotaStage | None = None,
         unmetered: Collection[str] = (),
         audit: AuditStage | None = None,
+        write_ahead: Collection[str] = (),
     ) -> None:
         self.services = frozenset(services)
         if not self.services:
@@ -239,6 +241,9 @@ class Guard(Layer):
         strays = set(unmetered) - set(permissions)
         if strays:
             raise ValueError(f"unmetered methods that are not guarded ones: {sorted(strays)}")
+        strays = set(write_ahead) - set(permissions)
+        if strays:
+            raise ValueError(f"write-ahead methods that are not guarded ones: {sorted(strays)}")
         self.permissions = dict(permissions)
         self.public = frozenset(public)
         self.jwt = jwt
@@ -247,6 +252,7 @@ class Guard(Layer):
         self.quota = quota  # None: no quota stage (every method unmetered)
         self.unmetered = frozenset(unmetered)
         self.audit = audit  # None: no audit stage (calls not recorded)
+        self.write_ahead = frozenset(write_ahead)  # their accepted event acknowledged before the handler runs
         self._trust_domain = trust_domain
         self._edge_id = f"spiffe://{trust_domain}/svc/{edge_workload}"
         self._thumbprints: dict[bytes, str] = {}
@@ -263,7 +269,8 @@ class Guard(Layer):
         if permission is None:
             return functools.partial(self._undeclared, method)
         quota = None if method in self.unmetered else self.quota
-        return functools.partial(self._check, _Rule(method, permission, quota))
+        rule = _Rule(method, permission, quota, write_ahead=method in self.write_ahead)
+        return functools.partial(self._check, rule)
 
     def after_for_method(self, method: str) -> After | None:
         if self.audit is None or method not in self.permissions:
@@ -399,9 +406,10 @@ class Guard(Layer):
         await audit.record(self._event(audit, call, outcome, error.code.name, cause))
 
     async def _accepted(self, audit: AuditStage, call: _CallAudit) -> None:
-        """Send the accepted call's event: beside the handler, or first while the stage is degraded."""
+        """Send the accepted call's event: first for a write-ahead method or while the stage is degraded (the
+        handler runs only once it is acknowledged), else beside the handler."""
         event = self._event(audit, call, audit_pb.OUTCOME_OK, "OK")
-        if audit.degraded:
+        if call.rule.write_ahead or audit.degraded:
             if not await audit.record(event):
                 raise audit.refused_before_handler()
             _AUDITED.set(_Accepted(call.context, event, call.started, None))

@@ -237,9 +237,13 @@ async def own_audit(auth_services: AuthServices) -> AsyncIterator[OwnAudit]:
         audit.stop()
 
 
+@pytest.mark.parametrize("write_ahead", [True, False], ids=["write-ahead", "beside-the-handler"])
 async def test_audit_down_fails_closed_and_recovers(
-    pki_paths: pki.PkiPaths, auth_services: AuthServices, own_audit: OwnAudit
+    pki_paths: pki.PkiPaths, auth_services: AuthServices, own_audit: OwnAudit, write_ahead: bool
 ) -> None:
+    """PlaceOrder takes effect: by default (write-ahead) its handler runs only once its event is acknowledged, so
+    with the audit service down no order is stored at all; with AUDIT_WRITE_AHEAD off its append runs beside the
+    handler, and the order stored meanwhile is answered OUTCOME_UNKNOWN, never OK."""
     target = own_audit.target
     home = pki_paths.home
     settings = TradingSettings(
@@ -249,6 +253,7 @@ async def test_audit_down_fails_closed_and_recovers(
             auth_target=auth_services.auth_target,
             ratelimit_target=auth_services.ratelimit_target,
             audit_target=target,
+            audit_write_ahead=write_ahead,
         ),
     )
     user = await create_auth_user(auth_services, "acct-1")
@@ -264,14 +269,18 @@ async def test_audit_down_fails_closed_and_recovers(
 
         own_audit.stop()  # the session's audit service stays up: this test stops its own
 
-        # the handler ran beside the failed append: the order is stored, the caller is told the outcome is unknown
         status = await refused(placed(trading, key, _request_id(), _order("meanwhile")))
-        assert status.code == grpc.StatusCode.UNAVAILABLE and status.reason == OUTCOME_UNKNOWN
-        assert stage.degraded and stage.unknown_outcomes == 1
-        # degraded: the append goes first, and the handler never runs without it
+        assert status.code == grpc.StatusCode.UNAVAILABLE and stage.degraded
+        if write_ahead:  # the append went first and failed: the handler never ran
+            assert status.reason == AUDIT_UNAVAILABLE
+            assert stage.unknown_outcomes == 0 and stage.refused_degraded == 1
+        else:  # the handler ran beside the failed append: the order is stored, its outcome unknown to the caller
+            assert status.reason == OUTCOME_UNKNOWN
+            assert stage.unknown_outcomes == 1 and stage.refused_degraded == 0
+        # degraded: the append goes first for every method, and the handler never runs without it
         status = await refused(placed(trading, key, _request_id(), _order("never")))
         assert status.code == grpc.StatusCode.UNAVAILABLE and status.reason == AUDIT_UNAVAILABLE
-        assert stage.refused_degraded == 1
+        assert stage.refused_degraded == (2 if write_ahead else 1)
         # a refusal stays a refusal while the audit service is down
         reader = await create_api_key(auth_services, user.user_id, "orders:read")
         status = await refused(placed(trading, reader, _request_id(), _order("not-allowed")))
@@ -299,7 +308,8 @@ async def test_audit_down_fails_closed_and_recovers(
                 trading_pb2.ListOrdersRequest(account_id="acct-1", page_size=100), timeout=10
             )
         stored = {o.client_order_id for o in listed.orders}
-        assert {"before", "meanwhile", f"after-{attempt}"} <= stored and "never" not in stored
+        assert {"before", f"after-{attempt}"} <= stored and "never" not in stored
+        assert ("meanwhile" in stored) is not write_ahead
         oks = [
             e.entry.event.resource
             for e in await recorded(
@@ -413,6 +423,24 @@ def test_the_audit_settings() -> None:
     assert GuardSettings.read(Env("TG_X", {})).audit
     with pytest.raises(SettingsError, match="TG_X_AUDIT"):
         GuardSettings.read(Env("TG_X", {"TG_X_AUDIT": "maybe"}))
+    assert GuardSettings().audit_write_ahead and GuardSettings.read(Env("TG_X", {})).audit_write_ahead
+    assert not GuardSettings.read(Env("TG_X", {"TG_X_AUDIT_WRITE_AHEAD": "false"})).audit_write_ahead
+    with pytest.raises(SettingsError, match="TG_X_AUDIT_WRITE_AHEAD"):
+        GuardSettings.read(Env("TG_X", {"TG_X_AUDIT_WRITE_AHEAD": "sometimes"}))
+
+
+def test_the_trading_service_declares_what_takes_effect() -> None:
+    """Every trading method that changes state is write-ahead; reads are not (they run beside their append)."""
+    effects = {method.rsplit("/", 1)[1] for method in TRADING.effect_methods}
+    assert effects == {
+        "PlaceOrder",
+        "CancelOrder",
+        "EngageKillSwitch",
+        "ReleaseKillSwitch",
+        "SetReferencePrice",
+        "SetRiskLimits",
+    }
+    assert TRADING.permissions is not None and TRADING.effect_methods <= set(TRADING.permissions)
 
 
 async def test_audit_off_builds_no_stage_and_no_after_hook(pki_paths: pki.PkiPaths) -> None:
@@ -485,3 +513,16 @@ async def test_an_order_s_fields_are_cut_like_the_other_texts() -> None:
         assert event.details["quantity"] == "1" * MAX_TEXT and event.details["side"] == "SIDE_BUY"
     finally:
         await channel.close(None)
+
+
+def test_a_write_ahead_method_must_be_a_guarded_one() -> None:
+    with pytest.raises(ValueError, match="write-ahead methods that are not guarded"):
+        Guard(
+            trust_domain="t",
+            services=["a.B"],
+            permissions={"/a.B/M": "orders:write"},
+            write_ahead=["/a.B/N"],
+            jwt=None,  # type: ignore[arg-type]
+            signed=None,  # type: ignore[arg-type]
+            revocations=None,  # type: ignore[arg-type]
+        )
