@@ -24,7 +24,7 @@ import grpc
 import structlog
 
 from tradeguard.mesh.identity import peer_spiffe_id
-from tradeguard.observability.annotations import close_scope, open_scope
+from tradeguard.observability.annotations import _SCOPE, close_scope, open_scope
 from tradeguard.observability.logging import configuration_generation, json_lines, json_string
 from tradeguard.observability.metrics import RpcMetrics
 from tradeguard.observability.redact import Trusted
@@ -47,16 +47,22 @@ _KIT_KEYS: Final = frozenset(
     {"method", "code", "latency_ms", "caller", "peer", "logger", "event", "request_id", "level", "timestamp"}
 )
 _KIT_KEYS_BUT_REQUEST_ID: Final = _KIT_KEYS - {"request_id"}
-_method_json_cache: dict[str, str] = {}
+_heads: dict[tuple[str, str, str | None], str] = {}
 
 
-def _method_json(method: str) -> str:
-    """A registered method's name as a JSON string (rendered once per method)."""
-    rendered = _method_json_cache.get(method)
+def _head(method: str, code: str, caller: str | None) -> str:
+    """The rpc line's fields that repeat from call to call (a registered method, a status code name, a verified
+    caller's SPIFFE ID), as JSON object members, rendered once per combination."""
+    key = (method, code, caller)
+    rendered = _heads.get(key)
     if rendered is None:
-        rendered = json_string(method)
-        if len(_method_json_cache) < 4096:
-            _method_json_cache[method] = rendered
+        rendered = (
+            f'"method": {json_string(method)}, "code": {json_string(code)}, '
+            f'"caller": {"null" if caller is None else json_string(caller)}, '
+            f'"logger": "{_LOGGER_NAME}", "event": "rpc", '
+        )
+        if len(_heads) < 4096:  # few methods, codes and workloads; a bound all the same
+            _heads[key] = rendered
     return rendered
 
 
@@ -77,7 +83,7 @@ class _RequestIds:
         cls.prefix, cls.counter = secrets.token_hex(8), itertools.count()
 
     @classmethod
-    def next(cls) -> str:
+    def next(cls) -> str:  # hex digits only: written to the log line as they are
         return Trusted(f"{cls.prefix}{next(cls.counter) & 0xFFFFFFFFFFFFFFFF:016x}")
 
 
@@ -203,13 +209,11 @@ class TelemetryInterceptor(WrappingInterceptor):
                 return
             event: dict[str, Any] = annotations if annotations is not None else {}
             trusted = (
-                f'"method": {_method_json(method)}, "code": {json_string(code)}, "latency_ms": {latency_ms!r}, '
-                f'"caller": {"null" if caller is None else json_string(caller)}, '
-                f'"peer": {"null" if peer is None else json_string(peer)}, '
-                f'"logger": "{_LOGGER_NAME}", "event": "rpc"'
+                f'{_head(method, code, caller)}"latency_ms": {latency_ms!r}, '
+                f'"peer": {"null" if peer is None else json_string(peer)}'
             )
-            if type(request_id) is Trusted:  # generated here
-                trusted += f', "request_id": {json_string(request_id)}'
+            if type(request_id) is Trusted:  # generated here: hex digits
+                trusted += f', "request_id": "{request_id}"'
                 lines.write(level, event, trusted, _KIT_KEYS)
             else:  # the caller's x-request-id: caller data, scanned
                 event["request_id"] = request_id
@@ -246,10 +250,12 @@ class TelemetryInterceptor(WrappingInterceptor):
         if inspect.iscoroutinefunction(behavior):
 
             async def unary_response(request: Any, context: _Context) -> Any:
+                # the hottest path of the kit: _bind, open_scope, _reset and close_scope written out
                 request_id = _request_id(context)
                 caller, peer = peer_spiffe_id(context), context.peer()  # read while the call is alive
-                tokens = _bind(request_id, method)
-                annotations, scope = open_scope()
+                tokens = _REQUEST_ID_VAR.set(request_id), _METHOD_VAR.set(method)
+                annotations: dict[str, Any] = {}
+                scope = _SCOPE.set(annotations)
                 started = time.perf_counter()
                 try:
                     response = await behavior(request, context)
@@ -267,8 +273,9 @@ class TelemetryInterceptor(WrappingInterceptor):
                         annotations=annotations,
                     )
                     raise
-                _reset(tokens)
-                close_scope(scope)
+                _REQUEST_ID_VAR.reset(tokens[0])
+                _METHOD_VAR.reset(tokens[1])
+                _SCOPE.reset(scope)
                 finish(
                     context,
                     method,

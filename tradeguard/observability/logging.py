@@ -23,6 +23,7 @@ from typing import Any, Final, TextIO, cast
 import structlog
 from structlog import _config as _structlog_config
 from structlog._config import BoundLoggerLazyProxy  # public as structlog.get_logger()'s return type
+from structlog.contextvars import _CONTEXT_VARS as _STRUCTLOG_VARS  # every var bind_contextvars ever made
 from structlog.typing import FilteringBoundLogger, Processor
 
 from tradeguard.observability.redact import redact_processor
@@ -40,6 +41,10 @@ __all__ = [
 _ENCODER: Final = _json.JSONEncoder(default=repr)
 _encode_string: Final = _json.encoder.encode_basestring_ascii
 _LEVEL_NUMBERS: Final = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+# The context variables the telemetry interceptor binds (structlog's names for request_id and method): when they
+# are the only ones that exist and the caller's trusted fields carry both, merging the context adds nothing.
+_KIT_VARS: Final = frozenset({"structlog_request_id", "structlog_method"})
+_KIT_FIELDS: Final = frozenset({"request_id", "method"})
 
 
 class JsonLines:
@@ -81,7 +86,8 @@ class JsonLines:
         the context variables."""
         if _LEVEL_NUMBERS[level] < self._min_level:
             return
-        structlog.contextvars.merge_contextvars(None, level, event)
+        if event or not (_STRUCTLOG_VARS.keys() <= _KIT_VARS and trusted_keys >= _KIT_FIELDS):
+            structlog.contextvars.merge_contextvars(None, level, event)
         parts = [trusted_json] if trusted_json else []
         if event:
             for key in trusted_keys.intersection(event):

@@ -5,6 +5,8 @@ import datetime as dt
 import io
 import json
 import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -475,3 +477,65 @@ async def test_the_rpc_line_has_each_key_once_and_the_kit_fields_win(harness: Ha
             "tradeguard.rpc",
         )
     assert [json.loads(text)["request_id"] == "caller-7" for text in raw] == [True, False]
+
+
+_FRESH_PROCESS = r"""
+import asyncio, io, json, sys
+import grpc, structlog
+from prometheus_client import CollectorRegistry
+from tradeguard.observability.interceptor import TelemetryInterceptor
+from tradeguard.observability.logging import _STRUCTLOG_VARS, configure_logging
+from tradeguard.observability.metrics import RpcMetrics
+
+class Context:
+    def invocation_metadata(self): return ()
+    def peer(self): return "ipv4:127.0.0.1:5"
+    def peer_identity_key(self): return "x509_subject_alternative_name"
+    def peer_identities(self): return [b"spiffe://t.test/svc/ops", b"ops"]
+    def code(self): return None
+    def cancelled(self): return False
+
+async def plain(request, context): return request
+async def binding(request, context):
+    structlog.contextvars.bind_contextvars(tenant="t-9")
+    return request
+
+out = io.StringIO()
+configure_logging(json=True, stream=out, level="info")
+telemetry = TelemetryInterceptor("t", RpcMetrics("t", registry=CollectorRegistry()))
+first = telemetry.wrap(grpc.unary_unary_rpc_method_handler(plain), "/t.S/Plain").unary_unary
+second = telemetry.wrap(grpc.unary_unary_rpc_method_handler(binding), "/t.S/Binding").unary_unary
+skipped = sorted(_STRUCTLOG_VARS)  # only the kit's two: the line's context merge is skipped
+asyncio.run(first(b"x", Context()))
+asyncio.run(second(b"x", Context()))
+print(json.dumps({"vars": skipped, "lines": [json.loads(line) for line in out.getvalue().splitlines()]}))
+"""
+
+
+def test_the_line_without_a_context_merge_is_the_same_and_a_bound_variable_still_reaches_it() -> None:
+    """In a process where no handler ever bound a structlog variable the fast line skips merging the context (the
+    kit's own request id and method are written by the interceptor); once one did, it is merged again."""
+    done = subprocess.run(
+        [sys.executable, "-c", _FRESH_PROCESS], check=False, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    assert result["vars"] == ["structlog_method", "structlog_request_id"]
+    plain, binding = result["lines"]
+    for line, method in ((plain, "/t.S/Plain"), (binding, "/t.S/Binding")):
+        assert line["method"] == method and line["code"] == "OK" and line["event"] == "rpc"
+        assert line["caller"] == "spiffe://t.test/svc/ops" and line["peer"] == "ipv4:127.0.0.1:5"
+        assert re.fullmatch(r"[0-9a-f]{32}", line["request_id"])
+    assert set(plain) == {
+        "method",
+        "code",
+        "caller",
+        "logger",
+        "event",
+        "latency_ms",
+        "peer",
+        "request_id",
+        "level",
+        "timestamp",
+    }
+    assert binding["tenant"] == "t-9"  # bound by the handler: merged from the context
