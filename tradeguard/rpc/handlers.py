@@ -190,7 +190,12 @@ class WrappingInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         handler = await continuation(handler_call_details)
         if handler is None:  # unknown method: grpc answers UNIMPLEMENTED
             return handler
-        method = handler_call_details.method
+        return self.wrapped(handler, handler_call_details.method)
+
+    def wrapped(
+        self, handler: grpc.RpcMethodHandler[Any, Any], method: str
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """`wrap(handler, method)`, built once per method and handler."""
         entry = self._cache.get(method)
         if entry is not None and entry[0] is handler:
             return entry[1]
@@ -616,7 +621,6 @@ class _ChainedGenericHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg] 
     def __init__(self, inner: grpc.GenericRpcHandler[Any, Any], chain: WrappingInterceptor) -> None:
         self._inner = inner
         self._chain = chain
-        self._cache: dict[str, tuple[grpc.RpcMethodHandler[Any, Any], grpc.RpcMethodHandler[Any, Any]]] = {}
 
     def service(
         self, handler_call_details: grpc.HandlerCallDetails
@@ -624,15 +628,7 @@ class _ChainedGenericHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg] 
         handler = self._inner.service(handler_call_details)
         if handler is None:  # unknown method: grpc answers UNIMPLEMENTED
             return None
-        method = handler_call_details.method
-        entry = self._cache.get(method)
-        if entry is not None and entry[0] is handler:
-            return entry[1]
-        wrapped = self._chain.wrap(handler, method)
-        if len(self._cache) >= 4096:  # methods are few; a flood of names must not grow memory
-            self._cache.clear()
-        self._cache[method] = (handler, wrapped)
-        return wrapped
+        return self._chain.wrapped(handler, handler_call_details.method)
 
 
 class ChainedRegistration:

@@ -3,16 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tests.tradeguard.mesh.forged import forged_leaf, private_pem
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.identity import peer_spiffe_id
 
@@ -20,34 +18,10 @@ TD = "tradeguard.local"
 
 
 def _leaf(p: pki.PkiPaths, *, common_name: str, uris: list[str] | None) -> tuple[bytes, bytes]:
-    """(key PEM, chain PEM) of a client leaf signed by the real intermediate; `uris` None: no SAN at all."""
-    ca_key = serialization.load_pem_private_key(p.intermediate_key.read_bytes(), None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    ca = x509.load_pem_x509_certificate(p.intermediate_cert.read_bytes())
+    """(key PEM, chain PEM) of a client leaf the real intermediate signed; `uris` None: no SAN at all."""
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-    )
-    if uris is not None:
-        names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    leaf = builder.sign(ca_key, hashes.SHA256())
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return key_pem, leaf.public_bytes(serialization.Encoding.PEM) + p.intermediate_cert.read_bytes()
+    leaf = forged_leaf(p, uris, key, common_name=common_name, dns_names=())
+    return private_pem(key), leaf.public_bytes(serialization.Encoding.PEM) + p.intermediate_cert.read_bytes()
 
 
 class Recorder:

@@ -20,6 +20,7 @@ from cryptography.x509 import DNSName, IPAddress
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
+from tests.tradeguard.mesh.forged import forged_leaf, private_pem
 from tradeguard.mesh import pki
 
 NOW = datetime(2030, 1, 15, 12, 0, tzinfo=UTC)
@@ -333,46 +334,11 @@ def test_peer_spiffe_id_from_pem_edge_cases(paths: pki.PkiPaths) -> None:
     assert pki.peer_spiffe_id_from_pem(b"") is None
     assert pki.peer_spiffe_id_from_pem(b"junk") is None
     assert pki.peer_spiffe_id_from_pem(paths.root_cert.read_bytes()) is None  # no SAN
-    two = _forged_leaf(paths, ["spiffe://tradeguard.local/svc/a", "spiffe://tradeguard.local/svc/b"])
+    two = forged_leaf(paths, ["spiffe://tradeguard.local/svc/a", "spiffe://tradeguard.local/svc/b"])
     assert pki.peer_spiffe_id_from_pem(two.public_bytes(serialization.Encoding.PEM)) is None
 
 
 # --- gRPC (BoringSSL) over these certificates ---------------------------------------------------------------
-
-
-def _forged_leaf(
-    p: pki.PkiPaths, uris: list[str], key: ec.EllipticCurvePrivateKey | None = None
-) -> x509.Certificate:
-    """A leaf signed by the real intermediate but with the given URI SANs."""
-    ca_key = serialization.load_pem_private_key(p.intermediate_key.read_bytes(), None)
-    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
-    ca = x509.load_pem_x509_certificate(p.intermediate_cert.read_bytes())
-    key = key or ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "forged")]))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
-            critical=False,
-        )
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [*(x509.UniformResourceIdentifier(u) for u in uris), x509.DNSName("localhost")]
-            ),
-            critical=False,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
 
 
 @pytest.fixture
@@ -435,15 +401,13 @@ def test_grpc_enforces_the_uri_name_constraint(
 ) -> None:
     port, seen = echo_server
     key = ec.generate_private_key(ec.SECP256R1())
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+    key_pem = private_pem(key)
     inter = constrained.intermediate_cert.read_bytes()
-    inside = _forged_leaf(constrained, ["spiffe://tradeguard.local/svc/x"], key)
+    inside = forged_leaf(constrained, ["spiffe://tradeguard.local/svc/x"], key)
     assert (
         _call(constrained, port, key_pem, inside.public_bytes(serialization.Encoding.PEM) + inter) == b"ping"
     )
-    outside = _forged_leaf(constrained, ["spiffe://evil.example/svc/x"], key)
+    outside = forged_leaf(constrained, ["spiffe://evil.example/svc/x"], key)
     with pytest.raises(grpc.RpcError) as err:
         _call(constrained, port, key_pem, outside.public_bytes(serialization.Encoding.PEM) + inter)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
