@@ -9,6 +9,7 @@ describes each command.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
 
@@ -28,6 +29,10 @@ from tradeguard.cli import (
 )
 
 _SCOPED_IN = "auth, orders, vault, quota, audit, kill, alerts"
+# Options whose values are random base64url ids (a token's jti, a login's family): one in 64 begins with "-",
+# which argparse would take for an option ("expected one argument").
+_OPAQUE_ID_OPTIONS = frozenset({"--jti", "--family"})
+_OPTION_WORD = re.compile(r"-h|--[a-z][a-z-]*")
 _SCOPED = {"--as": _SCOPED_IN, "--target": _SCOPED_IN}
 
 
@@ -38,7 +43,7 @@ class _Parser(argparse.ArgumentParser):
     def parse_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> argparse.Namespace:
-        argv = list(sys.argv[1:] if args is None else args)
+        argv = _joined_opaque_ids(list(sys.argv[1:] if args is None else args))
         commands = set(_COMMANDS)
         for word in argv:
             if word in commands:
@@ -50,6 +55,28 @@ class _Parser(argparse.ArgumentParser):
                     f"e.g. `tradeguard vault {option} … ACTION` or `tradeguard vault ACTION … {option} …`"
                 )
         return super().parse_args(argv, namespace)
+
+
+def _joined_opaque_ids(argv: list[str]) -> list[str]:
+    """`--family -Uf…` as `--family=-Uf…`: an id after an id option is its value even when it begins with "-"
+    (unless it is an option word, as when the value was forgotten: then argparse says so)."""
+    out: list[str] = []
+    index = 0
+    while index < len(argv):
+        word = argv[index]
+        following = argv[index + 1] if index + 1 < len(argv) else None
+        if (
+            word in _OPAQUE_ID_OPTIONS
+            and following is not None
+            and following.startswith("-")
+            and not _OPTION_WORD.fullmatch(following)
+        ):
+            out.append(f"{word}={following}")
+            index += 2
+            continue
+        out.append(word)
+        index += 1
+    return out
 
 
 _COMMANDS = ("pki", "up", "auth", "orders", "vault", "quota", "audit", "edge", "kill", "alerts")

@@ -395,6 +395,18 @@ def test_auth_options_are_accepted_before_or_after_the_action_and_factors_exclud
     assert "--scope" in capsys.readouterr().err
     args = main.parser().parse_args(["auth", "revoke", "--family", "f1", "--target", "h:1"])
     assert (args.family, args.jti, args.user, args.target) == ("f1", None, None, "h:1")
+    # a random id may begin with "-" (one in 64): still the option's value (it failed CI once: "expected one argument")
+    args = main.parser().parse_args(
+        ["auth", "revoke", "--family", "-UfTcRXxV0-yue5aehmRhQ", "--target", "h:1"]
+    )
+    assert (args.family, args.target) == ("-UfTcRXxV0-yue5aehmRhQ", "h:1")
+    args = main.parser().parse_args(["auth", "revoke", "--jti", "--Yq3_x-2Fw0AbCdEfGhIjKl"])
+    assert args.jti == "--Yq3_x-2Fw0AbCdEfGhIjKl"
+    with pytest.raises(
+        SystemExit
+    ):  # a forgotten value is still an error, not the next option taken as the id
+        main.parser().parse_args(["auth", "revoke", "--family", "--target", "h:1"])
+    assert "expected one argument" in capsys.readouterr().err
 
 
 def test_the_totp_qr_code_reads_back_as_the_uri_with_a_real_qr_reader() -> None:
