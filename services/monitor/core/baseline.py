@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Final
 
 from services.monitor.core.config import RateConfig
-from services.monitor.core.lru import ByKind
+from services.monitor.core.lru import PerSubject
 from services.monitor.core.subjects import is_traffic, subject_of
 from services.monitor.model import MAX_SEQUENCES, AuditEvent, Finding
 
@@ -48,6 +49,20 @@ class Baseline:
     recent: list[int] = field(
         default_factory=list
     )  # sequences in the current bucket (the last MAX_SEQUENCES)
+
+    def add(self, bucket: int, sequence: int, alpha: float, closing: float | Decimal | None = None) -> bool:
+        """Count an event of `bucket` (its sequence kept among the last MAX_SEQUENCES), closing the current bucket
+        first (its value: `closing`, else its count) when `bucket` is later; False, and nothing counted, for an
+        event older than the bucket being counted (recorders' clocks differ)."""
+        if bucket > self.bucket:
+            self.close_until(bucket, alpha, None if closing is None else float(closing))
+        elif bucket < self.bucket:
+            return False
+        self.count += 1
+        self.recent.append(sequence)
+        if len(self.recent) > MAX_SEQUENCES:
+            del self.recent[0]
+        return True
 
     def close_until(self, bucket: int, alpha: float, value: float | None = None) -> None:
         """Close the current bucket (its value: `value`, else its count) and the empty ones before `bucket`."""
@@ -77,20 +92,8 @@ class Baseline:
         return self.mean + sigmas * max(math.sqrt(self.var), math.sqrt(self.mean), 1.0)
 
 
-class RateSpikes:
+class RateSpikes(PerSubject[RateConfig, Baseline]):
     """The `rate_spike` detector (see the module)."""
-
-    def __init__(self, config: RateConfig) -> None:
-        self.config = config
-        self._subjects: ByKind[Baseline] = ByKind(config.max_subjects)
-        self.alerts = 0
-
-    def configure(self, config: RateConfig) -> None:
-        self.config = config
-        self._subjects.resize(config.max_subjects)
-
-    def tracked(self) -> int:
-        return len(self._subjects)
 
     def observe(self, event: AuditEvent) -> list[Finding]:
         config = self.config
@@ -104,14 +107,8 @@ class RateSpikes:
                 continue
             memory = self._subjects.of(kind)
             state = memory.setdefault(subject, lambda: Baseline(bucket))
-            if bucket > state.bucket:
-                state.close_until(bucket, config.alpha)
-            elif bucket < state.bucket:
-                continue  # an event older than the bucket being counted (recorders' clocks differ): not counted
-            state.count += 1
-            state.recent.append(event.sequence)
-            if len(state.recent) > MAX_SEQUENCES:
-                del state.recent[0]
+            if not state.add(bucket, event.sequence, config.alpha):
+                continue  # an event older than the bucket being counted: not counted
             if state.closed < config.warmup_buckets or state.alerted == bucket:
                 continue
             limit = state.limit(config.sigmas)

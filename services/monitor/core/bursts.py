@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from services.monitor.core.config import BurstConfig, Rule
-from services.monitor.core.lru import ByKind
+from services.monitor.core.lru import PerSubject
 from services.monitor.core.subjects import subject_of
 from services.monitor.model import MAX_SEQUENCES, AuditEvent, Finding, Outcome
 
@@ -51,24 +51,15 @@ class _Window:
     quiet_until: int = -1
 
 
-class Bursts:
+class Bursts(PerSubject[BurstConfig, _Window]):
     """One burst detector (`name`: auth_failures, permission_scan or risk_rejections); see the module."""
 
     def __init__(self, name: str, config: BurstConfig) -> None:
         if name not in _OUTCOMES:
             raise ValueError(f"unknown burst detector {name!r}")
+        super().__init__(config)
         self.name = name
-        self.config = config
         self.outcome = _OUTCOMES[name]
-        self._subjects: ByKind[_Window] = ByKind(config.max_subjects)
-        self.alerts = 0
-
-    def configure(self, config: BurstConfig) -> None:
-        self.config = config
-        self._subjects.resize(config.max_subjects)
-
-    def tracked(self) -> int:
-        return len(self._subjects)
 
     def observe(self, event: AuditEvent) -> list[Finding]:
         config = self.config

@@ -6,12 +6,20 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
-__all__ = ["Bounded", "ByKind"]
+__all__ = ["Bounded", "ByKind", "PerSubject"]
 
 K = TypeVar("K")
 V = TypeVar("V")
+
+
+class _Bounds(Protocol):
+    @property
+    def max_subjects(self) -> int: ...
+
+
+C = TypeVar("C", bound=_Bounds)
 
 
 class Bounded(Generic[K, V]):
@@ -79,3 +87,20 @@ class ByKind(Generic[V]):
 
     def __len__(self) -> int:
         return sum(len(memory) for memory in self._maps.values())
+
+
+class PerSubject(Generic[C, V]):
+    """What the per-subject detectors share (rate spikes, order spikes, bursts): their configuration, their memory
+    of subjects by kind (`max_subjects` each, resized when the configuration is reloaded) and their alert count."""
+
+    def __init__(self, config: C) -> None:
+        self.config = config
+        self._subjects: ByKind[V] = ByKind(config.max_subjects)
+        self.alerts = 0
+
+    def configure(self, config: C) -> None:
+        self.config = config
+        self._subjects.resize(config.max_subjects)
+
+    def tracked(self) -> int:
+        return len(self._subjects)

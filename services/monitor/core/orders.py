@@ -31,9 +31,9 @@ from typing import Final
 
 from services.monitor.core.baseline import Baseline
 from services.monitor.core.config import RateConfig
-from services.monitor.core.lru import ByKind
+from services.monitor.core.lru import PerSubject
 from services.monitor.core.subjects import is_traffic, subject_of
-from services.monitor.model import MAX_SEQUENCES, AuditEvent, Finding, Outcome
+from services.monitor.model import AuditEvent, Finding, Outcome
 
 __all__ = ["NOTIONAL", "VOLUME", "OrderSpikes", "order_amount"]
 
@@ -71,23 +71,14 @@ class _Orders:
     total: Decimal = _ZERO  # their amounts' sum
 
 
-class OrderSpikes:
+class OrderSpikes(PerSubject[RateConfig, _Orders]):
     """The `order_volume` or `order_notional` detector (see the module)."""
 
     def __init__(self, name: str, config: RateConfig) -> None:
         if name not in (VOLUME, NOTIONAL):
             raise ValueError(f"not an order measure: {name!r}")
+        super().__init__(config)
         self.name = name
-        self.config = config
-        self._subjects: ByKind[_Orders] = ByKind(config.max_subjects)
-        self.alerts = 0
-
-    def configure(self, config: RateConfig) -> None:
-        self.config = config
-        self._subjects.resize(config.max_subjects)
-
-    def tracked(self) -> int:
-        return len(self._subjects)
 
     def observe(self, event: AuditEvent) -> list[Finding]:
         config = self.config
@@ -105,16 +96,10 @@ class OrderSpikes:
             memory = self._subjects.of(kind)
             state = memory.setdefault(subject, lambda: _Orders(Baseline(bucket)))
             baseline = state.baseline
-            if bucket > baseline.bucket:
-                baseline.close_until(bucket, config.alpha, float(state.total))
-                state.total = _ZERO
-            elif bucket < baseline.bucket:
-                continue  # older than the bucket being summed (recorders' clocks differ): not counted
-            baseline.count += 1
-            state.total += amount
-            baseline.recent.append(event.sequence)
-            if len(baseline.recent) > MAX_SEQUENCES:
-                del baseline.recent[0]
+            later = bucket > baseline.bucket  # the bucket being summed closes with its total
+            if not baseline.add(bucket, event.sequence, config.alpha, state.total):
+                continue  # older than the bucket being summed: not counted
+            state.total = amount if later else state.total + amount
             if (
                 state.total < rule.amount
                 or baseline.closed < config.warmup_buckets
