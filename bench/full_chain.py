@@ -87,6 +87,7 @@ from bench.loadgen import (
     median_ratio,
     open_loop,
     process_cpu_s,
+    tmpfs,
 )
 from services.auth.vault_client import ensure_keys
 from tradeguard.keyvault.signer import ensure_key
@@ -522,8 +523,7 @@ async def run(
 ) -> dict[str, list[Round]]:
     if "bare" not in modes:
         raise ValueError("the bare mode is the baseline")
-    tmpfs = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-    with tempfile.TemporaryDirectory(prefix="tg-bench-chain-", dir=tmpfs) as tmp:
+    with tempfile.TemporaryDirectory(prefix="tg-bench-chain-", dir=tmpfs()) as tmp:
         async with (
             suite(Path(tmp), modes) as (layout, creds),
             guard.mode_stubs(

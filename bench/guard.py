@@ -59,7 +59,16 @@ import grpc
 import pyotp
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from bench.loadgen import Call, Result, closed_loop, free_port, load_arguments, median_ratio, process_cpu_s
+from bench.loadgen import (
+    Call,
+    Result,
+    closed_loop,
+    free_port,
+    load_arguments,
+    median_ratio,
+    process_cpu_s,
+    tmpfs,
+)
 from services.auth.vault_client import ensure_keys
 from tradeguard import signing
 from tradeguard.auth.v1 import auth_pb2 as pb
@@ -99,10 +108,6 @@ PASSWORD = "correct horse trading staple"  # a benchmark's throwaway user on a t
 CLIENT = "trading-client"
 WORKLOADS = ("keyvault", "auth", "ratelimit", "trading", "ops", CLIENT)
 AIM = {"jwt": 0.10, "hmac": 0.35, "ed25519": 0.35}
-
-
-def _tmpfs() -> str | None:
-    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
 
 
 def rss_mib(pid: int) -> float:
@@ -502,7 +507,7 @@ async def suite(home: Path) -> AsyncIterator[tuple[Layout, Credentials]]:
 async def run(
     concurrency: int, duration: float, rounds: int, modes: Sequence[str] = MODES
 ) -> dict[str, list[Round]]:
-    with tempfile.TemporaryDirectory(dir=_tmpfs()) as tmp:
+    with tempfile.TemporaryDirectory(dir=tmpfs()) as tmp:
         async with (
             suite(Path(tmp)) as (layout, creds),
             mode_stubs(layout, modes, lambda mode: interceptors_of(mode, creds)) as stubs,

@@ -27,9 +27,7 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import grpc
-
-from bench.loadgen import Result, closed_loop, free_port, load_arguments, median_ratio
+from bench.loadgen import Result, closed_loop, free_port, load_arguments, median_ratio, until_answered
 from tradeguard.keyvault.v1 import keyvault_pb2 as pb
 from tradeguard.keyvault.v1 import keyvault_pb2_grpc
 from tradeguard.mesh import pki, tls
@@ -59,13 +57,7 @@ def start_server(port: int, home: Path) -> subprocess.Popen[bytes]:
 
 
 async def ready(stub: keyvault_pb2_grpc.KeyVaultServiceAsyncStub) -> None:
-    for _ in range(200):
-        try:
-            await stub.GetSealStatus(pb.GetSealStatusRequest(), timeout=1)
-            return
-        except grpc.aio.AioRpcError:
-            await asyncio.sleep(0.1)
-    raise RuntimeError("key vault not ready")
+    await until_answered(lambda: stub.GetSealStatus(pb.GetSealStatusRequest(), timeout=1), "key vault")
 
 
 Call = Callable[[int], Awaitable[object]]

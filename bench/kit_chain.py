@@ -44,7 +44,16 @@ from typing import Any
 import grpc
 from prometheus_client import CollectorRegistry
 
-from bench.loadgen import Result, closed_loop, free_port, load_arguments, median_ratio, process_cpu_s
+from bench.loadgen import (
+    Result,
+    closed_loop,
+    free_port,
+    load_arguments,
+    median_ratio,
+    process_cpu_s,
+    tmpfs,
+    until_answered,
+)
 from tradeguard.echo import ECHO, ECHO_RULES, EchoServicer
 from tradeguard.echo.v1 import echo_pb2, echo_pb2_grpc
 from tradeguard.mesh import pki, tls
@@ -107,17 +116,7 @@ def start(mode: str, port: int, home: Path) -> subprocess.Popen[bytes]:
 
 
 async def ready(stub: echo_pb2_grpc.EchoServiceAsyncStub) -> None:
-    for _ in range(200):
-        try:
-            await stub.Echo(echo_pb2.EchoRequest(text="ready"), timeout=1)
-            return
-        except grpc.aio.AioRpcError:
-            await asyncio.sleep(0.1)
-    raise RuntimeError("server not ready")
-
-
-def _tmpfs() -> str | None:
-    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    await until_answered(lambda: stub.Echo(echo_pb2.EchoRequest(text="ready"), timeout=1), "server")
 
 
 async def fixed_rate_server_cpu(
@@ -137,7 +136,7 @@ async def fixed_rate_server_cpu(
 
 
 async def run(concurrency: int, duration: float, rounds: int, rate: int) -> None:
-    with tempfile.TemporaryDirectory(dir=_tmpfs()) as tmp:
+    with tempfile.TemporaryDirectory(dir=tmpfs()) as tmp:
         home = Path(tmp)
         paths = pki.PkiPaths(home)
         pki.init_ca(paths)

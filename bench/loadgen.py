@@ -219,6 +219,25 @@ def median_ratio(numerators: list[Result], denominators: list[Result]) -> float:
     return statistics.median(a.rps / b.rps for a, b in zip(numerators, denominators, strict=True))
 
 
+def tmpfs() -> str | None:
+    """/dev/shm where it can be written (a benchmark's databases and logs off the disk's fsync), else None: the
+    system's temporary directory."""
+    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+
+
+async def until_answered(probe: Callable[[], Awaitable[object]], what: str, attempts: int = 200) -> None:
+    """Until `probe()` (a call with a short deadline) answers, every 0.1 s: a server process just started."""
+    import grpc  # only the benchmarks that start servers need it
+
+    for _ in range(attempts):
+        try:
+            await probe()
+            return
+        except grpc.aio.AioRpcError:
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"{what} not ready")
+
+
 def free_port() -> int:
     """A loopback port free at the time of asking, for a server the benchmark starts as a process."""
     with socket.socket() as s:

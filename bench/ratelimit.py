@@ -37,7 +37,7 @@ from pathlib import Path
 import redis.asyncio as aioredis
 
 from bench.guard import Layout, rss_mib, serving
-from bench.loadgen import Call, Result, closed_loop, free_port, load_arguments, process_cpu_s
+from bench.loadgen import Call, Result, closed_loop, free_port, load_arguments, process_cpu_s, tmpfs
 from services.ratelimit.counters import counter_key
 from services.ratelimit.counters_redis import EVALUATE, script_arguments
 from services.ratelimit.limits_file import parse_limits
@@ -157,7 +157,7 @@ async def cleanup(client: aioredis.Redis, run: str) -> None:
 
 async def run(concurrency: int, duration: float, rounds: int) -> dict[str, list[Round]]:
     tag = secrets.token_hex(4)
-    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None) as tmp:
+    with tempfile.TemporaryDirectory(dir=tmpfs()) as tmp:
         layout = Layout(Path(tmp))
         pki.init_ca(layout.paths)
         for name in ("ratelimit", "trading", "ops"):

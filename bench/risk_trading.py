@@ -30,7 +30,6 @@ import tradeguard  # noqa: F401  (first: grpc must load with the TLS 1.3-only se
 
 import argparse
 import asyncio
-import os
 import subprocess
 import sys
 import tempfile
@@ -39,7 +38,16 @@ from pathlib import Path
 
 import grpc
 
-from bench.loadgen import Result, closed_loop, free_port, load_arguments, median_cpu_ratio, median_ratio
+from bench.loadgen import (
+    Result,
+    closed_loop,
+    free_port,
+    load_arguments,
+    median_cpu_ratio,
+    median_ratio,
+    tmpfs,
+    until_answered,
+)
 from tradeguard.mesh import pki, tls
 from tradeguard.trading.v1 import trading_pb2, trading_pb2_grpc
 
@@ -93,13 +101,7 @@ def start(mode: str, port: int, home: Path, risk_file: Path) -> subprocess.Popen
 
 
 async def ready(stub: trading_pb2_grpc.TradingServiceAsyncStub) -> None:
-    for _ in range(200):
-        try:
-            await stub.ListOrders(trading_pb2.ListOrdersRequest(), timeout=1)
-            return
-        except grpc.aio.AioRpcError:
-            await asyncio.sleep(0.1)
-    raise RuntimeError("server not ready")
+    await until_answered(lambda: stub.ListOrders(trading_pb2.ListOrdersRequest(), timeout=1), "server")
 
 
 def caller(stub: trading_pb2_grpc.TradingServiceAsyncStub, tag: str) -> Callable[[int], Awaitable[object]]:
@@ -120,12 +122,8 @@ def caller(stub: trading_pb2_grpc.TradingServiceAsyncStub, tag: str) -> Callable
     return call
 
 
-def _tmpfs() -> str | None:
-    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-
-
 async def run(concurrency: int, duration: float, rounds: int) -> None:
-    with tempfile.TemporaryDirectory(dir=_tmpfs()) as tmp:
+    with tempfile.TemporaryDirectory(dir=tmpfs()) as tmp:
         home = Path(tmp)
         paths = pki.PkiPaths(home)
         pki.init_ca(paths)

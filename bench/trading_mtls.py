@@ -19,7 +19,6 @@ import tradeguard  # noqa: F401  (first: grpc must load with the TLS 1.3-only se
 # isort: split
 
 import asyncio
-import os
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,16 @@ from pathlib import Path
 
 import grpc
 
-from bench.loadgen import Result, closed_loop, free_port, load_arguments, median_cpu_ratio, median_ratio
+from bench.loadgen import (
+    Result,
+    closed_loop,
+    free_port,
+    load_arguments,
+    median_cpu_ratio,
+    median_ratio,
+    tmpfs,
+    until_answered,
+)
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.channel import MeshChannel
 from tradeguard.trading.v1 import trading_pb2, trading_pb2_grpc
@@ -40,13 +48,8 @@ def start(mode: str, port: int, home: Path) -> subprocess.Popen[bytes]:
 
 
 async def ready(stub: trading_pb2_grpc.TradingServiceAsyncStub) -> None:
-    for _ in range(100):
-        try:
-            await stub.ListOrders(trading_pb2.ListOrdersRequest(account_id="bench"), timeout=1)
-            return
-        except grpc.aio.AioRpcError:
-            await asyncio.sleep(0.1)
-    raise RuntimeError("server not ready")
+    probe = trading_pb2.ListOrdersRequest(account_id="bench")
+    await until_answered(lambda: stub.ListOrders(probe, timeout=1), "server", attempts=100)
 
 
 def caller(stub: trading_pb2_grpc.TradingServiceAsyncStub, tag: str):  # type: ignore[no-untyped-def]
@@ -67,12 +70,8 @@ def caller(stub: trading_pb2_grpc.TradingServiceAsyncStub, tag: str):  # type: i
     return call
 
 
-def _tmpfs() -> str | None:
-    return "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
-
-
 async def run(concurrency: int, duration: float, rounds: int) -> None:
-    with tempfile.TemporaryDirectory(dir=_tmpfs()) as tmp:
+    with tempfile.TemporaryDirectory(dir=tmpfs()) as tmp:
         home = Path(tmp)
         paths = pki.PkiPaths(home)
         pki.init_ca(paths)

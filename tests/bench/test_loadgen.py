@@ -7,9 +7,10 @@ from __future__ import annotations
 import asyncio
 import time
 
+import grpc
 import pytest
 
-from bench.loadgen import open_loop
+from bench.loadgen import open_loop, until_answered
 
 
 async def test_every_scheduled_call_is_sent_once_and_answered() -> None:
@@ -84,3 +85,28 @@ async def test_a_rate_and_a_duration_are_positive(rate: float, duration: float) 
 
     with pytest.raises(ValueError, match="positive"):
         await open_loop(call, rate, duration)
+
+
+def _unavailable() -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(
+        grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "starting", "test"
+    )
+
+
+async def test_until_answered_waits_for_a_starting_server_and_gives_up_after_its_attempts() -> None:
+    tries: list[int] = []
+
+    async def starting() -> object:
+        tries.append(1)
+        if len(tries) < 3:
+            raise _unavailable()
+        return "up"
+
+    await until_answered(starting, "server")
+    assert len(tries) == 3
+
+    async def never() -> object:
+        raise _unavailable()
+
+    with pytest.raises(RuntimeError, match="key vault not ready"):
+        await until_answered(never, "key vault", attempts=2)
