@@ -255,6 +255,22 @@ class _Parser(Reader):
             for kind, _, value in self.mapping(node, path, SUBJECT_KINDS)
         }
 
+    # A key of a section read when present, else the default: the key written once. `bounds`: (low, high).
+    def integer_or(
+        self, items: Mapping[str, Node], path: str, key: str, bounds: tuple[int, int], *, default: int
+    ) -> int:
+        return self.integer(items[key], f"{path}.{key}", *bounds) if key in items else default
+
+    def number_or(
+        self, items: Mapping[str, Node], path: str, key: str, bounds: tuple[str, str], *, default: float
+    ) -> float:
+        return self.number(items[key], f"{path}.{key}", *bounds) if key in items else default
+
+    def duration_or(
+        self, items: Mapping[str, Node], path: str, key: str, bounds: tuple[int, int], *, default: int
+    ) -> int:
+        return self.duration(items[key], f"{path}.{key}", *bounds) if key in items else default
+
     def enabled(self, items: Mapping[str, Node], path: str) -> bool:
         return self.boolean(items["enabled"], f"{path}.enabled") if "enabled" in items else True
 
@@ -267,21 +283,15 @@ class _Parser(Reader):
         base = RateConfig()
         return RateConfig(
             enabled=self.enabled(items, path),
-            bucket_us=self.duration(items["bucket"], f"{path}.bucket", 100_000, _HOUR_US)
-            if "bucket" in items
-            else base.bucket_us,
-            alpha=self.number(items["alpha"], f"{path}.alpha", "0.0001", "1")
-            if "alpha" in items
-            else base.alpha,
-            warmup_buckets=self.integer(items["warmup_buckets"], f"{path}.warmup_buckets", 1, 100_000)
-            if "warmup_buckets" in items
-            else base.warmup_buckets,
-            sigmas=self.number(items["sigmas"], f"{path}.sigmas", "0.1", "1000")
-            if "sigmas" in items
-            else base.sigmas,
-            max_subjects=self.integer(items["max_subjects"], f"{path}.max_subjects", 1, MAX_SUBJECTS)
-            if "max_subjects" in items
-            else base.max_subjects,
+            bucket_us=self.duration_or(items, path, "bucket", (100_000, _HOUR_US), default=base.bucket_us),
+            alpha=self.number_or(items, path, "alpha", ("0.0001", "1"), default=base.alpha),
+            warmup_buckets=self.integer_or(
+                items, path, "warmup_buckets", (1, 100_000), default=base.warmup_buckets
+            ),
+            sigmas=self.number_or(items, path, "sigmas", ("0.1", "1000"), default=base.sigmas),
+            max_subjects=self.integer_or(
+                items, path, "max_subjects", (1, MAX_SUBJECTS), default=base.max_subjects
+            ),
             subjects=self.subjects(items["subjects"], f"{path}.subjects", amounts),
         )
 
@@ -300,18 +310,12 @@ class _Parser(Reader):
         base = GeoConfig()
         return GeoConfig(
             enabled=self.enabled(items, path),
-            max_keys=self.integer(items["max_keys"], f"{path}.max_keys", 1, MAX_SUBJECTS)
-            if "max_keys" in items
-            else base.max_keys,
-            max_countries=self.integer(items["max_countries"], f"{path}.max_countries", 1, 300)
-            if "max_countries" in items
-            else base.max_countries,
-            max_speed_kmh=self.number(items["max_speed_kmh"], f"{path}.max_speed_kmh", "1", "100000")
-            if "max_speed_kmh" in items
-            else base.max_speed_kmh,
-            slack_km=self.number(items["slack_km"], f"{path}.slack_km", "0", "20000")
-            if "slack_km" in items
-            else base.slack_km,
+            max_keys=self.integer_or(items, path, "max_keys", (1, MAX_SUBJECTS), default=base.max_keys),
+            max_countries=self.integer_or(items, path, "max_countries", (1, 300), default=base.max_countries),
+            max_speed_kmh=self.number_or(
+                items, path, "max_speed_kmh", ("1", "100000"), default=base.max_speed_kmh
+            ),
+            slack_km=self.number_or(items, path, "slack_km", ("0", "20000"), default=base.slack_km),
             new_country=self.rule(items["new_country"], f"{path}.new_country", threshold=False)
             if "new_country" in items
             else None,
@@ -329,11 +333,11 @@ class _Parser(Reader):
         base = BurstConfig()
         return BurstConfig(
             enabled=self.enabled(items, path),
-            window_us=self.duration(items["window"], f"{path}.window", 1_000_000, 24 * _HOUR_US)
-            if "window" in items
-            else base.window_us,
-            max_subjects=self.integer(items["max_subjects"], f"{path}.max_subjects", 1, MAX_SUBJECTS)
-            if "max_subjects" in items
-            else base.max_subjects,
+            window_us=self.duration_or(
+                items, path, "window", (1_000_000, 24 * _HOUR_US), default=base.window_us
+            ),
+            max_subjects=self.integer_or(
+                items, path, "max_subjects", (1, MAX_SUBJECTS), default=base.max_subjects
+            ),
             subjects=self.subjects(items["subjects"], f"{path}.subjects"),
         )
