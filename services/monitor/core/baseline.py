@@ -26,7 +26,7 @@ from typing import Final
 
 from services.monitor.core.config import RateConfig
 from services.monitor.core.lru import PerSubject
-from services.monitor.core.subjects import is_traffic, subject_of
+from services.monitor.core.subjects import finding, is_traffic, subject_of
 from services.monitor.model import MAX_SEQUENCES, AuditEvent, Finding
 
 __all__ = ["MAX_GAP_BUCKETS", "NAME", "Baseline", "RateSpikes"]
@@ -117,9 +117,10 @@ class RateSpikes(PerSubject[RateConfig, Baseline]):
             state.alerted = bucket
             self.alerts += 1
             findings.append(
-                Finding(
-                    detector=NAME,
-                    severity=rule.severity,
+                finding(
+                    NAME,
+                    rule,
+                    event,
                     subject_kind=kind,
                     subject=subject,
                     window_us=bucket * config.bucket_us,
@@ -127,7 +128,6 @@ class RateSpikes(PerSubject[RateConfig, Baseline]):
                         f"{kind} {subject}: {state.count} calls in {config.bucket_us // 1_000_000} s "
                         f"against a baseline of {state.mean:.1f}"
                     ),
-                    event_time_us=event.time_us,
                     evidence={
                         "count": str(state.count),
                         "mean": f"{state.mean:.3f}",
@@ -137,10 +137,6 @@ class RateSpikes(PerSubject[RateConfig, Baseline]):
                         "buckets_observed": str(state.closed),
                     },
                     sequences=tuple(state.recent),
-                    account_id=event.account_id,
-                    api_key_id=event.api_key_id,
-                    actions=rule.actions,
-                    kill_scope=rule.kill_scope,
                 )
             )
         return findings

@@ -23,7 +23,7 @@ from typing import Final
 
 from services.monitor.core.config import BurstConfig, Rule
 from services.monitor.core.lru import PerSubject
-from services.monitor.core.subjects import subject_of
+from services.monitor.core.subjects import finding, subject_of
 from services.monitor.model import MAX_SEQUENCES, AuditEvent, Finding, Outcome
 
 __all__ = ["AUTH_FAILURES", "PERMISSION_SCAN", "RISK_REJECTIONS", "Bursts"]
@@ -103,14 +103,14 @@ class Bursts(PerSubject[BurstConfig, _Window]):
         window.quiet_until = first + window_us
         self.alerts += 1
         seconds = window_us / 1_000_000
-        return Finding(
-            detector=self.name,
-            severity=rule.severity,
+        return finding(
+            self.name,
+            rule,
+            event,
             subject_kind=kind,
             subject=subject,
             window_us=first,
             summary=f"{kind} {subject}: {len(burst)} {_WHAT[self.name]} within {seconds:g} s",
-            event_time_us=now,
             evidence={
                 "count": str(len(burst)),
                 "window_s": f"{seconds:g}",
@@ -126,8 +126,4 @@ class Bursts(PerSubject[BurstConfig, _Window]):
                 ),
             },
             sequences=tuple(sequence for _, sequence in burst[-MAX_SEQUENCES:]),
-            account_id=event.account_id,
-            api_key_id=event.api_key_id,
-            actions=rule.actions,
-            kill_scope=rule.kill_scope,
         )

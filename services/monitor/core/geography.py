@@ -25,7 +25,7 @@ from typing import Final
 
 from services.monitor.core.config import GeoConfig, Rule
 from services.monitor.core.lru import Bounded
-from services.monitor.core.subjects import is_traffic
+from services.monitor.core.subjects import finding, is_traffic
 from services.monitor.model import AuditEvent, Finding
 
 __all__ = [
@@ -110,24 +110,20 @@ class Geography:
 
     def _new_country(self, event: AuditEvent, key: _Key, here: Location, rule: Rule) -> Finding:
         self.alerts[NEW_COUNTRY] += 1
-        return Finding(
-            detector=NEW_COUNTRY,
-            severity=rule.severity,
+        return finding(
+            NEW_COUNTRY,
+            rule,
+            event,
             subject_kind="api_key",
             subject=event.api_key_id,
             window_us=event.time_us,
             summary=f"API key {event.api_key_id} used from {here.country} for the first time",
-            event_time_us=event.time_us,
             evidence={
                 "country": here.country,
                 "source_ip": event.source_ip,
                 "known_countries": ",".join(key.countries),
             },
             sequences=(event.sequence,),
-            account_id=event.account_id,
-            api_key_id=event.api_key_id,
-            actions=rule.actions,
-            kill_scope=rule.kill_scope,
         )
 
     def _travel(
@@ -152,9 +148,10 @@ class Geography:
             return None
         speed = effective / hours if hours > 0 else math.inf
         self.alerts[IMPOSSIBLE_TRAVEL] += 1
-        return Finding(
-            detector=IMPOSSIBLE_TRAVEL,
-            severity=rule.severity,
+        return finding(
+            IMPOSSIBLE_TRAVEL,
+            rule,
+            event,
             subject_kind="api_key",
             subject=event.api_key_id,
             window_us=event.time_us,
@@ -162,7 +159,6 @@ class Geography:
                 f"API key {event.api_key_id} used from {there.country} then {here.country} "
                 f"({distance:.0f} km in {hours * 3600:.0f} s)"
             ),
-            event_time_us=event.time_us,
             evidence={
                 "from_country": there.country,
                 "from_ip": address,
@@ -174,8 +170,4 @@ class Geography:
                 "max_speed_kmh": f"{config.max_speed_kmh:g}",
             },
             sequences=(sequence, event.sequence),
-            account_id=event.account_id,
-            api_key_id=event.api_key_id,
-            actions=rule.actions,
-            kill_scope=rule.kill_scope,
         )

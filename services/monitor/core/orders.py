@@ -32,7 +32,7 @@ from typing import Final
 from services.monitor.core.baseline import Baseline
 from services.monitor.core.config import RateConfig
 from services.monitor.core.lru import PerSubject
-from services.monitor.core.subjects import is_traffic, subject_of
+from services.monitor.core.subjects import finding, is_traffic, subject_of
 from services.monitor.model import AuditEvent, Finding, Outcome
 
 __all__ = ["NOTIONAL", "VOLUME", "OrderSpikes", "order_amount"]
@@ -113,9 +113,10 @@ class OrderSpikes(PerSubject[RateConfig, _Orders]):
             self.alerts += 1
             what = "volume" if self.name == VOLUME else "notional"
             findings.append(
-                Finding(
-                    detector=self.name,
-                    severity=rule.severity,
+                finding(
+                    self.name,
+                    rule,
+                    event,
                     subject_kind=kind,
                     subject=subject,
                     window_us=bucket * config.bucket_us,
@@ -123,7 +124,6 @@ class OrderSpikes(PerSubject[RateConfig, _Orders]):
                         f"{kind} {subject}: order {what} {state.total} in {baseline.count} orders in "
                         f"{config.bucket_us // 1_000_000} s against a baseline of {baseline.mean:.1f}"
                     ),
-                    event_time_us=event.time_us,
                     evidence={
                         what: str(state.total),
                         "orders": str(baseline.count),
@@ -135,10 +135,6 @@ class OrderSpikes(PerSubject[RateConfig, _Orders]):
                         "buckets_observed": str(baseline.closed),
                     },
                     sequences=tuple(baseline.recent),
-                    account_id=event.account_id,
-                    api_key_id=event.api_key_id,
-                    actions=rule.actions,
-                    kill_scope=rule.kill_scope,
                 )
             )
         return findings
