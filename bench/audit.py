@@ -74,13 +74,14 @@ from psycopg import sql
 from bench import guard
 from bench.guard import Layout, rss_mib, serving, start_keyvault
 from bench.loadgen import Call, Result, closed_loop, free_port, load_arguments, median_ratio, process_cpu_s
+from bench.mesh import dev_pki
 from services.audit.store_postgres import pruner_role, writer_role
 from services.auth.vault_client import ensure_keys
 from tradeguard.audit.v1 import audit_pb2 as pb
 from tradeguard.audit.v1 import audit_pb2_grpc
 from tradeguard.keyvault.signer import ensure_key
 from tradeguard.keyvault.v1 import keyvault_pb2
-from tradeguard.mesh import pki, tls
+from tradeguard.mesh import tls
 from tradeguard.mesh.channel import MeshChannel
 
 DEFAULT_PG_DSN: Final = "postgresql://127.0.0.1:5432/test?user=postgres"
@@ -489,9 +490,7 @@ async def run(
     with tempfile.TemporaryDirectory(prefix="tg-bench-audit-", dir=directory) as tmp:
         home = Path(tmp)
         layout = Layout(home)
-        pki.init_ca(layout.paths)
-        for workload in WORKLOADS:
-            pki.issue(layout.paths, workload)
+        dev_pki(layout.home, WORKLOADS)
         with running(layout):
             start_keyvault(layout)
             await serving(layout, "keyvault")

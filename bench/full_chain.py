@@ -89,10 +89,10 @@ from bench.loadgen import (
     process_cpu_s,
     tmpfs,
 )
+from bench.mesh import dev_pki
 from services.auth.vault_client import ensure_keys
 from tradeguard.keyvault.signer import ensure_key
 from tradeguard.keyvault.v1 import keyvault_pb2
-from tradeguard.mesh import pki
 from tradeguard.trading.v1 import trading_pb2, trading_pb2_grpc
 
 MODES: Final = ("bare", "jwt", "hmac")
@@ -217,9 +217,7 @@ async def suite(home: Path, modes: Sequence[str] = MODES) -> AsyncIterator[tuple
     """Every service running, one trading process per mode; the trader's credentials."""
     layout = ChainLayout(home)
     creds: Credentials | None = None
-    pki.init_ca(layout.paths)
-    for name in WORKLOADS:
-        pki.issue(layout.paths, name)
+    dev_pki(layout.home, WORKLOADS)
     try:
         start_keyvault(layout)
         await serving(layout, "keyvault")

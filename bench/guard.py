@@ -69,6 +69,7 @@ from bench.loadgen import (
     process_cpu_s,
     tmpfs,
 )
+from bench.mesh import dev_pki, mtls_channel
 from services.auth.vault_client import ensure_keys
 from tradeguard import signing
 from tradeguard.auth.v1 import auth_pb2 as pb
@@ -172,11 +173,8 @@ class Layout:
 
 
 def channel(layout: Layout, name: str, as_workload: str) -> grpc.aio.Channel:
-    return grpc.aio.secure_channel(
-        f"127.0.0.1:{layout.procs[name].port}",
-        tls.channel_credentials(tls.Workload.of(layout.paths, as_workload)),
-        options=[("grpc.ssl_target_name_override", name.partition("-")[0])],
-    )
+    workload = tls.Workload.of(layout.paths, as_workload)
+    return mtls_channel(layout.procs[name].port, name.partition("-")[0], workload)
 
 
 async def serving(layout: Layout, name: str, timeout_s: float = 60.0) -> None:
@@ -481,10 +479,7 @@ async def suite(home: Path) -> AsyncIterator[tuple[Layout, Credentials]]:
     credentials."""
     layout = Layout(home)
     creds: Credentials | None = None
-    paths = layout.paths
-    pki.init_ca(paths)
-    for name in WORKLOADS:
-        pki.issue(paths, name)
+    dev_pki(layout.home, WORKLOADS)
     try:
         start_keyvault(layout)
         await serving(layout, "keyvault")

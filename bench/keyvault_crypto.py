@@ -28,9 +28,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from bench.loadgen import Result, closed_loop, free_port, load_arguments, median_ratio, until_answered
+from bench.mesh import dev_pki
 from tradeguard.keyvault.v1 import keyvault_pb2 as pb
 from tradeguard.keyvault.v1 import keyvault_pb2_grpc
-from tradeguard.mesh import pki, tls
+from tradeguard.mesh import tls
 from tradeguard.mesh.channel import MeshChannel
 
 PASSPHRASE = "bench passphrase"
@@ -66,10 +67,7 @@ Call = Callable[[int], Awaitable[object]]
 async def run(concurrency: int, duration: float, rounds: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
-        paths = pki.PkiPaths(home)
-        pki.init_ca(paths)
-        for name in ("keyvault", "ops", "auth"):
-            pki.issue(paths, name)
+        paths = dev_pki(home, ("keyvault", "ops", "auth"))
         port = free_port()
         proc = start_server(port, home)
         try:

@@ -54,6 +54,7 @@ from bench.loadgen import (
     tmpfs,
     until_answered,
 )
+from bench.mesh import dev_pki, mtls_channel
 from tradeguard.echo import ECHO, ECHO_RULES, EchoServicer
 from tradeguard.echo.v1 import echo_pb2, echo_pb2_grpc
 from tradeguard.mesh import pki, tls
@@ -138,22 +139,12 @@ async def fixed_rate_server_cpu(
 async def run(concurrency: int, duration: float, rounds: int, rate: int) -> None:
     with tempfile.TemporaryDirectory(dir=tmpfs()) as tmp:
         home = Path(tmp)
-        paths = pki.PkiPaths(home)
-        pki.init_ca(paths)
-        for name in (NAME, "ops"):
-            pki.issue(paths, name)
+        paths = dev_pki(home, (NAME, "ops"))
         ports = {mode: free_port() for mode in MODES}
         procs = {mode: start(mode, port, home) for mode, port in ports.items()}
         try:
             ops = tls.Workload.of(paths, "ops")
-            channels = {
-                mode: grpc.aio.secure_channel(
-                    f"127.0.0.1:{port}",
-                    tls.channel_credentials(ops),
-                    options=[("grpc.ssl_target_name_override", NAME)],
-                )
-                for mode, port in ports.items()
-            }
+            channels = {mode: mtls_channel(port, NAME, ops) for mode, port in ports.items()}
             stubs = {mode: echo_pb2_grpc.EchoServiceStub(channel) for mode, channel in channels.items()}
             for stub in stubs.values():
                 await ready(stub)

@@ -45,6 +45,7 @@ from google.protobuf import timestamp_pb2
 from bench.audit import CHECKPOINT_KEY, start_audit
 from bench.guard import Layout, rss_mib, serving, start_keyvault
 from bench.loadgen import free_port, process_cpu_s
+from bench.mesh import dev_pki
 from services.monitor.config_file import MonitorFile
 from services.monitor.core.engine import Detectors, Monitor
 from services.monitor.geoip import GeoLocator
@@ -55,7 +56,7 @@ from tradeguard.audit.v1 import audit_pb2 as pb
 from tradeguard.audit.v1 import audit_pb2_grpc
 from tradeguard.keyvault.signer import ensure_key
 from tradeguard.keyvault.v1 import keyvault_pb2
-from tradeguard.mesh import pki, tls
+from tradeguard.mesh import tls
 from tradeguard.mesh.channel import MeshChannel
 from tradeguard.monitor.v1 import monitor_pb2, monitor_pb2_grpc
 
@@ -254,9 +255,7 @@ async def run(duration: float, batch: int, callers: int, core_events: int, direc
         home = Path(tmp)
         await core(core_events, home)
         layout = Layout(home)
-        pki.init_ca(layout.paths)
-        for workload in WORKLOADS:
-            pki.issue(layout.paths, workload)
+        dev_pki(layout.home, WORKLOADS)
         try:
             await live(layout, duration, batch, callers)
         finally:

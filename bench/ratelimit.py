@@ -38,12 +38,13 @@ import redis.asyncio as aioredis
 
 from bench.guard import Layout, rss_mib, serving
 from bench.loadgen import Call, Result, closed_loop, free_port, load_arguments, process_cpu_s, tmpfs
+from bench.mesh import dev_pki
 from services.ratelimit.counters import counter_key
 from services.ratelimit.counters_redis import EVALUATE, script_arguments
 from services.ratelimit.limits_file import parse_limits
 from services.ratelimit.model import Charge, Evaluation
 from tradeguard.batching import Batcher, Outcome
-from tradeguard.mesh import pki, tls
+from tradeguard.mesh import tls
 from tradeguard.mesh.channel import MeshChannel
 from tradeguard.ratelimit.v1 import ratelimit_pb2 as pb
 from tradeguard.ratelimit.v1 import ratelimit_pb2_grpc
@@ -159,9 +160,7 @@ async def run(concurrency: int, duration: float, rounds: int) -> dict[str, list[
     tag = secrets.token_hex(4)
     with tempfile.TemporaryDirectory(dir=tmpfs()) as tmp:
         layout = Layout(Path(tmp))
-        pki.init_ca(layout.paths)
-        for name in ("ratelimit", "trading", "ops"):
-            pki.issue(layout.paths, name)
+        dev_pki(layout.home, ("ratelimit", "trading", "ops"))
         client = aioredis.Redis.from_url(REDIS_URL, max_connections=concurrency + 8)
         try:
             start_ratelimit(layout)

@@ -36,8 +36,6 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-import grpc
-
 from bench.loadgen import (
     Result,
     closed_loop,
@@ -48,6 +46,7 @@ from bench.loadgen import (
     tmpfs,
     until_answered,
 )
+from bench.mesh import dev_pki, mtls_channel
 from tradeguard.mesh import pki, tls
 from tradeguard.trading.v1 import trading_pb2, trading_pb2_grpc
 
@@ -125,24 +124,14 @@ def caller(stub: trading_pb2_grpc.TradingServiceAsyncStub, tag: str) -> Callable
 async def run(concurrency: int, duration: float, rounds: int) -> None:
     with tempfile.TemporaryDirectory(dir=tmpfs()) as tmp:
         home = Path(tmp)
-        paths = pki.PkiPaths(home)
-        pki.init_ca(paths)
-        for name in ("trading", "ops"):
-            pki.issue(paths, name)
+        paths = dev_pki(home, ("trading", "ops"))
         risk_file = home / "risk.yaml"
         risk_file.write_text(RISK_FILE)
         ports = {mode: free_port() for mode in MODES}
         procs = {mode: start(mode, port, home, risk_file) for mode, port in ports.items()}
         try:
             ops = tls.Workload.of(paths, "ops")
-            channels = {
-                mode: grpc.aio.secure_channel(
-                    f"127.0.0.1:{port}",
-                    tls.channel_credentials(ops),
-                    options=[("grpc.ssl_target_name_override", "trading")],
-                )
-                for mode, port in ports.items()
-            }
+            channels = {mode: mtls_channel(port, "trading", ops) for mode, port in ports.items()}
             stubs = {mode: trading_pb2_grpc.TradingServiceStub(channel) for mode, channel in channels.items()}
             for stub in stubs.values():
                 await ready(stub)

@@ -36,7 +36,8 @@ from bench.loadgen import (
     tmpfs,
     until_answered,
 )
-from tradeguard.mesh import pki, tls
+from bench.mesh import dev_pki, mtls_channel
+from tradeguard.mesh import tls
 from tradeguard.mesh.channel import MeshChannel
 from tradeguard.trading.v1 import trading_pb2, trading_pb2_grpc
 
@@ -73,10 +74,7 @@ def caller(stub: trading_pb2_grpc.TradingServiceAsyncStub, tag: str):  # type: i
 async def run(concurrency: int, duration: float, rounds: int) -> None:
     with tempfile.TemporaryDirectory(dir=tmpfs()) as tmp:
         home = Path(tmp)
-        paths = pki.PkiPaths(home)
-        pki.init_ca(paths)
-        for name in ("trading", "ops"):
-            pki.issue(paths, name)
+        paths = dev_pki(home, ("trading", "ops"))
         modes = ("plain", "mtls", "mesh")
         ports = {mode: free_port() for mode in modes}
         procs = {mode: start(mode, port, home) for mode, port in ports.items()}
@@ -84,11 +82,7 @@ async def run(concurrency: int, duration: float, rounds: int) -> None:
             ops = tls.Workload.of(paths, "ops")
             channels: dict[str, grpc.aio.Channel] = {
                 "plain": grpc.aio.insecure_channel(f"127.0.0.1:{ports['plain']}"),
-                "mtls": grpc.aio.secure_channel(
-                    f"127.0.0.1:{ports['mtls']}",
-                    tls.channel_credentials(ops),
-                    options=[("grpc.ssl_target_name_override", "trading")],
-                ),
+                "mtls": mtls_channel(ports["mtls"], "trading", ops),
                 "mesh": MeshChannel(f"127.0.0.1:{ports['mesh']}", "trading", ops),
             }
             stubs = {mode: trading_pb2_grpc.TradingServiceStub(channel) for mode, channel in channels.items()}
