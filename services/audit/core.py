@@ -11,7 +11,8 @@ store is an `AuditStore`).
   field at most `MAX_TEXT_CHARS`, at most `MAX_DETAILS` details, names at most `MAX_NAME_CHARS`, values at most
   `MAX_VALUE_CHARS`: hard limits well above what masking keeps). Values are never echoed. A valid event costs
   one expression of all the checks; `violations(event, field)` runs them one by one (what `validate` raises).
-- `append(events, recorder)`: validates (as `events[i]`), masks each event (`mask_event`: nothing secret is
+- `append(events, recorder, fields=None)`: validates (every event, named as `fields[i]`, by default
+  `events[i]`: the servicer leaves this check to the core, once per event), masks each event (`mask_event`: nothing secret is
   ever encoded), stamps the record time (the injected clock, never earlier than the previous stamp of this log),
   encodes the entry, hashes it (leaf hash SHA-256(0x00 ‖ bytes)) and digests the masked event — a `Pending`
   each — and hands the call's events, together, to ONE `tradeguard.batching.Batcher` in front of
@@ -243,23 +244,27 @@ class AuditLog:
         entry_bytes = self._encode(entry)
         return Pending(entry, entry_bytes, _leaf_hash(entry_bytes), self._digest(masked))
 
-    async def append(self, events: Sequence[Event], recorder: str) -> list[Result]:
-        """Append `events` (one transaction, shared with concurrent calls); answered once durable."""
+    async def append(
+        self, events: Sequence[Event], recorder: str, fields: Sequence[str] | None = None
+    ) -> list[Result]:
+        """Append `events` (one transaction, shared with concurrent calls); answered once durable. Each event is
+        validated first, named by `fields` (default `events[i]`), and none is appended if any is bad."""
         if not recorder:
             raise ValueError("an entry needs its recorder")
         if not events:
             return []
         if len(events) > MAX_BATCH:
             raise InvalidArgument.field("events", f"at most {MAX_BATCH} events, got {len(events)}")
-        violations: list[FieldViolation] = []
-        for index, event in enumerate(events):
-            try:
-                self.validate(event, f"events[{index}]")
-            except InvalidArgument as error:
-                violations += error.violations
-        if violations:
-            raise InvalidArgument(violations)
-        record_us = self._last_record_us = max(self._last_record_us, self._clock_us())
+        if fields is not None and len(fields) != len(events):
+            raise ValueError(f"{len(fields)} field names for {len(events)} events")
+        now_us = self._clock_us()
+        if not all(_valid(event, now_us) for event in events):
+            violations: list[FieldViolation] = []
+            for index, event in enumerate(events):
+                violations += self.violations(event, f"events[{index}]" if fields is None else fields[index])
+            if violations:
+                raise InvalidArgument(violations)
+        record_us = self._last_record_us = max(self._last_record_us, now_us)
         batch = [self._pending(event, recorder, record_us) for event in events]
         return await self._batcher.submit(batch)
 

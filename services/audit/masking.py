@@ -134,6 +134,15 @@ def _random_looking(text: str) -> bool:
 
 
 def _secret_run(run: str) -> bool:
+    if len(run) < 40 and run.lower() == run:
+        # no upper-case letter: no AWS key id, no base32 run; 40 hex digits and a random-looking part with two
+        # classes of characters need 40 characters (a part of the residual is never longer than the run)
+        return False
+    return _judged_secret(run)
+
+
+def _judged_secret(run: str) -> bool:
+    """`_secret_run` without its shortcut (the tests check the shortcut against it)."""
     if len(run) >= 20 and _AWS.search(run) is not None:
         return True
     residual = _IDS.sub(" ", run) if len(run) >= 26 else run
@@ -158,9 +167,13 @@ def _own_rules(text: str) -> str:
     for needle, pattern, replacement in _FIRST:
         if needle in text:
             text = pattern.sub(replacement, text)
-    if len(text) < 16 or _RUN.search(text) is None:
+    if len(text) < 16:
         return text
-    return _RUN.sub(_run, text)
+    # most texts have no secret run: changed (by the same matches) only if one is
+    for m in _RUN.finditer(text):
+        if _secret_run(m.group(0)):
+            return _RUN.sub(_run, text)
+    return text
 
 
 _CACHE_SIZE: Final = 8192

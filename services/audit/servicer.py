@@ -3,7 +3,7 @@
 The mesh's authorisation interceptor has already checked the caller against services/audit/policy.py; errors are
 DomainErrors (the kit maps them). What the servicer adds:
 - Append / AppendBatch: the recorder is the caller's SPIFFE ID (from its certificate, never from the request);
-  every event is validated before anything is appended, naming the field (`event.event_id`, in a batch
+  every event is validated (by the core, once) before anything is appended, naming the field (`event.event_id`, in a batch
   `events[i].event_id`, every bad event at once; `events` itself when empty or longer than MAX_BATCH); the answer
   comes only once the core has the events durable. An event id the recorder used before for another event is
   ALREADY_EXISTS (EVENT_ID_CONFLICT) naming the field; in a batch the others are recorded all the same (a retry
@@ -66,6 +66,13 @@ _MAX_SECONDS: Final = 253_402_300_799  # 9999-12-31T23:59:59Z
 _TOKEN_VERSION: Final = 1
 _TOKEN: Final = struct.Struct(">Bq8s")
 _TOKEN_CHARS: Final = (_TOKEN.size * 4 + 2) // 3  # unpadded base64url
+_EVENT: Final = ("event",)
+_BATCH_FIELDS: Final = tuple(f"events[{i}]" for i in range(MAX_BATCH))
+
+
+def _batch_fields(count: int) -> tuple[str, ...]:
+    """The field names of a batch's first `count` events (made once: not per call)."""
+    return _BATCH_FIELDS if count == MAX_BATCH else _BATCH_FIELDS[:count]
 
 
 def _timestamp(micros: int) -> timestamp_pb2.Timestamp:
@@ -171,23 +178,33 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
 
     # --- recording ---------------------------------------------------------------------------------------------
 
-    def _event(self, message: pb.Event, field: str) -> Event:
-        event = codec.event_from_proto(message, field)
-        self._log.validate(event, field)
-        return event
+    def _violations(self, messages: Sequence[pb.Event], field: str) -> list[FieldViolation]:
+        """Every bad field of `messages` (named `field[i]`), in order: what the model refuses (an unknown enum
+        value) and, for the events it accepts, what the core's validation refuses."""
+        violations: list[FieldViolation] = []
+        for index, message in enumerate(messages):
+            name = f"{field}[{index}]"
+            try:
+                violations += self._log.violations(codec.event_from_proto(message, name), name)
+            except InvalidArgument as error:
+                violations += error.violations
+        return violations
 
-    async def _append(self, events: Sequence[Event], context: Context) -> list[Appended | EventIdConflict]:
+    async def _append(
+        self, events: Sequence[Event], fields: Sequence[str], context: Context
+    ) -> list[Appended | EventIdConflict]:
+        """The core validates every event (naming it by `fields`) before any is appended."""
         recorder = peer_spiffe_id(context)
         if recorder is None:  # the mesh admits only callers with a SPIFFE ID: never here
             raise Unavailable("the caller has no workload identity", reason="NO_RECORDER")
         try:
-            return await self._log.append(events, recorder)
+            return await self._log.append(events, recorder, fields)
         except (BatcherFull, BatcherClosed) as error:
             raise Unavailable("the audit log is overloaded or stopping", reason="OVERLOADED") from error
 
     async def Append(self, request: pb.AppendRequest, context: Context) -> pb.AppendResponse:
-        event = self._event(request.event, "event")
-        (result,) = await self._append([event], context)
+        event = codec.event_from_proto(request.event, "event")
+        (result,) = await self._append([event], _EVENT, context)
         if isinstance(result, EventIdConflict):
             raise EventIdConflict(
                 "event.event_id: already recorded by this recorder for a different event",
@@ -197,20 +214,17 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
         return pb.AppendResponse(appended=appended_proto(result))
 
     async def AppendBatch(self, request: pb.AppendBatchRequest, context: Context) -> pb.AppendBatchResponse:
-        if not request.events:
+        messages = request.events
+        if not messages:
             raise InvalidArgument.field("events", "at least one event")
-        if len(request.events) > MAX_BATCH:
-            raise InvalidArgument.field("events", f"at most {MAX_BATCH} events, got {len(request.events)}")
-        events: list[Event] = []
-        violations: list[FieldViolation] = []
-        for index, message in enumerate(request.events):
-            try:
-                events.append(self._event(message, f"events[{index}]"))
-            except InvalidArgument as error:
-                violations += error.violations
-        if violations:
-            raise InvalidArgument(violations)
-        results = await self._append(events, context)
+        if len(messages) > MAX_BATCH:
+            raise InvalidArgument.field("events", f"at most {MAX_BATCH} events, got {len(messages)}")
+        fields = _batch_fields(len(messages))
+        try:
+            events = [codec.event_from_proto(m, name) for m, name in zip(messages, fields, strict=True)]
+        except InvalidArgument:  # name every bad field of every event, not only the first one's
+            raise InvalidArgument(self._violations(messages, "events")) from None
+        results = await self._append(events, fields, context)
         conflicts = [f"events[{i}].event_id" for i, r in enumerate(results) if isinstance(r, EventIdConflict)]
         annotate(events=len(events), conflicts=len(conflicts))
         if conflicts:

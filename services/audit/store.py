@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
 from services.audit import tree
-from services.audit.model import Appended, Checkpoint, Node, Pending, Query, StoredEntry
+from services.audit.model import Appended, Checkpoint, Pending, Query, StoredEntry
 from tradeguard.errors import AlreadyExists
 
 __all__ = [
@@ -178,7 +178,7 @@ class Existing:
 class AppendPlan:
     results: list[Appended | EventIdConflict]
     rows: list[tuple[int, Pending]]  # (sequence, pending) to insert, in order
-    nodes: list[Node]
+    nodes: list[tuple[int, int, bytes]]  # (level, index, hash) to insert, in order of creation
     size: int  # after the append
     frontier: dict[tuple[int, int], bytes]  # the right edge after the append
 
@@ -211,19 +211,22 @@ def plan_append(
 ) -> AppendPlan:
     """What appending `batch` to a log of `size` entries writes, given the right edge of its tree and the
     entries already appended under the batch's (recorder, event id)s (see the contract)."""
-    seen = dict(existing)
+    # (sequence, leaf hash, event digest) by (recorder, event id): before the batch, and as it goes
+    seen = {key: (e.sequence, e.leaf_hash, e.event_digest) for key, e in existing.items()}
     results: list[Appended | EventIdConflict] = []
     rows: list[tuple[int, Pending]] = []
+    sequence = size
     for pending in batch:
-        key = (pending.entry.recorder, pending.entry.event.event_id)
+        entry = pending.entry
+        key = (entry.recorder, entry.event.event_id)
         before = seen.get(key)
         if before is None:
-            sequence = size + len(rows)
-            seen[key] = Existing(sequence, pending.leaf_hash, pending.event_digest)
+            seen[key] = (sequence, pending.leaf_hash, pending.event_digest)
             rows.append((sequence, pending))
             results.append(Appended(sequence, pending.leaf_hash))
-        elif before.event_digest == pending.event_digest:
-            results.append(Appended(before.sequence, before.leaf_hash, created=False))
+            sequence += 1
+        elif before[2] == pending.event_digest:
+            results.append(Appended(before[0], before[1], created=False))
         else:
             results.append(
                 EventIdConflict(
@@ -231,12 +234,16 @@ def plan_append(
                     metadata={"event_id": key[1]},
                 )
             )
-    nodes = tree.new_nodes(
+    nodes, waiting = tree.grow(
         size, [p.leaf_hash for _, p in rows], lambda level, index: frontier[(level, index)]
     )
-    new_size = size + len(rows)
-    known = {**frontier, **{(n.level, n.index): n.hash for n in nodes}}
-    return AppendPlan(results, rows, nodes, new_size, {k: known[k] for k in tree.subtree_keys(0, new_size)})
+    # the new right edge: a node the batch completed (it covers a new leaf) waits at its level; the others are
+    # the old edge's
+    edge = {
+        (level, index): waiting[level] if (index + 1) << level > size else frontier[(level, index)]
+        for level, index in tree.subtree_keys(0, sequence)
+    }
+    return AppendPlan(results, rows, nodes, sequence, edge)
 
 
 def query_conditions(query: Query, placeholder: str) -> tuple[list[str], list[object]]:

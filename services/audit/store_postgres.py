@@ -442,16 +442,12 @@ class PostgresAuditStore:
                             await copy.write_row(entry_row(sequence, item))
                     async with conn.cursor() as cur, cur.copy(self.sql["copy_nodes"]) as copy:
                         for node in plan.nodes:
-                            await copy.write_row((node.level, node.index, node.hash))
+                            await copy.write_row(node)
             elif plan.rows:
                 columns = [
                     list(column) for column in zip(*(entry_row(q, p) for q, p in plan.rows), strict=True)
                 ]
-                nodes = (
-                    [n.level for n in plan.nodes],
-                    [n.index for n in plan.nodes],
-                    [n.hash for n in plan.nodes],
-                )
+                nodes = tuple(list(column) for column in zip(*plan.nodes, strict=True))
                 await conn.execute(self.sql["insert"], (*columns, *nodes))  # one statement: one transaction
         self._size, self._frontier = plan.size, plan.frontier
         return plan.results

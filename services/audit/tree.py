@@ -9,7 +9,8 @@ changes once its last leaf is appended, so these rows are written once, by INSER
 
 - `new_nodes(size, leaf_hashes, lookup)`: the nodes that appending `leaf_hashes` to a tree of `size` leaves
   completes, level 0 included, in order of creation; the left siblings outside the batch (which lie on the old
-  tree's right edge: the nodes of `subtree_keys(0, size)`) are read through `lookup(level, index)`.
+  tree's right edge: the nodes of `subtree_keys(0, size)`) are read through `lookup(level, index)`. `grow` is
+  the same as plain (level, index, hash) rows, with the new right edge's nodes that the batch created.
 - `subtree_keys(start, end)`: [start, end) as the fewest complete aligned subtrees, left to right. For
   [0, size) these are the right edge ("frontier") of a tree of `size` leaves: one per set bit of `size`.
 - `root_at(size, nodes)`, `inclusion_proof(index, size, nodes)`, `consistency_proof(size1, size2, nodes)`: RFC
@@ -34,6 +35,7 @@ __all__ = [
     "EMPTY_ROOT",
     "NodeReader",
     "consistency_proof",
+    "grow",
     "inclusion_proof",
     "new_nodes",
     "node_hash",
@@ -52,24 +54,36 @@ def node_hash(left: bytes, right: bytes) -> bytes:
     return hashlib.sha256(b"\x01" + left + right).digest()
 
 
-def new_nodes(size: int, leaf_hashes: Sequence[bytes], lookup: Callable[[int, int], bytes]) -> list[Node]:
-    """The complete subtrees that appending `leaf_hashes` to a tree of `size` leaves creates (see the module)."""
+def grow(
+    size: int, leaf_hashes: Sequence[bytes], lookup: Callable[[int, int], bytes]
+) -> tuple[list[tuple[int, int, bytes]], dict[int, bytes]]:
+    """`new_nodes` as (level, index, hash) rows, and the last node it created at each level that still awaits
+    its right sibling (level → hash): every node of the new right edge that the batch created is there (a node of
+    the right edge is a left child — even index — whose sibling does not exist yet). The append path's form:
+    plain tuples, one dict entry per level."""
     if size < 0:
         raise ValueError(f"size must not be negative, not {size}")
-    created: dict[tuple[int, int], bytes] = {}
-    out: list[Node] = []
-    for offset, leaf in enumerate(leaf_hashes):
-        level, index, value = 0, size + offset, leaf
-        while True:
-            created[(level, index)] = value
-            out.append(Node(level, index, value))
-            if index % 2 == 0:  # a left child: its parent is complete only once its right sibling exists
-                break
-            sibling = created.get((level, index - 1))
-            if sibling is None:
+    rows: list[tuple[int, int, bytes]] = []
+    add = rows.append
+    waiting: dict[int, bytes] = {}  # the nodes created at each level are consecutive: the last even one waits
+    sha256 = hashlib.sha256
+    for leaf_index, leaf in enumerate(leaf_hashes, start=size):
+        level, index, value = 0, leaf_index, leaf
+        add((0, index, value))
+        while index & 1:  # a right child: its parent is complete
+            sibling = waiting.pop(level, None)
+            if sibling is None:  # on the old tree's right edge
                 sibling = lookup(level, index - 1)
-            level, index, value = level + 1, index // 2, node_hash(sibling, value)
-    return out
+            value = sha256(b"\x01" + sibling + value).digest()
+            level, index = level + 1, index >> 1
+            add((level, index, value))
+        waiting[level] = value
+    return rows, waiting
+
+
+def new_nodes(size: int, leaf_hashes: Sequence[bytes], lookup: Callable[[int, int], bytes]) -> list[Node]:
+    """The complete subtrees that appending `leaf_hashes` to a tree of `size` leaves creates (see the module)."""
+    return [Node(level, index, value) for level, index, value in grow(size, leaf_hashes, lookup)[0]]
 
 
 def subtree_keys(start: int, end: int) -> list[tuple[int, int]]:

@@ -386,6 +386,12 @@ async def test_append_validates_every_event_and_appends_nothing_when_one_is_bad(
         await log.append([event(clock, f"x{i}") for i in range(1001)], RECORDER)
     assert [v.field for v in caught.value.violations] == ["events"]
     assert await log.append([], RECORDER) == []
+    with pytest.raises(InvalidArgument) as caught:  # named as the caller names them
+        await log.append([event(clock, "has space"), event(clock, "ok", latency_us=-1)], RECORDER, ("a", "b"))
+    assert [v.field for v in caught.value.violations] == ["a.event_id", "b.latency"]
+    with pytest.raises(ValueError, match="field names"):
+        await log.append([event(clock, "good")], RECORDER, ("a", "b"))
+    assert (store.appends, log.size) == (0, 0)
 
 
 async def test_record_times_never_go_back(

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from services.audit import masking
 from services.audit.masking import (
     MASK,
     MAX_DETAILS,
@@ -311,3 +312,28 @@ def test_a_secret_registered_after_an_answer_was_remembered_is_masked() -> None:
     finally:
         forget_secret(secret)
     assert mask_text(text) == text
+
+
+RUN_CHARS = st.sampled_from("abcdefghijklmnopqrstuvwxyz0123456789+/_-=ABCDEFGHIJKLMNOPQRSTUVWXYZ234567")
+
+
+@settings(max_examples=500)
+@given(st.text(RUN_CHARS, min_size=16, max_size=48), st.booleans())
+def test_the_runs_shortcut_never_lets_a_secret_pass(run: str, lower: bool) -> None:
+    """A run with no upper-case letter shorter than 40 characters is judged not secret without its checks: they
+    agree (also for runs that are random hex or lower-case base32/base64 and that end in a real id)."""
+    run = run.lower() if lower else run
+    assert masking._secret_run(run) == masking._judged_secret(run)
+    for tail in ("0123456789abcdef0123456789abcdef", "usr_" + "0123456789abcdefghjkmnpqrs"):
+        assert masking._secret_run(run + tail) == masking._judged_secret(run + tail)
+
+
+def test_short_lower_case_runs_are_judged_by_the_shortcut_as_the_rules_judge_them() -> None:
+    rng = random.Random(11)
+    hex39 = "".join(rng.choice("0123456789abcdef") for _ in range(39))
+    assert not masking._judged_secret(hex39) and not masking._secret_run(hex39)
+    hex40 = hex39 + "0"
+    assert masking._judged_secret(hex40) and masking._secret_run(hex40)  # 40 hex digits: masked
+    mixed = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(40))
+    assert masking._secret_run(mixed) == masking._judged_secret(mixed)
+    assert mask_text(f"id req-{hex39[:20]}-1 end") == f"id req-{hex39[:20]}-1 end"

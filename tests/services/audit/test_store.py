@@ -124,6 +124,29 @@ async def test_duplicates_within_one_batch(audit_store: AuditStore) -> None:
     assert await audit_store.size() == 2
 
 
+async def test_large_batches_of_two_recorders_and_their_retries(
+    audit_db: AuditDatabase, audit_store: AuditStore
+) -> None:
+    """Batches larger than one statement's rows (the SQLite store writes a batch in statements of up to 64 rows
+    and looks its event ids up 64 at a time): every row and node in place, in order, and a retry of all of them,
+    mixed with new events, answers each one's first entry."""
+    first = [pending(n, recorder=(TRADING, AUTH)[n % 2], event_id=f"big-{n // 2}") for n in range(150)]
+    assert created(await audit_store.append(first)) == list(range(150))
+    second = [pending(n) for n in range(150, 251)]
+    assert created(await audit_store.append(second)) == list(range(150, 251))
+    items = [*first, *second]
+    stored = await audit_store.entries(0, 300)
+    assert [(e.sequence, e.entry_bytes) for e in stored] == [(n, p.entry_bytes) for n, p in enumerate(items)]
+    expected = all_subtrees([p.leaf_hash for p in items])
+    assert audit_db.count("nodes") == len(expected)
+    assert await audit_store.nodes(sorted(expected)) == [expected[k] for k in sorted(expected)]
+    retry = [pending(n) for n in range(251, 281)] + items[::-1]
+    results = await audit_store.append(retry)
+    assert results[:30] == [Appended(251 + n, pending(251 + n).leaf_hash) for n in range(30)]
+    assert results[30:] == [Appended(n, items[n].leaf_hash, created=False) for n in reversed(range(251))]
+    assert await audit_store.size() == 281
+
+
 async def test_event_ids_are_per_recorder(audit_store: AuditStore) -> None:
     results = await audit_store.append(
         [pending(0, event_id="same"), pending(0, event_id="same", recorder=AUTH)]

@@ -237,6 +237,23 @@ def test_new_nodes_order_and_levels() -> None:
         tree.new_nodes(-1, LEAVES[:1], lambda level, index: b"")
 
 
+@pytest.mark.parametrize("batch", [1, 3, 7, 16])
+def test_grow_waits_with_every_node_of_the_new_right_edge_it_created(batch: int) -> None:
+    table = NodeTable()
+    for start in range(0, MAX_SIZE, batch):
+        added = LEAVES[start : start + batch]
+        rows, waiting = tree.grow(start, added, lambda level, index: table.rows[(level, index)])
+        assert [Node(*row) for row in rows] == tree.new_nodes(
+            start, added, lambda level, index: table.rows[(level, index)]
+        )
+        table.add([Node(*row) for row in rows])
+        end = start + len(added)
+        edge = all_subtrees(LEAVES[:end])
+        for level, index in tree.subtree_keys(0, end):
+            if (index + 1) << level > start:  # completed by this batch
+                assert waiting[level] == edge[(level, index)]
+
+
 def test_new_nodes_missing_sibling_raises() -> None:
     def lookup(level: int, index: int) -> bytes:
         raise KeyError((level, index))
