@@ -39,8 +39,7 @@ import redis.asyncio as aioredis
 from bench.guard import Layout, rss_mib, serving
 from bench.loadgen import Call, Result, closed_loop, free_port, load_arguments, process_cpu_s, tmpfs
 from bench.mesh import dev_pki
-from services.ratelimit.counters import counter_key
-from services.ratelimit.counters_redis import EVALUATE, script_arguments
+from services.ratelimit.counters_redis import EVALUATE, script_call
 from services.ratelimit.limits_file import parse_limits
 from services.ratelimit.model import Charge, Evaluation
 from tradeguard.batching import Batcher, Outcome
@@ -88,8 +87,7 @@ def script_calls(client: aioredis.Redis, run: str) -> Call:
 
     async def call(i: int) -> object:
         evaluation = Evaluation(f"bench-{run}-{i % 64}", charges)
-        keys = [counter_key(evaluation.subject, c.limit) for c in charges]
-        reply = await EVALUATE(client, keys, script_arguments(evaluation, 0))
+        (reply,) = await EVALUATE(client, *script_call([evaluation], 0))
         assert reply[0] == 1
         return reply
 

@@ -26,7 +26,7 @@ from redis.crc import key_slot
 
 from services.ratelimit.counters import Counters, counter_key
 from services.ratelimit.counters_memory import MemoryCounters
-from services.ratelimit.counters_redis import EVALUATE, RedisCounters
+from services.ratelimit.counters_redis import EVALUATE, SCRIPT_BATCH, RedisCounters
 from services.ratelimit.model import Counted, Evaluation, StoreUnavailable
 from tests.services.ratelimit.conftest import (
     DAY_US,
@@ -548,6 +548,27 @@ async def test_an_evaluation_reads_each_counter_once_and_writes_only_what_change
 
 
 _SCRIPT_COMMANDS = {"evalsha", "get", "set", "setrange", "pexpire", "del", "time"}
+
+
+async def test_a_batch_goes_to_redis_as_one_script_call_per_chunk_in_order(
+    own_redis: list[RedisServer], clock: FakeClock
+) -> None:
+    """A batch is one EVALSHA per SCRIPT_BATCH evaluations (not one per evaluation), and its evaluations still run
+    one after another, each seeing what the ones before it counted, and answer in their places."""
+    counters = await RedisCounters.open(RedisConfig.from_url(own_url(own_redis[0])))
+    per_hour = limit(1000, 3600, name="hour", buckets=4)
+    try:
+        t = clock()
+        await one(counters, "warm-up", per_hour, now_us=t)  # the script loaded
+        await counters.client.config_resetstat()
+        size = 2 * SCRIPT_BATCH + 22
+        batch = [evaluation(f"s{i % 3}", per_hour) for i in range(size)]
+        results = [counted(r) for r in await counters.evaluate(batch, t + 1)]
+        assert [r.counts[0].counted for r in results] == [i // 3 + 1 for i in range(size)]
+        stats = await counters.client.info("commandstats")
+        assert int(stats["cmdstat_evalsha"]["calls"]) == 3
+    finally:
+        await counters.close()
 
 
 async def test_redis_stopped_mid_run_is_unavailable_promptly_and_served_again_once_back(
