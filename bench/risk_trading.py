@@ -9,17 +9,22 @@ and bench/full_chain.py measures it), each call acting for one fixed principal. 
   none   the core with no pre-trade controls at all (as before issue 10): validation and the insert
   kill   the kill switch only (TRADEGUARD_TRADING_RISK=0), none engaged: the store's admission (the switches
          re-checked under the store's lock, the order's notional kept) — what every order pays for the kill switch
-  risk   every check on (the default): the idempotency lookup before the checks, the risk engine (throttle,
-         restricted symbols, maximum quantity, price collar around a reference price, maximum notional, duplicate
-         detection) and the credit limit on the account's open notional inside the insert transaction. Every order
-         passes every check (the limits are wide, each order is distinct), so each check does its whole work.
+  risk   every check on (the default): the risk engine (throttle, restricted symbols, maximum quantity, price
+         collar around a reference price, maximum notional, duplicate detection) and the credit limit on the
+         account's open notional inside the insert transaction (the idempotency lookup is the insert's own: a
+         separate lookup is made only when a control refuses). Every order passes every check (the limits are
+         wide, each order is distinct), so each check does its whole work.
 
 Each server has its own SQLite database on tmpfs (/dev/shm) where there is one (the same code path commits; the
 disk's fsync latency is left out: bench/trading_store.py measures durable commits), and polls it for control
 changes every 200 ms as the service does. Rounds rotate the order of the servers so that drift hits all alike.
-Printed: each round's throughput and CPU per call (client and server), then the medians of the ratios to `none`.
+Each round measures every mode twice: saturated (closed loop, `--concurrency` callers: throughput and CPU per
+call, client and server) and at a fixed arrival rate (open loop, `--rate` calls/s, 0: not measured: the server's
+CPU per call under the same load for every mode, so that what the controls add is not mixed with how a
+saturated server batches its work: at a low rate nothing is batched, and each call pays the whole path).
+Printed: each round's figures, then the medians of the ratios to `none` (and of the server µs per call added).
 
-    python -m bench.risk_trading [--concurrency 32] [--duration 5] [--rounds 5]
+    python -m bench.risk_trading [--concurrency 32] [--duration 5] [--rounds 5] [--rate 400]
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import tradeguard  # noqa: F401  (first: grpc must load with the TLS 1.3-only se
 
 import argparse
 import asyncio
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -39,6 +45,7 @@ from pathlib import Path
 from bench.loadgen import (
     Result,
     closed_loop,
+    fixed_rate_server_cpu,
     free_port,
     load_arguments,
     median_cpu_ratio,
@@ -103,9 +110,12 @@ async def ready(stub: trading_pb2_grpc.TradingServiceAsyncStub) -> None:
     await until_answered(lambda: stub.ListOrders(trading_pb2.ListOrdersRequest(), timeout=1), "server")
 
 
-def caller(stub: trading_pb2_grpc.TradingServiceAsyncStub, tag: str) -> Callable[[int], Awaitable[object]]:
+def caller(
+    stub: trading_pb2_grpc.TradingServiceAsyncStub, tag: str, first: int = 0
+) -> Callable[[int], Awaitable[object]]:
     async def call(i: int) -> object:
-        # distinct orders (never duplicates), every one inside the collar and under every limit
+        # distinct orders (never duplicates: each run of a round its own prices from `first` on), every one
+        # inside the collar and under every limit
         return await stub.PlaceOrder(
             trading_pb2.PlaceOrderRequest(
                 client_order_id=f"{tag}-{i}",
@@ -113,7 +123,7 @@ def caller(stub: trading_pb2_grpc.TradingServiceAsyncStub, tag: str) -> Callable
                 side=trading_pb2.SIDE_BUY,
                 type=trading_pb2.ORDER_TYPE_LIMIT,
                 quantity="0.01",
-                price=f"64000.{i:08d}",
+                price=f"64000.{first + i:08d}",
             ),
             timeout=10,
         )
@@ -121,7 +131,7 @@ def caller(stub: trading_pb2_grpc.TradingServiceAsyncStub, tag: str) -> Callable
     return call
 
 
-async def run(concurrency: int, duration: float, rounds: int) -> None:
+async def run(concurrency: int, duration: float, rounds: int, rate: int) -> None:
     with tempfile.TemporaryDirectory(dir=tmpfs()) as tmp:
         home = Path(tmp)
         paths = dev_pki(home, ("trading", "ops"))
@@ -136,6 +146,7 @@ async def run(concurrency: int, duration: float, rounds: int) -> None:
             for stub in stubs.values():
                 await ready(stub)
             results: dict[str, list[Result]] = {mode: [] for mode in MODES}
+            fixed_us: dict[str, list[float]] = {mode: [] for mode in MODES}
             print(
                 f"PlaceOrder, {concurrency} concurrent callers, {duration:.0f} s per round, {rounds} rounds; "
                 "the service's handler and store, mTLS, no interceptors, SQLite on tmpfs"
@@ -151,7 +162,17 @@ async def run(concurrency: int, duration: float, rounds: int) -> None:
                     if res.errors:
                         raise RuntimeError(f"{mode}: {res.errors} calls failed: every order should pass")
                     results[mode].append(res)
-                    print(res.line(f"round {r + 1} {mode}"))
+                    line = res.line(f"round {r + 1} {mode}")
+                    if rate:
+                        fixed = await fixed_rate_server_cpu(
+                            caller(stubs[mode], f"{mode}{r}f", 50_000_000),
+                            procs[mode].pid,
+                            rate,
+                            min(duration, 3.0),
+                        )
+                        fixed_us[mode].append(fixed)
+                        line += f"   server at {rate}/s {fixed:5.0f} us/call"
+                    print(line)
             print("\nthroughput against `none` (median of rounds):")
             for mode in ("kill", "risk"):
                 ratio = median_ratio(results[mode], results["none"])
@@ -164,6 +185,18 @@ async def run(concurrency: int, duration: float, rounds: int) -> None:
             for mode in ("kill", "risk"):
                 cpu = median_cpu_ratio(results[mode], results["none"])
                 print(f"  {mode:<5} {cpu:.3f}  -> costs {(cpu - 1) * 100:5.1f} %")
+            if rate:
+                print(f"server CPU per call at {rate} calls/s, against `none` (median of rounds):")
+                for mode in ("kill", "risk"):
+                    ratio = statistics.median(
+                        a / b for a, b in zip(fixed_us[mode], fixed_us["none"], strict=True)
+                    )
+                    added = statistics.median(
+                        a - b for a, b in zip(fixed_us[mode], fixed_us["none"], strict=True)
+                    )
+                    print(
+                        f"  {mode:<5} {ratio:.3f}  -> costs {(ratio - 1) * 100:5.1f} %  ({added:+.0f} us per call)"
+                    )
             for channel in channels.values():
                 await channel.close(None)
         finally:
@@ -174,6 +207,12 @@ async def run(concurrency: int, duration: float, rounds: int) -> None:
 
 def main() -> None:
     parser = load_arguments(__doc__, rounds=5)
+    parser.add_argument(
+        "--rate",
+        type=int,
+        default=400,
+        help="calls/s of the fixed-rate round per mode (default 400; 0: none)",
+    )
     parser.add_argument("--serve", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--db", help=argparse.SUPPRESS)
@@ -183,7 +222,7 @@ def main() -> None:
     if args.serve:
         asyncio.run(serve(args.serve, args.port, args.db, args.home, args.risk_file))
     else:
-        asyncio.run(run(args.concurrency, args.duration, args.rounds))
+        asyncio.run(run(args.concurrency, args.duration, args.rounds, args.rate))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
 """The trading core: idempotent placement, cancellation and paging (validation: services/trading/validation.py,
 whose names are re-exported here).
 
-With `controls` (services/trading/controls.py), placing an order is, in this order: the idempotency lookup (a
-retry of a placed order returns it: never re-checked, never a duplicate, never throttled twice) → the kill
-switch (in memory) → the risk checks (`RiskEngine.check`, credit left to the store) → the store's insert
-transaction, which under its lock re-checks the kill switch and runs the credit check on the account's open
-notional (`Admission`). If anything fails after the risk checks passed, the engine forgets the order
-(`discard`), so a corrected order is not taken for its duplicate. With the risk checks off and no switch engaged
-(as last read) nothing before the store could refuse a retry, so the lookup is left to the store's insert.
+With `controls` (services/trading/controls.py), placing an order is, in this order: the kill switch (in memory)
+→ the risk checks (`RiskEngine.check`, credit left to the store) → the store's insert transaction, which finds
+an order already placed under the same client_order_id (a retry: that order is returned, never admitted again)
+and otherwise, under its lock, re-checks the kill switch and runs the credit check on the account's open
+notional (`Admission`). The idempotency lookup comes after the checks, not before them: made only when the kill
+switch or a check refuses (a retry of a placed order then gets that order back, whatever the switches, limits
+or prices now say), else left to the insert. A retry's message is taken back from the engine (`retract`), so
+it is never a message twice (nor a duplicate: the engine knows its client_order_id). If the order is not placed
+after the risk checks passed (refused in the store, or its client_order_id another order's), the engine forgets
+the record it made of it (`discard`), so a corrected order is not taken for its duplicate. With the risk checks
+off, the same holds with nothing to take back (the lookup first only while a switch is engaged, as last read).
 
 Pure: no grpc, no protobuf, no I/O of its own. Time and order ids are injected; storage is an `OrderStore`.
 Quantities and prices are `Decimal`, parsed only from plain decimal strings and kept in canonical form.
@@ -23,9 +27,10 @@ import secrets
 import time
 from collections.abc import Callable
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from services.trading.errors import (
+    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     client_order_id_reused,
@@ -39,7 +44,9 @@ from services.trading.model import (
     Order,
     OrderLimits,
     OrderStatus,
+    OrderType,
     PageCursor,
+    Side,
 )
 from services.trading.validation import (
     DEFAULT_LIMITS,
@@ -53,7 +60,7 @@ from services.trading.validation import (
     validate_account_id,
 )
 from tradeguard.risk.model import OrderType as RiskOrderType
-from tradeguard.risk.model import RiskOrder
+from tradeguard.risk.model import RiskOrder, RiskRejected
 from tradeguard.risk.model import Side as RiskSide
 
 __all__ = [
@@ -74,9 +81,12 @@ __all__ = [
 if TYPE_CHECKING:
     from services.trading.controls import TradingControls
     from services.trading.store import OrderStore
+    from tradeguard.risk.checks import RiskEngine
 
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_RISK_SIDES: Final = {side: RiskSide(int(side)) for side in Side}
+_RISK_TYPES: Final = {kind: RiskOrderType(int(kind)) for kind in OrderType}
 DEFAULT_PAGE_SIZE = 50
 _CANCEL_ATTEMPTS = 3
 MAX_PAGE_SIZE = 500
@@ -187,34 +197,58 @@ class TradingCore:
                     return self._settle(existing, False, new)
                 controls.kill_check(new.account_id, api_key_id, new.symbol)
             return await self._insert(new, Admission(notional, api_key_id, admit))
-        existing = await self._store.find(new.account_id, new.client_order_id)
-        if existing is not None:
-            return self._settle(existing, False, new)
-        controls.kill_check(new.account_id, api_key_id, new.symbol)
+        return await self._place_checked(new, api_key_id, controls, engine)
+
+    async def _place_checked(
+        self, new: NewOrder, api_key_id: str, controls: TradingControls, engine: RiskEngine
+    ) -> tuple[Order, bool]:
+        """Every control on, the checks before the idempotency lookup (see the module)."""
         risk_order = RiskOrder(
-            account_id=new.account_id,
-            api_key_id=api_key_id,
-            client_order_id=new.client_order_id,
-            symbol=new.symbol,
-            side=RiskSide(int(new.side)),
-            type=RiskOrderType(int(new.type)),
-            quantity=new.quantity,
-            price=new.price,
+            new.account_id,
+            api_key_id,
+            new.client_order_id,
+            new.symbol,
+            _RISK_SIDES[new.side],
+            _RISK_TYPES[new.type],
+            new.quantity,
+            new.price,
         )
-        checked = engine.check(risk_order, None)
+        now = self._clock_us()
+        try:
+            if controls.switches:
+                controls.kill_check(new.account_id, api_key_id, new.symbol)
+            checked = engine.check(risk_order, None, now_us=now)
+        except FailedPrecondition as refusal:
+            # Refused: unless it is a retry of a placed order, which gets that order back (and takes nothing)
+            existing = await self._store.find(new.account_id, new.client_order_id)
+            if existing is None:
+                raise
+            if isinstance(refusal, RiskRejected):
+                engine.retract(risk_order, now, refusal)
+            return self._settle(existing, False, new)
 
         def admit_checked(covering: list[tuple[KillScope, str]], open_notional: Decimal) -> None:
-            controls.refuse_if_covered(covering)
+            if covering:
+                controls.refuse_if_covered(covering)
             engine.check_credit(risk_order, checked, open_notional)
 
         try:
-            order, replayed = await self._insert(new, Admission(checked, api_key_id, admit_checked))
+            stored, created = await self._insert_new(new, Admission(checked, api_key_id, admit_checked))
         except BaseException:
-            engine.discard(risk_order)
+            engine.discard(risk_order, now)
             raise
-        return order, replayed
+        if not created:  # the store's insert found the order placed before: a retry, or a reused id
+            engine.retract(risk_order, now)
+            if not stored.same_request(new):
+                engine.discard(risk_order, now)
+        return self._settle(stored, created, new)
 
     async def _insert(self, new: NewOrder, admission: Admission | None) -> tuple[Order, bool]:
+        stored, created = await self._insert_new(new, admission)
+        return self._settle(stored, created, new)
+
+    async def _insert_new(self, new: NewOrder, admission: Admission | None) -> tuple[Order, bool]:
+        """The store's insert: (the order stored, whether this call created it)."""
         now = self._clock_us()
         candidate = Order(
             order_id=self._new_order_id(),
@@ -230,8 +264,7 @@ class TradingCore:
             create_time_us=now,
             update_time_us=now,
         )
-        stored, created = await self._store.insert_if_absent(candidate, admission)
-        return self._settle(stored, created, new)
+        return await self._store.insert_if_absent(candidate, admission)
 
     @staticmethod
     def _settle(stored: Order, created: bool, new: NewOrder) -> tuple[Order, bool]:

@@ -6,13 +6,16 @@ transaction is being written, the next writes queue up and then go together in o
 own SAVEPOINT (a failing write rolls back only itself); a lone write goes at once. A caller is answered only
 after the COMMIT that includes its write returned. A write whose batch has started runs to COMMIT or ROLLBACK
 on that thread even if its caller is cancelled: nothing is ever half-written.
-Reads run on the same thread, between transactions; but the idempotency lookup that precedes every new order
-(`find`) has a connection and thread of its own, so that it does not wait behind the write batches (WAL: a
-reader sees the last commit and never blocks a writer).
+Reads run on the same thread, between transactions; but the idempotency lookup (`find`: made when a control
+refused a new order, to answer a retry of a placed one) has a connection and thread of its own, so that it does
+not wait behind the write batches (WAL: a reader sees the last commit and never blocks a writer).
 
 Decimals are TEXT (exact); an account's open notional (account_exposure) is added to and taken from in Python as
-`Decimal`s, never by SQLite's arithmetic (floating point). The control lock of services/trading/store.py is BEGIN
-IMMEDIATE.
+`Decimal`s in a 200-digit context (exact: the default one keeps 28 digits), never by SQLite's arithmetic
+(floating point). The control lock of services/trading/store.py is BEGIN IMMEDIATE. An admitted insert is three
+statements: the INSERT, whose RETURNING also reads the account's open notional and whether an engaged switch
+covers the order (the switches themselves are read only then), the order's event, and its notional added to the
+account's.
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from services.trading.store import (
     switch_from_row,
     to_decimal,
 )
+from services.trading.validation import EXACT
 from tradeguard.batching import DEFAULT_MAX_BATCH, Batcher, Outcome
 from tradeguard.storage.migrations import Migration
 from tradeguard.storage.sqlite import SqliteWorker
@@ -53,6 +57,7 @@ __all__ = ["MIGRATIONS", "SqliteOrderStore"]
 T = TypeVar("T")
 Work = Callable[[sqlite3.Connection], object]
 
+_add = EXACT.add  # open notionals summed exactly (the default context keeps 28 digits and rounds the rest)
 _COLS = ", ".join(ORDER_COLUMNS)
 _PLACEHOLDERS = ", ".join("?" for _ in ORDER_COLUMNS)
 
@@ -123,7 +128,7 @@ _V2 = (
 def _backfill_exposure(conn: sqlite3.Connection) -> None:
     totals: dict[str, Decimal] = {}
     for account, notional in conn.execute(_OPEN_NOTIONALS_ALL):
-        totals[account] = totals.get(account, Decimal(0)) + Decimal(notional)
+        totals[account] = _add(totals.get(account, Decimal(0)), Decimal(notional))
     conn.executemany(
         "INSERT INTO account_exposure (account_id, open_notional) VALUES (?, ?)",
         [(account, format_decimal(total)) for account, total in totals.items()],
@@ -155,16 +160,20 @@ _TRANSITION = (
     f"WHERE account_id = ? AND order_id = ? AND status = ? RETURNING {_COLS}"
 )
 _SWITCH_COLS = ", ".join(SWITCH_COLUMNS)
+# the engaged switches that cover an order (account, API key, symbol)
+_SWITCHES_COVERING = (
+    "kill_switches WHERE released_at_us IS NULL AND (scope = 1 "
+    "OR (scope = 2 AND value = ?) OR (scope = 3 AND value = ?) OR (scope = 4 AND value = ?))"
+)
+# the admitted insert, returning with the row (one statement) the account's open notional and whether any engaged
+# switch covers the order (their scopes and values are read only then: _COVERING)
 _INSERT_ADMITTED = (
     f"INSERT INTO orders ({_COLS}, notional, api_key_id) "  # noqa: S608 - constant column names
-    f"VALUES ({_PLACEHOLDERS}, ?, ?) ON CONFLICT (account_id, client_order_id) DO NOTHING RETURNING {_COLS}"
+    f"VALUES ({_PLACEHOLDERS}, ?, ?) ON CONFLICT (account_id, client_order_id) DO NOTHING RETURNING {_COLS}, "
+    "(SELECT open_notional FROM account_exposure WHERE account_id = ?), "
+    f"EXISTS (SELECT 1 FROM {_SWITCHES_COVERING})"
 )
-# the engaged switches covering an order, then (scope 0) the account's open notional: one statement
-_COVERING = (
-    "SELECT scope, value FROM kill_switches WHERE released_at_us IS NULL AND (scope = 1 "
-    "OR (scope = 2 AND value = ?) OR (scope = 3 AND value = ?) OR (scope = 4 AND value = ?)) "
-    "UNION ALL SELECT 0, coalesce((SELECT open_notional FROM account_exposure WHERE account_id = ?), '0')"
-)
+_COVERING = f"SELECT scope, value FROM {_SWITCHES_COVERING}"  # noqa: S608 - constant
 _EXPOSURE = "SELECT open_notional FROM account_exposure WHERE account_id = ?"
 _SET_EXPOSURE = (
     "INSERT INTO account_exposure (account_id, open_notional) VALUES (?, ?) "
@@ -186,7 +195,7 @@ def _exposure(conn: sqlite3.Connection, account_id: str) -> Decimal:
 
 
 def _add_exposure(conn: sqlite3.Connection, account_id: str, delta: Decimal) -> None:
-    conn.execute(_SET_EXPOSURE, (account_id, format_decimal(_exposure(conn, account_id) + delta)))
+    conn.execute(_SET_EXPOSURE, (account_id, format_decimal(_add(_exposure(conn, account_id), delta))))
 
 
 _ENGAGED = f"SELECT {_SWITCH_COLS} FROM kill_switches WHERE released_at_us IS NULL"  # noqa: S608
@@ -278,27 +287,32 @@ class SqliteOrderStore:
         covering switches and the account's open notional read and `admit` called; its refusal rolls the insert
         back with the rest of this write (its savepoint, or its transaction). BEGIN IMMEDIATE is the lock."""
         notional = admission.notional
-        params = (*row, None if notional is None else format_decimal(notional), admission.api_key_id)
         account = order.account_id
+        scope_values = (account, admission.api_key_id, order.symbol)
+        params = (
+            *row,
+            None if notional is None else format_decimal(notional),
+            admission.api_key_id,
+            account,
+            *scope_values,
+        )
 
         def work(conn: sqlite3.Connection) -> tuple[Order, bool]:
-            inserted = conn.execute(_INSERT_ADMITTED, params).fetchall()
-            if not inserted:
+            inserted = conn.execute(_INSERT_ADMITTED, params).fetchone()
+            if inserted is None:
                 return _existing(conn, order), False
-            covering: list[tuple[KillScope, str]] = []
-            exposure = Decimal(0)
-            for scope, value in conn.execute(
-                _COVERING, (account, admission.api_key_id, order.symbol, account)
-            ):
-                if scope:
-                    covering.append((KillScope(scope), value))
-                else:
-                    exposure = Decimal(value)
+            *columns, open_notional, covered = inserted
+            covering: list[tuple[KillScope, str]] = (
+                [(KillScope(scope), value) for scope, value in conn.execute(_COVERING, scope_values)]
+                if covered
+                else []
+            )
+            exposure = Decimal(0) if open_notional is None else Decimal(open_notional)
             admission.admit(covering, exposure)
             conn.execute(_EVENT, (order.order_id, int(order.status), order.create_time_us))
             if notional is not None and order.status is OrderStatus.OPEN:
-                conn.execute(_SET_EXPOSURE, (account, format_decimal(exposure + notional)))
-            return order_from_row(inserted[0]), True
+                conn.execute(_SET_EXPOSURE, (account, format_decimal(_add(exposure, notional))))
+            return order_from_row(tuple(columns)), True
 
         return work
 
@@ -355,7 +369,7 @@ class SqliteOrderStore:
             released: dict[str, Decimal] = {}
             for _, account, notional in cancelled:
                 if notional is not None:
-                    released[account] = released.get(account, Decimal(0)) + Decimal(notional)
+                    released[account] = _add(released.get(account, Decimal(0)), Decimal(notional))
             for account, total in released.items():
                 _add_exposure(conn, account, -total)
             conn.execute(_BUMP)

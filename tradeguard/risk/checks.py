@@ -26,13 +26,17 @@ market order; None for a market order when no limit needs it). The checks, in or
 Decimal arithmetic uses a private context of 200 digits: products and sums of order-sized values are exact, so
 a boundary is never decided by rounding.
 
-Idempotent retries. The trading core consults its idempotency record (client_order_id) FIRST and calls `check`
-only for an order it has not placed: a replay never reaches the engine, so it is never a duplicate nor a
-throttled message twice. Should a retry with the same client_order_id reach the engine anyway (the first attempt
-passed `check` but was not stored), it is not a duplicate: the record of the same client_order_id is excluded.
-When an order passed `check` but was then not placed (the store refused it, the credit check in the store
-transaction failed), call `discard(order)` so that a corrected order under a new client_order_id is not taken
-for a duplicate of it.
+Idempotent retries. A retry with the same client_order_id is never a duplicate: the record of the same
+client_order_id is excluded (and left as it was: a retry within the window does not move it). A caller that
+runs `check` before its idempotency lookup (the trading core does: it looks up only when a check refuses, and
+otherwise lets the store's insert find the placed order) learns only afterwards that the order was a retry of
+one already placed; it then calls `retract(order, now_us)` with the time it passed to `check`, which takes back
+the message that check counted, so that a replay is never a message twice. Until then the retry holds one place
+in the account's throttle: fail closed, never a message more than the limit. When an order passed `check` but
+was then not placed (the store refused it, the credit check in the store transaction failed, or its
+client_order_id turned out to be another order's), call `discard(order, now_us)` so that a corrected order under
+a new client_order_id is not taken for a duplicate of it (with `now_us`, only the record that check made goes: a
+retry's record is the placed order's).
 
 Credit (two trading instances on one PostgreSQL). The credit check is `credit_check(limit, open_notional,
 notional)`: pure. Its input must be exact at the moment of the insert, so a store computes `open_notional` (the
@@ -60,6 +64,7 @@ Not thread-safe: call it from one event loop (every call is synchronous and shor
 
 from __future__ import annotations
 
+import contextlib
 import decimal
 from collections import OrderedDict, deque
 from collections.abc import Callable
@@ -132,11 +137,14 @@ class RiskEngine:
 
     # --- the checks ---------------------------------------------------------------------------------------
 
-    def check(self, order: RiskOrder, open_notional: Decimal | None = None) -> Decimal | None:
-        """Every check on a new order (see the module); its notional, or `RiskRejected`."""
+    def check(
+        self, order: RiskOrder, open_notional: Decimal | None = None, *, now_us: int | None = None
+    ) -> Decimal | None:
+        """Every check on a new order (see the module) at `now_us` (default: the engine's clock); its notional,
+        or `RiskRejected`."""
         config = self._config()
         limits = config.accounts.get(order.account_id, config.defaults)
-        now = self._clock_us()
+        now = self._clock_us() if now_us is None else now_us
         if limits.throttle is not None:
             self._throttle(order, limits.throttle, now)
         if order.symbol in limits.restricted_symbols:
@@ -168,19 +176,36 @@ class RiskEngine:
     def check_credit(self, order: RiskOrder, notional: Decimal | None, open_notional: Decimal) -> None:
         """The credit check alone, with the account's limit in force: for the store's transaction (see the
         module). `notional` is what `check` returned (None only when no notional limit applied)."""
-        limits = self.limits_for(order.account_id)
         if notional is not None:
+            config = self._config()
+            limits = config.accounts.get(order.account_id, config.defaults)
             credit_check(limits.credit_limit, open_notional, notional, order)
 
     def limits_for(self, account_id: str) -> AccountLimits:
         return self._config().limits_for(account_id)
 
-    def discard(self, order: RiskOrder) -> None:
-        """Forget that `order` was accepted (it was not placed after all): see the module."""
+    def discard(self, order: RiskOrder, now_us: int | None = None) -> None:
+        """Forget that `order` was accepted (it was not placed after all): see the module. With `now_us`, only
+        if `check(order, now_us=now_us)` made the record (a retry's record is the order placed before)."""
         key = _digest(order)
         record = self._accepted.get(key)
-        if record is not None and record[1] == order.client_order_id:
+        if (
+            record is not None
+            and record[1] == order.client_order_id
+            and (now_us is None or record[0] == now_us)
+        ):
             del self._accepted[key]
+
+    def retract(self, order: RiskOrder, now_us: int, refused: RiskRejected | None = None) -> None:
+        """Take back the message `check(order, now_us=now_us)` counted, the order having turned out to be a
+        retry of one already placed (see the module). `refused`: that check's rejection, if it refused the
+        order (a throttled order was never counted)."""
+        if refused is not None and refused.check is RiskCheck.MESSAGE_THROTTLE:
+            return
+        times = self._messages.get(order.account_id)
+        if times is not None:
+            with contextlib.suppress(ValueError):  # gone already (the account evicted)
+                times.remove(now_us)
 
     # --- the stateful checks ------------------------------------------------------------------------------
 
@@ -229,7 +254,9 @@ class RiskEngine:
         record = accepted.get(key)
         if record is not None:
             age = now - record[0]
-            if age < window_us and record[1] != order.client_order_id:
+            if age < window_us:
+                if record[1] == order.client_order_id:
+                    return  # a retry: its record stays as it was
                 raise RiskRejected(
                     RiskCheck.DUPLICATE_ORDER,
                     order,

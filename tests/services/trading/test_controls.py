@@ -120,7 +120,9 @@ async def test_each_check_refuses_through_the_core(store: OrderStore, clock: Fak
     assert duplicate.value.reason == "RISK_DUPLICATE_ORDER"
 
 
-async def test_a_retry_is_never_rechecked_nor_a_duplicate(store: OrderStore, clock: FakeClock) -> None:
+async def test_a_retry_is_answered_even_in_a_halt_and_never_a_duplicate(
+    store: OrderStore, clock: FakeClock
+) -> None:
     core = instance(store, clock)
     first, replayed = await core.place(new("r-1"))
     assert not replayed
@@ -131,6 +133,44 @@ async def test_a_retry_is_never_rechecked_nor_a_duplicate(store: OrderStore, clo
         again, replayed = await core.place(new("r-1"))
         assert replayed and again.order_id == first.order_id
     assert len(await store.list("acct-1", 10, None)) == 1
+
+
+THROTTLED = RISK.replace("throttle: {messages: 1000, window: 1s}", "throttle: {messages: 2, window: 1s}")
+
+
+async def test_a_retry_takes_no_place_in_the_throttle(store: OrderStore, clock: FakeClock) -> None:
+    """The checks come before the idempotency lookup: a retry that passes them is found by the store's insert,
+    one they refuse by the lookup after the refusal; either way it gets its order and its message is taken
+    back (a throttled one never counted)."""
+    core = instance(store, clock, text=THROTTLED)
+    first, _ = await core.place(new("r-1"))
+    for _ in range(3):
+        again, replayed = await core.place(new("r-1"))
+        assert replayed and again.order_id == first.order_id
+    await controls_of(core).set_price("BTC-USD", Decimal(200))  # 100 is now outside the collar
+    again, replayed = await core.place(new("r-1"))
+    assert replayed and again.order_id == first.order_id
+    await core.place(new("r-2", price=Decimal(200)))  # the second message of the window
+    for coid in ("r-3", "r-4"):
+        with pytest.raises(RiskRejected) as refused:
+            await core.place(new(coid, price=Decimal(201)))
+        assert refused.value.reason == "RISK_MESSAGE_THROTTLE"
+        again, replayed = await core.place(new("r-1"))  # throttled, and still answered
+        assert replayed and again.order_id == first.order_id
+    assert len(await store.list("acct-1", 10, None)) == 2
+
+
+async def test_a_reused_client_order_id_takes_nothing_from_the_checks(
+    store: OrderStore, clock: FakeClock
+) -> None:
+    """Another order under a placed client_order_id passes the checks and is refused by the store's insert: it
+    is neither a message nor the original of a duplicate."""
+    core = instance(store, clock, text=THROTTLED)
+    await core.place(new("r-1"))
+    with pytest.raises(AlreadyExists):
+        await core.place(new("r-1", quantity=Decimal(2)))
+    placed, replayed = await core.place(new("r-2", quantity=Decimal(2)))
+    assert placed.status is OrderStatus.OPEN and not replayed
 
 
 async def test_an_order_refused_in_the_store_is_forgotten_by_the_engine(

@@ -654,6 +654,19 @@ async def test_an_admission_sees_the_open_notional_and_covering_switches(
     assert [covering for covering, _ in seen] == [[(KillScope.SYMBOL, "BTC-USD")], []]
 
 
+async def test_the_open_notional_is_kept_exactly_beyond_28_digits(
+    store: OrderStore, make_order: Callable[..., Order]
+) -> None:
+    seen: list[tuple[list[tuple[KillScope, str]], Decimal]] = []
+    for i, notional in enumerate(["1000000000000", "0.0000000000000001", "0"], start=1):
+        order = make_order(order_id=oid(i), client_order_id=f"x{i}")
+        await store.insert_if_absent(order, admission(seen, Decimal(notional)))
+    assert [total for _, total in seen] == [0, Decimal("1e12"), Decimal("1000000000000.0000000000000001")]
+    await store.transition("acct-1", oid(1), OrderStatus.OPEN, OrderStatus.CANCELED, 5)
+    await store.insert_if_absent(make_order(order_id=oid(4), client_order_id="x4"), admission(seen, None))
+    assert seen[-1][1] == Decimal("0.0000000000000001")
+
+
 async def test_a_refused_admission_inserts_nothing_and_a_replay_is_not_admitted_again(
     backend: Backend, store: OrderStore, make_order: Callable[..., Order]
 ) -> None:

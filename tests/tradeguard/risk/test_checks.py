@@ -247,6 +247,60 @@ def test_an_idempotent_retry_is_never_a_duplicate() -> None:
     assert rejected(risk, order(client_order_id="other")).reason == "RISK_DUPLICATE_ORDER"
 
 
+def test_a_retry_within_the_window_leaves_the_record_as_it_was() -> None:
+    clock = FakeClock()
+    risk = engine(AccountLimits(duplicate_window_us=1_000_000), clock)
+    risk.check(order(client_order_id="a"))
+    clock.advance(900_000)
+    risk.check(order(client_order_id="a"))  # a retry: the window still runs from the first acceptance
+    clock.advance(100_000)
+    risk.check(order(client_order_id="b"))
+
+
+def test_a_retracted_retry_takes_back_its_message() -> None:
+    clock = FakeClock()
+    risk = engine(AccountLimits(throttle=Throttle(messages=2, window_us=1_000_000)), clock)
+    risk.check(order(client_order_id="a"))
+    clock.advance(1)
+    retried_at = clock()
+    for _ in range(3):  # the same order again: each found placed afterwards, and taken back
+        risk.check(order(client_order_id="a"), now_us=retried_at)
+        risk.retract(order(client_order_id="a"), retried_at)
+    risk.check(order("2", client_order_id="b"))  # the second message of the window
+    assert rejected(risk, order("3", client_order_id="c")).reason == "RISK_MESSAGE_THROTTLE"
+
+
+def test_a_retracted_refusal_takes_back_only_what_it_counted() -> None:
+    clock = FakeClock()
+    limits = AccountLimits(throttle=Throttle(messages=2, window_us=1_000_000), max_quantity=Decimal(1))
+    risk = engine(limits, clock)
+    risk.check(order(client_order_id="a"))
+    clock.advance(1)
+    refused = rejected(risk, order("5", client_order_id="a"))  # counted, then refused: a retry after all
+    risk.retract(order("5", client_order_id="a"), clock(), refused)
+    risk.check(order("0.5", client_order_id="b"))
+    # throttled at the same µs: not counted, so nothing to take back
+    throttled = rejected(risk, order("0.25", client_order_id="b"))
+    assert throttled.reason == "RISK_MESSAGE_THROTTLE"
+    risk.retract(order("0.25", client_order_id="b"), clock(), throttled)
+    assert rejected(risk, order("0.75", client_order_id="c")).reason == "RISK_MESSAGE_THROTTLE"
+
+
+def test_a_discarded_order_at_its_check_time_leaves_the_record_of_another_time() -> None:
+    """With the time of its check: only the record that check made goes (a different order under a
+    client_order_id already placed); a retry's record is the placed order's and stays."""
+    clock = FakeClock()
+    risk = engine(AccountLimits(duplicate_window_us=10_000_000), clock)
+    risk.check(order("1", client_order_id="a"))
+    clock.advance(1)
+    risk.check(order("2", client_order_id="a"), now_us=clock())
+    risk.discard(order("2", client_order_id="a"), clock())
+    risk.check(order("2", client_order_id="b"))
+    risk.check(order("1", client_order_id="a"), now_us=clock())  # a retry: "a"'s record is older
+    risk.discard(order("1", client_order_id="a"), clock())
+    assert rejected(risk, order("1", client_order_id="c")).metadata["original_client_order_id"] == "a"
+
+
 def test_a_discarded_order_is_not_the_original_of_a_duplicate() -> None:
     risk = engine(AccountLimits(duplicate_window_us=10_000_000))
     risk.check(order(client_order_id="a"))
