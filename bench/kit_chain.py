@@ -36,8 +36,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +45,7 @@ from prometheus_client import CollectorRegistry
 from bench.loadgen import (
     Result,
     closed_loop,
+    fixed_rate_server_cpu,
     free_port,
     load_arguments,
     median_ratio,
@@ -120,22 +119,6 @@ async def ready(stub: echo_pb2_grpc.EchoServiceAsyncStub) -> None:
     await until_answered(lambda: stub.Echo(echo_pb2.EchoRequest(text="ready"), timeout=1), "server")
 
 
-async def fixed_rate_server_cpu(
-    call: Callable[[int], Awaitable[object]], pid: int, rate: int, seconds: float
-) -> float:
-    """Server CPU per call (µs) with calls started at a fixed rate (open loop): the same load for every mode,
-    so what a layer adds is not mixed with how a saturated server batches its work."""
-    tasks: list[asyncio.Future[object]] = []
-    before = process_cpu_s(pid)
-    start = time.perf_counter()
-    while (elapsed := time.perf_counter() - start) < seconds:
-        while len(tasks) < int(elapsed * rate):
-            tasks.append(asyncio.ensure_future(call(len(tasks))))
-        await asyncio.sleep(0.001)
-    await asyncio.gather(*tasks, return_exceptions=True)
-    return (process_cpu_s(pid) - before) / max(1, len(tasks)) * 1e6
-
-
 async def run(concurrency: int, duration: float, rounds: int, rate: int) -> None:
     with tempfile.TemporaryDirectory(dir=tmpfs()) as tmp:
         home = Path(tmp)
@@ -174,7 +157,11 @@ async def run(concurrency: int, duration: float, rounds: int, rate: int) -> None
                     )
                     server_us[mode].append((process_cpu_s(pid) - server_before) / max(1, res.calls) * 1e6)
                     results[mode].append(res)
-                    fixed_us[mode].append(await fixed_rate_server_cpu(call, pid, rate, min(duration, 2.0)))
+                    fixed_us[mode].append(
+                        await fixed_rate_server_cpu(
+                            call, pid, rate, min(duration, 2.0), return_exceptions=True
+                        )
+                    )
                     print(
                         res.line(f"round {r + 1} {mode}")
                         + f"   server {server_us[mode][-1]:4.0f} us/call, {fixed_us[mode][-1]:4.0f} at {rate}/s"

@@ -207,6 +207,28 @@ async def open_loop(
     )
 
 
+async def fixed_rate_server_cpu(
+    call: Callable[[int], Awaitable[object]],
+    pid: int,
+    rate: int,
+    seconds: float,
+    *,
+    return_exceptions: bool = False,
+) -> float:
+    """Server CPU per call (µs) of process `pid` with calls started at `rate` calls/s for `seconds` (open loop),
+    all answered: the same load for every mode compared, so that what a mode adds is not mixed with how a
+    saturated server batches its work. A failed call fails the measurement unless `return_exceptions`."""
+    tasks: list[asyncio.Future[object]] = []
+    before = process_cpu_s(pid)
+    start = time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
+        while len(tasks) < max(1, int(elapsed * rate)):  # the first call at once
+            tasks.append(asyncio.ensure_future(call(len(tasks))))
+        await asyncio.sleep(0.001)
+    await asyncio.gather(*tasks, return_exceptions=return_exceptions)
+    return (process_cpu_s(pid) - before) / max(1, len(tasks)) * 1e6
+
+
 def median_cpu_ratio(numerators: list[Result], denominators: list[Result]) -> float:
     """Median over rounds of CPU per call, numerator over denominator (above 1: the numerator costs more)."""
     return statistics.median(

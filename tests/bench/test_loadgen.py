@@ -5,12 +5,13 @@ is asserted (this machine's speed decides how late a send is)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 
 import grpc
 import pytest
 
-from bench.loadgen import open_loop, until_answered
+from bench.loadgen import fixed_rate_server_cpu, open_loop, until_answered
 
 
 async def test_every_scheduled_call_is_sent_once_and_answered() -> None:
@@ -110,3 +111,27 @@ async def test_until_answered_waits_for_a_starting_server_and_gives_up_after_its
 
     with pytest.raises(RuntimeError, match="key vault not ready"):
         await until_answered(never, "key vault", attempts=2)
+
+
+async def test_the_fixed_rate_measure_waits_for_every_call_it_started_and_fails_on_a_failed_one() -> None:
+    started: list[int] = []
+    answered: list[int] = []
+
+    async def call(i: int) -> object:
+        started.append(i)
+        await asyncio.sleep(0)
+        answered.append(i)
+        return None
+
+    cpu_us = await fixed_rate_server_cpu(call, os.getpid(), rate=500, seconds=0.1)
+    assert started == list(range(len(started))) and 1 <= len(started) <= 50
+    assert sorted(answered) == started and cpu_us >= 0
+
+    async def failing(i: int) -> object:
+        raise RuntimeError(f"call {i} failed")
+
+    with pytest.raises(RuntimeError, match="failed"):
+        await fixed_rate_server_cpu(failing, os.getpid(), rate=500, seconds=0.05)
+    assert (
+        await fixed_rate_server_cpu(failing, os.getpid(), rate=500, seconds=0.05, return_exceptions=True) >= 0
+    )
