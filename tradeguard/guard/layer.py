@@ -64,8 +64,10 @@ from tradeguard.mesh.client import current_request_id
 from tradeguard.mesh.identity import peer_spiffe_id
 from tradeguard.mesh.peer import peer_ip, source_ip
 from tradeguard.observability.annotations import annotate
+from tradeguard.observability.redact import Trusted
 from tradeguard.principal import Principal, set_principal
 from tradeguard.rpc.handlers import After, Context, Layer, RequestCheck
+from tradeguard.rpc.metadata import call_metadata
 from tradeguard.signing import (
     HEADER_KEY,
     HEADER_NONCE,
@@ -89,6 +91,7 @@ _WATCHED: Final = frozenset({AUTHORIZATION, *SIGNED_HEADERS, *EDGE_HEADERS})
 _METHOD = re.compile(r"/([A-Za-z_][A-Za-z0-9_.]*)/([A-Za-z_][A-Za-z0-9_]*)")
 _PERMISSION = re.compile(r"[a-z][a-z0-9_.-]*(?::[a-z][a-z0-9_.-]*)*")
 _MAX_HEADER_CHARS: Final = 8192
+_VIA: Final = {via: Trusted(via) for via in ("jwt", "signed", "edge")}
 _THUMBPRINTS_MAX: Final = 1024
 
 # The call this task is serving, once authenticated: (its context, its principal). Checked so a streamed request's
@@ -330,7 +333,14 @@ class Guard(Layer):
                 principal, via = await self.jwt.verify(credentials.token, thumbprint), "jwt"
             else:
                 principal, via = credentials, "edge"
-            annotate(user=principal.user_id, account=principal.account_id, key=principal.key_id, auth=via)
+            # the verified principal's ids (issued by the auth service or the edge, not a caller's text) and the kit's
+            # own word: Trusted, so that the log line renders them as they are (their keys are still checked)
+            annotate(
+                user=Trusted(principal.user_id),
+                account=Trusted(principal.account_id),
+                key=None if principal.key_id is None else Trusted(principal.key_id),
+                auth=_VIA[via],
+            )
             if call is not None:
                 call.principal = principal
             if not principal.allows(permission):
@@ -465,7 +475,7 @@ class Guard(Layer):
         """The call's credentials, checked for shape: the edge's principal (final), a bearer token or a signed
         request (still to verify)."""
         headers: dict[str, str] = {}
-        for key, value in context.invocation_metadata() or ():
+        for key, value in call_metadata(context):
             if key not in _WATCHED:
                 continue
             if key in headers:
@@ -521,10 +531,10 @@ class Guard(Layer):
 
     def _thumbprint(self, context: Context) -> str | None:
         """The RFC 8705 thumbprint of this connection's client certificate (cached per certificate)."""
-        values = list(context.auth_context().get("x509_pem_cert", ()))
-        if len(values) != 1:
+        values = context.auth_context().get("x509_pem_cert")
+        if type(values) is not list or len(values) != 1:  # grpc's auth context: a list of bytes per property
             return None
-        pem = bytes(values[0])
+        pem = bytes(values[0])  # the same object when it is bytes already
         known = self._thumbprints.get(pem)
         if known is None:
             try:

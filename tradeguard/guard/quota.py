@@ -52,6 +52,7 @@ from tradeguard.batching import Batcher, BatcherClosed, BatcherFull, Outcome
 from tradeguard.errors import DomainError, QuotaViolation, ResourceExhausted, Unavailable
 from tradeguard.observability.annotations import annotate
 from tradeguard.observability.logging import get_logger
+from tradeguard.observability.redact import Trusted
 from tradeguard.principal import Principal
 from tradeguard.ratelimit.names import (
     NAME_PATTERN,
@@ -73,6 +74,10 @@ DEFAULT_KNOWN_KEYS: Final = 10_000
 DEFAULT_FILL_TURNS: Final = 25  # event-loop turns a batch waits to fill (tradeguard.batching `fill_turns`)
 DEFAULT_FILL_PATIENCE: Final = 0  # no limit (`fill_patience`: stop after that many quiet turns in a row)
 UNAVAILABLE_MESSAGE: Final = "rate-limit service unavailable"
+# the kit's own words on the RPC's log line (Trusted: written as they are)
+_ALLOWED_WORD: Final = Trusted("allowed")
+_AFTER_AUTH: Final = Trusted("after_auth")
+_CONCURRENT: Final = Trusted("concurrent")
 
 
 _log = get_logger("tradeguard.guard.quota")
@@ -191,7 +196,7 @@ class QuotaStage:
         `Unavailable` (see the module)."""
         self.checks += 1
         verdict = await self._decide(subject_of(principal), principal.tier, method)
-        self._apply(verdict, "after_auth")
+        self._apply(verdict, _AFTER_AUTH)
 
     def remember(self, principal: Principal, caller: str) -> None:
         """A principal the auth service verified for a signed call from workload `caller`: its key's tier and
@@ -231,7 +236,7 @@ class QuotaStage:
             await self.check(principal, method)
             return
         verdict = await early.task
-        self._apply(verdict, "concurrent")
+        self._apply(verdict, _CONCURRENT)
 
     async def discard(self, early: EarlyCheck) -> None:
         """Drop an early check whose call was refused (or was re-checked): cancelled (never sent if still
@@ -263,7 +268,7 @@ class QuotaStage:
     def _apply(self, verdict: _Verdict, path: str) -> None:
         """Annotate the RPC's log line with the verdict; raise its error if it refuses."""
         if verdict.outcome == "allowed":
-            annotate(quota="allowed", quota_path=path)
+            annotate(quota=_ALLOWED_WORD, quota_path=path)
             return
         if verdict.outcome == "exhausted":
             self.refused += 1

@@ -13,6 +13,7 @@ import ipaddress
 from typing import Any
 
 from tradeguard.mesh.identity import caller_name
+from tradeguard.rpc.metadata import call_metadata
 
 __all__ = ["EDGE", "FORWARDED_ADDRESS", "address_of", "peer_ip", "source_ip"]
 
@@ -43,7 +44,7 @@ def source_ip(context: Any, trust_domain: str) -> str:
     """The caller's address: the connection's, or for a call the HTTP edge forwards, the client's address the
     edge saw (only the edge's own workload is believed)."""
     if caller_name(context, trust_domain) == EDGE:
-        for key, value in context.invocation_metadata() or ():
+        for key, value in call_metadata(context):
             if key == FORWARDED_ADDRESS:
                 forwarded = address_of(str(value))
                 if forwarded:

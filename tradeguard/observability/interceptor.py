@@ -27,8 +27,9 @@ from tradeguard.mesh.identity import peer_spiffe_id
 from tradeguard.observability.annotations import _SCOPE, close_scope, open_scope
 from tradeguard.observability.logging import configuration_generation, json_lines, json_string
 from tradeguard.observability.metrics import RpcMetrics
-from tradeguard.observability.redact import Trusted
+from tradeguard.observability.redact import Trusted, is_sensitive_key
 from tradeguard.rpc.handlers import WrappingInterceptor, rebuild
+from tradeguard.rpc.metadata import call_metadata
 
 __all__ = ["TelemetryInterceptor"]
 
@@ -66,6 +67,38 @@ def _head(method: str, code: str, caller: str | None) -> str:
     return rendered
 
 
+# An annotation's key as the log line writes it ('"user": '), or "" for one that the line must not take as it is
+# (one of the kit's own fields, which win over it, or a key whose name makes its value secret). A few keys.
+_member_keys: dict[str, str] = {}
+
+
+def _member_key(key: str) -> str:
+    rendered = _member_keys.get(key)
+    if rendered is None:
+        rendered = "" if key in _KIT_KEYS or is_sensitive_key(key) else f"{json_string(key)}: "
+        if len(_member_keys) < 4096:
+            _member_keys[key] = rendered
+    return rendered
+
+
+def _trusted_members(annotations: dict[str, Any]) -> str | None:
+    """The annotations as JSON object members (', "user": "usr_1", ...'), when every value is a `Trusted` string
+    or None (the kit's own: the redactor would let them through unchanged, and the JSON is the same); else None
+    (the line goes through redaction)."""
+    parts = [""]
+    for key, value in annotations.items():
+        rendered = _member_key(key) if type(key) is str else ""
+        if not rendered:
+            return None
+        if type(value) is Trusted:
+            parts.append(rendered + json_string(value))
+        elif value is None:
+            parts.append(rendered + "null")
+        else:
+            return None
+    return ", ".join(parts)
+
+
 # Generic only in the type stubs.
 _Handler: TypeAlias = "grpc.RpcMethodHandler[Any, Any]"
 _Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
@@ -91,7 +124,7 @@ os.register_at_fork(after_in_child=_RequestIds.reseed)
 
 
 def _request_id(context: _Context) -> str:
-    metadata = context.invocation_metadata()
+    metadata = call_metadata(context)
     if metadata:
         for key, value in metadata:
             if key == _REQUEST_ID_HEADER:
@@ -214,6 +247,11 @@ class TelemetryInterceptor(WrappingInterceptor):
             )
             if type(request_id) is Trusted:  # generated here: hex digits
                 trusted += f', "request_id": "{request_id}"'
+                if event and lines.context_free():
+                    members = _trusted_members(event)
+                    if members is not None:  # what the handler annotated is the kit's own: written as it is
+                        lines.write(level, {}, trusted + members, _KIT_KEYS)
+                        return
                 lines.write(level, event, trusted, _KIT_KEYS)
             else:  # the caller's x-request-id: caller data, scanned
                 event["request_id"] = request_id

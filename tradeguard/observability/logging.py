@@ -62,6 +62,12 @@ class JsonLines:
     def enabled(self, level: str) -> bool:
         return _LEVEL_NUMBERS[level] >= self._min_level
 
+    @staticmethod
+    def context_free() -> bool:
+        """Whether no structlog context variable exists beyond the request id and method the telemetry layer
+        binds: a line of the kit's own fields then takes nothing from the context."""
+        return _STRUCTLOG_VARS.keys() <= _KIT_VARS
+
     def _timestamp(self) -> str:
         now = time.time()
         second = int(now)

@@ -13,9 +13,11 @@ Long hex or base64url strings on their own (order ids, hashes) are deliberately 
 
 One exception, for what the kit writes itself: a top-level field whose value is exactly a :class:`Trusted`
 string (the request id the kit generated, the registered method name, the status code, the verified peer
-identity and address) is not scanned by content (scanning a generated request id ran the full card-number
-check, ~15 µs, on every RPC line). Its key is still checked. Nothing a caller sends is ever made `Trusted`:
-a caller's ``x-request-id`` or a handler's annotation is a plain ``str`` and is scanned like any other.
+identity and address, the guard's verified principal — user, account and key ids issued by the auth service or
+the edge — and the kit's own words such as ``auth: jwt``) is not scanned by content (scanning a generated request
+id ran the full card-number check, ~15 µs, on every RPC line). Its key is still checked. Nothing a caller sends
+is ever made `Trusted`: a caller's ``x-request-id`` or a handler's annotation is a plain ``str`` and is scanned
+like any other.
 """
 
 from __future__ import annotations

@@ -486,6 +486,8 @@ from prometheus_client import CollectorRegistry
 from tradeguard.observability.interceptor import TelemetryInterceptor
 from tradeguard.observability.logging import _STRUCTLOG_VARS, configure_logging
 from tradeguard.observability.metrics import RpcMetrics
+from tradeguard.observability.annotations import annotate
+from tradeguard.observability.redact import Trusted
 
 class Context:
     def invocation_metadata(self): return ()
@@ -499,15 +501,27 @@ async def plain(request, context): return request
 async def binding(request, context):
     structlog.contextvars.bind_contextvars(tenant="t-9")
     return request
+async def trusted(request, context):  # the kit's own values, as the guard annotates the verified principal
+    annotate(user=Trusted("usr_4111111111111111"), key=None, auth=Trusted("jwt"))
+    return request
+async def trusted_under_a_secret_key(request, context):
+    annotate(user=Trusted("usr_1"), token=Trusted("not-a-kit-word"))
+    return request
+async def mixed(request, context):
+    annotate(user=Trusted("usr_1"), note="card 4111111111111111")
+    return request
 
 out = io.StringIO()
 configure_logging(json=True, stream=out, level="info")
 telemetry = TelemetryInterceptor("t", RpcMetrics("t", registry=CollectorRegistry()))
-first = telemetry.wrap(grpc.unary_unary_rpc_method_handler(plain), "/t.S/Plain").unary_unary
-second = telemetry.wrap(grpc.unary_unary_rpc_method_handler(binding), "/t.S/Binding").unary_unary
+def wrapped(handler, name):
+    return telemetry.wrap(grpc.unary_unary_rpc_method_handler(handler), f"/t.S/{name}").unary_unary
 skipped = sorted(_STRUCTLOG_VARS)  # only the kit's two: the line's context merge is skipped
-asyncio.run(first(b"x", Context()))
-asyncio.run(second(b"x", Context()))
+for handler, name in (
+    (plain, "Plain"), (trusted, "Trusted"), (trusted_under_a_secret_key, "Secret"), (mixed, "Mixed"),
+    (binding, "Binding"), (trusted, "Trusted"),
+):
+    asyncio.run(wrapped(handler, name)(b"x", Context()))
 print(json.dumps({"vars": skipped, "lines": [json.loads(line) for line in out.getvalue().splitlines()]}))
 """
 
@@ -521,7 +535,7 @@ def test_the_line_without_a_context_merge_is_the_same_and_a_bound_variable_still
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.splitlines()[-1])
     assert result["vars"] == ["structlog_method", "structlog_request_id"]
-    plain, binding = result["lines"]
+    plain, trusted, secret, mixed, binding, trusted_bound = result["lines"]
     for line, method in ((plain, "/t.S/Plain"), (binding, "/t.S/Binding")):
         assert line["method"] == method and line["code"] == "OK" and line["event"] == "rpc"
         assert line["caller"] == "spiffe://t.test/svc/ops" and line["peer"] == "ipv4:127.0.0.1:5"
@@ -539,3 +553,15 @@ def test_the_line_without_a_context_merge_is_the_same_and_a_bound_variable_still
         "timestamp",
     }
     assert binding["tenant"] == "t-9"  # bound by the handler: merged from the context
+    # Annotations that are all the kit's own (Trusted or None) are written as they are, with no redaction pass: the
+    # same line as through redaction (once a handler has bound a variable, the context is merged again and such a
+    # line goes through redaction: `trusted_bound`, the same call after `binding`)
+    assert (trusted["user"], trusted["key"], trusted["auth"]) == ("usr_4111111111111111", None, "jwt")
+    varying = ("timestamp", "latency_ms", "request_id")
+    assert {k: v for k, v in trusted.items() if k not in varying} == {
+        k: v for k, v in trusted_bound.items() if k not in varying
+    }
+    assert list(trusted) == list(trusted_bound)  # the same order too
+    # ... but never under a key whose name makes it secret, and never beside a caller's text: redacted as ever
+    assert (secret["user"], secret["token"]) == ("usr_1", REDACTED)
+    assert mixed["user"] == "usr_1" and "4111111111111111" not in mixed["note"]
