@@ -12,8 +12,8 @@ store is an `AuditStore`).
   `MAX_VALUE_CHARS`: hard limits well above what masking keeps). Values are never echoed. A valid event costs
   one expression of all the checks; `violations(event, field)` runs them one by one (what `validate` raises).
 - `append(events, recorder, fields=None)`: validates (every event, named as `fields[i]`, by default
-  `events[i]`: the servicer leaves this check to the core, once per event), masks each event (`mask_event`: nothing secret is
-  ever encoded), stamps the record time (the injected clock, never earlier than the previous stamp of this log),
+  `events[i]`: the servicer leaves this check to the core, once per event), masks each event (`mask_event`:
+  nothing secret is ever encoded), stamps the record time (the injected clock, never earlier than the previous stamp of this log),
   encodes the entry, hashes it (leaf hash SHA-256(0x00 ‖ bytes)) and digests the masked event — a `Pending`
   each — and hands the call's events, together, to ONE `tradeguard.batching.Batcher` in front of
   `store.append`: concurrent appends share one store transaction (group commit; a call's events are never split

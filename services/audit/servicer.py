@@ -3,8 +3,8 @@
 The mesh's authorisation interceptor has already checked the caller against services/audit/policy.py; errors are
 DomainErrors (the kit maps them). What the servicer adds:
 - Append / AppendBatch: the recorder is the caller's SPIFFE ID (from its certificate, never from the request);
-  every event is validated (by the core, once) before anything is appended, naming the field (`event.event_id`, in a batch
-  `events[i].event_id`, every bad event at once; `events` itself when empty or longer than MAX_BATCH); the answer
+  every event is validated (by the core, once) before anything is appended, naming the field
+  (`event.event_id`, in a batch `events[i].event_id`, every bad event at once; `events` itself when empty or longer than MAX_BATCH); the answer
   comes only once the core has the events durable. An event id the recorder used before for another event is
   ALREADY_EXISTS (EVENT_ID_CONFLICT) naming the field; in a batch the others are recorded all the same (a retry
   of the batch answers them with `created` false), and the error names every conflicting event.
@@ -67,12 +67,7 @@ _TOKEN_VERSION: Final = 1
 _TOKEN: Final = struct.Struct(">Bq8s")
 _TOKEN_CHARS: Final = (_TOKEN.size * 4 + 2) // 3  # unpadded base64url
 _EVENT: Final = ("event",)
-_BATCH_FIELDS: Final = tuple(f"events[{i}]" for i in range(MAX_BATCH))
-
-
-def _batch_fields(count: int) -> tuple[str, ...]:
-    """The field names of a batch's first `count` events (made once: not per call)."""
-    return _BATCH_FIELDS if count == MAX_BATCH else _BATCH_FIELDS[:count]
+_BATCH_FIELDS: Final = tuple(f"events[{i}]" for i in range(MAX_BATCH))  # a batch's field names, made once
 
 
 def _timestamp(micros: int) -> timestamp_pb2.Timestamp:
@@ -219,7 +214,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             raise InvalidArgument.field("events", "at least one event")
         if len(messages) > MAX_BATCH:
             raise InvalidArgument.field("events", f"at most {MAX_BATCH} events, got {len(messages)}")
-        fields = _batch_fields(len(messages))
+        fields = _BATCH_FIELDS[: len(messages)]
         try:
             events = [codec.event_from_proto(m, name) for m, name in zip(messages, fields, strict=True)]
         except InvalidArgument:  # name every bad field of every event, not only the first one's

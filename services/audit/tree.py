@@ -66,7 +66,6 @@ def grow(
     rows: list[tuple[int, int, bytes]] = []
     add = rows.append
     waiting: dict[int, bytes] = {}  # the nodes created at each level are consecutive: the last even one waits
-    sha256 = hashlib.sha256
     for leaf_index, leaf in enumerate(leaf_hashes, start=size):
         level, index, value = 0, leaf_index, leaf
         add((0, index, value))
@@ -74,7 +73,7 @@ def grow(
             sibling = waiting.pop(level, None)
             if sibling is None:  # on the old tree's right edge
                 sibling = lookup(level, index - 1)
-            value = sha256(b"\x01" + sibling + value).digest()
+            value = node_hash(sibling, value)
             level, index = level + 1, index >> 1
             add((level, index, value))
         waiting[level] = value

@@ -376,15 +376,15 @@ class RedisCounters:
         return results
 
     def _groups(self, batch: Sequence[Evaluation]) -> list[list[int]]:
-        """The batch's evaluations by script call: in order, at most `SCRIPT_BATCH` per call; on a cluster, one call
-        per slot (the subject is the keys' hash tag)."""
-        if not isinstance(self.client, RedisCluster):
-            indices = list(range(len(batch)))
-            return [indices[i : i + SCRIPT_BATCH] for i in range(0, len(indices), SCRIPT_BATCH)]
+        """The batch's evaluations by script call: in order, at most `SCRIPT_BATCH` per call; on a cluster, one
+        call per slot (the subject is the keys' hash tag)."""
         by_slot: dict[int, list[int]] = {}
-        for i, evaluation in enumerate(batch):
-            slot = key_slot(counter_key(evaluation.subject, _NO_LIMIT).encode())
-            by_slot.setdefault(slot, []).append(i)
+        if isinstance(self.client, RedisCluster):
+            for i, evaluation in enumerate(batch):
+                slot = key_slot(counter_key(evaluation.subject, _NO_LIMIT).encode())
+                by_slot.setdefault(slot, []).append(i)
+        else:  # one server: any keys in one call
+            by_slot[0] = list(range(len(batch)))
         return [
             indices[i : i + SCRIPT_BATCH]
             for indices in by_slot.values()
