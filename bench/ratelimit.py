@@ -28,7 +28,6 @@ import asyncio
 import os
 import secrets
 import statistics
-import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,8 +35,8 @@ from pathlib import Path
 
 import redis.asyncio as aioredis
 
-from bench.guard import Layout, rss_mib, serving
-from bench.loadgen import Call, Result, closed_loop, free_port, load_arguments, process_cpu_s, tmpfs
+from bench.guard import REDIS_URL, Layout, rss_mib, serving, start_ratelimit
+from bench.loadgen import Call, Result, closed_loop, load_arguments, process_cpu_s, tmpfs
 from bench.mesh import dev_pki
 from services.ratelimit.counters_redis import EVALUATE, script_call
 from services.ratelimit.limits_file import parse_limits
@@ -50,7 +49,6 @@ from tradeguard.ratelimit.v1 import ratelimit_pb2_grpc
 
 MODES = ("script", "service", "batched")
 AIM = 0.5
-REDIS_URL = "redis://127.0.0.1:6379"
 OPERATION = "/tradeguard.trading.v1.TradingService/PlaceOrder"
 LIMITS = """\
 version: 1
@@ -135,20 +133,6 @@ async def measure(call: Call, pids: dict[str, int], concurrency: int, duration: 
     return Round(result, per["ratelimit"], per["redis"])
 
 
-def start_ratelimit(layout: Layout) -> None:
-    limits = layout.home / "config" / "limits.yaml"
-    limits.parent.mkdir(parents=True, exist_ok=True)
-    limits.write_text(LIMITS)
-    port = free_port()
-    env = layout.env(
-        TRADEGUARD_RATELIMIT_PORT=str(port),
-        TRADEGUARD_RATELIMIT_LIMITS_FILE=str(limits),
-        TRADEGUARD_RATELIMIT_REDIS_URL=REDIS_URL,
-        TRADEGUARD_RATELIMIT_STORE_TIMEOUT_MS="1000",
-    )
-    layout.spawn("ratelimit", port, [sys.executable, "-m", "services.ratelimit"], env)
-
-
 async def cleanup(client: aioredis.Redis, run: str) -> None:
     async for key in client.scan_iter(match=f"tg:rl:{{bench-{run}-*", count=1000):
         await client.unlink(key)
@@ -161,7 +145,7 @@ async def run(concurrency: int, duration: float, rounds: int) -> dict[str, list[
         dev_pki(layout.home, ("ratelimit", "trading", "ops"))
         client = aioredis.Redis.from_url(REDIS_URL, max_connections=concurrency + 8)
         try:
-            start_ratelimit(layout)
+            start_ratelimit(layout, LIMITS)
             await serving(layout, "ratelimit")
             proc = layout.procs["ratelimit"]
             pids = {"ratelimit": proc.pid, "redis": redis_pid()}
