@@ -128,9 +128,12 @@ class WatchedFile(Generic[T]):
             except YamlError as problem:
                 self._failed(str(problem))
                 return False
-            self._current, self._sha256 = config, sha256
+            # this runs in a thread beside the event loop: the error cleared and the time stamped BEFORE the new
+            # configuration is published, so a reader that sees the new `sha256` or `current` never sees the old
+            # file's error beside it
             self.loaded_us = self._clock_us()
             self._recovered()
+            self._current, self._sha256 = config, sha256
             self._log_loaded(config)
             return True
 

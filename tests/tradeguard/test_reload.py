@@ -128,3 +128,37 @@ async def test_the_watch_follows_the_file(tmp_path: Path) -> None:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+
+
+class PublicationSpy(WatchedFile[int]):
+    """Records what the rest of the state said at each moment a configuration was published (`_current`
+    assigned): `check()` runs in a thread beside the event loop, whose readers may look at any moment."""
+
+    seen: list[tuple[int, str, int]]
+
+    @property
+    def _current(self) -> int:
+        return self._published
+
+    @_current.setter
+    def _current(self, config: int) -> None:
+        if not hasattr(self, "seen"):
+            self.seen = []
+        self.seen.append((config, getattr(self, "last_error", ""), getattr(self, "loaded_us", -1)))
+        self._published = config
+
+
+def test_a_good_file_after_a_bad_one_is_published_with_its_error_already_cleared(tmp_path: Path) -> None:
+    path = tmp_path / "toy.yaml"
+    path.write_text("n: 1\n")
+    clock = FakeClock()
+    watched = PublicationSpy(
+        path, parse_toy, clock, name="toy.config", what="toy settings", error=ToyError, describe=describe
+    )
+    path.write_text("n: x\n")
+    assert watched.check() is False and watched.last_error != ""
+    clock.advance(5)
+    path.write_text("n: 7\n")
+    assert watched.check() is True
+    # a reader that sees the new configuration never sees the bad file's error, nor the old load time, beside it
+    assert watched.seen[-1] == (7, "", clock())
