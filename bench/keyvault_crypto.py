@@ -29,6 +29,7 @@ from pathlib import Path
 
 from bench.loadgen import Result, closed_loop, free_port, load_arguments, median_ratio, until_answered
 from bench.mesh import dev_pki
+from tradeguard import eventloop
 from tradeguard.keyvault.v1 import keyvault_pb2 as pb
 from tradeguard.keyvault.v1 import keyvault_pb2_grpc
 from tradeguard.mesh import tls
@@ -130,7 +131,8 @@ def serve() -> None:
     from tradeguard.service import serve as serve_service
 
     configure_logging(json=True)
-    asyncio.run(serve_service(SERVICE, Settings.from_env()))
+    settings = Settings.from_env()
+    eventloop.run(serve_service(SERVICE, settings), settings.server.event_loop)
 
 
 def main() -> None:

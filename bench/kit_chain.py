@@ -54,6 +54,7 @@ from bench.loadgen import (
     until_answered,
 )
 from bench.mesh import dev_pki, mtls_channel
+from tradeguard import eventloop
 from tradeguard.echo import ECHO, ECHO_RULES, EchoServicer
 from tradeguard.echo.v1 import echo_pb2, echo_pb2_grpc
 from tradeguard.mesh import pki, tls
@@ -221,7 +222,9 @@ def main() -> None:
     parser.add_argument("--home", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        asyncio.run(serve(args.serve, args.port, args.home, args.home / f"{args.serve}.log"))
+        eventloop.run(
+            serve(args.serve, args.port, args.home, args.home / f"{args.serve}.log"), eventloop.from_env()
+        )
     else:
         asyncio.run(run(args.concurrency, args.duration, args.rounds, args.rate))
 

@@ -54,6 +54,7 @@ from bench.loadgen import (
     until_answered,
 )
 from bench.mesh import dev_pki, mtls_channel
+from tradeguard import eventloop
 from tradeguard.mesh import pki, tls
 from tradeguard.trading.v1 import trading_pb2, trading_pb2_grpc
 
@@ -220,7 +221,7 @@ def main() -> None:
     parser.add_argument("--risk-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        asyncio.run(serve(args.serve, args.port, args.db, args.home, args.risk_file))
+        eventloop.run(serve(args.serve, args.port, args.db, args.home, args.risk_file), eventloop.from_env())
     else:
         asyncio.run(run(args.concurrency, args.duration, args.rounds, args.rate))
 

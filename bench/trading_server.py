@@ -40,6 +40,7 @@ from services.trading.core import TradingCore, new_order_id
 from services.trading.service import SERVICE
 from services.trading.servicer import TradingServicer
 from services.trading.settings import RiskSettings, Settings
+from tradeguard import eventloop
 from tradeguard.guard.config import GuardSettings
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.server import ServerConfig, chain, mount
@@ -211,9 +212,9 @@ def main() -> None:
         parser.error("--auth-target is required by, and only by, --mode guarded")
     configure_logging(json=True)
     if args.mode == "bare":
-        asyncio.run(bare(args.port, args.db, args.home, args.account, args.risk_file))
+        eventloop.run(bare(args.port, args.db, args.home, args.account, args.risk_file), eventloop.from_env())
     elif args.mode in ("mesh", "guarded"):
-        asyncio.run(
+        eventloop.run(
             mesh(
                 args.port,
                 args.db,
@@ -226,10 +227,13 @@ def main() -> None:
                 args.risk_file,
                 args.fill_patience,
                 not args.no_write_ahead,
-            )
+            ),
+            eventloop.from_env(),
         )
     else:
-        asyncio.run(unguarded(args.port, args.db, args.home, args.mode == "mtls", args.account))
+        eventloop.run(
+            unguarded(args.port, args.db, args.home, args.mode == "mtls", args.account), eventloop.from_env()
+        )
 
 
 if __name__ == "__main__":

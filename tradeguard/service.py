@@ -28,6 +28,7 @@ from typing import Any, Generic, Protocol, TypeVar
 import grpc
 from grpc_health.v1 import health_pb2
 
+from tradeguard import eventloop
 from tradeguard.audit.recorder import Recorder
 from tradeguard.audit.recording import RecordingLayer, RecordingSettings
 from tradeguard.guard.config import GuardConfig, GuardSettings, guard_for
@@ -449,5 +450,5 @@ def main(declaration: Declaration[Any, Any], argv: Sequence[str] | None = None) 
         print(f"{declaration.name}: {error}", file=sys.stderr)
         return 2
     configure_tracing(settings.server.name, settings.server.otlp_endpoint)
-    asyncio.run(serve(declaration, settings))
+    eventloop.run(serve(declaration, settings), settings.server.event_loop)
     return 0

@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from grpc_reflection.v1alpha._async import ReflectionServicer  # public as reflection.aio.ReflectionServicer
 from prometheus_client import CollectorRegistry
 
+from tradeguard import eventloop
 from tradeguard.mesh import pki, tls
 from tradeguard.mesh.authz import AuthzInterceptor, MethodPolicy
 from tradeguard.observability import tracing
@@ -62,6 +63,7 @@ class ServerConfig:
     grace_s: float = 10.0
     tls12_self_probe: bool = True
     handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S
+    event_loop: eventloop.EventLoop = eventloop.DEFAULT
 
     def __post_init__(self) -> None:
         if not self.handshake_timeout_s > 0:
@@ -74,7 +76,7 @@ class ServerConfig:
         """TRADEGUARD_HOME, TRADEGUARD_HOST, TRADEGUARD_<NAME>_PORT, TRADEGUARD_<NAME>_METRICS_PORT,
         TRADEGUARD_<NAME>_MAX_CONNECTION_AGE_S, TRADEGUARD_<NAME>_GRACE_S, TRADEGUARD_<NAME>_HANDSHAKE_TIMEOUT_S,
         TRADEGUARD_OTLP_ENDPOINT (tracing
-        export is off unless it is set). Invalid values raise `SettingsError` naming the variable."""
+        export is off unless it is set), TRADEGUARD_EVENT_LOOP (`tradeguard.eventloop`). Invalid values raise `SettingsError` naming the variable."""
         shared = Env("TRADEGUARD", environ)
         own = Env(env_prefix(name), environ)
         return cls(
@@ -87,6 +89,7 @@ class ServerConfig:
             max_connection_age_s=own.number("MAX_CONNECTION_AGE_S", 1800.0, low=1.0, high=7 * 86400.0),
             grace_s=own.number("GRACE_S", 10.0, low=0.0, high=3600.0),
             handshake_timeout_s=own.number("HANDSHAKE_TIMEOUT_S", HANDSHAKE_TIMEOUT_S, low=0.1, high=120.0),
+            event_loop=eventloop.from_env(environ),
         )
 
     @property
@@ -198,7 +201,11 @@ class MeshServer:
         for name in ["", *names]:
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         _log.info(
-            "serving", service=cfg.name, address=f"{cfg.host}:{self.port}", metrics_port=cfg.metrics_port
+            "serving",
+            service=cfg.name,
+            address=f"{cfg.host}:{self.port}",
+            metrics_port=cfg.metrics_port,
+            event_loop=eventloop.running(),
         )
         return self.port
 
