@@ -139,6 +139,9 @@ class Proc:
         )
 
 
+_PASSED = frozenset({"TRADEGUARD_EVENT_LOOP"})
+
+
 @dataclass
 class Layout:
     home: Path
@@ -157,7 +160,8 @@ class Layout:
         return proc
 
     def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("TRADEGUARD_")}
+        # the bench's own settings only, but the event loop passes (an A/B: TRADEGUARD_EVENT_LOOP=asyncio)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TRADEGUARD_") or k in _PASSED}
         env.update(TRADEGUARD_HOME=str(self.home), PYTHONUNBUFFERED="1", **extra)
         return env
 

@@ -120,7 +120,7 @@ async def ready(stub: echo_pb2_grpc.EchoServiceAsyncStub) -> None:
     await until_answered(lambda: stub.Echo(echo_pb2.EchoRequest(text="ready"), timeout=1), "server")
 
 
-async def run(concurrency: int, duration: float, rounds: int, rate: int) -> None:
+async def run(concurrency: int, duration: float, rounds: int, rate: int, pin: bool) -> None:
     with tempfile.TemporaryDirectory(dir=tmpfs()) as tmp:
         home = Path(tmp)
         paths = dev_pki(home, (NAME, "ops"))
@@ -132,6 +132,10 @@ async def run(concurrency: int, duration: float, rounds: int, rate: int) -> None
             stubs = {mode: echo_pb2_grpc.EchoServiceStub(channel) for mode, channel in channels.items()}
             for stub in stubs.values():
                 await ready(stub)
+            if pin:  # the load generator on one core, the servers (one loaded at a time) on the other
+                _pin(os.getpid(), 0)
+                for proc in procs.values():
+                    _pin(proc.pid, 1)
             request = echo_pb2.EchoRequest(text="hello", tone=echo_pb2.TONE_PLAIN)
             results: dict[str, list[Result]] = {mode: [] for mode in MODES}
             server_us: dict[str, list[float]] = {mode: [] for mode in MODES}  # the server process's CPU alone
@@ -204,6 +208,12 @@ async def run(concurrency: int, duration: float, rounds: int, rate: int) -> None
         print(f"full chain: {lines} rpc log lines written for at least {calls} measured calls (+ warm-up)")
 
 
+def _pin(pid: int, cpu: int) -> None:
+    """Every thread of process `pid` (and so every thread it starts later) on CPU `cpu`."""
+    for task in os.listdir(f"/proc/{pid}/task"):
+        os.sched_setaffinity(int(task), {cpu})
+
+
 def _count_rpc_lines(path: Path) -> int:
     if not path.exists():
         return 0
@@ -217,6 +227,11 @@ def main() -> None:
     parser.add_argument(
         "--rate", type=int, default=1000, help="calls/s of the fixed-rate CPU measurement (default 1000)"
     )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="the client on CPU 0, the servers on CPU 1 (saturated: each server bound by its own CPU per call)",
+    )
     parser.add_argument("--serve", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--home", type=Path, help=argparse.SUPPRESS)
@@ -226,7 +241,7 @@ def main() -> None:
             serve(args.serve, args.port, args.home, args.home / f"{args.serve}.log"), eventloop.from_env()
         )
     else:
-        asyncio.run(run(args.concurrency, args.duration, args.rounds, args.rate))
+        asyncio.run(run(args.concurrency, args.duration, args.rounds, args.rate, args.pin))
 
 
 if __name__ == "__main__":
