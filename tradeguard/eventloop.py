@@ -2,8 +2,9 @@
 
 `TRADEGUARD_EVENT_LOOP` (shared by every service): ``uvloop`` (the default) or ``asyncio``. Measured on this
 machine (bench/README.md, "event loop"): a bare grpc.aio echo over mutual TLS costs about 13-17 % less server CPU
-per call on uvloop, at one call at a time and at 1,000 calls/s, and the full guarded PlaceOrder about a quarter
-less CPU per call across its five processes. grpc.aio drives its completion queue through the loop's reader
+per call on uvloop, at one call at a time and at 1,000 calls/s; the full guarded PlaceOrder, across its five
+processes, about 12 % less on average over four alternating runs (0-20 % per run: within one run's noise here).
+grpc.aio drives its completion queue through the loop's reader
 callbacks, which uvloop implements like asyncio's. `asyncio` is there for a platform without uvloop's wheels
 and for telling a loop problem from ours.
 
