@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+
+from tradeguard import testing
 
 
 def process_cpu_s(pid: int) -> float:
@@ -260,11 +261,8 @@ async def until_answered(probe: Callable[[], Awaitable[object]], what: str, atte
     raise RuntimeError(f"{what} not ready")
 
 
-def free_port() -> int:
-    """A loopback port free at the time of asking, for a server the benchmark starts as a process."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# the kit's: never the same port twice in one process (the kernel can offer one port to two askings in a row)
+free_port = testing.free_port
 
 
 def load_arguments(description: str | None, *, rounds: int = 3) -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psycopg import sql
 
-from tradeguard import signing
+from tradeguard import signing, testing
 from tradeguard.audit.recording import RecordingSettings
 from tradeguard.auth.v1 import auth_pb2 as auth_pb
 from tradeguard.auth.v1 import auth_pb2_grpc
@@ -35,12 +35,8 @@ from tradeguard.mesh.channel import MeshChannel
 from tradeguard.service import read_settings
 from tradeguard.testing import RunningService, eventually, running_service
 
-
-def free_port() -> int:
-    """A loopback port free at the time of asking (for servers that a test starts as a process)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+# the kit's: never the same port twice in one session (the kernel can offer one port to two askings in a row)
+free_port = testing.free_port
 
 
 def openssl_handshake(port: int, paths: pki.PkiPaths, name: str, version: str) -> str:

@@ -7,7 +7,8 @@
   on a free port, with a `channel(caller)` to call it as any workload; stopped (store closed) on exit;
 - `LogCapture`: the per-RPC log lines as rendered (JSON, after redaction), to assert what was logged and that no
   secret was;
-- `rich_status`: a failed call's `google.rpc.Status` decoded into plain fields (see tradeguard.rpc.status).
+- `rich_status`: a failed call's `google.rpc.Status` decoded into plain fields (see tradeguard.rpc.status);
+- `free_port`: a loopback port for a server a test or benchmark starts as a process, never the same one twice.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import asyncio
 import contextlib
 import io
 import json
+import socket
+import threading
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +37,32 @@ __all__ = [
     "RunningService",
     "dev_pki",
     "eventually",
+    "free_port",
     "rich_status",
     "running_service",
 ]
+
+_handed_out: set[int] = set()
+_handed_out_lock = threading.Lock()
+
+
+def free_port() -> int:
+    """A loopback port free at the time of asking that this process has never handed out before.
+
+    The kernel may give the same ephemeral port to two askings in a row once the first socket is closed: an Envoy
+    under test once got one port for its listener and its admin interface and could not bind the second. Ports
+    handed out here are never handed out again, so the servers one test configures always get distinct ports
+    (another process can still take a port before the server binds it: a test then fails, it never hangs)."""
+    with _handed_out_lock:
+        for _ in range(1000):
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = int(s.getsockname()[1])
+            if port not in _handed_out:
+                _handed_out.add(port)
+                return port
+    raise RuntimeError("every loopback port the kernel offered was handed out already")
+
 
 S = TypeVar("S", bound=ServiceSettings)
 St = TypeVar("St")
