@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -135,9 +136,13 @@ class Ratelimit:
 
 
 def write_limits(path: Path, text: str) -> None:
+    """A new version of the limits file, as an operator's deploy writes it: whole, by rename (a file written in
+    place can be read half-written by a reload in between: its own tests are in tests/tradeguard/test_reload.py)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    path.chmod(0o600)
+    staged = path.with_name(f".{path.name}.new")
+    staged.write_text(text)
+    staged.chmod(0o600)
+    os.replace(staged, path)
 
 
 @contextlib.asynccontextmanager
@@ -390,7 +395,7 @@ async def test_get_limits_reports_the_file_in_force_and_a_bad_reload(pki_paths: 
             assert first.loaded_time.ToMicroseconds() == ratelimit.clock()
 
             write_limits(ratelimit.limits_file, LIMITS.replace("window: 1m}", "window: 3x}", 1))
-            await eventually(lambda: limits.last_error != "", 30)
+            await eventually(lambda: "tiers.standard.requests[0].window" in limits.last_error, 30)
             kept = await stub.GetLimits(pb.GetLimitsRequest())
             assert "tiers.standard.requests[0].window" in kept.last_error and "'3x'" in kept.last_error
             assert kept.sha256 == first.sha256 and list(kept.tiers) == ["pro", "standard"]
