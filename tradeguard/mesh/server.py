@@ -75,8 +75,8 @@ class ServerConfig:
     ) -> ServerConfig:
         """TRADEGUARD_HOME, TRADEGUARD_HOST, TRADEGUARD_<NAME>_PORT, TRADEGUARD_<NAME>_METRICS_PORT,
         TRADEGUARD_<NAME>_MAX_CONNECTION_AGE_S, TRADEGUARD_<NAME>_GRACE_S, TRADEGUARD_<NAME>_HANDSHAKE_TIMEOUT_S,
-        TRADEGUARD_OTLP_ENDPOINT (tracing
-        export is off unless it is set), TRADEGUARD_EVENT_LOOP (`tradeguard.eventloop`). Invalid values raise `SettingsError` naming the variable."""
+        TRADEGUARD_OTLP_ENDPOINT (tracing export is off unless it is set), TRADEGUARD_EVENT_LOOP
+        (`tradeguard.eventloop`). Invalid values raise `SettingsError` naming the variable."""
         shared = Env("TRADEGUARD", environ)
         own = Env(env_prefix(name), environ)
         return cls(
