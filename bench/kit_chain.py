@@ -237,9 +237,7 @@ def main() -> None:
     parser.add_argument("--home", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        eventloop.run(
-            serve(args.serve, args.port, args.home, args.home / f"{args.serve}.log"), eventloop.from_env()
-        )
+        eventloop.run(serve(args.serve, args.port, args.home, args.home / f"{args.serve}.log"))
     else:
         asyncio.run(run(args.concurrency, args.duration, args.rounds, args.rate, args.pin))
 

@@ -221,7 +221,7 @@ def main() -> None:
     parser.add_argument("--risk-file", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        eventloop.run(serve(args.serve, args.port, args.db, args.home, args.risk_file), eventloop.from_env())
+        eventloop.run(serve(args.serve, args.port, args.db, args.home, args.risk_file))
     else:
         asyncio.run(run(args.concurrency, args.duration, args.rounds, args.rate))
 

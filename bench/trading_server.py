@@ -212,7 +212,7 @@ def main() -> None:
         parser.error("--auth-target is required by, and only by, --mode guarded")
     configure_logging(json=True)
     if args.mode == "bare":
-        eventloop.run(bare(args.port, args.db, args.home, args.account, args.risk_file), eventloop.from_env())
+        eventloop.run(bare(args.port, args.db, args.home, args.account, args.risk_file))
     elif args.mode in ("mesh", "guarded"):
         eventloop.run(
             mesh(
@@ -227,13 +227,10 @@ def main() -> None:
                 args.risk_file,
                 args.fill_patience,
                 not args.no_write_ahead,
-            ),
-            eventloop.from_env(),
+            )
         )
     else:
-        eventloop.run(
-            unguarded(args.port, args.db, args.home, args.mode == "mtls", args.account), eventloop.from_env()
-        )
+        eventloop.run(unguarded(args.port, args.db, args.home, args.mode == "mtls", args.account))
 
 
 if __name__ == "__main__":

@@ -4,9 +4,8 @@
 machine (bench/README.md, "event loop"): a bare grpc.aio echo over mutual TLS costs about 13-17 % less server CPU
 per call on uvloop, at one call at a time and at 1,000 calls/s; the full guarded PlaceOrder, across its five
 processes, about 12 % less on average over four alternating runs (0-20 % per run: within one run's noise here).
-grpc.aio drives its completion queue through the loop's reader
-callbacks, which uvloop implements like asyncio's. `asyncio` is there for a platform without uvloop's wheels
-and for telling a loop problem from ours.
+grpc.aio drives its completion queue through the loop's reader callbacks, which uvloop implements like asyncio's.
+`asyncio` is there for a platform without uvloop's wheels and for telling a loop problem from ours.
 
 The services' runner (`tradeguard.service.main`) and the benchmarks' server processes start through `run`, so a
 benchmark measures the loop production runs. Tests run services in process on pytest's asyncio loop; the
@@ -37,9 +36,12 @@ def from_env(environ: MutableMapping[str, str] | None = None) -> EventLoop:
     return Env("TRADEGUARD", environ).choice("EVENT_LOOP", DEFAULT, EVENT_LOOPS)
 
 
-def run(main: Coroutine[Any, Any, T], loop: EventLoop = DEFAULT) -> T:
-    """`main` to completion on a new event loop of the kind `loop` (as `asyncio.run` does: the loop is closed
-    after, its async generators and default executor shut down)."""
+def run(main: Coroutine[Any, Any, T], loop: EventLoop | None = None) -> T:
+    """`main` to completion on a new event loop of the kind `loop`, by default the one `TRADEGUARD_EVENT_LOOP`
+    names (as `asyncio.run` does: the loop is closed after, its async generators and default executor shut
+    down)."""
+    if loop is None:
+        loop = from_env()
     if loop == "uvloop":
         return uvloop.run(main)
     if loop == "asyncio":

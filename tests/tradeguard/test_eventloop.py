@@ -120,3 +120,13 @@ def test_a_service_refuses_an_unknown_loop_with_one_line(pki_paths: pki.PkiPaths
     )
     assert done.returncode == 2
     assert done.stderr.strip() == "keyvault: TRADEGUARD_EVENT_LOOP must be one of uvloop, asyncio, got 'trio'"
+
+
+@pytest.mark.parametrize("configured", ["asyncio", "uvloop"])
+def test_run_without_a_loop_uses_the_configured_one(configured: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRADEGUARD_EVENT_LOOP", configured)
+
+    async def which() -> str:
+        return eventloop.running()
+
+    assert eventloop.run(which()) == configured
