@@ -120,11 +120,13 @@ async def ready(stub: echo_pb2_grpc.EchoServiceAsyncStub) -> None:
     await until_answered(lambda: stub.Echo(echo_pb2.EchoRequest(text="ready"), timeout=1), "server")
 
 
-async def run(concurrency: int, duration: float, rounds: int, rate: int, pin: bool) -> None:
+async def run(
+    concurrency: int, duration: float, rounds: int, rate: int, pin: bool, modes: tuple[str, ...]
+) -> None:
     with tempfile.TemporaryDirectory(dir=tmpfs()) as tmp:
         home = Path(tmp)
         paths = dev_pki(home, (NAME, "ops"))
-        ports = {mode: free_port() for mode in MODES}
+        ports = {mode: free_port() for mode in modes}
         procs = {mode: start(mode, port, home) for mode, port in ports.items()}
         try:
             ops = tls.Workload.of(paths, "ops")
@@ -137,18 +139,18 @@ async def run(concurrency: int, duration: float, rounds: int, rate: int, pin: bo
                 for proc in procs.values():
                     _pin(proc.pid, 1)
             request = echo_pb2.EchoRequest(text="hello", tone=echo_pb2.TONE_PLAIN)
-            results: dict[str, list[Result]] = {mode: [] for mode in MODES}
-            server_us: dict[str, list[float]] = {mode: [] for mode in MODES}  # the server process's CPU alone
+            results: dict[str, list[Result]] = {mode: [] for mode in modes}
+            server_us: dict[str, list[float]] = {mode: [] for mode in modes}  # the server process's CPU alone
             fixed_us: dict[str, list[float]] = {
-                mode: [] for mode in MODES
+                mode: [] for mode in modes
             }  # the same at a fixed arrival rate
             print(
                 f"{ECHO}/Echo over mTLS, {concurrency} concurrent callers, {duration:.0f} s per round, "
                 f"{rounds} rounds, one server process per mode ({os.cpu_count()} CPUs)"
             )
             for r in range(rounds):
-                shift = r % len(MODES)
-                for mode in MODES[shift:] + MODES[:shift]:
+                shift = r % len(modes)
+                for mode in modes[shift:] + modes[:shift]:
                     stub = stubs[mode]
 
                     async def call(i: int, stub: echo_pb2_grpc.EchoServiceAsyncStub = stub) -> object:
@@ -177,7 +179,7 @@ async def run(concurrency: int, duration: float, rounds: int, rate: int, pin: bo
                 f"   {f'server at {rate}/s':>17}"
             )
             bare = results["bare"]
-            for mode in MODES[1:]:
+            for mode in modes[1:]:
                 ratio = median_ratio(results[mode], bare)
                 added = statistics.median(
                     (a.cpu_us_per_call or 0.0) - (b.cpu_us_per_call or 0.0)
@@ -203,9 +205,12 @@ async def run(concurrency: int, duration: float, rounds: int, rate: int, pin: bo
             for proc in procs.values():
                 proc.terminate()
                 proc.wait(20)
-        lines = _count_rpc_lines(home / "full.log")
-        calls = sum(res.calls + res.errors for res in results.get("full", []))
-        print(f"full chain: {lines} rpc log lines written for at least {calls} measured calls (+ warm-up)")
+        if "full" in modes:
+            lines = _count_rpc_lines(home / "full.log")
+            calls = sum(res.calls + res.errors for res in results["full"])
+            print(
+                f"full chain: {lines} rpc log lines written for at least {calls} measured calls (+ warm-up)"
+            )
 
 
 def _pin(pid: int, cpu: int) -> None:
@@ -221,6 +226,16 @@ def _count_rpc_lines(path: Path) -> int:
         return sum(1 for line in f if '"event": "rpc"' in line)
 
 
+def _modes(text: str) -> tuple[str, ...]:
+    chosen = [mode.strip() for mode in text.split(",") if mode.strip()]
+    unknown = sorted(set(chosen) - set(MODES))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"unknown mode(s) {', '.join(unknown)}: choose from {', '.join(MODES)}"
+        )
+    return ("bare", *dict.fromkeys(mode for mode in chosen if mode != "bare"))
+
+
 def main() -> None:
     parser = load_arguments(__doc__, rounds=3)
     parser.set_defaults(concurrency=64)
@@ -232,6 +247,12 @@ def main() -> None:
         action="store_true",
         help="the client on CPU 0, the servers on CPU 1 (saturated: each server bound by its own CPU per call)",
     )
+    parser.add_argument(
+        "--modes",
+        type=_modes,
+        default=MODES,
+        help=f"comma-separated modes to compare, bare always first (default {','.join(MODES)})",
+    )
     parser.add_argument("--serve", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--home", type=Path, help=argparse.SUPPRESS)
@@ -239,7 +260,7 @@ def main() -> None:
     if args.serve:
         eventloop.run(serve(args.serve, args.port, args.home, args.home / f"{args.serve}.log"))
     else:
-        asyncio.run(run(args.concurrency, args.duration, args.rounds, args.rate, args.pin))
+        asyncio.run(run(args.concurrency, args.duration, args.rounds, args.rate, args.pin, args.modes))
 
 
 if __name__ == "__main__":
