@@ -64,6 +64,7 @@ import grpc
 from google.protobuf.message import Message
 
 from tradeguard.errors import FieldViolation, InvalidArgument
+from tradeguard.rpc.metadata import hand_over
 
 # protobuf's descriptors (pure Python or upb) are typed loosely here: only their common reflection API is used.
 Descriptor: TypeAlias = Any
@@ -628,7 +629,23 @@ class _ChainedGenericHandler(grpc.GenericRpcHandler):  # type: ignore[type-arg] 
         handler = self._inner.service(handler_call_details)
         if handler is None:  # unknown method: grpc answers UNIMPLEMENTED
             return None
+        hand_over(handler_call_details.invocation_metadata)
         return self._chain.wrapped(handler, handler_call_details.method)
+
+
+class _MethodTable(grpc.GenericRpcHandler):  # type: ignore[type-arg]  # generic in the stubs only
+    """The chain's wrapped handlers by full method name ("/pkg.Service/Method"), served as one generic handler."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
+
+    def service(
+        self, handler_call_details: grpc.HandlerCallDetails
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = self.handlers.get(handler_call_details.method)
+        if handler is not None:
+            hand_over(handler_call_details.invocation_metadata)
+        return handler
 
 
 class ChainedRegistration:
@@ -637,11 +654,20 @@ class ChainedRegistration:
 
     The same chain as `ChainInterceptor`, without grpc's interceptor machinery on every call (a coroutine per
     interceptor, a continuation and the handler lookup through it: about 5 % of a bare echo's server CPU).
-    grpc looks registered methods up first and generic handlers after; both are wrapped."""
+
+    The methods the generated code would register with grpc one by one are served instead by ONE generic handler
+    (a dict lookup per call), first in grpc's lookup order as registered methods are. grpc.aio's server keeps a
+    pending request for each registered method and waits on all of them (`asyncio.wait`) for every call it
+    accepts, so a service's every call paid for each of its methods; served as one generic handler, the server
+    waits on one. The lookup also hands the call's metadata, which grpc builds for it, to `call_metadata`
+    (`tradeguard.rpc.metadata`), so that it is not built a second time. Generic handlers a service registers
+    itself are wrapped too, after the table."""
 
     def __init__(self, server: grpc.aio.Server, chain: WrappingInterceptor) -> None:
         self._server = server
         self._chain = chain
+        self._table = _MethodTable()
+        server.add_generic_rpc_handlers((self._table,))
 
     def add_generic_rpc_handlers(
         self, generic_rpc_handlers: Sequence[grpc.GenericRpcHandler[Any, Any]]
@@ -653,13 +679,11 @@ class ChainedRegistration:
     def add_registered_method_handlers(
         self, service_name: str, method_handlers: dict[str, grpc.RpcMethodHandler[Any, Any]]
     ) -> None:
-        self._server.add_registered_method_handlers(  # type: ignore[attr-defined]  # grpc.aio has it; its stubs not
-            service_name,
-            {
-                name: self._chain.wrap(handler, f"/{service_name}/{name}")
-                for name, handler in method_handlers.items()
-            },
-        )
+        for name, handler in method_handlers.items():
+            method = f"/{service_name}/{name}"
+            if method in self._table.handlers:
+                raise ValueError(f"{method} is registered twice")
+            self._table.handlers[method] = self._chain.wrap(handler, method)
 
     def as_server(self) -> grpc.aio.Server:
         """This object where a generated registration function's signature wants a server (it calls only the

@@ -1,15 +1,20 @@
-"""ChainInterceptor: several wrapping interceptors as one, in order, each method wrapped once."""
+"""ChainInterceptor: several wrapping interceptors as one, in order, each method wrapped once; ChainedRegistration:
+the generated registration served as one generic handler that hands the call's metadata over."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
 import pytest
 
-from tradeguard.echo.v1 import echo_pb2
-from tradeguard.rpc.handlers import ChainInterceptor, WrappingInterceptor, rebuild
+from tradeguard.echo import ECHO, EchoServicer
+from tradeguard.echo.v1 import echo_pb2, echo_pb2_grpc
+from tradeguard.rpc import metadata
+from tradeguard.rpc.handlers import ChainedRegistration, ChainInterceptor, WrappingInterceptor, rebuild
 from tradeguard.rpc.interceptor import ErrorInterceptor
+from tradeguard.rpc.metadata import call_metadata
 from tradeguard.rpc.status import rich_status
 
 TRACE: list[str] = []
@@ -139,3 +144,60 @@ async def test_a_streaming_handler_that_writes_with_context_write_is_decoded_too
     with pytest.raises(grpc.aio.AioRpcError) as err:
         _ = [r async for r in writer(b"\xff\xff", timeout=5)]
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+# --- ChainedRegistration: the generated registration served as one generic handler ---------------------------
+
+
+class _MetadataEcho(EchoServicer):
+    """Echo answers with the x-request-id the call's metadata carries, as the kit's readers get it and as grpc's
+    context gives it, and whether the lookup had handed the metadata over to this very task."""
+
+    async def Echo(self, request: echo_pb2.EchoRequest, context: Any) -> echo_pb2.EchoResponse:
+        entry = metadata._READ.get()
+        handed = entry is not None and entry[0] is asyncio.current_task()
+        kit = dict(call_metadata(context)).get("x-request-id")
+        await asyncio.sleep(0)  # let the other calls interleave
+        grpc_own = dict(context.invocation_metadata() or ()).get("x-request-id")
+        return echo_pb2.EchoResponse(text=f"{kit}|{grpc_own}|{handed}")
+
+
+@pytest.fixture
+async def registered() -> Any:
+    server = grpc.aio.server()
+    echo_pb2_grpc.add_EchoServiceServicer_to_server(
+        _MetadataEcho(), ChainedRegistration(server, ChainInterceptor([])).as_server()
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    yield channel
+    await channel.close(None)
+    await server.stop(0)
+
+
+async def test_each_concurrent_call_gets_its_own_metadata_handed_over_by_the_lookup(registered: Any) -> None:
+    """grpc builds a call's metadata for handler lookup, in the call's own task; the kit's lookup hands it over
+    to the call's readers, and among 50 concurrent calls each one sees its own."""
+    ids = [f"req-{i}-x" for i in range(50)]
+    stub = echo_pb2_grpc.EchoServiceStub(registered)
+    replies = await asyncio.gather(
+        *(
+            stub.Echo(echo_pb2.EchoRequest(text="t"), metadata=(("x-request-id", rid),), timeout=10)
+            for rid in ids
+        )
+    )
+    assert [reply.text for reply in replies] == [f"{rid}|{rid}|True" for rid in ids]
+
+
+async def test_an_unknown_method_of_a_chained_server_is_unimplemented(registered: Any) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await registered.unary_unary(f"/{ECHO}/Nope")(b"", timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_a_method_registered_twice_is_refused() -> None:
+    mounted = ChainedRegistration(grpc.aio.server(), ChainInterceptor([])).as_server()
+    echo_pb2_grpc.add_EchoServiceServicer_to_server(_MetadataEcho(), mounted)
+    with pytest.raises(ValueError, match=f"/{ECHO}/Echo is registered twice"):
+        echo_pb2_grpc.add_EchoServiceServicer_to_server(_MetadataEcho(), mounted)
