@@ -4,6 +4,8 @@ the generated registration served as one generic handler that hands the call's m
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -47,6 +49,19 @@ async def _echo(request: bytes, context: Any) -> bytes:
     return request
 
 
+@contextlib.asynccontextmanager
+async def serving(server: grpc.aio.Server) -> AsyncIterator[grpc.aio.Channel]:
+    """`server` started on a loopback port, and a channel to it; both closed on exit."""
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        yield channel
+    finally:
+        await channel.close(None)
+        await server.stop(0)
+
+
 @pytest.fixture
 async def chained() -> Any:
     layers = [Layer("outer"), Layer("middle"), Layer("inner")]
@@ -54,12 +69,8 @@ async def chained() -> Any:
     server.add_generic_rpc_handlers(
         [grpc.method_handlers_generic_handler("t.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(_echo)})]
     )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield channel, layers
-    await channel.close(None)
-    await server.stop(0)
+    async with serving(server) as channel:
+        yield channel, layers
 
 
 async def test_layers_run_outermost_first_and_wrap_each_method_once(chained: Any) -> None:
@@ -109,12 +120,8 @@ async def decoding_server() -> Any:
     }
     server = grpc.aio.server(interceptors=[ChainInterceptor([ErrorInterceptor()])])
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("t.Kinds", handlers)])
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield channel
-    await channel.close(None)
-    await server.stop(0)
+    async with serving(server) as channel:
+        yield channel
 
 
 async def _bodies(*bodies: bytes) -> Any:
@@ -168,12 +175,8 @@ async def registered() -> Any:
     echo_pb2_grpc.add_EchoServiceServicer_to_server(
         _MetadataEcho(), ChainedRegistration(server, ChainInterceptor([])).as_server()
     )
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-    yield channel
-    await channel.close(None)
-    await server.stop(0)
+    async with serving(server) as channel:
+        yield channel
 
 
 async def test_each_concurrent_call_gets_its_own_metadata_handed_over_by_the_lookup(registered: Any) -> None:
