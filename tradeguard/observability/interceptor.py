@@ -18,7 +18,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar, Token
-from typing import Any, Final, TypeAlias
+from typing import Any, ClassVar, Final, TypeAlias
 
 import grpc
 import structlog
@@ -67,6 +67,13 @@ def _head(method: str, code: str, caller: str | None) -> str:
     return rendered
 
 
+def _millis(seconds: float) -> str:
+    """`seconds` as a JSON number of milliseconds to the microsecond ("12.345"): what round(ms, 3) gives, rendered
+    with integers (a float's shortest repr costs more than the rest of the line's numbers together)."""
+    micros = round(seconds * 1_000_000)
+    return f"{micros // 1000}.{micros % 1000:03d}"
+
+
 # An annotation's key as the log line writes it ('"user": '), or "" for one that the line must not take as it is
 # (one of the kit's own fields, which win over it, or a key whose name makes its value secret). A few keys.
 _member_keys: dict[str, str] = {}
@@ -106,18 +113,35 @@ _Context: TypeAlias = "grpc.aio.ServicerContext[Any, Any]"
 
 class _RequestIds:
     """Fresh request ids: a random 64-bit prefix per process and a counter, 32 hex characters like a uuid4
-    hex, unique without a getrandom() call per RPC (uuid4 showed in the per-call profile)."""
+    hex, unique without a getrandom() call per RPC (uuid4 showed in the per-call profile).
 
+    Made 256 at a time and handed out in counter order: formatted one per call, an id cost 3 µs of the server's
+    CPU in place (measured), for 0.3 µs of work in a loop."""
+
+    BATCH: Final = 256
     prefix = secrets.token_hex(8)
     counter = itertools.count()
+    ready: ClassVar[list[Trusted]] = []  # the next ids, the next one last
 
     @classmethod
     def reseed(cls) -> None:  # a forked child must not repeat its parent's ids
-        cls.prefix, cls.counter = secrets.token_hex(8), itertools.count()
+        cls.prefix, cls.counter, cls.ready = secrets.token_hex(8), itertools.count(), []
 
     @classmethod
     def next(cls) -> str:  # hex digits only: written to the log line as they are
-        return Trusted(f"{cls.prefix}{next(cls.counter) & 0xFFFFFFFFFFFFFFFF:016x}")
+        try:
+            return cls.ready.pop()
+        except IndexError:  # (list.pop is atomic: threads never get one id twice)
+            return cls._made()
+
+    @classmethod
+    def _made(cls) -> str:
+        prefix, counter = cls.prefix, cls.counter
+        ids = [Trusted(f"{prefix}{next(counter) & 0xFFFFFFFFFFFFFFFF:016x}") for _ in range(cls.BATCH)]
+        ids.reverse()
+        first = ids.pop()
+        cls.ready = ids
+        return first
 
 
 os.register_at_fork(after_in_child=_RequestIds.reseed)
@@ -234,7 +258,6 @@ class TelemetryInterceptor(WrappingInterceptor):
         else:
             error = None
         lines = json_lines() if self._fixed_logger is None and error is None else None
-        latency_ms = round(seconds * 1000.0, 3)
         if lines is not None:
             # The fast path: the kit's own fields rendered here, once (never caller data: they are not scanned);
             # what the handler annotated, a caller's request id and context variables go through redaction.
@@ -242,11 +265,11 @@ class TelemetryInterceptor(WrappingInterceptor):
                 return
             event: dict[str, Any] = annotations if annotations is not None else {}
             trusted = (
-                f'{_head(method, code, caller)}"latency_ms": {latency_ms!r}, '
+                f'{_head(method, code, caller)}"latency_ms": {_millis(seconds)}, '
                 f'"peer": {"null" if peer is None else json_string(peer)}'
             )
             if type(request_id) is Trusted:  # generated here: hex digits
-                trusted += f', "request_id": "{request_id}"'
+                trusted = f'{trusted}, "request_id": "{request_id}"'
                 if event and lines.context_free():
                     members = _trusted_members(event)
                     if members is not None:  # what the handler annotated is the kit's own: written as it is
@@ -262,7 +285,7 @@ class TelemetryInterceptor(WrappingInterceptor):
             **(annotations or {}),
             "method": method,
             "code": code,
-            "latency_ms": latency_ms,
+            "latency_ms": round(seconds * 1000.0, 3),
             "caller": _trusted(caller),
             "peer": _trusted(peer),
             "request_id": request_id,

@@ -47,6 +47,24 @@ _KIT_VARS: Final = frozenset({"structlog_request_id", "structlog_method"})
 _KIT_FIELDS: Final = frozenset({"request_id", "method"})
 
 
+class _VarsSeen:
+    """How many context variables structlog had when last looked at, and whether they were only the kit's:
+    structlog only ever adds to its dict of them, so the same count means the same variables and the subset
+    test runs once per new variable instead of once per line."""
+
+    count = -1
+    only_kit = False
+
+
+def _only_kit_vars() -> bool:
+    """Whether every structlog context variable that exists is one of the two the telemetry layer binds."""
+    count = len(_STRUCTLOG_VARS)
+    if count != _VarsSeen.count:
+        _VarsSeen.only_kit = _STRUCTLOG_VARS.keys() <= _KIT_VARS
+        _VarsSeen.count = count
+    return _VarsSeen.only_kit
+
+
 class JsonLines:
     """Writes one event as one JSON line, as the pipeline `configure_logging(json=True)` installs would
     (context variables under the event's own fields, level, ISO-8601 UTC timestamp with microseconds,
@@ -66,15 +84,15 @@ class JsonLines:
     def context_free() -> bool:
         """Whether no structlog context variable exists beyond the request id and method the telemetry layer
         binds: a line of the kit's own fields then takes nothing from the context."""
-        return _STRUCTLOG_VARS.keys() <= _KIT_VARS
+        return _only_kit_vars()
 
     def _timestamp(self) -> str:
-        now = time.time()
-        second = int(now)
+        now = time.time_ns()  # integers only: no float rounding per line
+        second = now // 1_000_000_000
         if second != self._second:  # the date and time to the second, formatted once per second
             self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._second = second
-        return f"{self._prefix}.{int((now - second) * 1_000_000):06d}Z"
+        return f"{self._prefix}.{now // 1000 % 1_000_000:06d}Z"
 
     def write(
         self,
@@ -92,7 +110,7 @@ class JsonLines:
         the context variables."""
         if _LEVEL_NUMBERS[level] < self._min_level:
             return
-        if event or not (_STRUCTLOG_VARS.keys() <= _KIT_VARS and trusted_keys >= _KIT_FIELDS):
+        if event or not (_only_kit_vars() and trusted_keys >= _KIT_FIELDS):
             structlog.contextvars.merge_contextvars(None, level, event)
         parts = [trusted_json] if trusted_json else []
         if event:

@@ -4,9 +4,11 @@ import asyncio
 import datetime as dt
 import io
 import json
+import os
 import re
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,11 +16,13 @@ import grpc
 import pytest
 import structlog
 import structlog.testing
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 
 from tradeguard.observability.annotations import annotate
-from tradeguard.observability.interceptor import TelemetryInterceptor, _RequestIds
-from tradeguard.observability.logging import configure_logging, get_logger, json_lines
+from tradeguard.observability.interceptor import TelemetryInterceptor, _millis, _RequestIds
+from tradeguard.observability.logging import JsonLines, configure_logging, get_logger, json_lines
 from tradeguard.observability.metrics import RpcMetrics
 from tradeguard.observability.redact import REDACTED, Trusted
 from tradeguard.testing import eventually
@@ -381,8 +385,32 @@ async def test_generated_request_ids_are_distinct(harness: Harness) -> None:
 def test_request_ids_are_reseeded_as_a_forked_child_does() -> None:
     before = _RequestIds.next()
     _RequestIds.reseed()  # registered with os.register_at_fork(after_in_child=...)
-    after = _RequestIds.next()
+    after = _RequestIds.next()  # not one the parent had made ready
     assert before[:16] != after[:16] and after[16:] == "0" * 16
+
+
+def test_request_ids_made_in_batches_come_in_counter_order_and_never_repeat() -> None:
+    _RequestIds.reseed()
+    ids = [_RequestIds.next() for _ in range(3 * _RequestIds.BATCH + 5)]
+    assert [int(i[16:], 16) for i in ids] == list(range(len(ids)))
+    assert all(type(i) is Trusted and re.fullmatch(r"[0-9a-f]{32}", i) for i in ids)
+
+
+def test_a_forked_child_makes_request_ids_of_its_own() -> None:
+    """The real fork: the child's ids share nothing with the ids its parent had made ready."""
+    _RequestIds.reseed()
+    parent = _RequestIds.next()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its first id, to the parent, and out
+        os.write(write, _RequestIds.next().encode())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64).decode()
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child[:16] != parent[:16] and child[16:] == "0" * 16
+    assert _RequestIds.next()[16:] == f"{1:016x}"  # the parent goes on with its own
 
 
 async def test_a_caller_request_id_is_scanned_and_the_kit_own_fields_are_trusted(harness: Harness) -> None:
@@ -420,6 +448,28 @@ def test_the_fast_line_is_the_line_structlog_would_write() -> None:
     assert fast == slow
     assert fast["resource"] == "password=[REDACTED]" and fast["request_id"] == REDACTED
     assert (fast["tenant"], fast["code"]) == ("t-1", "OK")  # context variables under the event's own fields
+
+
+@given(st.floats(min_value=0.0, max_value=1e6, allow_nan=False, allow_infinity=False))
+def test_latency_is_rendered_as_milliseconds_to_the_microsecond(seconds: float) -> None:
+    rendered = _millis(seconds)
+    assert re.fullmatch(r"\d+\.\d{3}", rendered)
+    assert (
+        abs(json.loads(rendered) - seconds * 1000.0) <= 0.0005 + seconds * 1e-9
+    )  # half a microsecond, + float error
+
+
+def test_the_fast_line_timestamp_is_utc_to_the_microsecond(monkeypatch: pytest.MonkeyPatch) -> None:
+    lines = JsonLines(io.StringIO(), min_level=20)
+    at = dt.datetime(2026, 12, 1, 6, 7, 8, 123456, tzinfo=dt.UTC)
+    for extra_ns in (0, 999, 1_000):  # nanoseconds below the microsecond are cut, as the float path cut them
+        nanos = int(at.timestamp()) * 1_000_000_000 + 123_456_000 + extra_ns
+        monkeypatch.setattr(time, "time_ns", lambda nanos=nanos: nanos)
+        micros = "123457" if extra_ns == 1_000 else "123456"
+        assert lines._timestamp() == f"2026-12-01T06:07:08.{micros}Z"
+    nanos = (int(at.timestamp()) + 1) * 1_000_000_000  # the next second: the date and time formatted anew
+    monkeypatch.setattr(time, "time_ns", lambda: nanos)
+    assert lines._timestamp() == "2026-12-01T06:07:09.000000Z"
 
 
 VISA_ID = "4111111111111111"
